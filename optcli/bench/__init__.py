@@ -1,0 +1,1 @@
+"""Measurements: accuracy against a baseline (and, later, throughput and latency)."""

@@ -1,0 +1,278 @@
+"""The `optcli` command line: one thin Typer function per subcommand; the work lives in the library.
+
+Exit codes: 0 ok · 1 runtime failure · 2 bad input or usage · 3 a KPI gate failed. With --json,
+stdout carries exactly one JSON object; progress and logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from optcli import __version__
+from optcli.errors import KpiFailed, UsageError
+
+app = typer.Typer(
+    help="Quantize, profile, serve and cost LLMs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+recipes_app = typer.Typer(help="List and show quantization recipes.", no_args_is_help=True)
+convert_app = typer.Typer(help="Convert foreign checkpoints to Hugging Face directories.", no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes")
+app.add_typer(convert_app, name="convert")
+
+out = Console()
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int) -> None:
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _run(as_json: bool):
+    """Map library errors to exit codes; in --json mode keep stdout for the one JSON object."""
+    try:
+        with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+            yield
+    except UsageError as exc:
+        _fail(str(exc), 2)
+    except KpiFailed as exc:
+        _fail(str(exc), 3)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except typer.Exit:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one line for users; OPTCLI_DEBUG=1 for the traceback
+        if os.environ.get("OPTCLI_DEBUG"):
+            raise
+        _fail(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (set OPTCLI_DEBUG=1 for details)", 1)
+
+
+def _emit_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"optcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show the libraries' own logs and progress bars.")] = False,
+) -> None:
+    """optcli: make LLMs cheaper and faster to serve."""
+    if not verbose:
+        _quiet_libraries()
+
+
+def _quiet_libraries() -> None:
+    """Silence the libraries' log lines and tqdm bars: we show our own progress (stderr, terminals only)."""
+    import warnings
+
+    for key, value in {
+        "TQDM_DISABLE": "1",
+        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "LLM_COMPRESSOR_LOG_LEVEL": "ERROR",
+        "TOKENIZERS_PARALLELISM": "false",
+    }.items():
+        os.environ.setdefault(key, value)
+    warnings.filterwarnings("ignore")
+    for name in ("torch.fx", "bitsandbytes"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # Some libraries pass disable=False explicitly, which TQDM_DISABLE cannot override.
+    import tqdm
+
+    original_init = tqdm.tqdm.__init__
+
+    def quiet_init(self, *args, **kwargs):
+        kwargs["disable"] = True
+        original_init(self, *args, **kwargs)
+
+    tqdm.tqdm.__init__ = quiet_init
+
+
+@app.command()
+def quantize(
+    model: Annotated[str, typer.Argument(help="HF directory, hub id, or builtin:tiny-llama.")],
+    recipe: Annotated[str, typer.Option("--recipe", "-r", help="Recipe name (optcli recipes list) or YAML path.")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Artifact directory to create.")],
+    calibration: Annotated[Path | None, typer.Option("--calibration", help="Calibration set (optcli calibrate).")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run the model's own code.")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for calibration sampling.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """Quantize MODEL with a recipe into an artifact directory."""
+    from optcli.quantize import quantize as run_quantize
+
+    with _run(as_json), _layer_progress(f"quantizing {model} · {recipe}", as_json) as progress:
+        manifest = run_quantize(model, recipe, out_dir, calibration, device, force, trust_remote_code, seed, progress)
+    summary = {
+        "artifact": manifest["artifact"],
+        "recipe": manifest["recipe"]["name"],
+        "source": manifest["source"]["spec"],
+        "device": manifest["device"],
+        "duration_s": manifest["duration_s"],
+        "size_bytes_before": manifest["size_bytes"]["before"],
+        "size_bytes_after": manifest["size_bytes"]["after"],
+        "peak_memory": manifest["memory"],
+        "layers": _count_decisions(manifest["layers"]),
+    }
+    if as_json:
+        _emit_json(summary)
+        return
+    table = Table(title=f"optcli quantize · {summary['recipe']}", show_header=False)
+    table.add_row("artifact", summary["artifact"])
+    table.add_row("source", summary["source"])
+    before, after = summary["size_bytes_before"], summary["size_bytes_after"]
+    table.add_row("weights", f"{_mib(before)} → {_mib(after)} ({after / before:.0%})" if before else _mib(after))
+    table.add_row("duration", f"{summary['duration_s']:.1f} s on {summary['device']}")
+    table.add_row("peak host memory", _mib(summary["peak_memory"]["host_peak_rss_bytes"]))
+    for decision, count in summary["layers"].items():
+        table.add_row(f"layers: {decision}", str(count))
+    out.print(table)
+
+
+def _count_decisions(layers: dict) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for layer in layers.values():
+        key = str(layer.get("scheme", "?")).split(" (")[0]
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def _mib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.2f} MiB"
+
+
+@contextlib.contextmanager
+def _layer_progress(description: str, as_json: bool):
+    """A per-layer progress bar for people on a terminal; nothing in pipes or --json mode."""
+    if as_json or not err.is_terminal:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err, transient=True,
+    ) as bar:
+        task = bar.add_task(description, total=None)
+
+        def advance(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total, description=f"{description} · layer {done}/{total}")
+
+        yield advance
+
+
+@recipes_app.command("list")
+def recipes_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List the built-in recipes."""
+    from optcli.recipes import list_recipes
+
+    with _run(as_json):
+        recipes = list_recipes()
+    if as_json:
+        _emit_json({"recipes": [{"name": r.name, "backend": r.backend, "scheme": r.scheme, "description": r.description} for r in recipes]})
+        return
+    table = Table(title="optcli recipes")
+    for col in ("name", "backend", "scheme", "calibration", "description"):
+        table.add_column(col, overflow="fold")
+    for r in recipes:
+        calib = f"{r.calibration.samples}×{r.calibration.seq_len}" if r.needs_calibration() else "none"
+        table.add_row(r.name, r.backend, r.scheme, calib, r.description)
+    out.print(table)
+
+
+@recipes_app.command("show")
+def recipes_show(
+    name: Annotated[str, typer.Argument(help="Recipe name or YAML path.")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Show one recipe, validated."""
+    import yaml
+
+    from optcli.recipes import load_recipe
+
+    with _run(as_json):
+        recipe = load_recipe(name)
+    data = recipe.model_dump()
+    if as_json:
+        _emit_json(data)
+    else:
+        out.print(yaml.safe_dump(data, sort_keys=False), highlight=False)
+
+
+@convert_app.command("llama2c")
+def convert_llama2c_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="llama2.c checkpoint (.bin, format v0).")],
+    tokenizer: Annotated[Path, typer.Option("--tokenizer", help="llama2.c tokenizer (.bin).")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="HF directory to create.")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Convert a llama2.c checkpoint and tokenizer into a Hugging Face directory."""
+    from optcli.llama2c import convert_llama2c
+
+    with _run(as_json):
+        path = convert_llama2c(checkpoint, tokenizer, out_dir)
+    if as_json:
+        _emit_json({"out": str(path)})
+    else:
+        out.print(f"wrote {path}")
+
+
+@app.command()
+def calibrate(
+    model: Annotated[str, typer.Option("--model", help="Model whose tokenizer the set is built with.")],
+    source: Annotated[str, typer.Option("--source", help="A .txt file, or 'builtin' (calibration_data/).")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Calibration set directory to create.")],
+    samples: Annotated[int, typer.Option("--samples", min=1)] = 128,
+    seq_len: Annotated[int, typer.Option("--seq-len", min=8)] = 512,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Build a reusable, hashed calibration set from text."""
+    from optcli.calibration import build_from_source, save_calibration_set
+    from optcli.models import resolve_model
+    from optcli.quantize.artifact import check_out_dir
+
+    with _run(as_json):
+        check_out_dir(out_dir, force=False)
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(resolve_model(model).path)
+        calib = build_from_source(tok, source, samples, seq_len, seed)
+        save_calibration_set(calib, out_dir)
+    result = {"out": str(out_dir), **calib.manifest}
+    if as_json:
+        _emit_json(result)
+    else:
+        out.print(f"wrote {out_dir}: {calib.manifest['samples']} samples × {seq_len} tokens from {source}")
+
+
+def run() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    run()

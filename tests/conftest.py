@@ -1,0 +1,34 @@
+"""Shared test helpers: locate the read-only test data that lives outside the repository."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_data(name: str) -> Path:
+    """Path of a file in ../shared/data; skip when missing locally, but fail under CI=true."""
+    path = SHARED_DATA / name
+    if not path.is_file():
+        msg = f"test data {path} is missing"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+# Builtin models are materialized into a cache; keep the tests' cache out of the user's home.
+os.environ.setdefault("OPTCLI_CACHE", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "optcli"))
+
+
+@pytest.fixture(scope="session")
+def stories_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """stories260K converted to a Hugging Face directory once per test session."""
+    from optcli.llama2c import convert_llama2c
+
+    out = tmp_path_factory.mktemp("stories") / "stories260K"
+    return convert_llama2c(shared_data("stories260K.bin"), shared_data("tok512.bin"), out)
