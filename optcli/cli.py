@@ -123,6 +123,8 @@ def quantize(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Quantize MODEL with a recipe into an artifact directory."""
+    if device == "cpu":  # llm-compressor onloads to any visible accelerator; hide them before torch loads
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     from optcli.quantize import quantize as run_quantize
 
     with _run(as_json), _layer_progress(f"quantizing {model} · {recipe}", as_json) as progress:
