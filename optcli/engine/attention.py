@@ -1,0 +1,102 @@
+"""Attention over the paged KV cache, CPU path: scatter new K/V into their slots, gather each
+sequence's context by whole blocks, and run SDPA.
+
+Sequences are attended in groups padded to the group's longest context: decodes (one query token)
+are split in two at the length that wastes the least padding, prefill chunks form their own group,
+so a long prompt chunk never pads the decodes. Gathering whole blocks moves KB-sized rows instead of
+single tokens; masks are built once per step and shared by all layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionGroup:
+    """Sequences attended together, padded to the group's longest query and context."""
+
+    rows: torch.Tensor  # [B, Q] indices into the flat token batch
+    valid: torch.Tensor  # [B, Q] which query slots are real tokens
+    query_pos: torch.Tensor  # [B, Q] absolute positions of the queries
+    block_table: torch.Tensor  # [B, N] cache blocks holding positions 0..N*block_size-1
+    ctx_len: torch.Tensor  # [B]
+    masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # by sliding window
+
+    def mask(self, window: int | None, block_size: int) -> torch.Tensor:
+        """[B, 1, Q, N*block_size] boolean: causal, within the context, within the window."""
+        if window not in self.masks:
+            ctx_pos = torch.arange(self.block_table.shape[1] * block_size, device=self.block_table.device)
+            q = self.query_pos[:, :, None]
+            allowed = (ctx_pos[None, None, :] <= q) & (ctx_pos[None, None, :] < self.ctx_len[:, None, None])
+            if window is not None:
+                allowed &= ctx_pos[None, None, :] > q - window
+            allowed[..., 0] |= ~self.valid  # padded queries attend somewhere: no NaN rows
+            self.masks[window] = allowed[:, None]
+        return self.masks[window]
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] cache slot of each new token
+    groups: list[AttentionGroup]
+    block_size: int
+
+
+def build_group(rows, query_pos, ctx_lens, block_tables, block_size, device) -> AttentionGroup:
+    """Pad per-sequence rows/positions/block tables into one group's tensors."""
+    batch = len(rows)
+    q_max = max(len(r) for r in rows)
+    row_t = torch.zeros(batch, q_max, dtype=torch.long)
+    pos_t = torch.zeros(batch, q_max, dtype=torch.long)
+    valid = torch.zeros(batch, q_max, dtype=torch.bool)
+    for i, (r, p) in enumerate(zip(rows, query_pos, strict=True)):
+        row_t[i, : len(r)] = torch.as_tensor(r)
+        pos_t[i, : len(p)] = torch.as_tensor(p)
+        valid[i, : len(r)] = True
+    ctx_len = torch.as_tensor(ctx_lens, dtype=torch.long)
+    n_blocks = (int(ctx_len.max()) + block_size - 1) // block_size
+    table = torch.zeros(batch, n_blocks, dtype=torch.long)
+    for i, bt in enumerate(block_tables):
+        used = bt[:n_blocks]
+        table[i, : len(used)] = torch.as_tensor(used, dtype=torch.long)
+    return AttentionGroup(row_t.to(device), valid.to(device), pos_t.to(device), table.to(device), ctx_len.to(device))
+
+
+def split_by_length(ctx_lens: list[int]) -> list[list[int]]:
+    """Indices in (at most) two groups, split where padding to each group's longest wastes least."""
+    order = sorted(range(len(ctx_lens)), key=ctx_lens.__getitem__)
+    lens = [ctx_lens[i] for i in order]
+    best, cut = len(lens) * lens[-1], len(lens)
+    for k in range(1, len(lens)):
+        cost = k * lens[k - 1] + (len(lens) - k) * lens[-1]
+        if cost < best:
+            best, cut = cost, k
+    return [order[:cut], order[cut:]] if cut < len(lens) else [order]
+
+
+def _attend(q, k_cache, v_cache, group: AttentionGroup, window: int | None, block_size: int) -> torch.Tensor:
+    batch, n_blocks = group.block_table.shape
+    kv_heads, dim = k_cache.shape[-2:]
+    queries = q[group.rows].transpose(1, 2)  # [B, H, Q, D]
+    keys = k_cache.view(-1, block_size, kv_heads, dim)[group.block_table].view(batch, -1, kv_heads, dim)
+    values = v_cache.view(-1, block_size, kv_heads, dim)[group.block_table].view(batch, -1, kv_heads, dim)
+    out = F.scaled_dot_product_attention(
+        queries, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=group.mask(window, block_size), enable_gqa=True
+    )
+    return out.transpose(1, 2)  # [B, Q, H, D]
+
+
+def paged_attention(q, k, v, kv_cache, meta: AttentionMetadata, window: int | None) -> torch.Tensor:
+    """q: [T, H, D], k/v: [T, KV, D]; kv_cache: (k_cache, v_cache), each [slots, KV, D]."""
+    k_cache, v_cache = kv_cache
+    k_cache.index_copy_(0, meta.slot_mapping, k)
+    v_cache.index_copy_(0, meta.slot_mapping, v)
+    out = torch.empty_like(q)
+    for group in meta.groups:
+        result = _attend(q, k_cache, v_cache, group, window, meta.block_size)
+        out[group.rows[group.valid]] = result[group.valid]
+    return out

@@ -1,0 +1,233 @@
+"""The engine's public API: `Engine(model).generate(prompts, params)`, and the step-wise interface
+(`add_request`, `step`, `abort`) that the server drives.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from optcli.engine.kv_cache import BlockManager
+from optcli.engine.runner import ModelRunner
+from optcli.engine.sampler import Sampler, make_generator, token_logprobs
+from optcli.engine.sampling_params import SamplingParams
+from optcli.engine.scheduler import Scheduler
+from optcli.engine.sequence import Sequence, Status
+from optcli.errors import UsageError
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # generated so far (the stop token included, as vLLM does)
+    new_token_ids: list[int] = field(default_factory=list)  # generated in the step that made this
+    text: str = ""
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    logprobs: list | None = None
+    prompt_logprobs: list | None = None
+    num_cached_tokens: int = 0
+
+
+class Engine:
+    def __init__(
+        self,
+        model: str,
+        device: str = "cpu",
+        dtype: str = "float32",
+        max_num_seqs: int = 64,
+        max_model_len: int = 2048,
+        max_num_batched_tokens: int | None = None,
+        block_size: int = 16,
+        kv_cache_bytes: int | None = None,
+        num_kv_blocks: int | None = None,
+        enable_prefix_caching: bool = True,
+        trust_remote_code: bool = False,
+    ) -> None:
+        from optcli.engine.model_loader import load_engine_model
+
+        self.device = device
+        self.model, self.tokenizer, self.hf_config, self.eos_token_ids = load_engine_model(
+            model, device, getattr(torch, dtype), trust_remote_code
+        )
+        cfg = self.model.cfg
+        self.max_model_len = min(max_model_len, cfg.max_position_embeddings)
+        self.max_num_seqs = max_num_seqs
+        self.block_size = block_size
+        per_block = 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * self.model.embed_tokens.weight.element_size()
+        if num_kv_blocks is None:
+            wanted = max_num_seqs * -(-self.max_model_len // block_size)  # every sequence at full length
+            budget = kv_cache_bytes if kv_cache_bytes is not None else _default_kv_budget(device)
+            num_kv_blocks = min(wanted, budget // per_block)
+        if num_kv_blocks * block_size < self.max_model_len:
+            raise UsageError(
+                f"KV cache of {num_kv_blocks} blocks cannot hold one {self.max_model_len}-token sequence; "
+                "give it more memory or lower max_model_len"
+            )
+        shape = (cfg.num_layers, 2, num_kv_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=self.model.embed_tokens.weight.dtype, device=device)
+        self.kv_cache_bytes = self.kv_cache.numel() * self.kv_cache.element_size()
+        self.blocks = BlockManager(num_kv_blocks, block_size, enable_prefix_caching)
+        budget_tokens = max_num_batched_tokens or max(2048, max_num_seqs)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, budget_tokens)
+        self.runner = ModelRunner(self.model, [(c[0], c[1]) for c in self.kv_cache], block_size, device)
+        self.sampler = Sampler()
+        self.requests: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+        self.num_steps = 0
+        self.num_scheduled_seqs = 0  # summed over steps: batch efficiency = this / steps / max_num_seqs
+
+    # --- requests -------------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            ids = self.tokenizer(prompt).input_ids
+            text = prompt
+        else:
+            ids, text = [int(t) for t in prompt], None
+        if not ids:
+            raise ValueError("prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; this engine's max_model_len is {self.max_model_len}")
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise ValueError(f"duplicate request id {request_id}")
+        seq = Sequence(request_id, ids, params, prompt=text, generator=make_generator(params.seed))
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        seq = self.requests.pop(request_id, None)
+        if seq is None or seq.is_finished:
+            return False
+        self.scheduler.finish(seq, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # --- one iteration --------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.items:
+            return []
+        out = self.runner.run(batch)
+        self.num_steps += 1
+        self.num_scheduled_seqs += len(batch.items)
+        for seq, n in batch.items:
+            seq.num_computed_tokens += n
+            self.blocks.commit_full_blocks(seq)
+        for rid, (first, logits) in out.prompt_logits.items():
+            seq = self.requests[rid]
+            targets = torch.tensor(seq.token_ids[first + 1 : first + 1 + len(logits)])
+            seq.prompt_logprobs.extend(token_logprobs(logits.float(), targets, seq.params.prompt_logprobs))
+        outputs = []
+        if out.sample_seqs:
+            params = [s.params for s in out.sample_seqs]
+            tokens = self.sampler(out.sample_logits, params, [s.generator for s in out.sample_seqs])
+            for row, (seq, token) in enumerate(zip(out.sample_seqs, tokens.tolist(), strict=True)):
+                if seq.params.logprobs is not None:
+                    seq.logprobs.extend(
+                        token_logprobs(out.sample_logits[row : row + 1], tokens[row : row + 1], seq.params.logprobs)
+                    )
+                seq.token_ids.append(token)
+                self._check_stop(seq, token)
+                outputs.append(self._output(seq, [token]))
+        return outputs
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        reason = None
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            reason = "stop"
+        text = None
+        if p.stop:  # the returned text ends before the first stop string
+            text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+            cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                text, reason = text[:cut], "stop"
+        if reason is None and (len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            seq.text = text if text is not None else self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+            self.scheduler.finish(seq, reason)
+            self.requests.pop(seq.request_id, None)
+
+    def _output(self, seq: Sequence, new: list[int]) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt=seq.prompt,
+            prompt_token_ids=seq.prompt_token_ids,
+            token_ids=seq.output_token_ids,
+            new_token_ids=new,
+            text=seq.text,
+            finished=seq.status == Status.FINISHED,
+            finish_reason=seq.finish_reason,
+            logprobs=seq.logprobs if seq.params.logprobs is not None else None,
+            prompt_logprobs=seq.prompt_logprobs if seq.params.prompt_logprobs is not None else None,
+        )
+
+    # --- batch API ------------------------------------------------------------------------------
+    def generate(
+        self, prompts: list[str | list[int]] | str, params: SamplingParams | list[SamplingParams] | None = None
+    ) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not isinstance(params, list):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+        final: dict[str, RequestOutput] = {}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[i] for i in ids]
+
+    @torch.inference_mode()
+    def score(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits [T, V] of every position of one sequence through the paged path (tests, accuracy)."""
+        from optcli.engine.scheduler import ScheduledBatch
+
+        if self.scheduler.has_work():
+            raise RuntimeError("score() needs an idle engine")
+        seq = Sequence("score", list(token_ids), SamplingParams(max_tokens=1, prompt_logprobs=0))
+        self.blocks.allocate(seq, seq.num_tokens)
+        try:
+            out = self.runner.run(ScheduledBatch([(seq, seq.num_tokens)]))
+        finally:
+            self.blocks.free(seq)
+        head = out.prompt_logits["score"][1] if seq.num_tokens > 1 else out.sample_logits[:0]
+        return torch.cat([head.float(), out.sample_logits])
+
+    def stats(self) -> dict:
+        b = self.blocks
+        return {
+            "kv_blocks_total": b.num_blocks,
+            "kv_blocks_free": b.num_free_blocks,
+            "kv_block_size": b.block_size,
+            "kv_cache_bytes": self.kv_cache_bytes,
+            "kv_cache_usage": 1 - b.num_free_blocks / b.num_blocks,
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_hit_rate": b.prefix_hits / b.prefix_queries if b.prefix_queries else 0.0,
+            "num_steps": self.num_steps,
+            "batch_efficiency": self.num_scheduled_seqs / self.num_steps / self.max_num_seqs if self.num_steps else None,
+        }
+
+
+def _default_kv_budget(device: str) -> int:
+    """Without an explicit budget: a quarter of the memory available now."""
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info()
+        return int(free * 0.9)
+    import psutil
+
+    return int(psutil.virtual_memory().available * 0.25)

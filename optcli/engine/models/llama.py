@@ -1,0 +1,215 @@
+"""Llama-family forward over a paged KV cache: Llama, Mistral, Qwen2 (qkv bias), Qwen3 (q/k norm).
+
+One flat batch of tokens from many sequences goes through every matmul together; only attention
+looks at sequences separately (see engine/attention.py). q/k/v and gate/up are fused into one
+matmul each at load time. Numerics follow transformers (RMSNorm in fp32, RoPE tables in fp32) so
+greedy decoding matches it token for token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from optcli.engine.attention import AttentionMetadata, paged_attention
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+@dataclass
+class ModelConfig:
+    """What the forward needs from an HF config, normalized across the supported families."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    qk_norm: bool
+    max_position_embeddings: int
+    sliding_windows: list[int | None]  # per layer: None = full attention
+    hf_config: object  # kept for RoPE initialisation (transformers' own functions)
+
+    @classmethod
+    def from_hf(cls, config) -> ModelConfig:
+        arch = (getattr(config, "architectures", None) or ["?"])[0]
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        window = getattr(config, "sliding_window", None)
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types:
+            windows = [window if t == "sliding_attention" else None for t in layer_types]
+        elif arch == "MistralForCausalLM":
+            windows = [window] * config.num_hidden_layers
+        else:
+            windows = [None] * config.num_hidden_layers
+        return cls(
+            architecture=arch,
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            rms_norm_eps=config.rms_norm_eps,
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            qkv_bias=arch == "Qwen2ForCausalLM" or bool(getattr(config, "attention_bias", False)),
+            qk_norm=arch == "Qwen3ForCausalLM",
+            max_position_embeddings=config.max_position_embeddings,
+            sliding_windows=windows,
+            hf_config=config,
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin for the given positions, from transformers' own RoPE parameter functions."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        self.hf_config = cfg.hf_config
+        params = getattr(cfg.hf_config, "rope_parameters", None) or {}
+        self.rope_type = params.get("rope_type", "default")
+        if self.rope_type == "default":
+            base = params.get("rope_theta", getattr(cfg.hf_config, "rope_theta", 10000.0))
+            dim = cfg.head_dim
+            inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+            scaling = 1.0
+        else:
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[self.rope_type](cfg.hf_config, None)
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self.scaling = scaling
+        self.original_max = params.get("original_max_position_embeddings", cfg.max_position_embeddings)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq, scaling = self.inv_freq, self.scaling
+        if self.rope_type == "dynamic":  # NTK scaling grows with the longest sequence, as in transformers
+            seq_len = int(positions.max()) + 1
+            if seq_len > self.original_max:
+                from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+                inv_freq, scaling = ROPE_INIT_FUNCTIONS["dynamic"](self.hf_config, positions.device, seq_len=seq_len)
+                inv_freq = inv_freq.float().to(positions.device)
+        freqs = positions[:, None].float() * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos() * scaling, emb.sin() * scaling
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, head_dim]; cos/sin: [T, head_dim] (half-split layout, as transformers)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.index = index
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata):
+        cfg = self.cfg
+        h = self.input_layernorm(x)
+        q, k, v = self.qkv_proj(h).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, cfg.num_heads, cfg.head_dim)
+        k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)
+        v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        attn = paged_attention(q, k, v, kv_cache, meta, cfg.sliding_windows[self.index])
+        x = x + self.o_proj(attn.reshape(-1, self.q_size))
+        h = self.post_attention_layernorm(x)
+        gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
+        return x + self.down_proj(F.silu(gate) * up)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(cfg)
+
+    def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
+        """Hidden states [T, hidden] for the flat batch; KV of every token lands in the cache."""
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary(positions)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        for layer, cache in zip(self.layers, kv_caches, strict=True):
+            x = layer(x, cos, sin, cache, meta)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Take HF-named dense weights, fusing q/k/v and gate/up."""
+        dtype = self.embed_tokens.weight.dtype
+
+        def take(name: str) -> torch.Tensor:
+            if name not in state:
+                raise KeyError(f"checkpoint has no tensor '{name}'")
+            return state[name].to(dtype)
+
+        with torch.no_grad():
+            self.embed_tokens.weight.copy_(take("model.embed_tokens.weight"))
+            self.norm.weight.copy_(take("model.norm.weight"))
+            if "lm_head.weight" in state and not self.cfg.tie_word_embeddings:
+                self.lm_head.weight.copy_(take("lm_head.weight"))
+            else:
+                self.lm_head.weight = self.embed_tokens.weight
+            for i, layer in enumerate(self.layers):
+                p = f"model.layers.{i}."
+                layer.input_layernorm.weight.copy_(take(p + "input_layernorm.weight"))
+                layer.post_attention_layernorm.weight.copy_(take(p + "post_attention_layernorm.weight"))
+                attn = p + "self_attn."
+                layer.qkv_proj.weight.copy_(torch.cat([take(attn + f"{n}_proj.weight") for n in "qkv"]))
+                if self.cfg.qkv_bias:
+                    layer.qkv_proj.bias.copy_(torch.cat([take(attn + f"{n}_proj.bias") for n in "qkv"]))
+                layer.o_proj.weight.copy_(take(attn + "o_proj.weight"))
+                if self.cfg.qk_norm:
+                    layer.q_norm.weight.copy_(take(attn + "q_norm.weight"))
+                    layer.k_norm.weight.copy_(take(attn + "k_norm.weight"))
+                mlp = p + "mlp."
+                layer.gate_up_proj.weight.copy_(torch.cat([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")]))
+                layer.down_proj.weight.copy_(take(mlp + "down_proj.weight"))

@@ -1,0 +1,167 @@
+"""Next-token sampling and logprobs for the engine.
+
+Filtering (temperature, top-k, top-p) runs batched over all sampling rows at once because each row carries its
+own settings; only the final draw loops, so that a seeded request consumes exactly one draw per step from its
+own generator and gets the same tokens whatever else shares the batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from optcli.engine.sampling_params import SamplingParams
+
+# Temperatures below this are treated as greedy: dividing by them overflows float32 and turns softmax into NaN.
+_MIN_TEMPERATURE = 1e-5
+# token_logprobs works on this many rows at a time, so a long echoed prompt does not materialize a second
+# float32 copy of the whole [N, V] logits.
+_LOGPROB_CHUNK = 512
+# Top-k/top-p thresholds are searched among this many highest logits first (see _filter_logits).
+_CANDIDATES = 256
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
+    """A generator seeded for one request, or None to use the global RNG (unseeded requests)."""
+    if seed is None:
+        return None
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+def _check_params(params: SamplingParams) -> None:
+    """SamplingParams is mutable and its own checks let NaN/inf temperature through; catch both here."""
+    if not math.isfinite(params.temperature) or params.temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (got {params.temperature})")
+    if not 0 < params.top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (got {params.top_p})")
+    if params.top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (got {params.top_k})")
+
+
+def _nucleus_size(sorted_x: torch.Tensor, log_norm: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """How many leading sorted positions the nucleus needs: those whose mass strictly before them is < top_p.
+
+    Position 0 always qualifies (mass 0 < top_p), so at least the top token survives. The result depends only on
+    the row's own prefix, so it is the same whether the row was truncated to candidates or fully sorted.
+    """
+    probs = (sorted_x - log_norm).exp()
+    mass_before = torch.cat([torch.zeros_like(probs[:, :1]), probs.cumsum(dim=-1)[:, :-1]], dim=1)
+    return (mass_before < top_p.unsqueeze(1)).sum(dim=-1, keepdim=True).clamp(min=1)
+
+
+def _filter_logits(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """``x`` (scaled float32 logits) with everything outside each row's top-k and top-p set at -inf.
+
+    Both cuts become a per-row logit threshold (keep x >= threshold), so tokens tied with the last kept one stay
+    and the result does not depend on how equal values get ordered. A full vocabulary sort costs ~10x a small
+    topk on CPU, so the thresholds are found among the top ``_CANDIDATES`` (or max k) tokens, and only top-p rows
+    whose nucleus is wider than that fall back to a full sort.
+    """
+    vocab = x.shape[1]
+    cut_k = (top_k > 0) & (top_k < vocab)
+    cut_p = top_p < 1
+    if not bool((cut_k | cut_p).any()):
+        return x
+    width = min(vocab, max(_CANDIDATES, int(top_k[cut_k].max()) if bool(cut_k.any()) else 0))
+    cand = x.topk(width, dim=-1).values  # sorted, highest first
+    no_cut = torch.full_like(cand[:, :1], -math.inf)
+    k_thr = torch.where(cut_k.unsqueeze(1), cand.gather(1, (top_k.clamp(1, width) - 1).unsqueeze(1)), no_cut)
+    threshold = k_thr
+    if bool(cut_p.any()):
+        # The nucleus is taken over the top-k survivors, so normalize over those only.
+        log_norm = x.masked_fill(x < k_thr, -math.inf).logsumexp(dim=-1, keepdim=True)
+        n_keep = _nucleus_size(cand.masked_fill(cand < k_thr, -math.inf), log_norm, top_p)
+        p_thr = cand.gather(1, n_keep - 1)
+        # A k cut bounds the nucleus inside the candidates; without one it may run past them.
+        wide = (cut_p & ~cut_k & (n_keep.squeeze(1) == width)).nonzero().squeeze(1)
+        if width < vocab and wide.numel():
+            full = x[wide].sort(dim=-1, descending=True).values
+            p_thr[wide] = full.gather(1, _nucleus_size(full, log_norm[wide], top_p[wide]) - 1)
+        threshold = torch.maximum(k_thr, torch.where(cut_p.unsqueeze(1), p_thr, no_cut))
+    return x.masked_fill(x < threshold, -math.inf)
+
+
+class Sampler:
+    """Turns a batch of last-position logits into one token id per request."""
+
+    def __call__(
+        self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+    ) -> torch.Tensor:
+        """Token ids [B] (int64) for logits [B, V]; ``generators[i]`` drives row i's draw when not None."""
+        if logits.dim() != 2:
+            raise ValueError(f"logits must be [batch, vocab] (got shape {tuple(logits.shape)})")
+        batch = logits.shape[0]
+        if len(params) != batch or len(generators) != batch:
+            raise ValueError(
+                f"need one SamplingParams and one generator per row ({batch} rows, got {len(params)} and {len(generators)})"
+            )
+        for p in params:
+            _check_params(p)
+
+        greedy = [p.temperature < _MIN_TEMPERATURE for p in params]
+        # argmax is exact in any float dtype, so the all-greedy batch skips the float32 copy and softmax entirely.
+        out = logits.argmax(dim=-1)
+        if all(greedy):
+            return out
+        rows = [i for i, g in enumerate(greedy) if not g]
+        device = logits.device
+        sel = [params[i] for i in rows]
+        temperature = torch.tensor([p.temperature for p in sel], dtype=torch.float32, device=device)
+        probs = _filter_logits(
+            logits[rows].float() / temperature.unsqueeze(1),
+            torch.tensor([p.top_k for p in sel], dtype=torch.int64, device=device),
+            torch.tensor([p.top_p for p in sel], dtype=torch.float32, device=device),
+        ).softmax(dim=-1)
+
+        drawn = torch.empty(len(rows), dtype=torch.int64, device=device)
+        shared = [j for j, i in enumerate(rows) if generators[i] is None]
+        if shared:  # one call for every unseeded row: they all share the global RNG anyway
+            drawn[shared] = torch.multinomial(probs[shared], 1).squeeze(1)
+        for j, i in enumerate(rows):
+            gen = generators[i]
+            if gen is not None:
+                # Draw where the generator lives (a CPU generator cannot drive a CUDA draw).
+                drawn[j] = torch.multinomial(probs[j].to(gen.device), 1, generator=gen).to(device)[0]
+        out[rows] = drawn
+        return out
+
+
+def token_logprobs(
+    logits: torch.Tensor, token_ids: torch.Tensor, top_n: int
+) -> list[tuple[float, int, dict[int, float]]]:
+    """Per row: (logprob of token_ids[row], its rank, {id: logprob} of the top_n tokens, most likely first).
+
+    Logprobs come from log_softmax of the raw logits (no temperature or filtering, as vLLM and OpenAI report
+    them). Rank is 1 + the number of tokens with a strictly greater logprob, so tied tokens share a rank.
+    Serves both sampled tokens and echoed prompt tokens, hence batched over N rows.
+    """
+    if logits.dim() != 2 or token_ids.dim() != 1 or token_ids.shape[0] != logits.shape[0]:
+        raise ValueError(
+            f"need logits [N, V] and token_ids [N] (got {tuple(logits.shape)} and {tuple(token_ids.shape)})"
+        )
+    if top_n < 0:
+        raise ValueError(f"top_n must be >= 0 (got {top_n})")
+    vocab = logits.shape[1]
+    top_n = min(top_n, vocab)
+    ids_all = token_ids.to(device=logits.device, dtype=torch.int64)
+    result: list[tuple[float, int, dict[int, float]]] = []
+    for start in range(0, logits.shape[0], _LOGPROB_CHUNK):
+        logp = logits[start : start + _LOGPROB_CHUNK].float().log_softmax(dim=-1)
+        ids = ids_all[start : start + _LOGPROB_CHUNK].unsqueeze(1)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            raise ValueError(f"token ids must be in [0, {vocab})")
+        chosen = logp.gather(1, ids)
+        ranks = (logp > chosen).sum(dim=-1) + 1
+        # One .tolist() per tensor: per-element .item() calls dominate the cost for long prompts.
+        chosen_l, ranks_l = chosen.squeeze(1).tolist(), ranks.tolist()
+        if top_n:
+            top = logp.topk(top_n, dim=-1)
+            top_v, top_i = top.values.tolist(), top.indices.tolist()
+            tops = [dict(zip(i_row, v_row, strict=True)) for i_row, v_row in zip(top_i, top_v, strict=True)]
+        else:
+            tops = [{} for _ in chosen_l]
+        result.extend(zip(chosen_l, ranks_l, tops, strict=True))
+    return result

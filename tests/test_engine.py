@@ -1,0 +1,239 @@
+"""The built-in engine against transformers: token-for-token greedy equality under every scheduling
+path (prefix-cache hits, tiny prefill chunks, preemption), logits, sampling, stops, and no leaks."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import shared_data
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from optcli.engine import Engine, SamplingParams
+from optcli.errors import UsageError
+
+MAX_NEW = 24
+
+
+def story_prompts(tokenizer, n: int = 32, seed: int = 0) -> list[list[int]]:
+    """n prompts of 1..80 tokens cut from TinyStories text."""
+    text = shared_data("tinystories_train_sample.txt").read_text(encoding="utf-8")
+    rng = random.Random(seed)
+    prompts = []
+    for i in range(n):
+        start = rng.randrange(0, len(text) - 1000)
+        length = 1 + (i * 7919) % 80
+        prompts.append(tokenizer(text[start : start + 1000]).input_ids[:length])
+    return prompts
+
+
+def hf_greedy(model, prompts: list[list[int]], max_new: int, eos: int | None) -> list[list[int]]:
+    outs = []
+    for p in prompts:
+        ids = model.generate(torch.tensor([p]), max_new_tokens=max_new, do_sample=False, eos_token_id=eos,
+                             pad_token_id=0, attention_mask=torch.ones(1, len(p), dtype=torch.long))
+        outs.append(ids[0, len(p):].tolist())
+    return outs
+
+
+@pytest.fixture(scope="module")
+def stories(stories_dir):
+    hf = AutoModelForCausalLM.from_pretrained(stories_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(stories_dir)
+    prompts = story_prompts(tok)
+    # Shared prefixes: 8 stems, 4 continuations each, arriving in waves so later ones hit the cache.
+    stems = story_prompts(tok, 8, seed=1)
+    shared = [stems[i % 8] + story_prompts(tok, 32, seed=2)[i][1:6] for i in range(32)]
+    return {
+        "dir": stories_dir,
+        "prompts": prompts,
+        "expected": hf_greedy(hf, prompts, MAX_NEW, eos=2),
+        "shared": shared,
+        "shared_expected": hf_greedy(hf, shared, MAX_NEW, eos=2),
+        "hf": hf,
+    }
+
+
+def run_and_check(engine: Engine, prompts, expected) -> list:
+    outs = engine.generate(prompts, SamplingParams(max_tokens=MAX_NEW))
+    for i, (out, ref) in enumerate(zip(outs, expected, strict=True)):
+        assert out.token_ids == ref, f"prompt {i} ({len(prompts[i])} tokens) diverged"
+    engine.blocks.check_no_leaks()
+    return outs
+
+
+def test_greedy_matches_transformers_32_prompts_together(stories) -> None:
+    engine = Engine(str(stories["dir"]), max_num_seqs=64)
+    outs = run_and_check(engine, stories["prompts"], stories["expected"])
+    assert engine.stats()["batch_efficiency"] > 0.2
+    assert {o.finish_reason for o in outs} <= {"stop", "length"}
+
+
+def test_greedy_with_prefix_cache_hits(stories) -> None:
+    engine = Engine(str(stories["dir"]), max_num_seqs=8, block_size=4)
+    run_and_check(engine, stories["shared"], stories["shared_expected"])
+    first = engine.stats()["prefix_cache_hit_rate"]
+    assert first > 0.3  # later continuations of each stem reuse its blocks
+    run_and_check(engine, stories["shared"], stories["shared_expected"])  # warm cache: whole prompts hit
+    assert engine.stats()["prefix_cache_hit_rate"] > first
+
+
+def test_greedy_with_tiny_prefill_chunks(stories) -> None:
+    engine = Engine(str(stories["dir"]), max_num_seqs=32, max_num_batched_tokens=7)
+    run_and_check(engine, stories["prompts"], stories["expected"])
+
+
+def test_greedy_under_block_pressure_preempts_and_recomputes(stories) -> None:
+    engine = Engine(str(stories["dir"]), max_num_seqs=32, block_size=4, num_kv_blocks=140)
+    run_and_check(engine, stories["prompts"], stories["expected"])
+    assert engine.stats()["num_preemptions"] > 0
+
+
+def test_logits_match_transformers(stories) -> None:
+    engine = Engine(str(stories["dir"]))
+    ids = stories["prompts"][5] + stories["expected"][5]
+    ours = engine.score(ids)
+    with torch.no_grad():
+        theirs = stories["hf"](torch.tensor([ids])).logits[0]
+    assert (ours - theirs).abs().max().item() < 1e-4
+
+
+def test_abort_half_mid_run_frees_blocks(stories) -> None:
+    engine = Engine(str(stories["dir"]), max_num_seqs=16)
+    ids = [engine.add_request(p, SamplingParams(max_tokens=40, ignore_eos=True)) for p in stories["prompts"][:16]]
+    for _ in range(5):
+        engine.step()
+    used = engine.stats()["kv_blocks_total"] - engine.stats()["kv_blocks_free"]
+    for rid in ids[::2]:
+        assert engine.abort(rid)
+    assert engine.stats()["kv_blocks_total"] - engine.stats()["kv_blocks_free"] < used
+    finished = []
+    while engine.has_unfinished():
+        finished += [o for o in engine.step() if o.finished]
+    assert sorted(o.request_id for o in finished) == sorted(ids[1::2])
+    engine.blocks.check_no_leaks()
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(stories) -> None:
+    engine = Engine(str(stories["dir"]))
+    params = SamplingParams(max_tokens=20, temperature=0.9, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
+    alone = engine.generate([stories["prompts"][3]], params)[0].token_ids
+    others = [SamplingParams(max_tokens=30, temperature=1.0) for _ in range(5)]
+    crowd = engine.generate(stories["prompts"][:5] + [stories["prompts"][3]], others + [params])[-1].token_ids
+    assert alone == crowd
+    different = SamplingParams(max_tokens=20, temperature=0.9, top_p=0.9, top_k=50, seed=99, ignore_eos=True)
+    assert engine.generate([stories["prompts"][3]], different)[0].token_ids != alone
+
+
+def test_stop_strings_and_logprobs(stories) -> None:
+    engine = Engine(str(stories["dir"]))
+    prompt = "Once upon a time"
+    full = engine.generate(prompt, SamplingParams(max_tokens=40))[0]
+    word = full.text.split()[3]
+    out = engine.generate(prompt, SamplingParams(max_tokens=40, stop=[word], logprobs=2, prompt_logprobs=1))[0]
+    assert out.finish_reason == "stop" and word not in out.text and full.text.startswith(out.text)
+    assert len(out.logprobs) == len(out.token_ids) and len(out.logprobs[0][2]) == 2
+    assert len(out.prompt_logprobs) == len(out.prompt_token_ids) - 1
+    logits = engine.score(out.prompt_token_ids)
+    expected = torch.log_softmax(logits[-1], -1)[out.token_ids[0]].item()
+    assert abs(out.logprobs[0][0] - expected) < 1e-4
+    engine.blocks.check_no_leaks()
+
+
+def test_stop_token_and_length_finish(stories) -> None:
+    # llama2.c's stories end with BOS (its story separator), never with EOS: stop on it explicitly.
+    engine = Engine(str(stories["dir"]))
+    outs = engine.generate(stories["prompts"][:8], SamplingParams(max_tokens=300, stop_token_ids=[1]))
+    for out in outs:
+        if out.finish_reason == "stop":
+            assert out.token_ids[-1] == 1 and 1 not in out.token_ids[:-1]
+        else:
+            assert out.finish_reason == "length" and len(out.token_ids) == 300
+    assert any(o.finish_reason == "stop" for o in outs)
+    short = engine.generate(stories["prompts"][:2], SamplingParams(max_tokens=3, ignore_eos=True))
+    assert all(o.finish_reason == "length" and len(o.token_ids) == 3 for o in short)
+
+
+def test_builtin_tiny_llama_greedy_matches_transformers() -> None:
+    from optcli.models import resolve_model
+
+    path = resolve_model("builtin:tiny-llama").path
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    prompts = story_prompts(tok)
+    engine = Engine("builtin:tiny-llama", max_num_seqs=32)
+    run_and_check(engine, prompts, hf_greedy(hf, prompts, MAX_NEW, eos=tok.eos_token_id))
+
+
+def _random_model(tmp_path: Path, arch: str) -> Path:
+    """A small random Qwen2- or Qwen3-shaped model with the builtin tokenizer."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    from optcli.models import resolve_model
+
+    src = resolve_model("builtin:tiny-llama").path
+    vocab = json.loads((src / "config.json").read_text())["vocab_size"]
+    common = dict(vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  tie_word_embeddings=False, initializer_range=0.1, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    if arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    else:
+        model = Qwen3ForCausalLM(Qwen3Config(head_dim=48, **common))
+    out = tmp_path / arch
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (out / name).write_bytes((src / name).read_bytes())
+    return out
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_qwen_shapes_match_transformers(tmp_path: Path, arch: str) -> None:
+    path = _random_model(tmp_path, arch)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    prompts = story_prompts(tok)
+    engine = Engine(str(path), max_num_seqs=32, max_num_batched_tokens=64, block_size=8)
+    run_and_check(engine, prompts, hf_greedy(hf, prompts, MAX_NEW, eos=2))
+    ids = prompts[0] + prompts[1]
+    with torch.no_grad():
+        assert (engine.score(ids) - hf(torch.tensor([ids])).logits[0]).abs().max().item() < 1e-4
+
+
+def test_unsupported_architecture_is_named(tmp_path: Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    out = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(out)
+    with pytest.raises(UsageError, match="GPT2LMHeadModel.*LlamaForCausalLM"):
+        Engine(str(out))
+
+
+@pytest.mark.parametrize("recipe", ["w4a16-rtn", "nf4-bnb"])
+def test_quantized_artifacts_run_with_transformers_logits(stories, tmp_path: Path, recipe: str) -> None:
+    """compressed-tensors and bitsandbytes artifacts load (dequantized) and score as transformers does."""
+    import bitsandbytes as bnb
+
+    from optcli.quantize import quantize
+
+    out = tmp_path / recipe
+    quantize(str(stories["dir"]), recipe, out, device="cpu")
+    engine = Engine(str(out))
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, device_map="cpu").eval()
+    for module in hf.modules():  # run bitsandbytes' layers in fp32 too, so only the format differs
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.weight.quant_state.dtype = torch.float32
+            module.compute_dtype, module.compute_type_is_set = torch.float32, True
+            module.support_avx512bf16_for_cpu = False
+    ids = stories["prompts"][7] + stories["expected"][7]
+    with torch.no_grad():
+        theirs = hf(torch.tensor([ids])).logits[0].float()
+    ours = engine.score(ids)
+    assert (ours - theirs).abs().max().item() <= 1e-4 * theirs.abs().max().item() + 1e-4
+    outs = engine.generate(stories["prompts"][:4], SamplingParams(max_tokens=8))
+    expected = hf_greedy(hf, stories["prompts"][:4], 8, eos=2)
+    assert [o.token_ids for o in outs] == expected
