@@ -169,8 +169,17 @@ def test_builtin_tiny_llama_greedy_matches_transformers() -> None:
 
 
 def _random_model(tmp_path: Path, arch: str) -> Path:
-    """A small random Qwen2- or Qwen3-shaped model with the builtin tokenizer."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    """A small random model of the given family, with the builtin tokenizer."""
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
     from optcli.models import resolve_model
 
@@ -182,8 +191,16 @@ def _random_model(tmp_path: Path, arch: str) -> Path:
     torch.manual_seed(0)
     if arch == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common))
-    else:
+    elif arch == "qwen3":
         model = Qwen3ForCausalLM(Qwen3Config(head_dim=48, **common))
+    elif arch == "mistral":  # a window shorter than the prompts, so it matters
+        model = MistralForCausalLM(MistralConfig(sliding_window=24, **common))
+    elif arch == "llama3-rope":
+        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+        model = LlamaForCausalLM(LlamaConfig(rope_parameters=rope, **common))
+    else:  # linear RoPE scaling
+        model = LlamaForCausalLM(LlamaConfig(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}, **common))
     out = tmp_path / arch
     model.save_pretrained(out)
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -191,8 +208,8 @@ def _random_model(tmp_path: Path, arch: str) -> Path:
     return out
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
-def test_qwen_shapes_match_transformers(tmp_path: Path, arch: str) -> None:
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral", "llama3-rope", "linear-rope"])
+def test_model_families_match_transformers(tmp_path: Path, arch: str) -> None:
     path = _random_model(tmp_path, arch)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(path)
