@@ -164,8 +164,15 @@ def test_builtin_tiny_llama_greedy_matches_transformers() -> None:
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(path)
     prompts = story_prompts(tok)
-    engine = Engine("builtin:tiny-llama", max_num_seqs=32)
-    run_and_check(engine, prompts, hf_greedy(hf, prompts, MAX_NEW, eos=tok.eos_token_id))
+    expected = hf_greedy(hf, prompts, MAX_NEW, eos=tok.eos_token_id)
+    run_and_check(Engine("builtin:tiny-llama", max_num_seqs=32), prompts, expected)
+    # Tiny prefill chunks, block pressure and (on the second pass) prefix-cache hits, all at once.
+    stressed = Engine("builtin:tiny-llama", max_num_seqs=32, max_model_len=256, max_num_batched_tokens=9,
+                      block_size=4, num_kv_blocks=64)
+    run_and_check(stressed, prompts, expected)
+    run_and_check(stressed, prompts, expected)
+    stats = stressed.stats()
+    assert stats["num_preemptions"] > 0 and stats["prefix_cache_hit_rate"] > 0
 
 
 def _random_model(tmp_path: Path, arch: str) -> Path:
