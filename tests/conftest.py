@@ -21,6 +21,15 @@ def shared_data(name: str) -> Path:
     return path
 
 
+# Without a GPU, Triton kernels run in Triton's interpreter; it must be on before any kernel is defined.
+try:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:  # pragma: no cover
+    pass
+
 # Builtin models are materialized into a cache; keep the tests' cache out of the user's home.
 os.environ.setdefault("OPTCLI_CACHE", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "optcli"))
 

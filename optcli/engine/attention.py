@@ -40,10 +40,50 @@ class AttentionGroup:
 
 
 @dataclass
+class StepLayout:
+    """What one step computes, per scheduled sequence, independent of the attention backend."""
+
+    slots: list[int]  # cache slot of every new token, in flat batch order
+    rows: list[range]  # per sequence: its rows in the flat batch
+    query_pos: list[list[int]]  # per sequence: positions of its new tokens
+    ctx_lens: list[int]  # per sequence: tokens in the cache after this step
+    block_tables: list[list[int]]
+    block_size: int
+
+    @property
+    def is_decode(self) -> bool:
+        return all(len(r) == 1 for r in self.rows)
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot of each new token
     groups: list[AttentionGroup]
     block_size: int
+
+    def attend(self, q, k, v, kv_cache, window: int | None) -> torch.Tensor:
+        return paged_attention(q, k, v, kv_cache, self, window)
+
+
+def build_gather_metadata(layout: StepLayout, device) -> AttentionMetadata:
+    """Decode rows in up to three length groups, prefill chunks in one more."""
+    decode = [i for i, r in enumerate(layout.rows) if len(r) == 1]
+    prefill = [i for i, r in enumerate(layout.rows) if len(r) > 1]
+    parts = [[decode[j] for j in part] for part in split_by_length([layout.ctx_lens[i] for i in decode])] if decode else []
+    if prefill:
+        parts.append(prefill)
+    groups = [
+        build_group(
+            [layout.rows[i] for i in part],
+            [layout.query_pos[i] for i in part],
+            [layout.ctx_lens[i] for i in part],
+            [layout.block_tables[i] for i in part],
+            layout.block_size,
+            device,
+        )
+        for part in parts
+    ]
+    return AttentionMetadata(torch.tensor(layout.slots, dtype=torch.long, device=device), groups, layout.block_size)
 
 
 def build_group(rows, query_pos, ctx_lens, block_tables, block_size, device) -> AttentionGroup:

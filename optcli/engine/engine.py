@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from optcli.engine.attention import build_gather_metadata
+from optcli.engine.attention_triton import build_triton_metadata
 from optcli.engine.kv_cache import BlockManager
 from optcli.engine.runner import ModelRunner
 from optcli.engine.sampler import Sampler, make_generator, token_logprobs
@@ -47,7 +49,15 @@ class Engine:
         num_kv_blocks: int | None = None,
         enable_prefix_caching: bool = True,
         trust_remote_code: bool = False,
+        attention_backend: str = "auto",
+        enforce_eager: bool = False,
+        gpu_memory_utilization: float = 0.9,
+        graph_capture=None,
     ) -> None:
+        """`attention_backend`: "gather" (CPU), "triton" (GPU kernels), "auto" picks by device.
+        CUDA graphs capture decode steps on GPU unless `enforce_eager`; `graph_capture` replaces
+        the capture function (tests). Without a KV budget the cache takes `gpu_memory_utilization`
+        of the GPU after weights and peak activations, or a quarter of free host memory on CPU."""
         from optcli.engine.model_loader import load_engine_model
 
         self.device = device
@@ -58,11 +68,19 @@ class Engine:
         self.max_model_len = min(max_model_len, cfg.max_position_embeddings)
         self.max_num_seqs = max_num_seqs
         self.block_size = block_size
+        self.backend = _pick_backend(attention_backend, device)
+        build_metadata = build_triton_metadata if self.backend == "triton" else build_gather_metadata
+        budget_tokens = max_num_batched_tokens or max(2048, max_num_seqs)
         per_block = 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * self.model.embed_tokens.weight.element_size()
         if num_kv_blocks is None:
             wanted = max_num_seqs * -(-self.max_model_len // block_size)  # every sequence at full length
-            budget = kv_cache_bytes if kv_cache_bytes is not None else _default_kv_budget(device)
-            num_kv_blocks = min(wanted, budget // per_block)
+            if kv_cache_bytes is not None:
+                budget = kv_cache_bytes
+            elif device.startswith("cuda"):
+                budget = self._profile_gpu_budget(build_metadata, budget_tokens, gpu_memory_utilization)
+            else:
+                budget = int(_available_host_memory() * 0.25)
+            num_kv_blocks = min(wanted, max(0, budget) // per_block)
         if num_kv_blocks * block_size < self.max_model_len:
             raise UsageError(
                 f"KV cache of {num_kv_blocks} blocks cannot hold one {self.max_model_len}-token sequence; "
@@ -72,9 +90,17 @@ class Engine:
         self.kv_cache = torch.zeros(shape, dtype=self.model.embed_tokens.weight.dtype, device=device)
         self.kv_cache_bytes = self.kv_cache.numel() * self.kv_cache.element_size()
         self.blocks = BlockManager(num_kv_blocks, block_size, enable_prefix_caching)
-        budget_tokens = max_num_batched_tokens or max(2048, max_num_seqs)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, budget_tokens)
-        self.runner = ModelRunner(self.model, [(c[0], c[1]) for c in self.kv_cache], block_size, device)
+        caches = [(c[0], c[1]) for c in self.kv_cache]
+        self.runner = ModelRunner(self.model, caches, block_size, device, build_metadata)
+        dynamic_rope = self.model.rotary.rope_type == "dynamic"  # reads positions on the host: not capturable
+        if self.backend == "triton" and not enforce_eager and not dynamic_rope:
+            if graph_capture is not None or device.startswith("cuda"):
+                from optcli.engine.cuda_graphs import DecodeGraphs, cuda_capture
+
+                max_blocks = -(-self.max_model_len // block_size)
+                capture = graph_capture or cuda_capture()
+                self.runner.graphs = DecodeGraphs(self.model, caches, max_num_seqs, max_blocks, block_size, device, capture)
         self.sampler = Sampler()
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
@@ -191,6 +217,34 @@ class Engine:
         return [final[i] for i in ids]
 
     @torch.inference_mode()
+    def _profile_gpu_budget(self, build_metadata, num_tokens: int, utilization: float) -> int:
+        """KV-cache bytes left after a throwaway forward at the largest batch: `utilization` of the
+        GPU minus the weights and the peak activations that forward needed (as vLLM sizes it)."""
+        from optcli.engine.attention import StepLayout
+
+        cfg, bs = self.model.cfg, self.block_size
+        num_tokens = min(num_tokens, self.max_model_len)
+        blocks = -(-num_tokens // bs)
+        scratch = torch.zeros(
+            (cfg.num_layers, 2, blocks * bs, cfg.num_kv_heads, cfg.head_dim),
+            dtype=self.model.embed_tokens.weight.dtype, device=self.device,
+        )
+        positions = list(range(num_tokens))
+        layout = StepLayout(positions, [range(num_tokens)], [positions], [num_tokens], [list(range(blocks))], bs)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        hidden = self.model(ids, torch.arange(num_tokens, device=self.device), [(c[0], c[1]) for c in scratch],
+                            build_metadata(layout, self.device))
+        self.model.compute_logits(hidden[-self.max_num_seqs :])
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        del scratch, hidden
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(torch.device(self.device)).total_memory
+        return int(total * utilization - peak)
+
+    @torch.inference_mode()
     def score(self, token_ids: list[int]) -> torch.Tensor:
         """Logits [T, V] of every position of one sequence through the paged path (tests, accuracy)."""
         from optcli.engine.scheduler import ScheduledBatch
@@ -223,11 +277,22 @@ class Engine:
         }
 
 
-def _default_kv_budget(device: str) -> int:
-    """Without an explicit budget: a quarter of the memory available now."""
-    if device.startswith("cuda"):
-        free, _ = torch.cuda.mem_get_info()
-        return int(free * 0.9)
+def _pick_backend(name: str, device: str) -> str:
+    if name == "auto":
+        name = "triton" if device.startswith("cuda") else "gather"
+    if name not in ("gather", "triton"):
+        raise UsageError(f"attention backend must be auto, gather or triton (got '{name}')")
+    if name == "triton":
+        from optcli.engine.kernels import triton_available
+
+        if not triton_available():
+            raise UsageError("the triton attention backend needs a CUDA GPU (or TRITON_INTERPRET=1 for tests)")
+    elif device.startswith("cuda"):
+        raise UsageError("the gather attention backend is the CPU path; use triton (or auto) on a GPU")
+    return name
+
+
+def _available_host_memory() -> int:
     import psutil
 
-    return int(psutil.virtual_memory().available * 0.25)
+    return psutil.virtual_memory().available

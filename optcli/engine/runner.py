@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from optcli.engine.attention import AttentionMetadata, build_group, split_by_length
+from optcli.engine.attention import StepLayout
 from optcli.engine.scheduler import ScheduledBatch
 from optcli.engine.sequence import Sequence
 
@@ -22,19 +22,20 @@ class StepOutput:
 
 
 class ModelRunner:
-    def __init__(self, model, kv_caches, block_size: int, device: str) -> None:
+    def __init__(self, model, kv_caches, block_size: int, device: str, backend) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
+        self.backend = backend  # StepLayout → metadata with .attend(); see engine/attention*.py
+        self.graphs = None  # a DecodeGraphs when CUDA graphs are on (decode-only steps)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepOutput:
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
-        slots: list[int] = []
-        groups = {"decode": ([], [], [], []), "prefill": ([], [], [], [])}
+        layout = StepLayout([], [], [], [], [], bs)
         sample_rows: list[int] = []
         sample_seqs: list[Sequence] = []
         prompt_rows: dict[str, tuple[int, list[int]]] = {}
@@ -45,12 +46,11 @@ class ModelRunner:
             input_ids.extend(seq.token_ids[start : start + n])
             positions.extend(pos)
             table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in pos)
-            rows, qpos, ctx, tables = groups["decode" if n == 1 else "prefill"]
-            rows.append(range(first_row, first_row + n))
-            qpos.append(pos)
-            ctx.append(start + n)
-            tables.append(table)
+            layout.slots.extend(table[p // bs] * bs + p % bs for p in pos)
+            layout.rows.append(range(first_row, first_row + n))
+            layout.query_pos.append(pos)
+            layout.ctx_lens.append(start + n)
+            layout.block_tables.append(table)
             if start + n == seq.num_tokens:
                 sample_rows.append(first_row + n - 1)
                 sample_seqs.append(seq)
@@ -61,14 +61,10 @@ class ModelRunner:
                 if lo < hi:
                     prompt_rows[seq.request_id] = (lo, list(range(first_row + lo - start, first_row + hi - start)))
         dev = self.device
-        attention_groups = []
-        decode = groups["decode"]
-        if decode[0]:
-            for part in split_by_length(decode[2]):
-                attention_groups.append(build_group(*([field[i] for i in part] for field in decode), bs, dev))
-        if groups["prefill"][0]:
-            attention_groups.append(build_group(*groups["prefill"], bs, dev))
-        meta = AttentionMetadata(torch.tensor(slots, dtype=torch.long, device=dev), attention_groups, bs)
+        if self.graphs is not None and layout.is_decode and not prompt_rows and self.graphs.fits(len(input_ids)):
+            logits = self.graphs.run(input_ids, positions, layout)
+            return StepOutput(sample_seqs, logits.float(), {})
+        meta = self.backend(layout, dev)
         hidden = self.model(
             torch.tensor(input_ids, dtype=torch.long, device=dev),
             torch.tensor(positions, dtype=torch.long, device=dev),

@@ -1,7 +1,8 @@
 """Llama-family forward over a paged KV cache: Llama, Mistral, Qwen2 (qkv bias), Qwen3 (q/k norm).
 
 One flat batch of tokens from many sequences goes through every matmul together; only attention
-looks at sequences separately (see engine/attention.py). q/k/v and gate/up are fused into one
+looks at sequences separately, through the step's metadata (`meta.attend`, see engine/attention.py
+for the CPU gather path and engine/attention_triton.py for the Triton kernels). q/k/v and gate/up are fused into one
 matmul each at load time. Numerics follow transformers (RMSNorm in fp32, RoPE tables in fp32) so
 greedy decoding matches it token for token.
 """
@@ -13,8 +14,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from optcli.engine.attention import AttentionMetadata, paged_attention
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
@@ -173,7 +172,7 @@ class DecoderLayer(nn.Module):
         self.gate_up_proj = Dense(cfg.hidden_size, 2 * cfg.intermediate_size)
         self.down_proj = Dense(cfg.intermediate_size, cfg.hidden_size)
 
-    def forward(self, x, cos, sin, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata):
+    def forward(self, x, cos, sin, kv_cache: tuple[torch.Tensor, torch.Tensor], meta):
         cfg = self.cfg
         h = self.input_layernorm(x)
         q, k, v = self.qkv_proj(h).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -183,7 +182,7 @@ class DecoderLayer(nn.Module):
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        attn = paged_attention(q, k, v, kv_cache, meta, cfg.sliding_windows[self.index])
+        attn = meta.attend(q, k, v, kv_cache, cfg.sliding_windows[self.index])
         x = x + self.o_proj(attn.reshape(-1, self.q_size))
         h = self.post_attention_layernorm(x)
         gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
@@ -200,7 +199,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Dense(cfg.hidden_size, cfg.vocab_size)  # its own (packed) copy even when tied
         self.rotary = RotaryEmbedding(cfg)
 
-    def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
         """Hidden states [T, hidden] for the flat batch; KV of every token lands in the cache."""
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions)

@@ -1,0 +1,617 @@
+"""GPU check: greedy equality with transformers, throughput against transformers, batch-1 roofline.
+
+One short run on one GPU (H100/H200), one process. A seeded random bf16 model of the
+Llama-3.2-1B shape (16 layers, hidden 2048, intermediate 8192, 32 heads / 8 KV heads, head_dim
+64, vocab 128256, tied embeddings, rope_theta 500000) is built on the device, saved with the
+builtin tokenizer (no hub), and then:
+
+1. greedy equality: our engine (all 8 prompts in one batch) against transformers `generate`
+   (one prompt at a time); per prompt, the first divergence and the logit gaps there. Random bf16
+   weights give near ties, so a late flip is reported, not fatal; the script exits 1 only if some
+   prompt differs within its first 8 tokens.
+2. throughput, each side warmed up first:
+   (a) 256 requests, prompts uniform in [64, 512), 128 new tokens each, EOS ignored: ours
+       `Engine.generate` against transformers `generate_batch` (its continuous-batching front end).
+       transformers runs only --hf-requests of them (default 64): its tok/s is what it measured
+       on those, never extrapolated; ours is also timed on those same requests for a like-for-like
+       ratio.
+   (b) batch 1, 256 new tokens: ours against transformers `generate`.
+3. device copy bandwidth (device-to-device copy, GB/s = 2 * bytes / time, best of N) and the
+   batch-1 roofline: tok/s = bandwidth / weight bytes (every weight is read once per token).
+4. one table: tok/s of each, ours/transformers for (a) (target >= 10x) and (b), batch-1 decode
+   as a fraction of the roofline (target >= 70%), and the card's name.
+
+Imports only optcli.engine (and what it imports), transformers and torch.
+
+    python benchmarks/gpu_check.py                      # full check on the GPU (~2-3 min)
+    python benchmarks/gpu_check.py --tiny               # same code path, 2-layer fp32 model (CPU test)
+    python benchmarks/gpu_check.py --skip-hf            # ours only (no equality check, no ratios)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import inspect
+import json
+import math
+import platform
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+TARGET_CB_RATIO = 10.0  # (a) ours / transformers generate_batch
+TARGET_ROOFLINE = 0.70  # ours batch-1 decode / (bandwidth / weight bytes)
+GATE_TOKENS = 8  # exit 1 if any prompt differs from transformers within its first this-many tokens
+PROMPT_ID_RANGE = (3, 1000)  # ids that exist in the builtin tokenizer (0-2 are <unk>, <s>, </s>)
+
+LLAMA_3_2_1B = dict(
+    num_hidden_layers=16,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    vocab_size=128256,
+    tie_word_embeddings=True,
+    rope_theta=500000.0,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-5,
+)
+TINY = dict(
+    LLAMA_3_2_1B,
+    num_hidden_layers=2,
+    hidden_size=128,
+    intermediate_size=512,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    vocab_size=1024,
+)
+
+
+@dataclass
+class Plan:
+    name: str
+    shape: dict
+    dtype: str
+    requests: int  # (a)
+    prompt_range: tuple[int, int]  # (a), [lo, hi)
+    new_tokens: int  # (a)
+    hf_requests: int  # (a), transformers side
+    batch1_prompt: int  # (b) prompt length
+    batch1_new: int  # (b)
+    check_prompts: int
+    check_prompt_range: tuple[int, int]
+    check_new: int
+    warm_requests: int
+    warm_new_range: tuple[int, int]  # [lo, hi): varied, so batches shrink during warm-up
+    max_num_seqs: int
+    copy_bytes: int
+    copy_reps: int
+
+
+FULL = Plan(
+    "Llama-3.2-1B shape",
+    LLAMA_3_2_1B,
+    "bfloat16",
+    requests=256,
+    prompt_range=(64, 512),
+    new_tokens=128,
+    hf_requests=64,
+    batch1_prompt=128,
+    batch1_new=256,
+    check_prompts=8,
+    check_prompt_range=(16, 128),
+    check_new=32,
+    warm_requests=16,
+    warm_new_range=(2, 17),
+    max_num_seqs=256,
+    copy_bytes=1 << 30,
+    copy_reps=20,
+)
+TINY_PLAN = Plan(
+    "tiny (2 layers, hidden 128, vocab 1024)",
+    TINY,
+    "float32",
+    requests=8,
+    prompt_range=(8, 32),
+    new_tokens=16,
+    hf_requests=4,
+    batch1_prompt=16,
+    batch1_new=32,
+    check_prompts=8,
+    check_prompt_range=(4, 24),
+    check_new=16,
+    warm_requests=2,
+    warm_new_range=(2, 6),
+    max_num_seqs=8,
+    copy_bytes=64 << 20,
+    copy_reps=5,
+)
+
+T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def free_device_memory(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def prompts_of(n: int, length_range: tuple[int, int], rng: random.Random) -> list[list[int]]:
+    return [[rng.randrange(*PROMPT_ID_RANGE) for _ in range(rng.randrange(*length_range))] for _ in range(n)]
+
+
+# --- model -------------------------------------------------------------------------------------
+
+
+def build_model(out: Path, plan: Plan, device: str, seed: int):
+    """Seeded random Llama built on `device` in the plan's dtype, saved (safetensors) with the builtin
+    tokenizer. Returns the in-memory transformers model (the peer; same tensors as the saved ones)."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from optcli.models import resolve_model
+
+    tok_dir = resolve_model("builtin:tiny-llama").path
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tok_dir / name, out / name)
+    tok_cfg = json.loads((tok_dir / "config.json").read_text())
+    bos, eos = tok_cfg.get("bos_token_id", 1), tok_cfg.get("eos_token_id", 2)
+    config = LlamaConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=0, **plan.shape)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(config, dtype=getattr(torch, plan.dtype)).eval()
+    model.save_pretrained(out, safe_serialization=True)
+    GenerationConfig(bos_token_id=bos, eos_token_id=eos).save_pretrained(out)
+    # The in-memory peer never stops on EOS (ours runs with ignore_eos): no eos in its generation config.
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def weight_bytes(model) -> int:
+    """Bytes of distinct parameters (the tied embedding / LM head counted once): one decode step reads them all."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+# --- ours --------------------------------------------------------------------------------------
+
+
+def make_engine(model_dir: Path, plan: Plan, device: str, max_model_len: int, enforce_eager: bool):
+    from optcli.engine import Engine
+
+    kwargs = dict(device=device, dtype=plan.dtype, max_num_seqs=plan.max_num_seqs, max_model_len=max_model_len)
+    accepted = inspect.signature(Engine).parameters
+    note = "enforce_eager not in Engine's signature"
+    if "enforce_eager" in accepted:
+        kwargs["enforce_eager"] = enforce_eager
+        note = f"enforce_eager={enforce_eager}"
+    elif enforce_eager:
+        log("warning: --enforce-eager given but this Engine has no enforce_eager parameter; ignored")
+    eng = Engine(str(model_dir), **kwargs)
+    graphs = getattr(getattr(eng, "runner", None), "graphs", None) is not None
+    info = f"{note}, attention backend {getattr(eng, 'backend', '?')}, CUDA graphs {'on' if graphs else 'off'}"
+    return eng, info
+
+
+def ours_generate(eng, device: str, prompts: list[list[int]], new_tokens: list[int]) -> tuple[float, list[list[int]]]:
+    from optcli.engine import SamplingParams
+
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in new_tokens]
+    sync(device)
+    t0 = time.perf_counter()
+    outs = eng.generate(prompts, params)
+    sync(device)
+    wall = time.perf_counter() - t0
+    tokens = [list(o.token_ids) for o in outs]
+    for t, n in zip(tokens, new_tokens, strict=True):
+        if len(t) != n:
+            raise RuntimeError(f"our engine returned {len(t)} tokens for a request of {n}")
+    return wall, tokens
+
+
+# --- transformers ------------------------------------------------------------------------------
+
+
+def hf_generate(model, device: str, prompt: list[int], new_tokens: int, with_logits: bool = False):
+    """transformers `generate`, batch 1, greedy, EOS disabled. Returns (wall s, tokens, per-step logits or None)."""
+    ids = torch.tensor([prompt], device=device)
+    sync(device)
+    t0 = time.perf_counter()
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        output_logits=with_logits,
+        return_dict_in_generate=with_logits,
+    )
+    sync(device)
+    wall = time.perf_counter() - t0
+    seq = out.sequences if with_logits else out
+    tokens = seq[0, len(prompt) :].tolist()
+    if len(tokens) != new_tokens:
+        raise RuntimeError(f"transformers generate returned {len(tokens)} tokens for {new_tokens}")
+    logits = [step[0].float().cpu() for step in out.logits] if with_logits else None
+    return wall, tokens, logits
+
+
+def hf_cb_config(device: str, num_requests: int, max_len: int):
+    """Defaults on the GPU (transformers sizes its cache from free memory); on CPU the cache is sized
+    explicitly, since transformers would otherwise take 90% of the host's RAM."""
+    from transformers import ContinuousBatchingConfig
+
+    if device.startswith("cuda"):
+        return ContinuousBatchingConfig()
+    block = 256
+    return ContinuousBatchingConfig(
+        block_size=block, num_blocks=num_requests * (math.ceil(max_len / block) + 1), max_batch_tokens=2048
+    )
+
+
+def hf_generate_batch(model, device: str, prompts, new_tokens: int, warm_prompts, warm_new: list[int]):
+    """transformers `generate_batch`, timed after a warm-up on the very manager it will use.
+
+    `generate_batch` sizes a fresh manager from its inputs (WorkloadHints: longest prompt,
+    max_new_tokens, request count; max_requests_per_batch = min(requests, 1024)) and, when one is
+    cached on the model, reuses that instead. So the warm-up builds a manager with the timed call's
+    own hints, warms it (`warmup()`: CUDA-graph capture where transformers uses graphs), runs the
+    warm-up requests through it and keeps it cached (`stop(keep_for_next_session=True)`); the timed
+    `generate_batch` then finds it warmed (skips `warmup()`), runs, and destroys it."""
+    from transformers import GenerationConfig
+    from transformers.generation.continuous_batching.utils import WorkloadHints
+
+    gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, eos_token_id=-1, pad_token_id=0)
+    longest = max(len(p) for p in prompts)
+    hints = WorkloadHints(max_prompt_length=longest, max_generated_length=new_tokens, num_requests=len(prompts))
+    cb_cfg = hf_cb_config(
+        device, max(len(prompts), len(warm_prompts)), max(longest, *map(len, warm_prompts)) + new_tokens
+    )
+    manager = model.init_continuous_batching(
+        generation_config=gen_cfg, continuous_batching_config=cb_cfg, workload_hints=hints
+    )
+    attn_in_cb = model.config._attn_implementation  # what CB switched to (stop() restores the original)
+    manager.warmup()
+    manager.start()
+    ok = False
+    try:
+        for k, (p, n) in enumerate(zip(warm_prompts, warm_new, strict=True)):
+            if manager.add_request(p, request_id=f"warm-{k}", max_new_tokens=n, eos_token_id=-1) is None:
+                raise RuntimeError("transformers CB refused a warm-up request")
+        done = 0
+        while done < len(warm_prompts):
+            res = manager.get_result(timeout=1)
+            if res is None:
+                if not manager.is_running():
+                    raise RuntimeError("transformers CB loop stopped during warm-up")
+                continue
+            if res.is_finished():
+                if res.error is not None:
+                    raise RuntimeError(f"transformers CB warm-up request failed: {res.error}")
+                done += 1
+        ok = True
+    finally:
+        manager.stop(block=True, timeout=60, keep_for_next_session=ok, hard_stop=not ok)
+        if not ok:
+            manager.destroy()
+    if getattr(model, "_cached_continuous_batching_manager", None) is not manager:
+        raise RuntimeError("the warmed-up transformers CB manager was not cached for generate_batch to reuse")
+    cfg = manager.continuous_batching_config
+    info = (
+        f"attn {attn_in_cb}, cuda graphs {cfg.use_cuda_graph}, async {cfg.use_async_batching}, "
+        f"blocks {cfg.num_blocks}x{cfg.block_size}, max_batch_tokens {cfg.max_batch_tokens}, "
+        f"max_requests_per_batch {cfg.max_requests_per_batch}"
+    )
+    try:
+        sync(device)
+        t0 = time.perf_counter()
+        results = model.generate_batch(prompts, generation_config=gen_cfg, max_new_tokens=new_tokens)
+        sync(device)
+        wall = time.perf_counter() - t0
+    finally:
+        model.destroy_cached_continuous_batching_manager()
+    # generate_batch logs failures and returns what finished: check every request came back whole.
+    outs = list(results.values())
+    if len(outs) != len(prompts) or any(o.error is not None for o in outs):
+        raise RuntimeError(f"transformers generate_batch returned {len(outs)} of {len(prompts)} requests (or errors)")
+    tokens = [list(o.generated_tokens) for o in outs]
+    if any(len(t) != new_tokens for t in tokens):
+        raise RuntimeError("transformers generate_batch returned a request of the wrong length")
+    # Each result carries its finish time (perf_counter, stamped once its last token is on the host):
+    # the call minus its teardown (stop(): thread join, gc.collect), which costs ~0.4 s per call.
+    to_last = max(o.lifespan[1] for o in outs) - t0
+    return wall, to_last, tokens, info
+
+
+# --- checks ------------------------------------------------------------------------------------
+
+
+def greedy_check(eng, model, device: str, prompts: list[list[int]], new_tokens: int) -> tuple[list[str], int, int]:
+    """Ours (one batch) vs transformers generate (one by one). Returns (lines, prompts identical, earliest divergence)."""
+    _, ours = ours_generate(eng, device, prompts, [new_tokens] * len(prompts))
+    lines, same, earliest = [], 0, new_tokens
+    for k, (p, mine) in enumerate(zip(prompts, ours, strict=True)):
+        _, ref, logits = hf_generate(model, device, p, new_tokens, with_logits=True)
+        j = next((i for i, (a, b) in enumerate(zip(mine, ref, strict=True)) if a != b), None)
+        if j is None:
+            same += 1
+            lines.append(f"  prompt {k} ({len(p)} tokens): identical over {new_tokens} tokens")
+            continue
+        earliest = min(earliest, j)
+        top = torch.topk(logits[j], 2)
+        gap2 = (top.values[0] - top.values[1]).item()
+        gap_ours = (logits[j][ref[j]] - logits[j][mine[j]]).item()
+        rank = int((logits[j] > logits[j][mine[j]]).sum())  # 0-based rank of our token in transformers' logits
+        flag = f"  <-- within the first {GATE_TOKENS} tokens" if j < GATE_TOKENS else ""
+        lines.append(
+            f"  prompt {k} ({len(p)} tokens): first divergence at token {j}: transformers {ref[j]}, ours {mine[j]}; "
+            f"transformers' top-2 logit gap {gap2:.4f}, its logit(top) - logit(ours) {gap_ours:.4f} "
+            f"(ours is its #{rank + 1}){flag}"
+        )
+    return lines, same, earliest
+
+
+def decode_rate(n: int, t1: float, tn: float) -> float:
+    """Decode-only tok/s: the N-token run minus the 1-token run (prefill and first token) over N - 1 tokens."""
+    return (n - 1) / (tn - t1) if n > 1 and tn > t1 else math.nan
+
+
+def measure_copy_bandwidth(device: str, nbytes: int, reps: int) -> float:
+    """Device-to-device copy: 2 * bytes (read + write) / time, best of `reps`."""
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up
+    best = math.inf
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    del src, dst
+    free_device_memory(device)
+    return 2 * nbytes / best
+
+
+# --- main --------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tiny", action="store_true", help="2-layer hidden-128 fp32 model, 8 short requests (CPU test)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--skip-hf", action="store_true", help="ours only: no equality check, no transformers timings")
+    ap.add_argument("--requests", type=int, help="(a) request count (default 256; --tiny 8)")
+    ap.add_argument("--new-tokens", type=int, help="(a) new tokens per request (default 128; --tiny 16)")
+    ap.add_argument("--hf-requests", type=int, help="(a) requests transformers runs (default 64; --tiny 4)")
+    ap.add_argument("--batch1-new-tokens", type=int, help="(b) new tokens at batch 1 (default 256; --tiny 32)")
+    ap.add_argument("--enforce-eager", action="store_true", help="pass enforce_eager=True to Engine (if it takes it)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    plan = replace(TINY_PLAN if args.tiny else FULL)
+    for field_name, value in (
+        ("requests", args.requests),
+        ("new_tokens", args.new_tokens),
+        ("hf_requests", args.hf_requests),
+        ("batch1_new", args.batch1_new_tokens),
+    ):
+        if value is not None:
+            if value < 1:
+                ap.error(f"--{field_name.replace('_', '-')} must be >= 1")
+            setattr(plan, field_name, value)
+    plan.hf_requests = min(plan.hf_requests, plan.requests)
+    device = args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error("--device cuda but torch sees no CUDA device")
+    card = (
+        torch.cuda.get_device_name(torch.device(device))
+        if device.startswith("cuda")
+        else (f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    )
+    log(
+        f"device {device}: {card}; python {platform.python_version()}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}"
+    )
+
+    rng = random.Random(args.seed)
+    work = prompts_of(plan.requests, plan.prompt_range, rng)  # (a) ours
+    hf_work = prompts_of(plan.hf_requests, plan.prompt_range, rng)  # (a) transformers, and ours on the same
+    warm = prompts_of(plan.warm_requests, plan.prompt_range, rng)
+    warm_new = [rng.randrange(*plan.warm_new_range) for _ in warm]
+    check = prompts_of(plan.check_prompts, plan.check_prompt_range, rng)
+    b1 = prompts_of(3, (plan.batch1_prompt, plan.batch1_prompt + 1), rng)  # warm-up, 1 token, full run
+    # Distinct fresh prompts everywhere: no run gets prefix-cache hits from an earlier one.
+    max_model_len = max(
+        plan.prompt_range[1] - 1 + plan.new_tokens,
+        plan.batch1_prompt + plan.batch1_new,
+        plan.check_prompt_range[1] - 1 + plan.check_new,
+    )
+    max_model_len = min(-(-max_model_len // 64) * 64, plan.shape["max_position_embeddings"])
+
+    tmp = Path(tempfile.mkdtemp(prefix="optcli-gpu-check-"))
+    res: dict = {}
+    exit_code = 0
+    try:
+        model = build_model(tmp, plan, device, args.seed)
+        wbytes = weight_bytes(model)
+        nparams = sum(p.numel() for p in model.parameters())
+        log(
+            f"model: {plan.name}, {nparams / 1e6:.1f}M parameters ({wbytes / 1e9:.3f} GB in {plan.dtype}), "
+            f"random weights (seed {args.seed}), saved to {tmp}"
+        )
+        if args.skip_hf:
+            del model
+            model = None
+            free_device_memory(device)
+
+        eng, eng_info = make_engine(tmp, plan, device, max_model_len, args.enforce_eager)
+        log(f"our engine: max_num_seqs {plan.max_num_seqs}, max_model_len {max_model_len}, {eng_info}")
+
+        # 1. greedy equality
+        if model is not None:
+            lines, same, earliest = greedy_check(eng, model, device, check, plan.check_new)
+            res["check"] = (same, earliest)
+            log(
+                f"greedy equality vs transformers generate: {same}/{len(check)} prompts identical over "
+                f"{plan.check_new} tokens"
+            )
+            for line in lines:
+                print(line)
+            if earliest < GATE_TOKENS:
+                exit_code = 1
+
+        # 2a / 2b, ours
+        ours_generate(eng, device, warm, warm_new)
+        log(f"ours: warmed up on {len(warm)} requests")
+        wall, _ = ours_generate(eng, device, work, [plan.new_tokens] * len(work))
+        res["ours_a"] = (len(work) * plan.new_tokens / wall, wall)
+        log(f"ours (a): {len(work)} requests x {plan.new_tokens} tokens in {wall:.2f} s")
+        if model is not None and plan.hf_requests < plan.requests:
+            wall, _ = ours_generate(eng, device, hf_work, [plan.new_tokens] * len(hf_work))
+            res["ours_a_same"] = (len(hf_work) * plan.new_tokens / wall, wall)
+            log(f"ours (a) on transformers' {len(hf_work)} requests: {wall:.2f} s")
+        ours_generate(eng, device, [b1[0]], [16])
+        t1, _ = ours_generate(eng, device, [b1[1]], [1])
+        tn, _ = ours_generate(eng, device, [b1[2]], [plan.batch1_new])
+        res["ours_b"] = (plan.batch1_new / tn, decode_rate(plan.batch1_new, t1, tn), tn)
+        log(f"ours (b): batch 1, {plan.batch1_new} tokens in {tn:.3f} s (1 token: {t1 * 1e3:.1f} ms)")
+        del eng
+        free_device_memory(device)
+
+        # 2a / 2b, transformers
+        if model is not None:
+            hf_generate(model, device, b1[0], 16)
+            t1, _, _ = hf_generate(model, device, b1[1], 1)
+            tn, _, _ = hf_generate(model, device, b1[2], plan.batch1_new)
+            res["hf_b"] = (plan.batch1_new / tn, decode_rate(plan.batch1_new, t1, tn), tn)
+            log(f"transformers generate (b): batch 1, {plan.batch1_new} tokens in {tn:.3f} s")
+            wall, to_last, _, cb_info = hf_generate_batch(model, device, hf_work, plan.new_tokens, warm, warm_new)
+            n = len(hf_work) * plan.new_tokens
+            res["hf_a"] = (n / wall, wall, n / to_last, to_last)
+            log(
+                f"transformers generate_batch (a): {len(hf_work)} requests x {plan.new_tokens} tokens in "
+                f"{wall:.2f} s ({to_last:.2f} s to its last result); {cb_info}"
+            )
+            del model
+            free_device_memory(device)
+
+        # 3. bandwidth and roofline
+        bw = measure_copy_bandwidth(device, plan.copy_bytes, plan.copy_reps)
+        roof = bw / wbytes
+        log(
+            f"copy bandwidth {bw / 1e9:.1f} GB/s ({plan.copy_bytes >> 20} MiB, best of {plan.copy_reps}) "
+            f"-> batch-1 roofline {roof:.1f} tok/s"
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    # 4. the table
+    rows: list[tuple[str, str, str, str, str]] = []
+
+    def add(what, value="", target="", status="", note=""):
+        rows.append((what, value, target, status, note))
+
+    if "check" in res:
+        same, earliest = res["check"]
+        first = "none" if same == plan.check_prompts else f"earliest at token {earliest}"
+        add(
+            "greedy equality vs HF generate",
+            f"{same}/{plan.check_prompts} identical",
+            f"first {GATE_TOKENS} tok",
+            "FAIL" if earliest < GATE_TOKENS else "ok",
+            f"{plan.check_new} tokens per prompt; divergences: {first}",
+        )
+    else:
+        add("greedy equality vs HF generate", "skipped", note="--skip-hf")
+    ours_a, wall_a = res["ours_a"]
+    add(f"(a) ours, {plan.requests} req x {plan.new_tokens}", f"{ours_a:,.1f} tok/s", note=f"{wall_a:.2f} s")
+    if "hf_a" in res:
+        hf_call, wall, hf_a, to_last = res["hf_a"]
+        add(
+            f"(a) HF generate_batch, {plan.hf_requests} req x {plan.new_tokens}",
+            f"{hf_a:,.1f} tok/s",
+            note=f"to its last result ({to_last:.2f} s), measured on the {plan.hf_requests} requests it ran, "
+            f"not extrapolated; whole call incl. teardown {hf_call:,.1f} tok/s ({wall:.2f} s)",
+        )
+        ratio = ours_a / hf_a
+        add(
+            "(a) ours / HF generate_batch",
+            f"{ratio:.2f}x",
+            f">={TARGET_CB_RATIO:g}x",
+            "met" if ratio >= TARGET_CB_RATIO else "NOT met",
+            (f"ours on {plan.requests} req vs HF on {plan.hf_requests}; " if plan.hf_requests < plan.requests else "")
+            + f"vs HF's whole call: {ours_a / hf_call:.2f}x",
+        )
+        if "ours_a_same" in res:
+            same_tok_s, wall = res["ours_a_same"]
+            add(f"(a) ours on HF's {plan.hf_requests} req", f"{same_tok_s:,.1f} tok/s", note=f"{wall:.2f} s")
+            add("(a) ours / HF, same requests", f"{same_tok_s / hf_a:.2f}x", "", "info", "like-for-like workload")
+    else:
+        add("(a) HF generate_batch", "skipped", note="--skip-hf")
+    ours_b, ours_decode, wall = res["ours_b"]
+    add(
+        f"(b) ours, batch 1 x {plan.batch1_new}",
+        f"{ours_b:,.1f} tok/s",
+        note=f"{wall:.3f} s; decode only {ours_decode:,.1f} tok/s",
+    )
+    if "hf_b" in res:
+        hf_b, hf_decode, wall = res["hf_b"]
+        add(
+            f"(b) HF generate, batch 1 x {plan.batch1_new}",
+            f"{hf_b:,.1f} tok/s",
+            note=f"{wall:.3f} s; decode only {hf_decode:,.1f} tok/s",
+        )
+        add("(b) ours / HF generate", f"{ours_b / hf_b:.2f}x", "", "info")
+    else:
+        add("(b) HF generate", "skipped", note="--skip-hf")
+    add(
+        "device copy bandwidth",
+        f"{bw / 1e9:,.1f} GB/s",
+        note=f"2 x {plan.copy_bytes >> 20} MiB / time, best of {plan.copy_reps}",
+    )
+    add("batch-1 roofline", f"{roof:,.1f} tok/s", note=f"bandwidth / {wbytes / 1e9:.3f} GB of weights")
+    frac = ours_decode / roof
+    add(
+        "(b) ours decode / roofline",
+        f"{frac:.1%}",
+        f">={TARGET_ROOFLINE:.0%}",
+        "met" if frac >= TARGET_ROOFLINE else "NOT met",
+        "decode only: (N-1) / (t(N tokens) - t(1 token))",
+    )
+
+    print()
+    print(
+        f"gpu_check on {card} ({device}); model {plan.name}, {plan.dtype}; torch {torch.__version__}, "
+        f"transformers {transformers.__version__}"
+    )
+    widths = [max(len(r[i]) for r in rows + [("measurement", "value", "target", "status", "note")]) for i in range(4)]
+    header = ("measurement", "value", "target", "status", "note")
+    for r in [header, *rows]:
+        print(f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]:<{widths[3]}}  {r[4]}".rstrip())
+    if exit_code:
+        print(f"\nFAIL: some prompt differs from transformers within its first {GATE_TOKENS} tokens")
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Attention through the Triton kernels (GPU; on CPU only under TRITON_INTERPRET=1, for tests).
+
+Decode steps use the split-K paged decode kernel, any step with a multi-token chunk uses the ragged
+prefill kernel. All tensors have fixed shapes given the batch size and the block-table width, so a
+decode step can be captured in a CUDA graph (see cuda_graphs.py): padded rows have slot -1 (their
+K/V are not stored) and context length 0 (their output is zeros).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from optcli.engine.attention import StepLayout
+
+
+@dataclass
+class TritonMetadata:
+    slot_mapping: torch.Tensor  # [T] int64; -1 = padding
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    context_lens: torch.Tensor  # [B] int32; 0 = padding
+    query_start_loc: torch.Tensor | None  # [B+1] int32; None for decode (one query row per sequence)
+    block_size: int
+
+    def attend(self, q, k, v, kv_cache, window: int | None) -> torch.Tensor:
+        from optcli.engine.kernels import paged_decode_attention, paged_prefill_attention, store_kv
+
+        k_cache, v_cache = kv_cache
+        store_kv(k, v, k_cache, v_cache, self.slot_mapping)
+        scale = q.shape[-1] ** -0.5
+        if self.query_start_loc is None:
+            return paged_decode_attention(
+                q, k_cache, v_cache, self.block_tables, self.context_lens, self.block_size, scale, sliding_window=window
+            )
+        return paged_prefill_attention(
+            q, k_cache, v_cache, self.block_tables, self.query_start_loc, self.context_lens, self.block_size, scale,
+            sliding_window=window,
+        )
+
+
+def block_table_tensor(tables: list[list[int]], width: int | None = None) -> torch.Tensor:
+    width = width or max(len(t) for t in tables)
+    out = torch.zeros(len(tables), width, dtype=torch.int32)
+    for i, t in enumerate(tables):
+        out[i, : len(t)] = torch.as_tensor(t[:width], dtype=torch.int32)
+    return out
+
+
+def build_triton_metadata(layout: StepLayout, device) -> TritonMetadata:
+    bs = layout.block_size
+    width = max(-(-c // bs) for c in layout.ctx_lens)
+    query_start_loc = None
+    if not layout.is_decode:
+        starts = [0]
+        for rows in layout.rows:
+            starts.append(starts[-1] + len(rows))
+        query_start_loc = torch.tensor(starts, dtype=torch.int32, device=device)
+    return TritonMetadata(
+        slot_mapping=torch.tensor(layout.slots, dtype=torch.long, device=device),
+        block_tables=block_table_tensor(layout.block_tables, width).to(device),
+        context_lens=torch.tensor(layout.ctx_lens, dtype=torch.int32, device=device),
+        query_start_loc=query_start_loc,
+        block_size=bs,
+    )

@@ -1,0 +1,191 @@
+"""Paged attention for a ragged batch of new query tokens (prefill chunks), flash-attention style.
+
+One program owns a tile of BLOCK_Q consecutive query tokens of one sequence times all `group` query
+heads of one kv head (GQA: the tile's BLOCK_M = BLOCK_Q * group rows share every K/V tile they
+read). Keys stream in BLOCK_N tiles with an online fp32 softmax, and only the tiles the causal /
+sliding-window mask can reach are visited. The grid is sized from T and B alone (no host sync,
+CUDA-graph friendly): tiles are numbered query_start_loc[b] // BLOCK_Q + b onward for sequence b,
+found by binary search, and surplus programs exit at once.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import dot_args
+
+LOG2E = 1.4426950408889634
+NO_WINDOW = 1 << 30
+
+
+@triton.jit
+def _find_sequence(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
+    """Last sequence b whose first tile index query_start_loc[b] // BLOCK_Q + b is <= tile."""
+    left = 0
+    right = num_seqs
+    while left < right:
+        mid = (left + right) // 2
+        first = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        if first <= tile:
+            left = mid + 1
+        else:
+            right = mid
+    return left - 1
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr, context_lens_ptr, out_ptr,
+    qk_scale, window, num_seqs,
+    stride_qt, stride_qh, stride_qd,
+    stride_ks, stride_kh, stride_kd,
+    stride_vs, stride_vh, stride_vd,
+    stride_bt, stride_ot, stride_oh, stride_od,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):  # fmt: skip
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = _find_sequence(query_start_loc_ptr, tile, num_seqs, BLOCK_Q)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    local = tile - (q_start // BLOCK_Q + seq)
+    if local * BLOCK_Q >= q_len:
+        return
+    ctx = tl.load(context_lens_ptr + seq)
+    first_pos = ctx - q_len  # position of the sequence's first new token
+
+    r = tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    tok = local * BLOCK_Q + r // GROUP  # index among the sequence's new tokens
+    heads = kv_head * GROUP + r % GROUP
+    row_ok = (r // GROUP < BLOCK_Q) & (tok < q_len)
+    d_ok = d < HEAD_DIM
+    pos = first_pos + tok
+    q_rows = (q_start + tok).to(tl.int64)
+    q = tl.load(
+        q_ptr + q_rows[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :] * stride_qd,
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+
+    # Keys any row of this tile can see: (first row's pos - window, last row's pos].
+    hi = first_pos + tl.minimum((local + 1) * BLOCK_Q, q_len)
+    lo = tl.maximum(first_pos + local * BLOCK_Q - window + 1, 0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    for n0 in range(lo, hi, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = n < hi
+        block = tl.load(table + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+        slot = block * BLOCK_SIZE + n % BLOCK_SIZE
+        k = tl.load(
+            k_cache_ptr + slot[None, :] * stride_ks + kv_head * stride_kh + d[:, None] * stride_kd,
+            mask=d_ok[:, None] & n_ok[None, :],
+            other=0.0,
+        )  # [BLOCK_D, BLOCK_N]
+        s = tl.dot(q, k.to(q.dtype), input_precision=PRECISION) * qk_scale  # log2 units
+        visible = (n[None, :] <= pos[:, None]) & (n[None, :] > pos[:, None] - window) & n_ok[None, :]
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet stay at zero
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_cache_ptr + slot[:, None] * stride_vs + kv_head * stride_vh + d[None, :] * stride_vd,
+            mask=n_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )  # [BLOCK_N, BLOCK_D]
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
+        m_i = m_new
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(
+        out_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :] * stride_od,
+        out.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & d_ok[None, :],
+    )
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_size: int,
+    scale: float,
+    sliding_window: int | None = None,
+    *,
+    block_m: int = 64,
+    block_n: int = 64,
+) -> torch.Tensor:
+    """Causal attention of ragged new tokens q [T, H, D] over their sequences' paged K/V.
+
+    query_start_loc [B+1] int32: cumulative query offsets; context_lens [B] int32: tokens of each
+    sequence after this step, so sequence b's queries sit at positions context_lens[b] - q_len_b
+    .. context_lens[b] - 1 and all their K/V are already cached. block_m (rows = query tokens x
+    group heads) and block_n (keys) are tile sizes, powers of two >= 16.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    kv_heads = k_cache.shape[1]
+    assert num_heads % kv_heads == 0 and k_cache.shape[2] == head_dim
+    num_seqs = query_start_loc.shape[0] - 1
+    out = torch.empty_like(q)
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    group = num_heads // kv_heads
+    block_m = max(block_m, triton.next_power_of_2(group), 16)
+    block_q = block_m // group
+    _prefill_kernel[(num_tokens // block_q + num_seqs, kv_heads)](
+        q, k_cache, v_cache, block_tables, query_start_loc, context_lens, out,
+        scale * LOG2E, sliding_window or NO_WINDOW, num_seqs,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0), *out.stride(),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=max(block_n, 16),
+        BLOCK_D=max(triton.next_power_of_2(head_dim), 16), **dot_args(q.dtype),
+    )  # fmt: skip
+    return out
+
+
+def paged_prefill_attention_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_size: int,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Plain-PyTorch equivalent, one sequence at a time: gather its context, mask, softmax in fp32."""
+    num_heads = q.shape[1]
+    group = num_heads // k_cache.shape[1]
+    out = torch.zeros_like(q)
+    starts = query_start_loc.tolist()
+    for b, ctx in enumerate(context_lens.tolist()):
+        q_lo, q_hi = starts[b], starts[b + 1]
+        if q_hi == q_lo:
+            continue
+        keys_pos = torch.arange(ctx, device=q.device)
+        slots = block_tables[b].long()[keys_pos // block_size] * block_size + keys_pos % block_size
+        keys = k_cache[slots].float().repeat_interleave(group, dim=1)  # [ctx, H, D]
+        values = v_cache[slots].float().repeat_interleave(group, dim=1)
+        query_pos = torch.arange(ctx - (q_hi - q_lo), ctx, device=q.device)
+        visible = keys_pos[None, :] <= query_pos[:, None]
+        if sliding_window is not None:
+            visible &= keys_pos[None, :] > query_pos[:, None] - sliding_window
+        scores = torch.einsum("qhd,khd->hqk", q[q_lo:q_hi].float(), keys) * scale
+        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+        out[q_lo:q_hi] = torch.einsum("hqk,khd->qhd", probs, values).to(q.dtype)
+    return out
