@@ -77,8 +77,9 @@ def test_greedy_with_prefix_cache_hits(stories) -> None:
     run_and_check(engine, stories["shared"], stories["shared_expected"])
     first = engine.stats()["prefix_cache_hit_rate"]
     assert first > 0.3  # later continuations of each stem reuse its blocks
-    run_and_check(engine, stories["shared"], stories["shared_expected"])  # warm cache: whole prompts hit
+    outs = run_and_check(engine, stories["shared"], stories["shared_expected"])  # warm cache: whole prompts hit
     assert engine.stats()["prefix_cache_hit_rate"] > first
+    assert all(o.num_cached_tokens >= (len(o.prompt_token_ids) - 1) // 4 * 4 for o in outs)
 
 
 def test_greedy_with_tiny_prefill_chunks(stories) -> None:

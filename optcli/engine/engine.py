@@ -196,6 +196,7 @@ class Engine:
             finish_reason=seq.finish_reason,
             logprobs=seq.logprobs if seq.params.logprobs is not None else None,
             prompt_logprobs=seq.prompt_logprobs if seq.params.prompt_logprobs is not None else None,
+            num_cached_tokens=seq.num_cached_tokens,
         )
 
     # --- batch API ------------------------------------------------------------------------------

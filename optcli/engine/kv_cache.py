@@ -70,6 +70,7 @@ class BlockManager:
             seq.block_hashes.append(h)
             previous = h
         seq.num_computed_tokens = len(seq.block_table) * bs
+        seq.num_cached_tokens = seq.num_computed_tokens
         self.prefix_hits += seq.num_computed_tokens
         return seq.num_computed_tokens
 

@@ -37,6 +37,7 @@ class Sequence:
     logprobs: list = field(default_factory=list)  # per generated token: (logprob, rank, {id: logprob})
     prompt_logprobs: list = field(default_factory=list)  # per prompt token after the first
     num_preemptions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
