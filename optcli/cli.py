@@ -187,6 +187,82 @@ def _layer_progress(description: str, as_json: bool):
         yield advance
 
 
+@app.command()
+def profile(
+    model: Annotated[str, typer.Argument(help="Model or artifact to profile (or the served model name with --endpoint).")],
+    baseline: Annotated[str | None, typer.Option("--baseline", help="Reference model for accuracy (default: the artifact's source).")] = None,
+    eval_text: Annotated[Path | None, typer.Option("--eval-text", help="Text for accuracy (default: calibration_data/heldout.txt).")] = None,
+    requests: Annotated[int, typer.Option("--requests", min=1, help="Synthetic requests per phase.")] = 32,
+    prompt_len: Annotated[str, typer.Option("--prompt-len", help="Prompt lengths, uniform in [A, B).")] = "16:64",
+    output_len: Annotated[int, typer.Option("--output-len", min=1, help="New tokens per request (EOS ignored).")] = 32,
+    concurrency: Annotated[int | None, typer.Option("--concurrency", min=1, help="Requests in flight at most (online).")] = None,
+    rate: Annotated[float | None, typer.Option("--rate", min=0.001, help="Poisson arrival rate, requests/s (online).")] = None,
+    duration: Annotated[float | None, typer.Option("--duration", min=0.1, help="With --rate: send rate x duration requests.")] = None,
+    kpi: Annotated[Path | None, typer.Option("--kpi", help="KPI gates (YAML); a failure exits 3.")] = None,
+    gpu_hour_cost: Annotated[float | None, typer.Option("--gpu-hour-cost", help="USD per hour of the machine, for cost per 1K tokens.")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Directory for report.json/.md/.html.")] = None,
+    endpoint: Annotated[str | None, typer.Option("--endpoint", help="Load-test an OpenAI-compatible server instead.")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    max_num_seqs: Annotated[int, typer.Option("--max-num-seqs", min=1)] = 64,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
+) -> None:
+    """Measure accuracy, throughput, latency under load and cost; gate on KPIs."""
+    from optcli.profile import Workload, parse_prompt_len
+    from optcli.profile import profile as run_profile
+
+    report, gate_failure = None, None
+    with _run(as_json):
+        if duration is not None:
+            if rate is None:
+                raise UsageError("--duration needs --rate (requests = rate x duration)")
+            requests = max(1, round(rate * duration))
+        workload = Workload(requests, parse_prompt_len(prompt_len), output_len, concurrency, rate, seed)
+
+        def note(message: str) -> None:
+            if not as_json and err.is_terminal:
+                err.print(f"[dim]· {message}[/dim]")
+
+        try:
+            report = run_profile(model, baseline, eval_text, workload, kpi, gpu_hour_cost, out_dir, endpoint, device,
+                                 max_num_seqs, note)
+        except KpiFailed as exc:  # the report is complete and written: show it, then exit 3
+            report, gate_failure = exc.report, exc
+    _show_profile(report, as_json, out_dir)
+    if gate_failure is not None:
+        _fail(str(gate_failure), 3)
+
+
+def _show_profile(report: dict, as_json: bool, out_dir: Path | None) -> None:
+    if as_json:
+        _emit_json(report)
+        return
+
+    def fmt(value, spec=".3g") -> str:
+        return "n/a" if value is None else format(value, spec)
+
+    table = Table(title=f"optcli profile · {report['model']}")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    tp, acc, mem = report["throughput"], report["accuracy"], report["memory"]
+    table.add_row("output tok/s (offline)", fmt(tp["output_tok_s"], ".1f"))
+    table.add_row("requests/s", fmt(tp["requests_s"], ".2f"))
+    for metric in ("ttft", "tpot", "itl", "e2e"):
+        lat = report["latency_ms"][metric]
+        table.add_row(f"{metric} p50 / p99 (ms)", f"{fmt(lat['p50'], '.1f')} / {fmt(lat['p99'], '.1f')}")
+    table.add_row("ppl (baseline)", f"{fmt(acc['ppl'], '.3f')} ({fmt(acc['baseline_ppl'], '.3f')})")
+    table.add_row("KLD mean / top-1", f"{fmt(acc['kld_mean'], '.4f')} / {fmt(acc['top1_agreement'], '.3f')}")
+    table.add_row("weights / peak / KV cache", " / ".join(_mib(mem[k]) for k in ("weights_bytes", "peak_bytes", "kv_cache_bytes")))
+    table.add_row("batch efficiency", fmt(report["batch_efficiency"], ".2f"))
+    table.add_row("USD per 1K tokens", fmt(report["cost"]["usd_per_1k_tokens"], ".5f"))
+    out.print(table)
+    for check in report["kpi"]["checks"]:
+        style = "green" if check["passed"] else "red"
+        out.print(f"[{style}]{'PASS' if check['passed'] else 'FAIL'}[/{style}] {check['name']} (value {fmt(check['value'])})")
+    if out_dir is not None:
+        out.print(f"reports: {out_dir}/report.json, report.md, report.html")
+
+
 @recipes_app.command("list")
 def recipes_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List the built-in recipes."""

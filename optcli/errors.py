@@ -6,4 +6,8 @@ class UsageError(Exception):
 
 
 class KpiFailed(Exception):
-    """A KPI gate failed: exit 3."""
+    """A KPI gate failed: exit 3. Carries the report, which was written before raising."""
+
+    def __init__(self, message: str, report: dict | None = None) -> None:
+        super().__init__(message)
+        self.report = report

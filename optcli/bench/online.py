@@ -1,0 +1,154 @@
+"""Online load generation, like `vllm bench serve` / GuideLLM: Poisson or closed-loop arrivals against
+a streaming sender, one `RequestTiming` per request.
+
+A sender is `send(prompt_ids, max_tokens)`, an async iterator yielding the number of new tokens in each
+streamed chunk. It may end with a `Total(n)`: the server's own count, which replaces the sum.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+
+from optcli.bench.metrics import RequestTiming
+
+Sender = Callable[[list[int], int], AsyncIterator[int]]
+
+
+class Total(int):
+    """The authoritative output-token count of a request (e.g. OpenAI `usage.completion_tokens`)."""
+
+
+async def run_load(
+    send: Sender,
+    requests: list[tuple[list[int], int]],
+    rate: float | None = None,
+    concurrency: int | None = None,
+    seed: int = 0,
+) -> tuple[list[RequestTiming], float]:
+    """Send (prompt_ids, max_tokens) requests: Poisson arrivals at `rate` req/s when given, else all at
+    once; at most `concurrency` in flight when given. Returns the timings (in request order) and the
+    wall time in seconds. A request's clock starts when it is sent (after waiting for a slot)."""
+    if rate is not None and rate <= 0:
+        raise ValueError(f"rate must be > 0 (got {rate})")
+    if concurrency is not None and concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1 (got {concurrency})")
+    rng = random.Random(seed)
+    slots = asyncio.Semaphore(concurrency) if concurrency else None
+    timings = [RequestTiming(start=0.0, prompt_tokens=len(p)) for p, _ in requests]
+
+    async def one(timing: RequestTiming, prompt: list[int], max_tokens: int) -> None:
+        if slots is None:
+            await _measure(send, timing, prompt, max_tokens)
+        else:
+            async with slots:
+                await _measure(send, timing, prompt, max_tokens)
+
+    t0 = time.perf_counter()
+    tasks = []
+    for i, ((prompt, max_tokens), timing) in enumerate(zip(requests, timings, strict=True)):
+        if rate is not None and i > 0:
+            await asyncio.sleep(rng.expovariate(rate))
+        tasks.append(asyncio.create_task(one(timing, prompt, max_tokens)))
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+    return timings, time.perf_counter() - t0
+
+
+async def _measure(send: Sender, timing: RequestTiming, prompt: list[int], max_tokens: int) -> None:
+    timing.start = time.perf_counter()
+    total = None
+    try:
+        async for k in send(prompt, max_tokens):
+            if isinstance(k, Total):
+                total = int(k)
+                continue
+            if k <= 0:
+                continue
+            now = time.perf_counter()
+            if timing.first_token is None:
+                timing.first_token = now
+            timing.token_times.append((now, int(k)))
+            timing.output_tokens += int(k)
+        if total is not None:
+            timing.output_tokens = total
+        if timing.first_token is None:
+            timing.error = "no tokens received"
+    except Exception as e:  # a failed request is data, not a crash
+        timing.error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    timing.end = time.perf_counter()
+
+
+def engine_sender(async_engine) -> Sender:
+    """A sender driving an `AsyncEngine` in process (ignore_eos, so every request runs to max_tokens)."""
+    from optcli.engine.sampling_params import SamplingParams
+
+    async def send(prompt_ids: list[int], max_tokens: int) -> AsyncIterator[int]:
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        async for out in async_engine.generate(prompt_ids, params):
+            if out.new_token_ids:
+                yield len(out.new_token_ids)
+            if out.finish_reason == "abort":
+                raise RuntimeError("request aborted")
+
+    return send
+
+
+def openai_sender(base_url: str, model: str, api_key: str | None = None, timeout: float = 300.0) -> Sender:
+    """A sender streaming `POST {base_url}/v1/completions` of an OpenAI-compatible server (vLLM, optcli).
+    Tokens per chunk: the length of `logprobs.tokens` when sent, else 1 per chunk with text; the final
+    `usage.completion_tokens` (stream_options.include_usage) is the total when the server sends it."""
+    import httpx
+
+    url = base_url.rstrip("/") + "/v1/completions"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    async def send(prompt_ids: list[int], max_tokens: int) -> AsyncIterator[int]:
+        body = {
+            "model": model,
+            "prompt": list(prompt_ids),
+            "max_tokens": max_tokens,
+            "stream": True,
+            "ignore_eos": True,
+            "stream_options": {"include_usage": True},
+        }
+        usage = None
+        async with (
+            httpx.AsyncClient(timeout=timeout) as client,
+            client.stream("POST", url, json=body, headers=headers) as response,
+        ):
+            if response.status_code != 200:
+                text = (await response.aread()).decode(errors="replace")
+                raise RuntimeError(f"HTTP {response.status_code}: {text[:200]}")
+            async for line in response.aiter_lines():
+                line = line.strip()
+                if not line.startswith("data:"):
+                    continue  # blank separators, comments, event names
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if chunk.get("error"):
+                    raise RuntimeError(f"server error: {chunk['error']}")
+                if chunk.get("usage") and chunk["usage"].get("completion_tokens") is not None:
+                    usage = int(chunk["usage"]["completion_tokens"])
+                choices = chunk.get("choices") or []
+                if not choices:
+                    continue
+                logprobs = choices[0].get("logprobs") or {}
+                if logprobs.get("tokens") is not None:
+                    k = len(logprobs["tokens"])
+                else:
+                    k = 1 if choices[0].get("text") else 0
+                if k:
+                    yield k
+        if usage is not None:
+            yield Total(usage)
+
+    return send

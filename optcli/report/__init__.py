@@ -1,0 +1,73 @@
+"""Profile report writers: report.json (the contract), report.md (for PRs), report.html (standalone).
+
+Writes are atomic so `--out` never holds a half-written or mismatched set: everything is rendered
+in memory first, then a new directory is built as a temporary sibling and renamed into place, or,
+when the directory already exists (it may hold other artifacts), each file is replaced with
+temp file + os.replace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from optcli.report.html import render_html
+from optcli.report.markdown import render_markdown
+
+__all__ = ["render_html", "render_markdown", "write_reports"]
+
+FILES = ("report.json", "report.md", "report.html")
+
+
+def _write_file(path: Path, text: str) -> None:
+    path.write_text(text, encoding="utf-8")
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _replace_in_place(out_dir: Path, contents: dict[str, str]) -> None:
+    for name, text in contents.items():
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out_dir)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, out_dir / name)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def write_reports(report: Mapping[str, Any], out_dir: str | Path, samples: Mapping[str, Any] | None = None,
+                  sweep: Sequence[Any] | None = None,
+                  baseline_report: Mapping[str, Any] | None = None) -> dict[str, Path]:
+    """Write report.json / report.md / report.html into out_dir; returns {"json"|"md"|"html": path}."""
+    out_dir = Path(out_dir)
+    contents = {
+        "report.json": json.dumps(report, indent=2) + "\n",
+        "report.md": render_markdown(report),
+        "report.html": render_html(report, samples=samples, sweep=sweep, baseline_report=baseline_report),
+    }
+    if out_dir.is_dir():
+        _replace_in_place(out_dir, contents)
+    else:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+        try:
+            for name, text in contents.items():
+                _write_file(tmp_dir / name, text)
+            try:
+                os.rename(tmp_dir, out_dir)
+            except OSError:
+                if not out_dir.is_dir():  # a file is in the way: that's the caller's to fix
+                    raise
+                _replace_in_place(out_dir, contents)  # created concurrently: fall back to per-file
+        finally:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+    return {name.split(".")[1]: out_dir / name for name in FILES}

@@ -1,0 +1,110 @@
+"""Self-contained HTML report: inline CSS, plots embedded as data: URIs, no network fetches.
+
+A single file can be attached to a CI run or mailed around and still render offline.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping, Sequence
+from html import escape
+from typing import Any
+
+from optcli.report import plots
+from optcli.report.markdown import NA, fmt, get, header_fields, kpi_rows, report_tables
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em;color:#222;max-width:1100px}
+h1{font-size:1.4em}h2{font-size:1.1em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.4em 0}
+th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
+dl{display:grid;grid-template-columns:max-content auto;gap:.2em 1em}dt{font-weight:600}dd{margin:0}
+.pass{background:#e3f6e3;color:#135c13}.fail{background:#fbe3e3;color:#8a1111}.na{color:#888}
+img{max-width:100%;display:block;margin:.6em 0;border:1px solid #eee}
+"""
+
+
+def _img(alt: str, png: bytes) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return f'<img alt="{escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _td(text: str, tag: str = "td", cls: str | None = None) -> str:
+    """A cell; by default an "n/a" cell is greyed out."""
+    if cls is None:
+        cls = "na" if text == NA else ""
+    attr = f' class="{cls}"' if cls else ""
+    return f"<{tag}{attr}>{escape(text)}</{tag}>"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    head = "".join(_td(h, "th", "") for h in headers)
+    body = "".join("<tr>" + "".join(_td(c) for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _sweep_points(sweep: Any) -> list[tuple[int, float | None]]:
+    """Accept [(concurrency, tok_s), ...] or [{"concurrency": c, "output_tok_s": t}, ...]."""
+    points = []
+    for item in sweep or []:
+        if isinstance(item, Mapping):
+            points.append((item.get("concurrency"), get(item, "output_tok_s") or get(item, "throughput", "output_tok_s")))
+        elif isinstance(item, Sequence) and len(item) == 2:
+            points.append((item[0], item[1]))
+    return [(int(c), t) for c, t in points if isinstance(c, int | float)]
+
+
+def render_html(report: Mapping[str, Any], samples: Mapping[str, Any] | None = None,
+                sweep: Sequence[Any] | None = None, baseline_report: Mapping[str, Any] | None = None) -> str:
+    """One HTML page with the same tables as the Markdown plus the plots whose data was given.
+
+    samples: per-request latencies for `plots.latency_cdf`; sweep: concurrency sweep points;
+    baseline_report: the baseline's report dict, for the baseline-vs-candidate bars.
+    """
+    head = header_fields(report)
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+             f"<title>optcli profile: {escape(head[0][1])}</title><style>{_CSS}</style></head><body>",
+             f"<h1>optcli profile: {escape(head[0][1])}</h1>", "<dl>"]
+    parts += [f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in head]
+    parts.append("</dl>")
+
+    checks = kpi_rows(report)
+    passed = get(report, "kpi", "passed")
+    parts.append("<h2>KPI</h2>")
+    if not checks and passed is None:
+        parts.append(f'<p class="na">{NA}</p>')
+    else:
+        verdict, cls = (NA, "na") if passed is None else (("passed", "pass") if passed else ("failed", "fail"))
+        note = "" if checks else " (no gates set)"
+        parts.append(f'<p>Overall: <strong class="{cls}">{verdict}</strong>{note}</p>')
+        rows = []
+        for c in checks:
+            ok = bool(c.get("passed"))
+            cells = [("✔ pass" if ok else "✘ fail"), fmt(c.get("name")), fmt(c.get("threshold")), fmt(c.get("value"))]
+            rows.append(f'<tr class="{"pass" if ok else "fail"}">' + "".join(_td(x, cls="") for x in cells) + "</tr>")
+        if rows:
+            parts.append("<table><thead><tr><th>result</th><th>check</th><th>threshold</th><th>value</th></tr></thead>"
+                         f"<tbody>{''.join(rows)}</tbody></table>")
+
+    for title, headers, rows in report_tables(report):
+        parts += [f"<h2>{escape(title)}</h2>", _table(headers, rows)]
+
+    figures = []
+    if samples:
+        figures.append(("Latency distribution", _img("latency CDF", plots.latency_cdf(samples))))
+    if baseline_report is not None:
+        figures.append(("Baseline vs candidate",
+                        _img("baseline vs candidate", plots.comparison_bars(report, baseline_report))))
+    points = _sweep_points(sweep)
+    if points:
+        figures.append(("Throughput vs concurrency",
+                        _img("throughput vs concurrency", plots.throughput_vs_concurrency(points))))
+    for title, img in figures:
+        parts += [f"<h2>{escape(title)}</h2>", img]
+
+    versions = get(report, "versions")
+    if versions:
+        parts.append(f'<p class="na"><small>versions: {escape(fmt(versions))}</small></p>')
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"

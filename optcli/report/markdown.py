@@ -1,0 +1,121 @@
+"""Markdown summary of a profile report, compact enough to paste into a pull request.
+
+The tables are built once here (`report_tables`) and reused by the HTML renderer so both show the
+same figures. Anything null in the report is shown as "n/a": a report never invents numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+NA = "n/a"
+LATENCY_METRICS = ("ttft", "tpot", "itl", "e2e")
+STATS = ("mean", "p50", "p95", "p99")
+
+
+def get(report: Mapping[str, Any] | None, *keys: str) -> Any:
+    """Nested lookup that yields None for anything missing, so partial reports still render."""
+    node: Any = report
+    for key in keys:
+        node = node.get(key) if isinstance(node, Mapping) else None
+    return node
+
+
+def fmt(value: Any) -> str:
+    """A number for a table cell: thousands separators for big values, 4 significant digits otherwise."""
+    if value is None:
+        return NA
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if value != value:  # NaN is as unmeasured as null
+            return NA
+        return f"{value:,.1f}" if abs(value) >= 1000 else f"{value:.4g}"
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k}={fmt(v) if not isinstance(v, str) else v}" for k, v in value.items()) or NA
+    return str(value)
+
+
+def _number(value: Any) -> float | None:
+    return None if isinstance(value, bool) or not isinstance(value, int | float) else float(value)
+
+
+def _memory_unit(report: Mapping[str, Any]) -> tuple[str, float]:
+    sizes = [_number(get(report, "memory", k)) for k in ("weights_bytes", "peak_bytes", "kv_cache_bytes")]
+    biggest = max((s for s in sizes if s is not None), default=0.0)
+    return ("GiB", 2.0**30) if biggest >= 2**30 else ("MiB", 2.0**20)
+
+
+def _scaled(value: Any, scale: float) -> str:
+    number = _number(value)
+    return NA if number is None else f"{number / scale:,.2f}"
+
+
+Table = tuple[str, list[str], list[list[str]]]  # (title, header cells, rows of cells)
+
+
+def report_tables(report: Mapping[str, Any]) -> list[Table]:
+    """The report's sections as plain-text tables (title, headers with units, rows)."""
+    unit, scale = _memory_unit(report)
+    tables: list[Table] = [
+        ("Throughput", ["output (tok/s)", "total (tok/s)", "requests (req/s)"],
+         [[fmt(get(report, "throughput", k)) for k in ("output_tok_s", "total_tok_s", "requests_s")]]),
+        ("Latency", ["metric", *(f"{s} (ms)" for s in STATS)],
+         [[m, *(fmt(get(report, "latency_ms", m, s)) for s in STATS)] for m in LATENCY_METRICS]),
+        ("Memory", [f"weights ({unit})", f"peak ({unit})", f"KV cache ({unit})"],
+         [[_scaled(get(report, "memory", k), scale) for k in ("weights_bytes", "peak_bytes", "kv_cache_bytes")]]),
+        ("Accuracy", ["ppl", "baseline ppl", "ppl ratio", "KLD mean (nats)", "KLD p99 (nats)", "top-1 agreement"],
+         [[fmt(get(report, "accuracy", k))
+           for k in ("ppl", "baseline_ppl", "ppl_ratio", "kld_mean", "kld_p99", "top1_agreement")]]),
+        ("Efficiency and cost", ["batch efficiency", "GPU utilization", "cost (USD / 1k tokens)"],
+         [[fmt(get(report, "batch_efficiency")), fmt(get(report, "gpu_utilization")),
+           fmt(get(report, "cost", "usd_per_1k_tokens"))]]),
+    ]
+    return tables
+
+
+def kpi_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    checks = get(report, "kpi", "checks")
+    return [c for c in checks if isinstance(c, Mapping)] if isinstance(checks, list) else []
+
+
+def header_fields(report: Mapping[str, Any]) -> list[tuple[str, str]]:
+    return [(k, fmt(get(report, k))) for k in ("model", "baseline", "recipe", "hardware", "workload")]
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(_cell(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    """PR-sized Markdown: header line, one small table per section, then the KPI checks."""
+    head = header_fields(report)
+    lines = [f"## optcli profile: {_cell(head[0][1])}", ""]
+    lines.append(" · ".join(f"**{k}** {_cell(v)}" for k, v in head))
+    for title, headers, rows in report_tables(report):
+        lines += ["", f"**{title}**", "", *_md_table(headers, rows)]
+    checks = kpi_rows(report)
+    passed = get(report, "kpi", "passed")
+    lines += ["", "**KPI**", ""]
+    if not checks and passed is None:
+        lines.append(NA)
+    else:
+        verdict = NA if passed is None else ("✅ passed" if passed else "❌ failed")
+        lines.append(f"Overall: {verdict}" + ("" if checks else " (no gates set)"))
+        if checks:
+            lines += ["", *_md_table(["", "check", "threshold", "value"],
+                           [["✅" if c.get("passed") else "❌", fmt(c.get("name")), fmt(c.get("threshold")),
+                             fmt(c.get("value"))] for c in checks])]
+    versions = get(report, "versions")
+    if versions:
+        lines += ["", f"<sub>versions: {_cell(fmt(versions))}</sub>"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,239 @@
+"""Profile reports: KPI gates, Markdown/HTML rendering (incl. a headless Chromium render), atomic writes."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from optcli.bench.kpi import evaluate_kpis, load_kpi, slo_from_kpi
+from optcli.errors import UsageError
+from optcli.report import write_reports
+from optcli.report.html import render_html
+from optcli.report.markdown import render_markdown
+
+PNG_SIG = b"\x89PNG\r\n\x1a\n"
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def example_report() -> dict:
+    """A realistic W4A16 profile on one GPU; itl p99, gpu_utilization and cost were not measurable."""
+    return {
+        "model": "meta-llama/Llama-3.1-8B-Instruct",
+        "baseline": "meta-llama/Llama-3.1-8B-Instruct (bf16)",
+        "recipe": "w4a16-gptq",
+        "hardware": {"gpu": "NVIDIA H100 80GB HBM3", "count": 1},
+        "workload": {"prompts": 256, "input_len": 512, "output_len": 128, "concurrency": 16},
+        "throughput": {"output_tok_s": 2841.7, "total_tok_s": 14208.5, "requests_s": 22.2},
+        "latency_ms": {
+            "ttft": {"mean": 84.3, "p50": 71.9, "p95": 163.2, "p99": 241.8},
+            "tpot": {"mean": 11.6, "p50": 11.2, "p95": 14.9, "p99": 17.3},
+            "itl": {"mean": 11.4, "p50": 10.8, "p95": 15.1, "p99": None},
+            "e2e": {"mean": 1557.0, "p50": 1490.2, "p95": 2011.6, "p99": 2380.4},
+        },
+        "memory": {"weights_bytes": 5_703_204_864, "peak_bytes": 9_126_805_504, "kv_cache_bytes": None},
+        "accuracy": {"ppl": 7.412, "baseline_ppl": 7.215, "ppl_ratio": 1.0273, "kld_mean": 0.0418,
+                     "kld_p99": 0.3127, "top1_agreement": 0.9312},
+        "batch_efficiency": 0.87,
+        "gpu_utilization": None,
+        "cost": {"usd_per_1k_tokens": None},
+        "kpi": {"passed": True, "checks": []},
+        "versions": {"optcli": "0.1.0", "torch": "2.13.0"},
+    }
+
+
+def baseline_report() -> dict:
+    r = example_report()
+    r.update(recipe="none", throughput={"output_tok_s": 1980.4, "total_tok_s": 9902.0, "requests_s": 15.5},
+             memory={"weights_bytes": 16_060_522_496, "peak_bytes": 19_327_352_832, "kv_cache_bytes": None},
+             accuracy={"ppl": 7.215, "baseline_ppl": 7.215, "ppl_ratio": 1.0, "kld_mean": 0.0, "kld_p99": 0.0,
+                       "top1_agreement": 1.0})
+    return r
+
+
+SAMPLES = {
+    "candidate": {"ttft": [60.0 + 2.5 * i for i in range(60)], "tpot": [10.0 + 0.1 * i for i in range(60)],
+                  "itl": [9.0 + 0.12 * i for i in range(60)], "e2e": [1300.0 + 15 * i for i in range(60)]},
+    "baseline": {"ttft": [80.0 + 3 * i for i in range(60)], "tpot": [14.0 + 0.1 * i for i in range(60)],
+                 "itl": [], "e2e": [1700.0 + 20 * i for i in range(60)]},
+}
+SWEEP = [(1, 210.5), (2, 405.0), (4, 790.2), (8, 1490.8), (16, 2841.7), (32, None)]
+ALTS = ("latency CDF", "baseline vs candidate", "throughput vs concurrency")
+
+
+def write_kpi(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "kpi.yaml"
+    path.write_text(text)
+    return path
+
+
+# --- KPI gates ---------------------------------------------------------------------------------------
+
+
+def test_lenient_kpis_pass(tmp_path):
+    kpi = load_kpi(write_kpi(tmp_path, "p95_ttft_ms_max: 500\np99_e2e_ms_max: 5000\nmin_output_tok_s: 1000\n"
+                                       "max_ppl_ratio: 1.05\nmin_top1_agreement: 0.9\nmax_peak_memory_bytes: 4e10\n"))
+    result = evaluate_kpis(example_report(), kpi)
+    assert result["passed"] is True
+    assert len(result["checks"]) == 6 and all(c["passed"] for c in result["checks"])
+    by_name = {c["name"]: c for c in result["checks"]}
+    assert by_name["p95_ttft_ms <= 500 (p95_ttft_ms_max)"]["value"] == 163.2
+    assert by_name["output_tok_s >= 1000 (min_output_tok_s)"]["threshold"] == 1000
+    assert slo_from_kpi(kpi) == {"ttft_ms": 500, "e2e_ms": 5000}
+
+
+def test_impossible_kpi_fails_and_names_the_check(tmp_path):
+    kpi = load_kpi(write_kpi(tmp_path, "p95_ttft_ms_max: 500\np95_tpot_ms_max: 1\n"))
+    result = evaluate_kpis(example_report(), kpi)
+    assert result["passed"] is False
+    failed = [c for c in result["checks"] if not c["passed"]]
+    assert [c["name"] for c in failed] == ["p95_tpot_ms <= 1 (p95_tpot_ms_max)"]
+    assert failed[0]["value"] == 14.9
+
+
+def test_unmeasured_value_fails_its_gate(tmp_path):
+    kpi = load_kpi(write_kpi(tmp_path, "p99_itl_ms_max: 1000000\nmax_usd_per_1k_tokens: 100\n"))
+    result = evaluate_kpis(example_report(), kpi)
+    assert result["passed"] is False
+    assert [(c["value"], c["passed"]) for c in result["checks"]] == [(None, False), (None, False)]
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("p95_ttft_ms_maxx: 500\n", "p95_ttft_ms_maxx"),
+    ("min_output_tok_s: fast\n", "min_output_tok_s"),
+    ("max_ppl_ratio: true\n", "max_ppl_ratio"),
+])
+def test_bad_kpi_file_is_a_one_line_usage_error(tmp_path, text, needle):
+    path = write_kpi(tmp_path, text)
+    with pytest.raises(UsageError) as exc:
+        load_kpi(path)
+    msg = str(exc.value)
+    assert str(path) in msg and needle in msg and "p95_ttft_ms_max" in msg and "\n" not in msg
+
+
+def test_missing_or_invalid_kpi_file_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="nope.yaml"):
+        load_kpi(tmp_path / "nope.yaml")
+    with pytest.raises(UsageError, match="invalid YAML"):
+        load_kpi(write_kpi(tmp_path, "p95_ttft_ms_max: [500\n"))
+
+
+# --- Markdown / HTML ---------------------------------------------------------------------------------
+
+
+def report_with_kpis(tmp_path: Path) -> dict:
+    report = example_report()
+    kpi = load_kpi(write_kpi(tmp_path, "p95_ttft_ms_max: 500\np95_tpot_ms_max: 1\np99_itl_ms_max: 50\n"))
+    report["kpi"] = evaluate_kpis(report, kpi)
+    return report
+
+
+def test_markdown_shows_numbers_units_and_na(tmp_path):
+    md = render_markdown(report_with_kpis(tmp_path))
+    for text in ("meta-llama/Llama-3.1-8B-Instruct", "w4a16-gptq", "2,841.7", "163.2", "241.8", "1.027",
+                 "0.9312", "(ms)", "(tok/s)", "(GiB)", "5.31", "8.50"):
+        assert text in md, text
+    itl_row = next(line for line in md.splitlines() if line.startswith("| itl "))
+    assert itl_row.rstrip(" |").endswith("n/a")  # itl p99 was not measured
+    assert "USD / 1k tokens" in md and md.count("n/a") >= 4
+    assert "✅ | p95_ttft_ms <= 500" in md and "❌ | p95_tpot_ms <= 1" in md and "❌ | p99_itl_ms <= 50" in md
+    assert "❌ failed" in md
+
+
+def test_renderers_survive_an_all_null_report():
+    report = {k: None for k in example_report()}
+    md = render_markdown(report)
+    html = render_html(report, samples={"ttft": [], "e2e": None}, sweep=[(1, None)], baseline_report=report)
+    assert "n/a" in md and "n/a" in html
+    assert "0.0" not in md  # nothing invented
+
+
+def embedded_pngs(html: str) -> dict[str, bytes]:
+    imgs = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([A-Za-z0-9+/=]+)">', html)
+    return {alt: base64.b64decode(data, validate=True) for alt, data in imgs}
+
+
+def test_html_is_self_contained_with_decodable_plots(tmp_path):
+    html = render_html(report_with_kpis(tmp_path), samples=SAMPLES, sweep=SWEEP, baseline_report=baseline_report())
+    assert not re.search(r'(src|href)\s*=\s*["\']?\s*(https?:)?//', html, re.I)
+    assert "<link" not in html and "<script" not in html and "@import" not in html
+    pngs = embedded_pngs(html)
+    assert sorted(pngs) == sorted(ALTS)
+    for alt, png in pngs.items():
+        assert png.startswith(PNG_SIG), alt
+        assert len(png) > 10_000, (alt, len(png))  # a real matplotlib figure, not an empty canvas
+    assert 'class="fail"' in html and 'class="pass"' in html and "p95_tpot_ms &lt;= 1" in html
+
+
+def test_html_plots_only_what_was_given():
+    assert embedded_pngs(render_html(example_report())) == {}
+    assert list(embedded_pngs(render_html(example_report(), sweep=SWEEP))) == ["throughput vs concurrency"]
+
+
+# --- write_reports -----------------------------------------------------------------------------------
+
+
+def test_write_reports_writes_three_files_and_json_round_trips(tmp_path):
+    report = report_with_kpis(tmp_path)
+    out = tmp_path / "run" / "out"
+    paths = write_reports(report, out, samples=SAMPLES["candidate"], sweep=SWEEP)
+    assert set(paths) == {"json", "md", "html"} and all(p.parent == out for p in paths.values())
+    assert sorted(p.name for p in out.iterdir()) == ["report.html", "report.json", "report.md"]
+    assert json.loads(paths["json"].read_text()) == report
+    assert paths["json"].read_text() == json.dumps(report, indent=2) + "\n"
+    assert not [p for p in out.parent.iterdir() if p.name != "out"]  # no temp directory left behind
+
+    (out / "model.safetensors").write_bytes(b"keep me")
+    changed = copy.deepcopy(report)
+    changed["throughput"]["output_tok_s"] = 3000.5
+    write_reports(changed, out)
+    assert (out / "model.safetensors").read_bytes() == b"keep me"
+    assert json.loads((out / "report.json").read_text()) == changed
+    assert "3,000.5" in (out / "report.md").read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "report.html", "report.json", "report.md"]
+
+
+# --- headless browser --------------------------------------------------------------------------------
+
+
+def chromium_or_skip() -> Path:
+    if not CHROMIUM.exists():
+        msg = f"{CHROMIUM} is not installed (apt-get install -y chromium)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return CHROMIUM
+
+
+def test_html_renders_in_headless_chromium(tmp_path):
+    chromium = chromium_or_skip()
+    paths = write_reports(report_with_kpis(tmp_path), tmp_path / "out", samples=SAMPLES, sweep=SWEEP,
+                          baseline_report=baseline_report())
+    shot = tmp_path / "shot.png"
+    base = [str(chromium), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--disable-dev-shm-usage"]
+    url = paths["html"].resolve().as_uri()
+    env = {**os.environ, "HOME": str(tmp_path)}  # keep chromium's config/crash dirs out of the real home
+    try:
+        dom = subprocess.run([*base, f"--user-data-dir={tmp_path / 'profile-dom'}", "--dump-dom", url],
+                             capture_output=True, text=True, timeout=60, env=env)
+        subprocess.run([*base, f"--user-data-dir={tmp_path / 'profile-shot'}", f"--screenshot={shot}",
+                        "--window-size=1200,2000", "--hide-scrollbars", url],
+                       capture_output=True, timeout=60, env=env)
+    finally:
+        shutil.rmtree(tmp_path / "profile-dom", ignore_errors=True)
+        shutil.rmtree(tmp_path / "profile-shot", ignore_errors=True)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    rendered = set(re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,', dom.stdout))
+    assert rendered == set(ALTS), dom.stdout[:500]
+    assert "p95_tpot_ms &lt;= 1" in dom.stdout
+    png = shot.read_bytes()
+    assert png.startswith(PNG_SIG) and len(png) > 50_000, len(png)
