@@ -195,7 +195,7 @@ def profile(
     requests: Annotated[int, typer.Option("--requests", min=1, help="Synthetic requests per phase.")] = 32,
     prompt_len: Annotated[str, typer.Option("--prompt-len", help="Prompt lengths, uniform in [A, B).")] = "16:64",
     output_len: Annotated[int, typer.Option("--output-len", min=1, help="New tokens per request (EOS ignored).")] = 32,
-    concurrency: Annotated[int | None, typer.Option("--concurrency", min=1, help="Requests in flight at most (online).")] = None,
+    concurrency: Annotated[str | None, typer.Option("--concurrency", help="Requests in flight at most (online); C1,C2,... sweeps.")] = None,
     rate: Annotated[float | None, typer.Option("--rate", min=0.001, help="Poisson arrival rate, requests/s (online).")] = None,
     duration: Annotated[float | None, typer.Option("--duration", min=0.1, help="With --rate: send rate x duration requests.")] = None,
     kpi: Annotated[Path | None, typer.Option("--kpi", help="KPI gates (YAML); a failure exits 3.")] = None,
@@ -208,7 +208,7 @@ def profile(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
 ) -> None:
     """Measure accuracy, throughput, latency under load and cost; gate on KPIs."""
-    from optcli.profile import Workload, parse_prompt_len
+    from optcli.profile import Workload, parse_concurrency, parse_prompt_len
     from optcli.profile import profile as run_profile
 
     report, gate_failure = None, None
@@ -217,7 +217,9 @@ def profile(
             if rate is None:
                 raise UsageError("--duration needs --rate (requests = rate x duration)")
             requests = max(1, round(rate * duration))
-        workload = Workload(requests, parse_prompt_len(prompt_len), output_len, concurrency, rate, seed)
+        level, sweep = parse_concurrency(concurrency)
+        workload = Workload(requests=requests, prompt_len=parse_prompt_len(prompt_len), output_len=output_len,
+                            concurrency=level, sweep=sweep, rate=rate, seed=seed)
 
         def note(message: str) -> None:
             if not as_json and err.is_terminal:

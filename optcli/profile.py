@@ -12,7 +12,7 @@ import random
 import resource
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from optcli.errors import KpiFailed, UsageError
@@ -24,6 +24,7 @@ class Workload:
     prompt_len: tuple[int, int] = (16, 64)  # uniform in [a, b)
     output_len: int = 32
     concurrency: int | None = None
+    sweep: tuple[int, ...] = ()  # extra concurrency levels measured before `concurrency` (plot only)
     rate: float | None = None  # requests/s, Poisson arrivals
     seed: int = 0
 
@@ -34,6 +35,19 @@ class Workload:
         return [
             ([rng.randrange(*vocab) for _ in range(rng.randrange(a, b))], self.output_len) for _ in range(self.requests)
         ]
+
+
+def parse_concurrency(text: str | None) -> tuple[int | None, tuple[int, ...]]:
+    """`C` or a sweep `C1,C2,...`: the last level is the one the report's latencies come from."""
+    if text is None:
+        return None, ()
+    try:
+        levels = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--concurrency must be an integer or a comma-separated list (got '{text}')") from None
+    if any(c < 1 for c in levels):
+        raise UsageError(f"--concurrency levels must be >= 1 (got '{text}')")
+    return levels[-1], tuple(levels[:-1])
 
 
 def parse_prompt_len(text: str) -> tuple[int, int]:
@@ -117,6 +131,7 @@ def profile(
             "prompt_len": list(workload.prompt_len),
             "output_len": workload.output_len,
             "concurrency": workload.concurrency,
+            "concurrency_sweep": [*workload.sweep, workload.concurrency] if workload.sweep else None,
             "rate": workload.rate,
             "seed": workload.seed,
             "endpoint": endpoint,
@@ -144,12 +159,20 @@ def profile(
 
     slo = slo_from_kpi(kpi) if kpi is not None else None
     samples = None
+    sweep_points: list[tuple[int, float]] = []
     with GpuUtilizationSampler() as gpu:
         if endpoint:
+            for level in workload.sweep:
+                step(f"online load against {endpoint} at concurrency {level}")
+                swept = _online(None, endpoint, model, replace(workload, concurrency=level), slo, vocab=(3, 500))
+                sweep_points.append((level, swept["throughput"]["output_tok_s"]))
             step(f"online load against {endpoint}")
             online = _online(None, endpoint, model, workload, slo, vocab=(3, 500))
+            samples = {"candidate": online.pop("samples")}
         else:
-            online, samples = _local(source, report, workload, slo, device, max_num_seqs, step)
+            online, samples, sweep_points = _local(source, report, workload, slo, device, max_num_seqs, step)
+    if workload.sweep:
+        sweep_points.append((workload.concurrency, online["throughput"]["output_tok_s"]))
     report["gpu_utilization"] = gpu.mean()
     report["latency_ms"] = online["latency_ms"]
     report["throughput"].update(
@@ -162,56 +185,85 @@ def profile(
     tok_s = report["throughput"]["output_tok_s"]
     if gpu_hour_cost is not None and tok_s:
         report["cost"]["usd_per_1k_tokens"] = gpu_hour_cost / 3600 / tok_s * 1000
+    baseline_report = None
+    if baseline_source is not None:  # the same offline workload on the baseline, for side-by-side bars
+        _, throughput, _, memory = _offline(baseline_source, workload, device, max_num_seqs, step)
+        if not device.startswith("cuda"):
+            memory["peak_bytes"] = None  # the process peak would include the candidate's
+        baseline_report = {"accuracy": {"ppl": report["accuracy"]["baseline_ppl"]}, "memory": memory,
+                           "throughput": throughput}
+        report["throughput"]["baseline_output_tok_s"] = throughput["output_tok_s"]
     if kpi is not None:
         report["kpi"] = evaluate_kpis(report, kpi)
     if out is not None:
         from optcli.report import write_reports
 
-        write_reports(report, Path(out), samples=samples)
+        write_reports(report, Path(out), samples=samples, sweep=sweep_points or None, baseline_report=baseline_report)
     if not report["kpi"]["passed"]:
         failed = [c["name"] for c in report["kpi"]["checks"] if not c["passed"]]
         raise KpiFailed(f"KPI gate failed: {', '.join(failed)}", report)
     return report
 
 
-def _local(source, report: dict, workload: Workload, slo, device: str, max_num_seqs: int, step):
-    """Offline throughput, then online latency, through one in-process engine."""
+def _offline(source, workload: Workload, device: str, max_num_seqs: int, step):
+    """Offline throughput of one model through the engine: (engine, throughput, batch efficiency, memory)."""
     import torch
 
     from optcli.engine import Engine, SamplingParams
     from optcli.quantize.artifact import directory_weight_bytes
 
-    step("loading the engine")
+    step(f"loading {source.spec} into the engine")
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     engine = Engine(str(source.path), device=device, max_num_seqs=max_num_seqs)
-    vocab = (3, min(len(engine.tokenizer), engine.model.cfg.vocab_size))
     longest = workload.prompt_len[1] + workload.output_len
     if longest > engine.max_model_len:
         raise UsageError(f"prompts up to {workload.prompt_len[1]} tokens plus {workload.output_len} new exceed "
                          f"the model's {engine.max_model_len}-token context")
     engine.generate([[5] * 4], SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
-    requests = workload.sample(vocab)
-    step(f"offline throughput: {len(requests)} requests")
+    requests = workload.sample(_vocab(engine))
+    step(f"offline throughput of {source.spec}: {len(requests)} requests")
     steps_before, scheduled_before = engine.num_steps, engine.num_scheduled_seqs
     start = time.perf_counter()
     outs = engine.generate([p for p, _ in requests], [SamplingParams(max_tokens=n, ignore_eos=True) for _, n in requests])
     wall = time.perf_counter() - start
     out_tokens = sum(len(o.token_ids) for o in outs)
     in_tokens = sum(len(p) for p, _ in requests)
-    report["throughput"].update(
-        output_tok_s=out_tokens / wall, total_tok_s=(out_tokens + in_tokens) / wall, requests_s=len(outs) / wall
-    )
+    throughput = {
+        "output_tok_s": out_tokens / wall,
+        "total_tok_s": (out_tokens + in_tokens) / wall,
+        "requests_s": len(outs) / wall,
+    }
     steps = engine.num_steps - steps_before
     scheduled = engine.num_scheduled_seqs - scheduled_before
-    report["batch_efficiency"] = scheduled / steps / engine.max_num_seqs if steps else None
-    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else _peak_rss()
-    report["memory"] = {
+    efficiency = scheduled / steps / engine.max_num_seqs if steps else None
+    memory = {
         "weights_bytes": directory_weight_bytes(source.path),
-        "peak_bytes": peak,
+        # GPU: this model's peak; CPU: the process's peak RSS so far (not separable per model)
+        "peak_bytes": torch.cuda.max_memory_allocated() if device.startswith("cuda") else _peak_rss(),
         "kv_cache_bytes": engine.kv_cache_bytes,
     }
+    return engine, throughput, efficiency, memory
+
+
+def _vocab(engine) -> tuple[int, int]:
+    return 3, min(len(engine.tokenizer), engine.model.cfg.vocab_size)
+
+
+def _local(source, report: dict, workload: Workload, slo, device: str, max_num_seqs: int, step):
+    """Offline throughput, then online latency, through one in-process engine."""
+    engine, throughput, efficiency, memory = _offline(source, workload, device, max_num_seqs, step)
+    report["throughput"].update(throughput)
+    report["batch_efficiency"] = efficiency
+    report["memory"] = memory
+    points = []
+    for level in workload.sweep:
+        step(f"online latency at concurrency {level}")
+        swept = _online(engine, None, None, replace(workload, concurrency=level), slo, _vocab(engine))
+        points.append((level, swept["throughput"]["output_tok_s"]))
     step("online latency under load")
-    online = _online(engine, None, None, workload, slo, vocab)
-    return online, {"candidate": online.pop("samples")}
+    online = _online(engine, None, None, workload, slo, _vocab(engine))
+    return online, {"candidate": online.pop("samples")}, points
 
 
 def _online(engine, endpoint: str | None, model: str | None, workload: Workload, slo, vocab) -> dict:
@@ -240,12 +292,13 @@ def _online(engine, endpoint: str | None, model: str | None, workload: Workload,
 
 def _latency_samples(timings) -> dict[str, list[float]]:
     """Per-request latencies in ms, for the CDF plots."""
-    samples: dict[str, list[float]] = {"ttft": [], "tpot": [], "e2e": []}
+    samples: dict[str, list[float]] = {"ttft": [], "tpot": [], "itl": [], "e2e": []}
     for t in timings:
         if t.error is not None or t.end is None or t.first_token is None:
             continue
         samples["ttft"].append((t.first_token - t.start) * 1000)
         samples["e2e"].append((t.end - t.start) * 1000)
+        samples["itl"].extend(gap * 1000 for gap in t.itls())
         if t.output_tokens > 1:
             samples["tpot"].append((t.end - t.first_token) / (t.output_tokens - 1) * 1000)
     return samples

@@ -54,7 +54,8 @@ def test_identical_models_have_zero_kld_and_full_agreement(stories_dir: Path, ev
     assert report["throughput"]["output_tok_s"] > 0 and report["cost"]["usd_per_1k_tokens"] > 0
     assert json.loads((out / "report.json").read_text()) == report
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") >= 1 and "http://" not in html
+    assert html.count("data:image/png;base64,") == 2 and "http://" not in html  # latency CDF + baseline bars
+    assert 'alt="baseline vs candidate"' in html and report["throughput"]["baseline_output_tok_s"] > 0
     assert "ttft" in (out / "report.md").read_text().lower()
 
 
@@ -70,10 +71,14 @@ def test_quantized_artifact_is_compared_with_its_source(stories_dir: Path, eval_
                                  tmp_path / "calib")
     artifact = tmp_path / recipe
     quantize(str(stories_dir), recipe, artifact, calibration=calib, device="cpu")
-    result = optcli("profile", str(artifact), "--eval-text", str(eval_text), *SMALL, "--json")
+    out = tmp_path / "report"
+    result = optcli("profile", str(artifact), "--eval-text", str(eval_text), *SMALL, "--concurrency", "1,2",
+                    "--out", str(out), "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     check_report(report)
+    assert report["workload"]["concurrency_sweep"] == [1, 2]
+    assert 'alt="throughput vs concurrency"' in (out / "report.html").read_text()
     assert report["recipe"] == recipe and report["baseline"] == str(stories_dir)
     assert 0 < report["accuracy"]["kld_mean"] < 1 and report["accuracy"]["top1_agreement"] < 1
     assert report["memory"]["weights_bytes"] < 0.7 * sum(p.stat().st_size for p in stories_dir.glob("*.safetensors"))
