@@ -265,6 +265,44 @@ def _show_profile(report: dict, as_json: bool, out_dir: Path | None) -> None:
         out.print(f"reports: {out_dir}/report.json, report.md, report.html")
 
 
+@app.command()
+def serve(
+    model: Annotated[str, typer.Argument(help="Model or artifact to serve.")],
+    host: Annotated[str, typer.Option("--host", help="Interface to bind (loopback unless you say otherwise).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
+    api_key: Annotated[str | None, typer.Option("--api-key", help="Require `Authorization: Bearer KEY` (all but /health).")] = None,
+    engine: Annotated[str, typer.Option("--engine", help="builtin or vllm.")] = "builtin",
+    max_num_seqs: Annotated[int, typer.Option("--max-num-seqs", min=1)] = 64,
+    max_model_len: Annotated[int | None, typer.Option("--max-model-len", min=2)] = None,
+    max_waiting: Annotated[int, typer.Option("--max-waiting", min=0, help="Queued requests beyond which new ones get 429.")] = 256,
+    served_model_name: Annotated[str | None, typer.Option("--served-model-name", help="Name clients use (default: MODEL).")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    enforce_eager: Annotated[bool, typer.Option("--enforce-eager", help="No CUDA graphs.")] = False,
+    gpu_memory_utilization: Annotated[float, typer.Option("--gpu-memory-utilization", min=0.05, max=1.0)] = 0.9,
+    tensor_parallel_size: Annotated[int, typer.Option("--tensor-parallel-size", min=1, help="vLLM only.")] = 1,
+    pipeline_parallel_size: Annotated[int, typer.Option("--pipeline-parallel-size", min=1, help="vLLM only.")] = 1,
+) -> None:
+    """Serve MODEL behind an OpenAI-compatible HTTP API."""
+    from optcli.models import resolve_model
+
+    name = served_model_name or model
+    with _run(False):
+        if engine not in ("builtin", "vllm"):
+            raise UsageError(f"--engine must be builtin or vllm (got '{engine}')")
+        path = str(resolve_model(model).path)
+        if engine == "vllm":
+            from optcli.serve.vllm import exec_vllm, vllm_command
+
+            exec_vllm(vllm_command(path, host, port, name, api_key, max_num_seqs, max_model_len,
+                                   gpu_memory_utilization, tensor_parallel_size, pipeline_parallel_size, enforce_eager))
+        if tensor_parallel_size > 1 or pipeline_parallel_size > 1:
+            raise UsageError("the builtin engine runs on one device; use --engine vllm for parallel serving")
+        from optcli.serve.server import run_server
+
+        run_server(path, name, host, port, api_key, device, max_num_seqs, max_model_len, max_waiting,
+                   enforce_eager, gpu_memory_utilization)
+
+
 @recipes_app.command("list")
 def recipes_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List the built-in recipes."""

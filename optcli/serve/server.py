@@ -1,0 +1,44 @@
+"""Start the built-in engine behind the HTTP app, and stop it cleanly on SIGTERM/SIGINT.
+
+uvicorn owns the signals: it stops accepting connections and waits for in-flight requests (up to
+the graceful timeout); after it returns, the engine thread aborts anything left and joins.
+"""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("optcli.serve")
+
+
+def run_server(
+    model_path: str,
+    served_model_name: str,
+    host: str,
+    port: int,
+    api_key: str | None,
+    device: str,
+    max_num_seqs: int,
+    max_model_len: int | None,
+    max_waiting: int,
+    enforce_eager: bool,
+    gpu_memory_utilization: float,
+    graceful_timeout_s: int = 30,
+) -> None:
+    import uvicorn
+
+    from optcli.engine import Engine
+    from optcli.engine.async_engine import AsyncEngine
+    from optcli.quantize import pick_device
+    from optcli.serve.app import create_app
+
+    device = pick_device(device)
+    kwargs = {"max_model_len": max_model_len} if max_model_len else {}
+    engine = Engine(model_path, device=device, max_num_seqs=max_num_seqs, enforce_eager=enforce_eager,
+                    gpu_memory_utilization=gpu_memory_utilization, **kwargs)
+    async_engine = AsyncEngine(engine)
+    app = create_app(async_engine, served_model_name, api_key=api_key, max_waiting=max_waiting)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=graceful_timeout_s)
+    finally:
+        async_engine.shutdown()

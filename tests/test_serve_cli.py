@@ -1,0 +1,53 @@
+"""`optcli serve` plumbing that needs no server: --engine vllm argument mapping and its errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+OPTCLI = str(Path(sys.executable).parent / "optcli")
+
+
+def test_engine_vllm_maps_options_onto_vllm_serve(tmp_path: Path) -> None:
+    record = tmp_path / "argv.json"
+    fake = tmp_path / "bin" / "vllm"
+    fake.parent.mkdir()
+    fake.write_text(
+        "#!/usr/bin/env python3\nimport json, os, sys\n"
+        f"json.dump({{'argv': sys.argv[1:], 'key': os.environ.get('VLLM_API_KEY')}}, open({str(record)!r}, 'w'))\n"
+    )
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"}
+    result = subprocess.run(
+        [OPTCLI, "serve", "builtin:tiny-llama", "--engine", "vllm", "--port", "9123", "--max-num-seqs", "32",
+         "--max-model-len", "1024", "--gpu-memory-utilization", "0.8", "--tensor-parallel-size", "2",
+         "--pipeline-parallel-size", "2", "--api-key", "s3cret", "--served-model-name", "tiny"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(record.read_text())
+    argv = seen["argv"]
+    assert argv[0] == "serve" and Path(argv[1]).is_dir() and (Path(argv[1]) / "config.json").is_file()
+    pairs = dict(zip(argv[2::2], argv[3::2], strict=False))
+    assert pairs == {"--host": "127.0.0.1", "--port": "9123", "--tensor-parallel-size": "2",
+                     "--pipeline-parallel-size": "2", "--served-model-name": "tiny", "--max-num-seqs": "32",
+                     "--max-model-len": "1024", "--gpu-memory-utilization": "0.8"}
+    assert seen["key"] == "s3cret" and "s3cret" not in argv  # the key travels in the environment
+
+
+def test_engine_vllm_missing_exits_2(tmp_path: Path) -> None:
+    env = {**os.environ, "PATH": str(tmp_path)}  # no vllm anywhere
+    result = subprocess.run([OPTCLI, "serve", "builtin:tiny-llama", "--engine", "vllm"], capture_output=True,
+                            text=True, env=env, timeout=120)
+    assert result.returncode == 2
+    assert "vLLM is not installed" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bad_engine_and_parallel_builtin_exit_2() -> None:
+    for args in (["--engine", "tgi"], ["--tensor-parallel-size", "2"]):
+        result = subprocess.run([OPTCLI, "serve", "builtin:tiny-llama", *args], capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 2, (args, result.stderr)
