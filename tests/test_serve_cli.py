@@ -51,3 +51,57 @@ def test_bad_engine_and_parallel_builtin_exit_2() -> None:
         result = subprocess.run([OPTCLI, "serve", "builtin:tiny-llama", *args], capture_output=True, text=True,
                                 timeout=120)
         assert result.returncode == 2, (args, result.stderr)
+
+
+def test_serve_starts_answers_and_exits_0_on_sigterm_under_load() -> None:
+    import signal
+    import socket
+    import threading
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([OPTCLI, "serve", "builtin:tiny-llama", "--port", str(port), "--max-num-seqs", "4"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        else:
+            raise AssertionError("server did not come up")
+        body = {"model": "builtin:tiny-llama", "prompt": "Once upon a time", "max_tokens": 64, "ignore_eos": True,
+                "stream": True, "temperature": 0}
+        statuses: list[int] = []
+
+        def client() -> None:
+            try:
+                with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as response:
+                    statuses.append(response.status_code)
+                    for _ in response.iter_lines():
+                        pass
+            except httpx.HTTPError:
+                statuses.append(-1)  # cut off by the shutdown: allowed
+
+        threads = [threading.Thread(target=client) for _ in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=90)
+        for t in threads:
+            t.join(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stderr = proc.stderr.read()
+    assert code == 0, stderr
+    assert "Traceback" not in stderr
+    assert all(s in (200, 429, -1) for s in statuses) and 200 in statuses

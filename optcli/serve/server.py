@@ -6,9 +6,29 @@ the graceful timeout); after it returns, the engine thread aborts anything left 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 
 log = logging.getLogger("optcli.serve")
+
+
+def _graceful_server(config):
+    """uvicorn's server, but after a graceful SIGTERM/SIGINT shutdown the process exits 0; stock
+    uvicorn re-raises the signal after shutting down, which kills the process with it."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return Server(config)
 
 
 def run_server(
@@ -39,6 +59,8 @@ def run_server(
     async_engine = AsyncEngine(engine)
     app = create_app(async_engine, served_model_name, api_key=api_key, max_waiting=max_waiting)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=graceful_timeout_s)
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                timeout_graceful_shutdown=graceful_timeout_s)
+        _graceful_server(config).run()
     finally:
         async_engine.shutdown()

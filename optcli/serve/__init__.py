@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP server around `AsyncEngine` (`create_app`)."""
