@@ -127,6 +127,25 @@ class _Detokenizer:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
+def _json_body(model) -> dict:
+    """OpenAPI request body for a route that parses its JSON itself (so it can answer 400/413 its own
+    way), with pydantic's $defs inlined so the schema stands alone (clients, schemathesis)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return inline(defs[ref.rsplit("/", 1)[-1]])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
+
+
 def create_app(
     async_engine: AsyncEngine,
     served_model_name: str,
@@ -145,7 +164,7 @@ def create_app(
         logger.warning("tokenizer of %s has no chat template; chat uses the fallback '<role>: content' "
                        "template ending in 'assistant:'", served_model_name)
     state = {"in_flight": 0}
-    app = FastAPI(title="optcli", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="optcli", docs_url=None, redoc_url=None, openapi_url="/openapi.json")  # schema, no UI
 
     # --- error handling -------------------------------------------------------------------------
     @app.exception_handler(APIError)
@@ -399,7 +418,7 @@ def create_app(
         card = ModelCard(id=served_model_name, max_model_len=max_model_len)
         return JSONResponse(ModelList(data=[card]).model_dump())
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_json_body(CompletionRequest))
     async def completions(request: Request):
         check_auth(request)
         req: CompletionRequest = await parse_body(request, CompletionRequest)
@@ -489,7 +508,7 @@ def create_app(
 
         return streaming(gen(), admission)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_json_body(ChatCompletionRequest))
     async def chat_completions(request: Request):
         check_auth(request)
         req: ChatCompletionRequest = await parse_body(request, ChatCompletionRequest)
