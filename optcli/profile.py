@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import resource
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -305,4 +303,6 @@ def _latency_samples(timings) -> dict[str, list[float]]:
 
 
 def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    from optcli.quantize import peak_memory_bytes
+
+    return peak_memory_bytes("cpu")["host_peak_rss_bytes"]

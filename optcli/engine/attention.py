@@ -86,6 +86,15 @@ def build_gather_metadata(layout: StepLayout, device) -> AttentionMetadata:
     return AttentionMetadata(torch.tensor(layout.slots, dtype=torch.long, device=device), groups, layout.block_size)
 
 
+def block_table_tensor(tables: list[list[int]], width: int, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """Per-sequence block tables cut or zero-padded to `width` columns (padding is masked or unread)."""
+    out = torch.zeros(len(tables), width, dtype=dtype)
+    for i, table in enumerate(tables):
+        used = table[:width]
+        out[i, : len(used)] = torch.as_tensor(used, dtype=dtype)
+    return out
+
+
 def build_group(rows, query_pos, ctx_lens, block_tables, block_size, device) -> AttentionGroup:
     """Pad per-sequence rows/positions/block tables into one group's tensors."""
     batch = len(rows)
@@ -99,10 +108,7 @@ def build_group(rows, query_pos, ctx_lens, block_tables, block_size, device) -> 
         valid[i, : len(r)] = True
     ctx_len = torch.as_tensor(ctx_lens, dtype=torch.long)
     n_blocks = (int(ctx_len.max()) + block_size - 1) // block_size
-    table = torch.zeros(batch, n_blocks, dtype=torch.long)
-    for i, bt in enumerate(block_tables):
-        used = bt[:n_blocks]
-        table[i, : len(used)] = torch.as_tensor(used, dtype=torch.long)
+    table = block_table_tensor(block_tables, n_blocks)
     return AttentionGroup(row_t.to(device), valid.to(device), pos_t.to(device), table.to(device), ctx_len.to(device))
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from optcli.engine.attention import StepLayout
+from optcli.engine.attention import StepLayout, block_table_tensor
 
 
 @dataclass
@@ -39,14 +39,6 @@ class TritonMetadata:
         )
 
 
-def block_table_tensor(tables: list[list[int]], width: int | None = None) -> torch.Tensor:
-    width = width or max(len(t) for t in tables)
-    out = torch.zeros(len(tables), width, dtype=torch.int32)
-    for i, t in enumerate(tables):
-        out[i, : len(t)] = torch.as_tensor(t[:width], dtype=torch.int32)
-    return out
-
-
 def build_triton_metadata(layout: StepLayout, device) -> TritonMetadata:
     bs = layout.block_size
     width = max(-(-c // bs) for c in layout.ctx_lens)
@@ -58,7 +50,7 @@ def build_triton_metadata(layout: StepLayout, device) -> TritonMetadata:
         query_start_loc = torch.tensor(starts, dtype=torch.int32, device=device)
     return TritonMetadata(
         slot_mapping=torch.tensor(layout.slots, dtype=torch.long, device=device),
-        block_tables=block_table_tensor(layout.block_tables, width).to(device),
+        block_tables=block_table_tensor(layout.block_tables, width, torch.int32).to(device),
         context_lens=torch.tensor(layout.ctx_lens, dtype=torch.int32, device=device),
         query_start_loc=query_start_loc,
         block_size=bs,

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from optcli.engine.attention import StepLayout
+from optcli.engine.attention import StepLayout, block_table_tensor
 from optcli.engine.attention_triton import TritonMetadata
 
 Capture = Callable[[Callable[[], torch.Tensor]], Callable[[], torch.Tensor]]
@@ -96,8 +96,5 @@ class DecodeGraphs:
         self.slot_mapping[n:size] = -1
         self.context_lens[:n] = torch.tensor(layout.ctx_lens, dtype=torch.int32)
         self.context_lens[n:size] = 0
-        tables = torch.zeros(n, width, dtype=torch.int32)
-        for i, table in enumerate(layout.block_tables):
-            tables[i, : len(table)] = torch.as_tensor(table[:width], dtype=torch.int32)
-        self.block_tables[:n] = tables
+        self.block_tables[:n] = block_table_tensor(layout.block_tables, width, torch.int32)
         return self.replays[size]()[:n]
