@@ -84,7 +84,7 @@ def _check_safetensors_header(path: Path) -> None:
 
 def _download_from_hub(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import RepositoryNotFoundError
 
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
     try:
@@ -95,7 +95,7 @@ def _download_from_hub(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except RepositoryNotFoundError:
         raise UsageError(f"model '{repo_id}' not found on the Hugging Face hub") from None
-    except (LocalEntryNotFoundError, OSError, Exception) as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - offline, DNS, timeouts, gated repos: all "unreachable" to the user
         raise UsageError(
             f"cannot reach the Hugging Face hub to fetch '{repo_id}' ({type(exc).__name__}); "
             "download it elsewhere and pass its local directory as MODEL"
