@@ -142,17 +142,22 @@ def plot(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    x = list(range(len(rows)))
+    x = [sum(r["hours"] for r in rows[:i]) for i in range(len(rows) + 1)]  # hours since the first row
     fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.step(x, [r["replicas"] for r in rows], where="post", color="tab:blue", label="replicas")
+    (steps,) = ax.step(x, [r["replicas"] for r in rows] + [rows[-1]["replicas"]], where="post", color="tab:blue",
+                       label="replicas")
     ax.set_ylabel("replicas")
-    ax.set_xticks(x, [r["time"] for r in rows], rotation=45, fontsize=7)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(0, max(r["replicas"] for r in rows) + 1)
+    ax.set_xticks(x[:-1], [r["time"] for r in rows], rotation=45, fontsize=7)
     load = ax.twinx()
-    load.plot(x, [r["requests_s"] for r in rows], color="tab:orange", marker=".", label="requests/s")
+    (line,) = load.plot(x[:-1], [r["requests_s"] for r in rows], color="tab:orange", marker=".", label="requests/s")
     load.set_ylabel("requests/s")
+    load.set_ylim(bottom=0)
+    ax.legend(handles=[steps, line], loc="upper left", fontsize=8)
     ax.set_title("autoscaling replay")
-    fig.legend(loc="upper left")
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")

@@ -15,7 +15,9 @@ def _usd(value: float | None, digits: int = 2) -> str:
 
 
 def _gib(n: int | None) -> str:
-    return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
+    if n is None:
+        return "n/a"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def render_roi(result: dict, console: Console, plot: Path | None = None) -> None:

@@ -255,3 +255,29 @@ def test_json_stdout_is_one_object_from_the_installed_entry_point(tmp_path: Path
     assert set(json.loads(result.stdout)) >= ROI_KEYS and result.stdout.count("\n") == 1
     bad = subprocess.run(cmd[:-1] + ["--gpu", "nope"], capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and bad.stdout == "" and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_profile_sweep_feeds_the_capacity_plan(tmp_path: Path) -> None:
+    """A real (tiny) profile run records latency vs concurrency under `throughput.sweep`, top-level keys unchanged."""
+    from optcli.profile import Workload, profile
+
+    workload = Workload(requests=4, prompt_len=(8, 16), output_len=4, concurrency=2, sweep=(1,))
+    report = profile("builtin:tiny-llama", workload=workload, device="cpu", max_num_seqs=4)
+    assert "sweep" not in report and report["workload"]["concurrency_sweep"] == [1, 2]
+    sweep = report["throughput"]["sweep"]
+    assert [p["concurrency"] for p in sweep] == [1, 2]
+    assert all(p["requests_s"] > 0 and p["e2e_p95_ms"] > 0 for p in sweep)
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report))
+    out = run_json("roi", "--report", str(path), "--gpu-hour-cost", "1", "--target-rps", "1000")
+    best = max(sweep, key=lambda p: p["requests_s"])
+    assert out["capacity"]["per_replica_rps"] == best["requests_s"]
+    assert out["replicas"] == -(-1000 // best["requests_s"])
+
+
+def test_worked_example_script_parses() -> None:
+    script = ROOT / "examples" / "quantize_profile_roi.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    assert all(f"optcli {cmd}" in text for cmd in ("quantize", "profile", "roi"))
+    assert "examples/quantize_profile_roi.sh" in (ROOT / "README.md").read_text()
