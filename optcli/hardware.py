@@ -145,7 +145,8 @@ def load_catalog(path: str | Path | None = None) -> dict[str, GpuSpec]:
     for name, fields in merged.items():
         unknown = set(fields) - allowed
         if unknown:
-            raise UsageError(f"GPU catalog: {name}: unknown field '{sorted(unknown)[0]}' (allowed: {', '.join(sorted(allowed))})")
+            raise UsageError(f"GPU catalog: {name}: unknown field '{sorted(unknown)[0]}' "
+                             f"(allowed: {', '.join(sorted(allowed))})")
         missing = allowed - set(fields) - {"match", "source"}
         if missing:
             raise UsageError(f"GPU catalog: {name}: missing field '{sorted(missing)[0]}'")
@@ -196,7 +197,8 @@ def detect_gpu(catalog: dict[str, GpuSpec] | None = None) -> dict | None:
             "catalog": spec.name if spec else None}
 
 
-def recommend_recipes(compute_capability: str | None, has_fp8: bool = True, batch_size: int | None = None) -> list[dict]:
+def recommend_recipes(compute_capability: str | None, has_fp8: bool = True,
+                      batch_size: int | None = None) -> list[dict]:
     """Recipes for this hardware, best first, each with the reason (rules from the seed article):
     small batches are memory-bound → 4-bit weights; Hopper (sm_90+) and Ada (sm_89) run FP8 natively;
     Ampere (sm_80-86) has INT8 tensor cores but no FP8 → W8A8-INT8 for throughput."""

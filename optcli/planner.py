@@ -198,7 +198,8 @@ def roofline(s: ModelShape, scheme: Scheme, gpu: GpuSpec, batch_size: int, promp
     params = matmul_params(s)
     prefill_s = batch_size * prompt_len * 2 * params / peak
     context = prompt_len + output_len / 2  # mean context over the decode
-    step_bytes = weight_bytes(s, scheme)["read_per_token"] + batch_size * kv_bytes_per_token(s, kv_dtype_bytes) * context
+    kv_read = batch_size * kv_bytes_per_token(s, kv_dtype_bytes) * context
+    step_bytes = weight_bytes(s, scheme)["read_per_token"] + kv_read
     step_flops = batch_size * (2 * params + 4 * s.layers * s.heads * s.head_dim * context)
     memory_s, compute_s = step_bytes / bandwidth, step_flops / peak
     total_s = prefill_s + output_len * max(memory_s, compute_s)

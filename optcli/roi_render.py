@@ -37,14 +37,16 @@ def render_roi(result: dict, console: Console, plot: Path | None = None) -> None
 
     table.add_row(f"total tok/s{tag}", f"{value('total_tok_s'):,.1f}", source("total_tok_s"))
     table.add_row("GPU price / hour", _usd(value("gpu_hour_cost_usd")), source("gpu_hour_cost_usd"))
-    table.add_row("requests/day × tokens/request", f"{value('requests_per_day'):,.0f} × {value('tokens_per_request'):,.0f}",
+    volume = f"{value('requests_per_day'):,.0f} × {value('tokens_per_request'):,.0f}"
+    table.add_row("requests/day × tokens/request", volume,
                   f"{source('requests_per_day')}, {source('tokens_per_request')}")
     table.add_row(f"USD per 1K tokens{tag}", _usd(result["usd_per_1k_tokens"], 4), "")
     table.add_row(f"USD per 1K output tokens{tag}", _usd(result["usd_per_1k_output_tokens"], 4), "")
     table.add_row(f"daily cost{tag}", _usd(result["daily_cost_usd"]), "")
     table.add_row(f"annual cost{tag}", _usd(result["annual_cost_usd"]), "")
     if result["baseline_annual_cost_usd"] is not None:
-        table.add_row("baseline annual cost", _usd(result["baseline_annual_cost_usd"]), source("baseline_usd_per_1k_tokens"))
+        table.add_row("baseline annual cost", _usd(result["baseline_annual_cost_usd"]),
+                      source("baseline_usd_per_1k_tokens"))
         table.add_row(f"annual savings{tag}", _usd(result["annual_savings_usd"]), "")
         months = result["payback_months"]
         table.add_row("payback", "n/a" if months is None else f"{months:.1f} months",

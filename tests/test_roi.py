@@ -174,7 +174,8 @@ def test_autoscaling_replay_by_hand(tmp_path: Path) -> None:
     trace.write_text("time,requests_per_s\n00:00,10\n01:00,45\n02:00,45\n03:00,5\n")
     plot = tmp_path / "replay.png"
     result = run("roi", "--report", str(write_report(tmp_path / "r.json")), "--gpu-hour-cost", "2",
-                 "--p95-slo-ms", "250", "--load-trace", str(trace), "--max-replicas", "3", "--plot", str(plot), "--json")
+                 "--p95-slo-ms", "250", "--load-trace", str(trace), "--max-replicas", "3", "--plot", str(plot),
+                 "--json")
     assert result.exit_code == 0, result.stderr
     auto = json.loads(result.stdout)["capacity"]["autoscaling"]
     assert [r["replicas"] for r in auto["rows"]] == [1, 1, 2, 2]
