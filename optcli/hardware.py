@@ -1,6 +1,8 @@
-"""What machine a measurement ran on, and GPU utilization sampled through NVML where there is one.
+"""What machine a measurement ran on, GPU utilization sampled through NVML where there is one, and
+the GPU catalog (datasheet figures and illustrative prices) that `optcli roi` plans with.
 
-Nothing here is estimated: a figure that cannot be read on this machine is None.
+Measured figures are never estimated: what cannot be read on this machine is None. The catalog is
+data (gpu_catalog.yaml), overridable by file, and labelled as such wherever it is used.
 """
 
 from __future__ import annotations
@@ -9,6 +11,12 @@ import os
 import platform
 import threading
 import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from optcli.errors import UsageError
 
 
 def describe(device: str) -> dict:
@@ -75,3 +83,139 @@ class GpuUtilizationSampler:
 
     def mean(self) -> float | None:
         return sum(self.samples) / len(self.samples) / 100 if self.samples else None
+
+
+# --- GPU catalog, detection and recipe recommendations ------------------------------------------
+
+CATALOG_FILE = Path(__file__).with_name("gpu_catalog.yaml")
+CATALOG_ENV = "OPTCLI_GPU_CATALOG"
+SMALL_BATCH = 8  # at or below this many sequences per decode step, decode is memory-bound
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """One catalog entry: datasheet figures (dense) and an illustrative hourly price."""
+
+    name: str
+    memory_gb: float
+    bandwidth_gbs: float
+    bf16_tflops: float
+    fp8_tflops: float | None
+    int8_tops: float | None
+    compute_capability: str
+    hourly_usd: float
+    match: tuple[str, ...] = ()
+    source: str = ""
+
+    @property
+    def memory_bytes(self) -> int:
+        return int(self.memory_gb * 2**30)
+
+    @property
+    def capability(self) -> tuple[int, int]:
+        major, _, minor = self.compute_capability.partition(".")
+        return int(major), int(minor or 0)
+
+
+_NUMBERS = ("memory_gb", "bandwidth_gbs", "bf16_tflops", "fp8_tflops", "int8_tops", "hourly_usd")
+
+
+def _read_catalog_file(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UsageError(f"GPU catalog {path}: cannot read ({exc.strerror})") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UsageError(f"GPU catalog {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise UsageError(f"GPU catalog {path}: must map GPU names to mappings of fields")
+    return data
+
+
+def load_catalog(path: str | Path | None = None) -> dict[str, GpuSpec]:
+    """The packaged catalog, then $OPTCLI_GPU_CATALOG, then `path`: later entries merge field by field."""
+    merged: dict[str, dict] = {}
+    files = [CATALOG_FILE] + [Path(p) for p in (os.environ.get(CATALOG_ENV), path) if p]
+    for file in files:
+        for name, fields in _read_catalog_file(file).items():
+            key = next((k for k in merged if k.lower() == str(name).lower()), str(name))
+            merged[key] = {**merged.get(key, {}), **fields}
+    allowed = set(GpuSpec.__dataclass_fields__) - {"name"}
+    catalog = {}
+    for name, fields in merged.items():
+        unknown = set(fields) - allowed
+        if unknown:
+            raise UsageError(f"GPU catalog: {name}: unknown field '{sorted(unknown)[0]}' "
+                             f"(allowed: {', '.join(sorted(allowed))})")
+        missing = allowed - set(fields) - {"match", "source"}
+        if missing:
+            raise UsageError(f"GPU catalog: {name}: missing field '{sorted(missing)[0]}'")
+        for key in _NUMBERS:
+            value = fields[key]
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+            if not ok and not (value is None and key in ("fp8_tflops", "int8_tops")):
+                raise UsageError(f"GPU catalog: {name}: field '{key}' must be a positive number (got {value!r})")
+        catalog[name] = GpuSpec(name=name, **{**fields, "compute_capability": str(fields["compute_capability"]),
+                                              "match": tuple(str(m) for m in fields.get("match") or ())})
+    return catalog
+
+
+def lookup_gpu(name: str, catalog: dict[str, GpuSpec]) -> GpuSpec:
+    """A catalog entry by name (case-insensitive); unknown names list the known ones."""
+    for key, spec in catalog.items():
+        if key.lower() == name.lower():
+            return spec
+    raise UsageError(f"unknown GPU '{name}' (known: {', '.join(catalog)}; add one with --gpu-catalog FILE)")
+
+
+def _squash(text: str) -> str:
+    return "".join(ch for ch in text.lower() if ch.isalnum())
+
+
+def match_catalog(device_name: str, memory_bytes: int | None, catalog: dict[str, GpuSpec]) -> GpuSpec | None:
+    """The entry whose `match` substring is in the device name; ties (A100 40/80, L4/L40S) go to the
+    closest memory size, then the longest match."""
+    squashed = _squash(device_name)
+    hits = [(spec, max(len(_squash(m)) for m in spec.match if _squash(m) in squashed))
+            for spec in catalog.values() if any(_squash(m) in squashed for m in spec.match)]
+    if not hits:
+        return None
+    memory = memory_bytes or 0
+    return min(hits, key=lambda h: (abs(h[0].memory_bytes - memory) if memory else 0, -h[1]))[0]
+
+
+def detect_gpu(catalog: dict[str, GpuSpec] | None = None) -> dict | None:
+    """The local CUDA GPU (name, memory, compute capability, catalog entry), or None on a CPU machine."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    major, minor = torch.cuda.get_device_capability(0)
+    spec = match_catalog(props.name, props.total_memory, catalog or load_catalog())
+    return {"name": props.name, "memory_bytes": props.total_memory, "compute_capability": f"{major}.{minor}",
+            "catalog": spec.name if spec else None}
+
+
+def recommend_recipes(compute_capability: str | None, has_fp8: bool = True,
+                      batch_size: int | None = None) -> list[dict]:
+    """Recipes for this hardware, best first, each with the reason (rules from the seed article):
+    small batches are memory-bound → 4-bit weights; Hopper (sm_90+) and Ada (sm_89) run FP8 natively;
+    Ampere (sm_80-86) has INT8 tensor cores but no FP8 → W8A8-INT8 for throughput."""
+    w4 = {"recipe": "w4a16-gptq", "reason": f"decode at batch <= {SMALL_BATCH} is memory-bound: 4-bit weights read "
+          "~4x fewer bytes per token than BF16 (GPTQ keeps accuracy closest to BF16)"}
+    small = batch_size is not None and batch_size <= SMALL_BATCH
+    if compute_capability is None:
+        return [{**w4, "reason": "no GPU detected: on CPU decode is memory-bound; " + w4["reason"]}]
+    major, _, minor = compute_capability.partition(".")
+    cc = (int(major), int(minor or 0))
+    rules = []
+    if cc >= (8, 9) and has_fp8:
+        arch = "Hopper or later (sm_90+)" if cc >= (9, 0) else "Ada (sm_89)"
+        rules.append({"recipe": "fp8-dynamic", "reason": f"{arch} has FP8 tensor cores: FP8 weights and activations "
+                      "double dense FLOP/s over BF16 and halve weight bytes, near-lossless, no calibration"})
+    elif cc >= (8, 0):
+        rules.append({"recipe": "w8a8-int8", "reason": f"Ampere (sm_{cc[0]}{cc[1]}) has INT8 but no FP8 tensor cores: "
+                      "W8A8-INT8 doubles dense throughput over BF16 at large batches"})
+    rules.insert(0 if small or not rules else len(rules), w4)
+    return rules

@@ -163,18 +163,18 @@ def profile(
             for level in workload.sweep:
                 step(f"online load against {endpoint} at concurrency {level}")
                 swept = _online(None, endpoint, model, replace(workload, concurrency=level), slo, vocab=(3, 500))
-                sweep_points.append((level, swept["throughput"]["output_tok_s"]))
+                sweep_points.append(_sweep_point(level, swept))
             step(f"online load against {endpoint}")
             online = _online(None, endpoint, model, workload, slo, vocab=(3, 500))
             samples = {"candidate": online.pop("samples")}
         else:
             online, samples, sweep_points = _local(source, report, workload, slo, device, max_num_seqs, step)
-    if workload.sweep:
-        sweep_points.append((workload.concurrency, online["throughput"]["output_tok_s"]))
+    sweep_points.append(_sweep_point(workload.concurrency or _default_concurrency(workload), online))
     report["gpu_utilization"] = gpu.mean()
     report["latency_ms"] = online["latency_ms"]
     report["throughput"].update(
         online_output_tok_s=online["throughput"]["output_tok_s"],
+        sweep=sweep_points,  # latency vs concurrency, for `optcli roi`'s capacity plan
         failed_requests=online["requests"]["failed"],
         goodput_requests_s=(online["goodput"] or {}).get("requests_s"),
     )
@@ -196,7 +196,8 @@ def profile(
     if out is not None:
         from optcli.report import write_reports
 
-        write_reports(report, Path(out), samples=samples, sweep=sweep_points or None, baseline_report=baseline_report)
+        write_reports(report, Path(out), samples=samples, sweep=sweep_points if workload.sweep else None,
+                      baseline_report=baseline_report)
     if not report["kpi"]["passed"]:
         failed = [c["name"] for c in report["kpi"]["checks"] if not c["passed"]]
         raise KpiFailed(f"KPI gate failed: {', '.join(failed)}", report)
@@ -258,10 +259,21 @@ def _local(source, report: dict, workload: Workload, slo, device: str, max_num_s
     for level in workload.sweep:
         step(f"online latency at concurrency {level}")
         swept = _online(engine, None, None, replace(workload, concurrency=level), slo, _vocab(engine))
-        points.append((level, swept["throughput"]["output_tok_s"]))
+        points.append(_sweep_point(level, swept))
     step("online latency under load")
     online = _online(engine, None, None, workload, slo, _vocab(engine))
     return online, {"candidate": online.pop("samples")}, points
+
+
+def _default_concurrency(workload: Workload) -> int | None:
+    return None if workload.rate else min(8, workload.requests)
+
+
+def _sweep_point(level: int | None, online: dict) -> dict:
+    """One online run at one concurrency level: what capacity planning reads (p95 E2E against requests/s)."""
+    tp = online["throughput"]
+    return {"concurrency": level, "requests_s": tp["requests_s"], "output_tok_s": tp["output_tok_s"],
+            "total_tok_s": tp["total_tok_s"], "e2e_p95_ms": online["latency_ms"]["e2e"]["p95"]}
 
 
 def _online(engine, endpoint: str | None, model: str | None, workload: Workload, slo, vocab) -> dict:
@@ -269,7 +281,7 @@ def _online(engine, endpoint: str | None, model: str | None, workload: Workload,
     from optcli.bench.online import engine_sender, openai_sender, run_load
 
     requests = workload.sample(vocab, seed_offset=1)  # different prompts: no prefix-cache hits from offline
-    concurrency = workload.concurrency if (workload.concurrency or workload.rate) else min(8, workload.requests)
+    concurrency = workload.concurrency if (workload.concurrency or workload.rate) else _default_concurrency(workload)
 
     async def go():
         if engine is None:

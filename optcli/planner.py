@@ -1,0 +1,217 @@
+"""Memory planner and roofline estimate from a model's config alone (no weights are loaded).
+
+Weight bytes count every Linear of a Llama-family decoder at the recipe's storage cost (values,
+scales, sparsity metadata); embeddings, norms and the ignored lm_head stay 16-bit. KV bytes per
+token = layers x kv heads x head dim x 2 (K and V) x dtype bytes, allocated in pages of
+`block_size` tokens the way optcli's engine (and vLLM) does. The roofline is an upper bound: ideal
+bandwidth and dense peak FLOP/s, no kernel inefficiency; it is labelled an estimate wherever shown.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from optcli.errors import UsageError
+from optcli.hardware import GpuSpec
+
+BLOCK_SIZE = 16  # the engine's KV page, in tokens
+RUNTIME_OVERHEAD_BYTES = 512 * 2**20  # CUDA context, cuBLAS workspace, allocator slack (rough)
+MAX_BATCHED_TOKENS = 2048  # the engine's default prefill budget: the activation peak it profiles
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """How a recipe stores one quantized Linear weight, and which tensor cores its matmuls use."""
+
+    bits: float
+    group: int | None  # inputs per scale; None = one scale per output channel
+    scale_bits: float
+    compute: str  # "bf16" | "fp8" | "int8": the peak the roofline divides FLOPs by
+    density: float = 1.0  # fraction of weights stored (2:4 sparsity keeps half)
+    meta_bits: float = 0.0  # per stored weight (2:4 position indices)
+    quantized: bool = True
+
+
+# Keyed by the recipe's `scheme` label (recipes/*.yaml). Scales are bf16 unless noted.
+SCHEMES = {
+    "BF16": Scheme(16, None, 0, "bf16", quantized=False),
+    "W4A16": Scheme(4, 128, 16, "bf16"),  # symmetric int4, bf16 scale per 128 inputs
+    "2:4+W4A16": Scheme(4, 128, 16, "bf16", density=0.5, meta_bits=2),  # 2 of 4 kept, 2-bit index each
+    "W8A8": Scheme(8, None, 16, "int8"),  # int8 per output channel
+    "FP8_DYNAMIC": Scheme(8, None, 16, "fp8"),  # e4m3 per output channel
+    "NF4": Scheme(4, 64, 8 + 32 / 256, "bf16"),  # double quant: 8-bit absmax per 64, fp32 per 256 absmax
+    "INT8": Scheme(8, None, 32, "bf16"),  # LLM.int8(): fp32 row scale; outlier matmul in bf16
+}
+
+
+def model_shape(model: str | Path | dict) -> ModelShape:
+    """From a config dict, a config.json path, or a MODEL spec (HF dir, artifact, builtin:tiny-llama)."""
+    if isinstance(model, dict):
+        config, where = model, "config"
+    else:
+        path = Path(model)
+        if path.is_file():
+            file = path
+        elif (path / "config.json").is_file():
+            file = path / "config.json"
+        else:
+            from optcli.models import resolve_model
+
+            file = resolve_model(str(model)).path / "config.json"
+        try:
+            config = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{file}: not a readable config.json ({exc})") from None
+        where = str(file)
+    config = config.get("text_config") or config
+    missing = [k for k in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
+               if not isinstance(config.get(k), int)]
+    if missing:
+        raise UsageError(f"{where}: model config lacks '{missing[0]}' (need a Llama-family config)")
+    heads = config["num_attention_heads"]
+    return ModelShape(
+        layers=config["num_hidden_layers"], hidden=config["hidden_size"], intermediate=config["intermediate_size"],
+        heads=heads, kv_heads=config.get("num_key_value_heads") or heads,
+        head_dim=config.get("head_dim") or config["hidden_size"] // heads, vocab=config["vocab_size"],
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        attention_bias=bool(config.get("attention_bias", False)) or "Qwen2" in str(config.get("architectures")),
+    )
+
+
+def scheme_for(recipe: str) -> tuple[str, Scheme]:
+    """(recipe name, storage scheme) for a built-in recipe name or a recipe YAML path."""
+    from optcli.recipes import load_recipe
+
+    loaded = load_recipe(recipe)
+    scheme = SCHEMES.get(loaded.scheme)
+    if scheme is None:
+        raise UsageError(f"recipe '{loaded.name}': scheme '{loaded.scheme}' is unknown to the planner "
+                         f"(known: {', '.join(SCHEMES)})")
+    if scheme.group and loaded.indivisible == "channel":  # ragged layers go per channel instead of bf16
+        scheme = Scheme(**{**scheme.__dict__, "group": -scheme.group})
+    return loaded.name, scheme
+
+
+def linear_bytes(n_in: int, n_out: int, scheme: Scheme) -> float:
+    """Storage of one Linear. A group-quantized layer whose width leaves a ragged last group stays
+    bf16 (the recipes' `indivisible: skip`), or goes per channel (a negative group: `channel`)."""
+    if not scheme.quantized:
+        return n_in * n_out * 2
+    group = abs(scheme.group) if scheme.group else None
+    if group and n_in > group and n_in % group:
+        if scheme.group > 0:
+            return n_in * n_out * 2
+        group = None
+    scales = n_out * (math.ceil(n_in / group) if group else 1)
+    return n_in * n_out * scheme.density * (scheme.bits + scheme.meta_bits) / 8 + scales * scheme.scale_bits / 8
+
+
+def _linears(s: ModelShape) -> list[tuple[int, int]]:
+    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    return [(s.hidden, q), (s.hidden, kv), (s.hidden, kv), (q, s.hidden),
+            (s.hidden, s.intermediate), (s.hidden, s.intermediate), (s.intermediate, s.hidden)]
+
+
+def matmul_params(s: ModelShape) -> int:
+    """Parameters every token multiplies through: decoder Linears and lm_head (not the embedding lookup)."""
+    return s.layers * sum(i * o for i, o in _linears(s)) + s.vocab * s.hidden
+
+
+def weight_bytes(s: ModelShape, scheme: Scheme) -> dict:
+    """Bytes by part; `read_per_token` is what one decode step streams from memory."""
+    linear = s.layers * sum(linear_bytes(i, o, scheme) for i, o in _linears(s))
+    other = (s.layers * (2 * s.hidden + ((s.heads + 2 * s.kv_heads) * s.head_dim if s.attention_bias else 0))
+             + s.hidden) * 2
+    embed = s.vocab * s.hidden * 2
+    lm_head = 0 if s.tie_word_embeddings else embed  # lm_head is ignored by every recipe: 16-bit
+    total = int(linear + other + embed + lm_head)
+    return {"total": total, "linear": int(linear), "embeddings": embed, "lm_head": lm_head,
+            "read_per_token": int(linear + other + embed)}
+
+
+def kv_bytes_per_token(s: ModelShape, dtype_bytes: int = 2) -> int:
+    return s.layers * s.kv_heads * s.head_dim * 2 * dtype_bytes
+
+
+def paged_tokens(context_len: int, block_size: int = BLOCK_SIZE) -> int:
+    """Tokens a sequence of `context_len` occupies in a paged cache: whole blocks."""
+    return -(-context_len // block_size) * block_size
+
+
+def overhead_bytes(s: ModelShape, max_num_seqs: int = 64) -> int:
+    """Activation peak of a forward at the engine's prefill budget plus a fixed runtime share (rough):
+    residual, normed input, qkv, gate/up and the activated MLP in bf16, and fp32 logits per sequence."""
+    per_token = 2 * s.hidden + (s.heads + 2 * s.kv_heads) * s.head_dim + 3 * s.intermediate
+    return MAX_BATCHED_TOKENS * per_token * 2 + max_num_seqs * s.vocab * 4 + RUNTIME_OVERHEAD_BYTES
+
+
+def plan_memory(s: ModelShape, scheme: Scheme, memory_bytes: int, context_len: int, num_seqs: int = 1,
+                utilization: float = 0.9, kv_dtype_bytes: int = 2, block_size: int = BLOCK_SIZE) -> dict:
+    """Does the model fit, with `num_seqs` sequences of `context_len` tokens, and how many fit at most."""
+    if context_len < 1 or num_seqs < 1 or not 0 < utilization <= 1:
+        raise UsageError("context length and sequences must be >= 1, utilization in (0, 1]")
+    weights = weight_bytes(s, scheme)["total"]
+    overhead = overhead_bytes(s)
+    per_token = kv_bytes_per_token(s, kv_dtype_bytes)
+    per_seq = per_token * paged_tokens(context_len, block_size)
+    usable = int(memory_bytes * utilization)
+    free_for_kv = usable - weights - overhead
+    return {
+        "weights_bytes": weights,
+        "kv_bytes_per_token": per_token,
+        "kv_bytes_per_sequence": per_seq,
+        "overhead_bytes": overhead,
+        "usable_bytes": usable,
+        "context_len": context_len,
+        "num_seqs": num_seqs,
+        "fits": free_for_kv >= num_seqs * per_seq,
+        "max_concurrent_seqs": max(0, free_for_kv // per_seq),
+    }
+
+
+def roofline(s: ModelShape, scheme: Scheme, gpu: GpuSpec, batch_size: int, prompt_len: int, output_len: int,
+             kv_dtype_bytes: int = 2) -> dict:
+    """Upper-bound throughput of `batch_size` requests served together: prefill compute-bound at
+    2 x params FLOPs per token; each decode step max(bytes / bandwidth, FLOPs / peak)."""
+    if batch_size < 1 or prompt_len < 1 or output_len < 1:
+        raise UsageError("batch size, prompt and output lengths must be >= 1 for an estimate")
+    peak_tflops = {"bf16": gpu.bf16_tflops, "fp8": gpu.fp8_tflops, "int8": gpu.int8_tops}[scheme.compute]
+    compute = scheme.compute if peak_tflops else "bf16"  # no native FP8/INT8: emulated at bf16 speed
+    peak = (peak_tflops or gpu.bf16_tflops) * 1e12
+    bandwidth = gpu.bandwidth_gbs * 1e9
+    params = matmul_params(s)
+    prefill_s = batch_size * prompt_len * 2 * params / peak
+    context = prompt_len + output_len / 2  # mean context over the decode
+    kv_read = batch_size * kv_bytes_per_token(s, kv_dtype_bytes) * context
+    step_bytes = weight_bytes(s, scheme)["read_per_token"] + kv_read
+    step_flops = batch_size * (2 * params + 4 * s.layers * s.heads * s.head_dim * context)
+    memory_s, compute_s = step_bytes / bandwidth, step_flops / peak
+    total_s = prefill_s + output_len * max(memory_s, compute_s)
+    return {
+        "estimate": True,
+        "total_tok_s": batch_size * (prompt_len + output_len) / total_s,
+        "output_tok_s": batch_size * output_len / total_s,
+        "requests_s": batch_size / total_s,
+        "e2e_ms": total_s * 1000,
+        "decode_bound": "memory" if memory_s >= compute_s else "compute",
+        "compute": compute,
+        "batch_size": batch_size,
+        "prompt_len": prompt_len,
+        "output_len": output_len,
+    }

@@ -1,0 +1,255 @@
+"""`optcli roi`: from a profile report (or a roofline estimate) to dollars, payback and replicas.
+
+cost per 1K tokens = hourly price / (tokens/s x 3600) x 1000, on `throughput.total_tok_s` (prompt +
+generated); daily = requests/day x tokens/request / 1000 x cost per 1K; annual = daily x 365.
+Savings are against a baseline report (priced at its own recorded --gpu-hour-cost, else the same
+hourly price) or an API price per 1K tokens. Every input is returned with where it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from optcli import capacity
+from optcli.errors import UsageError
+from optcli.hardware import GpuSpec, detect_gpu, load_catalog, lookup_gpu, match_catalog, recommend_recipes
+
+DEFAULT_REQUESTS_PER_DAY = 10_000  # the seed article's case
+DEFAULT_TOKENS_PER_REQUEST = 1_000
+DEFAULT_BATCH_SIZE = 16  # concurrent sequences assumed by --estimate
+DEFAULT_CONTEXT_LEN = 2048  # tokens per sequence for the memory plan
+DEFAULT_OUTPUT_LEN = 256  # generated tokens per request assumed by --estimate (the rest is prompt)
+BANDS = ((6, "Strongly recommended"), (12, "Recommended"), (24, "Consider if scaling"))
+
+
+def usd_per_1k(hourly_usd: float, tok_s: float) -> float:
+    return hourly_usd / (tok_s * 3600) * 1000
+
+
+def daily_cost(requests_per_day: float, tokens_per_request: float, usd_per_1k_tokens: float) -> float:
+    return requests_per_day * tokens_per_request / 1000 * usd_per_1k_tokens
+
+
+def payback_months(implementation_usd: float, annual_savings_usd: float) -> float | None:
+    return implementation_usd / annual_savings_usd * 12 if annual_savings_usd > 0 else None
+
+
+def recommendation(annual_savings_usd: float | None, months: float | None) -> str | None:
+    if annual_savings_usd is None:
+        return None  # no baseline: nothing to compare
+    if annual_savings_usd <= 0 or months is None:
+        return "Not worth it"
+    return next((label for limit, label in BANDS if months < limit), "Defer until scale justifies")
+
+
+@dataclass
+class RoiOptions:
+    report: Path | None = None
+    baseline_report: Path | None = None
+    baseline_usd_per_1k_tokens: float | None = None
+    gpu: str | None = None
+    gpu_hour_cost: float | None = None
+    gpu_catalog: Path | None = None
+    requests_per_day: float | None = None
+    tokens_per_request: float | None = None
+    implementation_cost: float | None = None
+    target_rps: float | None = None
+    p95_slo_ms: float | None = None
+    load_trace: Path | None = None
+    min_replicas: int = 1
+    max_replicas: int = 10
+    estimate: str | None = None
+    recipe: str | None = None
+    batch_size: int | None = None
+    context_len: int | None = None
+    output_len: int | None = None
+
+
+def _check(o: RoiOptions) -> None:
+    if (o.report is None) == (o.estimate is None):
+        raise UsageError("give exactly one of --report FILE (measured) or --estimate MODEL (roofline estimate)")
+    if o.baseline_report is not None and o.baseline_usd_per_1k_tokens is not None:
+        raise UsageError("give at most one of --baseline-report and --baseline-usd-per-1k-tokens")
+    positive = {"--gpu-hour-cost": o.gpu_hour_cost, "--baseline-usd-per-1k-tokens": o.baseline_usd_per_1k_tokens,
+                "--requests-per-day": o.requests_per_day, "--tokens-per-request": o.tokens_per_request,
+                "--target-rps": o.target_rps, "--p95-slo-ms": o.p95_slo_ms, "--batch-size": o.batch_size,
+                "--context-len": o.context_len, "--output-len": o.output_len, "--min-replicas": o.min_replicas}
+    for flag, value in positive.items():
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UsageError(f"{flag} must be a positive number (got {value:g})")
+    if o.implementation_cost is not None and not (math.isfinite(o.implementation_cost) and o.implementation_cost >= 0):
+        raise UsageError(f"--implementation-cost must be >= 0 (got {o.implementation_cost:g})")
+    if o.max_replicas < o.min_replicas:
+        raise UsageError(f"--max-replicas ({o.max_replicas}) is below --min-replicas ({o.min_replicas})")
+    if o.load_trace is not None and o.p95_slo_ms is None:
+        raise UsageError("--load-trace needs --p95-slo-ms (the policy scales up when p95 exceeds it)")
+
+
+def load_report(path: Path, flag: str = "--report") -> dict:
+    """A profile report.json with a positive `throughput.total_tok_s` (the field named when missing)."""
+    try:
+        report = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: cannot read ({exc.strerror})") from None
+    except (ValueError, UnicodeDecodeError):
+        raise UsageError(f"{flag} {path}: not valid JSON") from None
+    tok_s = (report.get("throughput") or {}).get("total_tok_s") if isinstance(report, dict) else None
+    if not isinstance(tok_s, int | float) or isinstance(tok_s, bool) or not tok_s > 0:
+        raise UsageError(f"{flag} {path}: missing or non-positive field 'throughput.total_tok_s'")
+    return report
+
+
+def _pick(inputs: dict, name: str, *candidates: tuple[object, str]):
+    """The first candidate (value, source) that is not None, recorded in `inputs`."""
+    value, source = next(((v, s) for v, s in candidates if v is not None), (None, None))
+    inputs[name] = {"value": value, "source": source}
+    return value
+
+
+def _gpu(o: RoiOptions, report: dict | None, catalog: dict[str, GpuSpec]) -> tuple[GpuSpec | None, dict | None]:
+    """(catalog entry, detected device): the --gpu flag, else the report's CUDA device, else this machine's."""
+    if o.gpu is not None:
+        return lookup_gpu(o.gpu, catalog), None
+    if report is not None:
+        hw = report.get("hardware") or {}
+        if str(hw.get("device", "")).startswith("cuda"):
+            return match_catalog(str(hw.get("name", "")), hw.get("memory_bytes"), catalog), None
+        return None, None
+    detected = detect_gpu(catalog)
+    return (catalog[detected["catalog"]] if detected and detected["catalog"] else None), detected
+
+
+def _workload_tokens(report: dict | None) -> float | None:
+    w = (report or {}).get("workload") or {}
+    try:
+        a, b = w["prompt_len"]
+        return (a + b - 1) / 2 + w["output_len"]  # prompts uniform in [a, b)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def compute_roi(o: RoiOptions) -> dict:
+    _check(o)
+    catalog = load_catalog(o.gpu_catalog)
+    report = load_report(o.report) if o.report is not None else None
+    gpu, detected = _gpu(o, report, catalog)
+    if report is None and gpu is None:
+        raise UsageError(f"--estimate needs a GPU from the catalog: pass --gpu NAME (known: {', '.join(catalog)})")
+    inputs: dict = {}
+    _pick(inputs, "gpu", (o.gpu, "flag"), (gpu and gpu.name, "report" if report else "detected"))
+    hourly = _pick(inputs, "gpu_hour_cost_usd", (o.gpu_hour_cost, "flag"),
+                   (((report or {}).get("cost") or {}).get("gpu_hour_cost_usd"), "report"),
+                   (gpu and gpu.hourly_usd, "catalog"))
+    if hourly is None or not hourly > 0:
+        raise UsageError(f"no GPU price: pass --gpu-hour-cost USD or --gpu NAME (known: {', '.join(catalog)})")
+    rpd = _pick(inputs, "requests_per_day", (o.requests_per_day, "flag"), (DEFAULT_REQUESTS_PER_DAY, "default"))
+    tpr = _pick(inputs, "tokens_per_request", (o.tokens_per_request, "flag"), (_workload_tokens(report), "report"),
+                (DEFAULT_TOKENS_PER_REQUEST, "default"))
+    impl = _pick(inputs, "implementation_cost_usd", (o.implementation_cost, "flag"), (0.0, "default"))
+
+    plan, points = None, None
+    if report is not None:
+        tp = report["throughput"]
+        total_tok_s = _pick(inputs, "total_tok_s", (tp["total_tok_s"], "report"))
+        output_tok_s = _pick(inputs, "output_tok_s", (tp.get("output_tok_s"), "report"))
+    else:
+        from optcli import planner
+
+        recipe, scheme = planner.scheme_for(_pick(inputs, "recipe", (o.recipe, "flag"), ("bf16", "default")))
+        shape = planner.model_shape(o.estimate)
+        batch = _pick(inputs, "batch_size", (o.batch_size, "flag"), (DEFAULT_BATCH_SIZE, "default"))
+        out_len = _pick(inputs, "output_len", (o.output_len, "flag"),
+                        (min(DEFAULT_OUTPUT_LEN, max(1, int(tpr) - 1)), "default"))
+        prompt_len = max(1, int(tpr) - out_len)
+        est = planner.roofline(shape, scheme, gpu, batch, prompt_len, out_len)
+        total_tok_s = _pick(inputs, "total_tok_s", (est["total_tok_s"], "estimate"))
+        output_tok_s = _pick(inputs, "output_tok_s", (est["output_tok_s"], "estimate"))
+        points = [capacity.Point(batch, est["requests_s"], est["e2e_ms"])]
+        plan = {"roofline": est}
+
+    cost_1k = usd_per_1k(hourly, total_tok_s)
+    daily = daily_cost(rpd, tpr, cost_1k)
+    annual = daily * 365
+    baseline_annual = _baseline_annual(o, inputs, hourly, rpd, tpr)
+    savings = baseline_annual - annual if baseline_annual is not None else None
+    months = payback_months(impl, savings) if savings is not None else None
+    plan = _plan(o, report, gpu, detected, inputs, plan)
+    cap = _capacity(o, report, points, hourly, inputs)
+    return {
+        "usd_per_1k_tokens": cost_1k,
+        "usd_per_1k_output_tokens": usd_per_1k(hourly, output_tok_s) if output_tok_s else None,
+        "daily_cost_usd": daily,
+        "annual_cost_usd": annual,
+        "baseline_annual_cost_usd": baseline_annual,
+        "annual_savings_usd": savings,
+        "payback_months": months,
+        "recommendation": recommendation(savings, months),
+        "replicas": cap["replicas"] if cap else None,
+        "estimate": report is None,
+        "inputs": inputs,
+        "plan": plan,
+        "capacity": cap,
+    }
+
+
+def _baseline_annual(o: RoiOptions, inputs: dict, hourly: float, rpd: float, tpr: float) -> float | None:
+    if o.baseline_usd_per_1k_tokens is not None:
+        per_1k = _pick(inputs, "baseline_usd_per_1k_tokens", (o.baseline_usd_per_1k_tokens, "flag"))
+    elif o.baseline_report is not None:
+        base = load_report(o.baseline_report, "--baseline-report")
+        tok_s = _pick(inputs, "baseline_total_tok_s", (base["throughput"]["total_tok_s"], "report"))
+        price = _pick(inputs, "baseline_gpu_hour_cost_usd",
+                      ((base.get("cost") or {}).get("gpu_hour_cost_usd"), "report"), (hourly, "same as candidate"))
+        per_1k = _pick(inputs, "baseline_usd_per_1k_tokens", (usd_per_1k(price, tok_s), "report"))
+    else:
+        return None
+    return daily_cost(rpd, tpr, per_1k) * 365
+
+
+def _plan(o: RoiOptions, report: dict | None, gpu: GpuSpec | None, detected: dict | None, inputs: dict,
+          plan: dict | None) -> dict | None:
+    """Memory plan and recipe advice where a model config and a GPU are known."""
+    from optcli import planner
+
+    if gpu is None and detected is None:
+        return plan
+    model = o.estimate or (report or {}).get("model")
+    batch = o.batch_size or ((report or {}).get("workload") or {}).get("concurrency")
+    cc = gpu.compute_capability if gpu else detected["compute_capability"]
+    has_fp8 = bool(gpu.fp8_tflops) if gpu else True
+    plan = {**(plan or {}), "gpu": gpu.name if gpu else detected["name"],
+            "recommendations": recommend_recipes(cc, has_fp8, batch)}
+    recipe = _pick(inputs, "recipe", (o.recipe, "flag"), ((report or {}).get("recipe"), "report"), ("bf16", "default"))
+    local = o.estimate or str(model).startswith("builtin:") or Path(str(model)).exists()
+    if not local:  # a report from another machine: its model is not here (and the hub is not asked)
+        plan["memory"] = {"error": f"model config not available here: {model}"}
+        return plan
+    name, scheme = planner.scheme_for(recipe)
+    shape = planner.model_shape(model)
+    memory = gpu.memory_bytes if gpu else detected["memory_bytes"]
+    context = _pick(inputs, "context_len", (o.context_len, "flag"), (DEFAULT_CONTEXT_LEN, "default"))
+    plan["memory"] = {"recipe": name, **planner.plan_memory(shape, scheme, memory, context, batch or 1)}
+    return plan
+
+
+def _capacity(o: RoiOptions, report: dict | None, points, hourly: float, inputs: dict) -> dict | None:
+    if o.target_rps is None and o.load_trace is None:
+        return None
+    points = points or capacity.sweep_points(report)
+    best = capacity.per_replica(points, o.p95_slo_ms)
+    _pick(inputs, "p95_slo_ms", (o.p95_slo_ms, "flag"))
+    result = {"per_replica_rps": best.requests_s, "concurrency": best.concurrency, "p95_ms": best.p95_ms,
+              "points": [p.__dict__ for p in points], "replicas": None, "autoscaling": None}
+    if o.target_rps is not None:
+        _pick(inputs, "target_rps", (o.target_rps, "flag"))
+        result["replicas"] = capacity.replicas_for(o.target_rps, best.requests_s)
+        result["fleet_daily_cost_usd"] = result["replicas"] * hourly * 24
+    if o.load_trace is not None:
+        trace = capacity.load_trace(o.load_trace)
+        _pick(inputs, "load_trace", (str(o.load_trace), "flag"))
+        result["autoscaling"] = capacity.replay(trace, points, o.p95_slo_ms, best.requests_s, hourly,
+                                                o.min_replicas, o.max_replicas)
+    return result
