@@ -13,7 +13,7 @@ import math
 
 # Outlier ratio = largest channel absmax / median channel absmax. With absmax INT8 scaling a channel
 # at the median keeps about 127 / ratio levels: ≥ 20 leaves it ≤ 6 levels (outliers dominate: protect
-# them), under 8 it keeps ≥ 16 levels (plain rounding copes).
+# them), under 8 it keeps ≥ 16 levels (outliers are no reason to leave GPTQ).
 HIGH_OUTLIER_RATIO = 20.0
 MODERATE_OUTLIER_RATIO = 8.0
 SKIPPED = ("lm_head",)  # every recipe keeps the output head unquantized
@@ -106,12 +106,13 @@ def suggest_recipe(layers: dict) -> dict:
                   f"channel (worst {worst}: {peak:.1f}×): AWQ protects the weight channels they multiply; to "
                   "quantize activations too, w8a8-int8 (SmoothQuant migrates the outliers into the weights)")
     elif peak >= MODERATE_OUTLIER_RATIO:
-        recipe, alternatives = "w4a16-gptq", ["w4a16-awq"]
+        recipe, alternatives = "w4a16-gptq", ["w4a16-awq", "w8a8-int8"]
         reason = (f"moderate activation outliers (worst {worst}: {peak:.1f}×): GPTQ's error compensation "
                   "handles them for weight-only INT4")
     else:
-        recipe, alternatives = "w4a16-rtn", ["w4a16-gptq", "w8a8-int8"]
-        reason = (f"activations are flat (worst {worst}: {peak:.1f}×, under {MODERATE_OUTLIER_RATIO:g}×): "
-                  "plain round-to-nearest needs no calibration and loses little")
+        recipe, alternatives = "w4a16-gptq", ["w4a16-rtn", "w8a8-int8"]
+        reason = (f"activations are flat (worst {worst}: {peak:.1f}×, under {MODERATE_OUTLIER_RATIO:g}×): no need "
+                  "for AWQ or SmoothQuant; GPTQ still corrects the weights' rounding error, and round-to-nearest "
+                  "needs no calibration at all")
     return {"recipe": recipe, "alternatives": alternatives, "max_outlier_ratio": peak, "worst_layer": worst,
             "reason": reason}

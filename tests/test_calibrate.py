@@ -268,7 +268,8 @@ def test_stats_names_real_layers_with_real_numbers(tmp_path: Path, stories_dir: 
                     "--out", str(out), "--samples", "12", "--seq-len", "96", "--stats", "--json")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert summary["stats"]["suggestion"]["recipe"] in ("w4a16-rtn", "w4a16-gptq", "w4a16-awq")
+    suggestion = summary["stats"]["suggestion"]
+    assert suggestion["recipe"] == "w4a16-gptq" and "flat" in suggestion["reason"]  # a tiny model has no big outliers
     stats = json.loads((out / "stats.json").read_text())
     assert len(stats["layers"]) == 5 * 7 and "lm_head" not in stats["layers"]
     assert stats["tokens"] == 12 * 96 and stats["batches"] == 2
@@ -276,7 +277,8 @@ def test_stats_names_real_layers_with_real_numbers(tmp_path: Path, stories_dir: 
         for key in ("input_absmax", "input_channel_median", "outlier_ratio", "weight_absmax"):
             assert math.isfinite(layer[key]) and layer[key] > 0
         assert layer["outlier_ratio"] >= 1 and layer["weight_min"] < 0 < layer["weight_max"]
-    assert summary["stats"]["worst"][0]["layer"] == stats["worst"][0]
+    assert summary["stats"]["worst"][0]["layer"] == stats["worst"][0] == suggestion["worst_layer"]
+    assert suggestion["max_outlier_ratio"] == max(v["outlier_ratio"] for v in stats["layers"].values())
     # q_proj's input is input_layernorm(embeddings): recompute it without hooks, over every window
     model = AutoModelForCausalLM.from_pretrained(stories_dir, dtype=torch.float32).eval()
     ids = torch.tensor(load_calibration_set(out).input_ids)
@@ -286,6 +288,16 @@ def test_stats_names_real_layers_with_real_numbers(tmp_path: Path, stories_dir: 
     assert q["input_absmax"] == pytest.approx(float(x.abs().max()), rel=1e-5)
     assert q["input_channel_median"] == pytest.approx(float(x.abs().amax(dim=(0, 1)).median()), rel=1e-5)
     assert q["weight_absmax"] == pytest.approx(float(model.model.layers[0].self_attn.q_proj.weight.abs().max()))
+
+
+@pytest.mark.parametrize(("peak", "recipe"), [(45.0, "w4a16-awq"), (12.0, "w4a16-gptq"), (3.0, "w4a16-gptq")])
+def test_suggestion_follows_the_worst_outlier_ratio(peak: float, recipe: str) -> None:
+    from optcli.outliers import suggest_recipe
+
+    layers = {f"model.layers.{i}.mlp.down_proj": {"outlier_ratio": r} for i, r in enumerate([2.0, peak, 1.5])}
+    suggestion = suggest_recipe(layers)
+    assert suggestion["recipe"] == recipe and suggestion["worst_layer"] == "model.layers.1.mlp.down_proj"
+    assert ("w8a8-int8" in suggestion["alternatives"]) and f"{peak:.1f}×" in suggestion["reason"]
 
 
 def test_quantize_consumes_the_set_and_refuses_another_tokenizer(tmp_path: Path, stories_dir: Path,
