@@ -26,6 +26,7 @@ Imports only optcli.engine (and what it imports), transformers and torch.
     python benchmarks/gpu_check.py                      # full check on the GPU (~2-3 min)
     python benchmarks/gpu_check.py --tiny               # same code path, 2-layer fp32 model (CPU test)
     python benchmarks/gpu_check.py --skip-hf            # ours only (no equality check, no ratios)
+    python benchmarks/gpu_check.py --quant [--tiny]     # quantized formats: benchmarks/quant_check.py
 """
 
 from __future__ import annotations
@@ -393,6 +394,12 @@ def measure_copy_bandwidth(device: str, nbytes: int, reps: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--quant" in argv:  # the quantized-formats check lives in its own script (issue 9)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from quant_check import main as quant_main
+
+        return quant_main([a for a in argv if a != "--quant"])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="2-layer hidden-128 fp32 model, 8 short requests (CPU test)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -209,8 +209,6 @@ def _offline(source, workload: Workload, device: str, max_num_seqs: int, step):
     import torch
 
     from optcli.engine import Engine, SamplingParams
-    from optcli.quantize.artifact import directory_weight_bytes
-
     step(f"loading {source.spec} into the engine")
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -232,12 +230,14 @@ def _offline(source, workload: Workload, device: str, max_num_seqs: int, step):
         "output_tok_s": out_tokens / wall,
         "total_tok_s": (out_tokens + in_tokens) / wall,
         "requests_s": len(outs) / wall,
+        # which kernel path each quantized layer took, e.g. {"int4/triton": 112}; {} for a dense model
+        "quantized_kernels": engine.quantized_layers,
     }
     steps = engine.num_steps - steps_before
     scheduled = engine.num_scheduled_seqs - scheduled_before
     efficiency = scheduled / steps / engine.max_num_seqs if steps else None
     memory = {
-        "weights_bytes": directory_weight_bytes(source.path),
+        "weights_bytes": engine.weights_bytes,  # as the engine holds them: quantized stays quantized
         # GPU: this model's peak; CPU: the process's peak RSS so far (not separable per model)
         "peak_bytes": torch.cuda.max_memory_allocated() if device.startswith("cuda") else _peak_rss(),
         "kv_cache_bytes": engine.kv_cache_bytes,

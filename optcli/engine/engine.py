@@ -12,6 +12,7 @@ import torch
 from optcli.engine.attention import build_gather_metadata
 from optcli.engine.attention_triton import build_triton_metadata
 from optcli.engine.kv_cache import BlockManager
+from optcli.engine.quant.linear import quant_summary
 from optcli.engine.runner import ModelRunner
 from optcli.engine.sampler import Sampler, make_generator, token_logprobs
 from optcli.engine.sampling_params import SamplingParams
@@ -53,18 +54,24 @@ class Engine:
         enforce_eager: bool = False,
         gpu_memory_utilization: float = 0.9,
         graph_capture=None,
+        dequantize: bool = False,
+        quantization: str | None = None,
     ) -> None:
         """`attention_backend`: "gather" (CPU), "triton" (GPU kernels), "auto" picks by device.
         CUDA graphs capture decode steps on GPU unless `enforce_eager`; `graph_capture` replaces
         the capture function (tests). Without a KV budget the cache takes `gpu_memory_utilization`
-        of the GPU after weights and peak activations, or a quarter of free host memory on CPU."""
+        of the GPU after weights and peak activations, or a quarter of free host memory on CPU.
+        Quantized checkpoints run on quantized kernels; `dequantize` loads them as dense weights;
+        `quantization` ("w4a16", "w8a8", "w8a16", "fp8") quantizes a dense checkpoint at load (RTN)."""
         from optcli.engine.model_loader import load_engine_model
 
         self.device = device
         self.model, self.tokenizer, self.hf_config, self.eos_token_ids = load_engine_model(
-            model, device, getattr(torch, dtype), trust_remote_code
+            model, device, getattr(torch, dtype), trust_remote_code, dequantize, quantization
         )
         cfg = self.model.cfg
+        self.weights_bytes = self.model.weight_bytes()
+        self.quantized_layers = quant_summary(self.model)  # e.g. {"int4/triton": 112}
         self.max_model_len = min(max_model_len, cfg.max_position_embeddings)
         self.max_num_seqs = max_num_seqs
         self.block_size = block_size
@@ -275,6 +282,8 @@ class Engine:
             "prefix_cache_hit_rate": b.prefix_hits / b.prefix_queries if b.prefix_queries else 0.0,
             "num_steps": self.num_steps,
             "batch_efficiency": self.num_scheduled_seqs / self.num_steps / self.max_num_seqs if self.num_steps else None,
+            "weights_bytes": self.weights_bytes,
+            "quantized_layers": self.quantized_layers,
         }
 
 

@@ -1,4 +1,4 @@
-"""MODEL spec → our forward with dense weights, the tokenizer, and the stop token ids."""
+"""MODEL spec → our forward (quantized weights kept quantized), the tokenizer, and the stop token ids."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ from optcli.engine.models import SUPPORTED_ARCHITECTURES, LlamaForCausalLM, Mode
 from optcli.errors import UsageError
 
 
-def load_engine_model(spec: str, device: str, dtype: torch.dtype, trust_remote_code: bool = False):
+def load_engine_model(spec: str, device: str, dtype: torch.dtype, trust_remote_code: bool = False,
+                      dequantize: bool = False, quantization: str | None = None):
+    """Quantized weights stay quantized (run by `quant/linear.py`) unless `dequantize` asks for dense ones."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-    from optcli.engine.loader import load_dense_state_dict
+    from optcli.engine.loader import load_state_dict
     from optcli.models import resolve_model
 
     path = resolve_model(spec).path
@@ -25,7 +27,12 @@ def load_engine_model(spec: str, device: str, dtype: torch.dtype, trust_remote_c
         model = LlamaForCausalLM(cfg)
     model = model.to_empty(device=device).to(dtype)
     model.rotary = type(model.rotary)(cfg).to(device)  # buffers computed for real, not on meta
-    model.load_hf_state_dict(load_dense_state_dict(path, dtype=torch.float32))
+    state = load_state_dict(path, dtype=torch.float32, keep_quantized=not dequantize)
+    if quantization:  # online RTN quantization of a dense checkpoint (quant/online.py)
+        from optcli.engine.quant.online import quantize_state_dict
+
+        state = quantize_state_dict(state, quantization, device)
+    model.load_hf_state_dict(state)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     eos: set[int] = set()

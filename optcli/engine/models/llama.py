@@ -211,31 +211,61 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
-    def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Take HF-named dense weights, fusing q/k/v and gate/up."""
-        dtype = self.embed_tokens.weight.dtype
+    def load_hf_state_dict(self, state: dict) -> None:
+        """Take HF-named weights, fusing q/k/v and gate/up. A weight given quantized (a
+        `quant.weights` object) stays quantized: its Dense is swapped for the format's QuantLinear."""
+        from optcli.engine.quant.linear import make_quant_linear
+        from optcli.engine.quant.weights import cat_weights, is_quantized
 
-        def take(name: str) -> torch.Tensor:
+        dtype = self.embed_tokens.weight.dtype
+        device = self.embed_tokens.weight.device
+
+        def take(name: str, dense: bool = False):
             if name not in state:
                 raise KeyError(f"checkpoint has no tensor '{name}'")
-            return state[name].to(dtype)
+            value = state[name]
+            if is_quantized(value):
+                return value.dequantize().to(dtype) if dense else value
+            return value.to(dtype)
+
+        def load_linear(owner: nn.Module, attr: str, weight, bias: torch.Tensor | None = None) -> None:
+            if is_quantized(weight):
+                setattr(owner, attr, make_quant_linear(weight, bias, device, dtype))
+            else:
+                getattr(owner, attr).load(weight.to(dtype), bias)
 
         with torch.no_grad():
-            self.embed_tokens.weight.copy_(take("model.embed_tokens.weight"))
+            self.embed_tokens.weight.copy_(take("model.embed_tokens.weight", dense=True))
             self.norm.weight.copy_(take("model.norm.weight"))
             untied = "lm_head.weight" in state and not self.cfg.tie_word_embeddings
-            self.lm_head.load(take("lm_head.weight") if untied else self.embed_tokens.weight)
+            load_linear(self, "lm_head", take("lm_head.weight") if untied else self.embed_tokens.weight)
             for i, layer in enumerate(self.layers):
                 p = f"model.layers.{i}."
                 layer.input_layernorm.weight.copy_(take(p + "input_layernorm.weight"))
                 layer.post_attention_layernorm.weight.copy_(take(p + "post_attention_layernorm.weight"))
                 attn = p + "self_attn."
                 qkv_bias = torch.cat([take(attn + f"{n}_proj.bias") for n in "qkv"]) if self.cfg.qkv_bias else None
-                layer.qkv_proj.load(torch.cat([take(attn + f"{n}_proj.weight") for n in "qkv"]), qkv_bias)
-                layer.o_proj.load(take(attn + "o_proj.weight"))
+                load_linear(layer, "qkv_proj", cat_weights([take(attn + f"{n}_proj.weight") for n in "qkv"]), qkv_bias)
+                load_linear(layer, "o_proj", take(attn + "o_proj.weight"))
                 if self.cfg.qk_norm:
                     layer.q_norm.weight.copy_(take(attn + "q_norm.weight"))
                     layer.k_norm.weight.copy_(take(attn + "k_norm.weight"))
                 mlp = p + "mlp."
-                layer.gate_up_proj.load(torch.cat([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")]))
-                layer.down_proj.load(take(mlp + "down_proj.weight"))
+                load_linear(layer, "gate_up_proj", cat_weights([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")]))
+                load_linear(layer, "down_proj", take(mlp + "down_proj.weight"))
+
+    def weight_bytes(self) -> int:
+        """Bytes the weights occupy here, as stored for the kernels (quantized, packed or plain)."""
+        seen: set[int] = set()
+        total = 0
+        for module in self.modules():
+            tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+            if isinstance(module, Dense) and module.packed is not None:
+                tensors.append(module.packed)
+            if isinstance(module, RotaryEmbedding):
+                continue  # RoPE tables are computed, not weights
+            for t in tensors:
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    total += t.numel() * t.element_size()
+        return total

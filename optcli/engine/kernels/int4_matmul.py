@@ -1,0 +1,149 @@
+"""W4A16 GEMM: int4 weights dequantized in registers, never in memory (the Marlin idea, in Triton).
+
+Weights are int32 words [ceil(K/8), N], eight 4-bit input channels per word (`quant.ops.
+pack_int4_for_triton`), with per-group scales (and float zero offsets for asymmetric schemes)
+[G, N]: w = (nibble - 8) * scale + zero. Each program loads a [BK/8, BN] tile of packed words
+once per word, fans its eight nibbles out in registers, scales them and feeds tl.dot, so HBM
+traffic is a quarter of bf16's.
+
+Small batches (decode) are memory-bound with few output tiles, so K is split across programs to
+keep every SM streaming weights; their fp32 partials are summed after. `int4_config` picks tiles by
+M; `benchmarks/gpu_check.py --quant` measures it against torch's int4 kernel and bf16 cuBLAS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import dot_args
+
+TARGET_PROGRAMS = 264  # ~2 waves on a 132-SM H100/H200: enough to saturate HBM with weight streams
+
+
+@triton.jit
+def _int4_matmul_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, out_ptr,
+    M, N, K, K_PER_SPLIT,
+    stride_xm, stride_wk, stride_sg, stride_os, stride_om,
+    GROUP: tl.constexpr, GROUP_ALIGNED: tl.constexpr, HAS_ZERO: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    m_mask, n_mask = offs_m < M, offs_n < N
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    for k0 in range(k_start, k_end, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        k_mask = offs_k < k_end
+        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                    other=0.0)
+        wk_mask = k_mask[:, None] & n_mask[None, :]
+        # Each word once ([BK/8, BN]), then its eight nibbles fanned out in registers to [BK, BN]:
+        # row 8*w + i of the tile is nibble i of word row w, the packing order.
+        offs_w = k0 // 8 + tl.arange(0, BK // 8)
+        words = tl.load(w_ptr + offs_w[:, None] * stride_wk + offs_n[None, :],
+                        mask=(offs_w[:, None] < (K + 7) // 8) & n_mask[None, :], other=0)
+        shifts = (tl.arange(0, 8) * 4)[None, :, None]
+        nibbles = tl.reshape((words[:, None, :] >> shifts) & 0xF, [BK, BN])
+        nibbles = tl.where(wk_mask, nibbles, 8)  # masked rows dequantize to 0 (no stray weights past K)
+        if GROUP_ALIGNED:  # the whole tile lies in one group: one row of scales
+            group = k0 // GROUP
+            scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            if HAS_ZERO:
+                zero = tl.load(z_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        else:
+            g_off = (offs_k[:, None] // GROUP) * stride_sg + offs_n[None, :]
+            scale = tl.load(s_ptr + g_off, mask=wk_mask, other=0.0).to(tl.float32)
+            if HAS_ZERO:
+                zero = tl.load(z_ptr + g_off, mask=wk_mask, other=0.0).to(tl.float32)
+        w = (nibbles.to(tl.float32) - 8.0) * scale
+        if HAS_ZERO:
+            w = w + zero
+        if UPCAST_DOT:
+            acc += tl.dot(a.to(tl.float32), w, input_precision="ieee")
+        else:
+            acc += tl.dot(a, w.to(a.dtype), input_precision=PRECISION)
+    out = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@dataclass(frozen=True)
+class Int4Config:
+    bm: int
+    bn: int
+    bk: int
+    split_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def int4_config(m: int, n: int, k: int, group_size: int) -> Int4Config:
+    """Tiles by batch size: thin M tiles and split K for decode, square tiles for prefill."""
+    bk = 128 if group_size % 128 == 0 or group_size >= k else 64 if group_size % 64 == 0 else 32
+    if m <= 16:
+        bm, bn, warps = 16, 64, 4
+    elif m <= 64:
+        bm, bn, warps = (32 if m <= 32 else 64), 64, 4
+        bk = min(bk, 64)
+    else:
+        bm, bn, bk, warps = (64 if m <= 128 else 128), 128, min(bk, 64), 8
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    split = 1  # large batches are compute-bound: a split would only add a reduction pass
+    while m <= 64 and tiles * split * 2 <= TARGET_PROGRAMS and k // (split * 2) >= 2 * bk:
+        split *= 2
+    return Int4Config(bm, bn, bk, split, warps)
+
+
+def int4_candidates(m: int, n: int, k: int, group_size: int) -> list[Int4Config]:
+    """The heuristic first, then tilings worth timing for this batch size (kernels/tuning.py)."""
+    base = int4_config(m, n, k, group_size)
+    bk = base.bk
+    if m <= 16:
+        extra = [Int4Config(16, bn, bk, s, 4, 4) for bn in (32, 64, 128) for s in (1, 2, 4, 8)]
+    elif m <= 64:
+        extra = [Int4Config(bm, bn, min(bk, 64), s, 4, 3) for bm in (32, 64) for bn in (64, 128) for s in (1, 2, 4)]
+    else:
+        extra = [Int4Config(bm, bn, 64, 1, w, st) for bm in (64, 128) for bn in (64, 128, 256)
+                 for w, st in ((4, 3), (8, 4))]
+    return [base, *[c for c in extra if c != base]]
+
+
+def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                group_size: int, config: Int4Config | None = None) -> torch.Tensor:
+    """x [M, K] @ dequant(qweight)^T -> [M, N] in x's dtype. qweight int32 [ceil(K/8), N].
+    Without `config`, the tiling is timed once per shape on CUDA (kernels/tuning.py)."""
+    assert x.dim() == 2 and x.stride(1) == 1 and qweight.is_contiguous() and scales.is_contiguous()
+    m, k = x.shape
+    n = qweight.shape[1]
+    if config is None:
+        from .tuning import pick
+
+        config = pick("int4", m, n, k, int4_candidates(m, n, k, group_size),
+                      lambda c: int4_matmul(x, qweight, scales, zeros, group_size, c))
+    cfg = config
+    k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.bk) * cfg.bk
+    split = triton.cdiv(k, k_per_split)
+    if split == 1:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    else:
+        out = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    if m == 0:
+        return out if split == 1 else out.sum(0).to(x.dtype)
+    grid = (triton.cdiv(m, cfg.bm), triton.cdiv(n, cfg.bn), split)
+    _int4_matmul_kernel[grid](
+        x, qweight, scales, zeros if zeros is not None else scales, out,
+        m, n, k, k_per_split,
+        x.stride(0), qweight.stride(0), scales.stride(0), m * n if split > 1 else 0, n,
+        GROUP=group_size, GROUP_ALIGNED=group_size % cfg.bk == 0 or group_size >= k, HAS_ZERO=zeros is not None,
+        BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **dot_args(x.dtype),
+    )
+    return out if split == 1 else out.sum(0).to(x.dtype)
