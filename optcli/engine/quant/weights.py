@@ -79,14 +79,13 @@ class Int4Weight:
 
 
 @dataclass
-class Int8Weight:
-    """INT8 per-output-channel weights: w = q * scales[n]. With `act_quant` (W8A8), activations are
-    quantized per token to int8 at run time, as the checkpoint's scheme prescribes."""
+class _ChannelWeight:
+    """8-bit weights with one scale per output channel: w = q * scales[n]. With `act_quant`,
+    activations are quantized per token at run time, as the checkpoint's scheme prescribes."""
 
-    q: torch.Tensor  # int8 [N, K]
+    q: torch.Tensor  # [N, K], int8 or float8_e4m3fn
     scales: torch.Tensor  # float32 [N]
     act_quant: bool = True
-    kind = "int8"
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -96,10 +95,16 @@ class Int8Weight:
         return self.q.float() * self.scales[:, None]
 
     @classmethod
-    def cat(cls, parts: list[Int8Weight]) -> Int8Weight:
+    def cat(cls, parts: list) -> _ChannelWeight:
         if len({p.act_quant for p in parts}) > 1:
-            raise ValueError("int8 parts differ in activation quantization")
+            raise ValueError(f"{cls.kind} parts differ in activation quantization")
         return cls(torch.cat([p.q for p in parts]), torch.cat([p.scales for p in parts]), parts[0].act_quant)
+
+
+class Int8Weight(_ChannelWeight):
+    """INT8 per channel (W8A8 with `act_quant`, else int8 weight-only)."""
+
+    kind = "int8"
 
     @classmethod
     def rtn(cls, weight: torch.Tensor, act_quant: bool = True) -> Int8Weight:
@@ -108,28 +113,10 @@ class Int8Weight:
         return cls(q, scales, act_quant)
 
 
-@dataclass
-class Fp8Weight:
-    """FP8 (E4M3) per-output-channel weights: w = q * scales[n]; with `act_quant`, activations are
-    quantized per token to FP8 at run time (FP8_DYNAMIC)."""
+class Fp8Weight(_ChannelWeight):
+    """FP8 (E4M3) per channel; with `act_quant`, FP8 activations per token (FP8_DYNAMIC)."""
 
-    q: torch.Tensor  # float8_e4m3fn [N, K]
-    scales: torch.Tensor  # float32 [N]
-    act_quant: bool = True
     kind = "fp8"
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.q.shape)
-
-    def dequantize(self) -> torch.Tensor:
-        return self.q.float() * self.scales[:, None]
-
-    @classmethod
-    def cat(cls, parts: list[Fp8Weight]) -> Fp8Weight:
-        if len({p.act_quant for p in parts}) > 1:
-            raise ValueError("fp8 parts differ in activation quantization")
-        return cls(torch.cat([p.q for p in parts]), torch.cat([p.scales for p in parts]), parts[0].act_quant)
 
     @classmethod
     def rtn(cls, weight: torch.Tensor, act_quant: bool = True) -> Fp8Weight:
