@@ -32,7 +32,8 @@ def _cuda_kernels(device: torch.device) -> bool:
 
 
 class QuantLinear(nn.Module):
-    """y = x @ W^T (+ bias) for a quantized W; subclasses hold the packed buffers."""
+    """y = x @ W^T (+ bias) for a quantized W; each subclass holds its packed buffers and defines
+    `matmul(x [T, K]) -> [T, N]`."""
 
     kind = "?"
     mode = "?"
@@ -48,9 +49,6 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
-
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, {self.kind}, mode={self.mode}"
