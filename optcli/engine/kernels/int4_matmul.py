@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ._utils import dot_args
+from .tuning import pick
 
 TARGET_PROGRAMS = 264  # ~2 waves on a 132-SM H100/H200: enough to saturate HBM with weight streams
 
@@ -124,9 +125,7 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     m, k = x.shape
     n = qweight.shape[1]
     if config is None:
-        from .tuning import pick
-
-        config = pick("int4", m, n, k, int4_candidates(m, n, k, group_size),
+        config = pick("int4", m, n, k, lambda: int4_candidates(m, n, k, group_size),
                       lambda c: int4_matmul(x, qweight, scales, zeros, group_size, c))
     cfg = config
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.bk) * cfg.bk

@@ -14,7 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._utils import interpreting
 from .int4_matmul import TARGET_PROGRAMS
+from .tuning import pick
 
 
 @triton.jit
@@ -89,15 +91,11 @@ def int8_matmul(xq: torch.Tensor, x_scales: torch.Tensor, wq_t: torch.Tensor, w_
                 out_dtype: torch.dtype, config: Int8Config | None = None) -> torch.Tensor:
     """(xq [M, K] int8 @ wq_t [K, N] int8) * x_scales [M, 1] * w_scales [N] -> [M, N] `out_dtype`.
     Without `config`, the tiling is timed once per shape on CUDA (kernels/tuning.py)."""
-    from ._utils import interpreting
-
     assert xq.stride(1) == 1 and wq_t.is_contiguous()
     m, k = xq.shape
     n = wq_t.shape[1]
     if config is None:
-        from .tuning import pick
-
-        config = pick("int8", m, n, k, int8_candidates(m, n, k),
+        config = pick("int8", m, n, k, lambda: int8_candidates(m, n, k),
                       lambda c: int8_matmul(xq, x_scales, wq_t, w_scales, out_dtype, c))
     cfg = config
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.bk) * cfg.bk

@@ -20,11 +20,13 @@ def m_bucket(m: int) -> int:
     return 1 << max(0, (m - 1).bit_length())
 
 
-def pick(kernel: str, m: int, n: int, k: int, candidates: list, run: Callable[[object], object]):
-    """The fastest of `candidates` (a heuristic default first) for this shape; `run(c)` launches with c."""
+def pick(kernel: str, m: int, n: int, k: int, candidates: Callable[[], list], run: Callable[[object], object]):
+    """The fastest of `candidates()` (a heuristic default first) for this shape; `run(c)` launches with c.
+    The list is only built on a cache miss: eager prefill steps call this once per layer."""
     key = (kernel, m_bucket(m), n, k)
     if key in _CHOSEN:
         return _CHOSEN[key]
+    candidates = candidates()
     if len(candidates) == 1 or not torch.cuda.is_available() or torch.cuda.is_current_stream_capturing():
         return candidates[0]
     import triton.testing

@@ -93,11 +93,8 @@ class Int4Linear(QuantLinear):
         if self.mode == "cpu":
             return torch._weight_int4pack_mm_for_cpu(x.contiguous(), self.qweight, self.group_size, self.scales_zeros)
         q = torch.stack([self.qweight & 0xF, self.qweight >> 4], -1).reshape(self.out_features, -1)
-        q = q[:, : self.in_features].float() - 8.0
-        w = q * self.scales.repeat_interleave(self.group_size, 1)
-        if self.zeros is not None:
-            w = w + self.zeros.repeat_interleave(self.group_size, 1)
-        return F.linear(x, w.to(x.dtype))
+        w = Int4Weight(q[:, : self.in_features], self.scales, self.zeros, self.group_size)  # x is permuted already
+        return F.linear(x, w.dequantize().to(x.dtype))
 
 
 class Int8Linear(QuantLinear):
