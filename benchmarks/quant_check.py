@@ -3,7 +3,8 @@
 Run through `python benchmarks/gpu_check.py --quant` (or directly). One process, one device:
 
 1. GEMM table: the four GEMMs of one Llama-3.2-1B decoder layer (qkv 2048->3072, o 2048->2048,
-   gate_up 2048->16384, down 8192->2048), summed, median microseconds by batch rows M, for bf16
+   gate_up 2048->16384, down 8192->2048), summed, GPU microseconds by batch rows M (each call
+   replayed from a CUDA graph with a cold L2, as decode steps run: kernels/tuning.time_in_graph), for bf16
    cuBLAS, our int4 Triton GEMM, torch's int4 kernel (`_weight_int4pack_mm`, the stock peer),
    FP8 (our fused per-token quant + `_scaled_mm`) and W8A8 (our per-token quant + Triton int8 GEMM).
    Every quantized output is checked against `x @ dequantized(W)^T` first.
@@ -26,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -47,11 +49,12 @@ def log(msg: str) -> None:
 
 
 def bench_us(fn, device: str, reps: int) -> float:
-    """Median microseconds of fn(); on CUDA through triton's do_bench (L2 flushed between runs)."""
+    """Microseconds of one fn(): on CUDA its GPU time in a CUDA graph with a cold L2 (no launch cost,
+    weights read from HBM, as in a captured decode step); on CPU the median wall time."""
     if device.startswith("cuda"):
-        import triton.testing
+        from optcli.engine.kernels.tuning import time_in_graph
 
-        return triton.testing.do_bench(fn, warmup=10, rep=reps, return_mode="median") * 1000
+        return time_in_graph(fn) * 1000
     fn()
     times = []
     for _ in range(max(3, reps // 10)):
@@ -105,14 +108,14 @@ def gemm_table(device: str, dtype: torch.dtype, gemms, ms: list[int], reps: int)
                     total = None
                     break
                 if method == "bf16":
-                    fn = (lambda x=x, w=entry: F.linear(x, w))
+                    fn = partial(F.linear, x, entry)
                 elif method == "torch-int4":
-                    fn = (lambda x=x, f=entry: f(x))
+                    fn = partial(entry, x)
                     ref = F.linear(x.float(), layer["int4"][1].float())
                     worst = max(worst, rel_err(fn(), ref))
                 else:
                     module = entry[0]
-                    fn = (lambda x=x, f=module: f(x))
+                    fn = partial(module, x)
                     ref = F.linear(x.float(), reference_weight(module).float())
                     if method in ("fp8", "int8"):
                         ref = F.linear(fake_quant(x, module), reference_weight(module).float())
@@ -143,8 +146,7 @@ def reference_weight(module) -> torch.Tensor:
         eye = torch.eye(module.in_features, device=module.qweight.device, dtype=torch.float32)
         return module(eye).t()  # CPU int4 kernel's view of itself: columns of W^T
     if module.kind == "int8":
-        q = module.qweight.t() if module.mode == "triton" else module.qweight
-        return q.float() * module.scales[:, None]
+        return module.qweight.float() * module.scales[:, None]
     return module.qweight.float() * module.scales.t()
 
 
@@ -223,7 +225,8 @@ def sync(device: str) -> None:
 
 
 def print_tables(gemm_rows: list[dict], engine_rows: list[dict], device_name: str) -> bool:
-    print(f"\n## Per decoder layer (4 GEMMs), median us, {device_name}\n")
+    timing = "median wall us" if device_name == "CPU" else "GPU us per call in a CUDA graph, cold L2"
+    print(f"\n## Per decoder layer (4 GEMMs), {timing}, {device_name}\n")
     print("| M | bf16 | int4 ours (Triton) | int4 torch | FP8 (fused quant + _scaled_mm) | W8A8 (Triton) |")
     print("|---|---|---|---|---|---|")
     for r in gemm_rows:
@@ -244,8 +247,8 @@ def print_tables(gemm_rows: list[dict], engine_rows: list[dict], device_name: st
         t1, t2 = TARGETS.get(r["format"], (None, None))
         mem = r["weights_bytes"] / r["theoretical_bytes"]
         ok &= mem <= 1.10
-        print(f"| {r['format']} | {r['batch1_tok_s']:.1f} | {b1:.2f}x | {'>= %.1fx' % t1 if t1 else ''} | "
-              f"{r['workload_tok_s']:.0f} | {wl:.2f}x | {'>= %.1fx' % t2 if t2 else ''} | "
+        print(f"| {r['format']} | {r['batch1_tok_s']:.1f} | {b1:.2f}x | {f'>= {t1:.1f}x' if t1 else ''} | "
+              f"{r['workload_tok_s']:.0f} | {wl:.2f}x | {f'>= {t2:.1f}x' if t2 else ''} | "
               f"{r['weights_bytes'] / 2**20:.0f} | {mem:.3f} |")
     return ok
 

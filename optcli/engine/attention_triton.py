@@ -17,7 +17,7 @@ from optcli.engine.attention import StepLayout, block_table_tensor
 
 @dataclass
 class TritonMetadata:
-    slot_mapping: torch.Tensor  # [T] int64; -1 = padding
+    slot_mapping: torch.Tensor  # [T] int64 (int32 in CUDA-graph buffers); -1 = padding
     block_tables: torch.Tensor  # [B, max_blocks] int32
     context_lens: torch.Tensor  # [B] int32; 0 = padding
     query_start_loc: torch.Tensor | None  # [B+1] int32; None for decode (one query row per sequence)

@@ -1,9 +1,12 @@
 """CUDA graphs for decode steps: one graph per batch-size bucket (1, 2, 4, 8, ... max_num_seqs).
 
 A decode step launches hundreds of small kernels; replaying a captured graph removes their launch
-overhead, which dominates at small batch sizes. Graphs read fixed buffers, so each step copies its
+overhead, which dominates at small batch sizes. Graphs read fixed buffers, so each step writes its
 inputs into them, pads to the bucket (slot -1, context length 0: padded rows touch no cache and
-produce ignored logits) and replays. Prefill and prompt-logprob steps run eagerly.
+produce ignored logits) and replays. All inputs (token ids, positions, slots, context lengths, block
+tables) are int32 views of one device buffer, filled from one pinned host buffer by one copy: five
+separate pageable copies cost more host time than a batch-1 step's GPU work saved by fusion.
+Prefill and prompt-logprob steps run eagerly.
 
 `capture` is injectable: tests pass an eager stand-in to check the bucketing and padding on CPU.
 """
@@ -58,11 +61,14 @@ class DecodeGraphs:
         self.block_size = block_size
         self.buckets = batch_buckets(max_num_seqs)
         n = self.buckets[-1]
-        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
-        self.positions = torch.zeros(n, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.long, device=device)
-        self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
-        self.context_lens = torch.zeros(n, dtype=torch.int32, device=device)
+        self.width = max_blocks
+        sizes = [n, n, n, n, n * max_blocks]  # ids, positions, slots, context lengths, block tables
+        self.host = torch.zeros(sum(sizes), dtype=torch.int32, pin_memory=torch.device(device).type == "cuda")
+        self.inputs = torch.zeros(sum(sizes), dtype=torch.int32, device=device)
+        ids, pos, slots, ctx, tables = self.inputs.split(sizes)
+        self.input_ids, self.positions, self.slot_mapping, self.context_lens = ids, pos, slots, ctx
+        self.block_tables = tables.view(n, max_blocks)
+        self.host_parts = self.host.split(sizes)
         self.replays: dict[int, Callable[[], torch.Tensor]] = {}
         with torch.inference_mode():
             for size in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory pool
@@ -89,12 +95,15 @@ class DecodeGraphs:
         """Logits [n, V] of a decode step (one token per sequence), through the bucket's graph."""
         n = len(input_ids)
         size = self.bucket(n)
-        width = self.block_tables.shape[1]
-        self.input_ids[:n] = torch.tensor(input_ids)
-        self.positions[:n] = torch.tensor(positions)
-        self.slot_mapping[:n] = torch.tensor(layout.slots)
-        self.slot_mapping[n:size] = -1
-        self.context_lens[:n] = torch.tensor(layout.ctx_lens, dtype=torch.int32)
-        self.context_lens[n:size] = 0
-        self.block_tables[:n] = block_table_tensor(layout.block_tables, width, torch.int32)
+        ids, pos, slots, ctx, tables = self.host_parts
+        ids[:n] = torch.tensor(input_ids, dtype=torch.int32)
+        pos[:n] = torch.tensor(positions, dtype=torch.int32)
+        slots[:n] = torch.tensor(layout.slots, dtype=torch.int32)
+        slots[n:size] = -1
+        ctx[:n] = torch.tensor(layout.ctx_lens, dtype=torch.int32)
+        ctx[n:size] = 0
+        tables[: n * self.width] = block_table_tensor(layout.block_tables, self.width, torch.int32).view(-1)
+        # Safe to reuse the pinned buffer next step: the step's sampled tokens are read back (a sync)
+        # after this copy, on the same stream, before the next run() writes it again.
+        self.inputs.copy_(self.host, non_blocking=True)
         return self.replays[size]()[:n]

@@ -76,6 +76,11 @@ class Engine:
         self.max_num_seqs = max_num_seqs
         self.block_size = block_size
         self.backend = _pick_backend(attention_backend, device)
+        if self.backend == "triton":
+            from optcli.engine.models.layer_ops import FusedOps
+
+            self.model.ops = FusedOps  # one kernel each for add+norm, RoPE, SiLU-mul
+            self.model.rotary.build_table(self.max_model_len, self.model.embed_tokens.weight.dtype)
         build_metadata = build_triton_metadata if self.backend == "triton" else build_gather_metadata
         budget_tokens = max_num_batched_tokens or max(2048, max_num_seqs)
         per_block = 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * self.model.embed_tokens.weight.element_size()
@@ -266,7 +271,7 @@ class Engine:
         finally:
             self.blocks.free(seq)
         head = out.prompt_logits["score"][1] if seq.num_tokens > 1 else out.sample_logits[:0]
-        return torch.cat([head.float(), out.sample_logits])
+        return torch.cat([head.float(), out.sample_logits.float()])
 
     def stats(self) -> dict:
         b = self.blocks

@@ -17,7 +17,7 @@ from optcli.engine.sequence import Sequence
 @dataclass
 class StepOutput:
     sample_seqs: list[Sequence]  # sequences that get a new token this step
-    sample_logits: torch.Tensor  # [len(sample_seqs), V]
+    sample_logits: torch.Tensor  # [len(sample_seqs), V] in the model's dtype (the sampler upcasts what it needs)
     prompt_logits: dict[str, tuple[int, torch.Tensor]]  # request id → (first position, logits rows)
 
 
@@ -63,7 +63,7 @@ class ModelRunner:
         dev = self.device
         if self.graphs is not None and layout.is_decode and not prompt_rows and self.graphs.fits(len(input_ids)):
             logits = self.graphs.run(input_ids, positions, layout)
-            return StepOutput(sample_seqs, logits.float(), {})
+            return StepOutput(sample_seqs, logits, {})
         meta = self.backend(layout, dev)
         hidden = self.model(
             torch.tensor(input_ids, dtype=torch.long, device=dev),
@@ -76,4 +76,4 @@ class ModelRunner:
             rid: (first, self.model.compute_logits(hidden[torch.tensor(rows, dtype=torch.long, device=dev)]))
             for rid, (first, rows) in prompt_rows.items()
         }
-        return StepOutput(sample_seqs, logits.float(), prompt_logits)
+        return StepOutput(sample_seqs, logits, prompt_logits)

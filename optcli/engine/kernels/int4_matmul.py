@@ -7,8 +7,13 @@ once per word, fans its eight nibbles out in registers, scales them and feeds tl
 traffic is a quarter of bf16's.
 
 Small batches (decode) are memory-bound with few output tiles, so K is split across programs to
-keep every SM streaming weights; their fp32 partials are summed after. `int4_config` picks tiles by
-M; `benchmarks/gpu_check.py --quant` measures it against torch's int4 kernel and bf16 cuBLAS.
+keep every SM streaming weights; their fp32 partials are summed after (`split_k.py`). For 1-8 rows
+there is also a GEMV form: no tl.dot (whose tiles pad M to 16), the group scale applied once per
+tile to the sum of x * nibble instead of to every weight, i.e. one int->float convert and one FMA per
+weight. For large M, a third candidate dequantizes the weight into a transient bf16 buffer for a cuBLAS
+GEMM (`int4_dequant.py`). `int4_candidates` lists them; on CUDA the tuner times them per shape (in a
+CUDA graph with a cold L2, as the engine runs them) and keeps the fastest; `benchmarks/gpu_check.py --quant`
+measures the result against torch's int4 kernel and bf16 cuBLAS.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import split_k
 from ._utils import dot_args
+from .split_k import program_tile
 from .tuning import pick
 
 TARGET_PROGRAMS = 264  # ~2 waves on a 132-SM H100/H200: enough to saturate HBM with weight streams
@@ -34,13 +41,8 @@ def _int4_matmul_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
-    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_m = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    m_mask, n_mask = offs_m < M, offs_n < N
+    offs_m, offs_n, m_mask, n_mask, k_start, k_end = program_tile(M, N, K, K_PER_SPLIT, BM, BN)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
-    k_start = pid_k * K_PER_SPLIT
-    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     for k0 in range(k_start, k_end, BK):
         offs_k = k0 + tl.arange(0, BK)
         k_mask = offs_k < k_end
@@ -72,7 +74,41 @@ def _int4_matmul_kernel(
             acc += tl.dot(a.to(tl.float32), w, input_precision="ieee")
         else:
             acc += tl.dot(a, w.to(a.dtype), input_precision=PRECISION)
-    out = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
+    out = out_ptr + tl.program_id(2) * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _int4_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, out_ptr,
+    M, N, K, K_PER_SPLIT,
+    stride_xm, stride_wk, stride_sg, stride_os, stride_om,
+    GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """x [M <= BM, K] @ W: every K tile lies in one group (BK divides GROUP, or one group spans K)."""
+    offs_m, offs_n, m_mask, n_mask, k_start, k_end = program_tile(M, N, K, K_PER_SPLIT, BM, BN)
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(k_start, k_end, BK):
+        rows = k0 // 8 + tl.arange(0, BK // 8)
+        words = tl.load(w_ptr + rows[:, None] * stride_wk + offs_n[None, :],
+                        mask=(rows[:, None] < (K + 7) // 8) & n_mask[None, :], other=0)
+        dot = tl.zeros([BM, BN], dtype=tl.float32)  # sum over the tile of x * nibble
+        x_sum = tl.zeros([BM], dtype=tl.float32)
+        for i in tl.static_range(8):  # nibble i of word row r is input channel 8r + i
+            ks = rows * 8 + i
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + ks[None, :],
+                        mask=m_mask[:, None] & (ks < k_end)[None, :], other=0.0).to(tl.float32)
+            nib = ((words >> (4 * i)) & 0xF).to(tl.float32)
+            dot += tl.sum(x[:, :, None] * nib[None, :, :], axis=1)
+            x_sum += tl.sum(x, axis=1)
+        # sum x * ((q - 8) * scale + zero) = scale * (sum x*q - 8 sum x) + zero * sum x
+        group = k0 // GROUP
+        scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        acc += (dot - 8.0 * x_sum[:, None]) * scale[None, :]
+        if HAS_ZERO:
+            zero = tl.load(z_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            acc += x_sum[:, None] * zero[None, :]
+    out = out_ptr + tl.program_id(2) * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
@@ -84,6 +120,15 @@ class Int4Config:
     split_k: int
     num_warps: int = 4
     num_stages: int = 3
+    kernel: str = "dot"  # "dot": in-register dequant + tl.dot; "gemv": tl.dot-free, bm = rows padded to a
+    # power of two (at most 8); "dequant": int4_dequant.py's [K, N] buffer (bk/8 x bn tiles) + a cuBLAS GEMM
+
+
+GEMV_MAX_M = 8
+
+
+def gemv_fits(m: int, k: int, group_size: int, bk: int) -> bool:
+    return m <= GEMV_MAX_M and (group_size % bk == 0 or group_size >= k)
 
 
 def int4_config(m: int, n: int, k: int, group_size: int) -> Int4Config:
@@ -109,11 +154,16 @@ def int4_candidates(m: int, n: int, k: int, group_size: int) -> list[Int4Config]
     bk = base.bk
     if m <= 16:
         extra = [Int4Config(16, bn, bk, s, 4, 4) for bn in (32, 64, 128) for s in (1, 2, 4, 8)]
+        if gemv_fits(m, k, group_size, bk):
+            bm = triton.next_power_of_2(m)
+            extra += [Int4Config(bm, bn, bk, s, 4, 2, "gemv") for bn in (64, 128, 256) for s in (1, 2, 4, 8)]
     elif m <= 64:
         extra = [Int4Config(bm, bn, min(bk, 64), s, 4, 3) for bm in (32, 64) for bn in (64, 128) for s in (1, 2, 4)]
     else:
         extra = [Int4Config(bm, bn, 64, 1, w, st) for bm in (64, 128) for bn in (64, 128, 256)
                  for w, st in ((4, 3), (8, 4))]
+    if m > 16:  # from here a cuBLAS GEMM may repay unpacking the weight once per call
+        extra += [Int4Config(0, 128, 64, 1, 4, 1, "dequant")]
     return [base, *[c for c in extra if c != base]]
 
 
@@ -128,21 +178,26 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
         config = pick("int4", m, n, k, lambda: int4_candidates(m, n, k, group_size),
                       lambda c: int4_matmul(x, qweight, scales, zeros, group_size, c))
     cfg = config
-    k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.bk) * cfg.bk
-    split = triton.cdiv(k, k_per_split)
-    if split == 1:
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    else:
-        out = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    if cfg.kernel == "dequant":
+        from .int4_dequant import int4_dequantize
+
+        w = int4_dequantize(qweight, scales, zeros, group_size, k, x.dtype, cfg.bk // 8, cfg.bn)
+        return torch.mm(x, w)  # M = 0 included
+    k_per_split, splits = split_k.plan(k, cfg.bk, cfg.split_k)
+    out = split_k.output(m, n, splits, x.dtype, x.device)
     if m == 0:
-        return out if split == 1 else out.sum(0).to(x.dtype)
-    grid = (triton.cdiv(m, cfg.bm), triton.cdiv(n, cfg.bn), split)
-    _int4_matmul_kernel[grid](
-        x, qweight, scales, zeros if zeros is not None else scales, out,
-        m, n, k, k_per_split,
-        x.stride(0), qweight.stride(0), scales.stride(0), m * n if split > 1 else 0, n,
-        GROUP=group_size, GROUP_ALIGNED=group_size % cfg.bk == 0 or group_size >= k, HAS_ZERO=zeros is not None,
-        BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **dot_args(x.dtype),
-    )
-    return out if split == 1 else out.sum(0).to(x.dtype)
+        return split_k.finish(out, x.dtype)
+    common = (x, qweight, scales, zeros if zeros is not None else scales, out, m, n, k, k_per_split,
+              x.stride(0), qweight.stride(0), scales.stride(0), m * n if splits > 1 else 0, n)
+    grid = (triton.cdiv(m, cfg.bm), triton.cdiv(n, cfg.bn), splits)
+    if cfg.kernel == "gemv":
+        assert m <= cfg.bm and gemv_fits(m, k, group_size, cfg.bk)
+        _int4_gemv_kernel[grid](*common, GROUP=group_size, HAS_ZERO=zeros is not None, BM=cfg.bm, BN=cfg.bn,
+                                BK=cfg.bk, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    else:
+        _int4_matmul_kernel[grid](
+            *common, GROUP=group_size, GROUP_ALIGNED=group_size % cfg.bk == 0 or group_size >= k,
+            HAS_ZERO=zeros is not None, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages, **dot_args(x.dtype),
+        )
+    return split_k.finish(out, x.dtype)

@@ -2,8 +2,9 @@
 
 `torch._int_mm` returns raw int32 (scaling it is another pass over [M, N]) and was measured far
 slower than bf16 on Hopper; here the scales are applied in the epilogue while the tile is still in
-registers. Weights are stored [K, N] (N contiguous) so a weight tile streams coalesced. Small
-batches split K across programs like the int4 kernel, summing scaled fp32 partials after.
+registers. Weights stay [N, K] (K contiguous, the checkpoint's layout): Hopper's int8 tensor-core
+instructions (wgmma) take 8-bit operands K-major only, so a [K, N] copy would have to be transposed
+on the way in. Small batches split K across programs like the int4 kernel (`split_k.py`).
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
+from . import split_k
 from ._utils import interpreting
 from .int4_matmul import TARGET_PROGRAMS
+from .split_k import program_tile
 from .tuning import pick
 
 
@@ -23,31 +26,26 @@ from .tuning import pick
 def _int8_matmul_kernel(
     x_ptr, w_ptr, xs_ptr, ws_ptr, out_ptr,
     M, N, K, K_PER_SPLIT,
-    stride_xm, stride_wk, stride_os, stride_om,
+    stride_xm, stride_wn, stride_os, stride_om,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EXACT_DOT: tl.constexpr,
 ):
-    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_m = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    m_mask, n_mask = offs_m < M, offs_n < N
+    offs_m, offs_n, m_mask, n_mask, k_start, k_end = program_tile(M, N, K, K_PER_SPLIT, BM, BN)
     acc = tl.zeros([BM, BN], dtype=tl.int32)
-    k_start = pid_k * K_PER_SPLIT
-    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     for k0 in range(k_start, k_end, BK):
         offs_k = k0 + tl.arange(0, BK)
         k_mask = offs_k < k_end
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
                     other=0)
-        b = tl.load(w_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :],
-                    mask=k_mask[:, None] & n_mask[None, :], other=0)
+        b = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
+                    mask=n_mask[:, None] & k_mask[None, :], other=0)  # [BN, BK], K contiguous
         if EXACT_DOT:  # interpreter: int8 products summed in fp32 are exact below 2^24 per tile
-            acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee").to(tl.int32)
+            acc += tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee").to(tl.int32)
         else:
-            acc += tl.dot(a, b)
+            acc += tl.dot(a, tl.trans(b))
     x_scale = tl.load(xs_ptr + offs_m, mask=m_mask, other=0.0)
     w_scale = tl.load(ws_ptr + offs_n, mask=n_mask, other=0.0)
     y = acc.to(tl.float32) * x_scale[:, None] * w_scale[None, :]
-    out = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
+    out = out_ptr + tl.program_id(2) * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
     tl.store(out, y.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
@@ -87,27 +85,25 @@ def int8_candidates(m: int, n: int, k: int) -> list[Int8Config]:
     return [base, *[c for c in extra if c != base]]
 
 
-def int8_matmul(xq: torch.Tensor, x_scales: torch.Tensor, wq_t: torch.Tensor, w_scales: torch.Tensor,
+def int8_matmul(xq: torch.Tensor, x_scales: torch.Tensor, wq: torch.Tensor, w_scales: torch.Tensor,
                 out_dtype: torch.dtype, config: Int8Config | None = None) -> torch.Tensor:
-    """(xq [M, K] int8 @ wq_t [K, N] int8) * x_scales [M, 1] * w_scales [N] -> [M, N] `out_dtype`.
+    """(xq [M, K] int8 @ wq [N, K] int8 ^T) * x_scales [M, 1] * w_scales [N] -> [M, N] `out_dtype`.
     Without `config`, the tiling is timed once per shape on CUDA (kernels/tuning.py)."""
-    assert xq.stride(1) == 1 and wq_t.is_contiguous()
+    assert xq.stride(1) == 1 and wq.is_contiguous()
     m, k = xq.shape
-    n = wq_t.shape[1]
+    n = wq.shape[0]
     if config is None:
         config = pick("int8", m, n, k, lambda: int8_candidates(m, n, k),
-                      lambda c: int8_matmul(xq, x_scales, wq_t, w_scales, out_dtype, c))
+                      lambda c: int8_matmul(xq, x_scales, wq, w_scales, out_dtype, c))
     cfg = config
-    k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.bk) * cfg.bk
-    split = triton.cdiv(k, k_per_split)
-    shape = (m, n) if split == 1 else (split, m, n)
-    out = torch.empty(shape, dtype=out_dtype if split == 1 else torch.float32, device=xq.device)
+    k_per_split, splits = split_k.plan(k, cfg.bk, cfg.split_k)
+    out = split_k.output(m, n, splits, out_dtype, xq.device)
     if m == 0:
-        return out if split == 1 else out.sum(0).to(out_dtype)
-    grid = (triton.cdiv(m, cfg.bm), triton.cdiv(n, cfg.bn), split)
+        return split_k.finish(out, out_dtype)
+    grid = (triton.cdiv(m, cfg.bm), triton.cdiv(n, cfg.bn), splits)
     _int8_matmul_kernel[grid](
-        xq, wq_t, x_scales, w_scales, out, m, n, k, k_per_split,
-        xq.stride(0), wq_t.stride(0), m * n if split > 1 else 0, n,
+        xq, wq, x_scales, w_scales, out, m, n, k, k_per_split,
+        xq.stride(0), wq.stride(0), m * n if splits > 1 else 0, n,
         BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, EXACT_DOT=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out if split == 1 else out.sum(0).to(out_dtype)
+    return split_k.finish(out, out_dtype)

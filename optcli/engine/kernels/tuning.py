@@ -4,6 +4,12 @@ Hand-set tiles are a guess about a chip; a few timed candidates are a measuremen
 of a shape (outside CUDA-graph capture: the engine warms every graph up before capturing it) runs
 each candidate on the real inputs and keeps the fastest; later calls, and any call while capturing
 or off CUDA, use the cached choice or the heuristic default (the first candidate).
+
+Candidates are timed inside a CUDA graph, as the engine runs decode steps: timed eagerly, a few-
+microsecond decode GEMM measures mostly its host launch cost, which favours whichever candidate
+launches fewer kernels rather than the one the GPU runs fastest. Between calls the graph overwrites
+a buffer twice the size of L2, so every call reads its weights from HBM as in a real forward (an int4
+layer's weights would otherwise stay in the H100's 50 MB L2); that write is timed alone and subtracted.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from collections.abc import Callable
 import torch
 
 _CHOSEN: dict[tuple, object] = {}
+GRAPH_CALLS = 20  # launches per captured graph: the replay time / this is one call's GPU time
 
 
 def m_bucket(m: int) -> int:
@@ -29,16 +36,63 @@ def pick(kernel: str, m: int, n: int, k: int, candidates: Callable[[], list], ru
     candidates = candidates()
     if len(candidates) == 1 or not torch.cuda.is_available() or torch.cuda.is_current_stream_capturing():
         return candidates[0]
-    import triton.testing
-
     timings = []
     for config in candidates:
         try:
-            timings.append((triton.testing.do_bench(lambda c=config: run(c), warmup=5, rep=20), config))
+            timings.append((time_in_graph(lambda c=config: run(c)), config))
         except Exception:  # noqa: BLE001 - a tiling the compiler rejects (shared memory) is skipped
+            torch.cuda.synchronize()
             continue
     _CHOSEN[key] = min(timings, key=lambda t: t[0])[1] if timings else candidates[0]
     return _CHOSEN[key]
+
+
+def time_in_graph(fn: Callable[[], object], replays: int = 5) -> float:
+    """GPU milliseconds of one `fn()` with a cold L2: best of `replays` replays of a CUDA graph of
+    GRAPH_CALLS (flush, fn) pairs, minus the same number of flushes alone (timed once per device)."""
+    flush, flush_ms = _flush()
+    fn()  # compiles outside the capture
+    torch.cuda.synchronize()
+    return max(_graph_ms(lambda: (flush.zero_(), fn()), replays) - flush_ms, 0.0) / GRAPH_CALLS
+
+
+def _graph_ms(body: Callable[[], object], replays: int) -> float:
+    # capture_begin/end directly: torch.cuda.graph() also runs gc.collect() and empty_cache() per
+    # capture, which would dominate a tuning pass of a few hundred captures.
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):
+        graph.capture_begin()
+        try:
+            for _ in range(GRAPH_CALLS):
+                body()
+        finally:
+            graph.capture_end()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    best = float("inf")
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end))
+    return best
+
+
+_FLUSH: dict[int, tuple[torch.Tensor, float]] = {}
+
+
+def _flush() -> tuple[torch.Tensor, float]:
+    """A buffer twice L2's size, and the ms GRAPH_CALLS overwrites of it take."""
+    device = torch.cuda.current_device()
+    if device not in _FLUSH:
+        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 64 << 20
+        buffer = torch.empty(2 * l2, dtype=torch.int8, device="cuda")
+        _FLUSH[device] = buffer, _graph_ms(buffer.zero_, replays=10)
+    return _FLUSH[device]
 
 
 def chosen() -> dict[str, str]:

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from optcli.engine.models.layer_ops import TorchOps
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
@@ -133,8 +135,20 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
         self.scaling = scaling
         self.original_max = params.get("original_max_position_embeddings", cfg.max_position_embeddings)
+        self.table: torch.Tensor | None = None  # [max_len, 2 * head_dim]: cos | sin, see build_table
+
+    def build_table(self, max_len: int, dtype: torch.dtype) -> None:
+        """Precompute cos|sin for positions < max_len (the same ops, so the same values), so a step
+        gathers its rows in one op instead of ~9. Not for dynamic NTK, whose table depends on the batch."""
+        if self.rope_type != "dynamic":
+            cos, sin = self.forward(torch.arange(max_len, device=self.inv_freq.device))
+            self.table = torch.cat([cos, sin], dim=-1).to(dtype)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.table is not None:
+            rows = self.table[positions]
+            half = rows.shape[-1] // 2
+            return rows[:, :half], rows[:, half:]
         inv_freq, scaling = self.inv_freq, self.scaling
         if self.rope_type == "dynamic":  # NTK scaling grows with the longest sequence, as in transformers
             seq_len = int(positions.max()) + 1
@@ -146,13 +160,6 @@ class RotaryEmbedding(nn.Module):
         freqs = positions[:, None].float() * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos() * scaling, emb.sin() * scaling
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]; cos/sin: [T, head_dim] (half-split layout, as transformers)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
 class DecoderLayer(nn.Module):
@@ -172,21 +179,23 @@ class DecoderLayer(nn.Module):
         self.gate_up_proj = Dense(cfg.hidden_size, 2 * cfg.intermediate_size)
         self.down_proj = Dense(cfg.intermediate_size, cfg.hidden_size)
 
-    def forward(self, x, cos, sin, kv_cache: tuple[torch.Tensor, torch.Tensor], meta):
+    def forward(self, x, residual, cos, sin, kv_cache: tuple[torch.Tensor, torch.Tensor], meta, ops):
+        """(this layer's output, the residual stream before it): the residual add is deferred into the
+        next norm, so add + norm is one op (one kernel with FusedOps)."""
         cfg = self.cfg
-        h = self.input_layernorm(x)
+        h, residual = ops.rms_norm(x, self.input_layernorm.weight, self.input_layernorm.eps, residual)
         q, k, v = self.qkv_proj(h).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, cfg.num_heads, cfg.head_dim)
         k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)
         v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = ops.rotary(q, k, cos, sin)
         attn = meta.attend(q, k, v, kv_cache, cfg.sliding_windows[self.index])
-        x = x + self.o_proj(attn.reshape(-1, self.q_size))
-        h = self.post_attention_layernorm(x)
-        gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
-        return x + self.down_proj(F.silu(gate) * up)
+        out = self.o_proj(attn.reshape(-1, self.q_size))
+        norm = self.post_attention_layernorm
+        h, residual = ops.rms_norm(out, norm.weight, norm.eps, residual)
+        return self.down_proj(ops.silu_mul(self.gate_up_proj(h))), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -198,15 +207,17 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = Dense(cfg.hidden_size, cfg.vocab_size)  # its own (packed) copy even when tied
         self.rotary = RotaryEmbedding(cfg)
+        self.ops = TorchOps  # layer_ops.FusedOps on the Triton backend (set by the engine)
 
     def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
         """Hidden states [T, hidden] for the flat batch; KV of every token lands in the cache."""
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        residual = None
         for layer, cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, cos, sin, cache, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, cache, meta, self.ops)
+        return self.ops.rms_norm(x, self.norm.weight, self.norm.eps, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

@@ -110,8 +110,7 @@ class Int8Linear(QuantLinear):
         if backend == "auto":
             backend = "triton" if _cuda_kernels(device) and w.act_quant else "cpu" if device.type == "cpu" else "dequant"
         self.mode = backend
-        q = w.q.t().contiguous() if backend == "triton" else w.q  # the kernel streams [K, N] tiles
-        self.register_buffer("qweight", q.to(device))
+        self.register_buffer("qweight", w.q.to(device))  # [N, K], as every path here takes it
         self.register_buffer("scales", w.scales.float().to(device))
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,123 @@
+"""The decoder layer's elementwise work as one launch each: residual add + RMSNorm, RoPE, SiLU-and-mul.
+
+Written as torch ops, a layer's norms, rotary embedding and MLP activation are ~30 small kernels; in a
+batch-1 decode step each costs a few microseconds however little it computes, more than all the
+layer's GEMMs together. Fused, a layer is about a dozen launches (see `benchmarks/decode_ops.py`).
+
+Numerics follow transformers op for op, rounding to the activation dtype wherever its bf16 ops
+round (the norm's scaled row before the weight, each RoPE product, the SiLU before the multiply),
+so a fused step gives the unfused step's values; only the order of the fp32 sum of squares differs.
+Rounding to bf16 is done by hand (`rounding.round_to`), so the interpreter tests check the numerics
+the GPU runs.
+`optcli/engine/models/layer_ops.py` holds both sets (torch for CPU, these for the Triton backend).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .rounding import round_to
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, N, eps,
+                     stride_x, stride_r, stride_o, stride_ro, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:  # the residual stream moves on first: x + residual, rounded as torch's add
+        r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        x = round_to(x.to(tl.float32) + r.to(tl.float32), res_out_ptr.dtype.element_ty)
+        tl.store(res_out_ptr + row * stride_ro + cols, x.to(res_out_ptr.dtype.element_ty), mask=mask)
+    dtype = out_ptr.dtype.element_ty
+    xf = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / N + eps)
+    normed = round_to(xf * rstd, dtype)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, round_to(w * normed, dtype).to(dtype), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(x + residual), x + residual) for x [T, N]; without a residual, (RMSNorm(x), x)."""
+    assert x.dim() == 2 and x.stride(1) == 1 and weight.is_contiguous()
+    t, n = x.shape
+    out = torch.empty_like(x)
+    res_out = torch.empty_like(x) if residual is not None else x
+    if t:
+        res = residual if residual is not None else x
+        _rms_norm_kernel[(t,)](
+            x, res, weight, out, res_out, n, eps,
+            x.stride(0), res.stride(0), out.stride(0), res_out.stride(0),
+            HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n),
+        )  # fmt: skip
+    return out, res_out
+
+
+@triton.jit
+def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_ct,
+                   NUM_Q: tl.constexpr, NUM_K: tl.constexpr, HALF: tl.constexpr,
+                   BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)[None, :]
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    d_mask = d < HALF
+    # cos/sin rows repeat their halves (transformers' cat(freqs, freqs)); both halves are read as it does.
+    cos1 = tl.load(cos_ptr + t * stride_ct + d, mask=d_mask, other=0.0).to(tl.float32)
+    cos2 = tl.load(cos_ptr + t * stride_ct + HALF + d, mask=d_mask, other=0.0).to(tl.float32)
+    sin1 = tl.load(sin_ptr + t * stride_ct + d, mask=d_mask, other=0.0).to(tl.float32)
+    sin2 = tl.load(sin_ptr + t * stride_ct + HALF + d, mask=d_mask, other=0.0).to(tl.float32)
+    for which in tl.static_range(2):
+        if which == 0:
+            base, stride_t, stride_h, num = q_ptr, stride_qt, stride_qh, NUM_Q
+        else:
+            base, stride_t, stride_h, num = k_ptr, stride_kt, stride_kh, NUM_K
+        dtype = base.dtype.element_ty
+        mask = (heads < num) & d_mask
+        ptr = base + t * stride_t + heads * stride_h + d
+        x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+        # x * cos + rotate_half(x) * sin, each product rounded to the activation dtype first.
+        lo = round_to(round_to(x1 * cos1, dtype) - round_to(x2 * sin1, dtype), dtype)
+        hi = round_to(round_to(x2 * cos2, dtype) + round_to(x1 * sin2, dtype), dtype)
+        tl.store(ptr, lo.to(dtype), mask=mask)
+        tl.store(ptr + HALF, hi.to(dtype), mask=mask)
+
+
+def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate q [T, H, D] and k [T, KV, D] in place (any row/head strides, unit stride within a head)
+    by cos/sin [T, D] (half-split layout, as transformers)."""
+    t, num_q, dim = q.shape
+    assert q.stride(2) == 1 and k.stride(2) == 1 and cos.stride() == sin.stride() and cos.stride(1) == 1
+    if t:
+        _rotary_kernel[(t,)](
+            q, k, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
+            NUM_Q=num_q, NUM_K=k.shape[1], HALF=dim // 2,
+            BLOCK_H=triton.next_power_of_2(max(num_q, k.shape[1])), BLOCK_D=triton.next_power_of_2(dim // 2),
+        )  # fmt: skip
+
+
+@triton.jit
+def _silu_mul_kernel(x_ptr, out_ptr, N, stride_x, stride_o, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * stride_x + N + cols, mask=mask, other=0.0).to(tl.float32)
+    dtype = out_ptr.dtype.element_ty
+    act = round_to(gate / (1.0 + tl.exp(-gate)), dtype)
+    tl.store(out_ptr + row * stride_o + cols, round_to(act * up, dtype).to(dtype), mask=mask)
+
+
+def silu_mul(gate_up: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """silu(gate) * up for gate_up [T, 2I] (gate first, as the fused gate_up projection) -> [T, I]."""
+    assert gate_up.dim() == 2 and gate_up.stride(1) == 1
+    t, n = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty((t, n), dtype=gate_up.dtype, device=gate_up.device)
+    if t:
+        block = min(block, triton.next_power_of_2(n))
+        _silu_mul_kernel[(t, triton.cdiv(n, block))](gate_up, out, n, gate_up.stride(0), out.stride(0), BLOCK=block)
+    return out

@@ -1,0 +1,127 @@
+"""Fused elementwise kernels (add + RMSNorm, RoPE, SiLU-mul) against the torch ops they replace.
+
+They run on Triton's CPU interpreter here. bf16 results must be bit-identical to the torch ops
+(the kernels round to bf16 where torch's ops round); fp32 results equal up to 1 ulp from exp/rsqrt.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+from optcli.engine.kernels import triton_available  # noqa: E402
+from optcli.engine.models.layer_ops import FusedOps, TorchOps  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="needs CUDA or TRITON_INTERPRET=1")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.bfloat16, torch.float32]
+
+
+def same(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> None:
+    if dtype == torch.bfloat16:
+        assert torch.equal(a, b), (a.float() - b.float()).abs().max()
+    else:
+        torch.testing.assert_close(a, b, rtol=3e-7, atol=1e-7)
+
+
+def rand(*shape, gen, scale=1.0, dtype=torch.float32) -> torch.Tensor:
+    return (torch.randn(*shape, generator=gen) * scale).to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [96, 100, 128])  # power of two or not
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_torch(dtype, hidden, with_residual) -> None:
+    gen = torch.Generator().manual_seed(hidden)
+    x = rand(7, hidden, gen=gen, scale=3.0, dtype=dtype)
+    residual = rand(7, hidden, gen=gen, dtype=dtype) if with_residual else None
+    weight = (1 + rand(hidden, gen=gen, scale=0.2)).to(dtype)
+    want_h, want_r = TorchOps.rms_norm(x, weight, 1e-5, residual)
+    got_h, got_r = FusedOps.rms_norm(x, weight, 1e-5, residual)
+    same(got_h, want_h, dtype)
+    assert torch.equal(got_r, want_r)  # the residual stream itself is an exact add
+    if residual is None:
+        assert got_r is x
+
+
+def test_rms_norm_of_a_strided_row_view_and_no_rows() -> None:
+    gen = torch.Generator().manual_seed(1)
+    wide = rand(4, 160, gen=gen, dtype=torch.bfloat16)
+    x = wide[:, :96]  # rows of a wider buffer: row stride 160
+    weight = rand(96, gen=gen, dtype=torch.bfloat16)
+    same(FusedOps.rms_norm(x, weight, 1e-6)[0], TorchOps.rms_norm(x, weight, 1e-6)[0], torch.bfloat16)
+    empty = torch.empty(0, 96, dtype=torch.bfloat16, device=DEVICE)
+    assert FusedOps.rms_norm(empty, weight, 1e-6, empty)[0].shape == (0, 96)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 2, 16), (3, 1, 32), (8, 8, 64)])
+def test_rotary_in_place_on_qkv_views_matches_torch(dtype, heads, kv_heads, dim) -> None:
+    gen = torch.Generator().manual_seed(heads * dim)
+    tokens = 6
+    qkv = rand(tokens, (heads + 2 * kv_heads) * dim, gen=gen, dtype=dtype)
+    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    q, k = q.view(tokens, heads, dim), k.view(tokens, kv_heads, dim)
+    positions = torch.tensor([0, 1, 5, 17, 300, 4000]).float()
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, dim, 2).float() / dim))
+    freqs = positions[:, None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos().to(DEVICE, dtype), emb.sin().to(DEVICE, dtype)
+    want_q, want_k = TorchOps.rotary(q, k, cos, sin)
+    v_before = v.clone()
+    got_q, got_k = FusedOps.rotary(q, k, cos, sin)
+    assert got_q.data_ptr() == q.data_ptr() and got_k.data_ptr() == k.data_ptr()  # rotated in place
+    same(got_q, want_q, dtype)
+    same(got_k, want_k, dtype)
+    assert torch.equal(v, v_before)  # V, the third part of the same buffer, is untouched
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inter,block", [(100, 1024), (256, 64)])  # one ragged tile; several tiles
+def test_silu_mul_matches_torch(dtype, inter, block) -> None:
+    from optcli.engine.kernels.fused_elementwise import silu_mul
+
+    gen = torch.Generator().manual_seed(inter)
+    gate_up = rand(5, 2 * inter, gen=gen, scale=4.0, dtype=dtype)
+    want = TorchOps.silu_mul(gate_up)
+    got = silu_mul(gate_up, block=block)
+    if dtype == torch.bfloat16:
+        # SiLU's exp may differ from torch's by an fp32 ulp, which moves a bf16 rounding only on an exact tie.
+        mismatch = (got != want).float().mean().item()
+        assert mismatch < 0.01
+        torch.testing.assert_close(got, want, rtol=8e-3, atol=0)
+    else:
+        same(got, want, dtype)
+
+
+def test_a_fused_decode_layer_launches_a_third_of_the_ops() -> None:
+    """benchmarks/decode_ops.py's count: the fused layer is its 4 GEMMs + store/attend + 4 fused kernels."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location("decode_ops", bench / "decode_ops.py")
+        decode_ops = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(decode_ops)
+        (torch_name, torch_layer, torch_step), (fused_name, fused_layer, fused_step) = decode_ops.count_both(DEVICE)
+    finally:
+        sys.path.remove(str(bench))
+    assert (torch_name, fused_name) == ("torch", "triton")
+    assert fused_layer["aten.linear"] == torch_layer["aten.linear"] == 4
+    assert {op: n for op, n in fused_layer.items() if op.startswith("triton.")} == {
+        "triton._rms_norm_kernel": 2, "triton._rotary_kernel": 1, "triton._silu_mul_kernel": 1,
+        "triton._store_kv_kernel": 1, "triton._decode_split_kernel": 1,
+    }
+    assert sum(fused_layer.values()) == 10 and sum(torch_layer.values()) >= 30
+    assert sum(fused_step.values()) < sum(torch_step.values()) / 3
