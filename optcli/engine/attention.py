@@ -87,11 +87,15 @@ def build_gather_metadata(layout: StepLayout, device) -> AttentionMetadata:
 
 
 def block_table_tensor(tables: list[list[int]], width: int, dtype: torch.dtype = torch.long) -> torch.Tensor:
-    """Per-sequence block tables cut or zero-padded to `width` columns (padding is masked or unread)."""
+    """Per-sequence block tables cut or zero-padded to `width` columns (padding is masked or unread).
+
+    Rows are filled through a numpy view: a torch tensor per row was the largest host cost of a
+    256-sequence decode step (1.9 ms on a 2-core VM; 0.2 ms this way)."""
     out = torch.zeros(len(tables), width, dtype=dtype)
+    rows = out.numpy()
     for i, table in enumerate(tables):
         used = table[:width]
-        out[i, : len(used)] = torch.as_tensor(used, dtype=dtype)
+        rows[i, : len(used)] = used
     return out
 
 

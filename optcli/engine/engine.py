@@ -189,7 +189,7 @@ class Engine:
             cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
             if cut >= 0:
                 text, reason = text[:cut], "stop"
-        if reason is None and (len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+        if reason is None and (seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len):
             reason = "length"
         if reason is not None:
             seq.text = text if text is not None else self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)

@@ -42,11 +42,17 @@ class ModelRunner:
         for seq, n in batch.items:
             start = seq.num_computed_tokens
             first_row = len(input_ids)
-            pos = list(range(start, start + n))
-            input_ids.extend(seq.token_ids[start : start + n])
-            positions.extend(pos)
             table = seq.block_table
-            layout.slots.extend(table[p // bs] * bs + p % bs for p in pos)
+            if n == 1:  # a decode, the common case: no per-token loops
+                pos = [start]
+                input_ids.append(seq.token_ids[start])
+                positions.append(start)
+                layout.slots.append(table[start // bs] * bs + start % bs)
+            else:
+                pos = list(range(start, start + n))
+                input_ids.extend(seq.token_ids[start : start + n])
+                positions.extend(pos)
+                layout.slots.extend(table[p // bs] * bs + p % bs for p in pos)
             layout.rows.append(range(first_row, first_row + n))
             layout.query_pos.append(pos)
             layout.ctx_lens.append(start + n)
