@@ -12,6 +12,8 @@ Run through `python benchmarks/gpu_check.py --quant` (or directly). One process,
    quantized at load by round to nearest: `Engine(quantization=...)`, the same kernels a quantized
    checkpoint uses): batch-1 decode tok/s, the 256-request workload (prompts U[64, 512), 128 new
    tokens, EOS ignored) tok/s, ratios to bf16, weight bytes against each format's theoretical size.
+3. On CUDA, a profile of eight batch-1 decode steps per format (run eagerly so the profiler sees each
+   kernel): kernels per step and kernel time per step against the graph-replayed step time.
 
 Random weights make the quantized text meaningless, so accuracy is checked at the GEMM level here
 and on a real trained model in tests/test_quant_engine.py. `--tiny` runs the same code on CPU.
@@ -209,6 +211,8 @@ def engine_runs(model_dir: Path, device: str, dtype: str, args) -> list[dict]:
             "weights_bytes": eng.weights_bytes,
             "theoretical_bytes": theoretical_bytes(eng),
         }
+        if device.startswith("cuda"):
+            row["decode_profile"] = profile_decode_step(eng, batch1)
         rows.append(row)
         log(f"engine {row['format']}: batch-1 {row['batch1_tok_s']:.1f} tok/s, workload {row['workload_tok_s']:.1f} "
             f"tok/s, weights {row['weights_bytes'] / 2**20:.1f} MiB ({row['kernels']})")
@@ -217,6 +221,48 @@ def engine_runs(model_dir: Path, device: str, dtype: str, args) -> list[dict]:
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     return rows
+
+
+def profile_decode_step(eng, prompt: list[int], steps: int = 8) -> dict:
+    """Where a batch-1 decode step's GPU time goes: `steps` steps run eagerly (graphs set aside: the
+    profiler sees kernels one by one) under torch.profiler. Kernel count and summed kernel time per
+    step, against the graph-replayed step time the tok/s figure implies, tell launch-bound from
+    bandwidth-bound; the top kernels say which to work on."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from optcli.engine import SamplingParams
+
+    try:
+        eng.add_request(prompt, SamplingParams(max_tokens=steps + 4, ignore_eos=True))
+        eng.step()  # prefill
+        eng.step()
+        graphs, eng.runner.graphs = eng.runner.graphs, None
+        try:
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(steps):
+                    eng.step()
+                torch.cuda.synchronize()
+        finally:
+            eng.runner.graphs = graphs
+        while eng.has_unfinished():
+            eng.step()
+        kernels = []
+        for e in prof.key_averages():
+            us = getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0)
+            if us > 0 and e.count > 0:
+                kernels.append((e.key, e.count / steps, us / steps))
+        kernels.sort(key=lambda k: -k[2])
+        result = {
+            "kernels_per_step": sum(k[1] for k in kernels),
+            "kernel_us_per_step": sum(k[2] for k in kernels),
+            "top": [{"kernel": name[:60], "per_step": n, "us_per_step": us} for name, n, us in kernels[:8]],
+        }
+        log(f"  decode step profile: {result['kernels_per_step']:.0f} kernels, {result['kernel_us_per_step']:.0f} us "
+            "of kernel time per step; top: " + "; ".join(f"{t['kernel'][:40]} {t['us_per_step']:.0f}us" for t in result["top"][:5]))
+        return result
+    except Exception as exc:  # noqa: BLE001 - a diagnostic must not end the run
+        log(f"  decode step profile failed: {exc!r}")
+        return {"error": repr(exc)}
 
 
 def sync(device: str) -> None:
@@ -250,6 +296,14 @@ def print_tables(gemm_rows: list[dict], engine_rows: list[dict], device_name: st
         print(f"| {r['format']} | {r['batch1_tok_s']:.1f} | {b1:.2f}x | {f'>= {t1:.1f}x' if t1 else ''} | "
               f"{r['workload_tok_s']:.0f} | {wl:.2f}x | {f'>= {t2:.1f}x' if t2 else ''} | "
               f"{r['weights_bytes'] / 2**20:.0f} | {mem:.3f} |")
+    profiled = [r for r in engine_rows if "kernels_per_step" in r.get("decode_profile", {})]
+    if profiled:
+        print("\n| format | batch-1 step, graph (us) | kernels per step | kernel time per step (us) |")
+        print("|---|---|---|---|")
+        for r in profiled:
+            p = r["decode_profile"]
+            print(f"| {r['format']} | {1e6 / r['batch1_tok_s']:.0f} | {p['kernels_per_step']:.0f} | "
+                  f"{p['kernel_us_per_step']:.0f} |")
     return ok
 
 
