@@ -4,8 +4,8 @@ A decode step launches hundreds of small kernels; replaying a captured graph rem
 overhead, which dominates at small batch sizes. Graphs read fixed buffers, so each step writes its
 inputs into them, pads to the bucket (slot -1, context length 0: padded rows touch no cache and
 produce ignored logits) and replays. All inputs (token ids, positions, slots, context lengths, block
-tables) are int32 views of one device buffer, filled from one pinned host buffer by one copy: five
-separate pageable copies cost more host time than a batch-1 step's GPU work saved by fusion.
+tables) are int32 views of one device buffer, filled from one pinned host buffer by one asynchronous
+copy instead of five synchronous pageable ones.
 Prefill and prompt-logprob steps run eagerly.
 
 `capture` is injectable: tests pass an eager stand-in to check the bucketing and padding on CPU.

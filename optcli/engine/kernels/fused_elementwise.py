@@ -1,8 +1,8 @@
 """The decoder layer's elementwise work as one launch each: residual add + RMSNorm, RoPE, SiLU-and-mul.
 
-Written as torch ops, a layer's norms, rotary embedding and MLP activation are ~30 small kernels; in a
-batch-1 decode step each costs a few microseconds however little it computes, more than all the
-layer's GEMMs together. Fused, a layer is about a dozen launches (see `benchmarks/decode_ops.py`).
+Written as torch ops, a layer's norms, rotary embedding and MLP activation are ~25 small kernels; in a
+batch-1 decode step each costs microseconds however little it computes. Fused, a whole layer is 10
+launches instead of 35 (counted by `benchmarks/decode_ops.py`).
 
 Numerics follow transformers op for op, rounding to the activation dtype wherever its bf16 ops
 round (the norm's scaled row before the weight, each RoPE product, the SiLU before the multiply),

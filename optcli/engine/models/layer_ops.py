@@ -2,7 +2,8 @@
 
 `TorchOps` is plain PyTorch, op for op as transformers computes it (the CPU path, and the reference).
 `FusedOps` runs each of the three through one Triton kernel (`kernels/fused_elementwise.py`): on a
-GPU, where a decode step is bound by how many kernels it launches, that is ~3x fewer per layer.
+GPU, where each launch costs microseconds however little it computes, a decode layer then issues
+10 device ops instead of 35.
 The engine picks FusedOps with the Triton attention backend.
 """
 

@@ -79,10 +79,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return TorchOps.rms_norm(x, self.weight, self.eps)[0]
 
 
 def _onednn_linear_available() -> bool:
@@ -180,8 +177,8 @@ class DecoderLayer(nn.Module):
         self.down_proj = Dense(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x, residual, cos, sin, kv_cache: tuple[torch.Tensor, torch.Tensor], meta, ops):
-        """(this layer's output, the residual stream before it): the residual add is deferred into the
-        next norm, so add + norm is one op (one kernel with FusedOps)."""
+        """(this layer's MLP output, the residual stream it is to be added to): the add is deferred into
+        the next norm, so add + norm is one op (one kernel with FusedOps)."""
         cfg = self.cfg
         h, residual = ops.rms_norm(x, self.input_layernorm.weight, self.input_layernorm.eps, residual)
         q, k, v = self.qkv_proj(h).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
