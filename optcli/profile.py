@@ -209,6 +209,8 @@ def _offline(source, workload: Workload, device: str, max_num_seqs: int, step):
     import torch
 
     from optcli.engine import Engine, SamplingParams
+    from optcli.engine.kernels.tuning import chosen as gemm_choices
+
     step(f"loading {source.spec} into the engine")
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -232,6 +234,8 @@ def _offline(source, workload: Workload, device: str, max_num_seqs: int, step):
         "requests_s": len(outs) / wall,
         # which kernel path each quantized layer took, e.g. {"int4/triton": 112}; {} for a dense model
         "quantized_kernels": engine.quantized_layers,
+        # on CUDA, the GEMM form and tiling kept per (kernel, M bucket, N, K) after timing; {} elsewhere
+        "gemm_choices": gemm_choices(),
     }
     steps = engine.num_steps - steps_before
     scheduled = engine.num_scheduled_seqs - scheduled_before
