@@ -49,6 +49,8 @@ INT4_CASES = [
     (3, 40, 96, 32, False, Int4Config(4, 16, 32, 1, kernel="gemv")),
     (8, 33, 256, 128, False, Int4Config(8, 32, 128, 3, kernel="gemv")),
     (2, 20, 84, 84, True, Int4Config(2, 16, 32, 2, kernel="gemv")),
+    (1, 40, 96, 32, False, Int4Config(1, 32, 32, 2, kernel="gemv-deferred")),
+    (5, 33, 256, 128, True, Int4Config(8, 16, 64, 1, kernel="gemv-deferred")),
     # large-M form: dequantize to a [K, N] buffer (bk/8 word rows x bn tiles), then torch.mm
     (17, 33, 128, 128, False, Int4Config(0, 16, 32, 1, kernel="dequant")),
     (5, 40, 96, 32, True, Int4Config(0, 32, 16, 1, kernel="dequant")),
@@ -97,8 +99,8 @@ def test_int4_dequantize_kernel_rounds_like_torch(dtype, k, group) -> None:
 def test_int4_candidates_offer_gemv_for_decode_and_dequant_for_large_batches() -> None:
     from optcli.engine.kernels.int4_matmul import int4_candidates
 
-    assert {c.kernel for c in int4_candidates(1, 2048, 2048, 128)} == {"dot", "gemv"}
-    assert all(c.bm == 4 for c in int4_candidates(3, 2048, 2048, 128) if c.kernel == "gemv")
+    assert {c.kernel for c in int4_candidates(1, 2048, 2048, 128)} == {"dot", "gemv", "gemv-deferred"}
+    assert all(c.bm == 4 for c in int4_candidates(3, 2048, 2048, 128) if c.kernel.startswith("gemv"))
     assert {c.kernel for c in int4_candidates(16, 2048, 2048, 128)} == {"dot"}  # GEMV only up to 8 rows
     assert {c.kernel for c in int4_candidates(8, 2048, 2048, 24)} == {"dot"}  # a tile would straddle groups
     assert {c.kernel for c in int4_candidates(32, 2048, 2048, 128)} == {"dot", "dequant"}
@@ -206,9 +208,9 @@ for zero, aligned in ((True, True), (False, False)):
         build("int4_matmul", "_int4_matmul_kernel", dict(x_ptr=bf, w_ptr="*i32", s_ptr=bf, z_ptr=bf, out_ptr="*fp32"),
               dict(GROUP=128, GROUP_ALIGNED=aligned, HAS_ZERO=zero, BM=bm, BN=bn, BK=bk, PRECISION="tf32",
                    UPCAST_DOT=False))
-for bm, zero in ((1, False), (8, True)):
+for bm, zero, deferred in ((1, False, False), (8, True, False), (1, True, True), (4, False, True)):
     build("int4_matmul", "_int4_gemv_kernel", dict(x_ptr=bf, w_ptr="*i32", s_ptr=bf, z_ptr=bf, out_ptr="*fp32"),
-          dict(GROUP=128, HAS_ZERO=zero, BM=bm, BN=128, BK=128))
+          dict(GROUP=128, HAS_ZERO=zero, BM=bm, BN=128, BK=128, DEFERRED=deferred))
 build("int4_dequant", "_int4_dequant_kernel", dict(w_ptr="*i32", s_ptr=bf, z_ptr=bf, out_ptr=bf),
       dict(GROUP=128, HAS_ZERO=True, BR=8, BN=128))
 build("split_k", "_sum_splits_kernel", dict(part_ptr="*fp32", out_ptr=bf), dict(BLOCK=1024))

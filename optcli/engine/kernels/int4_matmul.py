@@ -8,9 +8,9 @@ traffic is a quarter of bf16's.
 
 Small batches (decode) are memory-bound with few output tiles, so K is split across programs to
 keep every SM streaming weights; their fp32 partials are summed after (`split_k.py`). For 1-8 rows
-there is also a GEMV form: no tl.dot (whose tiles pad M to 16), the group scale applied once per
-tile to the sum of x * nibble instead of to every weight, i.e. one int->float convert and one FMA per
-weight. For large M, a third candidate dequantizes the weight into a transient bf16 buffer for a cuBLAS
+there is also a GEMV form: no tl.dot (whose tiles pad M to 16), either reducing each tile as it is
+read with the group scale applied once to the sum of x * nibble (one int->float convert and one FMA
+per weight), or accumulating per-row products and reducing once at the end. For large M, a third candidate dequantizes the weight into a transient bf16 buffer for a cuBLAS
 GEMM (`int4_dequant.py`). `int4_candidates` lists them; on CUDA the tuner times them per shape (in a
 CUDA graph with a cold L2, as the engine runs them) and keeps the fastest; `benchmarks/gpu_check.py --quant`
 measures the result against torch's int4 kernel and bf16 cuBLAS.
@@ -84,14 +84,24 @@ def _int4_gemv_kernel(
     M, N, K, K_PER_SPLIT,
     stride_xm, stride_wk, stride_sg, stride_os, stride_om,
     GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    DEFERRED: tl.constexpr,
 ):
-    """x [M <= BM, K] @ W: every K tile lies in one group (BK divides GROUP, or one group spans K)."""
+    """x [M <= BM, K] @ W: every K tile lies in one group (BK divides GROUP, or one group spans K).
+    DEFERRED keeps per-word-row products in a [BM, BK/8, BN] accumulator and reduces it once at the
+    end (no cross-thread reduction inside the loop); otherwise each tile is reduced as it is read and
+    the group scale is applied to the sums."""
     offs_m, offs_n, m_mask, n_mask, k_start, k_end = program_tile(M, N, K, K_PER_SPLIT, BM, BN)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
+    acc3 = tl.zeros([BM, BK // 8, BN], dtype=tl.float32)  # DEFERRED only
     for k0 in range(k_start, k_end, BK):
         rows = k0 // 8 + tl.arange(0, BK // 8)
         words = tl.load(w_ptr + rows[:, None] * stride_wk + offs_n[None, :],
                         mask=(rows[:, None] < (K + 7) // 8) & n_mask[None, :], other=0)
+        group = k0 // GROUP
+        scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        zero = scale  # unused without zero points
+        if HAS_ZERO:
+            zero = tl.load(z_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         dot = tl.zeros([BM, BN], dtype=tl.float32)  # sum over the tile of x * nibble
         x_sum = tl.zeros([BM], dtype=tl.float32)
         for i in tl.static_range(8):  # nibble i of word row r is input channel 8r + i
@@ -99,15 +109,21 @@ def _int4_gemv_kernel(
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + ks[None, :],
                         mask=m_mask[:, None] & (ks < k_end)[None, :], other=0.0).to(tl.float32)
             nib = ((words >> (4 * i)) & 0xF).to(tl.float32)
-            dot += tl.sum(x[:, :, None] * nib[None, :, :], axis=1)
-            x_sum += tl.sum(x, axis=1)
-        # sum x * ((q - 8) * scale + zero) = scale * (sum x*q - 8 sum x) + zero * sum x
-        group = k0 // GROUP
-        scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        acc += (dot - 8.0 * x_sum[:, None]) * scale[None, :]
-        if HAS_ZERO:
-            zero = tl.load(z_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            acc += x_sum[:, None] * zero[None, :]
+            if DEFERRED:
+                w = (nib - 8.0) * scale[None, :]
+                if HAS_ZERO:
+                    w += zero[None, :]
+                acc3 += x[:, :, None] * w[None, :, :]
+            else:
+                dot += tl.sum(x[:, :, None] * nib[None, :, :], axis=1)
+                x_sum += tl.sum(x, axis=1)
+        if not DEFERRED:
+            # sum x * ((q - 8) * scale + zero) = scale * (sum x*q - 8 sum x) + zero * sum x
+            acc += (dot - 8.0 * x_sum[:, None]) * scale[None, :]
+            if HAS_ZERO:
+                acc += x_sum[:, None] * zero[None, :]
+    if DEFERRED:
+        acc = tl.sum(acc3, axis=1)
     out = out_ptr + tl.program_id(2) * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
@@ -120,8 +136,9 @@ class Int4Config:
     split_k: int
     num_warps: int = 4
     num_stages: int = 3
-    kernel: str = "dot"  # "dot": in-register dequant + tl.dot; "gemv": tl.dot-free, bm = rows padded to a
-    # power of two (at most 8); "dequant": int4_dequant.py's [K, N] buffer (bk/8 x bn tiles) + a cuBLAS GEMM
+    kernel: str = "dot"  # "dot": in-register dequant + tl.dot; "gemv" / "gemv-deferred": tl.dot-free, bm = rows
+    # padded to a power of two (at most 8), reduced per tile or once at the end; "dequant": int4_dequant.py's
+    # [K, N] buffer (bk/8 x bn tiles) + a cuBLAS GEMM
 
 
 GEMV_MAX_M = 8
@@ -157,6 +174,7 @@ def int4_candidates(m: int, n: int, k: int, group_size: int) -> list[Int4Config]
         if gemv_fits(m, k, group_size, bk):
             bm = triton.next_power_of_2(m)
             extra += [Int4Config(bm, bn, bk, s, 4, 2, "gemv") for bn in (64, 128, 256) for s in (1, 2, 4, 8)]
+            extra += [Int4Config(bm, bn, bk, s, 4, 2, "gemv-deferred") for bn in (64, 128) for s in (1, 2, 4, 8)]
     elif m <= 64:
         extra = [Int4Config(bm, bn, min(bk, 64), s, 4, 3) for bm in (32, 64) for bn in (64, 128) for s in (1, 2, 4)]
     else:
@@ -190,10 +208,11 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     common = (x, qweight, scales, zeros if zeros is not None else scales, out, m, n, k, k_per_split,
               x.stride(0), qweight.stride(0), scales.stride(0), m * n if splits > 1 else 0, n)
     grid = (triton.cdiv(m, cfg.bm), triton.cdiv(n, cfg.bn), splits)
-    if cfg.kernel == "gemv":
+    if cfg.kernel.startswith("gemv"):
         assert m <= cfg.bm and gemv_fits(m, k, group_size, cfg.bk)
         _int4_gemv_kernel[grid](*common, GROUP=group_size, HAS_ZERO=zeros is not None, BM=cfg.bm, BN=cfg.bn,
-                                BK=cfg.bk, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                                BK=cfg.bk, DEFERRED=cfg.kernel == "gemv-deferred", num_warps=cfg.num_warps,
+                                num_stages=cfg.num_stages)
     else:
         _int4_matmul_kernel[grid](
             *common, GROUP=group_size, GROUP_ALIGNED=group_size % cfg.bk == 0 or group_size >= k,
