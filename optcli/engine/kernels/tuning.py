@@ -56,13 +56,21 @@ def time_in_graph(fn: Callable[[], object], replays: int = 5) -> float:
     return max(_graph_ms(lambda: (flush.zero_(), fn()), replays) - flush_ms, 0.0) / GRAPH_CALLS
 
 
+_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
 def _graph_ms(body: Callable[[], object], replays: int) -> float:
     # capture_begin/end directly: torch.cuda.graph() also runs gc.collect() and empty_cache() per
-    # capture, which would dominate a tuning pass of a few hundred captures.
-    stream = torch.cuda.Stream()
+    # capture, which would dominate a tuning pass of a few hundred captures. One side stream per
+    # device, warmed up before capturing (cuBLAS sets up its per-stream workspace on first use).
+    device = torch.cuda.current_device()
+    if device not in _STREAMS:
+        _STREAMS[device] = torch.cuda.Stream()
+    stream = _STREAMS[device]
     stream.wait_stream(torch.cuda.current_stream())
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(stream):
+        body()
         graph.capture_begin()
         try:
             for _ in range(GRAPH_CALLS):
