@@ -242,3 +242,32 @@ def test_quant_kernels_compile_for_sm90() -> None:
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def test_tuner_keeps_the_fastest_working_candidate_once_per_bucket(monkeypatch) -> None:
+    """The selection logic (timings faked: the CUDA-graph timing itself needs a GPU)."""
+    from optcli.engine.kernels import tuning
+
+    times = {"a": 3.0, "b": 1.0, "c": 2.0}
+    calls = []
+
+    def fake_time(fn):
+        config = fn()
+        if config == "broken":
+            raise RuntimeError("out of shared memory")
+        calls.append(config)
+        return times[config]
+
+    monkeypatch.setattr(tuning, "_CHOSEN", {})
+    monkeypatch.setattr(tuning, "time_in_graph", fake_time)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    built = []
+    candidates = lambda: built.append(1) or ["a", "broken", "b", "c"]  # noqa: E731
+    assert tuning.pick("k", 3, 64, 128, candidates, lambda c: c) == "b"
+    assert tuning.pick("k", 4, 64, 128, candidates, lambda c: c) == "b"  # same bucket (<= 4): cached
+    assert calls == ["a", "b", "c"] and len(built) == 1
+    assert tuning.chosen() == {"k M<=4 N=64 K=128": "b"}
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert tuning.pick("k", 5, 64, 128, candidates, lambda c: c) == "a"  # capturing: the default, untimed
