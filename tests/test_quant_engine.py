@@ -163,3 +163,33 @@ def test_act_order_and_zero_points_from_a_compressed_tensors_checkpoint() -> Non
     x = torch.randn(3, k, generator=g)
     for backend in ("cpu", "dequant"):
         torch.testing.assert_close(Int4Linear(ours, backend=backend)(x), x @ dense.t(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("recipe", ["w8a8-int8", "fp8-dynamic"])
+def test_fused_norms_hand_quantized_activations_to_the_gpu_layers(artifacts, stories_dir, recipe) -> None:
+    """The Triton path end to end (interpreted here): each norm / SiLU-mul quantizes its output for the
+    next int8/FP8 GEMM in the same kernel; the model matches the CPU path's per-layer quantization."""
+    from optcli.engine.quant.linear import Fp8Linear, Int8Linear
+    from optcli.engine.quant.weights import Fp8Weight, Int8Weight
+
+    path, ids = artifacts(recipe), eval_ids(stories_dir, 96)
+    reference = Engine(str(path), max_model_len=128).score(ids)
+    engine = Engine(str(path), max_model_len=128, attention_backend="triton")
+    dense_calls = []
+    for decoder in engine.model.layers:
+        for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+            old = getattr(decoder, name)
+            if isinstance(old, Int8Linear):
+                new = Int8Linear(Int8Weight(old.qweight, old.scales, True), backend="triton")
+            else:
+                new = Fp8Linear(Fp8Weight(old.qweight, old.scales.reshape(-1), True), backend="triton")
+            dense = new.matmul
+            new.matmul = lambda x, dense=dense: dense_calls.append(1) or dense(x)
+            setattr(decoder, name, new)
+    ours = engine.score(ids)
+    assert len(dense_calls) == len(engine.model.layers)  # only o_proj (fed by attention) quantizes its own input
+    top1 = (ours.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    assert top1 >= 0.95, top1
+    assert (ours - reference).abs().mean().item() < 0.05 * reference.abs().mean().item()

@@ -217,12 +217,18 @@ build("split_k", "_sum_splits_kernel", dict(part_ptr="*fp32", out_ptr=bf), dict(
 for bm in (16, 128):
     build("int8_matmul", "_int8_matmul_kernel", dict(x_ptr="*i8", w_ptr="*i8", xs_ptr="*fp32", ws_ptr="*fp32",
           out_ptr=bf), dict(BM=bm, BN=128, BK=128, EXACT_DOT=False))
-for res in (True, False):
-    build("fused_elementwise", "_rms_norm_kernel", dict(x_ptr=bf, res_ptr=bf, w_ptr=bf, out_ptr=bf, res_out_ptr=bf,
-          eps="fp32"), dict(HAS_RESIDUAL=res, BLOCK=2048))
+INT8 = dict(DIVISOR=127.5, QMIN=-128.0, QMAX=127.0, IS_INT=True)
+FP8 = dict(DIVISOR=448.0, QMIN=-448.0, QMAX=448.0, IS_INT=False)
+for res, out, quant in ((True, bf, None), (False, bf, None), (True, "*i8", INT8), (True, "*fp8e4nv", FP8)):
+    build("fused_elementwise", "_rms_norm_kernel", dict(x_ptr=bf, res_ptr=bf, w_ptr=bf, out_ptr=out, res_out_ptr=bf,
+          q_ptr=out, scale_ptr="*fp32", eps="fp32"),
+          dict(HAS_RESIDUAL=res, BLOCK=2048, QUANT=quant is not None, **(quant or INT8)))
 build("fused_elementwise", "_rotary_kernel", dict(q_ptr=bf, k_ptr=bf, cos_ptr=bf, sin_ptr=bf),
       dict(NUM_Q=32, NUM_K=8, HALF=32, BLOCK_H=32, BLOCK_D=32))
 build("fused_elementwise", "_silu_mul_kernel", dict(x_ptr=bf, out_ptr=bf), dict(BLOCK=1024))
+for out, quant in (("*i8", INT8), ("*fp8e4nv", FP8)):
+    build("fused_elementwise", "_silu_mul_quant_kernel", dict(x_ptr=bf, q_ptr=out, scale_ptr="*fp32"),
+          dict(BLOCK=1024, **quant))
 for out, is_int in (("*i8", True), ("*fp8e4nv", False)):
     build("act_quant", "_quant_rows_kernel", dict(x_ptr=bf, q_ptr=out, scale_ptr="*fp32"),
           dict(DIVISOR=127.5 if is_int else 448.0, QMIN=-128.0, QMAX=127.0, IS_INT=is_int, BLOCK=1024))

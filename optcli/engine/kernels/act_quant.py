@@ -29,6 +29,23 @@ def _round_half_even(y):
 
 
 @triton.jit
+def quantize_values(x, scale, QMIN: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr):
+    """x / scale on the target grid (as fp32 values the final cast keeps exactly)."""
+    y = tl.minimum(tl.maximum(x / scale, QMIN), QMAX)
+    if IS_INT:
+        y = _round_half_even(y)
+    else:
+        # Round to E4M3's grid ourselves (3 mantissa bits; subnormal step 2^-9), so the final
+        # cast is exact whatever rounding the converter uses: triton's CPU interpreter
+        # truncates when rounding carries into the exponent (124.3 -> 64, not 128).
+        bits = y.to(tl.int32, bitcast=True)
+        exponent = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)
+        step = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)
+        y = _round_half_even(y / step) * step
+    return y
+
+
+@triton.jit
 def _quant_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm, DIVISOR: tl.constexpr,
                        QMIN: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -42,18 +59,15 @@ def _quant_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm, DIVISOR
     for k in range(0, K, BLOCK):
         mask = k + cols < K
         x = tl.load(x_ptr + row * stride_xm + k + cols, mask=mask, other=0.0).to(tl.float32)
-        y = tl.minimum(tl.maximum(x / scale, QMIN), QMAX)
-        if IS_INT:
-            y = _round_half_even(y)
-        else:
-            # Round to E4M3's grid ourselves (3 mantissa bits; subnormal step 2^-9), so the final
-            # cast is exact whatever rounding the converter uses: triton's CPU interpreter
-            # truncates when rounding carries into the exponent (124.3 -> 64, not 128).
-            bits = y.to(tl.int32, bitcast=True)
-            exponent = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)
-            step = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)
-            y = _round_half_even(y / step) * step
+        y = quantize_values(x, scale, QMIN, QMAX, IS_INT)
         tl.store(q_ptr + row * stride_qm + k + cols, y.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+def quant_constants(dtype: torch.dtype) -> dict:
+    """The constexprs that select int8 or FP8 quantization in these kernels."""
+    is_int = dtype == torch.int8
+    return dict(DIVISOR=INT8_DIVISOR if is_int else FP8_MAX, QMIN=-128.0 if is_int else -FP8_MAX,
+                QMAX=127.0 if is_int else FP8_MAX, IS_INT=is_int)
 
 
 def quantize_per_token(x: torch.Tensor, dtype: torch.dtype, block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,12 +76,7 @@ def quantize_per_token(x: torch.Tensor, dtype: torch.dtype, block: int = 1024) -
     m, k = x.shape
     q = torch.empty((m, k), dtype=dtype, device=x.device)
     scales = torch.empty((m, 1), dtype=torch.float32, device=x.device)
-    is_int = dtype == torch.int8
     if m:
-        _quant_rows_kernel[(m,)](
-            x, q, scales, k, x.stride(0), q.stride(0),
-            DIVISOR=INT8_DIVISOR if is_int else FP8_MAX,
-            QMIN=-128.0 if is_int else -FP8_MAX, QMAX=127.0 if is_int else FP8_MAX, IS_INT=is_int,
-            BLOCK=min(block, triton.next_power_of_2(k)),
-        )
+        _quant_rows_kernel[(m,)](x, q, scales, k, x.stride(0), q.stride(0), BLOCK=min(block, triton.next_power_of_2(k)),
+                                 **quant_constants(dtype))
     return q, scales

@@ -18,12 +18,17 @@ import torch
 import triton
 import triton.language as tl
 
+from optcli.engine.quant.ops import QuantizedInput
+
+from .act_quant import quant_constants, quantize_values
 from .rounding import round_to
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, N, eps,
-                     stride_x, stride_r, stride_o, stride_ro, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, q_ptr, scale_ptr, N, eps,
+                     stride_x, stride_r, stride_o, stride_ro, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+                     QUANT: tl.constexpr, DIVISOR: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
+                     IS_INT: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -32,29 +37,45 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, N, eps,
         r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
         x = round_to(x.to(tl.float32) + r.to(tl.float32), res_out_ptr.dtype.element_ty)
         tl.store(res_out_ptr + row * stride_ro + cols, x.to(res_out_ptr.dtype.element_ty), mask=mask)
-    dtype = out_ptr.dtype.element_ty
+    dtype = x_ptr.dtype.element_ty  # the activations' dtype (out_ptr holds int8/FP8 when QUANT)
     xf = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / N + eps)
     normed = round_to(xf * rstd, dtype)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, round_to(w * normed, dtype).to(dtype), mask=mask)
+    y = round_to(w * normed, dtype)
+    if QUANT:  # the next layer's per-token int8/FP8 input, instead of the normed row itself
+        _store_quantized(y, q_ptr + row * stride_o + cols, scale_ptr + row, mask, DIVISOR, QMIN, QMAX, IS_INT)
+    else:
+        tl.store(out_ptr + row * stride_o + cols, y.to(dtype), mask=mask)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(RMSNorm(x + residual), x + residual) for x [T, N]; without a residual, (RMSNorm(x), x)."""
+@triton.jit
+def _store_quantized(y, q_ptrs, scale_ptr, mask, DIVISOR: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
+                     IS_INT: tl.constexpr):
+    """A whole row quantized per token, as act_quant.quantize_per_token would from the stored row."""
+    scale = tl.maximum(tl.max(tl.abs(y), axis=0) / DIVISOR, 1e-12)
+    tl.store(scale_ptr, scale)
+    tl.store(q_ptrs, quantize_values(y, scale, QMIN, QMAX, IS_INT).to(q_ptrs.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             quant: torch.dtype | None = None) -> tuple[torch.Tensor | QuantizedInput, torch.Tensor]:
+    """(RMSNorm(x + residual), x + residual) for x [T, N]; without a residual, (RMSNorm(x), x).
+    With `quant` (int8 or float8_e4m3fn) the normed rows come back quantized per token instead."""
     assert x.dim() == 2 and x.stride(1) == 1 and weight.is_contiguous()
     t, n = x.shape
-    out = torch.empty_like(x)
+    out = torch.empty((t, n), dtype=quant or x.dtype, device=x.device)
+    scales = torch.empty((t, 1), dtype=torch.float32, device=x.device) if quant else out
     res_out = torch.empty_like(x) if residual is not None else x
     if t:
         res = residual if residual is not None else x
         _rms_norm_kernel[(t,)](
-            x, res, weight, out, res_out, n, eps,
+            x, res, weight, out, res_out, out, scales, n, eps,
             x.stride(0), res.stride(0), out.stride(0), res_out.stride(0),
-            HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n),
+            HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n), QUANT=quant is not None,
+            **quant_constants(quant or torch.int8),
         )  # fmt: skip
-    return out, res_out
+    return (QuantizedInput(out, scales, x.dtype) if quant else out), res_out
 
 
 @triton.jit
@@ -104,20 +125,50 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
 def _silu_mul_kernel(x_ptr, out_ptr, N, stride_x, stride_o, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < N
-    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(x_ptr + row * stride_x + N + cols, mask=mask, other=0.0).to(tl.float32)
     dtype = out_ptr.dtype.element_ty
-    act = round_to(gate / (1.0 + tl.exp(-gate)), dtype)
-    tl.store(out_ptr + row * stride_o + cols, round_to(act * up, dtype).to(dtype), mask=mask)
+    y = _silu_mul_values(x_ptr + row * stride_x, cols, N, dtype)
+    tl.store(out_ptr + row * stride_o + cols, y.to(dtype), mask=cols < N)
 
 
-def silu_mul(gate_up: torch.Tensor, block: int = 1024) -> torch.Tensor:
-    """silu(gate) * up for gate_up [T, 2I] (gate first, as the fused gate_up projection) -> [T, I]."""
+@triton.jit
+def _silu_mul_quant_kernel(x_ptr, q_ptr, scale_ptr, N, stride_x, stride_q, BLOCK: tl.constexpr,
+                           DIVISOR: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr):
+    """One program per row: the row's absmax first, then the quantized row (SiLU recomputed, not stored)."""
+    row = tl.program_id(0).to(tl.int64)
+    dtype = x_ptr.dtype.element_ty
+    absmax = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, N, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        absmax = tl.maximum(absmax, tl.abs(_silu_mul_values(x_ptr + row * stride_x, cols, N, dtype)))
+    scale = tl.maximum(tl.max(absmax, axis=0) / DIVISOR, 1e-12)
+    tl.store(scale_ptr + row, scale)
+    for start in range(0, N, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        y = quantize_values(_silu_mul_values(x_ptr + row * stride_x, cols, N, dtype), scale, QMIN, QMAX, IS_INT)
+        tl.store(q_ptr + row * stride_q + cols, y.to(q_ptr.dtype.element_ty), mask=cols < N)
+
+
+@triton.jit
+def _silu_mul_values(row_ptr, cols, N, dtype: tl.constexpr):
+    mask = cols < N
+    gate = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(row_ptr + N + cols, mask=mask, other=0.0).to(tl.float32)
+    return round_to(round_to(gate / (1.0 + tl.exp(-gate)), dtype) * up, dtype)
+
+
+def silu_mul(gate_up: torch.Tensor, block: int = 1024, quant: torch.dtype | None = None) -> torch.Tensor | QuantizedInput:
+    """silu(gate) * up for gate_up [T, 2I] (gate first, as the fused gate_up projection) -> [T, I];
+    with `quant` (int8 or float8_e4m3fn), quantized per token for the next layer instead."""
     assert gate_up.dim() == 2 and gate_up.stride(1) == 1
     t, n = gate_up.shape[0], gate_up.shape[1] // 2
-    out = torch.empty((t, n), dtype=gate_up.dtype, device=gate_up.device)
+    out = torch.empty((t, n), dtype=quant or gate_up.dtype, device=gate_up.device)
+    block = min(block, triton.next_power_of_2(n))
+    if quant:
+        scales = torch.empty((t, 1), dtype=torch.float32, device=gate_up.device)
+        if t:
+            _silu_mul_quant_kernel[(t,)](gate_up, out, scales, n, gate_up.stride(0), out.stride(0), BLOCK=block,
+                                         **quant_constants(quant))
+        return QuantizedInput(out, scales, gate_up.dtype)
     if t:
-        block = min(block, triton.next_power_of_2(n))
         _silu_mul_kernel[(t, triton.cdiv(n, block))](gate_up, out, n, gate_up.stride(0), out.stride(0), BLOCK=block)
     return out

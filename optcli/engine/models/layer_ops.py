@@ -3,7 +3,8 @@
 `TorchOps` is plain PyTorch, op for op as transformers computes it (the CPU path, and the reference).
 `FusedOps` runs each of the three through one Triton kernel (`kernels/fused_elementwise.py`): on a
 GPU, where each launch costs microseconds however little it computes, a decode layer then issues
-10 device ops instead of 35.
+10 device ops instead of 35. For W8A8/FP8 layers the norms and SiLU-mul also quantize their output
+per token for the next GEMM (its `input_quant`), saving that GEMM's own quantization pass.
 The engine picks FusedOps with the Triton attention backend.
 """
 
@@ -17,9 +18,10 @@ class TorchOps:
     name = "torch"
 
     @staticmethod
-    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(RMSNorm(x + residual), x + residual); without a residual, (RMSNorm(x), x)."""
+    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                 quant: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(RMSNorm(x + residual), x + residual); without a residual, (RMSNorm(x), x). `quant` is
+        ignored: the next layer quantizes its dense input itself."""
         if residual is not None:
             x = x + residual
         dtype = x.dtype
@@ -32,7 +34,7 @@ class TorchOps:
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
     @staticmethod
-    def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    def silu_mul(gate_up: torch.Tensor, quant: torch.dtype | None = None) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 
@@ -41,10 +43,11 @@ class FusedOps:
     name = "triton"
 
     @staticmethod
-    def rms_norm(x, weight, eps, residual=None):
+    def rms_norm(x, weight, eps, residual=None, quant=None):
+        """As TorchOps, but with `quant` the normed rows come back quantized per token (a QuantizedInput)."""
         from optcli.engine.kernels.fused_elementwise import rms_norm
 
-        return rms_norm(x, weight, eps, residual)
+        return rms_norm(x, weight, eps, residual, quant)
 
     @staticmethod
     def rotary(q, k, cos, sin):
@@ -54,10 +57,10 @@ class FusedOps:
         return q, k
 
     @staticmethod
-    def silu_mul(gate_up):
+    def silu_mul(gate_up, quant=None):
         from optcli.engine.kernels.fused_elementwise import silu_mul
 
-        return silu_mul(gate_up)
+        return silu_mul(gate_up, quant=quant)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

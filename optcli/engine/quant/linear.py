@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from optcli.engine.quant import ops
+from optcli.engine.quant.ops import QuantizedInput
 from optcli.engine.quant.weights import BnbInt8Weight, BnbNf4Weight, Fp8Weight, Int4Weight, Int8Weight
 
 CPU_INT4_GROUPS = (32, 64, 128, 256)
@@ -33,19 +34,24 @@ def _cuda_kernels(device: torch.device) -> bool:
 
 class QuantLinear(nn.Module):
     """y = x @ W^T (+ bias) for a quantized W; each subclass holds its packed buffers and defines
-    `matmul(x [T, K]) -> [T, N]`."""
+    `matmul(x [T, K]) -> [T, N]`. A layer that quantizes its activations per token on the GPU names
+    the format in `input_quant`, so the op before it (a fused RMSNorm or SiLU-mul) can hand over a
+    `QuantizedInput` instead of a tensor, which `matmul_quantized` takes."""
 
     kind = "?"
     mode = "?"
+    input_quant: torch.dtype | None = None
 
     def __init__(self, out_features: int, in_features: int, bias: torch.Tensor | None, device, dtype) -> None:
         super().__init__()
         self.out_features, self.in_features = out_features, in_features
         self.bias = None if bias is None else nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = self.matmul(x.reshape(-1, self.in_features))
+    def forward(self, x: torch.Tensor | QuantizedInput) -> torch.Tensor:
+        if isinstance(x, QuantizedInput):
+            shape, y = x.q.shape, self.matmul_quantized(x)
+        else:
+            shape, y = x.shape, self.matmul(x.reshape(-1, self.in_features))
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
@@ -110,16 +116,20 @@ class Int8Linear(QuantLinear):
         if backend == "auto":
             backend = "triton" if _cuda_kernels(device) and w.act_quant else "cpu" if device.type == "cpu" else "dequant"
         self.mode = backend
+        self.input_quant = torch.int8 if backend == "triton" else None
         self.register_buffer("qweight", w.q.to(device))  # [N, K], as every path here takes it
         self.register_buffer("scales", w.scales.float().to(device))
+
+    def matmul_quantized(self, x: QuantizedInput) -> torch.Tensor:
+        from optcli.engine.kernels.int8_matmul import int8_matmul
+
+        return int8_matmul(x.q, x.scales, self.qweight, self.scales, x.dtype)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "triton":
             from optcli.engine.kernels.act_quant import quantize_per_token
-            from optcli.engine.kernels.int8_matmul import int8_matmul
 
-            xq, xs = quantize_per_token(x.contiguous(), torch.int8)
-            return int8_matmul(xq, xs, self.qweight, self.scales, x.dtype)
+            return self.matmul_quantized(QuantizedInput(*quantize_per_token(x.contiguous(), torch.int8), x.dtype))
         if not self.act_quant:
             if self.mode == "cpu" and x.dtype == torch.float32:
                 return torch._weight_int8pack_mm(x.contiguous(), self.qweight, self.scales)
@@ -148,8 +158,12 @@ class Fp8Linear(QuantLinear):
             else:
                 backend = "cpu" if scaled_mm_ok else "dequant"
         self.mode = backend
+        self.input_quant = torch.float8_e4m3fn if backend == "triton" and w.act_quant else None
         self.register_buffer("qweight", w.q.to(device))  # [N, K]; .t() is the column-major operand _scaled_mm wants
         self.register_buffer("scales", w.scales.float().reshape(1, -1).to(device))
+
+    def matmul_quantized(self, x: QuantizedInput) -> torch.Tensor:
+        return torch._scaled_mm(x.q, self.qweight.t(), scale_a=x.scales, scale_b=self.scales, out_dtype=x.dtype)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_quant:
@@ -160,7 +174,7 @@ class Fp8Linear(QuantLinear):
             else:
                 xq, xs = ops.quantize_per_token(x, torch.float8_e4m3fn)
             if self.mode in ("triton", "cpu"):
-                return torch._scaled_mm(xq, self.qweight.t(), scale_a=xs, scale_b=self.scales, out_dtype=x.dtype)
+                return self.matmul_quantized(QuantizedInput(xq, xs, x.dtype))
             x = (xq.float() * xs).to(x.dtype)
         return F.linear(x, (self.qweight.float() * self.scales.t()).to(x.dtype))
 

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 FP8_MAX = 448.0
 INT8_DIVISOR = 127.5  # compressed-tensors' symmetric int8 scale: absmax / ((127 - (-128)) / 2)
 MIN_SCALE = 1e-12  # an all-zero row (a padded token) must not divide by zero
+
+
+class QuantizedInput(NamedTuple):
+    """Activations already quantized per token by the op that produced them (a fused RMSNorm or
+    SiLU-mul), for a layer whose `input_quant` asks for exactly this format."""
+
+    q: torch.Tensor  # [T, K] int8 or float8_e4m3fn
+    scales: torch.Tensor  # [T, 1] float32
+    dtype: torch.dtype  # the activations' own dtype: the layer's output dtype
 
 
 def quantize_per_token(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
