@@ -51,7 +51,10 @@ INT4_CASES = [
     (2, 20, 84, 84, True, Int4Config(2, 16, 32, 2, kernel="gemv")),
     (1, 40, 96, 32, False, Int4Config(1, 32, 32, 2, kernel="gemv-deferred")),
     (5, 33, 256, 128, True, Int4Config(8, 16, 64, 1, kernel="gemv-deferred")),
-    # large-M form: dequantize to a [K, N] buffer (bk/8 word rows x bn tiles), then torch.mm
+    # the GEMM unpacking per input channel, then the large-M form: dequantize to a [K, N] buffer, then torch.mm
+    (17, 33, 128, 128, False, Int4Config(16, 32, 32, 3, kernel="dot-rows")),
+    (4, 20, 84, 84, True, Int4Config(16, 16, 32, 2, kernel="dot-rows")),
+    (5, 40, 96, 32, False, Int4Config(16, 16, 64, 1, kernel="dot-rows")),
     (17, 33, 128, 128, False, Int4Config(0, 16, 32, 1, kernel="dequant")),
     (5, 40, 96, 32, True, Int4Config(0, 32, 16, 1, kernel="dequant")),
     (3, 20, 84, 84, False, Int4Config(0, 16, 64, 1, kernel="dequant")),
@@ -103,8 +106,8 @@ def test_int4_candidates_offer_gemv_for_decode_and_dequant_for_large_batches() -
     assert all(c.bm == 4 for c in int4_candidates(3, 2048, 2048, 128) if c.kernel.startswith("gemv"))
     assert {c.kernel for c in int4_candidates(16, 2048, 2048, 128)} == {"dot"}  # GEMV only up to 8 rows
     assert {c.kernel for c in int4_candidates(8, 2048, 2048, 24)} == {"dot"}  # a tile would straddle groups
-    assert {c.kernel for c in int4_candidates(32, 2048, 2048, 128)} == {"dot", "dequant"}
-    assert {c.kernel for c in int4_candidates(1024, 2048, 2048, 128)} == {"dot", "dequant"}
+    assert {c.kernel for c in int4_candidates(32, 2048, 2048, 128)} == {"dot", "dot-rows", "dequant"}
+    assert {c.kernel for c in int4_candidates(1024, 2048, 2048, 128)} == {"dot", "dot-rows", "dequant"}
     assert int4_candidates(1, 2048, 2048, 128)[0].kernel == "dot"  # the untimed default stays the tested one
 
 
@@ -206,8 +209,8 @@ bf = "*bf16"
 for zero, aligned in ((True, True), (False, False)):
     for bm, bn, bk, warps in ((16, 64, 128, 4), (128, 128, 64, 8)):
         build("int4_matmul", "_int4_matmul_kernel", dict(x_ptr=bf, w_ptr="*i32", s_ptr=bf, z_ptr=bf, out_ptr="*fp32"),
-              dict(GROUP=128, GROUP_ALIGNED=aligned, HAS_ZERO=zero, BM=bm, BN=bn, BK=bk, PRECISION="tf32",
-                   UPCAST_DOT=False))
+              dict(GROUP=128, GROUP_ALIGNED=aligned, HAS_ZERO=zero, BM=bm, BN=bn, BK=bk, BY_ROW=bm == 128,
+                   PRECISION="tf32", UPCAST_DOT=False))
 for bm, zero, deferred in ((1, False, False), (8, True, False), (1, True, True), (4, False, True)):
     build("int4_matmul", "_int4_gemv_kernel", dict(x_ptr=bf, w_ptr="*i32", s_ptr=bf, z_ptr=bf, out_ptr="*fp32"),
           dict(GROUP=128, HAS_ZERO=zero, BM=bm, BN=128, BK=128, DEFERRED=deferred))

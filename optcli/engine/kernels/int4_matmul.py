@@ -38,7 +38,7 @@ def _int4_matmul_kernel(
     M, N, K, K_PER_SPLIT,
     stride_xm, stride_wk, stride_sg, stride_os, stride_om,
     GROUP: tl.constexpr, GROUP_ALIGNED: tl.constexpr, HAS_ZERO: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BY_ROW: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     offs_m, offs_n, m_mask, n_mask, k_start, k_end = program_tile(M, N, K, K_PER_SPLIT, BM, BN)
@@ -49,13 +49,19 @@ def _int4_matmul_kernel(
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
                     other=0.0)
         wk_mask = k_mask[:, None] & n_mask[None, :]
-        # Each word once ([BK/8, BN]), then its eight nibbles fanned out in registers to [BK, BN]:
-        # row 8*w + i of the tile is nibble i of word row w, the packing order.
-        offs_w = k0 // 8 + tl.arange(0, BK // 8)
-        words = tl.load(w_ptr + offs_w[:, None] * stride_wk + offs_n[None, :],
-                        mask=(offs_w[:, None] < (K + 7) // 8) & n_mask[None, :], other=0)
-        shifts = (tl.arange(0, 8) * 4)[None, :, None]
-        nibbles = tl.reshape((words[:, None, :] >> shifts) & 0xF, [BK, BN])
+        if BY_ROW:
+            # One load per input channel of the word holding it: each word is read 8 times, from
+            # L1/L2 after the first (HBM traffic unchanged), and the tile needs no reshape.
+            words = tl.load(w_ptr + (offs_k[:, None] // 8) * stride_wk + offs_n[None, :], mask=wk_mask, other=0)
+            nibbles = (words >> ((offs_k[:, None] % 8) * 4)) & 0xF
+        else:
+            # Each word once ([BK/8, BN]), then its eight nibbles fanned out in registers to [BK, BN]:
+            # row 8*w + i of the tile is nibble i of word row w, the packing order.
+            offs_w = k0 // 8 + tl.arange(0, BK // 8)
+            words = tl.load(w_ptr + offs_w[:, None] * stride_wk + offs_n[None, :],
+                            mask=(offs_w[:, None] < (K + 7) // 8) & n_mask[None, :], other=0)
+            shifts = (tl.arange(0, 8) * 4)[None, :, None]
+            nibbles = tl.reshape((words[:, None, :] >> shifts) & 0xF, [BK, BN])
         nibbles = tl.where(wk_mask, nibbles, 8)  # masked rows dequantize to 0 (no stray weights past K)
         if GROUP_ALIGNED:  # the whole tile lies in one group: one row of scales
             group = k0 // GROUP
@@ -136,7 +142,8 @@ class Int4Config:
     split_k: int
     num_warps: int = 4
     num_stages: int = 3
-    kernel: str = "dot"  # "dot": in-register dequant + tl.dot; "gemv" / "gemv-deferred": tl.dot-free, bm = rows
+    kernel: str = "dot"  # "dot": in-register dequant + tl.dot ("dot-rows": words read per input channel,
+    # no reshape); "gemv" / "gemv-deferred": tl.dot-free, bm = rows
     # padded to a power of two (at most 8), reduced per tile or once at the end; "dequant": int4_dequant.py's
     # [K, N] buffer (bk/8 x bn tiles) + a cuBLAS GEMM
 
@@ -180,7 +187,11 @@ def int4_candidates(m: int, n: int, k: int, group_size: int) -> list[Int4Config]
     else:
         extra = [Int4Config(bm, bn, 64, 1, w, st) for bm in (64, 128) for bn in (64, 128, 256)
                  for w, st in ((4, 3), (8, 4))]
-    if m > 16:  # from here a cuBLAS GEMM may repay unpacking the weight once per call
+    if m > 16:
+        # the same GEMM reading each word per input channel (no reshape), and, since a cuBLAS GEMM
+        # may repay unpacking the weight once per call, dequantize + cuBLAS
+        extra += [Int4Config(bm, bn, 64, 1, w, st, "dot-rows") for bm in ((64,) if m <= 64 else (64, 128))
+                  for bn in (128, 256) for w, st in ((4, 3), (8, 4))]
         extra += [Int4Config(0, 128, 64, 1, 4, 1, "dequant")]
     return [base, *[c for c in extra if c != base]]
 
@@ -216,7 +227,7 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     else:
         _int4_matmul_kernel[grid](
             *common, GROUP=group_size, GROUP_ALIGNED=group_size % cfg.bk == 0 or group_size >= k,
-            HAS_ZERO=zeros is not None, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages, **dot_args(x.dtype),
+            HAS_ZERO=zeros is not None, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, BY_ROW=cfg.kernel == "dot-rows",
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **dot_args(x.dtype),
         )
     return split_k.finish(out, x.dtype)
