@@ -177,11 +177,11 @@ def int4_candidates(m: int, n: int, k: int, group_size: int) -> list[Int4Config]
     base = int4_config(m, n, k, group_size)
     bk = base.bk
     if m <= 16:
-        extra = [Int4Config(16, bn, bk, s, 4, 4) for bn in (32, 64, 128) for s in (1, 2, 4, 8)]
+        extra = [Int4Config(16, bn, bk, s, 4, 4) for bn in (64, 128) for s in (1, 2, 4, 8)]
         if gemv_fits(m, k, group_size, bk):
             bm = triton.next_power_of_2(m)
             extra += [Int4Config(bm, bn, bk, s, 4, 2, "gemv") for bn in (64, 128, 256) for s in (1, 2, 4, 8)]
-            extra += [Int4Config(bm, bn, bk, s, 4, 2, "gemv-deferred") for bn in (64, 128) for s in (1, 2, 4, 8)]
+            extra += [Int4Config(bm, bn, bk, s, 4, 2, "gemv-deferred") for bn in (64, 128) for s in (1, 4)]
     elif m <= 64:
         extra = [Int4Config(bm, bn, min(bk, 64), s, 4, 3) for bm in (32, 64) for bn in (64, 128) for s in (1, 2, 4)]
     else:
