@@ -8,6 +8,7 @@ Triton paths against `x @ W_dequantized^T` with the activations quantized as the
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -253,10 +254,13 @@ def test_quant_kernels_compile_for_sm90() -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
-def test_tuner_keeps_the_fastest_working_candidate_once_per_bucket(monkeypatch) -> None:
-    """The selection logic (timings faked: the CUDA-graph timing itself needs a GPU)."""
+def test_tuner_keeps_the_fastest_working_candidate_once_per_bucket(monkeypatch, tmp_path) -> None:
+    """The selection logic and its on-disk cache (timings faked: the CUDA-graph timing needs a GPU)."""
     from optcli.engine.kernels import tuning
 
+    cache = tmp_path / "tuning.json"
+    monkeypatch.setattr(tuning, "_cache_file", lambda: cache)
+    monkeypatch.setattr(tuning, "_SAVED", None)
     times = {"a": 3.0, "b": 1.0, "c": 2.0}
     calls = []
 
@@ -278,5 +282,15 @@ def test_tuner_keeps_the_fastest_working_candidate_once_per_bucket(monkeypatch) 
     assert tuning.pick("k", 4, 64, 128, candidates, lambda c: c) == "b"  # same bucket (<= 4): cached
     assert calls == ["a", "b", "c"] and len(built) == 1
     assert tuning.chosen() == {"k M<=4 N=64 K=128": "b"}
+    assert json.loads(cache.read_text()) == {"k M<=4 N=64 K=128": "'b'"}
+    # a new process on the same GPU model: the saved choice, no timing
+    monkeypatch.setattr(tuning, "_CHOSEN", {})
+    monkeypatch.setattr(tuning, "_SAVED", None)
+    assert tuning.pick("k", 3, 64, 128, candidates, lambda c: c) == "b" and calls == ["a", "b", "c"]
+    # a saved choice that is no longer a candidate is timed again
+    monkeypatch.setattr(tuning, "_CHOSEN", {})
+    times["d"] = 0.5
+    assert tuning.pick("k", 3, 64, 128, lambda: ["a", "c", "d"], lambda c: c) == "d"
+    assert json.loads(cache.read_text()) == {"k M<=4 N=64 K=128": "'d'"}
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     assert tuning.pick("k", 5, 64, 128, candidates, lambda c: c) == "a"  # capturing: the default, untimed

@@ -204,7 +204,8 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     m, k = x.shape
     n = qweight.shape[1]
     if config is None:
-        config = pick("int4", m, n, k, lambda: int4_candidates(m, n, k, group_size),
+        kernel = f"int4/g{group_size}{'/zero' if zeros is not None else ''}"  # candidates depend on the group
+        config = pick(kernel, m, n, k, lambda: int4_candidates(m, n, k, group_size),
                       lambda c: int4_matmul(x, qweight, scales, zeros, group_size, c))
     cfg = config
     if cfg.kernel == "dequant":

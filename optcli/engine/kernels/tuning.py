@@ -10,11 +10,19 @@ microsecond decode GEMM measures mostly its host launch cost, which favours whic
 launches fewer kernels rather than the one the GPU runs fastest. Between calls the graph overwrites
 a buffer twice the size of L2, so every call reads its weights from HBM as in a real forward (an int4
 layer's weights would otherwise stay in the H100's 50 MB L2); that write is timed alone and subtracted.
+
+Choices persist in `$OPTCLI_CACHE/gemm-tuning/` per GPU model and torch/triton version, so only the
+first process on a machine pays for tuning (minutes on a fresh machine, mostly Triton compiles).
+A saved choice is used only if it is still among the current candidates.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -36,6 +44,11 @@ def pick(kernel: str, m: int, n: int, k: int, candidates: Callable[[], list], ru
     candidates = candidates()
     if len(candidates) == 1 or not torch.cuda.is_available() or torch.cuda.is_current_stream_capturing():
         return candidates[0]
+    saved = _saved().get(_name(key))
+    for config in candidates:
+        if repr(config) == saved:
+            _CHOSEN[key] = config
+            return config
     timings = []
     for config in candidates:
         try:
@@ -44,7 +57,52 @@ def pick(kernel: str, m: int, n: int, k: int, candidates: Callable[[], list], ru
             torch.cuda.synchronize()
             continue
     _CHOSEN[key] = min(timings, key=lambda t: t[0])[1] if timings else candidates[0]
+    if timings:
+        _save(_name(key), repr(_CHOSEN[key]))
     return _CHOSEN[key]
+
+
+def _name(key: tuple) -> str:
+    kernel, m, n, k = key
+    return f"{kernel} M<={m} N={n} K={k}"
+
+
+_SAVED: dict[str, str] | None = None
+
+
+def _cache_file() -> Path:
+    import triton
+
+    from optcli.models import cache_dir
+
+    device = torch.cuda.get_device_name().replace(" ", "_").replace("/", "_")
+    return cache_dir() / "gemm-tuning" / f"{device}-torch{torch.__version__}-triton{triton.__version__}.json"
+
+
+def _saved() -> dict[str, str]:
+    """Choices saved by earlier processes on this GPU model (read once per process)."""
+    global _SAVED
+    if _SAVED is None:
+        try:
+            _SAVED = json.loads(_cache_file().read_text())
+        except (OSError, ValueError):
+            _SAVED = {}
+    return _SAVED
+
+
+def _save(name: str, choice: str) -> None:
+    """Add a choice to the cache file, written whole to a temporary file first (never half-written)."""
+    saved = _saved()
+    saved[name] = choice
+    path = _cache_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(saved, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only costs the next process a re-tune
 
 
 def time_in_graph(fn: Callable[[], object], replays: int = 5) -> float:
@@ -105,4 +163,4 @@ def _flush() -> tuple[torch.Tensor, float]:
 
 def chosen() -> dict[str, str]:
     """What was picked so far, for reports and benchmarks."""
-    return {f"{kernel} M<={m} N={n} K={k}": str(c) for (kernel, m, n, k), c in _CHOSEN.items()}
+    return {_name(key): str(c) for key, c in _CHOSEN.items()}
