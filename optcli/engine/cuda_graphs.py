@@ -32,7 +32,10 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
 
 
 def cuda_capture(pool=None) -> Capture:
-    """Capture `fn` in a CUDA graph after warming it up on a side stream; return its replay."""
+    """Capture `fn` in a CUDA graph after warming it up on a side stream; return its replay.
+    Every graph captured through one `cuda_capture()` shares one memory pool: buckets are captured
+    largest first and replayed one at a time, so each graph's temporaries reuse the same memory."""
+    pool = pool if pool is not None else torch.cuda.graph_pool_handle()
 
     def capture(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
         stream = torch.cuda.Stream()
