@@ -116,6 +116,8 @@ class Int8Linear(QuantLinear):
         if backend == "auto":
             backend = "triton" if _cuda_kernels(device) and w.act_quant else "cpu" if device.type == "cpu" else "dequant"
         self.mode = backend
+        if backend == "triton" and not w.act_quant:
+            raise ValueError("the Triton int8 GEMM quantizes activations: weight-only int8 takes the cpu or dequant path")
         self.input_quant = torch.int8 if backend == "triton" else None
         self.register_buffer("qweight", w.q.to(device))  # [N, K], as every path here takes it
         self.register_buffer("scales", w.scales.float().to(device))
