@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from optcli.engine.models.layer_ops import TorchOps
+from optcli.engine.models.rotary import RotaryEmbedding
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
@@ -112,53 +113,6 @@ class Dense(nn.Module):
         if self.weight.device.type == "cpu" and self.weight.dtype == torch.float32 and _onednn_linear_available():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 64)
             self.weight = nn.Parameter(torch.empty(0), requires_grad=False)  # the packed copy replaces it
-
-
-class RotaryEmbedding(nn.Module):
-    """cos/sin for the given positions, from transformers' own RoPE parameter functions."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-        self.hf_config = cfg.hf_config
-        params = getattr(cfg.hf_config, "rope_parameters", None) or {}
-        self.rope_type = params.get("rope_type", "default")
-        if self.rope_type == "default":
-            base = params.get("rope_theta", getattr(cfg.hf_config, "rope_theta", 10000.0))
-            dim = cfg.head_dim
-            inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-            scaling = 1.0
-        else:
-            inv_freq, scaling = ROPE_INIT_FUNCTIONS[self.rope_type](cfg.hf_config, None)
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
-        self.scaling = scaling
-        self.original_max = params.get("original_max_position_embeddings", cfg.max_position_embeddings)
-        self.table: torch.Tensor | None = None  # [max_len, 2 * head_dim]: cos | sin, see build_table
-
-    def build_table(self, max_len: int, dtype: torch.dtype) -> None:
-        """Precompute cos|sin for positions < max_len (the same ops, so the same values), so a step
-        gathers its rows in one op instead of ~9. Not for dynamic NTK, whose table depends on the batch."""
-        if self.rope_type != "dynamic":
-            cos, sin = self.forward(torch.arange(max_len, device=self.inv_freq.device))
-            self.table = torch.cat([cos, sin], dim=-1).to(dtype)
-
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.table is not None:
-            rows = self.table[positions]
-            half = rows.shape[-1] // 2
-            return rows[:, :half], rows[:, half:]
-        inv_freq, scaling = self.inv_freq, self.scaling
-        if self.rope_type == "dynamic":  # NTK scaling grows with the longest sequence, as in transformers
-            seq_len = int(positions.max()) + 1
-            if seq_len > self.original_max:
-                from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-                inv_freq, scaling = ROPE_INIT_FUNCTIONS["dynamic"](self.hf_config, positions.device, seq_len=seq_len)
-                inv_freq = inv_freq.float().to(positions.device)
-        freqs = positions[:, None].float() * inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos() * scaling, emb.sin() * scaling
 
 
 class DecoderLayer(nn.Module):
