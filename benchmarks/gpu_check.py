@@ -27,7 +27,7 @@ Imports only optcli.engine (and what it imports), transformers and torch.
     python benchmarks/gpu_check.py --tiny               # same code path, 2-layer fp32 model (CPU test)
     python benchmarks/gpu_check.py --skip-hf            # ours only (no equality check, no ratios)
     python benchmarks/gpu_check.py --quant [--tiny]     # quantized formats: benchmarks/quant_check.py
-                                                        # (a fresh machine first tunes the GEMMs: ~3-6 min)
+                                                        # (a fresh machine first tunes the GEMMs: minutes)
 """
 
 from __future__ import annotations
