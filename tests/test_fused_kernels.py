@@ -85,6 +85,32 @@ def test_rotary_in_place_on_qkv_views_matches_torch(dtype, heads, kv_heads, dim)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_can_store_rotated_k_and_v_into_the_paged_cache(dtype) -> None:
+    """RoPE + store_kv in one kernel == TorchOps.rotary then store_kv's reference; slot -1 writes nothing."""
+    from optcli.engine.kernels.fused_elementwise import rotary_
+    from optcli.engine.kernels.store_kv import store_kv_reference
+
+    gen = torch.Generator().manual_seed(11)
+    tokens, heads, kv_heads, dim = 5, 4, 2, 16
+    qkv = rand(tokens, (heads + 2 * kv_heads) * dim, gen=gen, dtype=dtype)
+    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    q, k, v = q.view(tokens, heads, dim), k.view(tokens, kv_heads, dim), v.view(tokens, kv_heads, dim)
+    emb = torch.cat([torch.arange(tokens).float()[:, None] * torch.rand(1, dim // 2, generator=gen)] * 2, dim=-1)
+    cos, sin = emb.cos().to(DEVICE, dtype), emb.sin().to(DEVICE, dtype)
+    slots = torch.tensor([7, 0, -1, 12, 3], dtype=torch.int32, device=DEVICE)
+    caches = [torch.full((16, kv_heads, dim), float("nan"), dtype=dtype, device=DEVICE) for _ in range(4)]
+    want_q, want_k = TorchOps.rotary(q, k, cos, sin)
+    store_kv_reference(want_k, v, caches[0], caches[1], slots)
+    k_before = k.clone()
+    rotary_(q, k, cos, sin, store=(v, caches[2], caches[3], slots))
+    same(q, want_q, dtype)
+    assert torch.equal(k, k_before)  # K goes to the cache, not back into the qkv buffer
+    for want, got in ((caches[0], caches[2]), (caches[1], caches[3])):
+        assert torch.equal(want.isnan(), got.isnan())  # the same slots written (none for the padded token)
+        same(torch.nan_to_num(got), torch.nan_to_num(want), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("inter,block", [(100, 1024), (256, 64)])  # one ragged tile; several tiles
 def test_silu_mul_matches_torch(dtype, inter, block) -> None:
     from optcli.engine.kernels.fused_elementwise import silu_mul
@@ -103,7 +129,7 @@ def test_silu_mul_matches_torch(dtype, inter, block) -> None:
 
 
 def test_a_fused_decode_layer_launches_a_third_of_the_ops() -> None:
-    """benchmarks/decode_ops.py's count: the fused layer is its 4 GEMMs + store/attend + 4 fused kernels."""
+    """benchmarks/decode_ops.py's count: the fused layer is its 4 GEMMs, attention and 4 fused kernels."""
     import importlib.util
     import sys
     from pathlib import Path
@@ -121,9 +147,9 @@ def test_a_fused_decode_layer_launches_a_third_of_the_ops() -> None:
     assert fused_layer["aten.linear"] == torch_layer["aten.linear"] == 4
     assert {op: n for op, n in fused_layer.items() if op.startswith("triton.")} == {
         "triton._rms_norm_kernel": 2, "triton._rotary_kernel": 1, "triton._silu_mul_kernel": 1,
-        "triton._store_kv_kernel": 1, "triton._decode_split_kernel": 1,
+        "triton._decode_split_kernel": 1,  # RoPE also stores K/V: no _store_kv_kernel
     }
-    assert sum(fused_layer.values()) == 10 and sum(torch_layer.values()) >= 30
+    assert sum(fused_layer.values()) == 9 and sum(torch_layer.values()) >= 30
     assert sum(fused_step.values()) < sum(torch_step.values()) / 3
 
 

@@ -227,8 +227,10 @@ for res, out, quant in ((True, bf, None), (False, bf, None), (True, "*i8", INT8)
     build("fused_elementwise", "_rms_norm_kernel", dict(x_ptr=bf, res_ptr=bf, w_ptr=bf, out_ptr=out, res_out_ptr=bf,
           q_ptr=out, scale_ptr="*fp32", eps="fp32"),
           dict(HAS_RESIDUAL=res, BLOCK=2048, QUANT=quant is not None, **(quant or INT8)))
-build("fused_elementwise", "_rotary_kernel", dict(q_ptr=bf, k_ptr=bf, cos_ptr=bf, sin_ptr=bf),
-      dict(NUM_Q=32, NUM_K=8, HALF=32, BLOCK_H=32, BLOCK_D=32))
+for store in (False, True):
+    build("fused_elementwise", "_rotary_kernel", dict(q_ptr=bf, k_ptr=bf, cos_ptr=bf, sin_ptr=bf, v_ptr=bf,
+          k_cache_ptr=bf, v_cache_ptr=bf, slot_ptr="*i32"),
+          dict(NUM_Q=32, NUM_K=8, HALF=32, BLOCK_H=32, BLOCK_D=32, STORE=store))
 build("fused_elementwise", "_silu_mul_kernel", dict(x_ptr=bf, out_ptr=bf), dict(BLOCK=1024))
 for out, quant in (("*i8", INT8), ("*fp8e4nv", FP8)):
     build("fused_elementwise", "_silu_mul_quant_kernel", dict(x_ptr=bf, q_ptr=out, scale_ptr="*fp32"),

@@ -1,7 +1,7 @@
-"""The decoder layer's elementwise work as one launch each: residual add + RMSNorm, RoPE, SiLU-and-mul.
+"""The decoder layer's elementwise work as one launch each: residual add + RMSNorm, RoPE (+ KV-cache store), SiLU-and-mul.
 
 Written as torch ops, a layer's norms, rotary embedding and MLP activation are ~25 small kernels; in a
-batch-1 decode step each costs microseconds however little it computes. Fused, a whole layer is 10
+batch-1 decode step each costs microseconds however little it computes. Fused, a whole layer is 9
 launches instead of 35 (counted by `benchmarks/decode_ops.py`).
 
 Numerics follow transformers op for op, rounding to the activation dtype wherever its bf16 ops
@@ -79,9 +79,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 
 
 @triton.jit
-def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_ct,
-                   NUM_Q: tl.constexpr, NUM_K: tl.constexpr, HALF: tl.constexpr,
-                   BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+                   stride_qt, stride_qh, stride_kt, stride_kh, stride_ct, stride_vt, stride_vh, stride_cs, stride_ch,
+                   NUM_Q: tl.constexpr, NUM_K: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+                   BLOCK_D: tl.constexpr, STORE: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, BLOCK_D)[None, :]
     heads = tl.arange(0, BLOCK_H)[:, None]
@@ -91,6 +92,9 @@ def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh, stride_
     cos2 = tl.load(cos_ptr + t * stride_ct + HALF + d, mask=d_mask, other=0.0).to(tl.float32)
     sin1 = tl.load(sin_ptr + t * stride_ct + d, mask=d_mask, other=0.0).to(tl.float32)
     sin2 = tl.load(sin_ptr + t * stride_ct + HALF + d, mask=d_mask, other=0.0).to(tl.float32)
+    if STORE:  # padded tokens (slot < 0) write nothing; `tile_mask & scalar` trips the interpreter (store_kv.py)
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        live_k = tl.where(slot >= 0, NUM_K, 0)
     for which in tl.static_range(2):
         if which == 0:
             base, stride_t, stride_h, num = q_ptr, stride_qt, stride_qh, NUM_Q
@@ -104,20 +108,42 @@ def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh, stride_
         # x * cos + rotate_half(x) * sin, each product rounded to the activation dtype first.
         lo = round_to(round_to(x1 * cos1, dtype) - round_to(x2 * sin1, dtype), dtype)
         hi = round_to(round_to(x2 * cos2, dtype) + round_to(x1 * sin2, dtype), dtype)
-        tl.store(ptr, lo.to(dtype), mask=mask)
-        tl.store(ptr + HALF, hi.to(dtype), mask=mask)
+        if which == 1 and STORE:  # rotated K goes straight to its cache slot: attention reads K from there
+            out, mask = k_cache_ptr + slot * stride_cs + heads * stride_ch + d, (heads < live_k) & d_mask
+        else:
+            out = ptr
+        tl.store(out, lo.to(out.dtype.element_ty), mask=mask)
+        tl.store(out + HALF, hi.to(out.dtype.element_ty), mask=mask)
+    if STORE:  # V unrotated, both halves
+        mask = (heads < live_k) & d_mask
+        v_src = v_ptr + t * stride_vt + heads * stride_vh + d
+        v_dst = v_cache_ptr + slot * stride_cs + heads * stride_ch + d
+        tl.store(v_dst, tl.load(v_src, mask=mask), mask=mask)
+        tl.store(v_dst + HALF, tl.load(v_src + HALF, mask=mask), mask=mask)
 
 
-def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            store: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
     """Rotate q [T, H, D] and k [T, KV, D] in place (any row/head strides, unit stride within a head)
-    by cos/sin [T, D] (half-split layout, as transformers)."""
+    by cos/sin [T, D] (half-split layout, as transformers). With `store` = (v, k_cache, v_cache,
+    slot_mapping), rotated K and V are written to their cache slots instead (slots < 0 skipped),
+    which replaces store_kv; `k` itself is then left unrotated."""
     t, num_q, dim = q.shape
     assert q.stride(2) == 1 and k.stride(2) == 1 and cos.stride() == sin.stride() and cos.stride(1) == 1
+    if store is not None:
+        v, k_cache, v_cache, slots = store
+        assert v.stride(2) == 1 and k_cache.stride() == v_cache.stride() and k_cache.stride(2) == 1
+        assert k_cache.shape[1:] == k.shape[1:] and slots.shape == (t,)
+    else:
+        v, k_cache, v_cache, slots = k, k, k, k  # unused
     if t:
         _rotary_kernel[(t,)](
-            q, k, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
+            q, k, cos, sin, v, k_cache, v_cache, slots,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), v.stride(0), v.stride(1),
+            k_cache.stride(0), k_cache.stride(1),
             NUM_Q=num_q, NUM_K=k.shape[1], HALF=dim // 2,
             BLOCK_H=triton.next_power_of_2(max(num_q, k.shape[1])), BLOCK_D=triton.next_power_of_2(dim // 2),
+            STORE=store is not None,
         )  # fmt: skip
 
 

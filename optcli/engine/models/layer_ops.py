@@ -1,9 +1,9 @@
 """The decoder layer's non-GEMM math, in two interchangeable sets with the same numerics.
 
 `TorchOps` is plain PyTorch, op for op as transformers computes it (the CPU path, and the reference).
-`FusedOps` runs each of the three through one Triton kernel (`kernels/fused_elementwise.py`): on a
+`FusedOps` runs each through one Triton kernel (RoPE also storing K/V into the paged cache) (`kernels/fused_elementwise.py`): on a
 GPU, where each launch costs microseconds however little it computes, a decode layer then issues
-10 device ops instead of 35. For W8A8/FP8 layers the norms and SiLU-mul also quantize their output
+9 device ops instead of 35. For W8A8/FP8 layers the norms and SiLU-mul also quantize their output
 per token for the next GEMM (its `input_quant`), saving that GEMM's own quantization pass.
 The engine picks FusedOps with the Triton attention backend.
 """
@@ -33,6 +33,12 @@ class TorchOps:
     def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
+    @classmethod
+    def rotary_attend(cls, q, k, v, cos, sin, kv_cache, meta, window: int | None) -> torch.Tensor:
+        """RoPE on q and k, then attention through the step's metadata (which stores K/V first)."""
+        q, k = cls.rotary(q, k, cos, sin)
+        return meta.attend(q, k, v, kv_cache, window)
+
     @staticmethod
     def silu_mul(gate_up: torch.Tensor, quant: torch.dtype | None = None) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
@@ -55,6 +61,19 @@ class FusedOps:
 
         rotary_(q, k, cos, sin)  # in place: q and k are views of this step's own qkv output
         return q, k
+
+    @classmethod
+    def rotary_attend(cls, q, k, v, cos, sin, kv_cache, meta, window):
+        """With Triton metadata, one kernel rotates q and k and writes K/V to their cache slots
+        (no separate store_kv launch); then attention reads them from the cache."""
+        from optcli.engine.attention_triton import TritonMetadata
+        from optcli.engine.kernels.fused_elementwise import rotary_
+
+        if not isinstance(meta, TritonMetadata):
+            q, k = cls.rotary(q, k, cos, sin)
+            return meta.attend(q, k, v, kv_cache, window)
+        rotary_(q, k, cos, sin, store=(v, kv_cache[0], kv_cache[1], meta.slot_mapping))
+        return meta.attend_cached(q, kv_cache, window)
 
     @staticmethod
     def silu_mul(gate_up, quant=None):

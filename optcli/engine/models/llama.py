@@ -144,8 +144,7 @@ class DecoderLayer(nn.Module):
         v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = ops.rotary(q, k, cos, sin)
-        attn = meta.attend(q, k, v, kv_cache, cfg.sliding_windows[self.index])
+        attn = ops.rotary_attend(q, k, v, cos, sin, kv_cache, meta, cfg.sliding_windows[self.index])
         out = self.o_proj(attn.reshape(-1, self.q_size))
         norm = self.post_attention_layernorm
         h, residual = ops.rms_norm(out, norm.weight, norm.eps, residual, self.gate_up_proj.input_quant)
