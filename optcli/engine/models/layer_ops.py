@@ -1,9 +1,9 @@
 """The decoder layer's non-GEMM math, in two interchangeable sets with the same numerics.
 
 `TorchOps` is plain PyTorch, op for op as transformers computes it (the CPU path, and the reference).
-`FusedOps` runs each through one Triton kernel (RoPE also storing K/V into the paged cache) (`kernels/fused_elementwise.py`): on a
-GPU, where each launch costs microseconds however little it computes, a decode layer then issues
-9 device ops instead of 35. For W8A8/FP8 layers the norms and SiLU-mul also quantize their output
+`FusedOps` runs each through one Triton kernel (`kernels/fused_elementwise.py`), RoPE also writing K/V
+into the paged cache: on a GPU, where each launch costs microseconds however little it computes, a
+decode layer then issues 9 device ops instead of 35. For W8A8/FP8 layers the norms and SiLU-mul also quantize their output
 per token for the next GEMM (its `input_quant`), saving that GEMM's own quantization pass.
 The engine picks FusedOps with the Triton attention backend.
 """
