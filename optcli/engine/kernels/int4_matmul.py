@@ -18,18 +18,14 @@ measures the result against torch's int4 kernel and bf16 cuBLAS.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
 from . import split_k
 from ._utils import dot_args
-from .split_k import program_tile
+from .split_k import TileConfig, default_splits, program_tile
 from .tuning import pick
-
-TARGET_PROGRAMS = 264  # ~2 waves on a 132-SM H100/H200: enough to saturate HBM with weight streams
 
 
 @triton.jit
@@ -134,18 +130,11 @@ def _int4_gemv_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-@dataclass(frozen=True)
-class Int4Config:
-    bm: int
-    bn: int
-    bk: int
-    split_k: int
-    num_warps: int = 4
-    num_stages: int = 3
-    kernel: str = "dot"  # "dot": in-register dequant + tl.dot ("dot-rows": words read per input channel,
-    # no reshape); "gemv" / "gemv-deferred": tl.dot-free, bm = rows
-    # padded to a power of two (at most 8), reduced per tile or once at the end; "dequant": int4_dequant.py's
-    # [K, N] buffer (bk/8 x bn tiles) + a cuBLAS GEMM
+# Int4 launch forms (TileConfig.kernel): "dot" (in-register dequant + tl.dot), "dot-rows" (the same, words
+# read per input channel, no reshape), "gemv" / "gemv-deferred" (tl.dot-free; bm = rows padded to a power
+# of two, at most 8; reduced per tile or once at the end), "dequant" (int4_dequant.py's [K, N] buffer in
+# bk/8 x bn tiles, then a cuBLAS GEMM).
+Int4Config = TileConfig
 
 
 GEMV_MAX_M = 8
@@ -165,11 +154,7 @@ def int4_config(m: int, n: int, k: int, group_size: int) -> Int4Config:
         bk = min(bk, 64)
     else:
         bm, bn, bk, warps = (64 if m <= 128 else 128), 128, min(bk, 64), 8
-    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    split = 1  # large batches are compute-bound: a split would only add a reduction pass
-    while m <= 64 and tiles * split * 2 <= TARGET_PROGRAMS and k // (split * 2) >= 2 * bk:
-        split *= 2
-    return Int4Config(bm, bn, bk, split, warps)
+    return Int4Config(bm, bn, bk, default_splits(m, n, k, bm, bn, bk), warps)
 
 
 def int4_candidates(m: int, n: int, k: int, group_size: int) -> list[Int4Config]:

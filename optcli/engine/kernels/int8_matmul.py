@@ -9,16 +9,13 @@ on the way in. Small batches split K across programs like the int4 kernel (`spli
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
 from . import split_k
 from ._utils import interpreting
-from .int4_matmul import TARGET_PROGRAMS
-from .split_k import program_tile
+from .split_k import TileConfig, default_splits, program_tile
 from .tuning import pick
 
 
@@ -49,14 +46,7 @@ def _int8_matmul_kernel(
     tl.store(out, y.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-@dataclass(frozen=True)
-class Int8Config:
-    bm: int
-    bn: int
-    bk: int
-    split_k: int
-    num_warps: int = 4
-    num_stages: int = 3
+Int8Config = TileConfig
 
 
 def int8_config(m: int, n: int, k: int) -> Int8Config:
@@ -66,11 +56,7 @@ def int8_config(m: int, n: int, k: int) -> Int8Config:
         bm, bn, bk, warps = (32 if m <= 32 else 64), 64, 128, 4
     else:
         bm, bn, bk, warps = (64 if m <= 128 else 128), 128, 128, 8
-    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    split = 1  # large batches are compute-bound: a split would only add a reduction pass
-    while m <= 64 and tiles * split * 2 <= TARGET_PROGRAMS and k // (split * 2) >= 2 * bk:
-        split *= 2
-    return Int8Config(bm, bn, bk, split, warps)
+    return Int8Config(bm, bn, bk, default_splits(m, n, k, bm, bn, bk), warps)
 
 
 def int8_candidates(m: int, n: int, k: int) -> list[Int8Config]:

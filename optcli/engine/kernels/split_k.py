@@ -1,4 +1,4 @@
-"""Split-K bookkeeping shared by the quantized GEMMs.
+"""Split-K bookkeeping and the launch configuration shared by the quantized GEMMs.
 
 Decode batches have few output tiles, so the K loop is split across programs to keep every SM
 streaming weights. Each split writes fp32 partials [split, M, N]; one small kernel sums them and
@@ -7,9 +7,37 @@ casts to the output dtype (torch's sum-then-cast would be two launches and an ex
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
+
+TARGET_PROGRAMS = 264  # ~2 waves on a 132-SM H100/H200: enough to saturate HBM with weight streams
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """One launch of a quantized GEMM: tiles, K splits, warps, pipeline stages, and the kernel form.
+    `kernel` is "dot" except for int4's other forms (see int4_matmul.int4_candidates)."""
+
+    bm: int
+    bn: int
+    bk: int
+    split_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+    kernel: str = "dot"
+
+
+def default_splits(m: int, n: int, k: int, bm: int, bn: int, bk: int) -> int:
+    """K splits for a thin batch (decode): doubled while the grid stays under TARGET_PROGRAMS and each
+    split keeps two K tiles. Large batches are compute-bound: a split would only add a reduction pass."""
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    split = 1
+    while m <= 64 and tiles * split * 2 <= TARGET_PROGRAMS and k // (split * 2) >= 2 * bk:
+        split *= 2
+    return split
 
 
 def plan(k: int, block_k: int, split_k: int) -> tuple[int, int]:
