@@ -10,10 +10,12 @@ Small batches (decode) are memory-bound with few output tiles, so K is split acr
 keep every SM streaming weights; their fp32 partials are summed after (`split_k.py`). For 1-8 rows
 there is also a GEMV form: no tl.dot (whose tiles pad M to 16), either reducing each tile as it is
 read with the group scale applied once to the sum of x * nibble (one int->float convert and one FMA
-per weight), or accumulating per-row products and reducing once at the end. For large M, a third candidate dequantizes the weight into a transient bf16 buffer for a cuBLAS
-GEMM (`int4_dequant.py`). `int4_candidates` lists them; on CUDA the tuner times them per shape (in a
-CUDA graph with a cold L2, as the engine runs them) and keeps the fastest; `benchmarks/gpu_check.py --quant`
-measures the result against torch's int4 kernel and bf16 cuBLAS.
+per weight), or accumulating per-row products and reducing once at the end. For M > 16 the GEMM can
+also read each word once per input channel instead of reshaping (BY_ROW), or the weight can be
+dequantized into a transient bf16 buffer for a cuBLAS GEMM (`int4_dequant.py`). `int4_candidates`
+lists them; on CUDA the tuner times them per shape (in a CUDA graph with a cold L2, as the engine
+runs them) and keeps the fastest; `benchmarks/gpu_check.py --quant` measures the result against
+torch's int4 kernel and bf16 cuBLAS.
 """
 
 from __future__ import annotations
