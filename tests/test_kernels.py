@@ -302,18 +302,8 @@ def test_prefill_half(dtype: torch.dtype) -> None:
 
 # ------------------------------------------------------------------------------ compiled path
 
+# The body of a tests/sm90_compile.py script: build() and bf come from its prelude.
 COMPILE_SCRIPT = """
-import importlib
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler.compiler import ASTSource
-
-def build(module, kernel, types, consts):
-    fn = getattr(importlib.import_module("optcli.engine.kernels." + module), kernel)
-    sig = {a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}
-    triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32))
-
-bf = "*bf16"
 io = dict(q_ptr=bf, k_cache_ptr=bf, v_cache_ptr=bf, out_ptr=bf, block_tables_ptr="*i32", context_lens_ptr="*i32",
           qk_scale="fp32", mid_m_ptr="*fp32", mid_l_ptr="*fp32", mid_acc_ptr="*fp32", query_start_loc_ptr="*i32")
 tiles = dict(GROUP=4, HEAD_DIM=80, BLOCK_SIZE=16, BLOCK_N=64, BLOCK_D=128, PRECISION="tf32", UPCAST_DOT=False)
@@ -329,14 +319,6 @@ build("prefill_attention", "_prefill_kernel", io, dict(tiles, BLOCK_M=64, BLOCK_
 def test_kernels_compile_for_sm90() -> None:
     """The interpreter accepts code the compiler rejects (and vice versa): lower the bf16 kernels
     through Triton's real pipeline down to an sm_90 cubin, which needs no GPU, only the bundled ptxas."""
-    import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
+    from tests.sm90_compile import compile_for_sm90
 
-    nvidia = pytest.importorskip("triton.backends.nvidia")
-    if not (Path(nvidia.__file__).parent / "bin" / "ptxas").exists() and shutil.which("ptxas") is None:
-        pytest.skip("no ptxas to finish the compile")
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    compile_for_sm90(COMPILE_SCRIPT, TRITON_DEFAULT_FP_FUSION="1")

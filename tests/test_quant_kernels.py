@@ -195,18 +195,8 @@ def test_weight_only_int8_and_mixed_parts() -> None:
     assert isinstance(mixed, torch.Tensor) and mixed.shape == (24, 64)
 
 
+# The body of a tests/sm90_compile.py script: build() and bf come from its prelude.
 COMPILE_SCRIPT = """
-import importlib
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler.compiler import ASTSource
-
-def build(module, kernel, types, consts):
-    fn = getattr(importlib.import_module("optcli.engine.kernels." + module), kernel)
-    sig = {a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}
-    triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32))
-
-bf = "*bf16"
 for zero, aligned in ((True, True), (False, False)):
     for bm, bn, bk, warps in ((16, 64, 128, 4), (128, 128, 64, 8)):
         build("int4_matmul", "_int4_matmul_kernel", dict(x_ptr=bf, w_ptr="*i32", s_ptr=bf, z_ptr=bf, out_ptr="*fp32"),
@@ -243,17 +233,9 @@ for out, is_int in (("*i8", True), ("*fp8e4nv", False)):
 
 def test_quant_kernels_compile_for_sm90() -> None:
     """Lower the quantized-GEMM and fused elementwise kernels through Triton's real pipeline to an sm_90 cubin (no GPU needed)."""
-    import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
+    from tests.sm90_compile import compile_for_sm90
 
-    nvidia = pytest.importorskip("triton.backends.nvidia")
-    if not (Path(nvidia.__file__).parent / "bin" / "ptxas").exists() and shutil.which("ptxas") is None:
-        pytest.skip("no ptxas to finish the compile")
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    compile_for_sm90(COMPILE_SCRIPT)
 
 
 def test_tuner_keeps_the_fastest_working_candidate_once_per_bucket(monkeypatch, tmp_path) -> None:
