@@ -18,10 +18,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from optcli import __version__
+from optcli.builtin import corpus_dir
 from optcli.calibration_sources import Documents, RowOptions, read_source
 from optcli.errors import UsageError
 
-CALIBRATION_DIR = Path(__file__).resolve().parent.parent / "calibration_data"
+CALIBRATION_DIR = corpus_dir()
 HELDOUT_FILE = "heldout.txt"  # evaluation only: never calibrated on
 CODE_SEPARATOR = "<|doc|>"  # code has blank lines, so code.txt separates documents with this line
 STRATA = 4  # document-length quantile buckets that selection draws from in turn
@@ -197,7 +198,7 @@ def save_calibration_set(calib: CalibrationSet, out: Path, stats: dict | None = 
     """Atomically: token ids as a `datasets` dataset in data/, manifest.json, and stats.json when given."""
     from datasets import Dataset
 
-    from optcli.quantize.artifact import atomic_directory
+    from optcli.util.fs import atomic_directory
 
     with atomic_directory(Path(out), force) as tmp:
         Dataset.from_dict({"input_ids": calib.input_ids}).save_to_disk(str(tmp / "data"))
@@ -239,7 +240,7 @@ def calibrate(model_spec: str, source: str, out: Path, samples: int = 128, seq_l
     from transformers import AutoConfig, AutoTokenizer
 
     from optcli.models import load_model, resolve_model
-    from optcli.quantize.artifact import check_out_dir
+    from optcli.util.fs import check_out_dir
 
     check_out_dir(Path(out), force)
     model = resolve_model(model_spec)

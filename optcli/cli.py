@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from optcli import __version__
+from optcli.config import DTYPES, EngineConfig
 from optcli.errors import KpiFailed, UsageError
 
 app = typer.Typer(
@@ -34,6 +35,27 @@ app.add_typer(convert_app, name="convert")
 
 out = Console()
 err = Console(stderr=True)
+
+# Engine options shared by `serve` and `profile`, so what profile measures is what serve runs.
+_ENGINE = EngineConfig()
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (CUDA: the checkpoint's, bf16 for fp32; CPU: bf16 where "
+                                       "it is native and measured faster, else fp32), bfloat16, float16 or float32.")]
+MaxNumSeqsOpt = Annotated[int, typer.Option("--max-num-seqs", min=1, help="Sequences in one batch at most.")]
+MaxModelLenOpt = Annotated[int | None, typer.Option("--max-model-len", min=2, help=f"Context per sequence (default {_ENGINE.max_model_len}, capped at the model's).")]
+EnforceEagerOpt = Annotated[bool, typer.Option("--enforce-eager", help="No CUDA graphs.")]
+GpuMemoryOpt = Annotated[float, typer.Option("--gpu-memory-utilization", min=0.05, max=1.0, help="Share of the GPU the engine may use.")]
+
+
+def _engine_config(device: str, dtype: str, max_num_seqs: int, max_model_len: int | None, enforce_eager: bool,
+                   gpu_memory_utilization: float) -> EngineConfig:
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)} (got '{dtype}')")
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise UsageError(f"--device must be auto, cpu or cuda (got '{device}')")
+    return EngineConfig(device=device, dtype=dtype, max_num_seqs=max_num_seqs,
+                        max_model_len=max_model_len or _ENGINE.max_model_len, enforce_eager=enforce_eager,
+                        gpu_memory_utilization=gpu_memory_utilization)
 
 
 def _fail(message: str, code: int) -> None:
@@ -191,7 +213,7 @@ def _layer_progress(description: str, as_json: bool):
 def profile(
     model: Annotated[str, typer.Argument(help="Model or artifact to profile (or the served model name with --endpoint).")],
     baseline: Annotated[str | None, typer.Option("--baseline", help="Reference model for accuracy (default: the artifact's source).")] = None,
-    eval_text: Annotated[Path | None, typer.Option("--eval-text", help="Text for accuracy (default: calibration_data/heldout.txt).")] = None,
+    eval_text: Annotated[Path | None, typer.Option("--eval-text", help="Text for accuracy (default: the builtin corpus's heldout.txt).")] = None,
     requests: Annotated[int, typer.Option("--requests", min=1, help="Synthetic requests per phase.")] = 32,
     prompt_len: Annotated[str, typer.Option("--prompt-len", help="Prompt lengths, uniform in [A, B).")] = "16:64",
     output_len: Annotated[int, typer.Option("--output-len", min=1, help="New tokens per request (EOS ignored).")] = 32,
@@ -201,9 +223,15 @@ def profile(
     kpi: Annotated[Path | None, typer.Option("--kpi", help="KPI gates (YAML); a failure exits 3.")] = None,
     gpu_hour_cost: Annotated[float | None, typer.Option("--gpu-hour-cost", help="USD per hour of the machine, for cost per 1K tokens.")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Directory for report.json/.md/.html.")] = None,
-    endpoint: Annotated[str | None, typer.Option("--endpoint", help="Load-test an OpenAI-compatible server instead.")] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
-    max_num_seqs: Annotated[int, typer.Option("--max-num-seqs", min=1)] = 64,
+    endpoint: Annotated[str | None, typer.Option("--endpoint", help="Load-test an OpenAI-compatible server instead (base URL, with or without /v1).")] = None,
+    prompt_format: Annotated[str | None, typer.Option("--prompt-format", help="tokens or text: how prompts are sent (default: text to an --endpoint, token ids in process).")] = None,
+    tokenizer: Annotated[str | None, typer.Option("--tokenizer", help="With --endpoint: the tokenizer (MODEL spec) that sizes text prompts (default: MODEL if local, else the builtin one).")] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    max_num_seqs: MaxNumSeqsOpt = _ENGINE.max_num_seqs,
+    max_model_len: MaxModelLenOpt = None,
+    enforce_eager: EnforceEagerOpt = False,
+    gpu_memory_utilization: GpuMemoryOpt = _ENGINE.gpu_memory_utilization,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
 ) -> None:
@@ -218,16 +246,19 @@ def profile(
                 raise UsageError("--duration needs --rate (requests = rate x duration)")
             requests = max(1, round(rate * duration))
         level, sweep = parse_concurrency(concurrency)
+        if prompt_format not in (None, "tokens", "text"):
+            raise UsageError(f"--prompt-format must be tokens or text (got '{prompt_format}')")
         workload = Workload(requests=requests, prompt_len=parse_prompt_len(prompt_len), output_len=output_len,
-                            concurrency=level, sweep=sweep, rate=rate, seed=seed)
+                            concurrency=level, sweep=sweep, rate=rate, seed=seed, prompt_format=prompt_format)
+        config = _engine_config(device, dtype, max_num_seqs, max_model_len, enforce_eager, gpu_memory_utilization)
 
         def note(message: str) -> None:
             if not as_json and err.is_terminal:
                 err.print(f"[dim]· {message}[/dim]")
 
         try:
-            report = run_profile(model, baseline, eval_text, workload, kpi, gpu_hour_cost, out_dir, endpoint, device,
-                                 max_num_seqs, note)
+            report = run_profile(model, baseline, eval_text, workload, kpi, gpu_hour_cost, out_dir, endpoint, config,
+                                 note, tokenizer=tokenizer)
         except KpiFailed as exc:  # the report is complete and written: show it, then exit 3
             report, gate_failure = exc.report, exc
     _show_profile(report, as_json, out_dir)
@@ -247,7 +278,15 @@ def _show_profile(report: dict, as_json: bool, out_dir: Path | None) -> None:
     table.add_column("measure")
     table.add_column("value", justify="right")
     tp, acc, mem = report["throughput"], report["accuracy"], report["memory"]
+    engine = report["workload"].get("engine") or {}
+    if engine:
+        dtype = engine["dtype"] + (f" (baseline {engine['baseline_dtype']})" if engine.get("baseline_dtype") not in
+                                   (None, engine["dtype"]) else "")
+        table.add_row("device / dtype", f"{engine['device']} / {dtype}")
     table.add_row("output tok/s (offline)", fmt(tp["output_tok_s"], ".1f"))
+    if tp.get("baseline_output_tok_s"):  # the source measured in the same run: the ratio is the point
+        ratio = tp["output_tok_s"] / tp["baseline_output_tok_s"] if tp["output_tok_s"] else None
+        table.add_row("baseline output tok/s (ratio)", f"{fmt(tp['baseline_output_tok_s'], '.1f')} ({fmt(ratio, '.2f')}x)")
     table.add_row("requests/s", fmt(tp["requests_s"], ".2f"))
     for metric in ("ttft", "tpot", "itl", "e2e"):
         lat = report["latency_ms"][metric]
@@ -256,8 +295,13 @@ def _show_profile(report: dict, as_json: bool, out_dir: Path | None) -> None:
     table.add_row("KLD mean / top-1", f"{fmt(acc['kld_mean'], '.4f')} / {fmt(acc['top1_agreement'], '.3f')}")
     table.add_row("weights / peak / KV cache", " / ".join(_mib(mem[k]) for k in ("weights_bytes", "peak_bytes", "kv_cache_bytes")))
     table.add_row("batch efficiency", fmt(report["batch_efficiency"], ".2f"))
-    table.add_row("USD per 1K tokens", fmt(report["cost"]["usd_per_1k_tokens"], ".5f"))
+    table.add_row("USD per 1K tokens (prompt + generated)", fmt(report["cost"]["usd_per_1k_tokens"], ".5f"))
+    table.add_row("USD per 1K output tokens", fmt(report["cost"].get("usd_per_1k_output_tokens"), ".5f"))
     out.print(table)
+    failures = tp.get("failures") or {}
+    if failures.get("failed"):
+        why = "; ".join(f"{r['count']}x {r['error']}" for r in failures["reasons"][:3])
+        err.print(f"[yellow]{failures['failed']} of {failures['total']} requests failed:[/yellow] {why}", highlight=False)
     for check in report["kpi"]["checks"]:
         style = "green" if check["passed"] else "red"
         out.print(f"[{style}]{'PASS' if check['passed'] else 'FAIL'}[/{style}] {check['name']} (value {fmt(check['value'])})")
@@ -272,13 +316,14 @@ def serve(
     port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
     api_key: Annotated[str | None, typer.Option("--api-key", help="Require `Authorization: Bearer KEY` (all but /health).")] = None,
     engine: Annotated[str, typer.Option("--engine", help="builtin or vllm.")] = "builtin",
-    max_num_seqs: Annotated[int, typer.Option("--max-num-seqs", min=1)] = 64,
-    max_model_len: Annotated[int | None, typer.Option("--max-model-len", min=2)] = None,
+    max_num_seqs: MaxNumSeqsOpt = _ENGINE.max_num_seqs,
+    max_model_len: MaxModelLenOpt = None,
     max_waiting: Annotated[int, typer.Option("--max-waiting", min=0, help="Queued requests beyond which new ones get 429.")] = 256,
     served_model_name: Annotated[str | None, typer.Option("--served-model-name", help="Name clients use (default: MODEL).")] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
-    enforce_eager: Annotated[bool, typer.Option("--enforce-eager", help="No CUDA graphs.")] = False,
-    gpu_memory_utilization: Annotated[float, typer.Option("--gpu-memory-utilization", min=0.05, max=1.0)] = 0.9,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    enforce_eager: EnforceEagerOpt = False,
+    gpu_memory_utilization: GpuMemoryOpt = _ENGINE.gpu_memory_utilization,
     tensor_parallel_size: Annotated[int, typer.Option("--tensor-parallel-size", min=1, help="vLLM only.")] = 1,
     pipeline_parallel_size: Annotated[int, typer.Option("--pipeline-parallel-size", min=1, help="vLLM only.")] = 1,
 ) -> None:
@@ -289,18 +334,19 @@ def serve(
     with _run(False):
         if engine not in ("builtin", "vllm"):
             raise UsageError(f"--engine must be builtin or vllm (got '{engine}')")
+        config = _engine_config(device, dtype, max_num_seqs, max_model_len, enforce_eager, gpu_memory_utilization)
         path = str(resolve_model(model).path)
         if engine == "vllm":
             from optcli.serve.vllm import exec_vllm, vllm_command
 
             exec_vllm(vllm_command(path, host, port, name, api_key, max_num_seqs, max_model_len,
-                                   gpu_memory_utilization, tensor_parallel_size, pipeline_parallel_size, enforce_eager))
+                                   gpu_memory_utilization, tensor_parallel_size, pipeline_parallel_size, enforce_eager,
+                                   dtype=dtype))
         if tensor_parallel_size > 1 or pipeline_parallel_size > 1:
             raise UsageError("the builtin engine runs on one device; use --engine vllm for parallel serving")
         from optcli.serve.server import run_server
 
-        run_server(path, name, host, port, api_key, device, max_num_seqs, max_model_len, max_waiting,
-                   enforce_eager, gpu_memory_utilization)
+        run_server(path, name, host, port, api_key, config, max_waiting)
 
 
 @app.command()
@@ -325,6 +371,7 @@ def roi(
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Concurrent sequences (estimate default 16).")] = None,
     context_len: Annotated[int | None, typer.Option("--context-len", help="Tokens per sequence for the memory plan (default 2048).")] = None,
     output_len: Annotated[int | None, typer.Option("--output-len", help="Generated tokens per request for --estimate (default 256).")] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="The dtype `serve --dtype` would get, for the KV cache in the plan (default: the report's, else auto).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Cost per 1K tokens, savings, payback, replicas and autoscaling from a profile report or an estimate."""
@@ -332,7 +379,8 @@ def roi(
 
     options = RoiOptions(report, baseline_report, baseline_usd_per_1k_tokens, gpu, gpu_hour_cost, gpu_catalog,
                          requests_per_day, tokens_per_request, implementation_cost, target_rps, p95_slo_ms,
-                         load_trace, min_replicas, max_replicas, estimate, recipe, batch_size, context_len, output_len)
+                         load_trace, min_replicas, max_replicas, estimate, recipe, batch_size, context_len, output_len,
+                         dtype=dtype)
     with _run(as_json):
         if plot is not None and load_trace is None:
             raise UsageError("--plot needs --load-trace")

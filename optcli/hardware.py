@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -106,6 +107,7 @@ class GpuSpec:
     hourly_usd: float
     match: tuple[str, ...] = ()
     source: str = ""
+    default: bool = False  # the entry an ambiguous --gpu name (a100: 40GB or 80GB?) resolves to
 
     @property
     def memory_bytes(self) -> int:
@@ -138,7 +140,7 @@ def load_catalog(path: str | Path | None = None) -> dict[str, GpuSpec]:
     files = [CATALOG_FILE] + [Path(p) for p in (os.environ.get(CATALOG_ENV), path) if p]
     for file in files:
         for name, fields in _read_catalog_file(file).items():
-            key = next((k for k in merged if k.lower() == str(name).lower()), str(name))
+            key = next((k for k in merged if _norm(k) == _norm(str(name))), str(name))
             merged[key] = {**merged.get(key, {}), **fields}
     allowed = set(GpuSpec.__dataclass_fields__) - {"name"}
     catalog = {}
@@ -147,7 +149,7 @@ def load_catalog(path: str | Path | None = None) -> dict[str, GpuSpec]:
         if unknown:
             raise UsageError(f"GPU catalog: {name}: unknown field '{sorted(unknown)[0]}' "
                              f"(allowed: {', '.join(sorted(allowed))})")
-        missing = allowed - set(fields) - {"match", "source"}
+        missing = allowed - set(fields) - {"match", "source", "default"}
         if missing:
             raise UsageError(f"GPU catalog: {name}: missing field '{sorted(missing)[0]}'")
         for key in _NUMBERS:
@@ -155,17 +157,62 @@ def load_catalog(path: str | Path | None = None) -> dict[str, GpuSpec]:
             ok = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
             if not ok and not (value is None and key in ("fp8_tflops", "int8_tops")):
                 raise UsageError(f"GPU catalog: {name}: field '{key}' must be a positive number (got {value!r})")
+        if not isinstance(fields.get("default", False), bool):
+            raise UsageError(f"GPU catalog: {name}: field 'default' must be true or false (got {fields['default']!r})")
         catalog[name] = GpuSpec(name=name, **{**fields, "compute_capability": str(fields["compute_capability"]),
                                               "match": tuple(str(m) for m in fields.get("match") or ())})
     return catalog
 
 
-def lookup_gpu(name: str, catalog: dict[str, GpuSpec]) -> GpuSpec:
-    """A catalog entry by name (case-insensitive); unknown names list the known ones."""
-    for key, spec in catalog.items():
-        if key.lower() == name.lower():
-            return spec
+@dataclass(frozen=True)
+class GpuChoice:
+    """What a --gpu name resolved to, and how: `note` says so whenever it was not an exact name."""
+
+    spec: GpuSpec
+    query: str
+    candidates: tuple[str, ...]  # every entry the name matched; more than one: the catalog default won
+
+    @property
+    def note(self) -> str | None:
+        if _norm(self.query) == _norm(self.spec.name):
+            return None
+        why = f"catalog default of {', '.join(self.candidates)}" if len(self.candidates) > 1 else "unique prefix"
+        return f"{self.query} → {self.spec.name} ({why})"
+
+
+def _norm(text: str) -> str:
+    """Case, '-', '_' and spaces do not distinguish GPU names: `rtx_4090`, `RTX 4090`, `rtx-4090` are one."""
+    return "".join(ch for ch in text.lower() if ch not in "-_ ")
+
+
+def _name_prefixes(name: str) -> set[str]:
+    """Normalised prefixes of a catalog name that end at a separator: H100-80GB → {h100, h10080gb}.
+    Cutting only at separators keeps `l40` (another GPU) from being taken for L40S."""
+    parts = [p for p in re.split(r"[-_ ]+", name.lower()) if p]
+    return {"".join(parts[:i]) for i in range(1, len(parts) + 1)}
+
+
+def resolve_gpu(name: str, catalog: dict[str, GpuSpec]) -> GpuChoice:
+    """A catalog entry by exact normalised name, else by unique prefix, else the catalog's marked default
+    among the prefix matches; ambiguous and unknown names are usage errors that list the choices."""
+    query = _norm(name)
+    exact = [spec for key, spec in catalog.items() if _norm(key) == query]
+    if exact:
+        return GpuChoice(exact[0], name, (exact[0].name,))
+    hits = [spec for key, spec in catalog.items() if query and query in _name_prefixes(key)]
+    names = tuple(spec.name for spec in hits)
+    defaults = [spec for spec in hits if spec.default]
+    if len(hits) == 1 or len(defaults) == 1:
+        return GpuChoice(hits[0] if len(hits) == 1 else defaults[0], name, names)
+    if hits:
+        raise UsageError(f"ambiguous GPU '{name}': matches {', '.join(names)} (name one, or mark one "
+                         "'default: true' in a --gpu-catalog FILE)")
     raise UsageError(f"unknown GPU '{name}' (known: {', '.join(catalog)}; add one with --gpu-catalog FILE)")
+
+
+def lookup_gpu(name: str, catalog: dict[str, GpuSpec]) -> GpuSpec:
+    """The catalog entry `resolve_gpu` picks, for callers that need not say how."""
+    return resolve_gpu(name, catalog).spec
 
 
 def _squash(text: str) -> str:

@@ -8,9 +8,7 @@ TinyStories models are small enough to ship, so this module turns them into an o
 from __future__ import annotations
 
 import os
-import shutil
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,6 +19,7 @@ from tokenizers.processors import TemplateProcessing
 from transformers import GenerationConfig, LlamaConfig, PreTrainedTokenizerFast
 
 from optcli.errors import UsageError
+from optcli.util.fs import atomic_directory
 
 _HEADER = struct.Struct("<7i")
 _SPECIALS = ("<unk>", "<s>", "</s>")  # llama2.c ids 0, 1, 2 (it spells 1/2 as "\n<s>\n"/"\n</s>\n")
@@ -184,7 +183,7 @@ def build_llama2c_tokenizer(tok_path: str | os.PathLike[str], max_len: int) -> P
 
 def convert_llama2c(checkpoint: str | os.PathLike[str], tokenizer: str | os.PathLike[str],
                     out_dir: str | os.PathLike[str]) -> Path:
-    """Write an HF model directory atomically: built in a temp sibling, then renamed into place."""
+    """Write an HF model directory atomically (optcli.util.fs: a temp sibling renamed into place)."""
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise UsageError(f"output directory {out_dir} already exists; choose a new path")
@@ -196,15 +195,10 @@ def convert_llama2c(checkpoint: str | os.PathLike[str], tokenizer: str | os.Path
         out_dir.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot create {out_dir.parent}: {exc.strerror or exc}") from None
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".tmp-"))
-    try:
+    with atomic_directory(out_dir) as tmp:
         config.dtype = "float32"
         config.save_pretrained(tmp)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tok.save_pretrained(tmp)
         GenerationConfig(bos_token_id=1, eos_token_id=2).save_pretrained(tmp)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

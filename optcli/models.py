@@ -4,30 +4,22 @@ Every spec is first resolved to a directory on disk, so the rest of the pipeline
 reads the config back from disk; manifests hash the weight files) sees one kind of model:
 - a local HF directory (safetensors only; pickled checkpoints are refused),
 - a hub id, looked up in the local cache and then online (a clear error when offline),
-- ``builtin:tiny-llama``: a seeded random Llama with a BPE tokenizer trained in code on the
-  project's own corpus, materialized once into the cache.
+- ``builtin:tiny-llama``: a small Llama trained on the project's own corpus by
+  ``optcli/builtin/train_tiny_llama.py``, shipped as package data (read-only, never rebuilt).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from optcli.errors import UsageError
 
 BUILTIN_MODELS = ("tiny-llama",)
-_BUILTIN_VERSION = "1"  # bump when the builtin model's recipe changes, so caches rebuild
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("OPTCLI_CACHE", Path.home() / ".cache" / "optcli"))
 
 
 @dataclass
@@ -43,7 +35,7 @@ def resolve_model(spec: str) -> ModelSource:
         name = spec.split(":", 1)[1]
         if name not in BUILTIN_MODELS:
             raise UsageError(f"unknown builtin model '{name}' (available: {', '.join(BUILTIN_MODELS)})")
-        return ModelSource(spec, _materialize_builtin(name))
+        return ModelSource(spec, _builtin_dir(name))
     path = Path(spec).expanduser()
     if path.exists():
         _check_model_dir(path)
@@ -150,87 +142,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 # --- builtin:tiny-llama -------------------------------------------------------------------------
 
-TINY_LLAMA = dict(
-    hidden_size=256,
-    intermediate_size=768,
-    num_hidden_layers=4,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    max_position_embeddings=2048,
-    rms_norm_eps=1e-5,
-    rope_theta=10000.0,
-    tie_word_embeddings=True,
-)
-TINY_VOCAB = 1024
 
+def _builtin_dir(name: str) -> Path:
+    from optcli.builtin import model_dir
 
-def _materialize_builtin(name: str) -> Path:
-    target = cache_dir() / "builtin" / f"{name}-v{_BUILTIN_VERSION}"
-    if (target / "config.json").is_file() and list(target.glob("*.safetensors")):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:
-        build_tiny_llama(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process built it first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
-
-
-def build_tiny_llama(out: Path) -> None:
-    """A deterministic demo Llama: BPE tokenizer trained on calibration_data/, weights from seed 0."""
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = train_builtin_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        **TINY_LLAMA,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id).save_pretrained(out)
-
-
-def train_builtin_tokenizer():
-    """Byte-fallback BPE (Llama style) trained on the calibration corpus; deterministic."""
-    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, trainers
-    from tokenizers.models import BPE
-    from tokenizers.processors import TemplateProcessing
-    from transformers import PreTrainedTokenizerFast
-
-    from optcli.calibration import calibration_documents
-
-    specials = ["<unk>", "<s>", "</s>"]
-    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
-    tok = Tokenizer(BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
-    tok.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-    )
-    trainer = trainers.BpeTrainer(
-        vocab_size=TINY_VOCAB,
-        special_tokens=specials + byte_tokens,
-        initial_alphabet=[],
-        limit_alphabet=128,
-        show_progress=False,
-    )
-    tok.train_from_iterator(calibration_documents(), trainer=trainer)
-    tok.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        model_max_length=TINY_LLAMA["max_position_embeddings"],
-    )
+    path = model_dir(name)
+    if not (path / "config.json").is_file() or not list(path.glob("*.safetensors")):
+        raise RuntimeError(f"optcli's package data is incomplete: builtin:{name} not found in {path} (reinstall optcli)")
+    return path

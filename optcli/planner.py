@@ -14,12 +14,13 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from optcli.config import DTYPE_BYTES, EngineConfig, cuda_auto_dtype
 from optcli.errors import UsageError
 from optcli.hardware import GpuSpec
 
-BLOCK_SIZE = 16  # the engine's KV page, in tokens
+BLOCK_SIZE = EngineConfig().block_size  # the engine's KV page, in tokens
 RUNTIME_OVERHEAD_BYTES = 512 * 2**20  # CUDA context, cuBLAS workspace, allocator slack (rough)
-MAX_BATCHED_TOKENS = 2048  # the engine's default prefill budget: the activation peak it profiles
+MAX_BATCHED_TOKENS = 2048  # the engine's default prefill budget (max(2048, max_num_seqs)): the activation peak it profiles
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class ModelShape:
     vocab: int
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    dtype: str | None = None  # the checkpoint's (config.json `dtype`/`torch_dtype`), None when unstated
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,7 @@ def model_shape(model: str | Path | dict) -> ModelShape:
         head_dim=config.get("head_dim") or config["hidden_size"] // heads, vocab=config["vocab_size"],
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         attention_bias=bool(config.get("attention_bias", False)) or "Qwen2" in str(config.get("architectures")),
+        dtype=config.get("dtype") or config.get("torch_dtype"),
     )
 
 
@@ -147,6 +150,21 @@ def weight_bytes(s: ModelShape, scheme: Scheme) -> dict:
 
 def kv_bytes_per_token(s: ModelShape, dtype_bytes: int = 2) -> int:
     return s.layers * s.kv_heads * s.head_dim * 2 * dtype_bytes
+
+
+def serving_dtype(s: ModelShape, config: EngineConfig) -> str:
+    """The dtype `optcli serve` with `config` would run this model in on a GPU (its KV cache's too):
+    what is planned for is what gets allocated."""
+    return cuda_auto_dtype(s.dtype) if config.dtype == "auto" else config.dtype
+
+
+def plan_for_engine(s: ModelShape, scheme: Scheme, memory_bytes: int, context_len: int, num_seqs: int,
+                    config: EngineConfig) -> dict:
+    """`plan_memory` with the KV dtype, page size and GPU share that `config` gives the engine."""
+    dtype = serving_dtype(s, config)
+    plan = plan_memory(s, scheme, memory_bytes, context_len, num_seqs, utilization=config.gpu_memory_utilization,
+                       kv_dtype_bytes=DTYPE_BYTES[dtype], block_size=config.block_size)
+    return {**plan, "dtype": dtype}
 
 
 def paged_tokens(context_len: int, block_size: int = BLOCK_SIZE) -> int:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from optcli.config import EngineConfig
 from optcli.errors import KpiFailed, UsageError
 
 
@@ -25,14 +25,18 @@ class Workload:
     sweep: tuple[int, ...] = ()  # extra concurrency levels measured before `concurrency` (plot only)
     rate: float | None = None  # requests/s, Poisson arrivals
     seed: int = 0
+    prompt_format: str | None = None  # "tokens" | "text"; None: text to an endpoint, token ids in process
 
-    def sample(self, vocab: tuple[int, int], seed_offset: int = 0) -> list[tuple[list[int], int]]:
-        """Synthetic requests: random token ids (EOS is ignored, so content does not matter)."""
-        rng = random.Random(self.seed + seed_offset)
-        a, b = self.prompt_len
-        return [
-            ([rng.randrange(*vocab) for _ in range(rng.randrange(a, b))], self.output_len) for _ in range(self.requests)
-        ]
+    def sample(self, vocab: tuple[int, int], seed_offset: int = 0, tokenizer=None) -> list[tuple[list[int] | str, int]]:
+        """(prompt, max_tokens) requests: text in `tokenizer`'s tokens when given, else random token ids."""
+        from optcli.bench.prompts import text_prompts, token_prompts
+
+        seed = self.seed + seed_offset
+        if tokenizer is not None:
+            prompts = text_prompts(tokenizer, self.requests, self.prompt_len, seed)
+        else:
+            prompts = token_prompts(self.requests, self.prompt_len, vocab, seed)
+        return [(p, self.output_len) for p in prompts]
 
 
 def parse_concurrency(text: str | None) -> tuple[int | None, tuple[int, ...]]:
@@ -94,15 +98,17 @@ def profile(
     gpu_hour_cost: float | None = None,
     out: Path | None = None,
     endpoint: str | None = None,
-    device: str = "auto",
-    max_num_seqs: int = 64,
+    config: EngineConfig | None = None,
     progress=None,
+    tokenizer: str | None = None,
+    **engine_options,
 ) -> dict:
-    """Run the whole profile and write the reports; raises KpiFailed (exit 3) after writing them."""
+    """Run the whole profile and write the reports; raises KpiFailed (exit 3) after writing them.
+    `config` (plus any EngineConfig field by keyword) is the engine both models run in, as `serve` would."""
     from optcli.bench.kpi import evaluate_kpis, load_kpi, slo_from_kpi
     from optcli.calibration import heldout_text
+    from optcli.engine.placement import resolve_device
     from optcli.models import resolve_model
-    from optcli.quantize import pick_device
 
     workload = workload or Workload()
     kpi = load_kpi(kpi_file) if kpi_file is not None else None
@@ -110,7 +116,9 @@ def profile(
         raise UsageError(f"--eval-text file not found: {eval_text}")
     if gpu_hour_cost is not None and gpu_hour_cost < 0:
         raise UsageError("--gpu-hour-cost must be >= 0")
-    device = pick_device(device)
+    config = (config or EngineConfig()).with_options(**engine_options)
+    device = resolve_device(config.device)
+    config = config.with_options(device=device)
     step = progress or (lambda message: None)
 
     source = None if endpoint else resolve_model(model)
@@ -133,7 +141,10 @@ def profile(
             "rate": workload.rate,
             "seed": workload.seed,
             "endpoint": endpoint,
-            "eval_text": str(eval_text) if eval_text else "calibration_data/heldout.txt",
+            "eval_text": str(eval_text) if eval_text else "builtin corpus heldout.txt",
+            "prompt_format": workload.prompt_format or ("text" if endpoint else "tokens"),
+            # the engine options both models ran with (what `serve` would run); dtype resolved at load
+            "engine": None if endpoint else {**config.as_dict(), "dtype_requested": config.dtype, "dtype_reason": None},
         },
         "throughput": {"output_tok_s": None, "total_tok_s": None, "requests_s": None},
         "latency_ms": {m: {"mean": None, "p50": None, "p95": None, "p99": None} for m in ("ttft", "tpot", "itl", "e2e")},
@@ -141,7 +152,7 @@ def profile(
         "accuracy": {k: None for k in ("ppl", "baseline_ppl", "ppl_ratio", "kld_mean", "kld_p99", "top1_agreement")},
         "batch_efficiency": None,
         "gpu_utilization": None,
-        "cost": {"usd_per_1k_tokens": None, "gpu_hour_cost_usd": gpu_hour_cost},
+        "cost": {"usd_per_1k_tokens": None, "usd_per_1k_output_tokens": None, "gpu_hour_cost_usd": gpu_hour_cost},
         "kpi": {"passed": True, "checks": []},
         "versions": _versions(),
     }
@@ -160,15 +171,21 @@ def profile(
     sweep_points: list[tuple[int, float]] = []
     with GpuUtilizationSampler() as gpu:
         if endpoint:
+            text = report["workload"]["prompt_format"] == "text"
+            tok = None
+            if text or tokenizer:
+                tok, report["workload"]["tokenizer"] = _endpoint_tokenizer(model, tokenizer)
+            vocab = (3, min(len(tok), 32000)) if tok is not None else (3, 500)  # ids below every real vocab size
+            text_tok = tok if text else None
             for level in workload.sweep:
                 step(f"online load against {endpoint} at concurrency {level}")
-                swept = _online(None, endpoint, model, replace(workload, concurrency=level), slo, vocab=(3, 500))
+                swept = _online(None, endpoint, model, replace(workload, concurrency=level), slo, vocab, text_tok)
                 sweep_points.append(_sweep_point(level, swept))
             step(f"online load against {endpoint}")
-            online = _online(None, endpoint, model, workload, slo, vocab=(3, 500))
+            online = _online(None, endpoint, model, workload, slo, vocab, text_tok)
             samples = {"candidate": online.pop("samples")}
         else:
-            online, samples, sweep_points = _local(source, report, workload, slo, device, max_num_seqs, step)
+            online, samples, sweep_points = _local(source, report, workload, slo, config, step)
     sweep_points.append(_sweep_point(workload.concurrency or _default_concurrency(workload), online))
     report["gpu_utilization"] = gpu.mean()
     report["latency_ms"] = online["latency_ms"]
@@ -176,16 +193,19 @@ def profile(
         online_output_tok_s=online["throughput"]["output_tok_s"],
         sweep=sweep_points,  # latency vs concurrency, for `optcli roi`'s capacity plan
         failed_requests=online["requests"]["failed"],
+        failures=online["failures"],  # how many of the online requests failed, and the distinct errors
         goodput_requests_s=(online["goodput"] or {}).get("requests_s"),
     )
     if endpoint:
         report["throughput"].update({k: online["throughput"][k] for k in ("output_tok_s", "total_tok_s", "requests_s")})
-    tok_s = report["throughput"]["output_tok_s"]
-    if gpu_hour_cost is not None and tok_s:
-        report["cost"]["usd_per_1k_tokens"] = gpu_hour_cost / 3600 / tok_s * 1000
+    from optcli.cost import cost_per_1k  # the one cost function, shared with `optcli roi`
+    tp = report["throughput"]
+    report["cost"].update(cost_per_1k(gpu_hour_cost, tp["total_tok_s"], tp["output_tok_s"]))
     baseline_report = None
     if baseline_source is not None:  # the same offline workload on the baseline, for side-by-side bars
-        _, throughput, _, memory = _offline(baseline_source, workload, device, max_num_seqs, step)
+        baseline_engine, throughput, _, memory = _offline(baseline_source, workload, config, step)
+        report["workload"]["engine"]["baseline_dtype"] = baseline_engine.config.dtype
+        del baseline_engine
         if not device.startswith("cuda"):
             memory["peak_bytes"] = None  # the process peak would include the candidate's
         baseline_report = {"accuracy": {"ppl": report["accuracy"]["baseline_ppl"]}, "memory": memory,
@@ -204,7 +224,7 @@ def profile(
     return report
 
 
-def _offline(source, workload: Workload, device: str, max_num_seqs: int, step):
+def _offline(source, workload: Workload, config: EngineConfig, step):
     """Offline throughput of one model through the engine: (engine, throughput, batch efficiency, memory)."""
     import torch
 
@@ -212,9 +232,10 @@ def _offline(source, workload: Workload, device: str, max_num_seqs: int, step):
     from optcli.engine.kernels.tuning import chosen as gemm_choices
 
     step(f"loading {source.spec} into the engine")
+    device = config.device
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    engine = Engine(str(source.path), device=device, max_num_seqs=max_num_seqs)
+    engine = Engine(str(source.path), config)
     longest = workload.prompt_len[1] + workload.output_len
     if longest > engine.max_model_len:
         raise UsageError(f"prompts up to {workload.prompt_len[1]} tokens plus {workload.output_len} new exceed "
@@ -253,20 +274,37 @@ def _vocab(engine) -> tuple[int, int]:
     return 3, min(len(engine.tokenizer), engine.model.cfg.vocab_size)
 
 
-def _local(source, report: dict, workload: Workload, slo, device: str, max_num_seqs: int, step):
+def _local(source, report: dict, workload: Workload, slo, config: EngineConfig, step):
     """Offline throughput, then online latency, through one in-process engine."""
-    engine, throughput, efficiency, memory = _offline(source, workload, device, max_num_seqs, step)
+    engine, throughput, efficiency, memory = _offline(source, workload, config, step)
+    report["workload"]["engine"].update(engine.config.as_dict(), dtype_reason=engine.dtype_reason)
     report["throughput"].update(throughput)
     report["batch_efficiency"] = efficiency
     report["memory"] = memory
     points = []
+    text_tok = engine.tokenizer if workload.prompt_format == "text" else None
     for level in workload.sweep:
         step(f"online latency at concurrency {level}")
-        swept = _online(engine, None, None, replace(workload, concurrency=level), slo, _vocab(engine))
+        swept = _online(engine, None, None, replace(workload, concurrency=level), slo, _vocab(engine), text_tok)
         points.append(_sweep_point(level, swept))
     step("online latency under load")
-    online = _online(engine, None, None, workload, slo, _vocab(engine))
+    online = _online(engine, None, None, workload, slo, _vocab(engine), text_tok)
     return online, {"candidate": online.pop("samples")}, points
+
+
+def _endpoint_tokenizer(model: str, spec: str | None):
+    """(tokenizer, label) that sizes prompts for a server: `--tokenizer`, else MODEL when it is a local
+    model, else the builtin one (then lengths are approximate: the server's usage counts are what count)."""
+    from transformers import AutoTokenizer
+
+    from optcli.models import resolve_model
+
+    label = spec
+    if spec is None:
+        local = model.startswith("builtin:") or Path(model).expanduser().is_dir()
+        spec = model if local else "builtin:tiny-llama"
+        label = spec if local else f"{spec} (not the server's: prompt lengths approximate)"
+    return AutoTokenizer.from_pretrained(resolve_model(spec).path), label
 
 
 def _default_concurrency(workload: Workload) -> int | None:
@@ -280,11 +318,14 @@ def _sweep_point(level: int | None, online: dict) -> dict:
             "total_tok_s": tp["total_tok_s"], "e2e_p95_ms": online["latency_ms"]["e2e"]["p95"]}
 
 
-def _online(engine, endpoint: str | None, model: str | None, workload: Workload, slo, vocab) -> dict:
+def _online(engine, endpoint: str | None, model: str | None, workload: Workload, slo, vocab, tokenizer=None) -> dict:
+    """One online run; `tokenizer` given: text prompts (sized in its tokens), else token ids.
+    Every request failing is a failed run (exit 1, with the first error); some failing is reported."""
     from optcli.bench.metrics import summarize
-    from optcli.bench.online import engine_sender, openai_sender, run_load
+    from optcli.bench.online import api_base_url, engine_sender, failure_summary, openai_sender, run_load
 
-    requests = workload.sample(vocab, seed_offset=1)  # different prompts: no prefix-cache hits from offline
+    # seed offset 1: prompts differ from the offline phase's, so they get no prefix-cache hits from it
+    requests = workload.sample(vocab, seed_offset=1, tokenizer=tokenizer)
     concurrency = workload.concurrency if (workload.concurrency or workload.rate) else _default_concurrency(workload)
 
     async def go():
@@ -299,7 +340,12 @@ def _online(engine, endpoint: str | None, model: str | None, workload: Workload,
             async_engine.shutdown()
 
     timings, wall = asyncio.run(go())
+    failures = failure_summary(timings)
+    if failures["failed"] == len(timings):
+        where = f"{api_base_url(endpoint)}/completions" if endpoint else "the engine"
+        raise RuntimeError(f"all {len(timings)} requests to {where} failed (first error: {timings[0].error})")
     summary = summarize(timings, wall, slo)
+    summary["failures"] = failures
     summary["samples"] = _latency_samples(timings)
     return summary
 

@@ -14,9 +14,10 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from optcli.builtin import recipes_dir
 from optcli.errors import UsageError
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES_DIR = recipes_dir()
 
 
 class Calibration(BaseModel):

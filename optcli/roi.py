@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from optcli import capacity
+from optcli.config import DTYPE_BYTES, DTYPES, EngineConfig
+from optcli.cost import cost_per_1k, usd_per_1k
 from optcli.errors import UsageError
-from optcli.hardware import GpuSpec, detect_gpu, load_catalog, lookup_gpu, match_catalog, recommend_recipes
+from optcli.hardware import GpuChoice, GpuSpec, detect_gpu, load_catalog, match_catalog, recommend_recipes, resolve_gpu
 
 DEFAULT_REQUESTS_PER_DAY = 10_000  # the seed article's case
 DEFAULT_TOKENS_PER_REQUEST = 1_000
@@ -23,10 +25,6 @@ DEFAULT_BATCH_SIZE = 16  # concurrent sequences assumed by --estimate
 DEFAULT_CONTEXT_LEN = 2048  # tokens per sequence for the memory plan
 DEFAULT_OUTPUT_LEN = 256  # generated tokens per request assumed by --estimate (the rest is prompt)
 BANDS = ((6, "Strongly recommended"), (12, "Recommended"), (24, "Consider if scaling"))
-
-
-def usd_per_1k(hourly_usd: float, tok_s: float) -> float:
-    return hourly_usd / (tok_s * 3600) * 1000
 
 
 def daily_cost(requests_per_day: float, tokens_per_request: float, usd_per_1k_tokens: float) -> float:
@@ -66,11 +64,14 @@ class RoiOptions:
     batch_size: int | None = None
     context_len: int | None = None
     output_len: int | None = None
+    dtype: str | None = None  # what `serve --dtype` would be given; default the report's, else auto
 
 
 def _check(o: RoiOptions) -> None:
     if (o.report is None) == (o.estimate is None):
         raise UsageError("give exactly one of --report FILE (measured) or --estimate MODEL (roofline estimate)")
+    if o.dtype is not None and o.dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)} (got '{o.dtype}')")
     if o.baseline_report is not None and o.baseline_usd_per_1k_tokens is not None:
         raise UsageError("give at most one of --baseline-report and --baseline-usd-per-1k-tokens")
     positive = {"--gpu-hour-cost": o.gpu_hour_cost, "--baseline-usd-per-1k-tokens": o.baseline_usd_per_1k_tokens,
@@ -109,10 +110,11 @@ def _pick(inputs: dict, name: str, *candidates: tuple[object, str]):
     return value
 
 
-def _gpu(o: RoiOptions, report: dict | None, catalog: dict[str, GpuSpec]) -> tuple[GpuSpec | None, dict | None]:
+def _gpu(choice: GpuChoice | None, report: dict | None,
+         catalog: dict[str, GpuSpec]) -> tuple[GpuSpec | None, dict | None]:
     """(catalog entry, detected device): the --gpu flag, else the report's CUDA device, else this machine's."""
-    if o.gpu is not None:
-        return lookup_gpu(o.gpu, catalog), None
+    if choice is not None:
+        return choice.spec, None
     if report is not None:
         hw = report.get("hardware") or {}
         if str(hw.get("device", "")).startswith("cuda"):
@@ -135,11 +137,14 @@ def compute_roi(o: RoiOptions) -> dict:
     _check(o)
     catalog = load_catalog(o.gpu_catalog)
     report = load_report(o.report) if o.report is not None else None
-    gpu, detected = _gpu(o, report, catalog)
+    choice = resolve_gpu(o.gpu, catalog) if o.gpu is not None else None
+    gpu, detected = _gpu(choice, report, catalog)
     if report is None and gpu is None:
         raise UsageError(f"--estimate needs a GPU from the catalog: pass --gpu NAME (known: {', '.join(catalog)})")
     inputs: dict = {}
-    _pick(inputs, "gpu", (o.gpu, "flag"), (gpu and gpu.name, "report" if report else "detected"))
+    _pick(inputs, "gpu", (choice and gpu.name, "flag"), (gpu and gpu.name, "report" if report else "detected"))
+    if choice is not None:  # what was typed and, where it was not an exact name, how it was resolved
+        inputs["gpu"].update(requested=o.gpu, resolution=choice.note)
     hourly = _pick(inputs, "gpu_hour_cost_usd", (o.gpu_hour_cost, "flag"),
                    (((report or {}).get("cost") or {}).get("gpu_hour_cost_usd"), "report"),
                    (gpu and gpu.hourly_usd, "catalog"))
@@ -164,13 +169,16 @@ def compute_roi(o: RoiOptions) -> dict:
         out_len = _pick(inputs, "output_len", (o.output_len, "flag"),
                         (min(DEFAULT_OUTPUT_LEN, max(1, int(tpr) - 1)), "default"))
         prompt_len = max(1, int(tpr) - out_len)
-        est = planner.roofline(shape, scheme, gpu, batch, prompt_len, out_len)
+        engine = _serving_config(o, None, inputs)
+        kv_bytes = DTYPE_BYTES[planner.serving_dtype(shape, engine)]
+        est = planner.roofline(shape, scheme, gpu, batch, prompt_len, out_len, kv_dtype_bytes=kv_bytes)
         total_tok_s = _pick(inputs, "total_tok_s", (est["total_tok_s"], "estimate"))
         output_tok_s = _pick(inputs, "output_tok_s", (est["output_tok_s"], "estimate"))
         points = [capacity.Point(batch, est["requests_s"], est["e2e_ms"])]
         plan = {"roofline": est}
 
-    cost_1k = usd_per_1k(hourly, total_tok_s)
+    costs = cost_per_1k(hourly, total_tok_s, output_tok_s)
+    cost_1k = costs["usd_per_1k_tokens"]
     daily = daily_cost(rpd, tpr, cost_1k)
     annual = daily * 365
     baseline_annual = _baseline_annual(o, inputs, hourly, rpd, tpr)
@@ -179,8 +187,7 @@ def compute_roi(o: RoiOptions) -> dict:
     plan = _plan(o, report, gpu, detected, inputs, plan)
     cap = _capacity(o, report, points, hourly, inputs)
     return {
-        "usd_per_1k_tokens": cost_1k,
-        "usd_per_1k_output_tokens": usd_per_1k(hourly, output_tok_s) if output_tok_s else None,
+        **costs,
         "daily_cost_usd": daily,
         "annual_cost_usd": annual,
         "baseline_annual_cost_usd": baseline_annual,
@@ -231,8 +238,17 @@ def _plan(o: RoiOptions, report: dict | None, gpu: GpuSpec | None, detected: dic
     shape = planner.model_shape(model)
     memory = gpu.memory_bytes if gpu else detected["memory_bytes"]
     context = _pick(inputs, "context_len", (o.context_len, "flag"), (DEFAULT_CONTEXT_LEN, "default"))
-    plan["memory"] = {"recipe": name, **planner.plan_memory(shape, scheme, memory, context, batch or 1)}
+    engine = _serving_config(o, report, inputs)
+    plan["memory"] = {"recipe": name, **planner.plan_for_engine(shape, scheme, memory, context, batch or 1, engine)}
     return plan
+
+
+def _serving_config(o: RoiOptions, report: dict | None, inputs: dict) -> EngineConfig:
+    """The engine `serve` would run on the GPU: the dtype asked for (flag, else the one the report's
+    profile was asked to run in), with the engine's defaults for the rest, as `serve` has them."""
+    profiled = (((report or {}).get("workload") or {}).get("engine") or {}).get("dtype_requested")
+    dtype = _pick(inputs, "dtype", (o.dtype, "flag"), (profiled, "report"), ("auto", "default"))
+    return EngineConfig(device="cuda", dtype=dtype)
 
 
 def _capacity(o: RoiOptions, report: dict | None, points, hourly: float, inputs: dict) -> dict | None:

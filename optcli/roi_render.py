@@ -35,6 +35,11 @@ def render_roi(result: dict, console: Console, plot: Path | None = None) -> None
     def value(name: str):
         return (inputs.get(name) or {}).get("value")
 
+    gpu = inputs.get("gpu") or {}
+    if gpu.get("resolution"):  # say which entry an abbreviated or ambiguous --gpu name picked
+        console.print(f"--gpu {gpu['resolution']}", soft_wrap=True)
+    if gpu.get("value"):
+        table.add_row("GPU", gpu["value"], gpu.get("source") or "")
     table.add_row(f"total tok/s{tag}", f"{value('total_tok_s'):,.1f}", source("total_tok_s"))
     table.add_row("GPU price / hour", _usd(value("gpu_hour_cost_usd")), source("gpu_hour_cost_usd"))
     volume = f"{value('requests_per_day'):,.0f} × {value('tokens_per_request'):,.0f}"

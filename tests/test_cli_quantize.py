@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import shared_data
 
+from optcli.builtin import recipes_dir
+
 OPTCLI = str(Path(sys.executable).parent / "optcli")
 
 
@@ -36,7 +38,8 @@ def test_quantize_json_is_one_object_and_the_artifact_loads(tmp_path: Path) -> N
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)  # exactly one JSON object, nothing else
     assert summary["artifact"] == str(out.absolute()) and summary["recipe"] == "w4a16-rtn"
-    assert summary["size_bytes_after"] < 0.3 * summary["size_bytes_before"]
+    # bf16 source: 4-bit linears (+ a bf16 scale per 128) and the 16-bit tied embedding stay ~31% of it
+    assert summary["size_bytes_after"] < 0.33 * summary["size_bytes_before"]
     manifest = json.loads((out / "optcli.json").read_text())
     assert manifest["recipe"]["llmcompressor"] and manifest["calibration"] is None
     assert set(manifest["layers"]) and all(v["scheme"] == "group128" for v in manifest["layers"].values())
@@ -52,7 +55,7 @@ def test_nf4_quantizes_every_blockable_layer(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     layers = json.loads((out / "optcli.json").read_text())["layers"]
     assert sum(v["scheme"] == "nf4" for v in layers.values()) == 28  # 4 layers x 7 projections
-    assert json.loads(result.stdout)["size_bytes_after"] < 0.3 * json.loads(result.stdout)["size_bytes_before"]
+    assert json.loads(result.stdout)["size_bytes_after"] < 0.33 * json.loads(result.stdout)["size_bytes_before"]
 
 
 def test_existing_out_needs_force(tmp_path: Path) -> None:
@@ -87,7 +90,7 @@ def test_recipe_typos_exit_2_naming_file_and_field(tmp_path: Path) -> None:
     assert_usage_error(optcli("quantize", "builtin:tiny-llama", "-r", str(ours), "--out", str(tmp_path / "o")),
                        str(ours), "calibraton", "allowed:")
     theirs = tmp_path / "lc.yaml"
-    text = (Path(__file__).parents[1] / "recipes" / "w4a16-gptq.yaml").read_text()
+    text = (recipes_dir() / "w4a16-gptq.yaml").read_text()
     theirs.write_text(text.replace("actorder: static", "act_order: static"))
     assert_usage_error(optcli("quantize", "builtin:tiny-llama", "-r", str(theirs), "--out", str(tmp_path / "o")),
                        str(theirs), "GPTQModifier.act_order", "actorder")

@@ -66,14 +66,14 @@ def run_and_check(engine: Engine, prompts, expected) -> list:
 
 
 def test_greedy_matches_transformers_32_prompts_together(stories) -> None:
-    engine = Engine(str(stories["dir"]), max_num_seqs=64)
+    engine = Engine(str(stories["dir"]), dtype="float32", max_num_seqs=64)
     outs = run_and_check(engine, stories["prompts"], stories["expected"])
     assert engine.stats()["batch_efficiency"] > 0.2
     assert {o.finish_reason for o in outs} <= {"stop", "length"}
 
 
 def test_greedy_with_prefix_cache_hits(stories) -> None:
-    engine = Engine(str(stories["dir"]), max_num_seqs=8, block_size=4)
+    engine = Engine(str(stories["dir"]), dtype="float32", max_num_seqs=8, block_size=4)
     run_and_check(engine, stories["shared"], stories["shared_expected"])
     first = engine.stats()["prefix_cache_hit_rate"]
     assert first > 0.3  # later continuations of each stem reuse its blocks
@@ -83,18 +83,18 @@ def test_greedy_with_prefix_cache_hits(stories) -> None:
 
 
 def test_greedy_with_tiny_prefill_chunks(stories) -> None:
-    engine = Engine(str(stories["dir"]), max_num_seqs=32, max_num_batched_tokens=7)
+    engine = Engine(str(stories["dir"]), dtype="float32", max_num_seqs=32, max_num_batched_tokens=7)
     run_and_check(engine, stories["prompts"], stories["expected"])
 
 
 def test_greedy_under_block_pressure_preempts_and_recomputes(stories) -> None:
-    engine = Engine(str(stories["dir"]), max_num_seqs=32, block_size=4, num_kv_blocks=140)
+    engine = Engine(str(stories["dir"]), dtype="float32", max_num_seqs=32, block_size=4, num_kv_blocks=140)
     run_and_check(engine, stories["prompts"], stories["expected"])
     assert engine.stats()["num_preemptions"] > 0
 
 
 def test_logits_match_transformers(stories) -> None:
-    engine = Engine(str(stories["dir"]))
+    engine = Engine(str(stories["dir"]), dtype="float32")
     ids = stories["prompts"][5] + stories["expected"][5]
     ours = engine.score(ids)
     with torch.no_grad():
@@ -103,7 +103,7 @@ def test_logits_match_transformers(stories) -> None:
 
 
 def test_abort_half_mid_run_frees_blocks(stories) -> None:
-    engine = Engine(str(stories["dir"]), max_num_seqs=16)
+    engine = Engine(str(stories["dir"]), dtype="float32", max_num_seqs=16)
     ids = [engine.add_request(p, SamplingParams(max_tokens=40, ignore_eos=True)) for p in stories["prompts"][:16]]
     for _ in range(5):
         engine.step()
@@ -119,7 +119,7 @@ def test_abort_half_mid_run_frees_blocks(stories) -> None:
 
 
 def test_seeded_sampling_is_reproducible_whatever_the_batch(stories) -> None:
-    engine = Engine(str(stories["dir"]))
+    engine = Engine(str(stories["dir"]), dtype="float32")
     params = SamplingParams(max_tokens=20, temperature=0.9, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
     alone = engine.generate([stories["prompts"][3]], params)[0].token_ids
     others = [SamplingParams(max_tokens=30, temperature=1.0) for _ in range(5)]
@@ -130,7 +130,7 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(stories) -> None:
 
 
 def test_stop_strings_and_logprobs(stories) -> None:
-    engine = Engine(str(stories["dir"]))
+    engine = Engine(str(stories["dir"]), dtype="float32")
     prompt = "Once upon a time"
     full = engine.generate(prompt, SamplingParams(max_tokens=40))[0]
     word = full.text.split()[3]
@@ -146,7 +146,7 @@ def test_stop_strings_and_logprobs(stories) -> None:
 
 def test_stop_token_and_length_finish(stories) -> None:
     # llama2.c's stories end with BOS (its story separator), never with EOS: stop on it explicitly.
-    engine = Engine(str(stories["dir"]))
+    engine = Engine(str(stories["dir"]), dtype="float32")
     outs = engine.generate(stories["prompts"][:8], SamplingParams(max_tokens=300, stop_token_ids=[1]))
     for out in outs:
         if out.finish_reason == "stop":
@@ -166,9 +166,9 @@ def test_builtin_tiny_llama_greedy_matches_transformers() -> None:
     tok = AutoTokenizer.from_pretrained(path)
     prompts = story_prompts(tok)
     expected = hf_greedy(hf, prompts, MAX_NEW, eos=tok.eos_token_id)
-    run_and_check(Engine("builtin:tiny-llama", max_num_seqs=32), prompts, expected)
+    run_and_check(Engine("builtin:tiny-llama", dtype="float32", max_num_seqs=32), prompts, expected)
     # Tiny prefill chunks, block pressure and (on the second pass) prefix-cache hits, all at once.
-    stressed = Engine("builtin:tiny-llama", max_num_seqs=32, max_model_len=256, max_num_batched_tokens=9,
+    stressed = Engine("builtin:tiny-llama", dtype="float32", max_num_seqs=32, max_model_len=256, max_num_batched_tokens=9,
                       block_size=4, num_kv_blocks=64)
     run_and_check(stressed, prompts, expected)
     run_and_check(stressed, prompts, expected)
@@ -222,7 +222,7 @@ def test_model_families_match_transformers(tmp_path: Path, arch: str) -> None:
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(path)
     prompts = story_prompts(tok)
-    engine = Engine(str(path), max_num_seqs=32, max_num_batched_tokens=64, block_size=8)
+    engine = Engine(str(path), dtype="float32", max_num_seqs=32, max_num_batched_tokens=64, block_size=8)
     run_and_check(engine, prompts, hf_greedy(hf, prompts, MAX_NEW, eos=2))
     ids = prompts[0] + prompts[1]
     with torch.no_grad():
@@ -235,7 +235,7 @@ def test_unsupported_architecture_is_named(tmp_path: Path) -> None:
     out = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(out)
     with pytest.raises(UsageError, match="GPT2LMHeadModel.*LlamaForCausalLM"):
-        Engine(str(out))
+        Engine(str(out), dtype="float32")
 
 
 @pytest.mark.parametrize("recipe", ["w4a16-rtn", "nf4-bnb"])
@@ -247,7 +247,7 @@ def test_quantized_artifacts_run_with_transformers_logits(stories, tmp_path: Pat
 
     out = tmp_path / recipe
     quantize(str(stories["dir"]), recipe, out, device="cpu")
-    engine = Engine(str(out))
+    engine = Engine(str(out), dtype="float32")
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, device_map="cpu").eval()
     for module in hf.modules():  # run bitsandbytes' layers in fp32 too, so only the format differs
         if isinstance(module, bnb.nn.Linear4bit):

@@ -56,7 +56,7 @@ def test_buckets_cover_every_batch_size() -> None:
 def test_triton_backend_with_graph_buckets_matches_transformers(tiny) -> None:
     path, prompts, expected = tiny
     capture = EagerCapture()
-    engine = Engine(str(path), max_num_seqs=4, max_model_len=64, attention_backend="triton", graph_capture=capture)
+    engine = Engine(str(path), dtype="float32", max_num_seqs=4, max_model_len=64, attention_backend="triton", graph_capture=capture)
     assert len(capture.captured) == 3  # buckets 4, 2, 1
     outs = engine.generate(prompts, SamplingParams(max_tokens=6))
     assert [o.token_ids for o in outs] == expected
@@ -66,7 +66,7 @@ def test_triton_backend_with_graph_buckets_matches_transformers(tiny) -> None:
 
 def test_triton_backend_eager_with_chunked_prefill(tiny) -> None:
     path, prompts, expected = tiny
-    engine = Engine(str(path), max_num_seqs=4, max_model_len=64, attention_backend="triton", enforce_eager=True,
+    engine = Engine(str(path), dtype="float32", max_num_seqs=4, max_model_len=64, attention_backend="triton", enforce_eager=True,
                     max_num_batched_tokens=5, block_size=4)
     assert engine.runner.graphs is None
     outs = engine.generate(prompts, SamplingParams(max_tokens=6))

@@ -97,3 +97,49 @@ def test_recipe_advice_by_hardware(cc, fp8, batch, first, also) -> None:
     assert [r["recipe"] for r in recs[1:2]] == ([also] if also else [])
     if first == "fp8-dynamic":
         assert "FP8" in recs[0]["reason"]
+
+
+@pytest.mark.parametrize(("typed", "expected"), [
+    ("h100", "H100-80GB"), ("H100", "H100-80GB"), ("h200", "H200-141GB"), ("H100-80GB", "H100-80GB"),
+    ("h100_80gb", "H100-80GB"), ("rtx_4090", "RTX-4090"), ("rtx 4090", "RTX-4090"), ("RTX4090", "RTX-4090"),
+    ("l4", "L4"), ("L4", "L4"), ("l40s", "L40S"), ("a100_40gb", "A100-40GB"),
+])
+def test_gpu_names_as_people_type_them(typed: str, expected: str) -> None:
+    """Case, '-', '_' and spaces alike; the seed article's keys; a unique prefix; an exact name (l4)
+    wins over the names it is a prefix of (l40s)."""
+    assert hardware.lookup_gpu(typed, hardware.load_catalog()).name == expected
+
+
+def test_only_abbreviations_say_how_they_were_resolved() -> None:
+    cat = hardware.load_catalog()
+    assert hardware.resolve_gpu("rtx_4090", cat).note is None
+    assert hardware.resolve_gpu("h100", cat).note == "h100 → H100-80GB (unique prefix)"
+
+
+def test_a_prefix_ends_at_a_separator() -> None:
+    """`l40` and `a10` are other GPUs, not abbreviations of L40S and A100-*."""
+    for name in ("l40", "a10"):
+        with pytest.raises(UsageError, match=f"unknown GPU '{name}'"):
+            hardware.lookup_gpu(name, hardware.load_catalog())
+
+
+def test_ambiguous_name_picks_the_catalog_default_and_says_so(tmp_path: Path) -> None:
+    choice = hardware.resolve_gpu("a100", hardware.load_catalog())
+    assert choice.spec.name == "A100-80GB" and choice.candidates == ("A100-40GB", "A100-80GB")
+    assert choice.note == "a100 → A100-80GB (catalog default of A100-40GB, A100-80GB)"
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("A100-80GB:\n  default: false\nA100-40GB:\n  default: true\n")
+    assert hardware.lookup_gpu("A100", hardware.load_catalog(mine)).name == "A100-40GB"
+
+
+def test_ambiguous_name_without_a_default_lists_the_candidates(tmp_path: Path) -> None:
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("a100_80gb:\n  default: false\n")  # merged over A100-80GB: names match as --gpu does
+    cat = hardware.load_catalog(mine)
+    assert "a100_80gb" not in cat and cat["A100-80GB"].default is False
+    with pytest.raises(UsageError) as info:
+        hardware.lookup_gpu("a100", cat)
+    assert "ambiguous GPU 'a100'" in str(info.value) and "A100-40GB, A100-80GB" in str(info.value)
+    mine.write_text("A100-40GB:\n  default: yes please\n")
+    with pytest.raises(UsageError, match="'default' must be true or false"):
+        hardware.load_catalog(mine)

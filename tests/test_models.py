@@ -9,15 +9,23 @@ import pytest
 import torch
 
 from optcli.errors import UsageError
-from optcli.models import build_tiny_llama, load_model, resolve_model, tokenizer_fingerprint, weight_hashes
+from optcli.models import load_model, resolve_model, tokenizer_fingerprint
 
 
-def test_builtin_tiny_llama_is_deterministic(tmp_path: Path) -> None:
-    a, b = tmp_path / "a", tmp_path / "b"
-    build_tiny_llama(a)
-    build_tiny_llama(b)
-    assert weight_hashes(a) == weight_hashes(b)
-    assert (a / "tokenizer.json").read_text() == (b / "tokenizer.json").read_text()
+def test_builtin_tiny_llama_is_the_trained_model_it_says_it_is() -> None:
+    """The shipped weights score the held-out perplexity training.json states, far below a random model's,
+    and the shipped tokenizer is the one the training script's trainer makes from the corpus."""
+    from optcli.builtin.train_tiny_llama import perplexity, train_builtin_tokenizer
+    from optcli.calibration import heldout_text, split_documents
+
+    path = resolve_model("builtin:tiny-llama").path
+    record = json.loads((path / "training.json").read_text())
+    model, tok = load_model(resolve_model("builtin:tiny-llama"))
+    assert model.dtype == torch.float32 and json.loads((path / "config.json").read_text())["dtype"] == "bfloat16"
+    ppl, _ = perplexity(model, tok, split_documents(heldout_text()))
+    assert ppl == pytest.approx(record["heldout_ppl"], rel=1e-3)
+    assert ppl < 0.2 * record["random_init_heldout_ppl"]  # a language model, not noise
+    assert tokenizer_fingerprint(train_builtin_tokenizer()) == tokenizer_fingerprint(tok)
 
 
 def test_builtin_tiny_llama_loads_with_a_real_tokenizer() -> None:

@@ -8,10 +8,10 @@ import contextlib
 import json
 import random
 import socket
-import threading
 import time
 
 import pytest
+from conftest import serve_in_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -64,7 +64,7 @@ def test_summarize_by_hand():
 
 @pytest.fixture(scope="module")
 def engine():
-    return Engine("builtin:tiny-llama", max_num_seqs=8)
+    return Engine("builtin:tiny-llama", dtype="float32", max_num_seqs=8)
 
 
 def _requests(n: int = 6) -> list[tuple[list[int], int]]:
@@ -285,21 +285,8 @@ def _fake_openai_app() -> FastAPI:  # module-level imports: FastAPI resolves the
 
 @pytest.fixture(scope="module")
 def fake_server():
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(_fake_openai_app(), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "fake server did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with serve_in_thread(_fake_openai_app()) as url:
+        yield url
 
 
 def test_openai_sender(fake_server):

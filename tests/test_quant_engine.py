@@ -56,8 +56,8 @@ def eval_ids(stories_dir: Path, n: int = 200) -> list[int]:
 @pytest.mark.parametrize("recipe,kind", [("w4a16-gptq", "int4"), ("w8a8-int8", "int8"), ("fp8-dynamic", "fp8"),
                                          ("nf4-bnb", "nf4"), ("int8-bnb", "int8-bnb")])
 def test_weights_stay_quantized(artifacts, stories_dir, recipe, kind) -> None:
-    engine = Engine(str(artifacts(recipe)), max_model_len=256)
-    dense = Engine(str(artifacts(recipe)), max_model_len=256, dequantize=True)
+    engine = Engine(str(artifacts(recipe)), dtype="float32", max_model_len=256)
+    dense = Engine(str(artifacts(recipe)), dtype="float32", max_model_len=256, dequantize=True)
     layers = [m for m in engine.model.modules() if isinstance(m, QuantLinear)]
     assert layers and {m.kind for m in layers} == {kind}
     assert sum(engine.quantized_layers.values()) == len(layers) and not dense.quantized_layers
@@ -74,7 +74,7 @@ def test_w4a16_greedy_text_matches_transformers(artifacts, stories_dir) -> None:
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     prompts = story_prompts(AutoTokenizer.from_pretrained(stories_dir))
     expected = hf_greedy(hf, prompts, 24, eos=2)
-    engine = Engine(str(path), max_model_len=256)
+    engine = Engine(str(path), dtype="float32", max_model_len=256)
     assert engine.quantized_layers.get("int4/cpu", 0) > 0  # torch's int4 CPU kernel, not a dequantized copy
     outs = engine.generate(prompts, SamplingParams(max_tokens=24))
     assert [o.token_ids for o in outs] == expected
@@ -98,7 +98,7 @@ def test_activation_quantized_layers_match_reference_and_model_is_bounded(artifa
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ids = eval_ids(stories_dir)
     reference = capture_linear_io(hf, ids)
-    engine = Engine(str(path), max_model_len=256)
+    engine = Engine(str(path), dtype="float32", max_model_len=256)
     fused = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
              "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
     checked = 0
@@ -127,8 +127,8 @@ def test_activation_quantized_layers_match_reference_and_model_is_bounded(artifa
 @pytest.mark.parametrize("recipe", ["nf4-bnb", "int8-bnb"])
 def test_bitsandbytes_layers_agree_with_their_dequantized_weights(artifacts, stories_dir, recipe) -> None:
     ids = eval_ids(stories_dir, 120)
-    native = Engine(str(artifacts(recipe)), max_model_len=256).score(ids)
-    dense = Engine(str(artifacts(recipe)), max_model_len=256, dequantize=True).score(ids)
+    native = Engine(str(artifacts(recipe)), dtype="float32", max_model_len=256).score(ids)
+    dense = Engine(str(artifacts(recipe)), dtype="float32", max_model_len=256, dequantize=True).score(ids)
     top1 = (native.argmax(-1) == dense.argmax(-1)).float().mean().item()
     if recipe == "nf4-bnb":  # NF4 dequantizes exactly; only summation order differs
         torch.testing.assert_close(native, dense, rtol=1e-4, atol=1e-4)
@@ -175,8 +175,8 @@ def test_fused_norms_hand_quantized_activations_to_the_gpu_layers(artifacts, sto
     from optcli.engine.quant.weights import Fp8Weight, Int8Weight
 
     path, ids = artifacts(recipe), eval_ids(stories_dir, 96)
-    reference = Engine(str(path), max_model_len=128).score(ids)
-    engine = Engine(str(path), max_model_len=128, attention_backend="triton")
+    reference = Engine(str(path), dtype="float32", max_model_len=128).score(ids)
+    engine = Engine(str(path), dtype="float32", max_model_len=128, attention_backend="triton")
     dense_calls = []
     for decoder in engine.model.layers:
         for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):

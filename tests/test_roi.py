@@ -211,6 +211,34 @@ def test_estimate_is_labelled_everywhere(tmp_path: Path) -> None:
     assert human.exit_code == 0 and "ESTIMATE" in human.stdout and "(estimate)" in human.stdout
 
 
+def small_llama(tmp_path: Path) -> Path:
+    config = {"num_hidden_layers": 4, "hidden_size": 256, "intermediate_size": 688, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "vocab_size": 4096, "max_position_embeddings": 512}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+@pytest.mark.parametrize(("typed", "name"), [("h100", "H100-80GB"), ("rtx_4090", "RTX-4090"),
+                                             ("RTX 4090", "RTX-4090"), ("l4", "L4")])
+def test_gpu_names_people_type(tmp_path: Path, typed: str, name: str) -> None:
+    out = run_json("roi", "--estimate", str(small_llama(tmp_path)), "--gpu", typed)
+    assert out["inputs"]["gpu"]["value"] == name and out["inputs"]["gpu"]["requested"] == typed
+    assert out["plan"]["gpu"] == name and out["inputs"]["gpu_hour_cost_usd"]["source"] == "catalog"
+
+
+def test_ambiguous_gpu_says_which_it_picked(tmp_path: Path) -> None:
+    model = str(small_llama(tmp_path))
+    out = run_json("roi", "--estimate", model, "--gpu", "a100")
+    assert out["inputs"]["gpu"] == {"value": "A100-80GB", "source": "flag", "requested": "a100",
+                                    "resolution": "a100 → A100-80GB (catalog default of A100-40GB, A100-80GB)"}
+    human = run("roi", "--estimate", model, "--gpu", "a100")
+    assert human.exit_code == 0 and "catalog default of A100-40GB, A100-80GB" in human.stdout
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("A100-80GB:\n  default: false\n")
+    assert_usage_error(run("roi", "--estimate", model, "--gpu", "a100", "--gpu-catalog", str(mine)),
+                       "ambiguous GPU 'a100'", "A100-40GB, A100-80GB")
+
+
 # --- bad input ----------------------------------------------------------------------------------
 @pytest.mark.parametrize(("args", "needles"), [
     (["--gpu-hour-cost", "-1"], ["--gpu-hour-cost", "positive"]),

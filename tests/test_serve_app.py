@@ -31,7 +31,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server():
-    engine = Engine("builtin:tiny-llama", max_num_seqs=8)
+    engine = Engine("builtin:tiny-llama", dtype="float32", max_num_seqs=8)
     # references before the server owns the engine (greedy, so deterministic)
     ref = {
         "plain": engine.generate(PROMPT, SamplingParams(max_tokens=12, ignore_eos=True))[0],

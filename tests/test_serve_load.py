@@ -19,7 +19,7 @@ from optcli.serve.app import create_app
 
 @pytest.fixture(scope="module")
 def server(stories_dir):
-    engine = Engine(str(stories_dir), max_num_seqs=32)
+    engine = Engine(str(stories_dir), dtype="float32", max_num_seqs=32)
     aengine = AsyncEngine(engine)
     app = create_app(aengine, "stories", max_waiting=64)
     with socket.socket() as s:

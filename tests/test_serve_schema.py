@@ -12,7 +12,7 @@ from optcli.engine.async_engine import AsyncEngine  # noqa: E402
 from optcli.engine.engine import Engine  # noqa: E402
 from optcli.serve.app import create_app  # noqa: E402
 
-_engine = AsyncEngine(Engine("builtin:tiny-llama", max_num_seqs=4, max_model_len=256))
+_engine = AsyncEngine(Engine("builtin:tiny-llama", dtype="float32", max_num_seqs=4, max_model_len=256))
 app = create_app(_engine, "tiny", request_timeout_s=30)
 schema = schemathesis.openapi.from_asgi("/openapi.json", app)
 

@@ -1,8 +1,9 @@
 """Online load generation, like `vllm bench serve` / GuideLLM: Poisson or closed-loop arrivals against
 a streaming sender, one `RequestTiming` per request.
 
-A sender is `send(prompt_ids, max_tokens)`, an async iterator yielding the number of new tokens in each
-streamed chunk. It may end with a `Total(n)`: the server's own count, which replaces the sum.
+A sender is `send(prompt, max_tokens)` (prompt: token ids or text), an async iterator yielding the
+number of new tokens in each streamed chunk. It may also yield a `Total(n)`, the server's own count of
+generated tokens, which replaces the sum, and a `PromptTotal(n)`, its count of prompt tokens.
 """
 
 from __future__ import annotations
@@ -11,25 +12,72 @@ import asyncio
 import json
 import random
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
+from urllib.parse import urlsplit
 
 from optcli.bench.metrics import RequestTiming
+from optcli.errors import UsageError
 
-Sender = Callable[[list[int], int], AsyncIterator[int]]
+Prompt = list[int] | str
+Sender = Callable[[Prompt, int], AsyncIterator[int]]
 
 
 class Total(int):
     """The authoritative output-token count of a request (e.g. OpenAI `usage.completion_tokens`)."""
 
 
+class PromptTotal(int):
+    """The server's prompt-token count of a request (`usage.prompt_tokens`): text prompts are tokenized there."""
+
+
+def api_base_url(url: str) -> str:
+    """The API root for `/v1/...` routes from what people type: `http://host:8000`, `.../v1` (the openai
+    SDK's base_url) or either with a trailing slash all give `http://host:8000/v1`."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise UsageError(f"--endpoint must be an http(s) URL such as http://127.0.0.1:8000/v1 (got '{url}')")
+    path = parts.path.rstrip("/")
+    for suffix in ("/completions", "/chat/completions"):  # a full route pasted in: keep its root
+        if path.endswith("/v1" + suffix):
+            path = path[: -len(suffix)]
+    if not path.endswith("/v1"):
+        path += "/v1"
+    return f"{parts.scheme}://{parts.netloc}{path}"
+
+
+def _error_message(body: str) -> str:
+    """The message of an OpenAI-style error body ({"error": {"message"}}, FastAPI's {"detail"}), else the text."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body.strip()[:200]
+    if isinstance(data, dict):
+        error = data.get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])[:200]
+        if isinstance(error, str):
+            return error[:200]
+        if data.get("detail"):
+            return str(data["detail"])[:200]
+    return body.strip()[:200]
+
+
+def failure_summary(timings: list[RequestTiming]) -> dict:
+    """How many requests failed and why (the distinct errors with their counts, most common first)."""
+    reasons = Counter(t.error for t in timings if t.error is not None)
+    return {"failed": sum(reasons.values()), "total": len(timings),
+            "reasons": [{"error": error, "count": n} for error, n in reasons.most_common()]}
+
+
 async def run_load(
     send: Sender,
-    requests: list[tuple[list[int], int]],
+    requests: list[tuple[Prompt, int]],
     rate: float | None = None,
     concurrency: int | None = None,
     seed: int = 0,
 ) -> tuple[list[RequestTiming], float]:
-    """Send (prompt_ids, max_tokens) requests: Poisson arrivals at `rate` req/s when given, else all at
+    """Send (prompt, max_tokens) requests: Poisson arrivals at `rate` req/s when given, else all at
     once; at most `concurrency` in flight when given. Returns the timings (in request order) and the
     wall time in seconds. A request's clock starts when it is sent (after waiting for a slot)."""
     if rate is not None and rate <= 0:
@@ -38,9 +86,10 @@ async def run_load(
         raise ValueError(f"concurrency must be >= 1 (got {concurrency})")
     rng = random.Random(seed)
     slots = asyncio.Semaphore(concurrency) if concurrency else None
-    timings = [RequestTiming(start=0.0, prompt_tokens=len(p)) for p, _ in requests]
+    # a text prompt's token count is the server's (PromptTotal); until it says, none is known
+    timings = [RequestTiming(start=0.0, prompt_tokens=0 if isinstance(p, str) else len(p)) for p, _ in requests]
 
-    async def one(timing: RequestTiming, prompt: list[int], max_tokens: int) -> None:
+    async def one(timing: RequestTiming, prompt: Prompt, max_tokens: int) -> None:
         if slots is None:
             await _measure(send, timing, prompt, max_tokens)
         else:
@@ -61,11 +110,14 @@ async def run_load(
     return timings, time.perf_counter() - t0
 
 
-async def _measure(send: Sender, timing: RequestTiming, prompt: list[int], max_tokens: int) -> None:
+async def _measure(send: Sender, timing: RequestTiming, prompt: Prompt, max_tokens: int) -> None:
     timing.start = time.perf_counter()
     total = None
     try:
         async for k in send(prompt, max_tokens):
+            if isinstance(k, PromptTotal):
+                timing.prompt_tokens = int(k)
+                continue
             if isinstance(k, Total):
                 total = int(k)
                 continue
@@ -89,9 +141,13 @@ def engine_sender(async_engine) -> Sender:
     """A sender driving an `AsyncEngine` in process (ignore_eos, so every request runs to max_tokens)."""
     from optcli.engine.sampling_params import SamplingParams
 
-    async def send(prompt_ids: list[int], max_tokens: int) -> AsyncIterator[int]:
+    async def send(prompt: Prompt, max_tokens: int) -> AsyncIterator[int]:
         params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-        async for out in async_engine.generate(prompt_ids, params):
+        first = True
+        async for out in async_engine.generate(prompt, params):
+            if first and isinstance(prompt, str):
+                yield PromptTotal(len(out.prompt_token_ids))
+            first = False
             if out.new_token_ids:
                 yield len(out.new_token_ids)
             if out.finish_reason == "abort":
@@ -101,31 +157,32 @@ def engine_sender(async_engine) -> Sender:
 
 
 def openai_sender(base_url: str, model: str, api_key: str | None = None, timeout: float = 300.0) -> Sender:
-    """A sender streaming `POST {base_url}/v1/completions` of an OpenAI-compatible server (vLLM, optcli).
-    Tokens per chunk: the length of `logprobs.tokens` when sent, else 1 per chunk with text; the final
-    `usage.completion_tokens` (stream_options.include_usage) is the total when the server sends it."""
+    """A sender streaming `POST {base}/v1/completions` of an OpenAI-compatible server (vLLM, optcli);
+    `base_url` with or without `/v1`. The prompt goes as text or as token ids, as it comes. Tokens per
+    chunk: the length of `logprobs.tokens` when sent, else 1 per chunk with text; the final `usage`
+    (stream_options.include_usage) gives the totals when the server sends it."""
     import httpx
 
-    url = base_url.rstrip("/") + "/v1/completions"
+    url = api_base_url(base_url) + "/completions"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
-    async def send(prompt_ids: list[int], max_tokens: int) -> AsyncIterator[int]:
+    async def send(prompt: Prompt, max_tokens: int) -> AsyncIterator[int]:
         body = {
             "model": model,
-            "prompt": list(prompt_ids),
+            "prompt": prompt if isinstance(prompt, str) else list(prompt),
             "max_tokens": max_tokens,
             "stream": True,
             "ignore_eos": True,
             "stream_options": {"include_usage": True},
         }
-        usage = None
+        usage = prompt_usage = None
         async with (
             httpx.AsyncClient(timeout=timeout) as client,
             client.stream("POST", url, json=body, headers=headers) as response,
         ):
             if response.status_code != 200:
                 text = (await response.aread()).decode(errors="replace")
-                raise RuntimeError(f"HTTP {response.status_code}: {text[:200]}")
+                raise RuntimeError(f"HTTP {response.status_code}: {_error_message(text)}")
             async for line in response.aiter_lines():
                 line = line.strip()
                 if not line.startswith("data:"):
@@ -138,6 +195,7 @@ def openai_sender(base_url: str, model: str, api_key: str | None = None, timeout
                     raise RuntimeError(f"server error: {chunk['error']}")
                 if chunk.get("usage") and chunk["usage"].get("completion_tokens") is not None:
                     usage = int(chunk["usage"]["completion_tokens"])
+                    prompt_usage = chunk["usage"].get("prompt_tokens")
                 choices = chunk.get("choices") or []
                 if not choices:
                     continue
@@ -148,6 +206,8 @@ def openai_sender(base_url: str, model: str, api_key: str | None = None, timeout
                     k = 1 if choices[0].get("text") else 0
                 if k:
                     yield k
+        if prompt_usage is not None:
+            yield PromptTotal(int(prompt_usage))
         if usage is not None:
             yield Total(usage)
 

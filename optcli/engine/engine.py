@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from optcli.config import EngineConfig
 from optcli.engine.attention import build_gather_metadata
 from optcli.engine.attention_triton import build_triton_metadata
 from optcli.engine.kv_cache import BlockManager
@@ -37,59 +38,43 @@ class RequestOutput:
 
 
 class Engine:
-    def __init__(
-        self,
-        model: str,
-        device: str = "cpu",
-        dtype: str = "float32",
-        max_num_seqs: int = 64,
-        max_model_len: int = 2048,
-        max_num_batched_tokens: int | None = None,
-        block_size: int = 16,
-        kv_cache_bytes: int | None = None,
-        num_kv_blocks: int | None = None,
-        enable_prefix_caching: bool = True,
-        trust_remote_code: bool = False,
-        attention_backend: str = "auto",
-        enforce_eager: bool = False,
-        gpu_memory_utilization: float = 0.9,
-        graph_capture=None,
-        dequantize: bool = False,
-        quantization: str | None = None,
-    ) -> None:
-        """`attention_backend`: "gather" (CPU), "triton" (GPU kernels), "auto" picks by device.
-        CUDA graphs capture decode steps on GPU unless `enforce_eager`; `graph_capture` replaces
-        the capture function (tests). Without a KV budget the cache takes `gpu_memory_utilization`
-        of the GPU after weights and peak activations, or a quarter of free host memory on CPU.
-        Quantized checkpoints run on quantized kernels; `dequantize` loads them as dense weights;
-        `quantization` ("w4a16", "w8a8", "w8a16", "fp8") quantizes a dense checkpoint at load (RTN)."""
+    def __init__(self, model: str, config: EngineConfig | None = None, *, graph_capture=None, **options) -> None:
+        """`Engine(model, EngineConfig(...))`, or options by keyword (`Engine(model, dtype="bfloat16")`),
+        or both: keywords override the config's fields (every option and its default: `optcli.config`).
+        `self.config` is the resolved copy (device and dtype no longer "auto"); `dtype_reason` says why.
+        `graph_capture` replaces the CUDA-graph capture function (tests)."""
         from optcli.engine.model_loader import load_engine_model
 
-        self.device = device
-        self.model, self.tokenizer, self.hf_config, self.eos_token_ids = load_engine_model(
-            model, device, getattr(torch, dtype), trust_remote_code, dequantize, quantization
-        )
+        if config is not None and not isinstance(config, EngineConfig):
+            raise TypeError("Engine(model, config): config must be an EngineConfig; pass other options by keyword")
+        config = (config or EngineConfig()).with_options(**options)
+        self.model, self.tokenizer, self.eos_token_ids, config, self.dtype_reason = load_engine_model(model, config)
+        self.config = config
+        device = self.device = config.device
+        max_num_seqs, block_size = config.max_num_seqs, config.block_size
+        kv_cache_bytes, num_kv_blocks = config.kv_cache_bytes, config.num_kv_blocks
         cfg = self.model.cfg
         self.weights_bytes = self.model.weight_bytes()
         self.quantized_layers = quant_summary(self.model)  # e.g. {"int4/triton": 112}
-        self.max_model_len = min(max_model_len, cfg.max_position_embeddings)
+        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.config = config = config.with_options(max_model_len=self.max_model_len)
         self.max_num_seqs = max_num_seqs
         self.block_size = block_size
-        self.backend = _pick_backend(attention_backend, device)
+        self.backend = _pick_backend(config.attention_backend, device)
         if self.backend == "triton":
             from optcli.engine.models.layer_ops import FusedOps
 
             self.model.ops = FusedOps  # one kernel each for add+norm, RoPE, SiLU-mul
             self.model.rotary.build_table(self.max_model_len, self.model.embed_tokens.weight.dtype)
         build_metadata = build_triton_metadata if self.backend == "triton" else build_gather_metadata
-        budget_tokens = max_num_batched_tokens or max(2048, max_num_seqs)
+        budget_tokens = config.max_num_batched_tokens or max(2048, max_num_seqs)
         per_block = 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * self.model.embed_tokens.weight.element_size()
         if num_kv_blocks is None:
             wanted = max_num_seqs * -(-self.max_model_len // block_size)  # every sequence at full length
             if kv_cache_bytes is not None:
                 budget = kv_cache_bytes
             elif device.startswith("cuda"):
-                budget = self._profile_gpu_budget(build_metadata, budget_tokens, gpu_memory_utilization)
+                budget = self._profile_gpu_budget(build_metadata, budget_tokens, config.gpu_memory_utilization)
             else:
                 budget = int(_available_host_memory() * 0.25)
             num_kv_blocks = min(wanted, max(0, budget) // per_block)
@@ -101,12 +86,12 @@ class Engine:
         shape = (cfg.num_layers, 2, num_kv_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=self.model.embed_tokens.weight.dtype, device=device)
         self.kv_cache_bytes = self.kv_cache.numel() * self.kv_cache.element_size()
-        self.blocks = BlockManager(num_kv_blocks, block_size, enable_prefix_caching)
+        self.blocks = BlockManager(num_kv_blocks, block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, budget_tokens)
         caches = [(c[0], c[1]) for c in self.kv_cache]
         self.runner = ModelRunner(self.model, caches, block_size, device, build_metadata)
         dynamic_rope = self.model.rotary.rope_type == "dynamic"  # reads positions on the host: not capturable
-        if self.backend == "triton" and not enforce_eager and not dynamic_rope:
+        if self.backend == "triton" and not config.enforce_eager and not dynamic_rope:
             if graph_capture is not None or device.startswith("cuda"):
                 from optcli.engine.cuda_graphs import DecodeGraphs, cuda_capture
 
@@ -276,6 +261,8 @@ class Engine:
     def stats(self) -> dict:
         b = self.blocks
         return {
+            "device": self.device,
+            "dtype": self.config.dtype,
             "kv_blocks_total": b.num_blocks,
             "kv_blocks_free": b.num_free_blocks,
             "kv_block_size": b.block_size,

@@ -1,23 +1,24 @@
 """Profile report writers: report.json (the contract), report.md (for PRs), report.html (standalone).
 
 Writes are atomic so `--out` never holds a half-written or mismatched set: everything is rendered
-in memory first, then a new directory is built as a temporary sibling and renamed into place, or,
-when the directory already exists (it may hold other artifacts), each file is replaced with
-temp file + os.replace.
+in memory first, then a new directory is built by the one atomic directory writer (optcli.util.fs:
+a temporary sibling renamed into place, stale ones from killed runs swept), or, when the directory
+already exists (it may hold other artifacts), each file is replaced with temp file + os.replace.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from optcli.errors import UsageError
 from optcli.report.html import render_html
 from optcli.report.markdown import render_markdown
+from optcli.util.fs import atomic_directory
 
 __all__ = ["render_html", "render_markdown", "write_reports"]
 
@@ -57,17 +58,12 @@ def write_reports(report: Mapping[str, Any], out_dir: str | Path, samples: Mappi
     if out_dir.is_dir():
         _replace_in_place(out_dir, contents)
     else:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
         try:
-            for name, text in contents.items():
-                _write_file(tmp_dir / name, text)
-            try:
-                os.rename(tmp_dir, out_dir)
-            except OSError:
-                if not out_dir.is_dir():  # a file is in the way: that's the caller's to fix
-                    raise
-                _replace_in_place(out_dir, contents)  # created concurrently: fall back to per-file
-        finally:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
+            with atomic_directory(out_dir) as tmp_dir:
+                for name, text in contents.items():
+                    _write_file(tmp_dir / name, text)
+        except (FileExistsError, UsageError):
+            if not out_dir.is_dir():  # a file is in the way: that's the caller's to fix
+                raise
+            _replace_in_place(out_dir, contents)  # created concurrently: fall back to per-file
     return {name.split(".")[1]: out_dir / name for name in FILES}

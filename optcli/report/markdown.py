@@ -70,9 +70,10 @@ def report_tables(report: Mapping[str, Any]) -> list[Table]:
         ("Accuracy", ["ppl", "baseline ppl", "ppl ratio", "KLD mean (nats)", "KLD p99 (nats)", "top-1 agreement"],
          [[fmt(get(report, "accuracy", k))
            for k in ("ppl", "baseline_ppl", "ppl_ratio", "kld_mean", "kld_p99", "top1_agreement")]]),
-        ("Efficiency and cost", ["batch efficiency", "GPU utilization", "cost (USD / 1k tokens)"],
+        ("Efficiency and cost", ["batch efficiency", "GPU utilization", "cost (USD / 1k tokens, prompt + generated)",
+                                 "cost (USD / 1k output tokens)"],
          [[fmt(get(report, "batch_efficiency")), fmt(get(report, "gpu_utilization")),
-           fmt(get(report, "cost", "usd_per_1k_tokens"))]]),
+           fmt(get(report, "cost", "usd_per_1k_tokens")), fmt(get(report, "cost", "usd_per_1k_output_tokens"))]]),
     ]
     return tables
 

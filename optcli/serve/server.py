@@ -10,6 +10,8 @@ import contextlib
 import logging
 import signal
 
+from optcli.config import EngineConfig
+
 log = logging.getLogger("optcli.serve")
 
 
@@ -37,25 +39,18 @@ def run_server(
     host: str,
     port: int,
     api_key: str | None,
-    device: str,
-    max_num_seqs: int,
-    max_model_len: int | None,
+    config: EngineConfig,
     max_waiting: int,
-    enforce_eager: bool,
-    gpu_memory_utilization: float,
     graceful_timeout_s: int = 30,
 ) -> None:
     import uvicorn
 
     from optcli.engine import Engine
     from optcli.engine.async_engine import AsyncEngine
-    from optcli.quantize import pick_device
     from optcli.serve.app import create_app
 
-    device = pick_device(device)
-    kwargs = {"max_model_len": max_model_len} if max_model_len else {}
-    engine = Engine(model_path, device=device, max_num_seqs=max_num_seqs, enforce_eager=enforce_eager,
-                    gpu_memory_utilization=gpu_memory_utilization, **kwargs)
+    engine = Engine(model_path, config)
+    log.warning("serving %s on %s in %s (%s)", served_model_name, engine.device, engine.config.dtype, engine.dtype_reason)
     async_engine = AsyncEngine(engine)
     app = create_app(async_engine, served_model_name, api_key=api_key, max_waiting=max_waiting)
     try:

@@ -23,6 +23,7 @@ def vllm_command(
     pipeline_parallel_size: int = 1,
     enforce_eager: bool = False,
     executable: str | None = None,
+    dtype: str = "auto",
 ) -> list[str]:
     """argv for `vllm serve` with our options mapped onto its flags."""
     exe = executable or shutil.which("vllm")
@@ -36,6 +37,7 @@ def vllm_command(
         "--max-num-seqs": max_num_seqs,
         "--max-model-len": max_model_len,
         "--gpu-memory-utilization": gpu_memory_utilization,
+        "--dtype": None if dtype == "auto" else dtype,  # vLLM's own auto rule is ours on CUDA
     }
     for flag, value in optional.items():
         if value is not None:

@@ -73,7 +73,7 @@ _SAVED: dict[str, str] | None = None
 def _cache_file() -> Path:
     import triton
 
-    from optcli.models import cache_dir
+    from optcli.config import cache_dir
 
     device = torch.cuda.get_device_name().replace(" ", "_").replace("/", "_")
     return cache_dir() / "gemm-tuning" / f"{device}-torch{torch.__version__}-triton{triton.__version__}.json"
