@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from optcli import __version__
-from optcli.config import DTYPES, EngineConfig
+from optcli.config import EngineConfig, check_dtype
 from optcli.errors import KpiFailed, UsageError
 
 app = typer.Typer(
@@ -49,8 +49,7 @@ GpuMemoryOpt = Annotated[float, typer.Option("--gpu-memory-utilization", min=0.0
 
 def _engine_config(device: str, dtype: str, max_num_seqs: int, max_model_len: int | None, enforce_eager: bool,
                    gpu_memory_utilization: float) -> EngineConfig:
-    if dtype not in DTYPES:
-        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)} (got '{dtype}')")
+    check_dtype(dtype, "--dtype")
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
         raise UsageError(f"--device must be auto, cpu or cuda (got '{device}')")
     return EngineConfig(device=device, dtype=dtype, max_num_seqs=max_num_seqs,

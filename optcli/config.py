@@ -15,6 +15,12 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
+def check_dtype(value: str, name: str = "dtype") -> None:
+    """The one dtype check, for the engine option and for every CLI flag that carries it (`name`)."""
+    if value not in DTYPES:
+        raise UsageError(f"{name} must be one of {', '.join(DTYPES)} (got '{value}')")
+
+
 def cache_dir() -> Path:
     """Where optcli keeps what it can rebuild (GEMM tuning choices, hub downloads are the hub's own)."""
     return Path(os.environ.get("OPTCLI_CACHE", Path.home() / ".cache" / "optcli"))
@@ -23,7 +29,7 @@ def cache_dir() -> Path:
 @dataclass(frozen=True)
 class EngineConfig:
     """Every option of the built-in engine. `device` and `dtype` may say "auto"; the engine resolves
-    them at load (see `engine/dtype.py`) and keeps the resolved copy as `Engine.config`."""
+    them at load (see `engine/placement.py`) and keeps the resolved copy as `Engine.config`."""
 
     device: str = "auto"  # auto | cpu | cuda[:N]: auto takes the GPU when there is one
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32: the activation (and dense weight) dtype
@@ -42,8 +48,7 @@ class EngineConfig:
     quantization: str | None = None  # w4a16 | w8a8 | w8a16 | fp8: round a dense checkpoint at load
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise UsageError(f"dtype must be one of {', '.join(DTYPES)} (got '{self.dtype}')")
+        check_dtype(self.dtype)
         if self.max_num_seqs < 1 or self.block_size < 1:
             raise UsageError("max_num_seqs and block_size must be >= 1")
         if not 0 < self.gpu_memory_utilization <= 1:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from optcli import capacity
-from optcli.config import DTYPE_BYTES, DTYPES, EngineConfig
+from optcli.config import DTYPE_BYTES, EngineConfig, check_dtype
 from optcli.cost import cost_per_1k, usd_per_1k
 from optcli.errors import UsageError
 from optcli.hardware import GpuChoice, GpuSpec, detect_gpu, load_catalog, match_catalog, recommend_recipes, resolve_gpu
@@ -70,8 +70,8 @@ class RoiOptions:
 def _check(o: RoiOptions) -> None:
     if (o.report is None) == (o.estimate is None):
         raise UsageError("give exactly one of --report FILE (measured) or --estimate MODEL (roofline estimate)")
-    if o.dtype is not None and o.dtype not in DTYPES:
-        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)} (got '{o.dtype}')")
+    if o.dtype is not None:
+        check_dtype(o.dtype, "--dtype")
     if o.baseline_report is not None and o.baseline_usd_per_1k_tokens is not None:
         raise UsageError("give at most one of --baseline-report and --baseline-usd-per-1k-tokens")
     positive = {"--gpu-hour-cost": o.gpu_hour_cost, "--baseline-usd-per-1k-tokens": o.baseline_usd_per_1k_tokens,

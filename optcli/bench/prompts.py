@@ -27,22 +27,18 @@ def token_prompts(n: int, prompt_len: tuple[int, int], vocab: tuple[int, int], s
 def text_prompts(tokenizer, n: int, prompt_len: tuple[int, int], seed: int) -> list[str]:
     """`n` texts of about `prompt_len` tokens in `tokenizer` (uniform in [a, b)), cut from the corpus."""
     rng = random.Random(seed)
-    stream = _corpus_tokens(tokenizer)
+    stream = _corpus_tokens(tokenizer)  # cached per tokenizer: sweeps call this once per level
     texts = []
     for length in sample_lengths(n, prompt_len, rng):
         if length >= len(stream):
             raise ValueError(f"prompt of {length} tokens is longer than the corpus ({len(stream)} tokens)")
         start = rng.randrange(0, len(stream) - length)
-        texts.append(tokenizer.decode(stream[start : start + length], skip_special_tokens=True))
+        texts.append(tokenizer.decode(list(stream[start : start + length]), skip_special_tokens=True))
     return texts
 
 
-def _corpus_tokens(tokenizer) -> list[int]:
-    return list(_corpus_tokens_cached(tokenizer))
-
-
 @cache
-def _corpus_tokens_cached(tokenizer) -> tuple[int, ...]:
+def _corpus_tokens(tokenizer) -> tuple[int, ...]:
     from optcli.calibration import calibration_documents
 
     ids: list[int] = []
