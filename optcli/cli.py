@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from optcli import __version__
-from optcli.config import EngineConfig, check_dtype
+from optcli.config import LM_HEADS, EngineConfig, check_dtype
 from optcli.errors import KpiFailed, UsageError
 
 app = typer.Typer(
@@ -45,16 +45,19 @@ MaxNumSeqsOpt = Annotated[int, typer.Option("--max-num-seqs", min=1, help="Seque
 MaxModelLenOpt = Annotated[int | None, typer.Option("--max-model-len", min=2, help=f"Context per sequence (default {_ENGINE.max_model_len}, capped at the model's).")]
 EnforceEagerOpt = Annotated[bool, typer.Option("--enforce-eager", help="No CUDA graphs.")]
 GpuMemoryOpt = Annotated[float, typer.Option("--gpu-memory-utilization", min=0.05, max=1.0, help="Share of the GPU the engine may use.")]
+LmHeadOpt = Annotated[str, typer.Option("--lm-head", help="dense | int8: round the LM head (and a tied embedding) to int8 per row at load.")]
 
 
 def _engine_config(device: str, dtype: str, max_num_seqs: int, max_model_len: int | None, enforce_eager: bool,
-                   gpu_memory_utilization: float) -> EngineConfig:
+                   gpu_memory_utilization: float, lm_head: str = "dense") -> EngineConfig:
     check_dtype(dtype, "--dtype")
+    if lm_head not in LM_HEADS:
+        raise UsageError(f"--lm-head must be one of {', '.join(LM_HEADS)} (got '{lm_head}')")
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
         raise UsageError(f"--device must be auto, cpu or cuda (got '{device}')")
     return EngineConfig(device=device, dtype=dtype, max_num_seqs=max_num_seqs,
                         max_model_len=max_model_len or _ENGINE.max_model_len, enforce_eager=enforce_eager,
-                        gpu_memory_utilization=gpu_memory_utilization)
+                        gpu_memory_utilization=gpu_memory_utilization, lm_head=lm_head)
 
 
 def _fail(message: str, code: int) -> None:
@@ -231,6 +234,7 @@ def profile(
     max_model_len: MaxModelLenOpt = None,
     enforce_eager: EnforceEagerOpt = False,
     gpu_memory_utilization: GpuMemoryOpt = _ENGINE.gpu_memory_utilization,
+    lm_head: LmHeadOpt = _ENGINE.lm_head,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
 ) -> None:
@@ -249,7 +253,7 @@ def profile(
             raise UsageError(f"--prompt-format must be tokens or text (got '{prompt_format}')")
         workload = Workload(requests=requests, prompt_len=parse_prompt_len(prompt_len), output_len=output_len,
                             concurrency=level, sweep=sweep, rate=rate, seed=seed, prompt_format=prompt_format)
-        config = _engine_config(device, dtype, max_num_seqs, max_model_len, enforce_eager, gpu_memory_utilization)
+        config = _engine_config(device, dtype, max_num_seqs, max_model_len, enforce_eager, gpu_memory_utilization, lm_head)
 
         def note(message: str) -> None:
             if not as_json and err.is_terminal:
@@ -283,9 +287,6 @@ def _show_profile(report: dict, as_json: bool, out_dir: Path | None) -> None:
                                    (None, engine["dtype"]) else "")
         table.add_row("device / dtype", f"{engine['device']} / {dtype}")
     table.add_row("output tok/s (offline)", fmt(tp["output_tok_s"], ".1f"))
-    if tp.get("baseline_output_tok_s"):  # the source measured in the same run: the ratio is the point
-        ratio = tp["output_tok_s"] / tp["baseline_output_tok_s"] if tp["output_tok_s"] else None
-        table.add_row("baseline output tok/s (ratio)", f"{fmt(tp['baseline_output_tok_s'], '.1f')} ({fmt(ratio, '.2f')}x)")
     table.add_row("requests/s", fmt(tp["requests_s"], ".2f"))
     for metric in ("ttft", "tpot", "itl", "e2e"):
         lat = report["latency_ms"][metric]
@@ -297,6 +298,24 @@ def _show_profile(report: dict, as_json: bool, out_dir: Path | None) -> None:
     table.add_row("USD per 1K tokens (prompt + generated)", fmt(report["cost"]["usd_per_1k_tokens"], ".5f"))
     table.add_row("USD per 1K output tokens", fmt(report["cost"].get("usd_per_1k_output_tokens"), ".5f"))
     out.print(table)
+    from rich.markup import escape
+
+    from optcli.report.markdown import comparison_table, comparison_warnings, head_line, roofline_line
+
+    comparison = comparison_table(report)  # the source measured the same way in this run: ratios are the point
+    if comparison is not None:
+        title, headers, rows = comparison
+        side = Table(title="source vs artifact")
+        for i, header in enumerate(headers):
+            side.add_column(header, justify="left" if i == 0 else "right")
+        for row in rows:
+            side.add_row(*row)
+        out.print(side)
+    for warning in comparison_warnings(report):
+        err.print(f"[yellow]warning: {escape(warning)}[/yellow]", highlight=False, soft_wrap=True)
+    for line in (roofline_line(report), head_line(report)):
+        if line is not None:
+            out.print(escape(line), highlight=False, soft_wrap=True)
     failures = tp.get("failures") or {}
     if failures.get("failed"):
         why = "; ".join(f"{r['count']}x {r['error']}" for r in failures["reasons"][:3])
@@ -323,6 +342,7 @@ def serve(
     dtype: DtypeOpt = "auto",
     enforce_eager: EnforceEagerOpt = False,
     gpu_memory_utilization: GpuMemoryOpt = _ENGINE.gpu_memory_utilization,
+    lm_head: LmHeadOpt = _ENGINE.lm_head,
     tensor_parallel_size: Annotated[int, typer.Option("--tensor-parallel-size", min=1, help="vLLM only.")] = 1,
     pipeline_parallel_size: Annotated[int, typer.Option("--pipeline-parallel-size", min=1, help="vLLM only.")] = 1,
 ) -> None:
@@ -333,11 +353,13 @@ def serve(
     with _run(False):
         if engine not in ("builtin", "vllm"):
             raise UsageError(f"--engine must be builtin or vllm (got '{engine}')")
-        config = _engine_config(device, dtype, max_num_seqs, max_model_len, enforce_eager, gpu_memory_utilization)
+        config = _engine_config(device, dtype, max_num_seqs, max_model_len, enforce_eager, gpu_memory_utilization, lm_head)
         path = str(resolve_model(model).path)
         if engine == "vllm":
             from optcli.serve.vllm import exec_vllm, vllm_command
 
+            if lm_head != "dense":
+                raise UsageError("--lm-head int8 is a builtin-engine option; vLLM serves the checkpoint's head")
             exec_vllm(vllm_command(path, host, port, name, api_key, max_num_seqs, max_model_len,
                                    gpu_memory_utilization, tensor_parallel_size, pipeline_parallel_size, enforce_eager,
                                    dtype=dtype))

@@ -13,6 +13,7 @@ from optcli.errors import UsageError
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+LM_HEADS = ("dense", "int8")
 
 
 def check_dtype(value: str, name: str = "dtype") -> None:
@@ -46,11 +47,14 @@ class EngineConfig:
     trust_remote_code: bool = False
     dequantize: bool = False  # load a quantized checkpoint as dense weights
     quantization: str | None = None  # w4a16 | w8a8 | w8a16 | fp8: round a dense checkpoint at load
+    lm_head: str = "dense"  # dense | int8: round the LM head (and a tied embedding) to int8 per row at load
 
     def __post_init__(self) -> None:
         check_dtype(self.dtype)
         if self.max_num_seqs < 1 or self.block_size < 1:
             raise UsageError("max_num_seqs and block_size must be >= 1")
+        if self.lm_head not in LM_HEADS:
+            raise UsageError(f"lm_head must be one of {', '.join(LM_HEADS)} (got '{self.lm_head}')")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise UsageError(f"gpu_memory_utilization must be in (0, 1] (got {self.gpu_memory_utilization})")
 

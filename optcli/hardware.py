@@ -48,6 +48,63 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+_BANDWIDTH: dict[tuple[int, int], dict] = {}  # measured host bandwidth, once per process and thread count
+
+
+def measure_host_bandwidth(nbytes: int = 2**30, repeats: int = 5) -> dict:
+    """Peak host memory read bandwidth as torch's CPU kernels see it, for the batch-1 decode roofline.
+
+    How: a float32 tensor of `nbytes` (1 GiB; 512 MiB when less than 4x that is available; far
+    bigger than any CPU cache) is filled with ones (so every page is really backed), summed once
+    to warm up, then `torch.sum` runs `repeats` more times with torch's intra-op threads (the same
+    threads the engine decodes with); GB/s = bytes read / seconds of the fastest pass (1e9 bytes/s).
+    Best of several, since a shared machine only ever slows a pass down. Measured once per process
+    (per thread count); `gbs` is None when there is not enough free memory to measure honestly.
+    Returns {"gbs", "source"}."""
+    import psutil
+    import torch
+
+    threads = torch.get_num_threads()
+    key = (nbytes, threads)
+    if key in _BANDWIDTH:
+        return _BANDWIDTH[key]
+    size = nbytes
+    available = psutil.virtual_memory().available
+    if available < 4 * size:
+        size = 2**29
+    label = f"{size / 2**30:g} GiB" if size >= 2**30 else f"{size >> 20} MiB"
+    if available < 4 * size:
+        result = {"gbs": None, "source": f"not measured: {available >> 20} MiB free is too little for a bandwidth pass"}
+    else:
+        data = torch.ones(size // 4, dtype=torch.float32)
+        data.sum()  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            data.sum()
+            best = min(best, time.perf_counter() - start)
+        del data
+        result = {"gbs": size / best / 1e9,
+                  "source": f"measured: torch.sum over {label} fp32, {threads} thread{'s' if threads > 1 else ''}"}
+    _BANDWIDTH[key] = result
+    return result
+
+
+def peak_bandwidth(device: str, catalog: dict | None = None) -> dict:
+    """The machine's peak memory bandwidth for `device` as {"gbs", "source"}: a CUDA GPU's datasheet
+    figure from the GPU catalog (None when the catalog has no entry for it), a CPU's measured
+    (`measure_host_bandwidth`)."""
+    if not device.startswith("cuda"):
+        return measure_host_bandwidth()
+    import torch
+
+    props = torch.cuda.get_device_properties(torch.device(device))
+    spec = match_catalog(props.name, props.total_memory, catalog or load_catalog())
+    if spec is None:
+        return {"gbs": None, "source": f"catalog: no entry matches {props.name}"}
+    return {"gbs": float(spec.bandwidth_gbs), "source": f"catalog: {spec.name}"}
+
+
 class GpuUtilizationSampler:
     """Samples NVML's GPU utilization in a thread; `mean()` is None where NVML or a GPU is absent."""
 

@@ -89,6 +89,19 @@ def measure_accuracy(model_path: Path, baseline_path: Path, eval_text: str, devi
     return evaluate(model, ids, baseline, ctx=ctx).as_dict()
 
 
+def measure_head_accuracy(model_path: Path, eval_text: str, config: EngineConfig) -> dict:
+    """What `config.lm_head` (int8) costs in accuracy: the engine with that head against the same model
+    with its dense head, on the same tokens through the same engine (so only the head differs)."""
+    from optcli.bench.accuracy import EngineLM, evaluate
+    from optcli.engine import Engine
+
+    rounded = Engine(str(model_path), config)
+    ids = rounded.tokenizer(eval_text, verbose=False).input_ids
+    ctx = min(256, rounded.max_model_len)
+    dense = Engine(str(model_path), config.with_options(lm_head="dense"))
+    return {"format": config.lm_head, **evaluate(EngineLM(rounded), ids, EngineLM(dense), ctx=ctx).as_dict()}
+
+
 def profile(
     model: str,
     baseline: str | None = None,
@@ -154,6 +167,11 @@ def profile(
         "gpu_utilization": None,
         "cost": {"usd_per_1k_tokens": None, "usd_per_1k_output_tokens": None, "gpu_hour_cost_usd": gpu_hour_cost},
         "kpi": {"passed": True, "checks": []},
+        # the source measured the same way in this run: its figures, rows of both with ratios, and
+        # warnings where the artifact is slower; null without a baseline and with --endpoint
+        "comparison": None,
+        # batch-1 decode's weight-read bandwidth against the machine's peak; null with --endpoint
+        "roofline": None,
         "versions": _versions(),
     }
     from optcli.hardware import GpuUtilizationSampler, describe
@@ -165,9 +183,15 @@ def profile(
         text = eval_text.read_text(encoding="utf-8") if eval_text else heldout_text()
         acc = measure_accuracy(source.path, baseline_source.path, text, device)
         report["accuracy"] = {k: acc[k] for k in report["accuracy"]}
+    if source is not None and config.lm_head != "dense":
+        step(f"accuracy cost of the {config.lm_head} LM head")
+        text = eval_text.read_text(encoding="utf-8") if eval_text else heldout_text()
+        # the rounded head against the dense one, both through the engine (the accuracy above is transformers')
+        report["accuracy"]["lm_head"] = measure_head_accuracy(source.path, text, config)
 
     slo = slo_from_kpi(kpi) if kpi is not None else None
     samples = None
+    decode_tok_s = None
     sweep_points: list[tuple[int, float]] = []
     with GpuUtilizationSampler() as gpu:
         if endpoint:
@@ -185,7 +209,10 @@ def profile(
             online = _online(None, endpoint, model, workload, slo, vocab, text_tok)
             samples = {"candidate": online.pop("samples")}
         else:
-            online, samples, sweep_points = _local(source, report, workload, slo, config, step)
+            online, candidate_samples, sweep_points, decode_tok_s = _local(source, report, workload, slo, config,
+                                                                           step)
+            samples = {"candidate": candidate_samples}
+            _free_device_memory(device)  # the candidate's engine is gone: the baseline's gets the same room
     sweep_points.append(_sweep_point(workload.concurrency or _default_concurrency(workload), online))
     report["gpu_utilization"] = gpu.mean()
     report["latency_ms"] = online["latency_ms"]
@@ -195,6 +222,7 @@ def profile(
         failed_requests=online["requests"]["failed"],
         failures=online["failures"],  # how many of the online requests failed, and the distinct errors
         goodput_requests_s=(online["goodput"] or {}).get("requests_s"),
+        decode_tok_s=decode_tok_s,  # batch 1 (see roofline.method); null with --endpoint
     )
     if endpoint:
         report["throughput"].update({k: online["throughput"][k] for k in ("output_tok_s", "total_tok_s", "requests_s")})
@@ -202,15 +230,40 @@ def profile(
     tp = report["throughput"]
     report["cost"].update(cost_per_1k(gpu_hour_cost, tp["total_tok_s"], tp["output_tok_s"]))
     baseline_report = None
-    if baseline_source is not None:  # the same offline workload on the baseline, for side-by-side bars
-        baseline_engine, throughput, _, memory = _offline(baseline_source, workload, config, step)
-        report["workload"]["engine"]["baseline_dtype"] = baseline_engine.config.dtype
-        del baseline_engine
+    if baseline_source is not None:  # the source measured the same way, side by side (comparison)
+        # the same workload and seed through the baseline's own engine (dropped when _local returns);
+        # the concurrency sweep is the candidate's capacity plan, not repeated here
+        side = {"workload": {"engine": {}}, "throughput": {}, "memory": None, "batch_efficiency": None}
+        base_online, base_samples, _, baseline_decode = _local(baseline_source, side, replace(workload, sweep=()),
+                                                               slo, config, step)
+        _free_device_memory(device)
+        report["workload"]["engine"]["baseline_dtype"] = side["workload"]["engine"]["dtype"]
+        memory = side["memory"]
         if not device.startswith("cuda"):
             memory["peak_bytes"] = None  # the process peak would include the candidate's
-        baseline_report = {"accuracy": {"ppl": report["accuracy"]["baseline_ppl"]}, "memory": memory,
-                           "throughput": throughput}
-        report["throughput"]["baseline_output_tok_s"] = throughput["output_tok_s"]
+        throughput = side["throughput"]
+        baseline_report = {
+            "accuracy": {"ppl": report["accuracy"]["baseline_ppl"]},
+            "memory": memory,
+            "throughput": {k: throughput[k] for k in ("output_tok_s", "total_tok_s", "requests_s")}
+            | {"online_output_tok_s": base_online["throughput"]["output_tok_s"], "decode_tok_s": baseline_decode},
+            "latency_ms": base_online["latency_ms"],
+        }
+        samples["baseline"] = base_samples  # overlaid on the candidate's latency CDFs
+        report["throughput"].update(
+            baseline_output_tok_s=throughput["output_tok_s"],
+            baseline_total_tok_s=throughput["total_tok_s"],
+            baseline_requests_s=throughput["requests_s"],
+            baseline_online_output_tok_s=base_online["throughput"]["output_tok_s"],
+            baseline_decode_tok_s=baseline_decode,
+        )
+        report["comparison"] = _comparison(report, baseline_report, workload)
+    if not endpoint:
+        from optcli.hardware import peak_bandwidth
+
+        # after both models ran: on a CPU the 1 GiB pass would otherwise sit in their peak RSS
+        step("peak memory bandwidth")
+        report["roofline"] = _roofline(peak_bandwidth(device), report, baseline_report)
     if kpi is not None:
         report["kpi"] = evaluate_kpis(report, kpi)
     if out is not None:
@@ -240,8 +293,10 @@ def _offline(source, workload: Workload, config: EngineConfig, step):
     if longest > engine.max_model_len:
         raise UsageError(f"prompts up to {workload.prompt_len[1]} tokens plus {workload.output_len} new exceed "
                          f"the model's {engine.max_model_len}-token context")
-    engine.generate([[5] * 4], SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
     requests = workload.sample(_vocab(engine))
+    # warm-up on the same prompts, two tokens each: the batch shapes of the timed run, so one-time costs
+    # (allocator growth, the CPU kernel choice timed per batch-size bucket) stay out of the figures
+    engine.generate([p for p, _ in requests], SamplingParams(max_tokens=2, ignore_eos=True))
     step(f"offline throughput of {source.spec}: {len(requests)} requests")
     steps_before, scheduled_before = engine.num_steps, engine.num_scheduled_seqs
     start = time.perf_counter()
@@ -261,6 +316,9 @@ def _offline(source, workload: Workload, config: EngineConfig, step):
     steps = engine.num_steps - steps_before
     scheduled = engine.num_scheduled_seqs - scheduled_before
     efficiency = scheduled / steps / engine.max_num_seqs if steps else None
+    head = engine.head_cost()  # the LM head alone: its bytes (a tied embedding shares them), one row's time
+    throughput["lm_head"] = {"bytes": head["head_bytes"], "share_of_weights": head["head_share_of_weights"],
+                             "ms_per_step_batch1": head["head_ms_per_step_m1"], "tied": head["tied"]}
     memory = {
         "weights_bytes": engine.weights_bytes,  # as the engine holds them: quantized stays quantized
         # GPU: this model's peak; CPU: the process's peak RSS so far (not separable per model)
@@ -270,26 +328,162 @@ def _offline(source, workload: Workload, config: EngineConfig, step):
     return engine, throughput, efficiency, memory
 
 
+def _free_device_memory(device: str) -> None:
+    """Collect a dropped engine now (its KV cache and weights), so the next one sizes its cache the same."""
+    import gc
+
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+# (label, field in the report and in comparison.baseline, higher is better, where the figure was measured)
+COMPARISON_ROWS = (
+    ("output tok/s (offline)", "throughput.output_tok_s", True, "offline"),
+    ("output tok/s (online)", "throughput.online_output_tok_s", True, "online"),
+    ("total tok/s (offline)", "throughput.total_tok_s", True, "offline"),
+    ("decode tok/s (batch 1)", "throughput.decode_tok_s", True, "batch1"),
+    ("TTFT p50 (ms)", "latency_ms.ttft.p50", False, "online"),
+    ("TTFT p95 (ms)", "latency_ms.ttft.p95", False, "online"),
+    ("TTFT p99 (ms)", "latency_ms.ttft.p99", False, "online"),
+    ("TPOT p50 (ms)", "latency_ms.tpot.p50", False, "online"),
+    ("TPOT p95 (ms)", "latency_ms.tpot.p95", False, "online"),
+    ("TPOT p99 (ms)", "latency_ms.tpot.p99", False, "online"),
+    ("E2E p50 (ms)", "latency_ms.e2e.p50", False, "online"),
+    ("E2E p95 (ms)", "latency_ms.e2e.p95", False, "online"),
+    ("E2E p99 (ms)", "latency_ms.e2e.p99", False, "online"),
+    ("weights (bytes)", "memory.weights_bytes", False, "load"),
+)
+
+
+def _at(node, field: str):
+    for key in field.split("."):
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
+
+
+def _ratio(artifact: float | None, baseline: float | None) -> float | None:
+    """artifact / baseline; None when either is unmeasured or the baseline is 0."""
+    if artifact is None or baseline is None or baseline == 0:
+        return None
+    return artifact / baseline
+
+
+def _where(kind: str, workload: Workload) -> str:
+    """Which measurement a figure came from, in the words of a warning."""
+    if kind == "offline":
+        return f"at {workload.requests} requests (offline)"
+    if kind == "batch1":
+        return "at batch 1"
+    if workload.rate:
+        return f"at {workload.rate:g} requests/s ({workload.requests} requests, online)"
+    level = workload.concurrency or _default_concurrency(workload)
+    return f"at concurrency {level} ({workload.requests} requests, online)"
+
+
+def _comparison(report: dict, baseline: dict, workload: Workload) -> dict:
+    """The source's figures (`baseline`), one row per figure of both with artifact/baseline ratios (`field`
+    is where the figure sits in the report and in `baseline`), and a warning per throughput figure where
+    the artifact is slower than its source."""
+    from optcli.report.markdown import fmt_ratio
+
+    rows, warnings = [], []
+    name = report.get("recipe") or report["model"]
+    for label, field, higher, kind in COMPARISON_ROWS:
+        b, a = _at(baseline, field), _at(report, field)
+        r = _ratio(a, b)
+        rows.append({"metric": label, "field": field, "baseline": b, "artifact": a, "ratio": r,
+                     "higher_is_better": higher})
+        if higher and r is not None and r < 1:
+            what = label.split(" (")[0]
+            warnings.append(f"{name}: {fmt_ratio(r)} its source's {what} {_where(kind, workload)}")
+    baseline_figures = {k: baseline[k] for k in ("throughput", "latency_ms", "memory")}
+    return {"baseline": baseline_figures, "rows": rows, "warnings": warnings}
+
+
+def _roofline(peak: dict, report: dict, baseline: dict | None) -> dict:
+    """Batch-1 decode reads every weight once per token, so weights_bytes x decode tok/s is the weight-read
+    bandwidth it achieved; its share of the machine's peak says how far decode is from memory-bound."""
+    gbs = peak["gbs"]
+
+    def side(figures: dict) -> dict:
+        decode_tok_s, weights_bytes = figures["throughput"]["decode_tok_s"], figures["memory"]["weights_bytes"]
+        achieved = decode_tok_s * weights_bytes / 1e9 if decode_tok_s and weights_bytes else None
+        return {"decode_tok_s": decode_tok_s, "weights_bytes": weights_bytes, "achieved_gbs": achieved,
+                "share_of_peak": achieved / gbs if achieved is not None and gbs else None}
+
+    return {
+        "peak_bandwidth_gbs": gbs,
+        "peak_source": peak["source"],
+        "method": f"batch 1, {DECODE_PROMPT_TOKENS}-token prompt, {DECODE_NEW_TOKENS} new tokens (ignore_eos) after "
+                  "a warm-up; decode tok/s = tokens after the first / seconds after the first",
+        "artifact": side(report),
+        "baseline": side(baseline) if baseline is not None else None,
+    }
+
+
 def _vocab(engine) -> tuple[int, int]:
     return 3, min(len(engine.tokenizer), engine.model.cfg.vocab_size)
 
 
 def _local(source, report: dict, workload: Workload, slo, config: EngineConfig, step):
-    """Offline throughput, then online latency, through one in-process engine."""
+    """Offline throughput, batch-1 decode, then online latency, through one in-process engine (dropped on
+    return). Fills `report`'s throughput, memory, batch efficiency and engine options; returns
+    (online summary, latency samples, sweep points, batch-1 decode tok/s)."""
     engine, throughput, efficiency, memory = _offline(source, workload, config, step)
     report["workload"]["engine"].update(engine.config.as_dict(), dtype_reason=engine.dtype_reason)
     report["throughput"].update(throughput)
     report["batch_efficiency"] = efficiency
     report["memory"] = memory
+    decode_tok_s = _decode_tok_s(engine, source, step)
     points = []
     text_tok = engine.tokenizer if workload.prompt_format == "text" else None
     for level in workload.sweep:
-        step(f"online latency at concurrency {level}")
+        step(f"online latency of {source.spec} at concurrency {level}")
         swept = _online(engine, None, None, replace(workload, concurrency=level), slo, _vocab(engine), text_tok)
         points.append(_sweep_point(level, swept))
-    step("online latency under load")
+    step(f"online latency of {source.spec} under load")
     online = _online(engine, None, None, workload, slo, _vocab(engine), text_tok)
-    return online, {"candidate": online.pop("samples")}, points
+    return online, online.pop("samples"), points, decode_tok_s
+
+
+DECODE_PROMPT_TOKENS = 8
+DECODE_NEW_TOKENS = 32
+
+
+def _decode_tok_s(engine, source, step, new_tokens: int = DECODE_NEW_TOKENS) -> float | None:
+    """Batch-1 decode speed: one request (a short prompt, `new_tokens` with ignore_eos) after a warm-up
+    one, through the engine's step loop; tokens after the first / seconds after the first, so prefill
+    is left out. The first and last token times are taken when `step` returns them (on CUDA that is
+    after the step's sampled ids reached the host, so the GPU work is done)."""
+    from optcli.engine import SamplingParams
+
+    lo, hi = _vocab(engine)
+    prompt = [lo + (7 * i) % (hi - lo) for i in range(DECODE_PROMPT_TOKENS)]
+    new_tokens = min(new_tokens, engine.max_model_len - len(prompt))
+    if new_tokens < 2:
+        return None
+    step(f"batch-1 decode of {source.spec}: {new_tokens} tokens")
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    engine.generate([prompt], SamplingParams(max_tokens=min(new_tokens, 8), ignore_eos=True))  # warm-up
+    engine.add_request(prompt, params)
+    first = last = None
+    after_first = 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            if not out.new_token_ids:
+                continue
+            now = time.perf_counter()
+            if first is None:
+                first = now
+            else:
+                after_first += len(out.new_token_ids)
+                last = now
+    if first is None or last is None or last <= first:
+        return None
+    return after_first / (last - first)
 
 
 def _endpoint_tokenizer(model: str, spec: str | None):

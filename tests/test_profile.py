@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html as htmllib
 import json
 import subprocess
 import sys
@@ -14,7 +15,12 @@ from conftest import shared_data
 
 OPTCLI = str(Path(sys.executable).parent / "optcli")
 DESIGN_KEYS = {"model", "baseline", "recipe", "hardware", "workload", "throughput", "latency_ms", "memory", "accuracy",
-               "batch_efficiency", "gpu_utilization", "cost", "kpi", "versions"}
+               "batch_efficiency", "gpu_utilization", "cost", "kpi", "comparison", "roofline", "versions"}
+THROUGHPUT_FIELDS = {"throughput.output_tok_s", "throughput.online_output_tok_s", "throughput.total_tok_s",
+                     "throughput.decode_tok_s"}
+SUMMARY_FIELDS = THROUGHPUT_FIELDS | {"latency_ms.ttft.p50", "latency_ms.ttft.p95", "latency_ms.ttft.p99",
+                                      "latency_ms.tpot.p50", "latency_ms.e2e.p50", "latency_ms.e2e.p95",
+                                      "latency_ms.e2e.p99", "memory.weights_bytes"}
 SMALL = ["--requests", "4", "--prompt-len", "8:16", "--output-len", "6", "--concurrency", "2"]
 
 
@@ -41,22 +47,97 @@ def check_report(report: dict) -> None:
     assert set(report["kpi"]) == {"passed", "checks"}
 
 
+def at(node, field: str):
+    for key in field.split("."):
+        node = node[key]
+    return node
+
+
+def check_comparison(report: dict) -> None:
+    """The source measured the same way: its figures, ratios of the figures in this report, one warning
+    per throughput figure where the artifact is slower, and a roofline for both."""
+    tp, comparison = report["throughput"], report["comparison"]
+    base = comparison["baseline"]
+    assert tp["baseline_output_tok_s"] == base["throughput"]["output_tok_s"] > 0
+    assert tp["baseline_total_tok_s"] == base["throughput"]["total_tok_s"] > tp["baseline_output_tok_s"]
+    assert tp["baseline_requests_s"] == base["throughput"]["requests_s"] > 0
+    assert tp["baseline_online_output_tok_s"] == base["throughput"]["online_output_tok_s"] > 0
+    for metric in ("ttft", "tpot", "itl", "e2e"):
+        assert set(base["latency_ms"][metric]) == {"mean", "p50", "p95", "p99"}
+        assert base["latency_ms"][metric]["p50"] > 0
+    assert base["memory"]["weights_bytes"] > 0
+    rows = comparison["rows"]
+    assert {r["field"] for r in rows} >= SUMMARY_FIELDS
+    assert {r["field"] for r in rows if r["higher_is_better"]} == THROUGHPUT_FIELDS
+    for row in rows:
+        assert row["artifact"] == at(report, row["field"]) and row["baseline"] == at(base, row["field"])
+        assert row["ratio"] == pytest.approx(row["artifact"] / row["baseline"]), row
+    slower = [r for r in rows if r["higher_is_better"] and r["ratio"] < 1]
+    assert len(comparison["warnings"]) == len(slower)
+    name = report["recipe"] or report["model"]
+    for row, warning in zip(slower, comparison["warnings"], strict=True):
+        assert warning.startswith(f"{name}: ") and f"its source's {row['metric'].split(' (')[0]} at " in warning
+
+    roofline = report["roofline"]
+    peak = roofline["peak_bandwidth_gbs"]
+    assert peak > 0 and roofline["peak_source"].startswith(("measured: torch.sum over", "catalog: "))
+    for side, figures in ((roofline["artifact"], report), (roofline["baseline"], base)):
+        assert side["decode_tok_s"] == figures["throughput"]["decode_tok_s"] > 0
+        assert side["weights_bytes"] == figures["memory"]["weights_bytes"]
+        assert side["achieved_gbs"] == pytest.approx(side["decode_tok_s"] * side["weights_bytes"] / 1e9)
+        assert side["share_of_peak"] == pytest.approx(side["achieved_gbs"] / peak)
+        assert 0 < side["share_of_peak"] <= 1.5
+
+
+def check_rendered_comparison(report: dict, out: Path) -> None:
+    md, html = (out / "report.md").read_text(), (out / "report.html").read_text()
+    assert "**Source vs artifact**" in md and "| metric | source | artifact | ratio (artifact / source) |" in md
+    assert "<h2>Source vs artifact</h2>" in html
+    for label in ("output tok/s (offline)", "output tok/s (online)", "TTFT p95 (ms)", "E2E p95 (ms)"):
+        assert f"| {label} |" in md and f"<td>{htmllib.escape(label)}</td>" in html
+    assert "roofline (batch-1 decode): artifact " in md and "roofline (batch-1 decode): artifact " in html
+    warnings = report["comparison"]["warnings"]
+    assert ("> [!WARNING]" in md) == bool(warnings) and ('class="warn"' in html) == bool(warnings)
+    for warning in warnings:
+        assert f"> - {warning}" in md and htmllib.escape(warning) in html
+
+
 def test_identical_models_have_zero_kld_and_full_agreement(stories_dir: Path, eval_text: Path, tmp_path: Path) -> None:
     out = tmp_path / "report"
     result = optcli("profile", str(stories_dir), "--baseline", str(stories_dir), "--eval-text", str(eval_text),
                     *SMALL, "--gpu-hour-cost", "2.5", "--out", str(out), "--json")
     assert result.returncode == 0, result.stderr
+    assert result.stdout.count("\n") == 1  # one JSON object, nothing else
     report = json.loads(result.stdout)
     check_report(report)
+    check_comparison(report)
+    check_rendered_comparison(report, out)
     assert report["accuracy"]["kld_mean"] == pytest.approx(0, abs=1e-6)
     assert report["accuracy"]["top1_agreement"] == 1.0
     assert report["accuracy"]["ppl_ratio"] == pytest.approx(1.0)
     assert report["throughput"]["output_tok_s"] > 0 and report["cost"]["usd_per_1k_tokens"] > 0
     assert json.loads((out / "report.json").read_text()) == report
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 2 and "http://" not in html  # latency CDF + baseline bars
+    assert html.count("data:image/png;base64,") == 2 and "http://" not in html  # latency CDFs (both) + bars
     assert 'alt="baseline vs candidate"' in html and report["throughput"]["baseline_output_tok_s"] > 0
     assert "ttft" in (out / "report.md").read_text().lower()
+
+
+def test_int8_head_is_profiled_with_its_accuracy_cost(stories_dir: Path, eval_text: Path, tmp_path: Path) -> None:
+    """--lm-head int8: the head's bytes and time per step, and what rounding it costs (engine vs engine)."""
+    out = tmp_path / "report"
+    result = optcli("profile", str(stories_dir), "--eval-text", str(eval_text), *SMALL, "--lm-head", "int8",
+                    "--out", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    head = report["accuracy"]["lm_head"]
+    assert head["format"] == "int8" and 0 < head["kld_mean"] < 0.1 and 0.8 < head["top1_agreement"] <= 1
+    assert head["tokens_scored"] > 100
+    vocab, hidden = 512, 64  # stories260K: a tied 512 x 64 matrix, now int8, a fp32 scale and a bf16 one a row
+    head_cost = report["throughput"]["lm_head"]
+    assert head_cost["bytes"] == vocab * hidden + vocab * 4 + vocab * 2 and head_cost["tied"]
+    assert head_cost["ms_per_step_batch1"] > 0 and 0 < head_cost["share_of_weights"] < 1
+    assert "LM head: " in (out / "report.md").read_text() and "int8 head vs dense: KLD" in (out / "report.md").read_text()
 
 
 @pytest.mark.parametrize("recipe", ["w4a16-rtn", "w8a8-int8"])
@@ -77,6 +158,10 @@ def test_quantized_artifact_is_compared_with_its_source(stories_dir: Path, eval_
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     check_report(report)
+    check_comparison(report)
+    check_rendered_comparison(report, out)
+    weights = next(r for r in report["comparison"]["rows"] if r["field"] == "memory.weights_bytes")
+    assert weights["ratio"] < 0.7  # the 4/8-bit artifact against its fp32 source
     assert report["workload"]["concurrency_sweep"] == [1, 2]
     assert 'alt="throughput vs concurrency"' in (out / "report.html").read_text()
     assert report["recipe"] == recipe and report["baseline"] == str(stories_dir)
@@ -95,6 +180,10 @@ def test_kpi_gates_exit_3_on_failure_and_0_when_met(stories_dir: Path, eval_text
     report = json.loads((out / "report.json").read_text())  # written before the gate failed
     assert report["kpi"]["passed"] is False
     assert {c["passed"] for c in report["kpi"]["checks"]} == {True, False}
+    assert "source vs artifact" in result.stdout and "roofline (batch-1 decode): artifact " in result.stdout
+    assert "baseline output tok/s (ratio)" not in result.stdout  # replaced by the side-by-side table
+    for warning in report["comparison"]["warnings"]:  # yellow lines on stderr, after the table
+        assert warning in " ".join(result.stderr.split())
     lenient = tmp_path / "lenient.yaml"
     lenient.write_text("min_output_tok_s: 0.001\np99_e2e_ms_max: 600000\nmax_kld_mean: 0.5\n")
     result = optcli("profile", str(stories_dir), "--baseline", str(stories_dir), "--eval-text", str(eval_text), *SMALL,
@@ -163,6 +252,35 @@ def test_endpoint_load_test_against_an_openai_style_server(tmp_path: Path) -> No
     report = json.loads(result.stdout)
     check_report(report)
     assert report["accuracy"]["kld_mean"] is None  # an endpoint gives no logits to compare: null, not invented
+    assert report["comparison"] is None and report["roofline"] is None  # no source, no weights here
+    assert report["throughput"]["decode_tok_s"] is None
     assert report["throughput"]["failed_requests"] == 0
     assert report["throughput"]["output_tok_s"] > 0
     assert report["latency_ms"]["ttft"]["p50"] < report["latency_ms"]["e2e"]["p50"]
+
+
+def figures(output_tok_s: float, online_tok_s: float, decode_tok_s: float | None, ttft_ms: float, weights: int) -> dict:
+    latency = {m: {"mean": ttft_ms, "p50": ttft_ms, "p95": ttft_ms, "p99": ttft_ms} for m in ("ttft", "tpot", "itl", "e2e")}
+    return {"throughput": {"output_tok_s": output_tok_s, "total_tok_s": 2 * output_tok_s, "requests_s": 1.0,
+                           "online_output_tok_s": online_tok_s, "decode_tok_s": decode_tok_s},
+            "latency_ms": latency, "memory": {"weights_bytes": weights, "peak_bytes": None, "kv_cache_bytes": None}}
+
+
+def test_a_slower_artifact_gets_a_warning_per_slower_throughput_figure() -> None:
+    from optcli.profile import Workload, _comparison
+
+    artifact = {"model": "out/gptq", "recipe": "w4a16-gptq", **figures(42.0, 300.0, 10.0, 5.0, 1000)}
+    comparison = _comparison(artifact, figures(100.0, 200.0, 20.0, 4.0, 4000), Workload(requests=16, concurrency=4))
+    assert comparison["warnings"] == [
+        "w4a16-gptq: 0.42x its source's output tok/s at 16 requests (offline)",
+        "w4a16-gptq: 0.42x its source's total tok/s at 16 requests (offline)",
+        "w4a16-gptq: 0.50x its source's decode tok/s at batch 1",
+    ]  # online was faster (1.5x): no warning; slower latencies are in the table, not warnings
+    rows = {r["metric"]: r for r in comparison["rows"]}
+    assert rows["TTFT p50 (ms)"]["ratio"] == 1.25 and rows["weights (bytes)"]["ratio"] == 0.25
+
+    unmeasured = {"model": "my-model", "recipe": None, **figures(42.0, 10.0, None, 5.0, 1000)}
+    comparison = _comparison(unmeasured, figures(0.0, 20.0, 20.0, 4.0, 4000), Workload(requests=8, rate=2.0))
+    assert comparison["warnings"] == ["my-model: 0.50x its source's output tok/s at 2 requests/s (8 requests, online)"]
+    rows = {r["metric"]: r for r in comparison["rows"]}
+    assert rows["output tok/s (offline)"]["ratio"] is None and rows["decode tok/s (batch 1)"]["ratio"] is None

@@ -172,7 +172,6 @@ def test_fused_norms_hand_quantized_activations_to_the_gpu_layers(artifacts, sto
     """The Triton path end to end (interpreted here): each norm / SiLU-mul quantizes its output for the
     next int8/FP8 GEMM in the same kernel; the model matches the CPU path's per-layer quantization."""
     from optcli.engine.quant.linear import Fp8Linear, Int8Linear
-    from optcli.engine.quant.weights import Fp8Weight, Int8Weight
 
     path, ids = artifacts(recipe), eval_ids(stories_dir, 96)
     reference = Engine(str(path), dtype="float32", max_model_len=128).score(ids)
@@ -181,10 +180,7 @@ def test_fused_norms_hand_quantized_activations_to_the_gpu_layers(artifacts, sto
     for decoder in engine.model.layers:
         for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
             old = getattr(decoder, name)
-            if isinstance(old, Int8Linear):
-                new = Int8Linear(Int8Weight(old.qweight, old.scales, True), backend="triton")
-            else:
-                new = Fp8Linear(Fp8Weight(old.qweight, old.scales.reshape(-1), True), backend="triton")
+            new = (Int8Linear if isinstance(old, Int8Linear) else Fp8Linear)(old.quant_weight(), backend="triton")
             dense = new.matmul
             new.matmul = lambda x, dense=dense: dense_calls.append(1) or dense(x)
             setattr(decoder, name, new)

@@ -243,8 +243,7 @@ def test_tuner_keeps_the_fastest_working_candidate_once_per_bucket(monkeypatch, 
     from optcli.engine.kernels import tuning
 
     cache = tmp_path / "tuning.json"
-    monkeypatch.setattr(tuning, "_cache_file", lambda: cache)
-    monkeypatch.setattr(tuning, "_SAVED", None)
+    monkeypatch.setattr(tuning, "_STORE", tuning.SavedChoices(lambda: cache))
     times = {"a": 3.0, "b": 1.0, "c": 2.0}
     calls = []
 
@@ -269,7 +268,7 @@ def test_tuner_keeps_the_fastest_working_candidate_once_per_bucket(monkeypatch, 
     assert json.loads(cache.read_text()) == {"k M<=4 N=64 K=128": "'b'"}
     # a new process on the same GPU model: the saved choice, no timing
     monkeypatch.setattr(tuning, "_CHOSEN", {})
-    monkeypatch.setattr(tuning, "_SAVED", None)
+    monkeypatch.setattr(tuning, "_STORE", tuning.SavedChoices(lambda: cache))
     assert tuning.pick("k", 3, 64, 128, candidates, lambda c: c) == "b" and calls == ["a", "b", "c"]
     # a saved choice that is no longer a candidate is timed again
     monkeypatch.setattr(tuning, "_CHOSEN", {})

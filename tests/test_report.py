@@ -58,6 +58,18 @@ def baseline_report() -> dict:
     return r
 
 
+def compared_report() -> dict:
+    """example_report with its source measured the same way: slower offline and at batch 1, faster online."""
+    from optcli.profile import Workload, _comparison, _roofline
+
+    report, source = example_report(), baseline_report()
+    report["throughput"].update(online_output_tok_s=2500.0, decode_tok_s=180.0)
+    source["throughput"].update(output_tok_s=6766.0, online_output_tok_s=2000.0, decode_tok_s=200.0)
+    report["comparison"] = _comparison(report, source, Workload(requests=256, concurrency=16))
+    report["roofline"] = _roofline({"gbs": 3350.0, "source": "catalog: H100-80GB"}, report, source)
+    return report
+
+
 SAMPLES = {
     "candidate": {"ttft": [60.0 + 2.5 * i for i in range(60)], "tpot": [10.0 + 0.1 * i for i in range(60)],
                   "itl": [9.0 + 0.12 * i for i in range(60)], "e2e": [1300.0 + 15 * i for i in range(60)]},
@@ -155,6 +167,37 @@ def test_renderers_survive_an_all_null_report():
     assert "0.0" not in md  # nothing invented
 
 
+def test_source_vs_artifact_table_warnings_and_roofline_in_md_and_html():
+    report = compared_report()
+    assert report["comparison"]["warnings"] == [
+        "w4a16-gptq: 0.42x its source's output tok/s at 256 requests (offline)",
+        "w4a16-gptq: 0.90x its source's decode tok/s at batch 1",
+    ]  # total tok/s 14,208.5 vs 9,902 and online 2,500 vs 2,000 were faster
+    md = render_markdown(report)
+    assert "> [!WARNING]" in md
+    for warning in report["comparison"]["warnings"]:
+        assert f"> - {warning}" in md
+    for row in ("| output tok/s (offline) | 6,766.0 | 2,841.7 | 0.42x |", "| output tok/s (online) | 2,000.0 | 2,500.0 | 1.25x |",
+                "| decode tok/s (batch 1) | 200 | 180 | 0.90x |", "| TTFT p95 (ms) | 163.2 | 163.2 | 1.00x |",
+                "| weights (GiB) | 14.96 | 5.31 | 0.36x |"):
+        assert row in md, row
+    line = ("roofline (batch-1 decode): artifact 1,027 GB/s = 31% of 3,350 GB/s peak (catalog: H100-80GB); "
+            "source 3,212 GB/s = 96%")
+    assert line in md
+    html = render_html(report)
+    assert '<div class="warn" role="alert">' in html and "0.42x its source&#x27;s output tok/s" in html
+    assert "<h2>Source vs artifact</h2>" in html and "<td>output tok/s (offline)</td><td>6,766.0</td>" in html
+    assert line in html
+    assert html.index('class="warn"') < html.index("<h2>KPI</h2>")  # seen first, not below the fold
+
+
+def test_no_source_no_comparison_and_no_warning():
+    report = example_report()
+    md, html = render_markdown(report), render_html(report)
+    assert "Source vs artifact" not in md and "Source vs artifact" not in html
+    assert "[!WARNING]" not in md and 'class="warn"' not in html and "roofline" not in md
+
+
 def embedded_pngs(html: str) -> dict[str, bytes]:
     imgs = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([A-Za-z0-9+/=]+)">', html)
     return {alt: base64.b64decode(data, validate=True) for alt, data in imgs}
@@ -214,8 +257,8 @@ def chromium_or_skip() -> Path:
 
 def test_html_renders_in_headless_chromium(tmp_path):
     chromium = chromium_or_skip()
-    paths = write_reports(report_with_kpis(tmp_path), tmp_path / "out", samples=SAMPLES, sweep=SWEEP,
-                          baseline_report=baseline_report())
+    report = {**report_with_kpis(tmp_path), **{k: compared_report()[k] for k in ("comparison", "roofline")}}
+    paths = write_reports(report, tmp_path / "out", samples=SAMPLES, sweep=SWEEP, baseline_report=baseline_report())
     shot = tmp_path / "shot.png"
     base = [str(chromium), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -235,5 +278,6 @@ def test_html_renders_in_headless_chromium(tmp_path):
     rendered = set(re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,', dom.stdout))
     assert rendered == set(ALTS), dom.stdout[:500]
     assert "p95_tpot_ms &lt;= 1" in dom.stdout
+    assert '<div class="warn" role="alert">' in dom.stdout and "<h2>Source vs artifact</h2>" in dom.stdout
     png = shot.read_bytes()
     assert png.startswith(PNG_SIG) and len(png) > 50_000, len(png)

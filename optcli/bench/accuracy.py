@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,20 @@ def token_windows(ids: list[int], ctx: int) -> list[tuple[list[int], int]]:
             break
         start += stride
     return windows
+
+
+class EngineLM:
+    """The built-in engine seen as a causal LM by `evaluate`: logits of one [1, T] window through the
+    engine's paged forward (`Engine.score`), so what is scored is what the engine serves."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def parameters(self):
+        yield torch.empty(0)  # windows are built on the CPU; score() takes a list of ids
+
+    def __call__(self, ids: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(logits=self.engine.score(ids[0].tolist())[None])
 
 
 @torch.no_grad()

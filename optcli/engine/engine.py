@@ -65,10 +65,10 @@ class Engine:
             from optcli.engine.models.layer_ops import FusedOps
 
             self.model.ops = FusedOps  # one kernel each for add+norm, RoPE, SiLU-mul
-            self.model.rotary.build_table(self.max_model_len, self.model.embed_tokens.weight.dtype)
+            self.model.rotary.build_table(self.max_model_len, self.model.dtype)
         build_metadata = build_triton_metadata if self.backend == "triton" else build_gather_metadata
         budget_tokens = config.max_num_batched_tokens or max(2048, max_num_seqs)
-        per_block = 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * self.model.embed_tokens.weight.element_size()
+        per_block = 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * self.model.dtype.itemsize
         if num_kv_blocks is None:
             wanted = max_num_seqs * -(-self.max_model_len // block_size)  # every sequence at full length
             if kv_cache_bytes is not None:
@@ -84,7 +84,7 @@ class Engine:
                 "give it more memory or lower max_model_len"
             )
         shape = (cfg.num_layers, 2, num_kv_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=self.model.embed_tokens.weight.dtype, device=device)
+        self.kv_cache = torch.zeros(shape, dtype=self.model.dtype, device=device)
         self.kv_cache_bytes = self.kv_cache.numel() * self.kv_cache.element_size()
         self.blocks = BlockManager(num_kv_blocks, block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, budget_tokens)
@@ -225,7 +225,7 @@ class Engine:
         blocks = -(-num_tokens // bs)
         scratch = torch.zeros(
             (cfg.num_layers, 2, blocks * bs, cfg.num_kv_heads, cfg.head_dim),
-            dtype=self.model.embed_tokens.weight.dtype, device=self.device,
+            dtype=self.model.dtype, device=self.device,
         )
         positions = list(range(num_tokens))
         layout = StepLayout(positions, [range(num_tokens)], [positions], [num_tokens], [list(range(blocks))], bs)
@@ -257,6 +257,29 @@ class Engine:
             self.blocks.free(seq)
         head = out.prompt_logits["score"][1] if seq.num_tokens > 1 else out.sample_logits[:0]
         return torch.cat([head.float(), out.sample_logits.float()])
+
+    def head_cost(self, reps: int = 5) -> dict:
+        """What the LM head costs a decode token: its weight bytes (read once per step whatever the batch)
+        and its measured time at one row, best of `reps` after a warm-up."""
+        import time
+
+        head = self.model.lm_head
+        tensors = {id(t): t for t in (*head.parameters(), *head.buffers()) if t is not None}
+        if getattr(head, "packed", None) is not None:
+            tensors[id(head.packed)] = head.packed
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values()) + getattr(head, "opaque_bytes", 0)
+        hidden = torch.randn(1, self.model.cfg.hidden_size, dtype=self.model.dtype,
+                             device=self.device)
+        best = float("inf")
+        with torch.inference_mode():
+            for _ in range(reps + 1):
+                start = time.perf_counter()
+                self.model.compute_logits(hidden)
+                if self.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                best = min(best, time.perf_counter() - start)
+        return {"head_bytes": nbytes, "head_share_of_weights": nbytes / self.weights_bytes,
+                "head_ms_per_step_m1": best * 1e3, "tied": self.model.cfg.tie_word_embeddings}
 
     def stats(self) -> dict:
         b = self.blocks

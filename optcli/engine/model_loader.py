@@ -26,6 +26,7 @@ def load_engine_model(spec: str, config: EngineConfig):
         raise UsageError(f"{path}: architecture {arch} is not supported by the built-in engine "
                          f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)}); try --engine vllm")
     device = resolve_device(config.device)
+    chosen_by_us = config.dtype == "auto"
     dtype_name, reason = resolve_dtype(config.dtype, device, checkpoint_dtype_of(hf_config))
     config = config.with_options(device=device, dtype=dtype_name)
     dtype = getattr(torch, dtype_name)
@@ -39,7 +40,9 @@ def load_engine_model(spec: str, config: EngineConfig):
         from optcli.engine.quant.online import quantize_state_dict
 
         state = quantize_state_dict(state, config.quantization, device)
-    model.load_hf_state_dict(state)
+    # With dtype auto on a CPU, quantized layers may compute in bf16 (quant/linear.py says why)
+    compute_dtypes = (torch.bfloat16,) if chosen_by_us and device == "cpu" else ()
+    model.load_hf_state_dict(state, compute_dtypes, config.lm_head)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
     eos: set[int] = set()

@@ -11,7 +11,18 @@ from html import escape
 from typing import Any
 
 from optcli.report import plots
-from optcli.report.markdown import NA, fmt, get, header_fields, kpi_rows, report_tables
+from optcli.report.markdown import (
+    NA,
+    comparison_table,
+    comparison_warnings,
+    fmt,
+    get,
+    head_line,
+    header_fields,
+    kpi_rows,
+    report_tables,
+    roofline_line,
+)
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em;color:#222;max-width:1100px}
@@ -22,6 +33,8 @@ th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
 dl{display:grid;grid-template-columns:max-content auto;gap:.2em 1em}dt{font-weight:600}dd{margin:0}
 .pass{background:#e3f6e3;color:#135c13}.fail{background:#fbe3e3;color:#8a1111}.na{color:#888}
 img{max-width:100%;display:block;margin:.6em 0;border:1px solid #eee}
+.warn{background:#fff4d6;border:1px solid #e0a800;border-left:6px solid #e0a800;padding:.5em 1em;margin:1em 0}
+.warn ul{margin:.3em 0;padding-left:1.4em}
 """
 
 
@@ -68,6 +81,10 @@ def render_html(report: Mapping[str, Any], samples: Mapping[str, Any] | None = N
              f"<h1>optcli profile: {escape(head[0][1])}</h1>", "<dl>"]
     parts += [f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in head]
     parts.append("</dl>")
+    warnings = comparison_warnings(report)
+    if warnings:
+        items = "".join(f"<li>{escape(w)}</li>" for w in warnings)
+        parts.append(f'<div class="warn" role="alert"><strong>⚠ Slower than its source</strong><ul>{items}</ul></div>')
 
     checks = kpi_rows(report)
     passed = get(report, "kpi", "passed")
@@ -87,6 +104,16 @@ def render_html(report: Mapping[str, Any], samples: Mapping[str, Any] | None = N
             parts.append("<table><thead><tr><th>result</th><th>check</th><th>threshold</th><th>value</th></tr></thead>"
                          f"<tbody>{''.join(rows)}</tbody></table>")
 
+    comparison = comparison_table(report)
+    if comparison is not None:
+        title, headers, rows = comparison
+        parts += [f"<h2>{escape(title)}</h2>", _table(headers, rows)]
+    roofline = roofline_line(report)
+    if roofline is not None:
+        parts.append(f'<p class="roofline">{escape(roofline)}</p>')
+    head = head_line(report)
+    if head is not None:
+        parts.append(f'<p class="lm-head">{escape(head)}</p>')
     for title, headers, rows in report_tables(report):
         parts += [f"<h2>{escape(title)}</h2>", _table(headers, rows)]
 

@@ -78,6 +78,99 @@ def report_tables(report: Mapping[str, Any]) -> list[Table]:
     return tables
 
 
+# the comparison rows the summaries show (report.json's `comparison.rows` has every one), by `field`
+SUMMARY_FIELDS = ("throughput.output_tok_s", "throughput.online_output_tok_s", "throughput.decode_tok_s",
+                  "latency_ms.ttft.p50", "latency_ms.ttft.p95", "latency_ms.tpot.p50", "latency_ms.e2e.p95",
+                  "memory.weights_bytes")
+
+
+def fmt_ratio(value: Any) -> str:
+    """0.42x, 1.35x; a third decimal where two would round a ratio off 1 onto it (0.996x, not 1.00x)."""
+    number = _number(value)
+    if number is None:
+        return NA
+    text = f"{number:.2f}"
+    return f"{number:.3f}x" if text == "1.00" and number != 1 else f"{text}x"
+
+
+def comparison_table(report: Mapping[str, Any]) -> Table | None:
+    """Source vs artifact, one row per summary figure with the artifact/source ratio; None without a baseline."""
+    rows = get(report, "comparison", "rows")
+    if not isinstance(rows, list):
+        return None
+    by_field = {r.get("field"): r for r in rows if isinstance(r, Mapping)}
+    sizes = [_number(by_field.get("memory.weights_bytes", {}).get(k)) for k in ("baseline", "artifact")]
+    unit, scale = ("GiB", 2.0**30) if max((s for s in sizes if s is not None), default=0.0) >= 2**30 else ("MiB", 2.0**20)
+    cells = []
+    for field in SUMMARY_FIELDS:
+        row = by_field.get(field)
+        if row is None:
+            continue
+        if field == "memory.weights_bytes":
+            metric, values = f"weights ({unit})", [_scaled(row.get(k), scale) for k in ("baseline", "artifact")]
+        else:
+            metric, values = str(row.get("metric")), [fmt(row.get(k)) for k in ("baseline", "artifact")]
+        cells.append([metric, *values, fmt_ratio(row.get("ratio"))])
+    return ("Source vs artifact", ["metric", "source", "artifact", "ratio (artifact / source)"], cells)
+
+
+def comparison_warnings(report: Mapping[str, Any]) -> list[str]:
+    """Where the artifact is slower than its source (one line per throughput figure)."""
+    warnings = get(report, "comparison", "warnings")
+    return [str(w) for w in warnings] if isinstance(warnings, list) else []
+
+
+def _gbs(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def _pct(share: float) -> str:
+    return f"{share:.0%}" if share >= 0.1 else f"{share:.1%}"
+
+
+def roofline_line(report: Mapping[str, Any]) -> str | None:
+    """One line: batch-1 decode's achieved weight-read bandwidth, and its share of the machine's peak."""
+    roof = get(report, "roofline")
+    if not isinstance(roof, Mapping):
+        return None
+    peak = _number(roof.get("peak_bandwidth_gbs"))
+    source = str(roof.get("peak_source") or "")
+    how = "measured" if source.startswith("measured") else source or NA
+
+    def side(name: str, key: str, with_peak: bool) -> str:
+        achieved, share = _number(get(roof, key, "achieved_gbs")), _number(get(roof, key, "share_of_peak"))
+        text = f"{name} {NA}" if achieved is None else f"{name} {_gbs(achieved)} GB/s"
+        if share is not None:
+            text += f" = {_pct(share)}"
+        if with_peak:
+            text += f" of {_gbs(peak)} GB/s peak ({how})" if peak is not None else f" (peak {NA}: {how})"
+        return text
+
+    parts = [side("artifact", "artifact", True)]
+    if isinstance(roof.get("baseline"), Mapping):
+        parts.append(side("source", "baseline", False))
+    return "roofline (batch-1 decode): " + "; ".join(parts)
+
+
+def head_line(report: Mapping[str, Any]) -> str | None:
+    """One line: what the LM head weighs and costs a decode step, and an int8 head's measured accuracy cost."""
+    nbytes, share = _number(get(report, "throughput", "lm_head", "bytes")), _number(get(report, "throughput", "lm_head", "share_of_weights"))
+    if nbytes is None:
+        return None
+    ms = _number(get(report, "throughput", "lm_head", "ms_per_step_batch1"))
+    text = f"LM head: {nbytes / 2**20:.1f} MiB"
+    if share is not None:
+        text += f" ({_pct(share)} of the weights)"
+    if ms is not None:
+        text += f", {ms:.2f} ms a decode step at batch 1"
+    head = get(report, "accuracy", "lm_head")
+    if isinstance(head, Mapping):
+        kld, top1 = _number(head.get("kld_mean")), _number(head.get("top1_agreement"))
+        text += (f"; {head.get('format')} head vs dense: KLD {NA if kld is None else f'{kld:.4f}'}, "
+                 f"top-1 {NA if top1 is None else f'{top1:.3f}'}")
+    return text
+
+
 def kpi_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
     checks = get(report, "kpi", "checks")
     return [c for c in checks if isinstance(c, Mapping)] if isinstance(checks, list) else []
@@ -102,6 +195,16 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     head = header_fields(report)
     lines = [f"## optcli profile: {_cell(head[0][1])}", ""]
     lines.append(" · ".join(f"**{k}** {_cell(v)}" for k, v in head))
+    warnings = comparison_warnings(report)
+    if warnings:
+        lines += ["", "> [!WARNING]", "> **Slower than its source:**", *(f"> - {_cell(w)}" for w in warnings)]
+    comparison = comparison_table(report)
+    if comparison is not None:
+        title, headers, rows = comparison
+        lines += ["", f"**{title}**", "", *_md_table(headers, rows)]
+    for line in (roofline_line(report), head_line(report)):
+        if line is not None:
+            lines += ["", _cell(line)]
     for title, headers, rows in report_tables(report):
         lines += ["", f"**{title}**", "", *_md_table(headers, rows)]
     checks = kpi_rows(report)

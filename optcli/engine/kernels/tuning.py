@@ -44,7 +44,7 @@ def pick(kernel: str, m: int, n: int, k: int, candidates: Callable[[], list], ru
     candidates = candidates()
     if len(candidates) == 1 or not torch.cuda.is_available() or torch.cuda.is_current_stream_capturing():
         return candidates[0]
-    saved = _saved().get(_name(key))
+    saved = _STORE.get(_name(key))
     for config in candidates:
         if repr(config) == saved:
             _CHOSEN[key] = config
@@ -58,7 +58,7 @@ def pick(kernel: str, m: int, n: int, k: int, candidates: Callable[[], list], ru
             continue
     _CHOSEN[key] = min(timings, key=lambda t: t[0])[1] if timings else candidates[0]
     if timings:
-        _save(_name(key), repr(_CHOSEN[key]))
+        _STORE.put(_name(key), repr(_CHOSEN[key]))
     return _CHOSEN[key]
 
 
@@ -67,7 +67,34 @@ def _name(key: tuple) -> str:
     return f"{kernel} M<={m} N={n} K={k}"
 
 
-_SAVED: dict[str, str] | None = None
+class SavedChoices:
+    """Choices kept in one JSON file (name -> choice), read once per process and rewritten whole
+    through a temporary file on each new choice, so the file is never half-written."""
+
+    def __init__(self, path: Callable[[], Path]) -> None:
+        self.path = path
+        self.saved: dict[str, str] | None = None
+
+    def get(self, name: str) -> str | None:
+        if self.saved is None:
+            try:
+                self.saved = json.loads(self.path().read_text())
+            except (OSError, ValueError):
+                self.saved = {}
+        return self.saved.get(name)
+
+    def put(self, name: str, choice: str) -> None:
+        self.get(name)
+        self.saved[name] = choice
+        path = self.path()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.saved, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only cache only costs the next process a re-tune
 
 
 def _cache_file() -> Path:
@@ -79,30 +106,7 @@ def _cache_file() -> Path:
     return cache_dir() / "gemm-tuning" / f"{device}-torch{torch.__version__}-triton{triton.__version__}.json"
 
 
-def _saved() -> dict[str, str]:
-    """Choices saved by earlier processes on this GPU model (read once per process)."""
-    global _SAVED
-    if _SAVED is None:
-        try:
-            _SAVED = json.loads(_cache_file().read_text())
-        except (OSError, ValueError):
-            _SAVED = {}
-    return _SAVED
-
-
-def _save(name: str, choice: str) -> None:
-    """Add a choice to the cache file, written whole to a temporary file first (never half-written)."""
-    saved = _saved()
-    saved[name] = choice
-    path = _cache_file()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(saved, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only cache only costs the next process a re-tune
+_STORE = SavedChoices(lambda: _cache_file())
 
 
 def time_in_graph(fn: Callable[[], object], replays: int = 5) -> float:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from optcli.engine.dense_gemm import dense_linear, onednn_linear_available
 from optcli.engine.models.layer_ops import TorchOps
 from optcli.engine.models.rotary import RotaryEmbedding
 
@@ -83,8 +84,6 @@ class RMSNorm(nn.Module):
         return TorchOps.rms_norm(x, self.weight, self.eps)[0]
 
 
-def _onednn_linear_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 class Dense(nn.Module):
@@ -103,16 +102,36 @@ class Dense(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+        return dense_linear(x, self.weight, self.bias)
+
+    def tie(self, weight: nn.Parameter) -> None:
+        """Compute from another module's weight (a tied embedding): one copy in memory, unpacked, since
+        an embedding lookup cannot read oneDNN's opaque blocked layout. oneDNN still runs the GEMM
+        (`dense_linear`): on the 128256 x 2048 head, 36 vs 67 ms at one row, 267 vs 770 at 64."""
+        self.weight, self.packed = weight, None
 
     def load(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         """Take an HF-layout [out, in] weight (and pack it where that pays)."""
         self.weight.copy_(weight)
         if bias is not None:
             self.bias.copy_(bias)
-        if self.weight.device.type == "cpu" and self.weight.dtype == torch.float32 and _onednn_linear_available():
+        if self.weight.device.type == "cpu" and self.weight.dtype == torch.float32 and onednn_linear_available():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 64)
             self.weight = nn.Parameter(torch.empty(0), requires_grad=False)  # the packed copy replaces it
+
+
+class Int8Embedding(nn.Module):
+    """Embedding rows read from an int8 LM head's matrix: a tied model with an 8-bit head holds its
+    vocab x hidden matrix once, in int8 (the head is not registered twice: no double counting)."""
+
+    def __init__(self, head: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self._head = (head,)
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        head = self._head[0]
+        return (F.embedding(ids, head.qweight).float() * head.scales[ids, None]).to(self.dtype)
 
 
 class DecoderLayer(nn.Module):
@@ -158,8 +177,9 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = Dense(cfg.hidden_size, cfg.vocab_size)  # its own (packed) copy even when tied
+        self.lm_head = Dense(cfg.hidden_size, cfg.vocab_size)  # shares embed_tokens' weight when tied
         self.rotary = RotaryEmbedding(cfg)
+        self.dtype = torch.float32  # the activations' dtype (set at load)
         self.ops = TorchOps  # layer_ops.FusedOps on the Triton backend (set by the engine)
 
     def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
@@ -175,13 +195,15 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
-    def load_hf_state_dict(self, state: dict) -> None:
+    def load_hf_state_dict(self, state: dict, compute_dtypes: tuple[torch.dtype, ...] = (), lm_head: str = "dense") -> None:
         """Take HF-named weights, fusing q/k/v and gate/up. A weight given quantized (a
-        `quant.weights` object) stays quantized: its Dense is swapped for the format's QuantLinear."""
+        `quant.weights` object) stays quantized: its Dense is swapped for the format's QuantLinear
+        (`compute_dtypes`: what its CPU kernels may compute in besides the model's dtype).
+        `lm_head="int8"` rounds a dense head to int8 per output row (and a tied embedding with it)."""
         from optcli.engine.quant.linear import make_quant_linear
         from optcli.engine.quant.weights import cat_weights, is_quantized
 
-        dtype = self.embed_tokens.weight.dtype
+        dtype = self.dtype = self.embed_tokens.weight.dtype
         device = self.embed_tokens.weight.device
 
         def take(name: str, dense: bool = False):
@@ -194,15 +216,21 @@ class LlamaForCausalLM(nn.Module):
 
         def load_linear(owner: nn.Module, attr: str, weight, bias: torch.Tensor | None = None) -> None:
             if is_quantized(weight):
-                setattr(owner, attr, make_quant_linear(weight, bias, device, dtype))
+                setattr(owner, attr, make_quant_linear(weight, bias, device, dtype, compute_dtypes))
             else:
                 getattr(owner, attr).load(weight.to(dtype), bias)
 
         with torch.no_grad():
             self.embed_tokens.weight.copy_(take("model.embed_tokens.weight", dense=True))
             self.norm.weight.copy_(take("model.norm.weight"))
-            untied = "lm_head.weight" in state and not self.cfg.tie_word_embeddings
-            load_linear(self, "lm_head", take("lm_head.weight") if untied else self.embed_tokens.weight)
+            tied = "lm_head.weight" not in state or self.cfg.tie_word_embeddings
+            head = self.embed_tokens.weight if tied else take("lm_head.weight")
+            if lm_head == "int8" and not is_quantized(head):
+                self._int8_head(head, tied, device, dtype, compute_dtypes)
+            elif not tied:
+                load_linear(self, "lm_head", head)
+            else:  # the head reads the embedding itself: no second copy of a vocab x hidden matrix
+                self.lm_head.tie(self.embed_tokens.weight)
             for i, layer in enumerate(self.layers):
                 p = f"model.layers.{i}."
                 layer.input_layernorm.weight.copy_(take(p + "input_layernorm.weight"))
@@ -218,6 +246,17 @@ class LlamaForCausalLM(nn.Module):
                 load_linear(layer, "gate_up_proj", cat_weights([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")]))
                 load_linear(layer, "down_proj", take(mlp + "down_proj.weight"))
 
+    def _int8_head(self, weight: torch.Tensor, tied: bool, device, dtype, compute_dtypes) -> None:
+        """The head as int8 rows with one scale each: weight-only on CPU (torch's int8 kernel), W8A8 on a
+        GPU (the Triton int8 GEMM needs int8 activations). The accuracy cost is the profile's to measure."""
+        from optcli.engine.quant.linear import make_quant_linear
+        from optcli.engine.quant.weights import Int8Weight
+
+        rounded = Int8Weight.rtn(weight.detach().float(), act_quant=device.type == "cuda")
+        self.lm_head = make_quant_linear(rounded, None, device, dtype, compute_dtypes)
+        if tied:
+            self.embed_tokens = Int8Embedding(self.lm_head, dtype)
+
     def weight_bytes(self) -> int:
         """Bytes the weights occupy here, as stored for the kernels (quantized, packed or plain)."""
         seen: set[int] = set()
@@ -228,6 +267,7 @@ class LlamaForCausalLM(nn.Module):
                 tensors.append(module.packed)
             if isinstance(module, RotaryEmbedding):
                 continue  # RoPE tables are computed, not weights
+            total += getattr(module, "opaque_bytes", 0)  # packed outside tensors (quant/linear.py)
             for t in tensors:
                 if t is not None and id(t) not in seen:
                     seen.add(id(t))

@@ -2,10 +2,16 @@
 
 | format | CUDA | CPU |
 |---|---|---|
-| int4 (W4A16) | Triton GEMM, int4 dequantized in registers | torch's int4 pack kernel (`_weight_int4pack_mm_for_cpu`) |
-| int8 (W8A8) | Triton per-token quant + Triton int8 GEMM with fused scales | same quant in torch + `torch._int_mm` |
-| fp8 (FP8_DYNAMIC) | Triton per-token quant + `torch._scaled_mm` (sm_89+) | same quant in torch + CPU `_scaled_mm` |
+| int4 (W4A16) | Triton GEMM, int4 dequantized in registers | torch's int4 pack kernel (`_weight_int4pack_mm_for_cpu`) in bf16 |
+| int8 (W8A8) | Triton per-token quant + Triton int8 GEMM with fused scales | same quant in torch, then the faster of `torch._int_mm` and `_weight_int8pack_mm` on the integer activations, timed per M |
+| fp8 (FP8_DYNAMIC) | Triton per-token quant + `torch._scaled_mm` (sm_89+) | same quant in torch + FBGEMM's fp16-weight GEMM (fp8 widened exactly) |
 | bitsandbytes NF4 / LLM.int8 | bitsandbytes' own kernels | bitsandbytes' own kernels |
+
+On CPU the model's activation dtype is fp32 unless the CPU has native bf16, and torch's low-bit CPU
+kernels are only fast with bf16 inputs (table in `cpu_choice.py`). So where the engine's dtype was
+left to `auto`, a layer may compute in bf16 (`compute_dtypes`): W4A16's activations are 16-bit by the
+scheme's own name, and W8A8's int8 activations are exact in bf16. An explicit `--dtype float32`
+keeps every matmul in fp32.
 
 Where a kernel's shape rules are not met (e.g. an output width not a multiple of 16 for the CPU int4
 kernel), the layer keeps its weight quantized and dequantizes it per call (`mode == "dequant"`),
@@ -15,11 +21,15 @@ every layer is visible as `.mode` and summed up by `quant_summary`.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from optcli.engine.dense_gemm import dense_linear
 from optcli.engine.quant import ops
+from optcli.engine.quant.cpu_choice import choose
 from optcli.engine.quant.ops import QuantizedInput
 from optcli.engine.quant.weights import BnbInt8Weight, BnbNf4Weight, Fp8Weight, Int4Weight, Int8Weight
 
@@ -41,11 +51,15 @@ class QuantLinear(nn.Module):
     kind = "?"
     mode = "?"
     input_quant: torch.dtype | None = None
+    opaque_bytes = 0  # weight bytes held outside tensors (an FBGEMM packed object), for weight_bytes()
 
-    def __init__(self, out_features: int, in_features: int, bias: torch.Tensor | None, device, dtype) -> None:
+    def __init__(self, out_features: int, in_features: int, bias: torch.Tensor | None, device, dtype,
+                 compute_dtypes: tuple[torch.dtype, ...] = ()) -> None:
         super().__init__()
         self.out_features, self.in_features = out_features, in_features
         self.bias = None if bias is None else nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
+        # the dtypes the CPU kernels may compute in: the activations' own first, then any allowed 16-bit one
+        self.cpu_dtypes = (dtype, *(d for d in compute_dtypes if d != dtype))
 
     def forward(self, x: torch.Tensor | QuantizedInput) -> torch.Tensor:
         if isinstance(x, QuantizedInput):
@@ -59,18 +73,25 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, {self.kind}, mode={self.mode}"
 
+    def cpu_matmul(self, family: str, x: torch.Tensor, paths: dict) -> torch.Tensor:
+        """Run the fastest of this layer's CPU `paths` for x's batch size (timed once per bucket)."""
+        return paths[choose(family, x, self.out_features, self.in_features, paths)](x)
+
 
 class Int4Linear(QuantLinear):
     kind = "int4"
 
-    def __init__(self, w: Int4Weight, bias=None, device="cpu", dtype=torch.float32, backend: str = "auto") -> None:
+    def __init__(self, w: Int4Weight, bias=None, device="cpu", dtype=torch.float32, backend: str = "auto",
+                 compute_dtypes: tuple[torch.dtype, ...] = ()) -> None:
         n, k = w.shape
-        super().__init__(n, k, bias, device, dtype)
+        super().__init__(n, k, bias, device, dtype, compute_dtypes)
         device = torch.device(device)
         self.group_size = w.group_size
         self.register_buffer("perm", None if w.perm is None else w.perm.to(device))
+        # bf16 where allowed: fp32 inputs to torch's int4 kernel measured 30-80x slower (cpu_choice.py)
+        self.cpu_dtype = torch.bfloat16 if torch.bfloat16 in self.cpu_dtypes else dtype
         cpu_ok = (n % 16 == 0 and w.group_size in CPU_INT4_GROUPS and k % w.group_size == 0
-                  and dtype in (torch.float32, torch.bfloat16))
+                  and self.cpu_dtype in (torch.float32, torch.bfloat16))
         if backend == "auto":
             backend = "triton" if _cuda_kernels(device) else "cpu" if device.type == "cpu" and cpu_ok else "dequant"
         self.mode = backend
@@ -82,7 +103,11 @@ class Int4Linear(QuantLinear):
             packed = torch._convert_weight_to_int4pack_for_cpu(w.q.to(torch.int32), 1)
             zeros = w.zeros if w.zeros is not None else torch.zeros_like(w.scales)
             self.register_buffer("qweight", packed)
-            self.register_buffer("scales_zeros", torch.stack([w.scales.t(), zeros.t()], -1).contiguous().to(dtype))
+            scales_zeros = torch.stack([w.scales.t(), zeros.t()], -1).contiguous().to(self.cpu_dtype)
+            self.register_buffer("scales_zeros", scales_zeros)
+            self.paths = {f"int4pack-{_short(self.cpu_dtype)}": self._int4pack}
+            if _int4pack_blocks(n) is not None:  # large batches: dequantize per call, then a dense GEMM
+                self.paths["dequant"] = self._dequant_int4pack
         else:  # two nibbles per byte, unpacked per call
             q = w.q if k % 2 == 0 else F.pad(w.q, (0, 1))
             self.register_buffer("qweight", (q[:, 0::2] | (q[:, 1::2] << 4)).to(device))
@@ -97,10 +122,45 @@ class Int4Linear(QuantLinear):
 
             return int4_matmul(x.contiguous(), self.qweight, self.scales, self.zeros, self.group_size)
         if self.mode == "cpu":
-            return torch._weight_int4pack_mm_for_cpu(x.contiguous(), self.qweight, self.group_size, self.scales_zeros)
+            return self.cpu_matmul("w4a16", x, self.paths)
         q = torch.stack([self.qweight & 0xF, self.qweight >> 4], -1).reshape(self.out_features, -1)
         w = Int4Weight(q[:, : self.in_features], self.scales, self.zeros, self.group_size)  # x is permuted already
         return F.linear(x, w.dequantize().to(x.dtype))
+
+
+    def _int4pack(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch._weight_int4pack_mm_for_cpu(x.to(self.cpu_dtype).contiguous(), self.qweight, self.group_size,
+                                              self.scales_zeros)
+        return y.to(x.dtype)
+
+    def _dequant_int4pack(self, x: torch.Tensor) -> torch.Tensor:
+        """The weight dequantized from the kernel's own layout, then fp32 (or the model dtype) GEMM:
+        measured faster than the int4 kernel from a few hundred rows up (a prompt chunk), where the
+        kernel's bf16 arithmetic, not the weight read, is the cost."""
+        n, k, g = self.out_features, self.in_features, self.group_size
+        block = _int4pack_blocks(n)
+        packed = self.qweight.view(n // block, k, block // 2)
+        q = torch.cat([packed & 0xF, packed >> 4], -1).transpose(1, 2).reshape(n, k // g, g)
+        scales, zeros = self.scales_zeros.float().unbind(-1)  # [G, N] each
+        # uint8 straight into addcmul: the float conversion happens inside its one pass over the weight
+        w = torch.addcmul((zeros - 8 * scales).t()[..., None], q, scales.t()[..., None]).reshape(n, k)
+        return dense_linear(x, w.to(x.dtype))
+
+
+@functools.cache
+def _int4pack_blocks(n: int) -> int | None:
+    """The block of output rows torch's CPU int4 packing interleaves (low nibble: rows 0..b/2-1 of a
+    block, high nibble: the rest, per input channel), found by packing a probe; None if it is none
+    of the simple layouts (then no dequant path: the layout is the kernel's private business)."""
+    probe = torch.randint(0, 16, (n, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    packed = torch._convert_weight_to_int4pack_for_cpu(probe, 1)
+    for block in (64, 32, 16):
+        if n % block or packed.numel() * 2 != probe.numel():
+            continue
+        p = packed.view(n // block, 64, block // 2)
+        if torch.equal(torch.cat([p & 0xF, p >> 4], -1).transpose(1, 2).reshape(n, 64).to(torch.int32), probe):
+            return block
+    return None
 
 
 class Int8Linear(QuantLinear):
@@ -108,9 +168,10 @@ class Int8Linear(QuantLinear):
 
     kind = "int8"
 
-    def __init__(self, w: Int8Weight, bias=None, device="cpu", dtype=torch.float32, backend: str = "auto") -> None:
+    def __init__(self, w: Int8Weight, bias=None, device="cpu", dtype=torch.float32, backend: str = "auto",
+                 compute_dtypes: tuple[torch.dtype, ...] = ()) -> None:
         n, k = w.shape
-        super().__init__(n, k, bias, device, dtype)
+        super().__init__(n, k, bias, device, dtype, compute_dtypes)
         device = torch.device(device)
         self.act_quant = w.act_quant
         if backend == "auto":
@@ -121,6 +182,21 @@ class Int8Linear(QuantLinear):
         self.input_quant = torch.int8 if backend == "triton" else None
         self.register_buffer("qweight", w.q.to(device))  # [N, K], as every path here takes it
         self.register_buffer("scales", w.scales.float().to(device))
+        if backend == "cpu":
+            # _weight_int8pack_mm scales by a vector of the input's dtype: ones, and the fp32 scales after
+            # bf16 inputs with K % 16 != 0 crash torch 2.13's kernel (segfault seen at K = 100, 172)
+            dtypes = [dt for dt in self.cpu_dtypes if dt == torch.float32 or k % 16 == 0] or [torch.float32]
+            if len(dtypes) > 1:  # fp32 inputs to this kernel measured 5-18x slower than bf16: not worth timing
+                dtypes.remove(torch.float32)
+            self.paths = {f"int8pack-{_short(dt)}": functools.partial(self._int8pack, dt) for dt in dtypes}
+            for dt in dtypes:
+                self.register_buffer(f"ones_{_short(dt)}", torch.ones(n, dtype=dt), persistent=False)
+            if w.act_quant:
+                self.paths["int_mm"] = self._int_mm
+            self.paths["dequant"] = self._dequant  # a prompt chunk's M: a dense GEMM outruns both kernels
+
+    def quant_weight(self) -> Int8Weight:
+        return Int8Weight(self.qweight, self.scales, self.act_quant)
 
     def matmul_quantized(self, x: QuantizedInput) -> torch.Tensor:
         from optcli.engine.kernels.int8_matmul import int8_matmul
@@ -132,42 +208,90 @@ class Int8Linear(QuantLinear):
             from optcli.engine.kernels.act_quant import quantize_per_token
 
             return self.matmul_quantized(QuantizedInput(*quantize_per_token(x.contiguous(), torch.int8), x.dtype))
-        if not self.act_quant:
-            if self.mode == "cpu" and x.dtype == torch.float32:
-                return torch._weight_int8pack_mm(x.contiguous(), self.qweight, self.scales)
-            return F.linear(x, (self.qweight.float() * self.scales[:, None]).to(x.dtype))
-        xq, xs = ops.quantize_per_token(x, torch.int8)
         if self.mode == "cpu":
-            return ops.int8_scaled_mm(xq, xs, self.qweight, self.scales, x.dtype)
-        w = self.qweight.float() * self.scales[:, None]
-        return F.linear((xq.float() * xs).to(x.dtype), w.to(x.dtype))
+            return self.cpu_matmul("w8a8" if self.act_quant else "w8a16", x, self.paths)
+        return self._dequant(x)
+
+    def _dequant(self, x: torch.Tensor) -> torch.Tensor:
+        w = torch.mul(self.qweight, self.scales[:, None])  # int8 * fp32 -> fp32 in one pass
+        if self.act_quant:
+            xq, xs = ops.quantize_per_token(x, torch.int8)
+            x = (xq.float() * xs).to(x.dtype)
+        return dense_linear(x, w.to(x.dtype))
+
+    def _int_mm(self, x: torch.Tensor) -> torch.Tensor:
+        xq, xs = ops.quantize_per_token(x, torch.int8)
+        return ops.int8_scaled_mm(xq, xs, self.qweight, self.scales, x.dtype)
+
+    def _int8pack(self, dt: torch.dtype, x: torch.Tensor) -> torch.Tensor:
+        """int8 weights into torch's weight-only kernel; W8A8's activations go in as their integer
+        values (exact in bf16), so only the summed product is rounded to `dt`, then scaled in fp32."""
+        if self.act_quant:
+            xq, xs = ops.quantize_per_token(x, torch.int8)
+            y = torch._weight_int8pack_mm(xq.to(dt), self.qweight, getattr(self, f"ones_{_short(dt)}"))
+            return (y.float() * xs * self.scales).to(x.dtype)
+        y = torch._weight_int8pack_mm(x.to(dt).contiguous(), self.qweight, getattr(self, f"ones_{_short(dt)}"))
+        return (y.float() * self.scales).to(x.dtype)
+
+
+def _short(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 class Fp8Linear(QuantLinear):
-    """FP8 weights; with dynamic per-token FP8 activations, one `_scaled_mm` on FP8 tensor cores."""
+    """FP8 weights; with dynamic per-token FP8 activations, one `_scaled_mm` on FP8 tensor cores.
+
+    A CPU has no FP8 units, and torch's CPU `_scaled_mm` and fp8 -> float conversions run scalar
+    code (an fp8 -> fp32 cast of a 2048x16384 weight: 109 ms, against 6.8 ms for the whole fp32
+    GEMM). Every E4M3 value is exact in fp16, so on CPU the weight is widened once to fp16 and run
+    through FBGEMM's fp16-weight GEMM (fp32 math; activations fake-quantized to FP8 per token first,
+    so the numerics are the FP8 scheme's): 2 bytes a weight, not 1, in exchange for the fastest
+    correct path. Without FBGEMM the CPU falls back to `_scaled_mm`."""
 
     kind = "fp8"
 
-    def __init__(self, w: Fp8Weight, bias=None, device="cpu", dtype=torch.float32, backend: str = "auto") -> None:
+    def __init__(self, w: Fp8Weight, bias=None, device="cpu", dtype=torch.float32, backend: str = "auto",
+                 compute_dtypes: tuple[torch.dtype, ...] = ()) -> None:
         n, k = w.shape
-        super().__init__(n, k, bias, device, dtype)
+        super().__init__(n, k, bias, device, dtype, compute_dtypes)
         device = torch.device(device)
         self.act_quant = w.act_quant
         if backend == "auto":
             scaled_mm_ok = w.act_quant and n % 16 == 0 and k % 16 == 0
             if device.type == "cuda":
                 backend = "triton" if scaled_mm_ok and _cuda_kernels(device) and _fp8_tensor_cores(device) else "dequant"
+            elif _fbgemm_available():
+                backend = "fbgemm-fp16"
             else:
                 backend = "cpu" if scaled_mm_ok else "dequant"
         self.mode = backend
         self.input_quant = torch.float8_e4m3fn if backend == "triton" and w.act_quant else None
-        self.register_buffer("qweight", w.q.to(device))  # [N, K]; .t() is the column-major operand _scaled_mm wants
         self.register_buffer("scales", w.scales.float().reshape(1, -1).to(device))
+        if backend == "fbgemm-fp16":
+            self.packed = torch.ops.quantized.linear_prepack_fp16(w.q.to(torch.float16).float(), None)
+            self.opaque_bytes = n * k * 2
+            self.qweight = None
+        else:  # [N, K]; .t() is the column-major operand _scaled_mm wants
+            self.register_buffer("qweight", w.q.to(device))
+
+    def quant_weight(self) -> Fp8Weight:
+        if self.qweight is not None:
+            return Fp8Weight(self.qweight, self.scales.reshape(-1), self.act_quant)
+        wide = torch.ops.quantized.linear_unpack_fp16(self.packed)[0]
+        return Fp8Weight(wide.to(torch.float8_e4m3fn), self.scales.reshape(-1), self.act_quant)
 
     def matmul_quantized(self, x: QuantizedInput) -> torch.Tensor:
         return torch._scaled_mm(x.q, self.qweight.t(), scale_a=x.scales, scale_b=self.scales, out_dtype=x.dtype)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "fbgemm-fp16":
+            scale = self.scales
+            xf = x.float()
+            if self.act_quant:
+                xq, xs = ops.quantize_per_token(xf, torch.float8_e4m3fn)
+                xf, scale = xq.float(), xs * self.scales
+            y = torch.ops.quantized.linear_dynamic_fp16(xf.contiguous(), self.packed)
+            return (y * scale).to(x.dtype)
         if self.act_quant:
             if self.mode == "triton":
                 from optcli.engine.kernels.act_quant import quantize_per_token
@@ -179,6 +303,11 @@ class Fp8Linear(QuantLinear):
                 return self.matmul_quantized(QuantizedInput(xq, xs, x.dtype))
             x = (xq.float() * xs).to(x.dtype)
         return F.linear(x, (self.qweight.float() * self.scales.t()).to(x.dtype))
+
+
+@functools.cache
+def _fbgemm_available() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "linear_prepack_fp16")
 
 
 def _fp8_tensor_cores(device: torch.device) -> bool:
@@ -229,8 +358,13 @@ _LAYERS = {Int4Weight: Int4Linear, Int8Weight: Int8Linear, Fp8Weight: Fp8Linear,
            BnbInt8Weight: BnbInt8Linear}
 
 
-def make_quant_linear(weight, bias: torch.Tensor | None, device, dtype: torch.dtype) -> QuantLinear:
-    return _LAYERS[type(weight)](weight, bias, device, dtype)
+def make_quant_linear(weight, bias: torch.Tensor | None, device, dtype: torch.dtype,
+                      compute_dtypes: tuple[torch.dtype, ...] = ()) -> QuantLinear:
+    """The format's layer; `compute_dtypes` are the dtypes besides `dtype` its CPU kernels may compute in."""
+    layer = _LAYERS[type(weight)]
+    if layer in (Int4Linear, Int8Linear, Fp8Linear):
+        return layer(weight, bias, device, dtype, compute_dtypes=compute_dtypes)
+    return layer(weight, bias, device, dtype)
 
 
 def quant_summary(model: nn.Module) -> dict[str, int]:
