@@ -127,7 +127,6 @@ class Int4Linear(QuantLinear):
         w = Int4Weight(q[:, : self.in_features], self.scales, self.zeros, self.group_size)  # x is permuted already
         return F.linear(x, w.dequantize().to(x.dtype))
 
-
     def _int4pack(self, x: torch.Tensor) -> torch.Tensor:
         y = torch._weight_int4pack_mm_for_cpu(x.to(self.cpu_dtype).contiguous(), self.qweight, self.group_size,
                                               self.scales_zeros)
