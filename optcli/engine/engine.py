@@ -263,11 +263,7 @@ class Engine:
         and its measured time at one row, best of `reps` after a warm-up."""
         import time
 
-        head = self.model.lm_head
-        tensors = {id(t): t for t in (*head.parameters(), *head.buffers()) if t is not None}
-        if getattr(head, "packed", None) is not None:
-            tensors[id(head.packed)] = head.packed
-        nbytes = sum(t.numel() * t.element_size() for t in tensors.values()) + getattr(head, "opaque_bytes", 0)
+        nbytes = self.model.weight_bytes(self.model.lm_head)
         hidden = torch.randn(1, self.model.cfg.hidden_size, dtype=self.model.dtype,
                              device=self.device)
         best = float("inf")

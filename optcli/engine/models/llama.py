@@ -257,11 +257,12 @@ class LlamaForCausalLM(nn.Module):
         if tied:
             self.embed_tokens = Int8Embedding(self.lm_head, dtype)
 
-    def weight_bytes(self) -> int:
-        """Bytes the weights occupy here, as stored for the kernels (quantized, packed or plain)."""
+    def weight_bytes(self, part: nn.Module | None = None) -> int:
+        """Bytes the weights (of `part`, default all) occupy here, as stored for the kernels (quantized,
+        packed or plain); a tensor shared by two modules counts once."""
         seen: set[int] = set()
         total = 0
-        for module in self.modules():
+        for module in (part or self).modules():
             tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
             if isinstance(module, Dense) and module.packed is not None:
                 tensors.append(module.packed)
