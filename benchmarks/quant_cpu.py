@@ -7,8 +7,9 @@ The acceptance benchmark of the issue "quantization must buy speed". One process
    with the builtin tokenizer into `$OPTCLI_CACHE/bench/llama-3.2-1b-shape/bf16` (or `--workdir`).
 2. Artifacts made from it by `optcli quantize` (a subprocess, so llm-compressor's memory is not ours):
    W4A16 (`w4a16-rtn`), W8A8 (int8 weights by round to nearest, dynamic per-token int8 activations:
-   a recipe written into the workdir, no SmoothQuant or GPTQ, so no calibration data) and FP8
-   (`fp8-dynamic`). The checkpoint and the artifacts are reused when present.
+   a recipe written into the workdir, no SmoothQuant or GPTQ, so no calibration data), FP8
+   (`fp8-dynamic`), and bitsandbytes NF4 (`nf4-bnb`) and LLM.int8 (`int8-bnb`). The checkpoint and
+   the artifacts are reused when present.
 3. For the source and each artifact, one engine at a time (`Engine(path, device="cpu",
    enable_prefix_caching=False, max_model_len=512)`, dtype "auto"), warmed up, then timed step by step:
    - batch 1: one 64-token prompt, 64 new tokens. Prompt tok/s = 64 / time to the first token;
@@ -71,7 +72,8 @@ llmcompressor:
         targets: [Linear]
         scheme: W8A8
 """
-FORMATS = {"bf16": None, "w4a16": "w4a16-rtn", "w8a8": "w8a8-rtn", "fp8": "fp8-dynamic"}
+FORMATS = {"bf16": None, "w4a16": "w4a16-rtn", "w8a8": "w8a8-rtn", "fp8": "fp8-dynamic", "nf4": "nf4-bnb",
+           "int8-bnb": "int8-bnb"}
 
 # The issue's targets: (format, metric, minimum ratio to the bf16 source). "W8A8 batch-1" and
 # "W8A8 64-request" are read as decode, the phase weight bytes decide.

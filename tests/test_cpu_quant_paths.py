@@ -8,15 +8,26 @@ summed product to bf16, so they are held to bf16's tolerance; fp32 paths to fp32
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 
+from optcli.engine.kernels import cpu_lowbit
 from optcli.engine.quant import cpu_choice, ops
 from optcli.engine.quant.linear import Fp8Linear, Int4Linear, Int8Linear
 from optcli.engine.quant.weights import Fp8Weight, Int4Weight, Int8Weight
 
 BF16 = (torch.bfloat16,)
+HAS_LOWBIT = cpu_lowbit.library() is not None
+LOWBIT_Q8 = {"q8q8-avx2"} if HAS_LOWBIT else set()
+needs_lowbit = pytest.mark.skipif(not HAS_LOWBIT, reason="no AVX2 CPU or no C compiler here")
+
+
+def test_the_avx2_kernels_build_in_ci() -> None:
+    """CI's machine is an AVX2 x86 CPU with a C compiler: the kernels must build there, not fall back."""
+    if os.environ.get("CI") == "true" and cpu_lowbit._cpu_has_avx2():
+        assert HAS_LOWBIT, "cpu_lowbit.c did not build (see the warning logged by cpu_lowbit.library)"
 
 
 def rand(*shape: int, seed: int, scale: float = 1.0) -> torch.Tensor:
@@ -38,7 +49,7 @@ def close(got: torch.Tensor, want: torch.Tensor, bf16: bool) -> None:
 def test_every_int8_path_matches_the_reference(monkeypatch, act_quant) -> None:
     weight = Int8Weight.rtn(rand(48, 64, seed=1), act_quant=act_quant)
     layer = Int8Linear(weight, compute_dtypes=BF16)
-    expected_paths = {"int8pack-bf16", "dequant"} | ({"int_mm"} if act_quant else set())
+    expected_paths = {"int8pack-bf16", "dequant"} | ({"int_mm", *LOWBIT_Q8} if act_quant else set())
     assert set(layer.paths) == expected_paths
     for m in (1, 5, 33):
         x = rand(m, 64, seed=m, scale=2.0)
@@ -50,14 +61,16 @@ def test_every_int8_path_matches_the_reference(monkeypatch, act_quant) -> None:
 
 def test_explicit_fp32_offers_no_bf16_path() -> None:
     layer = Int8Linear(Int8Weight.rtn(rand(16, 32, seed=2)))
-    assert set(layer.paths) == {"int8pack-fp32", "int_mm", "dequant"}
+    assert set(layer.paths) == {"int8pack-fp32", "int_mm", "dequant", *LOWBIT_Q8}
     int4 = Int4Linear(Int4Weight.rtn(rand(32, 128, seed=3), 32))
     assert int4.cpu_dtype == torch.float32 and int4.scales_zeros.dtype == torch.float32
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_int4_paths_match_the_reference(monkeypatch, symmetric) -> None:
-    """The int4 kernel in bf16, and the weight dequantized from that kernel's own packed layout."""
+def test_int4_paths_of_torch_match_the_reference(monkeypatch, symmetric) -> None:
+    """Without our AVX2 kernels: the int4 kernel in bf16, and the weight dequantized from that
+    kernel's own packed layout."""
+    monkeypatch.setattr(cpu_lowbit, "library", lambda: None)
     weight = Int4Weight.rtn(rand(96, 256, seed=4), 64, symmetric)
     layer = Int4Linear(weight, compute_dtypes=BF16)
     assert layer.mode == "cpu" and layer.cpu_dtype == torch.bfloat16 and layer.scales_zeros.dtype == torch.bfloat16
@@ -66,6 +79,81 @@ def test_int4_paths_match_the_reference(monkeypatch, symmetric) -> None:
     for name in layer.paths:  # both hold the scales in bf16: bf16's tolerance
         monkeypatch.setenv("OPTCLI_CPU_KERNEL", name)
         close(layer(x), x @ weight.dequantize().t(), bf16=True)
+
+
+@needs_lowbit
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize(("n", "k", "group"), [(96, 256, 64), (44, 512, 128), (24, 1024, 512)])
+def test_int4_avx2_paths_match_the_reference(monkeypatch, symmetric, n, k, group) -> None:
+    """Our kernel's layout only (no second copy of the weight); the q4 x q8 path equals its plain-PyTorch
+    statement to fp32 rounding and the dequantized reference to int8-activation rounding; dequant
+    from that layout equals the reference to fp32 rounding. N = 44 pads to 48 columns."""
+    weight = Int4Weight.rtn(rand(n, k, seed=4), group, symmetric)
+    assert set(Int4Linear(weight).paths) == {"dequant"}  # explicit fp32: no int8 rounding of activations
+    layer = Int4Linear(weight, compute_dtypes=BF16)
+    assert layer.mode == "cpu" and set(layer.paths) == {"q4q8-avx2", "dequant"}
+    assert not hasattr(layer, "scales_zeros") and layer.qweight.numel() == -(-n // 8) * 8 * k // 2
+    block = layer.block
+    scales = weight.scales.repeat_interleave(group // block, 1)
+    zeros = None if weight.zeros is None else weight.zeros.repeat_interleave(group // block, 1)
+    for m in (1, 3, 70):  # 70: two row tiles of the kernel
+        x = rand(m, k, seed=m, scale=2.0)
+        want = x @ weight.dequantize().t()
+        monkeypatch.setenv("OPTCLI_CPU_KERNEL", "q4q8-avx2")
+        got = layer(x)
+        close(got, cpu_lowbit.reference_q4_gemm(x, weight.q, scales, zeros, block), bf16=False)
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-2 * want.abs().max().item())
+        monkeypatch.setenv("OPTCLI_CPU_KERNEL", "dequant")
+        close(layer(x), want, bf16=False)
+
+
+@needs_lowbit
+def test_avx2_kernel_layouts_and_exact_int8_sums() -> None:
+    q = torch.randint(0, 16, (13, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    packed = cpu_lowbit.pack_q4(q)
+    assert packed.shape == (2, 2, 8, 32) and torch.equal(cpu_lowbit.unpack_q4(packed, 13), q)
+    assert cpu_lowbit.q4_block(128, 32) is None and cpu_lowbit.q4_block(96, 96) is None  # not multiples of 64
+    assert cpu_lowbit.q4_block(4096, 4096) == 256 and cpu_lowbit.q4_block(256, 128) == 128
+    # every int8 value, -128 included, on both sides: bit for bit the int32 reference
+    g = torch.Generator().manual_seed(1)
+    for m, k, n in ((1, 16, 1), (5, 48, 9), (67, 256, 20)):
+        xq = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+        wq = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+        xq[0, :] = -128
+        wq[0, :] = -128
+        xs, ws = torch.rand(m, 1, generator=g), torch.rand(n, generator=g)
+        assert torch.equal(cpu_lowbit.q8_gemm(xq, xs, wq, ws), ops.int8_scaled_mm(xq, xs, wq, ws, torch.float32))
+
+
+@needs_lowbit
+def test_int8_activation_rounding_costs_little_on_a_trained_model(tmp_path, monkeypatch) -> None:
+    """W4A16 through the q4 x q8 kernel against the same artifact dequantized, on real text (the
+    builtin trained model, the shared stories text): the activations' int8 rounding per block must
+    cost far less than the 4-bit weights themselves."""
+    from transformers import AutoTokenizer
+
+    from optcli.builtin import model_dir
+    from optcli.engine import Engine
+    from optcli.quantize import quantize
+    from tests.conftest import shared_data
+
+    quantize("builtin:tiny-llama", "w4a16-rtn", tmp_path / "w4", device="cpu")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir("tiny-llama"))
+    ids = tokenizer(shared_data("tinystories_train_sample.txt").read_text(encoding="utf-8")[:4000])["input_ids"][:512]
+    logp = {}
+    for path in ("q4q8-avx2", "dequant"):
+        monkeypatch.setenv("OPTCLI_CPU_KERNEL", path)
+        engine = Engine(str(tmp_path / "w4"), max_model_len=640)
+        assert engine.model.layers[0].down_proj.paths.keys() == {"q4q8-avx2", "dequant"}
+        logp[path] = engine.score(ids).float().log_softmax(-1)
+    source = Engine(str(model_dir("tiny-llama")), max_model_len=640).score(ids).float().log_softmax(-1)
+
+    def kld(p: torch.Tensor, q: torch.Tensor) -> float:
+        return (p.exp() * (p - q)).sum(-1).mean().item()
+
+    rounding, weights = kld(logp["dequant"], logp["q4q8-avx2"]), kld(source, logp["dequant"])
+    agree = (logp["dequant"].argmax(-1) == logp["q4q8-avx2"].argmax(-1)).float().mean().item()
+    assert rounding < 0.25 * weights and agree > 0.97, (rounding, weights, agree)
 
 
 @pytest.mark.parametrize("act_quant", [True, False])
@@ -162,3 +250,70 @@ def test_int8_paths_on_widths_torch_kernels_are_picky_about(monkeypatch, k) -> N
         close(layer(x), want, bf16=name.endswith("bf16"))
     bf16_model = Int8Linear(Int8Weight.rtn(rand(40, k, seed=2), act_quant=False), dtype=torch.bfloat16)
     assert bf16_model(x.bfloat16()).dtype == torch.bfloat16
+
+
+@needs_lowbit
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_bnb_4bit_paths_match_bitsandbytes_dequantization(monkeypatch, quant_type) -> None:
+    """Our float kernels on bitsandbytes' own 4-bit layout (GEMV for few rows, dequantize + a dense GEMM
+    for many) against bitsandbytes' dequantized weight, in fp32."""
+    from bitsandbytes.functional import quantize_4bit
+
+    from optcli.engine.quant.linear import BnbNf4Linear
+    from optcli.engine.quant.weights import BnbNf4Weight
+
+    n, k = 40, 192
+    packed, state = quantize_4bit(rand(n, k, seed=8), blocksize=64, quant_type=quant_type)
+    weight = BnbNf4Weight(packed, state.absmax.float(), state.code.float(), 64, quant_type, n, k)
+    layer = BnbNf4Linear(weight)
+    assert layer.mode == "cpu" and set(layer.paths) == {"nf4-avx2", "dequant", "bitsandbytes"}
+    assert torch.equal(cpu_lowbit.nf4_dequantize(packed, weight.absmax, weight.code, 64, n, k), weight.dequantize())
+    for m in (1, 6):  # 6: a tile of 4 rows and two single rows
+        x = rand(m, k, seed=m)
+        for name in layer.paths:
+            monkeypatch.setenv("OPTCLI_CPU_KERNEL", name)
+            close(layer(x), x @ weight.dequantize().t(), bf16=False)
+
+
+@needs_lowbit
+@pytest.mark.parametrize("outliers", [False, True])
+def test_llm_int8_on_our_int8_gemm_is_bitsandbytes_decomposition(monkeypatch, outliers) -> None:
+    """LLM.int8 through our exact int8 GEMM: the same outlier columns and per-row rounding as
+    bitsandbytes' CPU code, in fp32 rather than fp16, so it matches bitsandbytes to fp16's rounding
+    and a plain-PyTorch statement of the decomposition to fp32's."""
+    from optcli.engine.quant.linear import BnbInt8Linear
+    from optcli.engine.quant.weights import BnbInt8Weight
+
+    w = rand(24, 64, seed=9)
+    scb = w.abs().amax(1)
+    weight = BnbInt8Weight(torch.round(w * (127 / scb[:, None])).to(torch.int8), scb, threshold=6.0)
+    layer = BnbInt8Linear(weight)
+    assert layer.mode == "cpu" and set(layer.paths) == {"q8q8-avx2", "bitsandbytes"}
+    x = rand(5, 64, seed=10)
+    if outliers:
+        x[1, 3], x[4, 40] = 9.0, -7.5
+    cols = (x.abs() >= 6.0).any(0)
+    inliers = x.masked_fill(x.abs() >= 6.0, 0)
+    row_max = inliers.abs().amax(-1, keepdim=True)
+    xq = torch.round(inliers * (127 / row_max)).masked_fill(cols, 0)
+    want = (xq @ weight.q.float().t()) * row_max / 127 * scb / 127 + x[:, cols] @ weight.dequantize()[:, cols].t()
+    monkeypatch.setenv("OPTCLI_CPU_KERNEL", "q8q8-avx2")
+    ours = layer(x)
+    close(ours, want, bf16=False)
+    monkeypatch.setenv("OPTCLI_CPU_KERNEL", "bitsandbytes")
+    torch.testing.assert_close(ours, layer(x), rtol=1e-2, atol=1e-2 * want.abs().max().item())
+
+
+@needs_lowbit
+def test_fp8_activation_rounding_is_torchs_bit_for_bit() -> None:
+    """Our vectorized per-token E4M3 rounding equals torch's cast on every grid point and tie: a dense
+    sweep of the normal range, the subnormal range, and random rows of three magnitudes."""
+    sweeps = [torch.linspace(-448, 448, 400_001)[None],  # amax 448: scale 1, so y = x
+              torch.cat([torch.linspace(-0.05, 0.05, 200_001), torch.tensor([448.0])])[None]]
+    for scale in (1e-3, 1.0, 100.0):
+        sweeps.append(rand(9, 300, seed=11, scale=scale))
+    sweeps.append(torch.zeros(2, 64))  # an all-zero row: the minimum scale, zeros out
+    for x in sweeps:
+        got, scales = cpu_lowbit.fp8_round_rows(x)
+        q, want_scales = ops.quantize_per_token(x, torch.float8_e4m3fn)
+        assert torch.equal(got, q.float()) and torch.equal(scales, want_scales)

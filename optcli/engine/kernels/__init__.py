@@ -4,6 +4,9 @@ Triton is optional (the CPU build of torch does not ship it), so this package im
 check triton_available() before calling the kernels. Each module also holds a plain-PyTorch
 reference of its kernel. TRITON_INTERPRET=1 must be set before this package is first imported for
 the kernels to run on the CPU interpreter: triton.jit picks interpreted vs compiled at decoration.
+
+`cpu_lowbit` is the one CPU room here: AVX2 C kernels for the quantized layers, built on first use
+(see its docstring), each with a plain-PyTorch statement of what it computes.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 | format | CUDA | CPU |
 |---|---|---|
-| int4 (W4A16) | Triton GEMM, int4 dequantized in registers | torch's int4 pack kernel (`_weight_int4pack_mm_for_cpu`) in bf16 |
-| int8 (W8A8) | Triton per-token quant + Triton int8 GEMM with fused scales | same quant in torch, then the faster of `torch._int_mm` and `_weight_int8pack_mm` on the integer activations, timed per M |
+| int4 (W4A16) | Triton GEMM, int4 dequantized in registers | on AVX2 our q4 x q8 kernel (`kernels/cpu_lowbit.c`: activations rounded to int8 per block, exact integer sums; only under `--dtype auto`), else torch's int4 pack kernel (`_weight_int4pack_mm_for_cpu`) in bf16; or dequantized + a dense GEMM, timed per M |
+| int8 (W8A8) | Triton per-token quant + Triton int8 GEMM with fused scales | same quant in torch, then the fastest of our exact AVX2 int8 GEMM, `torch._int_mm` and `_weight_int8pack_mm` on the integer activations, timed per M |
 | fp8 (FP8_DYNAMIC) | Triton per-token quant + `torch._scaled_mm` (sm_89+) | same quant in torch + FBGEMM's fp16-weight GEMM (fp8 widened exactly) |
 | bitsandbytes NF4 / LLM.int8 | bitsandbytes' own kernels | bitsandbytes' own kernels |
 
@@ -28,10 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from optcli.engine.dense_gemm import dense_linear
+from optcli.engine.kernels import cpu_lowbit
 from optcli.engine.quant import ops
 from optcli.engine.quant.cpu_choice import choose
 from optcli.engine.quant.ops import QuantizedInput
-from optcli.engine.quant.weights import BnbInt8Weight, BnbNf4Weight, Fp8Weight, Int4Weight, Int8Weight
+from optcli.engine.quant.weights import INT8_MAX, BnbInt8Weight, BnbNf4Weight, Fp8Weight, Int4Weight, Int8Weight
 
 CPU_INT4_GROUPS = (32, 64, 128, 256)
 
@@ -90,15 +91,30 @@ class Int4Linear(QuantLinear):
         self.register_buffer("perm", None if w.perm is None else w.perm.to(device))
         # bf16 where allowed: fp32 inputs to torch's int4 kernel measured 30-80x slower (cpu_choice.py)
         self.cpu_dtype = torch.bfloat16 if torch.bfloat16 in self.cpu_dtypes else dtype
-        cpu_ok = (n % 16 == 0 and w.group_size in CPU_INT4_GROUPS and k % w.group_size == 0
-                  and self.cpu_dtype in (torch.float32, torch.bfloat16))
+        lowbit = device.type == "cpu" and cpu_lowbit.library() is not None
+        self.block = cpu_lowbit.q4_block(k, w.group_size) if lowbit else None
+        int4pack_ok = (n % 16 == 0 and w.group_size in CPU_INT4_GROUPS and k % w.group_size == 0
+                       and self.cpu_dtype in (torch.float32, torch.bfloat16))
         if backend == "auto":
+            cpu_ok = int4pack_ok or self.block is not None
             backend = "triton" if _cuda_kernels(device) else "cpu" if device.type == "cpu" and cpu_ok else "dequant"
         self.mode = backend
         if backend == "triton":
             self.register_buffer("qweight", ops.pack_int4_for_triton(w.q).to(device))
             self.register_buffer("scales", w.scales.t().contiguous().to(device=device, dtype=dtype))
             self.register_buffer("zeros", None if w.zeros is None else w.zeros.t().contiguous().to(device, dtype))
+        elif backend == "cpu" and self.block is not None:
+            # our AVX2 kernel's layout only (one copy of the weight): its int8-activation GEMM measured
+            # 1.3-5x faster than torch's int4 kernel at every M here, so that kernel is not kept too.
+            # It rounds activations to int8, so only where 16-bit ones are allowed (`--dtype auto`):
+            # an explicit fp32 keeps the exact dequant path.
+            per_block = w.group_size // self.block
+            self.register_buffer("qweight", cpu_lowbit.pack_q4(w.q))
+            self.register_buffer("scales", cpu_lowbit.pad_columns(w.scales.repeat_interleave(per_block, 1)))
+            zeros = None if w.zeros is None else cpu_lowbit.pad_columns(w.zeros.repeat_interleave(per_block, 1))
+            self.register_buffer("zeros", zeros)
+            self.paths = {"q4q8-avx2": self._q4q8} if torch.bfloat16 in self.cpu_dtypes else {}
+            self.paths["dequant"] = self._dequant_q4q8
         elif backend == "cpu":
             packed = torch._convert_weight_to_int4pack_for_cpu(w.q.to(torch.int32), 1)
             zeros = w.zeros if w.zeros is not None else torch.zeros_like(w.scales)
@@ -126,6 +142,20 @@ class Int4Linear(QuantLinear):
         q = torch.stack([self.qweight & 0xF, self.qweight >> 4], -1).reshape(self.out_features, -1)
         w = Int4Weight(q[:, : self.in_features], self.scales, self.zeros, self.group_size)  # x is permuted already
         return F.linear(x, w.dequantize().to(x.dtype))
+
+    def _q4q8(self, x: torch.Tensor) -> torch.Tensor:
+        """Our AVX2 kernel: activations rounded to int8 per row and block of (at most) 256 inputs, as
+        llama.cpp does for its q4_0 weights, then exact integer sums (`kernels/cpu_lowbit.c`)."""
+        y = cpu_lowbit.q4_gemm(x, self.qweight, self.scales, self.zeros, self.block, self.out_features)
+        return y.to(x.dtype)
+
+    def _dequant_q4q8(self, x: torch.Tensor) -> torch.Tensor:
+        """The weight dequantized from the AVX2 kernel's layout, then a dense GEMM in x's dtype."""
+        n, k, b = self.out_features, self.in_features, self.block
+        q = cpu_lowbit.unpack_q4(self.qweight, n).reshape(n, k // b, b)
+        scales = self.scales[:, :n].t()[..., None]  # [N, K/b, 1]
+        offset = -8 * scales if self.zeros is None else self.zeros[:, :n].t()[..., None] - 8 * scales
+        return dense_linear(x, torch.addcmul(offset, q, scales).reshape(n, k).to(x.dtype))
 
     def _int4pack(self, x: torch.Tensor) -> torch.Tensor:
         y = torch._weight_int4pack_mm_for_cpu(x.to(self.cpu_dtype).contiguous(), self.qweight, self.group_size,
@@ -192,6 +222,8 @@ class Int8Linear(QuantLinear):
                 self.register_buffer(f"ones_{_short(dt)}", torch.ones(n, dtype=dt), persistent=False)
             if w.act_quant:
                 self.paths["int_mm"] = self._int_mm
+                if k % 16 == 0 and cpu_lowbit.library() is not None:  # exact, and first: the default
+                    self.paths = {"q8q8-avx2": self._q8q8, **self.paths}
             self.paths["dequant"] = self._dequant  # a prompt chunk's M: a dense GEMM outruns both kernels
 
     def quant_weight(self) -> Int8Weight:
@@ -221,6 +253,11 @@ class Int8Linear(QuantLinear):
     def _int_mm(self, x: torch.Tensor) -> torch.Tensor:
         xq, xs = ops.quantize_per_token(x, torch.int8)
         return ops.int8_scaled_mm(xq, xs, self.qweight, self.scales, x.dtype)
+
+    def _q8q8(self, x: torch.Tensor) -> torch.Tensor:
+        """Our AVX2 kernel (`kernels/cpu_lowbit.c`): the same int32 sums and scaling as `_int_mm`."""
+        xq, xs = ops.quantize_per_token(x, torch.int8)
+        return cpu_lowbit.q8_gemm(xq, xs, self.qweight, self.scales).to(x.dtype)
 
     def _int8pack(self, dt: torch.dtype, x: torch.Tensor) -> torch.Tensor:
         """int8 weights into torch's weight-only kernel; W8A8's activations go in as their integer
@@ -286,7 +323,10 @@ class Fp8Linear(QuantLinear):
         if self.mode == "fbgemm-fp16":
             scale = self.scales
             xf = x.float()
-            if self.act_quant:
+            if self.act_quant and cpu_lowbit.library() is not None:  # the same rounding, vectorized
+                xf, xs = cpu_lowbit.fp8_round_rows(xf)
+                scale = xs * self.scales
+            elif self.act_quant:
                 xq, xs = ops.quantize_per_token(xf, torch.float8_e4m3fn)
                 xf, scale = xq.float(), xs * self.scales
             y = torch.ops.quantized.linear_dynamic_fp16(xf.contiguous(), self.packed)
@@ -314,8 +354,11 @@ def _fp8_tensor_cores(device: torch.device) -> bool:
 
 
 class BnbNf4Linear(QuantLinear):
+    """bitsandbytes NF4/FP4. On an AVX2 CPU our float kernels on bitsandbytes' own layout
+    (`kernels/cpu_lowbit.c`: a 16-entry code book looked up 8 values at a time) are timed against
+    bitsandbytes' CPU kernel, which measured 7x slower than the fp32 source at one row here."""
+
     kind = "nf4"
-    mode = "bitsandbytes"
 
     def __init__(self, w: BnbNf4Weight, bias=None, device="cpu", dtype=torch.float32) -> None:
         super().__init__(w.out_features, w.in_features, bias, device, dtype)
@@ -323,8 +366,27 @@ class BnbNf4Linear(QuantLinear):
         self.register_buffer("absmax", w.absmax.to(device))
         self.register_buffer("code", w.code.to(device))
         self.blocksize, self.quant_type = w.blocksize, w.quant_type
+        self.mode = "bitsandbytes"
+        if (torch.device(device).type == "cpu" and cpu_lowbit.library() is not None
+                and cpu_lowbit.nf4_ok(self.in_features, self.blocksize)):
+            self.mode = "cpu"
+            self.paths = {"nf4-avx2": self._nf4, "dequant": self._dequant_nf4, "bitsandbytes": self._bnb}
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "cpu":
+            return self.cpu_matmul(self.kind, x, self.paths)
+        return self._bnb(x)
+
+    def _nf4(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_lowbit.nf4_gemm(x, self.packed, self.absmax, self.code, self.blocksize,
+                                   self.out_features).to(x.dtype)
+
+    def _dequant_nf4(self, x: torch.Tensor) -> torch.Tensor:
+        w = cpu_lowbit.nf4_dequantize(self.packed, self.absmax, self.code, self.blocksize, self.out_features,
+                                      self.in_features)
+        return dense_linear(x, w.to(x.dtype))
+
+    def _bnb(self, x: torch.Tensor) -> torch.Tensor:
         import bitsandbytes as bnb
         from bitsandbytes.functional import QuantState
 
@@ -334,16 +396,48 @@ class BnbNf4Linear(QuantLinear):
 
 
 class BnbInt8Linear(QuantLinear):
+    """bitsandbytes LLM.int8(). On an AVX2 CPU the same decomposition as bitsandbytes' own CPU code
+    (activation values >= threshold out, their columns in float; the rest per-row int8 against the
+    int8 rows) with the int8 part in our exact int8 GEMM and the float parts in fp32 rather than fp16,
+    timed against bitsandbytes' CPU path (7x slower than the fp32 source at one row here)."""
+
     kind = "int8-bnb"
-    mode = "bitsandbytes"
 
     def __init__(self, w: BnbInt8Weight, bias=None, device="cpu", dtype=torch.float32) -> None:
         super().__init__(*w.shape, bias, device, dtype)
         self.register_buffer("qweight", w.q.to(device))
         self.register_buffer("scb", w.scb.to(device))
         self.threshold = w.threshold
+        self.mode = "bitsandbytes"
+        if torch.device(device).type == "cpu" and cpu_lowbit.library() is not None and self.in_features % 16 == 0:
+            self.mode = "cpu"
+            self.register_buffer("row_scales", (w.scb.float() / INT8_MAX).to(device), persistent=False)
+            self.paths = {"q8q8-avx2": self._q8q8, "bitsandbytes": self._bnb}
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "cpu":
+            return self.cpu_matmul(self.kind, x, self.paths)
+        return self._bnb(x)
+
+    def _q8q8(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        outlier_cols = None
+        if self.threshold > 0:
+            outliers = xf.abs() >= self.threshold
+            if outliers.any():
+                outlier_cols = outliers.any(0).nonzero().view(-1)
+                xf = xf.masked_fill(outliers, 0)
+        row_max = xf.abs().amax(-1, keepdim=True)
+        xq = torch.round(xf * (INT8_MAX / row_max)).nan_to_num_(0).to(torch.int8)
+        if outlier_cols is not None:
+            xq[:, outlier_cols] = 0
+        y = cpu_lowbit.q8_gemm(xq, row_max / INT8_MAX, self.qweight, self.row_scales)
+        if outlier_cols is not None:  # the outlier columns in float, from the original activations
+            w = self.qweight[:, outlier_cols].float() * self.row_scales[:, None]
+            y = y.addmm(x.float()[:, outlier_cols], w.t())
+        return y.to(x.dtype)
+
+    def _bnb(self, x: torch.Tensor) -> torch.Tensor:
         import bitsandbytes as bnb
 
         state = bnb.MatmulLtState()

@@ -1,0 +1,200 @@
+"""The AVX2 integer GEMMs of `cpu_lowbit.c`, compiled once per machine and called through ctypes.
+
+No maintained library gives an exact low-bit GEMM on an AVX2 CPU without VNNI (see the C file's
+header), so this one is ours: compiled with the system's C compiler (`$CC`, else `cc`) on first use
+into `$OPTCLI_CACHE/cpu-kernels/`, keyed by the source's hash, the flags and the compiler. Where there
+is no compiler, no AVX2, or the build fails, `library()` is None and the quantized layers keep torch's
+paths (they only ever offer these as candidates, timed against torch's, in `cpu_choice.py`).
+
+Plain C called on torch tensors' memory rather than a torch C++ extension: it builds in about a second
+without torch's headers, and the OpenMP runtime it asks for is the one torch has already loaded.
+
+`reference_q4_gemm` is the plain-PyTorch statement of what the q4 kernel computes (tests compare the
+two); the q8 kernel's reference is `ops.int8_scaled_mm`, which it matches exactly; the bitsandbytes
+4-bit (NF4/FP4) kernels are float GEMMs, compared with bitsandbytes' own dequantization.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_suffix(".c")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno")
+MAX_BLOCK = 256  # activation block of the q4 kernel: 8 chunks of 32 at most add up in int16 exactly
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "cc"))
+
+
+def _cpu_has_avx2() -> bool:
+    return platform.machine() in ("x86_64", "AMD64") and torch.backends.cpu.get_cpu_capability() in (
+        "AVX2", "AVX512")
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None where they cannot be built here (then nothing offers them)."""
+    if os.environ.get("OPTCLI_CPU_LOWBIT", "1") == "0" or not _cpu_has_avx2():
+        return None
+    cc = _compiler()
+    if cc is None:
+        log.info("no C compiler: the AVX2 low-bit CPU kernels are not built")
+        return None
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
+        from optcli.config import cache_dir
+
+        out = cache_dir() / "cpu-kernels" / f"lowbit-{key}.so"
+        if not out.exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_suffix(f".{os.getpid()}.tmp")
+            subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp)], check=True, capture_output=True, text=True,
+                           timeout=300)
+            tmp.replace(out)  # atomic: a concurrent process sees the whole library or none
+        lib = ctypes.CDLL(str(out))
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", "") or e
+        log.warning("the AVX2 low-bit CPU kernels did not build (%s); torch's CPU paths are used", detail)
+        return None
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.lowbit_quant_blocks.argtypes = [p, i64, i64, i64, p, p, p]
+    lib.lowbit_q4_gemm.argtypes = [p, p, p, i64, i64, i64, p, p, p, i64, p]
+    lib.lowbit_q8_gemm.argtypes = [p, p, i64, i64, p, p, i64, p]
+    lib.lowbit_nf4_gemm.argtypes = [p, i64, i64, p, p, p, i64, i64, p]
+    lib.lowbit_nf4_dequant.argtypes = [p, p, p, i64, i64, i64, p]
+    lib.lowbit_fp8_round_rows.argtypes = [p, i64, i64, p, p]
+    for f in (lib.lowbit_quant_blocks, lib.lowbit_q4_gemm, lib.lowbit_q8_gemm, lib.lowbit_nf4_gemm,
+              lib.lowbit_nf4_dequant, lib.lowbit_fp8_round_rows):
+        f.restype = None
+    return lib
+
+
+def q4_block(k: int, group_size: int) -> int | None:
+    """The activation block the q4 kernel uses for this layer (the weight group, capped at 256), or
+    None where the shape does not fit it (K and the group must be multiples of 32)."""
+    block = min(group_size, MAX_BLOCK)
+    if k % 64 or group_size % 64 or k % group_size or group_size % block or block % 64:
+        return None
+    return block
+
+
+def pack_q4(q: torch.Tensor) -> torch.Tensor:
+    """uint8 nibbles [N, K] (0..15) -> the kernel's layout uint8 [ceil(N/8), K/64, 8, 32]: per block of
+    8 output columns and chunk of 64 inputs, each column's 32 bytes hold input i in the low nibble of
+    byte i and input 32 + i in its high nibble. Padded columns hold 8 (a zero weight)."""
+    n, k = q.shape
+    q = F.pad(q, (0, 0, 0, -n % 8), value=8)
+    chunks = q.reshape(-1, 8, k // 64, 2, 32)
+    return (chunks[:, :, :, 0] | (chunks[:, :, :, 1] << 4)).transpose(1, 2).to(torch.uint8).contiguous()
+
+
+def unpack_q4(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of `pack_q4`: uint8 [n, K] nibbles."""
+    blocks, chunks = packed.shape[:2]
+    cols = packed.transpose(1, 2)  # [N/8, 8, K/64, 32]
+    return torch.stack([cols & 0xF, cols >> 4], 3).reshape(blocks * 8, chunks * 64)[:n]
+
+
+def pad_columns(t: torch.Tensor) -> torch.Tensor:
+    """Per-column fp32 [N, G] scales or zeros -> the kernel's [G, ceil(N/8)*8] (transposed, zero-padded)."""
+    return F.pad(t.float(), (0, 0, 0, -t.shape[0] % 8)).t().contiguous()
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def q4_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+            block: int, n: int) -> torch.Tensor:
+    """fp32 [M, K] @ W^T -> fp32 [M, n], W = (u - 8) * scales (+ zeros) per block of `block` inputs
+    (`pack_q4` and `pad_columns` layouts); activations rounded to int8 per row and block."""
+    lib = library()
+    m, k = x.shape
+    n_padded = scales.shape[1]
+    x = x.float().contiguous()
+    qa = torch.empty((m, k), dtype=torch.int8)
+    sa = torch.empty((m, k // block), dtype=torch.float32)
+    asum = torch.empty((m, k // block), dtype=torch.int32)
+    lib.lowbit_quant_blocks(_ptr(x), m, k, block, _ptr(qa), _ptr(sa), _ptr(asum))
+    out = torch.empty((m, n_padded), dtype=torch.float32)
+    lib.lowbit_q4_gemm(_ptr(qa), _ptr(sa), _ptr(asum), m, k, block, _ptr(packed), _ptr(scales), _ptr(zeros),
+                       n_padded, _ptr(out))
+    return out if n == n_padded else out[:, :n]
+
+
+def q8_gemm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+    """int8 [M, K] @ int8 [N, K]^T in exact int32, then * xs [M, 1] * ws [N] -> fp32 [M, N] (K % 16 == 0)."""
+    lib = library()
+    m, k = xq.shape
+    n = wq.shape[0]
+    xq, xs, wq, ws = xq.contiguous(), xs.float().contiguous(), wq.contiguous(), ws.float().contiguous()
+    out = torch.empty((m, n), dtype=torch.float32)
+    lib.lowbit_q8_gemm(_ptr(xq), _ptr(xs), m, k, _ptr(wq), _ptr(ws), n, _ptr(out))
+    return out
+
+
+def fp8_round_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token FP8 (E4M3) rounding: (the fp8 values as fp32 [M, K], fp32 scales [M, 1]), bit for bit
+    `ops.quantize_per_token(x, torch.float8_e4m3fn)` widened back to fp32, without torch's scalar fp8 casts."""
+    m, k = x.shape
+    x = x.float().contiguous()
+    out = torch.empty((m, k), dtype=torch.float32)
+    scales = torch.empty((m, 1), dtype=torch.float32)
+    library().lowbit_fp8_round_rows(_ptr(x), m, k, _ptr(out), _ptr(scales))
+    return out, scales
+
+
+def nf4_ok(k: int, blocksize: int) -> bool:
+    """Whether the bitsandbytes 4-bit kernels take this layer: blocks within rows, 16 values at a time."""
+    return k % blocksize == 0 and blocksize % 16 == 0
+
+
+def nf4_gemm(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+             n: int) -> torch.Tensor:
+    """fp32 [M, K] @ W^T -> fp32 [M, n] for W in bitsandbytes' 4-bit layout (NF4 or FP4 code book)."""
+    m, k = x.shape
+    x = x.float().contiguous()
+    out = torch.empty((m, n), dtype=torch.float32)
+    packed, absmax, code = packed.contiguous(), absmax.float().contiguous(), code.float().contiguous()
+    library().lowbit_nf4_gemm(_ptr(x), m, k, _ptr(packed), _ptr(absmax), _ptr(code), blocksize, n, _ptr(out))
+    return out
+
+
+def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, n: int,
+                   k: int) -> torch.Tensor:
+    """The bitsandbytes 4-bit weight as fp32 [n, k] (what `bitsandbytes.functional.dequantize_4bit` gives)."""
+    packed, absmax, code = packed.contiguous(), absmax.float().contiguous(), code.float().contiguous()
+    w = torch.empty((n, k), dtype=torch.float32)
+    library().lowbit_nf4_dequant(_ptr(packed), _ptr(absmax), _ptr(code), blocksize, n, k, _ptr(w))
+    return w
+
+
+def reference_q4_gemm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                      block: int) -> torch.Tensor:
+    """What `q4_gemm` computes (scales/zeros here [N, K/block]), in plain PyTorch: the same per-block int8 rounding of x, exact sums."""
+    m, k = x.shape
+    xb = x.float().reshape(m, k // block, block)
+    amax = xb.abs().amax(-1, keepdim=True)
+    sa = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    qa = (xb * (1 / sa)).round().clamp(-127, 127)  # [M, nb, B]
+    w = q.float().reshape(q.shape[0], k // block, block) - 8  # [N, nb, B]
+    dots = torch.einsum("mbk,nbk->mnb", qa.double(), w.double())  # exact integers
+    y = (dots * (sa.squeeze(-1)[:, None, :] * scales[None]).double()).sum(-1)
+    if zeros is not None:
+        y = y + (sa.squeeze(-1) * qa.sum(-1)).double() @ zeros.double().t()
+    return y.float()
