@@ -214,9 +214,11 @@ def test_tied_head_reads_the_embedding_itself() -> None:
     engine = Engine(str(path), dtype="float32", max_model_len=128)
     model = engine.model
     assert model.cfg.tie_word_embeddings and model.lm_head.weight is model.embed_tokens.weight
-    with safe_open(path / "model.safetensors", "pt") as f:  # the checkpoint holds the tied matrix once
-        params = sum(torch.Size(f.get_slice(name).get_shape()).numel() for name in f.keys())
-    assert engine.weights_bytes == params * 4
+    # the checkpoint holds the tied matrix once; its bf16 matrices stay bf16 where our kernels run
+    # them (fp32 math on the widened values), its norms are fp32
+    with safe_open(path / "model.safetensors", "pt") as f:
+        shapes = [f.get_slice(name).get_shape() for name in f.keys()]
+    assert engine.weights_bytes == sum(torch.Size(s).numel() * (2 if HAS_LOWBIT and len(s) == 2 else 4) for s in shapes)
 
 
 def test_int8_head_holds_the_tied_matrix_once_in_int8() -> None:
@@ -228,7 +230,8 @@ def test_int8_head_holds_the_tied_matrix_once_in_int8() -> None:
     int8 = Engine(path, dtype="float32", max_model_len=128, lm_head="int8")
     vocab, hidden = dense.model.cfg.vocab_size, dense.model.cfg.hidden_size
     # fp32 -> int8, plus a scale per row and the kernel's vector of ones
-    assert dense.weights_bytes - int8.weights_bytes == vocab * hidden * 3 - vocab * 8
+    # bf16 (held as such where our kernels run) or fp32 -> int8, plus a scale per row and the kernel's ones
+    assert dense.weights_bytes - int8.weights_bytes == vocab * hidden * (1 if HAS_LOWBIT else 3) - vocab * 8
     cost = int8.head_cost()
     assert cost["tied"] and cost["head_bytes"] == vocab * hidden + vocab * 4 + vocab * 4  # q, scales, ones
     ids = list(range(3, 120))
@@ -317,3 +320,31 @@ def test_fp8_activation_rounding_is_torchs_bit_for_bit() -> None:
         got, scales = cpu_lowbit.fp8_round_rows(x)
         q, want_scales = ops.quantize_per_token(x, torch.float8_e4m3fn)
         assert torch.equal(got, q.float()) and torch.equal(scales, want_scales)
+
+
+@needs_lowbit
+def test_bf16_weights_stay_bf16_with_fp32_math(monkeypatch) -> None:
+    """A bf16 checkpoint in an fp32 CPU model holds its linear weights and embedding in bf16 (half the
+    bytes) and computes exactly the fp32 product of the widened values: both kernels against a
+    float64 reference, and the engine's logits against the same model held in fp32."""
+    from optcli.builtin import model_dir
+    from optcli.engine import Engine
+
+    g = torch.Generator().manual_seed(12)
+    for m, k, n in ((1, 64, 16), (7, 300, 40), (13, 512, 33), (70, 264, 50)):  # ragged K, N, M
+        x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g).bfloat16()
+        want = x.double() @ w.double().t()
+        for panels in (False, True):
+            got = cpu_lowbit.bf16_gemm(x, w, panels=panels).double()
+            assert (got - want).abs().max() <= 1e-6 * want.abs().max()
+    path = str(model_dir("tiny-llama"))
+    engine = Engine(path, max_model_len=256)
+    model = engine.model
+    assert model.layers[0].qkv_proj.weight.dtype == model.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.lm_head.weight is model.embed_tokens.weight
+    ids = list(range(3, 200))
+    ours = engine.score(ids)
+    monkeypatch.setattr(cpu_lowbit, "library", lambda: None)  # no kernels: the weights widen to fp32
+    fp32 = Engine(path, max_model_len=256)
+    assert fp32.model.layers[0].qkv_proj.packed is not None and engine.weights_bytes < 0.51 * fp32.weights_bytes
+    torch.testing.assert_close(ours, fp32.score(ids), rtol=0, atol=2e-5)

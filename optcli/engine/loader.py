@@ -29,9 +29,11 @@ def load_dense_state_dict(model_dir: str | Path, dtype: torch.dtype = torch.floa
     return load_state_dict(model_dir, dtype, keep_quantized=False)
 
 
-def load_state_dict(model_dir: str | Path, dtype: torch.dtype = torch.float32, keep_quantized: bool = True) -> dict:
+def load_state_dict(model_dir: str | Path, dtype: torch.dtype | None = torch.float32,
+                    keep_quantized: bool = True) -> dict:
     """Like `load_dense_state_dict`, but a weight the engine has a kernel for stays quantized: its
-    value is then a `quant.weights` object (integers plus scales) instead of a float tensor."""
+    value is then a `quant.weights` object (integers plus scales) instead of a float tensor.
+    `dtype=None` keeps each float tensor in the checkpoint's own dtype (the engine converts)."""
     model_dir = Path(model_dir)
     config_path = model_dir / "config.json"
     try:
@@ -71,7 +73,7 @@ def load_state_dict(model_dir: str | Path, dtype: torch.dtype = torch.float32, k
                 f"{origin.get(name, where)}: tensor '{name}' is still quantized ({tensor.dtype}) "
                 f"after '{method}' dequantization"
             )
-        out[name] = tensor.to(dtype)
+        out[name] = tensor if dtype is None else tensor.to(dtype)
     return out
 
 

@@ -35,7 +35,9 @@ def load_engine_model(spec: str, config: EngineConfig):
         model = LlamaForCausalLM(cfg)
     model = model.to_empty(device=device).to(dtype)
     model.rotary = type(model.rotary)(cfg).to(device)  # buffers computed for real, not on meta
-    state = load_state_dict(path, dtype=torch.float32, keep_quantized=not config.dequantize)
+    # the checkpoint's own dtype: a bf16 weight may stay bf16 in an fp32 CPU model (models/llama.py Dense)
+    state = load_state_dict(path, dtype=torch.float32 if config.quantization else None,
+                            keep_quantized=not config.dequantize)
     if config.quantization:  # online RTN quantization of a dense checkpoint (quant/online.py)
         from optcli.engine.quant.online import quantize_state_dict
 

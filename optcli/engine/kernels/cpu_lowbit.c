@@ -313,3 +313,171 @@ void lowbit_fp8_round_rows(const float *x, int64_t M, int64_t K, float *out, flo
         scales[m] = s;
     }
 }
+
+/* ---------------------------------------------------------------- bf16 weights, fp32 math --------- */
+
+/* Dense layers of a bf16 checkpoint on a CPU without bf16 arithmetic: the weights stay bf16 (half the
+ * bytes of fp32) and each is widened exactly to fp32 in registers (a 16-bit shift) before an fp32 FMA,
+ * so the result is the fp32 GEMM on the checkpoint's own values. R rows x C columns a tile. */
+INLINE __m256 bf16_load8(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+INLINE float bf16_scalar(uint16_t v) {
+    const uint32_t bits = (uint32_t)v << 16;
+    float f;
+    __builtin_memcpy(&f, &bits, 4);
+    return f;
+}
+
+INLINE void bf16_tile(const int R, const int C, const float *x, int64_t K, const uint16_t *w, float *out, int64_t ldo) {
+    __m256 acc[4][4];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
+    const int64_t K8 = K & ~(int64_t)7;
+    for (int64_t j = 0; j < K8; j += 8) {
+        __m256 wv[4];
+        for (int c = 0; c < C; c++) wv[c] = bf16_load8(w + c * K + j);
+        for (int r = 0; r < R; r++) {
+            const __m256 xv = _mm256_loadu_ps(x + r * K + j);
+            for (int c = 0; c < C; c++) acc[r][c] = _mm256_fmadd_ps(wv[c], xv, acc[r][c]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) {
+            float s = hsum_ps(acc[r][c]);
+            for (int64_t j = K8; j < K; j++) s += bf16_scalar(w[c * K + j]) * x[r * K + j];
+            out[r * ldo + c] = s;
+        }
+}
+
+#define BF16_ROWS 16 /* activation rows per tile: 16 x K fp32 stays in L2 while the weights stream */
+
+/* y [M, N] = x [M, K] @ W^T, W bf16 [N, K] (its raw 16-bit patterns), fp32 accumulation. */
+void lowbit_bf16_gemm(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, float *out) {
+    const int64_t nblocks = (N + 3) / 4;
+#pragma omp parallel
+    for (int64_t t0 = 0; t0 < M; t0 += BF16_ROWS) {
+        const int64_t t1 = t0 + BF16_ROWS < M ? t0 + BF16_ROWS : M;
+#pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < nblocks; blk++) {
+            const int64_t c0 = blk * 4;
+            const int C = N - c0 < 4 ? (int)(N - c0) : 4;
+            int64_t m = t0;
+            if (C == 4) {
+                for (; m + 2 <= t1; m += 2) bf16_tile(2, 4, x + m * K, K, w + c0 * K, out + m * N + c0, N);
+                for (; m < t1; m++) bf16_tile(1, 4, x + m * K, K, w + c0 * K, out + m * N + c0, N);
+            } else {
+                for (; m < t1; m++)
+                    for (int c = 0; c < C; c++) bf16_tile(1, 1, x + m * K, K, w + (c0 + c) * K, out + m * N + c0 + c, N);
+            }
+        }
+    }
+}
+
+/* The same product for many rows, in the outer-product form of an SGEMM: a panel of 16 weight columns
+ * x KC inputs is widened and transposed once into a per-thread buffer ([KC][16] fp32, in L1), then
+ * each tile of MR rows broadcasts one activation per input against the panel's two 8-lane vectors:
+ * 2 loads and MR broadcasts per 2 * MR FMAs, where the dot-product form above needs a load per FMA. */
+#define KC 256
+#define MR 6
+
+INLINE void bf16_panel_tile(const int R, const float *x, int64_t K, const float *buf, int64_t kc, float *out,
+                            int64_t ldo, int first) {
+    __m256 c0[MR], c1[MR];
+    for (int r = 0; r < R; r++) {
+        c0[r] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(out + r * ldo);
+        c1[r] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(out + r * ldo + 8);
+    }
+    for (int64_t kk = 0; kk < kc; kk++) {
+        const __m256 b0 = _mm256_load_ps(buf + kk * 16), b1 = _mm256_load_ps(buf + kk * 16 + 8);
+        for (int r = 0; r < R; r++) {
+            const __m256 a = _mm256_broadcast_ss(x + r * K + kk);
+            c0[r] = _mm256_fmadd_ps(a, b0, c0[r]);
+            c1[r] = _mm256_fmadd_ps(a, b1, c1[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        _mm256_storeu_ps(out + r * ldo, c0[r]);
+        _mm256_storeu_ps(out + r * ldo + 8, c1[r]);
+    }
+}
+
+/* 16 weight rows (stride K) x kc inputs -> buf [kc][16] fp32: 8 x 8 blocks widened and transposed in
+ * registers (unpack / shuffle / lane permute), a scalar loop for the last kc % 8 inputs. */
+INLINE void bf16_pack_panel(const uint16_t *w, int64_t K, int64_t kc, float *buf) {
+    const int64_t kc8 = kc & ~(int64_t)7;
+    for (int g = 0; g < 2; g++) {
+        for (int64_t kk = 0; kk < kc8; kk += 8) {
+            __m256 r[8];
+            for (int i = 0; i < 8; i++) r[i] = bf16_load8(w + (8 * g + i) * K + kk);
+            const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+            const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+            const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+            const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+            const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+            const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+            const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+            const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+            float *o = buf + kk * 16 + 8 * g;
+            _mm256_store_ps(o + 0 * 16, _mm256_permute2f128_ps(s0, s4, 0x20));
+            _mm256_store_ps(o + 1 * 16, _mm256_permute2f128_ps(s1, s5, 0x20));
+            _mm256_store_ps(o + 2 * 16, _mm256_permute2f128_ps(s2, s6, 0x20));
+            _mm256_store_ps(o + 3 * 16, _mm256_permute2f128_ps(s3, s7, 0x20));
+            _mm256_store_ps(o + 4 * 16, _mm256_permute2f128_ps(s0, s4, 0x31));
+            _mm256_store_ps(o + 5 * 16, _mm256_permute2f128_ps(s1, s5, 0x31));
+            _mm256_store_ps(o + 6 * 16, _mm256_permute2f128_ps(s2, s6, 0x31));
+            _mm256_store_ps(o + 7 * 16, _mm256_permute2f128_ps(s3, s7, 0x31));
+        }
+    }
+    for (int c = 0; c < 16; c++)
+        for (int64_t kk = kc8; kk < kc; kk++) buf[kk * 16 + c] = bf16_scalar(w[c * K + kk]);
+}
+
+void lowbit_bf16_gemm_panels(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, float *out) {
+    const int64_t panels = N / 16;
+#pragma omp parallel
+    {
+        float *buf = (float *)aligned_alloc(32, KC * 16 * sizeof(float));
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < panels; p++) {
+            const int64_t n0 = p * 16;
+            for (int64_t k0 = 0; k0 < K; k0 += KC) {
+                const int64_t kc = K - k0 < KC ? K - k0 : KC;
+                bf16_pack_panel(w + n0 * K + k0, K, kc, buf);
+                int64_t m = 0;
+                for (; m + MR <= M; m += MR)
+                    bf16_panel_tile(MR, x + m * K + k0, K, buf, kc, out + m * N + n0, N, k0 == 0);
+                const int rest = (int)(M - m);
+                if (rest == 5) bf16_panel_tile(5, x + m * K + k0, K, buf, kc, out + m * N + n0, N, k0 == 0);
+                else if (rest == 4) bf16_panel_tile(4, x + m * K + k0, K, buf, kc, out + m * N + n0, N, k0 == 0);
+                else if (rest == 3) bf16_panel_tile(3, x + m * K + k0, K, buf, kc, out + m * N + n0, N, k0 == 0);
+                else if (rest == 2) bf16_panel_tile(2, x + m * K + k0, K, buf, kc, out + m * N + n0, N, k0 == 0);
+                else if (rest == 1) bf16_panel_tile(1, x + m * K + k0, K, buf, kc, out + m * N + n0, N, k0 == 0);
+            }
+        }
+        free(buf);
+    }
+    /* columns past the last full panel: the dot-product kernel */
+    const int64_t n0 = panels * 16;
+    if (n0 < N) {
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t n = n0; n < N; n++) bf16_tile(1, 1, x + m * K, K, w + n * K, out + m * N + n, N);
+    }
+}
+
+/* ---------------------------------------------------------------- one call per q4 layer ----------- */
+
+/* Quantize x and run the q4 GEMM in one foreign call (one call, no tensors allocated for the int8
+ * activations: at the demo model's sizes the per-call overhead is what a decode step costs). */
+void lowbit_q4_linear(const float *x, int64_t M, int64_t K, int64_t B, const uint8_t *packed, const float *swt,
+                      const float *zzt, int64_t N, float *out) {
+    int8_t *qa = (int8_t *)malloc((size_t)(M * K));
+    float *sa = (float *)malloc((size_t)(M * (K / B)) * sizeof(float));
+    int32_t *asum = (int32_t *)malloc((size_t)(M * (K / B)) * sizeof(int32_t));
+    lowbit_quant_blocks(x, M, K, B, qa, sa, asum);
+    lowbit_q4_gemm(qa, sa, asum, M, K, B, packed, swt, zzt, N, out);
+    free(qa);
+    free(sa);
+    free(asum);
+}

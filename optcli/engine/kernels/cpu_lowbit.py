@@ -78,8 +78,12 @@ def library() -> ctypes.CDLL | None:
     lib.lowbit_nf4_gemm.argtypes = [p, i64, i64, p, p, p, i64, i64, p]
     lib.lowbit_nf4_dequant.argtypes = [p, p, p, i64, i64, i64, p]
     lib.lowbit_fp8_round_rows.argtypes = [p, i64, i64, p, p]
+    lib.lowbit_bf16_gemm.argtypes = [p, i64, i64, p, i64, p]
+    lib.lowbit_bf16_gemm_panels.argtypes = [p, i64, i64, p, i64, p]
+    lib.lowbit_q4_linear.argtypes = [p, i64, i64, i64, p, p, p, i64, p]
     for f in (lib.lowbit_quant_blocks, lib.lowbit_q4_gemm, lib.lowbit_q8_gemm, lib.lowbit_nf4_gemm,
-              lib.lowbit_nf4_dequant, lib.lowbit_fp8_round_rows):
+              lib.lowbit_nf4_dequant, lib.lowbit_fp8_round_rows, lib.lowbit_bf16_gemm, lib.lowbit_bf16_gemm_panels,
+              lib.lowbit_q4_linear):
         f.restype = None
     return lib
 
@@ -123,17 +127,11 @@ def q4_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: 
             block: int, n: int) -> torch.Tensor:
     """fp32 [M, K] @ W^T -> fp32 [M, n], W = (u - 8) * scales (+ zeros) per block of `block` inputs
     (`pack_q4` and `pad_columns` layouts); activations rounded to int8 per row and block."""
-    lib = library()
     m, k = x.shape
     n_padded = scales.shape[1]
     x = x.float().contiguous()
-    qa = torch.empty((m, k), dtype=torch.int8)
-    sa = torch.empty((m, k // block), dtype=torch.float32)
-    asum = torch.empty((m, k // block), dtype=torch.int32)
-    lib.lowbit_quant_blocks(_ptr(x), m, k, block, _ptr(qa), _ptr(sa), _ptr(asum))
     out = torch.empty((m, n_padded), dtype=torch.float32)
-    lib.lowbit_q4_gemm(_ptr(qa), _ptr(sa), _ptr(asum), m, k, block, _ptr(packed), _ptr(scales), _ptr(zeros),
-                       n_padded, _ptr(out))
+    library().lowbit_q4_linear(_ptr(x), m, k, block, _ptr(packed), _ptr(scales), _ptr(zeros), n_padded, _ptr(out))
     return out if n == n_padded else out[:, :n]
 
 
@@ -145,6 +143,17 @@ def q8_gemm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tens
     xq, xs, wq, ws = xq.contiguous(), xs.float().contiguous(), wq.contiguous(), ws.float().contiguous()
     out = torch.empty((m, n), dtype=torch.float32)
     lib.lowbit_q8_gemm(_ptr(xq), _ptr(xs), m, k, _ptr(wq), _ptr(ws), n, _ptr(out))
+    return out
+
+
+def bf16_gemm(x: torch.Tensor, w: torch.Tensor, panels: bool = False) -> torch.Tensor:
+    """fp32 [M, K] @ bf16 [N, K]^T -> fp32 [M, N]: the weight widened exactly, fp32 accumulation.
+    `panels`: the SGEMM-style kernel (many rows) rather than the dot-product one (few rows)."""
+    m, k = x.shape
+    x, w = x.float().contiguous(), w.contiguous()
+    out = torch.empty((m, w.shape[0]), dtype=torch.float32)
+    kernel = library().lowbit_bf16_gemm_panels if panels else library().lowbit_bf16_gemm
+    kernel(_ptr(x), m, k, _ptr(w), w.shape[0], _ptr(out))
     return out
 
 

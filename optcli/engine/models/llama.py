@@ -89,7 +89,14 @@ class RMSNorm(nn.Module):
 class Dense(nn.Module):
     """A linear layer. On CPU (fp32) its weight is packed once into oneDNN's blocked layout, the
     path torch.compile's CPU backend uses: measured 1.4-3.5x faster than F.linear (MKL) here across
-    batch sizes 1-2048. Elsewhere it is a plain F.linear."""
+    batch sizes 1-2048. Elsewhere it is a plain F.linear.
+
+    A bf16 checkpoint's weight on a CPU running fp32 (no native bf16) stays bf16 (`keeps_bf16`): half
+    the bytes, and exactly the same fp32 math, since each value is widened exactly before an fp32
+    FMA (our AVX2 kernels, `kernels/cpu_lowbit.c`), or widened per call before oneDNN's GEMM; which
+    runs is timed per batch-size bucket (`quant/cpu_choice.py`). On the 2048 -> 16384 GEMM here, ms
+    at M = 1 / 16 / 64 / 256: our kernels 2.4 / 9.8 / 25.9 / 110.7 against oneDNN's packed fp32
+    5.9 / 12.9 / 33.1 / 119.0."""
 
     input_quant = None  # dense input (see QuantLinear.input_quant)
 
@@ -102,7 +109,34 @@ class Dense(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if self.weight.dtype == torch.bfloat16 and x.dtype == torch.float32:
+            return self._bf16_weight(x)
         return dense_linear(x, self.weight, self.bias)
+
+    def _bf16_weight(self, x: torch.Tensor) -> torch.Tensor:
+        from optcli.engine.kernels import cpu_lowbit
+        from optcli.engine.quant.cpu_choice import choose
+
+        n, k = self.weight.shape
+        x2 = x.reshape(-1, k)
+        # our two exact kernels (dot-product form for few rows, SGEMM panels for many), and the weight
+        # widened per call before oneDNN (slower here at every M, kept for CPUs where it is not)
+        paths = {"bf16w-dot": lambda t: cpu_lowbit.bf16_gemm(t, self.weight),
+                 "bf16w-panels": lambda t: cpu_lowbit.bf16_gemm(t, self.weight, panels=True),
+                 "widen-onednn": lambda t: dense_linear(t, self.weight.float())}
+        y = paths[choose("dense-bf16", x2, n, k, paths)](x2)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], n)
+
+    @staticmethod
+    def keeps_bf16(weight: torch.Tensor, dtype: torch.dtype) -> bool:
+        """Whether a checkpoint weight is held bf16 in a `dtype` model: bf16 values, an fp32 model on a
+        CPU, and the AVX2 kernels built (without them the widening per call would cost every step)."""
+        from optcli.engine.kernels import cpu_lowbit
+
+        return (weight.dtype == torch.bfloat16 and dtype == torch.float32 and weight.device.type == "cpu"
+                and cpu_lowbit.library() is not None)
 
     def tie(self, weight: nn.Parameter) -> None:
         """Compute from another module's weight (a tied embedding): one copy in memory, unpacked, since
@@ -112,9 +146,12 @@ class Dense(nn.Module):
 
     def load(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         """Take an HF-layout [out, in] weight (and pack it where that pays)."""
-        self.weight.copy_(weight)
         if bias is not None:
             self.bias.copy_(bias)
+        if self.keeps_bf16(weight, self.weight.dtype):
+            self.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+            return
+        self.weight.copy_(weight)
         if self.weight.device.type == "cpu" and self.weight.dtype == torch.float32 and onednn_linear_available():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 64)
             self.weight = nn.Parameter(torch.empty(0), requires_grad=False)  # the packed copy replaces it
@@ -184,7 +221,7 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
         """Hidden states [T, hidden] for the flat batch; KV of every token lands in the cache."""
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids).to(self.dtype)  # bf16-held rows widen here
         cos, sin = self.rotary(positions)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         residual = None
@@ -206,25 +243,31 @@ class LlamaForCausalLM(nn.Module):
         dtype = self.dtype = self.embed_tokens.weight.dtype
         device = self.embed_tokens.weight.device
 
-        def take(name: str, dense: bool = False):
+        def take(name: str, dense: bool = False, linear: bool = False):
+            """The tensor in the model's dtype; a linear weight bf16 where `Dense.keeps_bf16` says so."""
             if name not in state:
                 raise KeyError(f"checkpoint has no tensor '{name}'")
             value = state[name]
             if is_quantized(value):
                 return value.dequantize().to(dtype) if dense else value
-            return value.to(dtype)
+            value = value.to(device)
+            return value if linear and Dense.keeps_bf16(value, dtype) else value.to(dtype)
 
         def load_linear(owner: nn.Module, attr: str, weight, bias: torch.Tensor | None = None) -> None:
             if is_quantized(weight):
                 setattr(owner, attr, make_quant_linear(weight, bias, device, dtype, compute_dtypes))
             else:
-                getattr(owner, attr).load(weight.to(dtype), bias)
+                getattr(owner, attr).load(weight if Dense.keeps_bf16(weight, dtype) else weight.to(dtype), bias)
 
         with torch.no_grad():
-            self.embed_tokens.weight.copy_(take("model.embed_tokens.weight", dense=True))
+            embedding = take("model.embed_tokens.weight", dense=True, linear=True)
+            if embedding.dtype == dtype:
+                self.embed_tokens.weight.copy_(embedding)
+            else:  # bf16 rows, widened per lookup (forward); the tied head reads the same bf16 matrix
+                self.embed_tokens.weight = nn.Parameter(embedding.contiguous(), requires_grad=False)
             self.norm.weight.copy_(take("model.norm.weight"))
             tied = "lm_head.weight" not in state or self.cfg.tie_word_embeddings
-            head = self.embed_tokens.weight if tied else take("lm_head.weight")
+            head = self.embed_tokens.weight if tied else take("lm_head.weight", linear=True)
             if lm_head == "int8" and not is_quantized(head):
                 self._int8_head(head, tied, device, dtype, compute_dtypes)
             elif not tied:
@@ -237,14 +280,16 @@ class LlamaForCausalLM(nn.Module):
                 layer.post_attention_layernorm.weight.copy_(take(p + "post_attention_layernorm.weight"))
                 attn = p + "self_attn."
                 qkv_bias = torch.cat([take(attn + f"{n}_proj.bias") for n in "qkv"]) if self.cfg.qkv_bias else None
-                load_linear(layer, "qkv_proj", cat_weights([take(attn + f"{n}_proj.weight") for n in "qkv"]), qkv_bias)
-                load_linear(layer, "o_proj", take(attn + "o_proj.weight"))
+                qkv = [take(attn + f"{n}_proj.weight", linear=True) for n in "qkv"]
+                load_linear(layer, "qkv_proj", cat_weights(qkv), qkv_bias)
+                load_linear(layer, "o_proj", take(attn + "o_proj.weight", linear=True))
                 if self.cfg.qk_norm:
                     layer.q_norm.weight.copy_(take(attn + "q_norm.weight"))
                     layer.k_norm.weight.copy_(take(attn + "k_norm.weight"))
                 mlp = p + "mlp."
-                load_linear(layer, "gate_up_proj", cat_weights([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")]))
-                load_linear(layer, "down_proj", take(mlp + "down_proj.weight"))
+                gate_up = [take(mlp + "gate_proj.weight", linear=True), take(mlp + "up_proj.weight", linear=True)]
+                load_linear(layer, "gate_up_proj", cat_weights(gate_up))
+                load_linear(layer, "down_proj", take(mlp + "down_proj.weight", linear=True))
 
     def _int8_head(self, weight: torch.Tensor, tied: bool, device, dtype, compute_dtypes) -> None:
         """The head as int8 rows with one scale each: weight-only on CPU (torch's int8 kernel), W8A8 on a
