@@ -1,12 +1,14 @@
-/* Integer GEMMs for x86 CPUs with AVX2 (no VNNI needed): y[M, N] = x[M, K] @ W[N, K]^T.
+/* GEMMs for x86 CPUs with AVX2 (no VNNI or AVX-512 needed): y[M, N] = x[M, K] @ W[N, K]^T with W held
+ * in a low-bit format or in bf16, plus FP8 activation rounding.
  *
  * Built and loaded by cpu_lowbit.py (gcc -O3 -mavx2 -mfma -fopenmp, called through ctypes on torch
  * tensors' memory). Why hand-written: on an AVX2 CPU torch's low-bit kernels read the weights at a
  * fraction of the memory bandwidth at one row and lose to a dense fp32 GEMM at 64 rows, oneDNN's
- * u8s8 path saturates int16 (wrong results), and FBGEMM's int8 GEMM quantizes activations per tensor
- * (one request's output would depend on the others in the batch).
+ * u8s8 path saturates int16 (wrong results), FBGEMM's int8 GEMM quantizes activations per tensor
+ * (one request's output would depend on the others in the batch), and nothing runs fp32 math on
+ * bf16-held weights without first widening the whole matrix.
  *
- * Both kernels keep every integer sum exact:
+ * The two integer kernels keep every integer sum exact:
  *  - q4: 4-bit weights u in 0..15 (the signed value + 8), activations int8 in -127..127 with one scale
  *    per row and block of B inputs (llama.cpp's q4_0 x q8_0 idea). _mm256_maddubs_epi16 takes u as its
  *    unsigned operand: a pair sums to at most 15 * 127 * 2 = 3810, so 8 chunks of 32 (B <= 256) add up
@@ -14,10 +16,10 @@
  *  - q8: int8 weights and int8 activations (W8A8's own per-token quantization, done by the caller)
  *    widened to int16 and multiplied with _mm256_madd_epi16 (exact for every int8 value, -128 too).
  *
- * Work split: columns of W in blocks of NC across OpenMP threads (torch's own OpenMP runtime, which
- * the process has loaded already); rows in tiles of MT so a tile's activations stay in L2 while the
- * weights stream. A column block is first unpacked into a small per-thread buffer, so the unpacking
- * is paid once per row tile rather than once per row.
+ * Work split: blocks of weight columns across OpenMP threads (torch's own OpenMP runtime, which the
+ * process has loaded already); rows in tiles (MT) so a tile's activations stay in L2 while the
+ * weights stream. The q4 weights are pre-interleaved 8 columns per 64-input chunk (one stream per
+ * thread); the q8 kernel widens a block of NC columns to int16 once per row tile.
  */
 #include <immintrin.h>
 #include <stdint.h>

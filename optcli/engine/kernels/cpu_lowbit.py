@@ -1,7 +1,8 @@
-"""The AVX2 integer GEMMs of `cpu_lowbit.c`, compiled once per machine and called through ctypes.
+"""The AVX2 CPU kernels of `cpu_lowbit.c` (low-bit GEMMs, bf16-weight GEMMs, FP8 activation rounding),
+compiled once per machine and called through ctypes.
 
-No maintained library gives an exact low-bit GEMM on an AVX2 CPU without VNNI (see the C file's
-header), so this one is ours: compiled with the system's C compiler (`$CC`, else `cc`) on first use
+No maintained library gives an exact low-bit GEMM on an AVX2 CPU without VNNI, or an fp32 GEMM on
+bf16-held weights (see the C file's header), so these are ours: compiled with the system's C compiler (`$CC`, else `cc`) on first use
 into `$OPTCLI_CACHE/cpu-kernels/`, keyed by the source's hash, the flags and the compiler. Where there
 is no compiler, no AVX2, or the build fails, `library()` is None and the quantized layers keep torch's
 paths (they only ever offer these as candidates, timed against torch's, in `cpu_choice.py`).
@@ -11,7 +12,8 @@ without torch's headers, and the OpenMP runtime it asks for is the one torch has
 
 `reference_q4_gemm` is the plain-PyTorch statement of what the q4 kernel computes (tests compare the
 two); the q8 kernel's reference is `ops.int8_scaled_mm`, which it matches exactly; the bitsandbytes
-4-bit (NF4/FP4) kernels are float GEMMs, compared with bitsandbytes' own dequantization.
+4-bit (NF4/FP4) kernels are float GEMMs, compared with bitsandbytes' own dequantization; the bf16
+ones with a float64 product of the widened weights; the FP8 rounding with torch's own cast.
 """
 
 from __future__ import annotations
