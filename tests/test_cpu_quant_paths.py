@@ -49,7 +49,8 @@ def close(got: torch.Tensor, want: torch.Tensor, bf16: bool) -> None:
 def test_every_int8_path_matches_the_reference(monkeypatch, act_quant) -> None:
     weight = Int8Weight.rtn(rand(48, 64, seed=1), act_quant=act_quant)
     layer = Int8Linear(weight, compute_dtypes=BF16)
-    expected_paths = {"int8pack-bf16", "dequant"} | ({"int_mm", *LOWBIT_Q8} if act_quant else set())
+    lowbit = ({"int_mm", *LOWBIT_Q8} if act_quant else {"i8w-dot", "i8w-panels"} if HAS_LOWBIT else set())
+    expected_paths = {"int8pack-bf16", "dequant"} | lowbit
     assert set(layer.paths) == expected_paths
     for m in (1, 5, 33):
         x = rand(m, 64, seed=m, scale=2.0)
@@ -112,17 +113,35 @@ def test_avx2_kernel_layouts_and_exact_int8_sums() -> None:
     q = torch.randint(0, 16, (13, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     packed = cpu_lowbit.pack_q4(q)
     assert packed.shape == (2, 2, 8, 32) and torch.equal(cpu_lowbit.unpack_q4(packed, 13), q)
+    scales = torch.rand(13, 3, generator=torch.Generator().manual_seed(2))
+    columns = cpu_lowbit.pack_columns(scales)  # [N/8, G, 8]: a block of 8 columns' values together
+    assert columns.shape == (2, 3, 8) and torch.equal(columns[1, 2, :5], scales[8:, 2]) and not columns[1, :, 5:].any()
+    assert torch.equal(cpu_lowbit.unpack_columns(columns, 13), scales)
     assert cpu_lowbit.q4_block(128, 32) is None and cpu_lowbit.q4_block(96, 96) is None  # not multiples of 64
     assert cpu_lowbit.q4_block(4096, 4096) == 256 and cpu_lowbit.q4_block(256, 128) == 128
     # every int8 value, -128 included, on both sides: bit for bit the int32 reference
     g = torch.Generator().manual_seed(1)
-    for m, k, n in ((1, 16, 1), (5, 48, 9), (67, 256, 20)):
+    for m, k, n in ((1, 16, 1), (3, 80, 6), (4, 4096, 5), (5, 48, 9), (67, 256, 20)):  # M <= 4: one row a stream
         xq = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
         wq = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
         xq[0, :] = -128
         wq[0, :] = -128
         xs, ws = torch.rand(m, 1, generator=g), torch.rand(n, generator=g)
         assert torch.equal(cpu_lowbit.q8_gemm(xq, xs, wq, ws), ops.int8_scaled_mm(xq, xs, wq, ws, torch.float32))
+    # W8A8's activation quantization in C, bit for bit torch's: ties (x / scale = k + 0.5) round to
+    # even, an all-zero row takes the minimum scale, K not a multiple of 8
+    for m, k in ((1, 16), (6, 37), (3, 2048)):
+        x = torch.randn(m, k, generator=g) * 3
+        x[0, :4] = torch.tensor([2.5, -2.5, 127.5, -127.5]) * (x[0].abs().max() / 127.5)
+        if m > 2:
+            x[2] = 0
+        want_q, want_s = ops.quantize_per_token(x, torch.int8)
+        got_q, got_s = cpu_lowbit.quantize_rows_int8(x)
+        assert torch.equal(got_q, want_q) and torch.equal(got_s, want_s)
+        w = torch.randint(-128, 128, (5, k), dtype=torch.int8, generator=g)
+        ws = torch.rand(5, generator=g)
+        if k % 16 == 0:
+            assert torch.equal(cpu_lowbit.q8_linear(x, w, ws), ops.int8_scaled_mm(want_q, want_s, w, ws, torch.float32))
 
 
 @needs_lowbit
@@ -156,12 +175,48 @@ def test_int8_activation_rounding_costs_little_on_a_trained_model(tmp_path, monk
     assert rounding < 0.25 * weights and agree > 0.97, (rounding, weights, agree)
 
 
+@needs_lowbit
 @pytest.mark.parametrize("act_quant", [True, False])
-def test_fp8_on_cpu_widens_exactly_and_counts_its_bytes(act_quant) -> None:
+def test_fp8_on_cpu_keeps_one_byte_a_weight_and_widens_exactly(monkeypatch, act_quant) -> None:
+    weight = Fp8Weight.rtn(rand(48, 64, seed=6), act_quant=act_quant)
+    layer = Fp8Linear(weight)
+    assert layer.mode == "cpu-lowbit" and set(layer.paths) == {"fp8-dot", "fp8-panels", "widen-onednn"}
+    assert layer.qweight.dtype == torch.float8_e4m3fn and layer.opaque_bytes == 0  # 1 byte a weight
+    for m in (1, 3, 6, 19):
+        x = rand(m, 64, seed=7 + m, scale=2.0)
+        want = (fake_quant(x, torch.float8_e4m3fn) if act_quant else x) @ weight.dequantize().t()
+        for name in layer.paths:
+            monkeypatch.setenv("OPTCLI_CPU_KERNEL", name)
+            close(layer(x), want, bf16=False)
+    assert torch.equal(layer.quant_weight().q.view(torch.uint8), weight.q.view(torch.uint8))
+
+
+@needs_lowbit
+def test_fp8_kernels_widen_every_e4m3_value_exactly() -> None:
+    """Each non-NaN byte (subnormals, +-0, +-448) against an identity: the product is the value itself."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes = codes[(codes & 0x7F) != 0x7F]  # 254 values
+    w = codes.view(torch.float8_e4m3fn).repeat(20, 1)  # N = 20: one panel of 16 and 4 columns past it
+    eye = torch.eye(codes.numel())
+    for m, panels in ((1, False), (4, False), (7, False), (254, True), (5, True)):
+        got = cpu_lowbit.fp8_gemm(eye[:m].contiguous(), w, panels=panels)
+        assert torch.equal(got, w.float()[:, :m].t()), (m, panels)
+    odd = torch.cat([codes, codes[:13]]).view(torch.float8_e4m3fn)  # 267: past the last 16
+    assert torch.equal(cpu_lowbit.fp8_widen(odd), odd.float()) and torch.equal(cpu_lowbit.fp8_widen(w), w.float())
+    x = rand(9, 300, seed=11)  # K past a panel's 256 inputs, and not a multiple of 16
+    w = (rand(37, 300, seed=12) * 40).to(torch.float8_e4m3fn)
+    want = (x.double() @ w.double().t()).float()
+    bound = 1e-6 * (x.abs() @ w.float().abs().t()).max().item()  # fp32 summation of 300 products
+    for panels in (False, True):
+        torch.testing.assert_close(cpu_lowbit.fp8_gemm(x, w, panels=panels), want, rtol=0, atol=bound)
+
+
+@pytest.mark.parametrize("act_quant", [True, False])
+def test_fp8_without_our_kernels_widens_to_fp16_for_fbgemm(act_quant) -> None:
     if "fbgemm" not in torch.backends.quantized.supported_engines:
         pytest.skip("this torch build has no FBGEMM")
     weight = Fp8Weight.rtn(rand(48, 64, seed=6), act_quant=act_quant)
-    layer = Fp8Linear(weight)
+    layer = Fp8Linear(weight, backend="fbgemm-fp16")
     assert layer.mode == "fbgemm-fp16" and layer.opaque_bytes == 48 * 64 * 2
     x = rand(6, 64, seed=7, scale=2.0)
     want = (fake_quant(x, torch.float8_e4m3fn) if act_quant else x) @ weight.dequantize().t()

@@ -25,6 +25,9 @@ class AttentionGroup:
     block_table: torch.Tensor  # [B, N] cache blocks holding positions 0..N*block_size-1
     ctx_len: torch.Tensor  # [B]
     masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # by sliding window
+    # rows are 0..B*Q-1 in order with no padding (every decode step of same-length sequences): the
+    # queries are a view of q and the output needs no scatter (4 fewer ops a layer at batch 1)
+    dense: bool = False
 
     def mask(self, window: int | None, block_size: int) -> torch.Tensor:
         """[B, 1, Q, N*block_size] boolean: causal, within the context, within the window."""
@@ -113,7 +116,10 @@ def build_group(rows, query_pos, ctx_lens, block_tables, block_size, device) -> 
     ctx_len = torch.as_tensor(ctx_lens, dtype=torch.long)
     n_blocks = (int(ctx_len.max()) + block_size - 1) // block_size
     table = block_table_tensor(block_tables, n_blocks)
-    return AttentionGroup(row_t.to(device), valid.to(device), pos_t.to(device), table.to(device), ctx_len.to(device))
+    flat = [i for r in rows for i in r]
+    dense = all(len(r) == q_max for r in rows) and flat == list(range(len(flat)))
+    return AttentionGroup(row_t.to(device), valid.to(device), pos_t.to(device), table.to(device), ctx_len.to(device),
+                          dense=dense)
 
 
 def split_by_length(ctx_lens: list[int], max_groups: int = 3) -> list[list[int]]:
@@ -142,7 +148,8 @@ def split_by_length(ctx_lens: list[int], max_groups: int = 3) -> list[list[int]]
 def _attend(q, k_cache, v_cache, group: AttentionGroup, window: int | None, block_size: int) -> torch.Tensor:
     batch, n_blocks = group.block_table.shape
     kv_heads, dim = k_cache.shape[-2:]
-    queries = q[group.rows].transpose(1, 2)  # [B, H, Q, D]
+    rows = q[: group.rows.numel()].view(*group.rows.shape, *q.shape[1:]) if group.dense else q[group.rows]
+    queries = rows.transpose(1, 2)  # [B, H, Q, D]
     blocks = group.block_table.view(-1)  # index_select: ~40% faster than advanced indexing here
     keys = k_cache.view(-1, block_size, kv_heads, dim).index_select(0, blocks).view(batch, -1, kv_heads, dim)
     values = v_cache.view(-1, block_size, kv_heads, dim).index_select(0, blocks).view(batch, -1, kv_heads, dim)
@@ -157,6 +164,8 @@ def paged_attention(q, k, v, kv_cache, meta: AttentionMetadata, window: int | No
     k_cache, v_cache = kv_cache
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
+    if len(meta.groups) == 1 and meta.groups[0].dense and meta.groups[0].rows.numel() == q.shape[0]:
+        return _attend(q, k_cache, v_cache, meta.groups[0], window, meta.block_size).reshape(q.shape)
     out = torch.empty_like(q)
     for group in meta.groups:
         result = _attend(q, k_cache, v_cache, group, window, meta.block_size)

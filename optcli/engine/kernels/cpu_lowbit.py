@@ -48,6 +48,12 @@ def _cpu_has_avx2() -> bool:
 
 
 @functools.cache
+def source_key() -> str:
+    """A short hash of the kernels' C source (names the timed choices made with this build of them)."""
+    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:8]
+
+
+@functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None where they cannot be built here (then nothing offers them)."""
     if os.environ.get("OPTCLI_CPU_LOWBIT", "1") == "0" or not _cpu_has_avx2():
@@ -83,9 +89,15 @@ def library() -> ctypes.CDLL | None:
     lib.lowbit_bf16_gemm.argtypes = [p, i64, i64, p, i64, p]
     lib.lowbit_bf16_gemm_panels.argtypes = [p, i64, i64, p, i64, p]
     lib.lowbit_q4_linear.argtypes = [p, i64, i64, i64, p, p, p, i64, p]
+    lib.lowbit_fp8_gemm.argtypes = [p, i64, i64, p, i64, ctypes.c_float, ctypes.c_int, p]
+    lib.lowbit_fp8_widen.argtypes = [p, i64, ctypes.c_float, p]
+    lib.lowbit_i8w_gemm.argtypes = [p, i64, i64, p, i64, ctypes.c_int, p]
+    lib.lowbit_quant_rows_int8.argtypes = [p, i64, i64, p, p]
+    lib.lowbit_q8_linear.argtypes = [p, i64, i64, p, p, i64, p]
     for f in (lib.lowbit_quant_blocks, lib.lowbit_q4_gemm, lib.lowbit_q8_gemm, lib.lowbit_nf4_gemm,
               lib.lowbit_nf4_dequant, lib.lowbit_fp8_round_rows, lib.lowbit_bf16_gemm, lib.lowbit_bf16_gemm_panels,
-              lib.lowbit_q4_linear):
+              lib.lowbit_q4_linear, lib.lowbit_fp8_gemm, lib.lowbit_fp8_widen, lib.lowbit_i8w_gemm,
+              lib.lowbit_quant_rows_int8, lib.lowbit_q8_linear):
         f.restype = None
     return lib
 
@@ -116,9 +128,16 @@ def unpack_q4(packed: torch.Tensor, n: int) -> torch.Tensor:
     return torch.stack([cols & 0xF, cols >> 4], 3).reshape(blocks * 8, chunks * 64)[:n]
 
 
-def pad_columns(t: torch.Tensor) -> torch.Tensor:
-    """Per-column fp32 [N, G] scales or zeros -> the kernel's [G, ceil(N/8)*8] (transposed, zero-padded)."""
-    return F.pad(t.float(), (0, 0, 0, -t.shape[0] % 8)).t().contiguous()
+def pack_columns(t: torch.Tensor) -> torch.Tensor:
+    """Per-column fp32 [N, G] scales or zeros -> the kernel's [ceil(N/8), G, 8]: each block of 8 output
+    columns with its own G x 8 values, next to each other (zero-padded columns past N)."""
+    n, g = t.shape
+    return F.pad(t.float(), (0, 0, 0, -n % 8)).reshape(-1, 8, g).transpose(1, 2).contiguous()
+
+
+def unpack_columns(t: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of `pack_columns`: fp32 [n, G]."""
+    return t.transpose(1, 2).reshape(-1, t.shape[1])[:n]
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -128,9 +147,9 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 def q4_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
             block: int, n: int) -> torch.Tensor:
     """fp32 [M, K] @ W^T -> fp32 [M, n], W = (u - 8) * scales (+ zeros) per block of `block` inputs
-    (`pack_q4` and `pad_columns` layouts); activations rounded to int8 per row and block."""
+    (`pack_q4` and `pack_columns` layouts); activations rounded to int8 per row and block."""
     m, k = x.shape
-    n_padded = scales.shape[1]
+    n_padded = scales.shape[0] * 8
     x = x.float().contiguous()
     out = torch.empty((m, n_padded), dtype=torch.float32)
     library().lowbit_q4_linear(_ptr(x), m, k, block, _ptr(packed), _ptr(scales), _ptr(zeros), n_padded, _ptr(out))
@@ -148,6 +167,26 @@ def q8_gemm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tens
     return out
 
 
+def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token int8 quantization, bit for bit `ops.quantize_per_token(x, torch.int8)` (int8 [M, K],
+    fp32 scales [M, 1]), in one vectorized pass."""
+    m, k = x.shape
+    x = x.float().contiguous()
+    q = torch.empty((m, k), dtype=torch.int8)
+    scales = torch.empty((m, 1), dtype=torch.float32)
+    library().lowbit_quant_rows_int8(_ptr(x), m, k, _ptr(q), _ptr(scales))
+    return q, scales
+
+
+def q8_linear(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+    """W8A8 in one foreign call: `quantize_rows_int8(x)`, then `q8_gemm` (the same result bit for bit)."""
+    m, k = x.shape
+    x, wq, ws = x.float().contiguous(), wq.contiguous(), ws.float().contiguous()
+    out = torch.empty((m, wq.shape[0]), dtype=torch.float32)
+    library().lowbit_q8_linear(_ptr(x), m, k, _ptr(wq), _ptr(ws), wq.shape[0], _ptr(out))
+    return out
+
+
 def bf16_gemm(x: torch.Tensor, w: torch.Tensor, panels: bool = False) -> torch.Tensor:
     """fp32 [M, K] @ bf16 [N, K]^T -> fp32 [M, N]: the weight widened exactly, fp32 accumulation.
     `panels`: the SGEMM-style kernel (many rows) rather than the dot-product one (few rows)."""
@@ -156,6 +195,35 @@ def bf16_gemm(x: torch.Tensor, w: torch.Tensor, panels: bool = False) -> torch.T
     out = torch.empty((m, w.shape[0]), dtype=torch.float32)
     kernel = library().lowbit_bf16_gemm_panels if panels else library().lowbit_bf16_gemm
     kernel(_ptr(x), m, k, _ptr(w), w.shape[0], _ptr(out))
+    return out
+
+
+def fp8_gemm(x: torch.Tensor, w: torch.Tensor, panels: bool = False) -> torch.Tensor:
+    """fp32 [M, K] @ W^T -> fp32 [M, N] for W float8_e4m3fn [N, K], held as its bytes and widened
+    exactly in registers (fp32 accumulation; no copy of the weight in any wider type). `panels`: the
+    SGEMM-style kernel (many rows) rather than the dot-product one (few rows)."""
+    m, k = x.shape
+    x, w = x.float().contiguous(), w.contiguous().view(torch.uint8)
+    out = torch.empty((m, w.shape[0]), dtype=torch.float32)
+    library().lowbit_fp8_gemm(_ptr(x), m, k, _ptr(w), w.shape[0], 256.0, int(panels), _ptr(out))
+    return out
+
+
+def i8w_gemm(x: torch.Tensor, w: torch.Tensor, panels: bool = False) -> torch.Tensor:
+    """fp32 [M, K] @ int8 [N, K]^T -> fp32 [M, N] (weight-only int8: each weight widened exactly, fp32
+    math; the caller applies the per-row scales). `panels` as in `fp8_gemm`."""
+    m, k = x.shape
+    x, w = x.float().contiguous(), w.contiguous()
+    out = torch.empty((m, w.shape[0]), dtype=torch.float32)
+    library().lowbit_i8w_gemm(_ptr(x), m, k, _ptr(w), w.shape[0], int(panels), _ptr(out))
+    return out
+
+
+def fp8_widen(w: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn [N, K] -> its exact fp32 values (vectorized; torch's cast is scalar code)."""
+    w = w.contiguous().view(torch.uint8)
+    out = torch.empty(w.shape, dtype=torch.float32)
+    library().lowbit_fp8_widen(_ptr(w), w.numel(), 256.0, _ptr(out))
     return out
 
 

@@ -31,6 +31,10 @@ class TorchOps:
 
     @staticmethod
     def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        joint = adjacent_heads(q, k)
+        if joint is not None:  # one rotation over q's and k's heads: half the ops (7 fewer a layer)
+            both = apply_rotary(joint, cos, sin)
+            return both[:, : q.shape[1]], both[:, q.shape[1]:]
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
     @classmethod
@@ -80,6 +84,18 @@ class FusedOps:
         from optcli.engine.kernels.fused_elementwise import silu_mul
 
         return silu_mul(gate_up, quant=quant)
+
+
+def adjacent_heads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """q [T, H, D] and k [T, KV, D] as one [T, H + KV, D] view where k's heads follow q's in memory
+    (both views of the fused qkv projection's output), else None."""
+    if q.dim() != 3 or q.stride() != k.stride() or q.stride(1) != q.shape[2] or q.stride(2) != 1 or q.dtype != k.dtype:
+        return None
+    if q.untyped_storage().data_ptr() != k.untyped_storage().data_ptr():
+        return None
+    if k.data_ptr() != q.data_ptr() + q.shape[1] * q.shape[2] * q.element_size():
+        return None
+    return q.as_strided((q.shape[0], q.shape[1] + k.shape[1], q.shape[2]), q.stride())
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

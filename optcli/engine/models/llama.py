@@ -105,6 +105,7 @@ class Dense(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.packed: torch.Tensor | None = None
+        self._paths: dict | None = None  # the bf16-weight kernels, by name (_bf16_paths)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
@@ -114,20 +115,27 @@ class Dense(nn.Module):
         return dense_linear(x, self.weight, self.bias)
 
     def _bf16_weight(self, x: torch.Tensor) -> torch.Tensor:
-        from optcli.engine.kernels import cpu_lowbit
         from optcli.engine.quant.cpu_choice import choose
 
         n, k = self.weight.shape
         x2 = x.reshape(-1, k)
-        # our two exact kernels (dot-product form for few rows, SGEMM panels for many), and the weight
-        # widened per call before oneDNN (slower here at every M, kept for CPUs where it is not)
-        paths = {"bf16w-dot": lambda t: cpu_lowbit.bf16_gemm(t, self.weight),
-                 "bf16w-panels": lambda t: cpu_lowbit.bf16_gemm(t, self.weight, panels=True),
-                 "widen-onednn": lambda t: dense_linear(t, self.weight.float())}
+        paths = self._bf16_paths()
         y = paths[choose("dense-bf16", x2, n, k, paths)](x2)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], n)
+
+    def _bf16_paths(self) -> dict:
+        """Our two exact kernels (dot-product form for few rows, SGEMM panels for many), and the weight
+        widened per call before oneDNN (slower here at every M, kept for CPUs where it is not). Built
+        once per module; they read `self.weight` at call time, so a later `tie` is seen."""
+        if self._paths is None:
+            from optcli.engine.kernels import cpu_lowbit
+
+            self._paths = {"bf16w-dot": lambda t: cpu_lowbit.bf16_gemm(t, self.weight),
+                           "bf16w-panels": lambda t: cpu_lowbit.bf16_gemm(t, self.weight, panels=True),
+                           "widen-onednn": lambda t: dense_linear(t, self.weight.float())}
+        return self._paths
 
     @staticmethod
     def keeps_bf16(weight: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -145,10 +153,11 @@ class Dense(nn.Module):
         self.weight, self.packed = weight, None
 
     def load(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        """Take an HF-layout [out, in] weight (and pack it where that pays)."""
+        """Take an HF-layout [out, in] weight (and pack it where that pays). A weight in another dtype
+        than the module's is held as given: the loader made that choice (`keeps_bf16`)."""
         if bias is not None:
             self.bias.copy_(bias)
-        if self.keeps_bf16(weight, self.weight.dtype):
+        if weight.dtype != self.weight.dtype:
             self.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
             return
         self.weight.copy_(weight)
@@ -257,7 +266,7 @@ class LlamaForCausalLM(nn.Module):
             if is_quantized(weight):
                 setattr(owner, attr, make_quant_linear(weight, bias, device, dtype, compute_dtypes))
             else:
-                getattr(owner, attr).load(weight if Dense.keeps_bf16(weight, dtype) else weight.to(dtype), bias)
+                getattr(owner, attr).load(weight, bias)  # take() gave it in dtype, or bf16 to be kept
 
         with torch.no_grad():
             embedding = take("model.embed_tokens.weight", dense=True, linear=True)

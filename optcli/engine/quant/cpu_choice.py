@@ -13,7 +13,12 @@ by large factors. Measured on this project's 2-core AVX2 EPYC (no VNNI, no AVX-5
 | int4 `_weight_int4pack_mm_for_cpu`, bf16 activations | 2.6 | 15.9 | 63 |
 | int4 `_weight_int4pack_mm_for_cpu`, fp32 activations | 78 | 1254 | 4989 |
 | int4 x int8, our AVX2 kernel (`kernels/cpu_lowbit.c`) | 0.46 | 5.9 | 22.3 |
-| int8 x int8, our AVX2 kernel (exact int32) | 1.8 | 8.0 | 30.2 |
+| int8 x int8, our AVX2 kernel (exact int32) | 1.1 | 8.0 | 30.2 |
+| fp8 (E4M3 bytes widened in registers, fp32 math), our AVX2 kernels | 1.9 | 11.5 | 28.9 |
+| bf16 weight widened in registers, fp32 math, our AVX2 kernels | 2.3 | 9.5 | 26.7 |
+
+(M=1 of the int8 and fp8 rows, and the bf16 row: 16 different weights in turn, so from memory, not
+from the L3 cache a single repeated GEMM partly runs from.)
 
 while on an AVX-512 VNNI CPU `_int_mm` beats bf16 at every M. So a layer lists every exact path
 it can take (`candidates`), and the first call in each power-of-two M bucket times them on its real
@@ -105,10 +110,14 @@ def cpu_model() -> str:
 
 
 def _cache_file() -> Path:
+    """Per CPU model, thread count, torch version and version of our own kernels' source (a choice
+    timed against an older build of them says nothing about the new one)."""
     from optcli.config import cache_dir
+    from optcli.engine.kernels import cpu_lowbit
 
     name = re.sub(r"[^A-Za-z0-9.]+", "_", cpu_model())
-    return cache_dir() / "cpu-kernels" / f"{name}-{torch.get_num_threads()}t-torch{torch.__version__}.json"
+    kernels = cpu_lowbit.source_key()
+    return cache_dir() / "cpu-kernels" / f"{name}-{torch.get_num_threads()}t-torch{torch.__version__}-k{kernels}.json"
 
 
 _STORE = SavedChoices(lambda: _cache_file())
