@@ -170,12 +170,17 @@ def q8_gemm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tens
 def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token int8 quantization, bit for bit `ops.quantize_per_token(x, torch.int8)` (int8 [M, K],
     fp32 scales [M, 1]), in one vectorized pass."""
+    return _per_row(library().lowbit_quant_rows_int8, x, torch.int8)
+
+
+def _per_row(kernel, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run a per-token rounding kernel (x, M, K, values, scales): (values [M, K] of `dtype`, fp32 scales [M, 1])."""
     m, k = x.shape
     x = x.float().contiguous()
-    q = torch.empty((m, k), dtype=torch.int8)
+    values = torch.empty((m, k), dtype=dtype)
     scales = torch.empty((m, 1), dtype=torch.float32)
-    library().lowbit_quant_rows_int8(_ptr(x), m, k, _ptr(q), _ptr(scales))
-    return q, scales
+    kernel(_ptr(x), m, k, _ptr(values), _ptr(scales))
+    return values, scales
 
 
 def q8_linear(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
@@ -230,12 +235,7 @@ def fp8_widen(w: torch.Tensor) -> torch.Tensor:
 def fp8_round_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token FP8 (E4M3) rounding: (the fp8 values as fp32 [M, K], fp32 scales [M, 1]), bit for bit
     `ops.quantize_per_token(x, torch.float8_e4m3fn)` widened back to fp32, without torch's scalar fp8 casts."""
-    m, k = x.shape
-    x = x.float().contiguous()
-    out = torch.empty((m, k), dtype=torch.float32)
-    scales = torch.empty((m, 1), dtype=torch.float32)
-    library().lowbit_fp8_round_rows(_ptr(x), m, k, _ptr(out), _ptr(scales))
-    return out, scales
+    return _per_row(library().lowbit_fp8_round_rows, x, torch.float32)
 
 
 def nf4_ok(k: int, blocksize: int) -> bool:
