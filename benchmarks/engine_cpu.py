@@ -81,7 +81,7 @@ def build_model_dir(out: Path, layers: int, seed: int) -> tuple[int, int]:
     """Seeded random Llama (fp32 safetensors) plus the builtin tokenizer; returns (params, eos id)."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from optcli.models import resolve_model
+    from optcli.checkpoints.resolve import resolve_model
 
     tok_dir = resolve_model("builtin:tiny-llama").path
     for name in ("tokenizer.json", "tokenizer_config.json"):

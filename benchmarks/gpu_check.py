@@ -168,7 +168,7 @@ def build_model(out: Path, plan: Plan, device: str, seed: int):
     tokenizer. Returns the in-memory transformers model (the peer; same tensors as the saved ones)."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from optcli.models import resolve_model
+    from optcli.checkpoints.resolve import resolve_model
 
     tok_dir = resolve_model("builtin:tiny-llama").path
     for name in ("tokenizer.json", "tokenizer_config.json"):

@@ -42,7 +42,7 @@ os.environ.setdefault("OPTCLI_CACHE", str(Path(__file__).resolve().parents[1] / 
 @pytest.fixture(scope="session")
 def stories_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """stories260K converted to a Hugging Face directory once per test session."""
-    from optcli.llama2c import convert_llama2c
+    from optcli.checkpoints.llama2c import convert_llama2c
 
     out = tmp_path_factory.mktemp("stories") / "stories260K"
     return convert_llama2c(shared_data("stories260K.bin"), shared_data("tok512.bin"), out)

@@ -14,7 +14,7 @@ import pytest
 from conftest import shared_data
 from typer.testing import CliRunner
 
-from optcli.calibration import build_from_source, calibrate, load_calibration_set
+from optcli.calibration.dataset import build_from_source, calibrate, load_calibration_set
 from optcli.errors import UsageError
 
 OPTCLI = str(Path(sys.executable).parent / "optcli")
@@ -102,7 +102,7 @@ def test_every_file_source_kind(tmp_path: Path, tokenizer, stories: list[str], k
 
 
 def test_selection_draws_short_and_long_documents(tokenizer) -> None:
-    from optcli.calibration import select_windows
+    from optcli.calibration.dataset import select_windows
 
     short = [[1, 10 + i] for i in range(200)]  # 2 tokens each
     long = [[1] + [300 + i] * 200 for i in range(5)]  # 201 tokens each
@@ -180,7 +180,7 @@ def test_self_source_samples_from_the_model(stories_dir: Path, tokenizer) -> Non
 
 
 def test_manifest_hash_is_stable_and_tracks_every_input(tmp_path: Path, tokenizer, stories: list[str]) -> None:
-    from optcli.models import load_model, resolve_model
+    from optcli.checkpoints.resolve import load_model, resolve_model
 
     source = tmp_path / "a.txt"
     source.write_text("\n\n".join(stories))
@@ -292,7 +292,7 @@ def test_stats_names_real_layers_with_real_numbers(tmp_path: Path, stories_dir: 
 
 @pytest.mark.parametrize(("peak", "recipe"), [(45.0, "w4a16-awq"), (12.0, "w4a16-gptq"), (3.0, "w4a16-gptq")])
 def test_suggestion_follows_the_worst_outlier_ratio(peak: float, recipe: str) -> None:
-    from optcli.outliers import suggest_recipe
+    from optcli.calibration.outliers import suggest_recipe
 
     layers = {f"model.layers.{i}.mlp.down_proj": {"outlier_ratio": r} for i, r in enumerate([2.0, peak, 1.5])}
     suggestion = suggest_recipe(layers)

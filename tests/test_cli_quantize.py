@@ -98,7 +98,7 @@ def test_recipe_typos_exit_2_naming_file_and_field(tmp_path: Path) -> None:
 
 
 def test_corrupt_model_exits_2(tmp_path: Path) -> None:
-    from optcli.models import resolve_model
+    from optcli.checkpoints.resolve import resolve_model
 
     src = resolve_model("builtin:tiny-llama").path
     broken = tmp_path / "broken"

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from optcli.cost import cost_per_1k, usd_per_1k
 from optcli.report import render_html, render_markdown
-from optcli.roi import RoiOptions, compute_roi
+from optcli.roi.analysis import RoiOptions, compute_roi
+from optcli.roi.cost import cost_per_1k, usd_per_1k
 
 PRICE, TOTAL_TOK_S, OUTPUT_TOK_S = 2.5, 1234.5, 321.0
 

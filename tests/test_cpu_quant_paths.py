@@ -153,7 +153,7 @@ def test_int8_activation_rounding_costs_little_on_a_trained_model(tmp_path, monk
 
     from optcli.builtin import model_dir
     from optcli.engine import Engine
-    from optcli.quantize import quantize
+    from optcli.quantize.pipeline import quantize
     from tests.conftest import shared_data
 
     quantize("builtin:tiny-llama", "w4a16-rtn", tmp_path / "w4", device="cpu")

@@ -95,7 +95,7 @@ def test_serve_builds_its_engine_from_the_flags(monkeypatch, stories_dir) -> Non
 
 
 def test_the_planner_sizes_kv_in_the_dtype_serve_would_use() -> None:
-    from optcli import planner
+    from optcli.roi import planner
 
     shape = planner.model_shape({"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
                                  "num_attention_heads": 4, "vocab_size": 100, "torch_dtype": "float32"})

@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from typer.testing import CliRunner
 
-from optcli.bench.online import api_base_url
+from optcli.bench.load_generator import api_base_url
 from optcli.cli import app
 from optcli.errors import UsageError
 

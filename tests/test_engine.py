@@ -159,7 +159,7 @@ def test_stop_token_and_length_finish(stories) -> None:
 
 
 def test_builtin_tiny_llama_greedy_matches_transformers() -> None:
-    from optcli.models import resolve_model
+    from optcli.checkpoints.resolve import resolve_model
 
     path = resolve_model("builtin:tiny-llama").path
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -189,7 +189,7 @@ def _random_model(tmp_path: Path, arch: str) -> Path:
         Qwen3ForCausalLM,
     )
 
-    from optcli.models import resolve_model
+    from optcli.checkpoints.resolve import resolve_model
 
     src = resolve_model("builtin:tiny-llama").path
     vocab = json.loads((src / "config.json").read_text())["vocab_size"]
@@ -243,7 +243,7 @@ def test_quantized_artifacts_run_with_transformers_logits(stories, tmp_path: Pat
     """compressed-tensors and bitsandbytes artifacts load (dequantized) and score as transformers does."""
     import bitsandbytes as bnb
 
-    from optcli.quantize import quantize
+    from optcli.quantize.pipeline import quantize
 
     out = tmp_path / recipe
     quantize(str(stories["dir"]), recipe, out, device="cpu")

@@ -29,9 +29,9 @@ def artifact(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """Quantize the builtin model once per recipe, calibrating on a small set (8 x 128 tokens)."""
     from transformers import AutoTokenizer
 
-    from optcli.calibration import default_calibration_set, save_calibration_set
-    from optcli.models import resolve_model
-    from optcli.quantize import quantize
+    from optcli.calibration.dataset import default_calibration_set, save_calibration_set
+    from optcli.checkpoints.resolve import resolve_model
+    from optcli.quantize.pipeline import quantize
 
     root = tmp_path_factory.mktemp("loader")
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("builtin:tiny-llama").path)

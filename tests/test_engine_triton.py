@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from optcli.checkpoints.resolve import resolve_model
 from optcli.engine import Engine, SamplingParams
 from optcli.engine.cuda_graphs import batch_buckets
-from optcli.models import resolve_model
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from optcli import hardware
 from optcli.errors import UsageError
+from optcli.roi import hardware
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,8 +27,8 @@ def test_packaged_catalog_has_the_issue_gpus_with_dense_datasheet_figures() -> N
 
 def test_catalog_is_package_data() -> None:
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert "gpu_catalog.yaml" in config["tool"]["setuptools"]["package-data"]["optcli"]
-    assert hardware.CATALOG_FILE.is_file() and hardware.CATALOG_FILE.parent.name == "optcli"
+    assert "roi/gpu_catalog.yaml" in config["tool"]["setuptools"]["package-data"]["optcli"]
+    assert hardware.CATALOG_FILE.is_file() and hardware.CATALOG_FILE.parent.name == "roi"
 
 
 def test_user_catalog_merges_over_the_packaged_one(tmp_path: Path, monkeypatch) -> None:

@@ -12,12 +12,12 @@ from conftest import shared_data
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from optcli.bench.accuracy import evaluate
-from optcli.errors import UsageError
-from optcli.llama2c import (
+from optcli.checkpoints.llama2c import (
     build_llama2c_tokenizer,
     convert_llama2c,
     read_llama2c_checkpoint,
 )
+from optcli.errors import UsageError
 
 EXPECTED_START = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park"
 
@@ -159,7 +159,7 @@ def test_bad_inputs_raise_usage_error(tmp_path: Path, converted: Path) -> None:
 
 
 def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import optcli.llama2c as mod
+    import optcli.checkpoints.llama2c as mod
 
     def boom(*_args: object, **_kwargs: object) -> None:
         raise OSError("disk full")

@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from optcli.checkpoints.resolve import load_model, resolve_model, tokenizer_fingerprint
 from optcli.errors import UsageError
-from optcli.models import load_model, resolve_model, tokenizer_fingerprint
 
 
 def test_builtin_tiny_llama_is_the_trained_model_it_says_it_is() -> None:
     """The shipped weights score the held-out perplexity training.json states, far below a random model's,
     and the shipped tokenizer is the one the training script's trainer makes from the corpus."""
     from optcli.builtin.train_tiny_llama import perplexity, train_builtin_tokenizer
-    from optcli.calibration import heldout_text, split_documents
+    from optcli.calibration.corpus import heldout_text, split_documents
 
     path = resolve_model("builtin:tiny-llama").path
     record = json.loads((path / "training.json").read_text())

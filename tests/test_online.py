@@ -15,8 +15,8 @@ from conftest import serve_in_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from optcli.bench.load_generator import engine_sender, openai_sender, run_load
 from optcli.bench.metrics import RequestTiming, percentiles, summarize
-from optcli.bench.online import engine_sender, openai_sender, run_load
 from optcli.engine import Engine, SamplingParams
 from optcli.engine.async_engine import AsyncEngine
 

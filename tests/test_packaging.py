@@ -49,7 +49,7 @@ def test_the_wheel_is_what_runs(installed: Path, tmp_path: Path) -> None:
 
 
 def test_installed_wheel_lists_the_nine_recipes(installed: Path, tmp_path: Path) -> None:
-    from optcli.recipes import builtin_names
+    from optcli.quantize.recipes import builtin_names
 
     result = _run(installed, "optcli", "recipes", "list", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

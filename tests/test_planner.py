@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from optcli import planner
 from optcli.errors import UsageError
-from optcli.hardware import GpuSpec
+from optcli.roi import planner
+from optcli.roi.hardware import GpuSpec
 
 LLAMA3_8B = {"num_hidden_layers": 32, "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
              "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False}

@@ -145,8 +145,8 @@ def test_quantized_artifact_is_compared_with_its_source(stories_dir: Path, eval_
                                                         recipe: str) -> None:
     from transformers import AutoTokenizer
 
-    from optcli.calibration import build_from_source, save_calibration_set
-    from optcli.quantize import quantize
+    from optcli.calibration.dataset import build_from_source, save_calibration_set
+    from optcli.quantize.pipeline import quantize
 
     calib = save_calibration_set(build_from_source(AutoTokenizer.from_pretrained(stories_dir), str(eval_text), 8, 64),
                                  tmp_path / "calib")
@@ -267,7 +267,8 @@ def figures(output_tok_s: float, online_tok_s: float, decode_tok_s: float | None
 
 
 def test_a_slower_artifact_gets_a_warning_per_slower_throughput_figure() -> None:
-    from optcli.profile import Workload, _comparison
+    from optcli.bench.comparison import comparison as _comparison
+    from optcli.bench.workload import Workload
 
     artifact = {"model": "out/gptq", "recipe": "w4a16-gptq", **figures(42.0, 300.0, 10.0, 5.0, 1000)}
     comparison = _comparison(artifact, figures(100.0, 200.0, 20.0, 4.0, 4000), Workload(requests=16, concurrency=4))

@@ -29,8 +29,8 @@ from tests.test_engine import hf_greedy, story_prompts
 def artifacts(stories_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     from transformers import AutoTokenizer
 
-    from optcli.calibration import default_calibration_set, save_calibration_set
-    from optcli.quantize import quantize
+    from optcli.calibration.dataset import default_calibration_set, save_calibration_set
+    from optcli.quantize.pipeline import quantize
 
     root = tmp_path_factory.mktemp("quant-engine")
     tokenizer = AutoTokenizer.from_pretrained(stories_dir)

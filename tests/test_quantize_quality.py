@@ -18,8 +18,8 @@ from conftest import shared_data
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from optcli.bench.accuracy import evaluate
-from optcli.calibration import build_from_source, save_calibration_set
-from optcli.quantize import apply_recipe, save_artifact
+from optcli.calibration.dataset import build_from_source, save_calibration_set
+from optcli.quantize.pipeline import apply_recipe, save_artifact
 
 CALIB_CHARS = (60_000, 160_000)
 EVAL_CHARS = (0, 40_000)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from optcli.errors import UsageError
-from optcli.recipes import builtin_names, load_recipe
+from optcli.quantize.recipes import builtin_names, load_recipe
 
 SHIPPED = {"bf16", "w4a16-rtn", "w4a16-gptq", "w4a16-awq", "w8a8-int8", "fp8-dynamic", "nf4-bnb", "int8-bnb", "2of4-w4a16"}
 

@@ -60,7 +60,9 @@ def baseline_report() -> dict:
 
 def compared_report() -> dict:
     """example_report with its source measured the same way: slower offline and at batch 1, faster online."""
-    from optcli.profile import Workload, _comparison, _roofline
+    from optcli.bench.comparison import comparison as _comparison
+    from optcli.bench.comparison import roofline as _roofline
+    from optcli.bench.workload import Workload
 
     report, source = example_report(), baseline_report()
     report["throughput"].update(online_output_tok_s=2500.0, decode_tok_s=180.0)

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from optcli import capacity, roi
 from optcli.cli import app
+from optcli.roi import analysis as roi
+from optcli.roi import capacity
 
 ROOT = Path(__file__).resolve().parents[1]
 ROI_KEYS = {"usd_per_1k_tokens", "usd_per_1k_output_tokens", "daily_cost_usd", "annual_cost_usd",
@@ -288,7 +289,8 @@ def test_json_stdout_is_one_object_from_the_installed_entry_point(tmp_path: Path
 
 def test_profile_sweep_feeds_the_capacity_plan(tmp_path: Path) -> None:
     """A real (tiny) profile run records latency vs concurrency under `throughput.sweep`, top-level keys unchanged."""
-    from optcli.profile import Workload, profile
+    from optcli.bench.profile import profile
+    from optcli.bench.workload import Workload
 
     workload = Workload(requests=4, prompt_len=(8, 16), output_len=4, concurrency=2, sweep=(1,))
     report = profile("builtin:tiny-llama", workload=workload, device="cpu", max_num_seqs=4)

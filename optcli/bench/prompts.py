@@ -12,6 +12,8 @@ from __future__ import annotations
 import random
 from functools import cache
 
+from optcli.calibration.corpus import calibration_documents
+
 
 def sample_lengths(n: int, prompt_len: tuple[int, int], rng: random.Random) -> list[int]:
     a, b = prompt_len
@@ -39,8 +41,6 @@ def text_prompts(tokenizer, n: int, prompt_len: tuple[int, int], seed: int) -> l
 
 @cache
 def _corpus_tokens(tokenizer) -> tuple[int, ...]:
-    from optcli.calibration import calibration_documents
-
     ids: list[int] = []
     for doc in calibration_documents(include_heldout=True):
         ids.extend(tokenizer(doc + "\n\n", add_special_tokens=False).input_ids)

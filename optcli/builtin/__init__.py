@@ -5,7 +5,7 @@ only a checkout) has it. Nothing here imports the rest of optcli.
 
 - ``corpus/``: our own mixed-domain text (prose, dialogue, code, numbers); ``heldout.txt`` is
   evaluation-only: never calibrated or trained on.
-- ``recipes/``: the shipped quantization recipes (YAML, validated by ``optcli.recipes``).
+- ``recipes/``: the shipped quantization recipes (YAML, validated by ``optcli.quantize.recipes``).
 - ``tiny-llama/``: ``builtin:tiny-llama``, a small Llama trained by ``train_tiny_llama.py`` on
   ``corpus/`` (heldout excluded), committed as safetensors with its tokenizer.
 """

@@ -81,7 +81,7 @@ def train_builtin_tokenizer():
     from tokenizers.processors import TemplateProcessing
     from transformers import PreTrainedTokenizerFast
 
-    from optcli.calibration import calibration_documents  # a development script: the one upward import here
+    from optcli.calibration.corpus import calibration_documents  # a development script: the one upward import here
 
     specials = ["<unk>", "<s>", "</s>"]
     byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
@@ -161,7 +161,7 @@ def train(out: Path, hp: dict) -> dict:
     import torch.nn.functional as F
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from optcli.calibration import calibration_documents, heldout_text, split_documents
+    from optcli.calibration.corpus import calibration_documents, heldout_text, split_documents
 
     t0 = time.time()
     torch.manual_seed(hp["seed"])

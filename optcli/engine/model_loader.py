@@ -16,8 +16,8 @@ def load_engine_model(spec: str, config: EngineConfig):
     the weights. Quantized weights stay quantized (run by `quant/linear.py`) unless `dequantize`."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
+    from optcli.checkpoints.resolve import resolve_model
     from optcli.engine.loader import load_state_dict
-    from optcli.models import resolve_model
 
     path = resolve_model(spec).path
     hf_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)

@@ -4,6 +4,8 @@ Writes are atomic so `--out` never holds a half-written or mismatched set: every
 in memory first, then a new directory is built by the one atomic directory writer (optcli.util.fs:
 a temporary sibling renamed into place, stale ones from killed runs swept), or, when the directory
 already exists (it may hold other artifacts), each file is replaced with temp file + os.replace.
+
+report renders a finished report dict: it imports only errors and util (and matplotlib for plots).
 """
 
 from __future__ import annotations

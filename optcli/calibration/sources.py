@@ -15,6 +15,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from optcli.calibration.corpus import CALIBRATION_DIR, HELDOUT_FILE, calibration_documents, read_documents
+from optcli.checkpoints.resolve import weight_hashes
+from optcli.engine import Engine, SamplingParams
 from optcli.errors import UsageError
 
 FILE_TYPES = (".txt", ".jsonl", ".json", ".parquet", ".csv")
@@ -69,7 +72,6 @@ def read_source(source: str, opts: RowOptions, model_path: Path | None = None,
 def read_file(path: Path, opts: RowOptions, out: Documents) -> None:
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        from optcli.calibration import read_documents
 
         docs = _decode(path, read_documents)
         out.read += len(docs)
@@ -233,7 +235,6 @@ def hub_documents(source: str, opts: RowOptions) -> Documents:
 
 
 def builtin_documents() -> Documents:
-    from optcli.calibration import CALIBRATION_DIR, HELDOUT_FILE, calibration_documents
 
     files = [p for p in sorted(CALIBRATION_DIR.glob("*.txt")) if p.name != HELDOUT_FILE]
     docs = list(calibration_documents())
@@ -242,8 +243,6 @@ def builtin_documents() -> Documents:
 
 def self_documents(model_path: Path, samples: int, seq_len: int, seed: int) -> Documents:
     """Data-free calibration: `samples` sequences of seq_len tokens sampled from BOS at temperature 1."""
-    from optcli.engine import Engine, SamplingParams
-    from optcli.models import weight_hashes
 
     engine = Engine(str(model_path), device="cpu", dtype="float32", max_num_seqs=min(samples, 32), max_model_len=seq_len)
     start = engine.tokenizer.bos_token_id

@@ -13,11 +13,19 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from optcli import capacity
 from optcli.config import DTYPE_BYTES, EngineConfig, check_dtype
-from optcli.cost import cost_per_1k, usd_per_1k
 from optcli.errors import UsageError
-from optcli.hardware import GpuChoice, GpuSpec, detect_gpu, load_catalog, match_catalog, recommend_recipes, resolve_gpu
+from optcli.roi import capacity, planner
+from optcli.roi.cost import cost_per_1k, usd_per_1k
+from optcli.roi.hardware import (
+    GpuChoice,
+    GpuSpec,
+    detect_gpu,
+    load_catalog,
+    match_catalog,
+    recommend_recipes,
+    resolve_gpu,
+)
 
 DEFAULT_REQUESTS_PER_DAY = 10_000  # the seed article's case
 DEFAULT_TOKENS_PER_REQUEST = 1_000
@@ -161,8 +169,6 @@ def compute_roi(o: RoiOptions) -> dict:
         total_tok_s = _pick(inputs, "total_tok_s", (tp["total_tok_s"], "report"))
         output_tok_s = _pick(inputs, "output_tok_s", (tp.get("output_tok_s"), "report"))
     else:
-        from optcli import planner
-
         recipe, scheme = planner.scheme_for(_pick(inputs, "recipe", (o.recipe, "flag"), ("bf16", "default")))
         shape = planner.model_shape(o.estimate)
         batch = _pick(inputs, "batch_size", (o.batch_size, "flag"), (DEFAULT_BATCH_SIZE, "default"))
@@ -219,8 +225,6 @@ def _baseline_annual(o: RoiOptions, inputs: dict, hourly: float, rpd: float, tpr
 def _plan(o: RoiOptions, report: dict | None, gpu: GpuSpec | None, detected: dict | None, inputs: dict,
           plan: dict | None) -> dict | None:
     """Memory plan and recipe advice where a model config and a GPU are known."""
-    from optcli import planner
-
     if gpu is None and detected is None:
         return plan
     model = o.estimate or (report or {}).get("model")

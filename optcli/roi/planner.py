@@ -14,9 +14,11 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from optcli.checkpoints.resolve import resolve_model
 from optcli.config import DTYPE_BYTES, EngineConfig, cuda_auto_dtype
 from optcli.errors import UsageError
-from optcli.hardware import GpuSpec
+from optcli.quantize.recipes import load_recipe
+from optcli.roi.hardware import GpuSpec
 
 BLOCK_SIZE = EngineConfig().block_size  # the engine's KV page, in tokens
 RUNTIME_OVERHEAD_BYTES = 512 * 2**20  # CUDA context, cuBLAS workspace, allocator slack (rough)
@@ -73,8 +75,6 @@ def model_shape(model: str | Path | dict) -> ModelShape:
         elif (path / "config.json").is_file():
             file = path / "config.json"
         else:
-            from optcli.models import resolve_model
-
             file = resolve_model(str(model)).path / "config.json"
         try:
             config = json.loads(file.read_text(encoding="utf-8"))
@@ -99,8 +99,6 @@ def model_shape(model: str | Path | dict) -> ModelShape:
 
 def scheme_for(recipe: str) -> tuple[str, Scheme]:
     """(recipe name, storage scheme) for a built-in recipe name or a recipe YAML path."""
-    from optcli.recipes import load_recipe
-
     loaded = load_recipe(recipe)
     scheme = SCHEMES.get(loaded.scheme)
     if scheme is None:

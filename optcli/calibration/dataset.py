@@ -1,7 +1,7 @@
 """Calibration sets: token windows cut from documents, saved with a manifest that ties them to a tokenizer.
 
 Quantizers (GPTQ, AWQ, SmoothQuant) need a few hundred sequences of real text. A set is built
-once (sources in calibration_sources.py), hashed over everything that decides its content, and
+once (sources in sources.py, the built-in corpus in corpus.py), hashed over everything that decides its content, and
 saved as a `datasets` dataset plus `manifest.json`; `quantize --calibration DIR` refuses a set whose
 token ids came from a different tokenizer, since those ids would mean nothing.
 """
@@ -12,50 +12,18 @@ import hashlib
 import json
 import random
 import statistics
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from optcli import __version__
-from optcli.builtin import corpus_dir
-from optcli.calibration_sources import Documents, RowOptions, read_source
+from optcli.calibration.outliers import activation_stats
+from optcli.calibration.sources import Documents, RowOptions, read_source
+from optcli.checkpoints.resolve import load_model, resolve_model, tokenizer_fingerprint
 from optcli.errors import UsageError
+from optcli.util.fs import atomic_directory, check_out_dir
 
-CALIBRATION_DIR = corpus_dir()
-HELDOUT_FILE = "heldout.txt"  # evaluation only: never calibrated on
-CODE_SEPARATOR = "<|doc|>"  # code has blank lines, so code.txt separates documents with this line
 STRATA = 4  # document-length quantile buckets that selection draws from in turn
-
-
-def split_documents(text: str, separator: str | None = None) -> list[str]:
-    """Documents are separated by blank lines, or by lines equal to `separator` when given."""
-    if separator:
-        parts = "\n".join(line if line.strip() != separator else "\x00" for line in text.splitlines()).split("\x00")
-    else:
-        parts = text.replace("\r\n", "\n").split("\n\n")
-    return [p.strip("\n") for p in parts if p.strip()]
-
-
-def read_documents(path: Path) -> list[str]:
-    text = path.read_text(encoding="utf-8")
-    separator = CODE_SEPARATOR if any(line.strip() == CODE_SEPARATOR for line in text.splitlines()) else None
-    return split_documents(text, separator)
-
-
-def calibration_documents(include_heldout: bool = False) -> Iterator[str]:
-    """The project's own mixed-domain corpus (prose, dialogue, code, numbers)."""
-    files = sorted(CALIBRATION_DIR.glob("*.txt"))
-    if not files:
-        raise UsageError(f"built-in calibration corpus not found in {CALIBRATION_DIR}")
-    for path in files:
-        if path.name == HELDOUT_FILE and not include_heldout:
-            continue
-        yield from read_documents(path)
-
-
-def heldout_text() -> str:
-    return "\n\n".join(read_documents(CALIBRATION_DIR / HELDOUT_FILE))
 
 
 @dataclass
@@ -133,7 +101,6 @@ def token_stats(lengths: list[int]) -> dict:
 def build_set(tokenizer, docs: Documents, samples: int, seq_len: int, seed: int = 0, strict: bool = False,
               extra: dict | None = None) -> CalibrationSet:
     """Tokenize, drop empty and duplicate documents, pick `samples` windows of seq_len tokens; hash the result."""
-    from optcli.models import tokenizer_fingerprint
 
     ids = tokenize_documents(tokenizer, docs)
     if not ids:
@@ -173,14 +140,6 @@ def build_set(tokenizer, docs: Documents, samples: int, seq_len: int, seed: int 
     return CalibrationSet(chosen, manifest)
 
 
-def build_calibration_set(
-    tokenizer, documents: list[str], samples: int, seq_len: int, seed: int = 0, source: str = "builtin"
-) -> CalibrationSet:
-    """Documents already in memory; the source hash is taken over their text."""
-    digest = hashlib.sha256(json.dumps(list(documents)).encode()).hexdigest()
-    return build_set(tokenizer, Documents(list(documents), source, digest, len(documents)), samples, seq_len, seed)
-
-
 def default_calibration_set(tokenizer, samples: int, seq_len: int, seed: int = 0) -> CalibrationSet:
     """What `quantize` uses without --calibration: the builtin corpus, through the same code as calibrate."""
     return build_from_source(tokenizer, "builtin", samples, seq_len, seed)
@@ -198,7 +157,6 @@ def save_calibration_set(calib: CalibrationSet, out: Path, stats: dict | None = 
     """Atomically: token ids as a `datasets` dataset in data/, manifest.json, and stats.json when given."""
     from datasets import Dataset
 
-    from optcli.util.fs import atomic_directory
 
     with atomic_directory(Path(out), force) as tmp:
         Dataset.from_dict({"input_ids": calib.input_ids}).save_to_disk(str(tmp / "data"))
@@ -212,7 +170,6 @@ def load_calibration_set(path: Path, tokenizer=None) -> CalibrationSet:
     """Load a saved set; with `tokenizer`, refuse a set made with another one."""
     from datasets import load_from_disk
 
-    from optcli.models import tokenizer_fingerprint
 
     path = Path(path)
     manifest_path = path / "manifest.json"
@@ -239,8 +196,6 @@ def calibrate(model_spec: str, source: str, out: Path, samples: int = 128, seq_l
     """`optcli calibrate`: every check before any work, then build, optionally measure outliers, save atomically."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from optcli.models import load_model, resolve_model
-    from optcli.util.fs import check_out_dir
 
     check_out_dir(Path(out), force)
     model = resolve_model(model_spec)
@@ -252,7 +207,6 @@ def calibrate(model_spec: str, source: str, out: Path, samples: int = 128, seq_l
                               chat_template=chat_template, model_path=model.path, strict=strict)
     report = None
     if stats:
-        from optcli.outliers import activation_stats
 
         loaded, _ = load_model(model)
         report = activation_stats(loaded, calib.input_ids, batch_size)

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from optcli.builtin import model_dir
 from optcli.errors import UsageError
 
 BUILTIN_MODELS = ("tiny-llama",)
@@ -144,8 +145,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def _builtin_dir(name: str) -> Path:
-    from optcli.builtin import model_dir
-
     path = model_dir(name)
     if not (path / "config.json").is_file() or not list(path.glob("*.safetensors")):
         raise RuntimeError(f"optcli's package data is incomplete: builtin:{name} not found in {path} (reinstall optcli)")

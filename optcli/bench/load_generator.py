@@ -139,7 +139,7 @@ async def _measure(send: Sender, timing: RequestTiming, prompt: Prompt, max_toke
 
 def engine_sender(async_engine) -> Sender:
     """A sender driving an `AsyncEngine` in process (ignore_eos, so every request runs to max_tokens)."""
-    from optcli.engine.sampling_params import SamplingParams
+    from optcli.engine.sampling_params import SamplingParams  # the engine (torch) only when sending to it
 
     async def send(prompt: Prompt, max_tokens: int) -> AsyncIterator[int]:
         params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)

@@ -1,0 +1,234 @@
+"""`optcli profile`: accuracy against a baseline, offline throughput, online latency under load, the
+machine it ran on, cost, and KPI gates, in one report (report.json / .md / .html).
+
+All figures are measured in this run; what cannot be measured here is None, never estimated.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from optcli.bench.accuracy import EngineLM, evaluate
+from optcli.bench.comparison import comparison, roofline
+from optcli.bench.kpi import evaluate_kpis, load_kpi, slo_from_kpi
+from optcli.bench.measure import free_device_memory, measure_local, online_load, sweep_point
+from optcli.bench.workload import Workload, default_concurrency
+from optcli.calibration.corpus import heldout_text
+from optcli.checkpoints.resolve import resolve_model
+from optcli.config import EngineConfig
+from optcli.engine import Engine
+from optcli.engine.placement import resolve_device
+from optcli.errors import KpiFailed, UsageError
+from optcli.report import write_reports
+from optcli.roi.cost import cost_per_1k  # the one cost function, shared with `optcli roi`
+from optcli.roi.hardware import GpuUtilizationSampler, describe, peak_bandwidth
+from optcli.util.env import library_versions
+
+
+def _manifest(path: Path | None) -> dict | None:
+    if path is not None and (path / "optcli.json").is_file():
+        return json.loads((path / "optcli.json").read_text())
+    return None
+
+
+def measure_accuracy(model_path: Path, baseline_path: Path, eval_text: str, device: str) -> dict:
+    """PPL, KLD and top-1 agreement of the model against its baseline on the same tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    ids = tokenizer(eval_text, verbose=False).input_ids
+    model = AutoModelForCausalLM.from_pretrained(model_path, device_map=device).eval()
+    baseline = AutoModelForCausalLM.from_pretrained(baseline_path, dtype=torch.float32, device_map=device).eval()
+    ctx = min(256, getattr(model.config, "max_position_embeddings", 256))
+    return evaluate(model, ids, baseline, ctx=ctx).as_dict()
+
+
+def measure_head_accuracy(model_path: Path, eval_text: str, config: EngineConfig) -> dict:
+    """What `config.lm_head` (int8) costs in accuracy: the engine with that head against the same model
+    with its dense head, on the same tokens through the same engine (so only the head differs)."""
+    rounded = Engine(str(model_path), config)
+    ids = rounded.tokenizer(eval_text, verbose=False).input_ids
+    ctx = min(256, rounded.max_model_len)
+    dense = Engine(str(model_path), config.with_options(lm_head="dense"))
+    return {"format": config.lm_head, **evaluate(EngineLM(rounded), ids, EngineLM(dense), ctx=ctx).as_dict()}
+
+
+def profile(
+    model: str,
+    baseline: str | None = None,
+    eval_text: Path | None = None,
+    workload: Workload | None = None,
+    kpi_file: Path | None = None,
+    gpu_hour_cost: float | None = None,
+    out: Path | None = None,
+    endpoint: str | None = None,
+    config: EngineConfig | None = None,
+    progress=None,
+    tokenizer: str | None = None,
+    **engine_options,
+) -> dict:
+    """Run the whole profile and write the reports; raises KpiFailed (exit 3) after writing them.
+    `config` (plus any EngineConfig field by keyword) is the engine both models run in, as `serve` would."""
+    workload = workload or Workload()
+    kpi = load_kpi(kpi_file) if kpi_file is not None else None
+    if eval_text is not None and not eval_text.is_file():
+        raise UsageError(f"--eval-text file not found: {eval_text}")
+    if gpu_hour_cost is not None and gpu_hour_cost < 0:
+        raise UsageError("--gpu-hour-cost must be >= 0")
+    config = (config or EngineConfig()).with_options(**engine_options)
+    device = resolve_device(config.device)
+    config = config.with_options(device=device)
+    step = progress or (lambda message: None)
+
+    source = None if endpoint else resolve_model(model)
+    manifest = _manifest(source.path) if source else None
+    if baseline is None and manifest is not None and manifest.get("source", {}).get("path"):
+        baseline = manifest["source"]["path"]
+    baseline_source = resolve_model(baseline) if baseline and source else None
+
+    report: dict = {
+        "model": model,
+        "baseline": baseline,
+        "recipe": manifest["recipe"]["name"] if manifest else None,
+        "hardware": None,
+        "workload": {
+            "requests": workload.requests,
+            "prompt_len": list(workload.prompt_len),
+            "output_len": workload.output_len,
+            "concurrency": workload.concurrency,
+            "concurrency_sweep": [*workload.sweep, workload.concurrency] if workload.sweep else None,
+            "rate": workload.rate,
+            "seed": workload.seed,
+            "endpoint": endpoint,
+            "eval_text": str(eval_text) if eval_text else "builtin corpus heldout.txt",
+            "prompt_format": workload.prompt_format or ("text" if endpoint else "tokens"),
+            # the engine options both models ran with (what `serve` would run); dtype resolved at load
+            "engine": None if endpoint else {**config.as_dict(), "dtype_requested": config.dtype, "dtype_reason": None},
+        },
+        "throughput": {"output_tok_s": None, "total_tok_s": None, "requests_s": None},
+        "latency_ms": {m: {"mean": None, "p50": None, "p95": None, "p99": None} for m in ("ttft", "tpot", "itl", "e2e")},
+        "memory": {"weights_bytes": None, "peak_bytes": None, "kv_cache_bytes": None},
+        "accuracy": {k: None for k in ("ppl", "baseline_ppl", "ppl_ratio", "kld_mean", "kld_p99", "top1_agreement")},
+        "batch_efficiency": None,
+        "gpu_utilization": None,
+        "cost": {"usd_per_1k_tokens": None, "usd_per_1k_output_tokens": None, "gpu_hour_cost_usd": gpu_hour_cost},
+        "kpi": {"passed": True, "checks": []},
+        # the source measured the same way in this run: its figures, rows of both with ratios, and
+        # warnings where the artifact is slower; null without a baseline and with --endpoint
+        "comparison": None,
+        # batch-1 decode's weight-read bandwidth against the machine's peak; null with --endpoint
+        "roofline": None,
+        "versions": library_versions(),
+    }
+    report["hardware"] = describe(device)
+
+    if baseline_source is not None:
+        step("accuracy against the baseline")
+        text = eval_text.read_text(encoding="utf-8") if eval_text else heldout_text()
+        acc = measure_accuracy(source.path, baseline_source.path, text, device)
+        report["accuracy"] = {k: acc[k] for k in report["accuracy"]}
+    if source is not None and config.lm_head != "dense":
+        step(f"accuracy cost of the {config.lm_head} LM head")
+        text = eval_text.read_text(encoding="utf-8") if eval_text else heldout_text()
+        # the rounded head against the dense one, both through the engine (the accuracy above is transformers')
+        report["accuracy"]["lm_head"] = measure_head_accuracy(source.path, text, config)
+
+    slo = slo_from_kpi(kpi) if kpi is not None else None
+    samples = None
+    decode_tok_s = None
+    sweep_points: list[tuple[int, float]] = []
+    with GpuUtilizationSampler() as gpu:
+        if endpoint:
+            text = report["workload"]["prompt_format"] == "text"
+            tok = None
+            if text or tokenizer:
+                tok, report["workload"]["tokenizer"] = endpoint_tokenizer(model, tokenizer)
+            vocab = (3, min(len(tok), 32000)) if tok is not None else (3, 500)  # ids below every real vocab size
+            text_tok = tok if text else None
+            for level in workload.sweep:
+                step(f"online load against {endpoint} at concurrency {level}")
+                swept = online_load(None, endpoint, model, replace(workload, concurrency=level), slo, vocab, text_tok)
+                sweep_points.append(sweep_point(level, swept))
+            step(f"online load against {endpoint}")
+            online = online_load(None, endpoint, model, workload, slo, vocab, text_tok)
+            samples = {"candidate": online.pop("samples")}
+        else:
+            run = measure_local(source, workload, slo, config, step)
+            report["workload"]["engine"].update(run.engine_options)
+            report["throughput"].update(run.throughput)
+            report["batch_efficiency"] = run.batch_efficiency
+            report["memory"] = run.memory
+            online, sweep_points, decode_tok_s = run.online, run.sweep_points, run.decode_tok_s
+            samples = {"candidate": run.samples}
+            free_device_memory(device)  # the candidate's engine is gone: the baseline's gets the same room
+    sweep_points.append(sweep_point(workload.concurrency or default_concurrency(workload), online))
+    report["gpu_utilization"] = gpu.mean()
+    report["latency_ms"] = online["latency_ms"]
+    report["throughput"].update(
+        online_output_tok_s=online["throughput"]["output_tok_s"],
+        sweep=sweep_points,  # latency vs concurrency, for `optcli roi`'s capacity plan
+        failed_requests=online["requests"]["failed"],
+        failures=online["failures"],  # how many of the online requests failed, and the distinct errors
+        goodput_requests_s=(online["goodput"] or {}).get("requests_s"),
+        decode_tok_s=decode_tok_s,  # batch 1 (see roofline.method); null with --endpoint
+    )
+    if endpoint:
+        report["throughput"].update({k: online["throughput"][k] for k in ("output_tok_s", "total_tok_s", "requests_s")})
+    tp = report["throughput"]
+    report["cost"].update(cost_per_1k(gpu_hour_cost, tp["total_tok_s"], tp["output_tok_s"]))
+    baseline_report = None
+    if baseline_source is not None:  # the source measured the same way, side by side (comparison)
+        # the same workload and seed through the baseline's own engine (dropped when _local returns);
+        # the concurrency sweep is the candidate's capacity plan, not repeated here
+        base = measure_local(baseline_source, replace(workload, sweep=()), slo, config, step)
+        free_device_memory(device)
+        report["workload"]["engine"]["baseline_dtype"] = base.engine_options["dtype"]
+        memory = dict(base.memory)
+        if not device.startswith("cuda"):
+            memory["peak_bytes"] = None  # the process peak would include the candidate's
+        throughput, base_online, baseline_decode = base.throughput, base.online, base.decode_tok_s
+        baseline_report = {
+            "accuracy": {"ppl": report["accuracy"]["baseline_ppl"]},
+            "memory": memory,
+            "throughput": {k: throughput[k] for k in ("output_tok_s", "total_tok_s", "requests_s")}
+            | {"online_output_tok_s": base_online["throughput"]["output_tok_s"], "decode_tok_s": baseline_decode},
+            "latency_ms": base_online["latency_ms"],
+        }
+        samples["baseline"] = base.samples  # overlaid on the candidate's latency CDFs
+        report["throughput"].update(
+            baseline_output_tok_s=throughput["output_tok_s"],
+            baseline_total_tok_s=throughput["total_tok_s"],
+            baseline_requests_s=throughput["requests_s"],
+            baseline_online_output_tok_s=base_online["throughput"]["output_tok_s"],
+            baseline_decode_tok_s=baseline_decode,
+        )
+        report["comparison"] = comparison(report, baseline_report, workload)
+    if not endpoint:
+        # after both models ran: on a CPU the 1 GiB pass would otherwise sit in their peak RSS
+        step("peak memory bandwidth")
+        report["roofline"] = roofline(peak_bandwidth(device), report, baseline_report)
+    if kpi is not None:
+        report["kpi"] = evaluate_kpis(report, kpi)
+    if out is not None:
+        write_reports(report, Path(out), samples=samples, sweep=sweep_points if workload.sweep else None,
+                      baseline_report=baseline_report)
+    if not report["kpi"]["passed"]:
+        failed = [c["name"] for c in report["kpi"]["checks"] if not c["passed"]]
+        raise KpiFailed(f"KPI gate failed: {', '.join(failed)}", report)
+    return report
+
+
+def endpoint_tokenizer(model: str, spec: str | None):
+    """(tokenizer, label) that sizes prompts for a server: `--tokenizer`, else MODEL when it is a local
+    model, else the builtin one (then lengths are approximate: the server's usage counts are what count)."""
+    from transformers import AutoTokenizer  # heavy: only for --endpoint runs
+
+    label = spec
+    if spec is None:
+        local = model.startswith("builtin:") or Path(model).expanduser().is_dir()
+        spec = model if local else "builtin:tiny-llama"
+        label = spec if local else f"{spec} (not the server's: prompt lengths approximate)"
+    return AutoTokenizer.from_pretrained(resolve_model(spec).path), label

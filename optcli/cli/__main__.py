@@ -1,0 +1,5 @@
+"""`python -m optcli.cli`: the same as the `optcli` script."""
+
+from optcli.cli import run
+
+run()

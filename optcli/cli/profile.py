@@ -1,0 +1,143 @@
+"""`optcli profile`: the flags, and the terminal summary of a report (the source side by side with the artifact)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from optcli.bench.workload import Workload, parse_concurrency, parse_prompt_len
+from optcli.cli.app import app
+from optcli.cli.common import (
+    ENGINE,
+    DeviceOpt,
+    DtypeOpt,
+    EnforceEagerOpt,
+    GpuMemoryOpt,
+    LmHeadOpt,
+    MaxModelLenOpt,
+    MaxNumSeqsOpt,
+    emit_json,
+    engine_config,
+    err,
+    fail,
+    guard,
+    mib,
+    out,
+)
+from optcli.errors import KpiFailed, UsageError
+from optcli.report.markdown import comparison_table, comparison_warnings, head_line, roofline_line
+
+
+@app.command()
+def profile(
+    model: Annotated[str, typer.Argument(help="Model or artifact to profile (or the served model name with --endpoint).")],
+    baseline: Annotated[str | None, typer.Option("--baseline", help="Reference model for accuracy (default: the artifact's source).")] = None,
+    eval_text: Annotated[Path | None, typer.Option("--eval-text", help="Text for accuracy (default: the builtin corpus's heldout.txt).")] = None,
+    requests: Annotated[int, typer.Option("--requests", min=1, help="Synthetic requests per phase.")] = 32,
+    prompt_len: Annotated[str, typer.Option("--prompt-len", help="Prompt lengths, uniform in [A, B).")] = "16:64",
+    output_len: Annotated[int, typer.Option("--output-len", min=1, help="New tokens per request (EOS ignored).")] = 32,
+    concurrency: Annotated[str | None, typer.Option("--concurrency", help="Requests in flight at most (online); C1,C2,... sweeps.")] = None,
+    rate: Annotated[float | None, typer.Option("--rate", min=0.001, help="Poisson arrival rate, requests/s (online).")] = None,
+    duration: Annotated[float | None, typer.Option("--duration", min=0.1, help="With --rate: send rate x duration requests.")] = None,
+    kpi: Annotated[Path | None, typer.Option("--kpi", help="KPI gates (YAML); a failure exits 3.")] = None,
+    gpu_hour_cost: Annotated[float | None, typer.Option("--gpu-hour-cost", help="USD per hour of the machine, for cost per 1K tokens.")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Directory for report.json/.md/.html.")] = None,
+    endpoint: Annotated[str | None, typer.Option("--endpoint", help="Load-test an OpenAI-compatible server instead (base URL, with or without /v1).")] = None,
+    prompt_format: Annotated[str | None, typer.Option("--prompt-format", help="tokens or text: how prompts are sent (default: text to an --endpoint, token ids in process).")] = None,
+    tokenizer: Annotated[str | None, typer.Option("--tokenizer", help="With --endpoint: the tokenizer (MODEL spec) that sizes text prompts (default: MODEL if local, else the builtin one).")] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    max_num_seqs: MaxNumSeqsOpt = ENGINE.max_num_seqs,
+    max_model_len: MaxModelLenOpt = None,
+    enforce_eager: EnforceEagerOpt = False,
+    gpu_memory_utilization: GpuMemoryOpt = ENGINE.gpu_memory_utilization,
+    lm_head: LmHeadOpt = ENGINE.lm_head,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
+) -> None:
+    """Measure accuracy, throughput, latency under load and cost; gate on KPIs."""
+    from optcli.bench.profile import profile as run_profile  # torch, transformers: only when profiling
+
+    report, gate_failure = None, None
+    with guard(as_json):
+        if duration is not None:
+            if rate is None:
+                raise UsageError("--duration needs --rate (requests = rate x duration)")
+            requests = max(1, round(rate * duration))
+        level, sweep = parse_concurrency(concurrency)
+        if prompt_format not in (None, "tokens", "text"):
+            raise UsageError(f"--prompt-format must be tokens or text (got '{prompt_format}')")
+        workload = Workload(requests=requests, prompt_len=parse_prompt_len(prompt_len), output_len=output_len,
+                            concurrency=level, sweep=sweep, rate=rate, seed=seed, prompt_format=prompt_format)
+        config = engine_config(device, dtype, max_num_seqs, max_model_len, enforce_eager, gpu_memory_utilization, lm_head)
+
+        def note(message: str) -> None:
+            if not as_json and err.is_terminal:
+                err.print(f"[dim]· {message}[/dim]")
+
+        try:
+            report = run_profile(model, baseline, eval_text, workload, kpi, gpu_hour_cost, out_dir, endpoint, config,
+                                 note, tokenizer=tokenizer)
+        except KpiFailed as exc:  # the report is complete and written: show it, then exit 3
+            report, gate_failure = exc.report, exc
+    _show_profile(report, as_json, out_dir)
+    if gate_failure is not None:
+        fail(str(gate_failure), 3)
+
+
+def _show_profile(report: dict, as_json: bool, out_dir: Path | None) -> None:
+    if as_json:
+        emit_json(report)
+        return
+
+    def fmt(value, spec=".3g") -> str:
+        return "n/a" if value is None else format(value, spec)
+
+    table = Table(title=f"optcli profile · {report['model']}")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    tp, acc, mem = report["throughput"], report["accuracy"], report["memory"]
+    engine = report["workload"].get("engine") or {}
+    if engine:
+        dtype = engine["dtype"] + (f" (baseline {engine['baseline_dtype']})" if engine.get("baseline_dtype") not in
+                                   (None, engine["dtype"]) else "")
+        table.add_row("device / dtype", f"{engine['device']} / {dtype}")
+    table.add_row("output tok/s (offline)", fmt(tp["output_tok_s"], ".1f"))
+    table.add_row("requests/s", fmt(tp["requests_s"], ".2f"))
+    for metric in ("ttft", "tpot", "itl", "e2e"):
+        lat = report["latency_ms"][metric]
+        table.add_row(f"{metric} p50 / p99 (ms)", f"{fmt(lat['p50'], '.1f')} / {fmt(lat['p99'], '.1f')}")
+    table.add_row("ppl (baseline)", f"{fmt(acc['ppl'], '.3f')} ({fmt(acc['baseline_ppl'], '.3f')})")
+    table.add_row("KLD mean / top-1", f"{fmt(acc['kld_mean'], '.4f')} / {fmt(acc['top1_agreement'], '.3f')}")
+    table.add_row("weights / peak / KV cache", " / ".join(mib(mem[k]) for k in ("weights_bytes", "peak_bytes", "kv_cache_bytes")))
+    table.add_row("batch efficiency", fmt(report["batch_efficiency"], ".2f"))
+    table.add_row("USD per 1K tokens (prompt + generated)", fmt(report["cost"]["usd_per_1k_tokens"], ".5f"))
+    table.add_row("USD per 1K output tokens", fmt(report["cost"].get("usd_per_1k_output_tokens"), ".5f"))
+    out.print(table)
+    comparison = comparison_table(report)  # the source measured the same way in this run: ratios are the point
+    if comparison is not None:
+        title, headers, rows = comparison
+        side = Table(title="source vs artifact")
+        for i, header in enumerate(headers):
+            side.add_column(header, justify="left" if i == 0 else "right")
+        for row in rows:
+            side.add_row(*row)
+        out.print(side)
+    for warning in comparison_warnings(report):
+        err.print(f"[yellow]warning: {escape(warning)}[/yellow]", highlight=False, soft_wrap=True)
+    for line in (roofline_line(report), head_line(report)):
+        if line is not None:
+            out.print(escape(line), highlight=False, soft_wrap=True)
+    failures = tp.get("failures") or {}
+    if failures.get("failed"):
+        why = "; ".join(f"{r['count']}x {r['error']}" for r in failures["reasons"][:3])
+        err.print(f"[yellow]{failures['failed']} of {failures['total']} requests failed:[/yellow] {why}", highlight=False)
+    for check in report["kpi"]["checks"]:
+        style = "green" if check["passed"] else "red"
+        out.print(f"[{style}]{'PASS' if check['passed'] else 'FAIL'}[/{style}] {check['name']} (value {fmt(check['value'])})")
+    if out_dir is not None:
+        out.print(f"reports: {out_dir}/report.json, report.md, report.html")
