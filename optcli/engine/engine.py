@@ -12,6 +12,7 @@ import torch
 from optcli.config import EngineConfig
 from optcli.engine.attention import build_gather_metadata
 from optcli.engine.attention_triton import build_triton_metadata
+from optcli.engine.detokenizer import IncrementalDetokenizer
 from optcli.engine.kv_cache import BlockManager
 from optcli.engine.quant.linear import quant_summary
 from optcli.engine.runner import ModelRunner
@@ -170,10 +171,12 @@ class Engine:
             reason = "stop"
         text = None
         if p.stop:  # the returned text ends before the first stop string
-            text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
-            cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
+            if seq.detokenizer is None:
+                seq.detokenizer = IncrementalDetokenizer(self.tokenizer, skip=seq.num_prompt_tokens)
+            seq.detokenizer.update(seq.token_ids)
+            cut = seq.detokenizer.find_stop(p.stop)
             if cut >= 0:
-                text, reason = text[:cut], "stop"
+                text, reason = seq.detokenizer.full_text[:cut], "stop"
         if reason is None and (seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len):
             reason = "length"
         if reason is not None:

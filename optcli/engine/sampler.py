@@ -31,16 +31,6 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
     return gen
 
 
-def _check_params(params: SamplingParams) -> None:
-    """SamplingParams is mutable and its own checks let NaN/inf temperature through; catch both here."""
-    if not math.isfinite(params.temperature) or params.temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0 (got {params.temperature})")
-    if not 0 < params.top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] (got {params.top_p})")
-    if params.top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (got {params.top_k})")
-
-
 def _nucleus_size(sorted_x: torch.Tensor, log_norm: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """How many leading sorted positions the nucleus needs: those whose mass strictly before them is < top_p.
 
@@ -99,7 +89,7 @@ class Sampler:
                 f"need one SamplingParams and one generator per row ({batch} rows, got {len(params)} and {len(generators)})"
             )
         for p in params:
-            _check_params(p)
+            p.validate()  # the fields are mutable; SamplingParams holds the one copy of the limits
 
         greedy = [p.temperature < _MIN_TEMPERATURE for p in params]
         # argmax is exact in any float dtype, so the all-greedy batch skips the float32 copy and softmax entirely.

@@ -6,6 +6,14 @@ import math
 from dataclasses import dataclass, field
 
 
+class SamplingParamsError(ValueError):
+    """A sampling limit is out of range; `param` names the field."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
@@ -23,18 +31,23 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
+        self.validate()
+
+    def validate(self) -> None:
+        """The one check of every sampling limit (run at construction; the sampler re-runs it, since
+        the fields stay mutable). Raises `SamplingParamsError` naming the bad field."""
         if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1 (got {self.max_tokens})")
+            raise SamplingParamsError("max_tokens", f"max_tokens must be at least 1 (got {self.max_tokens})")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0 (got {self.temperature})")
+            raise SamplingParamsError("temperature", f"temperature must be a finite number >= 0 (got {self.temperature})")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (got {self.top_p})")
+            raise SamplingParamsError("top_p", f"top_p must be in (0, 1] (got {self.top_p})")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (got {self.top_k})")
+            raise SamplingParamsError("top_k", f"top_k must be >= 0 (got {self.top_k})")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and value < 0:
-                raise ValueError(f"{name} must be >= 0 (got {value})")
+                raise SamplingParamsError(name, f"{name} must be >= 0 (got {value})")
 
     @property
     def greedy(self) -> bool:

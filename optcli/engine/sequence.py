@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import torch
 
@@ -38,6 +39,7 @@ class Sequence:
     prompt_logprobs: list = field(default_factory=list)  # per prompt token after the first
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission
+    detokenizer: Any = field(default=None, repr=False, compare=False)  # the engine's IncrementalDetokenizer, made on the first stop-string check
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

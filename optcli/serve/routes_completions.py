@@ -1,0 +1,106 @@
+"""POST /v1/completions: one or many prompts (text or token ids), echo, logprobs, streaming."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from optcli.serve.api_errors import APIError
+from optcli.serve.logprobs import completion_logprobs, merge_lp
+from optcli.serve.protocol import CompletionChoice, CompletionRequest, CompletionResponse, UsageInfo
+from optcli.serve.requests import check_length, json_body, make_params, parse_request
+from optcli.serve.state import ServeState, serve_state
+from optcli.serve.streaming import StreamText, collect, merged, sse, sse_response
+
+router = APIRouter()
+
+
+def _prompts(state: ServeState, req: CompletionRequest, max_tokens: int) -> tuple[list[list[int]], list[str]]:
+    """Each prompt's token ids and text, checked against the vocabulary and the context length."""
+    tokenizer = state.tokenizer
+    p = req.prompt
+    if isinstance(p, str) or (p and all(isinstance(x, int) for x in p)):
+        raw = [p]
+    else:
+        raw = list(p)
+    if not raw:
+        raise APIError(400, "prompt is empty", param="prompt")
+    prompts = [tokenizer(x).input_ids if isinstance(x, str) else [int(t) for t in x] for x in raw]
+    vocab = len(tokenizer)
+    for ids in prompts:
+        if any(t < 0 or t >= vocab for t in ids):
+            raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+        check_length(state, len(ids), max_tokens, "max_tokens")
+    texts = [x if isinstance(x, str) else tokenizer.decode(ids, skip_special_tokens=True)
+             for x, ids in zip(raw, prompts, strict=True)]
+    return prompts, texts
+
+
+@router.post("/v1/completions", openapi_extra=json_body(CompletionRequest))
+async def completions(request: Request):
+    state = serve_state(request)
+    req: CompletionRequest = await parse_request(state, request, CompletionRequest)
+    max_tokens = 16 if req.max_tokens is None else req.max_tokens
+    want_lp = req.logprobs
+    params = make_params(req, max_tokens, want_lp, want_lp if (req.echo and want_lp is not None) else None)
+    prompts, prompt_texts = _prompts(state, req, max_tokens)
+    rid = f"cmpl-{uuid.uuid4().hex}"
+    slot = state.admission.acquire()
+    if req.stream:
+        return sse_response(state, _stream(state, req, params, prompts, prompt_texts, rid), slot)
+    with slot:
+        finals = await collect(state, prompts, params, rid)
+    choices = []
+    for i, out in enumerate(finals):
+        text = (prompt_texts[i] if req.echo else "") + out.text
+        lp = None
+        if want_lp is not None:
+            gen_offset = len(prompt_texts[i]) if req.echo else 0
+            lp = completion_logprobs(state, out.token_ids, out.logprobs or [], gen_offset)
+            if req.echo:
+                lp = merge_lp(completion_logprobs(state, prompts[i], out.prompt_logprobs or [], 0, True), lp)
+        choices.append(CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=out.finish_reason))
+    ptoks = sum(len(x) for x in prompts)
+    ctoks = sum(len(o.token_ids) for o in finals)
+    usage = UsageInfo(prompt_tokens=ptoks, completion_tokens=ctoks, total_tokens=ptoks + ctoks)
+    return JSONResponse(CompletionResponse(id=rid, model=state.served_model_name, choices=choices,
+                                           usage=usage).model_dump())
+
+
+async def _stream(state: ServeState, req: CompletionRequest, params, prompts: list[list[int]],
+                  prompt_texts: list[str], rid: str):
+    want_lp = req.logprobs
+    name = state.served_model_name
+    texts = [StreamText(state.tokenizer, params.stop) for _ in prompts]
+    lp_sent = [0] * len(prompts)
+    echoed = [False] * len(prompts)
+    ctoks = [0] * len(prompts)
+    created = int(time.time())
+    async for i, out in merged(state, prompts, params, rid):
+        text = ""
+        lp = None
+        if req.echo and not echoed[i]:
+            echoed[i] = True
+            text = prompt_texts[i]
+            if want_lp is not None:
+                lp = completion_logprobs(state, prompts[i], out.prompt_logprobs or [], 0, True)
+        offset = len(texts[i].sent) + (len(prompt_texts[i]) if req.echo else 0)
+        text += texts[i].delta(out)
+        ctoks[i] = len(out.token_ids)
+        if want_lp is not None:
+            new_ids = out.token_ids[lp_sent[i]:]
+            new_lp = completion_logprobs(state, new_ids, (out.logprobs or [])[lp_sent[i]:], offset)
+            lp_sent[i] = len(out.token_ids)
+            lp = merge_lp(lp, new_lp) if lp else new_lp
+        if not text and not out.finished and not (lp and lp.tokens):
+            continue
+        choice = CompletionChoice(index=i, text=text, logprobs=lp,
+                                  finish_reason=out.finish_reason if out.finished else None)
+        yield sse(CompletionResponse(id=rid, created=created, model=name, choices=[choice]))
+    if req.stream_options and req.stream_options.include_usage:
+        ptoks = sum(len(x) for x in prompts)
+        usage = UsageInfo(prompt_tokens=ptoks, completion_tokens=sum(ctoks), total_tokens=ptoks + sum(ctoks))
+        yield sse(CompletionResponse(id=rid, created=created, model=name, choices=[], usage=usage))

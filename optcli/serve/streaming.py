@@ -1,0 +1,153 @@
+"""Running requests on the engine for a route: one prompt's stream with metrics (`run_one`), all
+prompts' final outputs (`collect`) or their merged streams (`merged`), text deltas (`StreamText`),
+and the SSE response that reports late errors in-band (`sse_response`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+
+from optcli.engine.detokenizer import IncrementalDetokenizer, stop_prefix_len
+from optcli.engine.engine import RequestOutput
+from optcli.engine.sampling_params import SamplingParams
+from optcli.serve.admission import AdmissionSlot
+from optcli.serve.api_errors import APIError, api_error_body, error_body
+from optcli.serve.state import ServeState
+
+logger = logging.getLogger("optcli.serve")
+
+
+class StreamText:
+    """Streaming text deltas, decoded incrementally: emits new text, holding back an incomplete UTF-8
+    tail and any tail that could start a stop string; the final delta makes the concatenation equal
+    the engine's final text."""
+
+    def __init__(self, tokenizer, stop: list[str]) -> None:
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.stop, self.sent = stop, ""
+
+    def delta(self, out: RequestOutput) -> str:
+        self.detok.update(out.token_ids)
+        if out.finished:
+            text = out.text if out.finish_reason != "abort" else self.detok.full_text
+            if not text.startswith(self.sent):  # the decoded prefix changed (rare); never resend text
+                return ""
+            end = len(text)
+        else:
+            text = self.detok.text  # committed text only grows, so it starts with what was sent
+            end = len(text) - stop_prefix_len(text, self.stop)
+            if end <= len(self.sent):
+                return ""
+        d = text[len(self.sent) : end]
+        self.sent += d
+        return d
+
+
+async def run_one(state: ServeState, prompt_ids: list[int], params: SamplingParams,
+                  rid: str) -> AsyncIterator[RequestOutput]:
+    """The engine's stream for one prompt, recording metrics; closing it aborts the request."""
+    if not state.async_engine.is_alive():
+        raise APIError(503, "engine is not running")
+    metrics = state.metrics
+    start = last = time.monotonic()
+    first = True
+    async for out in state.async_engine.generate(prompt_ids, params, rid):
+        now = time.monotonic()
+        if out.new_token_ids:
+            (metrics.first_token if first else metrics.inter_token)(now - last)
+            first, last = False, now
+        if out.finished:
+            metrics.finished(len(prompt_ids), len(out.token_ids), out.finish_reason, now - start)
+        yield out
+
+
+async def collect(state: ServeState, prompts: list[list[int]], params: SamplingParams,
+                  rid: str) -> list[RequestOutput]:
+    async def one(i: int) -> RequestOutput:
+        final = None
+        async for out in run_one(state, prompts[i], params, f"{rid}-{i}"):
+            final = out
+        return final
+
+    try:
+        async with asyncio.timeout(state.request_timeout_s):
+            return await asyncio.gather(*(one(i) for i in range(len(prompts))))
+    except TimeoutError:
+        raise APIError(408, f"request timed out after {state.request_timeout_s}s") from None
+    except ValueError as e:  # the engine rejected the request
+        raise APIError(400, str(e)) from None
+
+
+async def merged(state: ServeState, prompts: list[list[int]], params: SamplingParams, rid: str):
+    """(index, output) of all prompts' streams as they come; closing it cancels (aborts) them all."""
+    q: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int) -> None:
+        try:
+            async for out in run_one(state, prompts[i], params, f"{rid}-{i}"):
+                q.put_nowait((i, out))
+            q.put_nowait((i, None))
+        except BaseException as e:  # noqa: BLE001 - forwarded to the consumer
+            q.put_nowait((i, e))
+            if isinstance(e, asyncio.CancelledError):
+                raise
+
+    tasks = [asyncio.create_task(pump(i)) for i in range(len(prompts))]
+    remaining = len(tasks)
+    try:
+        async with asyncio.timeout(state.request_timeout_s):
+            while remaining:
+                i, item = await q.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def sse(obj: BaseModel | dict) -> str:
+    data = obj.model_dump_json(exclude_none=False) if isinstance(obj, BaseModel) else json.dumps(obj)
+    return f"data: {data}\n\n"
+
+
+def _sse_error(state: ServeState, e: BaseException) -> str:
+    if isinstance(e, APIError):
+        return sse(api_error_body(e))
+    if isinstance(e, TimeoutError):
+        return sse(error_body(408, f"request timed out after {state.request_timeout_s}s"))
+    if isinstance(e, ValueError):
+        return sse(error_body(400, str(e)))
+    logger.exception("error while streaming", exc_info=e)
+    return sse(error_body(500, "internal server error"))
+
+
+def sse_response(state: ServeState, gen: AsyncIterator[str], slot: AdmissionSlot) -> StreamingResponse:
+    """`gen`'s chunks as server-sent events ending in [DONE]; the admission slot is released when the
+    body ends."""
+    async def body():
+        async with slot:
+            try:
+                async for chunk in gen:
+                    yield chunk
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the status line is gone; report in-band
+                yield _sse_error(state, e)
+            finally:
+                await gen.aclose()
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
