@@ -139,7 +139,7 @@ def tuned_tiles() -> dict:
 
 def reference_weight(module) -> torch.Tensor:
     """The dense weight a quantized layer stands for, rebuilt from its own buffers."""
-    from optcli.engine.quant import ops
+    from optcli.engine.kernels import quant_reference as ops
 
     if module.kind == "int4" and module.mode == "triton":
         return ops.int4_dequantize(module.qweight, module.scales, module.zeros, module.group_size,
@@ -153,7 +153,7 @@ def reference_weight(module) -> torch.Tensor:
 
 
 def fake_quant(x: torch.Tensor, module) -> torch.Tensor:
-    from optcli.engine.quant import ops
+    from optcli.engine.kernels import quant_reference as ops
 
     q, s = ops.quantize_per_token(x, torch.int8 if module.kind == "int8" else torch.float8_e4m3fn)
     return q.float() * s

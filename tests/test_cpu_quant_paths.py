@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from optcli.engine.kernels import cpu_lowbit
-from optcli.engine.quant import cpu_choice, ops
+from optcli.engine.kernels import quant_reference as ops
+from optcli.engine.quant import cpu_choice
 from optcli.engine.quant.linear import Fp8Linear, Int4Linear, Int8Linear
 from optcli.engine.quant.weights import Fp8Weight, Int4Weight, Int8Weight
 

@@ -29,9 +29,9 @@ from torch import nn
 
 from optcli.engine.dense_gemm import dense_linear
 from optcli.engine.kernels import cpu_lowbit
-from optcli.engine.quant import ops
+from optcli.engine.kernels import quant_reference as ops
+from optcli.engine.kernels.quant_reference import QuantizedInput
 from optcli.engine.quant.cpu_choice import choose
-from optcli.engine.quant.ops import QuantizedInput
 from optcli.engine.quant.weights import INT8_MAX, BnbInt8Weight, BnbNf4Weight, Fp8Weight, Int4Weight, Int8Weight
 
 CPU_INT4_GROUPS = (32, 64, 128, 256)

@@ -16,7 +16,7 @@ def load_engine_model(spec: str, config: EngineConfig):
     the weights. Quantized weights stay quantized (run by `quant/linear.py`) unless `dequantize`."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-    from optcli.engine.loader import load_state_dict
+    from optcli.engine.loading.state_dict import load_state_dict
     from optcli.models import resolve_model
 
     path = resolve_model(spec).path
@@ -39,7 +39,7 @@ def load_engine_model(spec: str, config: EngineConfig):
     state = load_state_dict(path, dtype=torch.float32 if config.quantization else None,
                             keep_quantized=not config.dequantize)
     if config.quantization:  # online RTN quantization of a dense checkpoint (quant/online.py)
-        from optcli.engine.quant.online import quantize_state_dict
+        from optcli.engine.quant.load_time_rounding import quantize_state_dict
 
         state = quantize_state_dict(state, config.quantization, device)
     # With dtype auto on a CPU, quantized layers may compute in bf16 (quant/linear.py says why)
