@@ -81,7 +81,8 @@ def tinygemm(weight, x_dtype):
 
 
 def gemm_table(device: str, dtype: torch.dtype, gemms, ms: list[int], reps: int) -> list[dict]:
-    from optcli.engine.quant.linear import Fp8Linear, Int4Linear, Int8Linear
+    from optcli.engine.quant.fp8_linear import Fp8Linear
+    from optcli.engine.quant.linear import Int4Linear, Int8Linear
     from optcli.engine.quant.weights import Fp8Weight, Int4Weight, Int8Weight
 
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -139,7 +140,7 @@ def tuned_tiles() -> dict:
 
 def reference_weight(module) -> torch.Tensor:
     """The dense weight a quantized layer stands for, rebuilt from its own buffers."""
-    from optcli.engine.quant import ops
+    from optcli.engine.kernels import quant_reference as ops
 
     if module.kind == "int4" and module.mode == "triton":
         return ops.int4_dequantize(module.qweight, module.scales, module.zeros, module.group_size,
@@ -153,7 +154,7 @@ def reference_weight(module) -> torch.Tensor:
 
 
 def fake_quant(x: torch.Tensor, module) -> torch.Tensor:
-    from optcli.engine.quant import ops
+    from optcli.engine.kernels import quant_reference as ops
 
     q, s = ops.quantize_per_token(x, torch.int8 if module.kind == "int8" else torch.float8_e4m3fn)
     return q.float() * s

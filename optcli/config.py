@@ -30,7 +30,7 @@ def cache_dir() -> Path:
 @dataclass(frozen=True)
 class EngineConfig:
     """Every option of the built-in engine. `device` and `dtype` may say "auto"; the engine resolves
-    them at load (see `engine/placement.py`) and keeps the resolved copy as `Engine.config`."""
+    them at load (see `engine/loading/placement.py`) and keeps the resolved copy as `Engine.config`."""
 
     device: str = "auto"  # auto | cpu | cuda[:N]: auto takes the GPU when there is one
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32: the activation (and dense weight) dtype

@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from optcli.engine.kernels import cpu_lowbit
-from optcli.engine.quant import cpu_choice, ops
-from optcli.engine.quant.linear import Fp8Linear, Int4Linear, Int8Linear
+from optcli.engine.kernels import quant_reference as ops
+from optcli.engine.quant import cpu_choice
+from optcli.engine.quant.fp8_linear import Fp8Linear
+from optcli.engine.quant.linear import Int4Linear, Int8Linear
 from optcli.engine.quant.weights import Fp8Weight, Int4Weight, Int8Weight
 
 BF16 = (torch.bfloat16,)
@@ -317,7 +319,7 @@ def test_bnb_4bit_paths_match_bitsandbytes_dequantization(monkeypatch, quant_typ
     for many) against bitsandbytes' dequantized weight, in fp32."""
     from bitsandbytes.functional import quantize_4bit
 
-    from optcli.engine.quant.linear import BnbNf4Linear
+    from optcli.engine.quant.bnb_linear import BnbNf4Linear
     from optcli.engine.quant.weights import BnbNf4Weight
 
     n, k = 40, 192
@@ -339,7 +341,7 @@ def test_llm_int8_on_our_int8_gemm_is_bitsandbytes_decomposition(monkeypatch, ou
     """LLM.int8 through our exact int8 GEMM: the same outlier columns and per-row rounding as
     bitsandbytes' CPU code, in fp32 rather than fp16, so it matches bitsandbytes to fp16's rounding
     and a plain-PyTorch statement of the decomposition to fp32's."""
-    from optcli.engine.quant.linear import BnbInt8Linear
+    from optcli.engine.quant.bnb_linear import BnbInt8Linear
     from optcli.engine.quant.weights import BnbInt8Weight
 
     w = rand(24, 64, seed=9)

@@ -14,7 +14,7 @@ from optcli.engine.detokenizer import IncrementalDetokenizer
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from optcli.models import resolve_model
+    from optcli.checkpoints.resolve import resolve_model
 
     return AutoTokenizer.from_pretrained(resolve_model("builtin:tiny-llama").path)
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from optcli.cli import app
 from optcli.config import EngineConfig
 from optcli.engine import placement
-from optcli.engine.placement import resolve_dtype
+from optcli.engine.loading.placement import resolve_dtype
 from optcli.errors import UsageError
 
 PROMPTS = ["Once upon a time", "The little dog", "Lily and Tom went to the park to play", "One day"]

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from optcli.engine.loader import load_dense_state_dict
+from optcli.engine.loading.state_dict import load_dense_state_dict
 from optcli.errors import UsageError
 
 LOGIT_RECIPES = ["bf16", "w4a16-rtn", "w4a16-gptq", "2of4-w4a16", "nf4-bnb"]

@@ -162,7 +162,7 @@ QUANT_DTYPES = [torch.int8, torch.float8_e4m3fn]
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_rms_norm_can_hand_over_per_token_quantized_rows(quant, with_residual) -> None:
     """The normed row quantized in the same kernel == the stored normed row quantized by torch."""
-    from optcli.engine.quant.ops import QuantizedInput, quantize_per_token
+    from optcli.engine.kernels.quant_reference import QuantizedInput, quantize_per_token
 
     gen = torch.Generator().manual_seed(7)
     x = rand(6, 100, gen=gen, scale=3.0, dtype=torch.bfloat16)
@@ -183,7 +183,7 @@ def test_rms_norm_can_hand_over_per_token_quantized_rows(quant, with_residual) -
 @pytest.mark.parametrize("quant", QUANT_DTYPES)
 def test_silu_mul_can_hand_over_per_token_quantized_rows(quant) -> None:
     from optcli.engine.kernels.fused_elementwise import silu_mul
-    from optcli.engine.quant.ops import quantize_per_token
+    from optcli.engine.kernels.quant_reference import quantize_per_token
 
     gen = torch.Generator().manual_seed(8)
     gate_up = rand(4, 2 * 300, gen=gen, scale=3.0, dtype=torch.bfloat16)
@@ -196,7 +196,8 @@ def test_silu_mul_can_hand_over_per_token_quantized_rows(quant) -> None:
 
 @pytest.mark.parametrize("quant", QUANT_DTYPES)
 def test_quantized_layers_take_pre_quantized_input(quant) -> None:
-    from optcli.engine.quant.linear import Fp8Linear, Int8Linear
+    from optcli.engine.quant.fp8_linear import Fp8Linear
+    from optcli.engine.quant.linear import Int8Linear
     from optcli.engine.quant.weights import Fp8Weight, Int8Weight
 
     gen = torch.Generator().manual_seed(9)

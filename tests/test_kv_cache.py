@@ -7,7 +7,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from optcli.engine.attention import split_by_length
+from optcli.engine.attention.cpu import split_by_length
 from optcli.engine.kv_cache import BlockManager
 from optcli.engine.sampling_params import SamplingParams
 from optcli.engine.scheduler import Scheduler

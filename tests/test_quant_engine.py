@@ -171,7 +171,8 @@ def test_act_order_and_zero_points_from_a_compressed_tensors_checkpoint() -> Non
 def test_fused_norms_hand_quantized_activations_to_the_gpu_layers(artifacts, stories_dir, recipe) -> None:
     """The Triton path end to end (interpreted here): each norm / SiLU-mul quantizes its output for the
     next int8/FP8 GEMM in the same kernel; the model matches the CPU path's per-layer quantization."""
-    from optcli.engine.quant.linear import Fp8Linear, Int8Linear
+    from optcli.engine.quant.fp8_linear import Fp8Linear
+    from optcli.engine.quant.linear import Int8Linear
 
     path, ids = artifacts(recipe), eval_ids(stories_dir, 96)
     reference = Engine(str(path), dtype="float32", max_model_len=128).score(ids)

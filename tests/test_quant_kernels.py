@@ -20,12 +20,13 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
+from optcli.engine.kernels import quant_reference as ops  # noqa: E402
 from optcli.engine.kernels import triton_available  # noqa: E402
 from optcli.engine.kernels.act_quant import quantize_per_token  # noqa: E402
 from optcli.engine.kernels.int4_matmul import Int4Config, int4_config, int4_matmul  # noqa: E402
 from optcli.engine.kernels.int8_matmul import Int8Config, int8_matmul  # noqa: E402
-from optcli.engine.quant import ops  # noqa: E402
-from optcli.engine.quant.linear import Fp8Linear, Int4Linear, Int8Linear  # noqa: E402
+from optcli.engine.quant.fp8_linear import Fp8Linear
+from optcli.engine.quant.linear import Int4Linear, Int8Linear  # noqa: E402
 from optcli.engine.quant.weights import Fp8Weight, Int4Weight, Int8Weight, cat_weights  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="needs CUDA or TRITON_INTERPRET=1")

@@ -19,7 +19,7 @@ from optcli.calibration.corpus import heldout_text
 from optcli.checkpoints.resolve import resolve_model
 from optcli.config import EngineConfig
 from optcli.engine import Engine
-from optcli.engine.placement import resolve_device
+from optcli.engine.loading.placement import resolve_device
 from optcli.errors import KpiFailed, UsageError
 from optcli.report import write_reports
 from optcli.roi.cost import cost_per_1k  # the one cost function, shared with `optcli roi`

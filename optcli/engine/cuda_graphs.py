@@ -17,8 +17,8 @@ from collections.abc import Callable
 
 import torch
 
-from optcli.engine.attention import StepLayout, block_table_tensor
-from optcli.engine.attention_triton import TritonMetadata
+from optcli.engine.attention.layout import StepLayout, block_table_tensor
+from optcli.engine.attention.triton import TritonMetadata
 
 Capture = Callable[[Callable[[], torch.Tensor]], Callable[[], torch.Tensor]]
 

@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 import torch
 
 from optcli.config import EngineConfig
-from optcli.engine.attention import build_gather_metadata
-from optcli.engine.attention_triton import build_triton_metadata
+from optcli.engine.attention.cpu import build_gather_metadata
+from optcli.engine.attention.triton import build_triton_metadata
 from optcli.engine.detokenizer import IncrementalDetokenizer
 from optcli.engine.kv_cache import BlockManager
-from optcli.engine.quant.linear import quant_summary
+from optcli.engine.quant.layers import quant_summary
 from optcli.engine.runner import ModelRunner
 from optcli.engine.sampler import Sampler, make_generator, token_logprobs
 from optcli.engine.sampling_params import SamplingParams
@@ -44,7 +44,7 @@ class Engine:
         or both: keywords override the config's fields (every option and its default: `optcli.config`).
         `self.config` is the resolved copy (device and dtype no longer "auto"); `dtype_reason` says why.
         `graph_capture` replaces the CUDA-graph capture function (tests)."""
-        from optcli.engine.model_loader import load_engine_model
+        from optcli.engine.loading.model import load_engine_model
 
         if config is not None and not isinstance(config, EngineConfig):
             raise TypeError("Engine(model, config): config must be an EngineConfig; pass other options by keyword")
@@ -221,7 +221,7 @@ class Engine:
     def _profile_gpu_budget(self, build_metadata, num_tokens: int, utilization: float) -> int:
         """KV-cache bytes left after a throwaway forward at the largest batch: `utilization` of the
         GPU minus the weights and the peak activations that forward needed (as vLLM sizes it)."""
-        from optcli.engine.attention import StepLayout
+        from optcli.engine.attention.layout import StepLayout
 
         cfg, bs = self.model.cfg, self.block_size
         num_tokens = min(num_tokens, self.max_model_len)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from optcli.engine.attention import StepLayout
+from optcli.engine.attention.layout import StepLayout
 from optcli.engine.scheduler import ScheduledBatch
 from optcli.engine.sequence import Sequence
 

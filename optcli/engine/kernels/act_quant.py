@@ -8,7 +8,7 @@ scale.
 
 Scale conventions follow compressed-tensors, so results match the checkpoint's reference forward:
 int8 scale = absmax / 127.5, values rounded half to even and clamped to [-128, 127]; FP8 scale =
-absmax / 448. `quant.ops.quantize_per_token` is the same in torch ops (the CPU path).
+absmax / 448. `kernels.quant_reference.quantize_per_token` is the same in torch ops (the CPU path).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from optcli.engine.quant.ops import FP8_MAX, INT8_DIVISOR
+from optcli.engine.kernels.quant_reference import FP8_MAX, INT8_DIVISOR
 
 
 @triton.jit

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from optcli.engine.quant.ops import QuantizedInput
+from optcli.engine.kernels.quant_reference import QuantizedInput
 
 from .act_quant import quant_constants, quantize_values
 from .rounding import round_to

@@ -1,6 +1,6 @@
 """W4A16 GEMM: int4 weights dequantized in registers, never in memory (the Marlin idea, in Triton).
 
-Weights are int32 words [ceil(K/8), N], eight 4-bit input channels per word (`quant.ops.
+Weights are int32 words [ceil(K/8), N], eight 4-bit input channels per word (`kernels.quant_reference.
 pack_int4_for_triton`), with per-group scales (and float zero offsets for asymmetric schemes)
 [G, N]: w = (nibble - 8) * scale + zero. Each program loads a [BK/8, BN] tile of packed words
 once per word, fans its eight nibbles out in registers, scales them and feeds tl.dot, so HBM

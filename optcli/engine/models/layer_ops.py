@@ -70,7 +70,7 @@ class FusedOps:
     def rotary_attend(cls, q, k, v, cos, sin, kv_cache, meta, window):
         """With Triton metadata, one kernel rotates q and k and writes K/V to their cache slots
         (no separate store_kv launch); then attention reads them from the cache."""
-        from optcli.engine.attention_triton import TritonMetadata
+        from optcli.engine.attention.triton import TritonMetadata
         from optcli.engine.kernels.fused_elementwise import rotary_
 
         if not isinstance(meta, TritonMetadata):

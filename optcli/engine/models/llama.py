@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from optcli.engine.dense_gemm import dense_linear, onednn_linear_available
+from optcli.engine.kernels.dense_gemm import dense_linear, onednn_linear_available
 from optcli.engine.models.layer_ops import TorchOps
 from optcli.engine.models.rotary import RotaryEmbedding
 
@@ -246,7 +246,7 @@ class LlamaForCausalLM(nn.Module):
         `quant.weights` object) stays quantized: its Dense is swapped for the format's QuantLinear
         (`compute_dtypes`: what its CPU kernels may compute in besides the model's dtype).
         `lm_head="int8"` rounds a dense head to int8 per output row (and a tied embedding with it)."""
-        from optcli.engine.quant.linear import make_quant_linear
+        from optcli.engine.quant.layers import make_quant_linear
         from optcli.engine.quant.weights import cat_weights, is_quantized
 
         dtype = self.dtype = self.embed_tokens.weight.dtype
@@ -303,7 +303,7 @@ class LlamaForCausalLM(nn.Module):
     def _int8_head(self, weight: torch.Tensor, tied: bool, device, dtype, compute_dtypes) -> None:
         """The head as int8 rows with one scale each: weight-only on CPU (torch's int8 kernel), W8A8 on a
         GPU (the Triton int8 GEMM needs int8 activations). The accuracy cost is the profile's to measure."""
-        from optcli.engine.quant.linear import make_quant_linear
+        from optcli.engine.quant.layers import make_quant_linear
         from optcli.engine.quant.weights import Int8Weight
 
         rounded = Int8Weight.rtn(weight.detach().float(), act_quant=device.type == "cuda")

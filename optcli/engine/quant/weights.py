@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-FP8_MAX = 448.0  # float8_e4m3fn
+from optcli.engine.kernels.quant_reference import FP8_MAX
+
 INT8_MAX = 127.0
 
 

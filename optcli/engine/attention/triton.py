@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from optcli.engine.attention import StepLayout, block_table_tensor
+from optcli.engine.attention.layout import StepLayout, block_table_tensor
 
 
 @dataclass

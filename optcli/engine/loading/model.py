@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from optcli.checkpoints.resolve import resolve_model
 from optcli.config import EngineConfig
+from optcli.engine.loading.placement import checkpoint_dtype_of, resolve_device, resolve_dtype
+from optcli.engine.loading.state_dict import load_state_dict
 from optcli.engine.models import SUPPORTED_ARCHITECTURES, LlamaForCausalLM, ModelConfig
-from optcli.engine.placement import checkpoint_dtype_of, resolve_device, resolve_dtype
 from optcli.errors import UsageError
 
 
@@ -16,8 +18,6 @@ def load_engine_model(spec: str, config: EngineConfig):
     the weights. Quantized weights stay quantized (run by `quant/linear.py`) unless `dequantize`."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-    from optcli.checkpoints.resolve import resolve_model
-    from optcli.engine.loader import load_state_dict
 
     path = resolve_model(spec).path
     hf_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
@@ -38,8 +38,8 @@ def load_engine_model(spec: str, config: EngineConfig):
     # the checkpoint's own dtype: a bf16 weight may stay bf16 in an fp32 CPU model (models/llama.py Dense)
     state = load_state_dict(path, dtype=torch.float32 if config.quantization else None,
                             keep_quantized=not config.dequantize)
-    if config.quantization:  # online RTN quantization of a dense checkpoint (quant/online.py)
-        from optcli.engine.quant.online import quantize_state_dict
+    if config.quantization:  # online RTN quantization of a dense checkpoint (quant/load_time_rounding.py)
+        from optcli.engine.quant.load_time_rounding import quantize_state_dict
 
         state = quantize_state_dict(state, config.quantization, device)
     # With dtype auto on a CPU, quantized layers may compute in bf16 (quant/linear.py says why)

@@ -1,4 +1,7 @@
-"""Plain-PyTorch quantized math: the CPU paths, and the references the Triton kernels are tested against."""
+"""Plain-PyTorch quantized math: the CPU paths, and the references the Triton kernels are tested against.
+
+Lives in kernels (not quant) so the kernels that share its constants never import upward; quant
+imports it from here."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ from typing import NamedTuple
 
 import torch
 
-FP8_MAX = 448.0
+FP8_MAX = 448.0  # float8_e4m3fn; the one definition, quant imports it from here
 INT8_DIVISOR = 127.5  # compressed-tensors' symmetric int8 scale: absmax / ((127 - (-128)) / 2)
 MIN_SCALE = 1e-12  # an all-zero row (a padded token) must not divide by zero
 
