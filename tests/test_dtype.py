@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from optcli.cli import app
 from optcli.config import EngineConfig
-from optcli.engine import placement
+from optcli.engine.loading import placement
 from optcli.engine.loading.placement import resolve_dtype
 from optcli.errors import UsageError
 
