@@ -4,8 +4,7 @@ share of the machine's peak). Pure functions of two finished reports: nothing is
 
 from __future__ import annotations
 
-from optcli.bench.measure import DECODE_NEW_TOKENS, DECODE_PROMPT_TOKENS
-from optcli.bench.workload import Workload, default_concurrency
+from optcli.bench.workload import DECODE_NEW_TOKENS, DECODE_PROMPT_TOKENS, Workload, default_concurrency
 from optcli.report.markdown import fmt_ratio
 
 # (label, field in the report and in comparison.baseline, higher is better, where the figure was measured)

@@ -13,7 +13,7 @@ import torch
 
 from optcli.bench.load_generator import api_base_url, engine_sender, failure_summary, openai_sender, run_load
 from optcli.bench.metrics import summarize
-from optcli.bench.workload import Workload, default_concurrency
+from optcli.bench.workload import DECODE_NEW_TOKENS, DECODE_PROMPT_TOKENS, Workload, default_concurrency
 from optcli.config import EngineConfig
 from optcli.engine import Engine, SamplingParams
 from optcli.engine.async_engine import AsyncEngine
@@ -106,10 +106,6 @@ def measure_local(source, workload: Workload, slo, config: EngineConfig, step) -
     online = online_load(engine, None, None, workload, slo, vocab_range(engine), text_tok)
     samples = online.pop("samples")
     return LocalRun(options, throughput, efficiency, memory, decode, online, samples, points)
-
-DECODE_PROMPT_TOKENS = 8
-DECODE_NEW_TOKENS = 32
-
 
 def decode_tok_s(engine, source, step, new_tokens: int = DECODE_NEW_TOKENS) -> float | None:
     """Batch-1 decode speed: one request (a short prompt, `new_tokens` with ignore_eos) after a warm-up

@@ -8,6 +8,10 @@ from dataclasses import dataclass
 from optcli.bench.prompts import text_prompts, token_prompts
 from optcli.errors import UsageError
 
+# The batch-1 decode measurement (`measure.decode_tok_s`), stated in the roofline's method line.
+DECODE_PROMPT_TOKENS = 8
+DECODE_NEW_TOKENS = 32
+
 
 @dataclass
 class Workload:

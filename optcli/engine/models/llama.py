@@ -1,8 +1,8 @@
 """Llama-family forward over a paged KV cache: Llama, Mistral, Qwen2 (qkv bias), Qwen3 (q/k norm).
 
 One flat batch of tokens from many sequences goes through every matmul together; only attention
-looks at sequences separately, through the step's metadata (`meta.attend`, see engine/attention.py
-for the CPU gather path and engine/attention_triton.py for the Triton kernels). q/k/v and gate/up are fused into one
+looks at sequences separately, through the step's metadata (`meta.attend`, see engine/attention/cpu.py
+for the CPU gather path and engine/attention/triton.py for the Triton kernels). q/k/v and gate/up are fused into one
 matmul each at load time. Numerics follow transformers (RMSNorm in fp32, RoPE tables in fp32) so
 greedy decoding matches it token for token.
 """
