@@ -14,8 +14,7 @@ import triton
 import triton.language as tl
 
 from ._utils import dot_args
-
-LOG2E = 1.4426950408889634
+from .online_softmax import LOG2E, load_kv_tile, online_softmax_step
 
 
 @triton.jit
@@ -61,27 +60,13 @@ def _decode_split_kernel(
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < end
-        block = tl.load(table + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
-        slot = block * BLOCK_SIZE + n % BLOCK_SIZE
-        k = tl.load(
-            k_cache_ptr + slot[None, :] * stride_ks + kv_head * stride_kh + d[:, None] * stride_kd,
-            mask=d_ok[:, None] & n_ok[None, :],
-            other=0.0,
-        )  # [BLOCK_D, BLOCK_N]
-        s = tl.dot(q, k.to(q.dtype), input_precision=PRECISION) * qk_scale  # log2 units
+        k, v = load_kv_tile(
+            k_cache_ptr, v_cache_ptr, table, kv_head, n, n_ok, d, d_ok,
+            stride_ks, stride_kh, stride_kd, stride_vs, stride_vh, stride_vd, BLOCK_SIZE,
+        )  # fmt: skip
+        s = tl.dot(q, k.to(q.dtype), input_precision=PRECISION) * qk_scale
         s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no inf - inf when nothing is visible yet
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_cache_ptr + slot[:, None] * stride_vs + kv_head * stride_vh + d[None, :] * stride_vd,
-            mask=n_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )  # [BLOCK_N, BLOCK_D]
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
-        m_i = m_new
+        acc, m_i, l_i = online_softmax_step(s, v.to(q.dtype), acc, m_i, l_i, PRECISION)
 
     if DIRECT:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # empty context -> zeros

@@ -1,0 +1,48 @@
+"""The tile step both paged attention kernels share: load one K/V tile through the block table,
+then fold its scores into a running (max, sum, acc) softmax state.
+
+Scores are in log2 units (the caller scales q·k by softmax_scale * LOG2E), so exp2 does the
+exponentials. Rows that have seen no visible key keep m = -inf; they are shifted by 0 instead, so
+no inf - inf NaN appears and their acc and sum stay zero.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def load_kv_tile(
+    k_cache_ptr, v_cache_ptr, table, kv_head, n, n_ok, d, d_ok,
+    stride_ks, stride_kh, stride_kd, stride_vs, stride_vh, stride_vd,
+    BLOCK_SIZE: tl.constexpr,
+):  # fmt: skip
+    """K as [BLOCK_D, BLOCK_N] (ready for q @ k) and V as [BLOCK_N, BLOCK_D] for key positions n."""
+    block = tl.load(table + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+    slot = block * BLOCK_SIZE + n % BLOCK_SIZE
+    k = tl.load(
+        k_cache_ptr + slot[None, :] * stride_ks + kv_head * stride_kh + d[:, None] * stride_kd,
+        mask=d_ok[:, None] & n_ok[None, :],
+        other=0.0,
+    )
+    v = tl.load(
+        v_cache_ptr + slot[:, None] * stride_vs + kv_head * stride_vh + d[None, :] * stride_vd,
+        mask=n_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    return k, v
+
+
+@triton.jit
+def online_softmax_step(s, v, acc, m_i, l_i, PRECISION: tl.constexpr):
+    """Fold masked log2-unit scores s [M, N] and values v [N, D] into the state; returns (acc, m, l)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i
