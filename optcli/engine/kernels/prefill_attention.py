@@ -16,6 +16,7 @@ import triton.language as tl
 
 from ._utils import dot_args
 from .online_softmax import LOG2E, load_kv_tile, online_softmax_step
+
 NO_WINDOW = 1 << 30
 
 
