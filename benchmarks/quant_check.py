@@ -16,7 +16,7 @@ Run through `python benchmarks/gpu_check.py --quant` (or directly). One process,
    kernel): kernels per step and kernel time per step against the graph-replayed step time.
 
 Random weights make the quantized text meaningless, so accuracy is checked at the GEMM level here
-and on a real trained model in tests/test_quant_engine.py. `--tiny` runs the same code on CPU.
+and on a real trained model in tests/engine/quant/test_quant_engine.py. `--tiny` runs the same code on CPU.
 """
 
 from __future__ import annotations

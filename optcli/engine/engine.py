@@ -5,20 +5,27 @@
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 
+import psutil
 import torch
 
 from optcli.config import EngineConfig
 from optcli.engine.attention.cpu import build_gather_metadata
+from optcli.engine.attention.layout import StepLayout
 from optcli.engine.attention.triton import build_triton_metadata
+from optcli.engine.cuda_graphs import DecodeGraphs, cuda_capture
 from optcli.engine.detokenizer import IncrementalDetokenizer
+from optcli.engine.kernels import triton_available
 from optcli.engine.kv_cache import BlockManager
+from optcli.engine.loading.model import load_engine_model
+from optcli.engine.models.layer_ops import FusedOps
 from optcli.engine.quant.layers import quant_summary
 from optcli.engine.runner import ModelRunner
 from optcli.engine.sampler import Sampler, make_generator, token_logprobs
 from optcli.engine.sampling_params import SamplingParams
-from optcli.engine.scheduler import Scheduler
+from optcli.engine.scheduler import ScheduledBatch, Scheduler
 from optcli.engine.sequence import Sequence, Status
 from optcli.errors import UsageError
 
@@ -44,8 +51,6 @@ class Engine:
         or both: keywords override the config's fields (every option and its default: `optcli.config`).
         `self.config` is the resolved copy (device and dtype no longer "auto"); `dtype_reason` says why.
         `graph_capture` replaces the CUDA-graph capture function (tests)."""
-        from optcli.engine.loading.model import load_engine_model
-
         if config is not None and not isinstance(config, EngineConfig):
             raise TypeError("Engine(model, config): config must be an EngineConfig; pass other options by keyword")
         config = (config or EngineConfig()).with_options(**options)
@@ -63,8 +68,6 @@ class Engine:
         self.block_size = block_size
         self.backend = _pick_backend(config.attention_backend, device)
         if self.backend == "triton":
-            from optcli.engine.models.layer_ops import FusedOps
-
             self.model.ops = FusedOps  # one kernel each for add+norm, RoPE, SiLU-mul
             self.model.rotary.build_table(self.max_model_len, self.model.dtype)
         build_metadata = build_triton_metadata if self.backend == "triton" else build_gather_metadata
@@ -94,8 +97,6 @@ class Engine:
         dynamic_rope = self.model.rotary.rope_type == "dynamic"  # reads positions on the host: not capturable
         if self.backend == "triton" and not config.enforce_eager and not dynamic_rope:
             if graph_capture is not None or device.startswith("cuda"):
-                from optcli.engine.cuda_graphs import DecodeGraphs, cuda_capture
-
                 max_blocks = -(-self.max_model_len // block_size)
                 capture = graph_capture or cuda_capture()
                 self.runner.graphs = DecodeGraphs(self.model, caches, max_num_seqs, max_blocks, block_size, device, capture)
@@ -221,8 +222,6 @@ class Engine:
     def _profile_gpu_budget(self, build_metadata, num_tokens: int, utilization: float) -> int:
         """KV-cache bytes left after a throwaway forward at the largest batch: `utilization` of the
         GPU minus the weights and the peak activations that forward needed (as vLLM sizes it)."""
-        from optcli.engine.attention.layout import StepLayout
-
         cfg, bs = self.model.cfg, self.block_size
         num_tokens = min(num_tokens, self.max_model_len)
         blocks = -(-num_tokens // bs)
@@ -248,8 +247,6 @@ class Engine:
     @torch.inference_mode()
     def score(self, token_ids: list[int]) -> torch.Tensor:
         """Logits [T, V] of every position of one sequence through the paged path (tests, accuracy)."""
-        from optcli.engine.scheduler import ScheduledBatch
-
         if self.scheduler.has_work():
             raise RuntimeError("score() needs an idle engine")
         seq = Sequence("score", list(token_ids), SamplingParams(max_tokens=1, prompt_logprobs=0))
@@ -264,8 +261,6 @@ class Engine:
     def head_cost(self, reps: int = 5) -> dict:
         """What the LM head costs a decode token: its weight bytes (read once per step whatever the batch)
         and its measured time at one row, best of `reps` after a warm-up."""
-        import time
-
         nbytes = self.model.weight_bytes(self.model.lm_head)
         hidden = torch.randn(1, self.model.cfg.hidden_size, dtype=self.model.dtype,
                              device=self.device)
@@ -307,8 +302,6 @@ def _pick_backend(name: str, device: str) -> str:
     if name not in ("gather", "triton"):
         raise UsageError(f"attention backend must be auto, gather or triton (got '{name}')")
     if name == "triton":
-        from optcli.engine.kernels import triton_available
-
         if not triton_available():
             raise UsageError("the triton attention backend needs a CUDA GPU (or TRITON_INTERPRET=1 for tests)")
     elif device.startswith("cuda"):
@@ -317,6 +310,4 @@ def _pick_backend(name: str, device: str) -> str:
 
 
 def _available_host_memory() -> int:
-    import psutil
-
     return psutil.virtual_memory().available

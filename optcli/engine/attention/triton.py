@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from optcli.engine.attention.layout import StepLayout, block_table_tensor
+from optcli.engine.kernels import paged_decode_attention, paged_prefill_attention, store_kv
 
 
 @dataclass
@@ -24,15 +25,11 @@ class TritonMetadata:
     block_size: int
 
     def attend(self, q, k, v, kv_cache, window: int | None) -> torch.Tensor:
-        from optcli.engine.kernels import store_kv
-
         store_kv(k, v, kv_cache[0], kv_cache[1], self.slot_mapping)
         return self.attend_cached(q, kv_cache, window)
 
     def attend_cached(self, q, kv_cache, window: int | None) -> torch.Tensor:
         """Attention of q over the cache, this step's K/V already stored (e.g. by the fused RoPE kernel)."""
-        from optcli.engine.kernels import paged_decode_attention, paged_prefill_attention
-
         k_cache, v_cache = kv_cache
         scale = q.shape[-1] ** -0.5
         if self.query_start_loc is None:

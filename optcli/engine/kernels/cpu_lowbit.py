@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from optcli.config import cache_dir
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_suffix(".c")
@@ -65,8 +67,6 @@ def library() -> ctypes.CDLL | None:
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
         key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
-        from optcli.config import cache_dir
-
         out = cache_dir() / "cpu-kernels" / f"lowbit-{key}.so"
         if not out.exists():
             out.parent.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ import triton.language as tl
 
 from . import split_k
 from ._utils import dot_args
+from .int4_dequant import int4_dequantize
 from .split_k import TileConfig, default_splits, program_tile
 from .tuning import pick
 
@@ -196,8 +197,6 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
                       lambda c: int4_matmul(x, qweight, scales, zeros, group_size, c))
     cfg = config
     if cfg.kernel == "dequant":
-        from .int4_dequant import int4_dequantize
-
         w = int4_dequantize(qweight, scales, zeros, group_size, k, x.dtype, cfg.bk // 8, cfg.bn)
         return torch.mm(x, w)  # M = 0 included
     k_per_split, splits = split_k.plan(k, cfg.bk, cfg.split_k)

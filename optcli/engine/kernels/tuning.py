@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from optcli.config import cache_dir
+
 _CHOSEN: dict[tuple, object] = {}
 GRAPH_CALLS = 20  # launches per captured graph: the replay time / this is one call's GPU time
 
@@ -98,9 +100,7 @@ class SavedChoices:
 
 
 def _cache_file() -> Path:
-    import triton
-
-    from optcli.config import cache_dir
+    import triton  # optional: only GPU runs tune, and the CPU build of torch has no triton
 
     device = torch.cuda.get_device_name().replace(" ", "_").replace("/", "_")
     return cache_dir() / "gemm-tuning" / f"{device}-torch{torch.__version__}-triton{triton.__version__}.json"

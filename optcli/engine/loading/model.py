@@ -9,6 +9,7 @@ from optcli.config import EngineConfig
 from optcli.engine.loading.placement import checkpoint_dtype_of, resolve_device, resolve_dtype
 from optcli.engine.loading.state_dict import load_state_dict
 from optcli.engine.models import SUPPORTED_ARCHITECTURES, LlamaForCausalLM, ModelConfig
+from optcli.engine.quant.load_time_rounding import quantize_state_dict
 from optcli.errors import UsageError
 
 
@@ -39,8 +40,6 @@ def load_engine_model(spec: str, config: EngineConfig):
     state = load_state_dict(path, dtype=torch.float32 if config.quantization else None,
                             keep_quantized=not config.dequantize)
     if config.quantization:  # online RTN quantization of a dense checkpoint (quant/load_time_rounding.py)
-        from optcli.engine.quant.load_time_rounding import quantize_state_dict
-
         state = quantize_state_dict(state, config.quantization, device)
     # With dtype auto on a CPU, quantized layers may compute in bf16 (quant/linear.py says why)
     compute_dtypes = (torch.bfloat16,) if chosen_by_us and device == "cpu" else ()

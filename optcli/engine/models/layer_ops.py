@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from optcli.engine.attention.triton import TritonMetadata
+
 
 class TorchOps:
     name = "torch"
@@ -50,6 +52,7 @@ class TorchOps:
 
 
 class FusedOps:
+    # Each method imports its kernel when called: triton is optional (absent from the CPU build of torch).
     name = "triton"
 
     @staticmethod
@@ -70,7 +73,6 @@ class FusedOps:
     def rotary_attend(cls, q, k, v, cos, sin, kv_cache, meta, window):
         """With Triton metadata, one kernel rotates q and k and writes K/V to their cache slots
         (no separate store_kv launch); then attention reads them from the cache."""
-        from optcli.engine.attention.triton import TritonMetadata
         from optcli.engine.kernels.fused_elementwise import rotary_
 
         if not isinstance(meta, TritonMetadata):

@@ -15,9 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from optcli.engine.kernels import cpu_lowbit
 from optcli.engine.kernels.dense_gemm import dense_linear, onednn_linear_available
 from optcli.engine.models.layer_ops import TorchOps
 from optcli.engine.models.rotary import RotaryEmbedding
+from optcli.engine.quant.cpu_choice import choose
+from optcli.engine.quant.layers import make_quant_linear
+from optcli.engine.quant.weights import Int8Weight, cat_weights, is_quantized
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
@@ -115,8 +119,6 @@ class Dense(nn.Module):
         return dense_linear(x, self.weight, self.bias)
 
     def _bf16_weight(self, x: torch.Tensor) -> torch.Tensor:
-        from optcli.engine.quant.cpu_choice import choose
-
         n, k = self.weight.shape
         x2 = x.reshape(-1, k)
         paths = self._bf16_paths()
@@ -130,8 +132,6 @@ class Dense(nn.Module):
         widened per call before oneDNN (slower here at every M, kept for CPUs where it is not). Built
         once per module; they read `self.weight` at call time, so a later `tie` is seen."""
         if self._paths is None:
-            from optcli.engine.kernels import cpu_lowbit
-
             self._paths = {"bf16w-dot": lambda t: cpu_lowbit.bf16_gemm(t, self.weight),
                            "bf16w-panels": lambda t: cpu_lowbit.bf16_gemm(t, self.weight, panels=True),
                            "widen-onednn": lambda t: dense_linear(t, self.weight.float())}
@@ -141,8 +141,6 @@ class Dense(nn.Module):
     def keeps_bf16(weight: torch.Tensor, dtype: torch.dtype) -> bool:
         """Whether a checkpoint weight is held bf16 in a `dtype` model: bf16 values, an fp32 model on a
         CPU, and the AVX2 kernels built (without them the widening per call would cost every step)."""
-        from optcli.engine.kernels import cpu_lowbit
-
         return (weight.dtype == torch.bfloat16 and dtype == torch.float32 and weight.device.type == "cpu"
                 and cpu_lowbit.library() is not None)
 
@@ -246,9 +244,6 @@ class LlamaForCausalLM(nn.Module):
         `quant.weights` object) stays quantized: its Dense is swapped for the format's QuantLinear
         (`compute_dtypes`: what its CPU kernels may compute in besides the model's dtype).
         `lm_head="int8"` rounds a dense head to int8 per output row (and a tied embedding with it)."""
-        from optcli.engine.quant.layers import make_quant_linear
-        from optcli.engine.quant.weights import cat_weights, is_quantized
-
         dtype = self.dtype = self.embed_tokens.weight.dtype
         device = self.embed_tokens.weight.device
 
@@ -303,9 +298,6 @@ class LlamaForCausalLM(nn.Module):
     def _int8_head(self, weight: torch.Tensor, tied: bool, device, dtype, compute_dtypes) -> None:
         """The head as int8 rows with one scale each: weight-only on CPU (torch's int8 kernel), W8A8 on a
         GPU (the Triton int8 GEMM needs int8 activations). The accuracy cost is the profile's to measure."""
-        from optcli.engine.quant.layers import make_quant_linear
-        from optcli.engine.quant.weights import Int8Weight
-
         rounded = Int8Weight.rtn(weight.detach().float(), act_quant=device.type == "cuda")
         self.lm_head = make_quant_linear(rounded, None, device, dtype, compute_dtypes)
         if tied:

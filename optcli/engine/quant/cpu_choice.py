@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 import re
 import time
 from collections.abc import Callable
@@ -39,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from optcli.config import cache_dir
+from optcli.engine.kernels import cpu_lowbit
 from optcli.engine.kernels.tuning import SavedChoices, m_bucket
 
 _CHOSEN: dict[tuple, str] = {}
@@ -104,17 +107,12 @@ def cpu_model() -> str:
         name = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
         return name.group(1).strip() if name else "cpu"
     except OSError:
-        import platform
-
         return platform.processor() or "cpu"
 
 
 def _cache_file() -> Path:
     """Per CPU model, thread count, torch version and version of our own kernels' source (a choice
     timed against an older build of them says nothing about the new one)."""
-    from optcli.config import cache_dir
-    from optcli.engine.kernels import cpu_lowbit
-
     name = re.sub(r"[^A-Za-z0-9.]+", "_", cpu_model())
     kernels = cpu_lowbit.source_key()
     return cache_dir() / "cpu-kernels" / f"{name}-{torch.get_num_threads()}t-torch{torch.__version__}-k{kernels}.json"

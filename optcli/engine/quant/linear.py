@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from optcli.engine.kernels import cpu_lowbit
+from optcli.engine.kernels import cpu_lowbit, triton_available
 from optcli.engine.kernels import quant_reference as ops
 from optcli.engine.kernels.dense_gemm import dense_linear
 from optcli.engine.kernels.quant_reference import QuantizedInput
@@ -38,10 +38,11 @@ from optcli.engine.quant.weights import Int4Weight, Int8Weight
 
 CPU_INT4_GROUPS = (32, 64, 128, 256)
 
+# The Triton GEMMs are imported where a "triton"-mode layer calls them: triton is optional (absent from the
+# CPU build of torch), so this module must import without it.
+
 
 def _cuda_kernels(device: torch.device) -> bool:
-    from optcli.engine.kernels import triton_available
-
     return device.type == "cuda" and triton_available()
 
 

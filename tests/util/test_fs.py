@@ -18,7 +18,7 @@ from optcli.errors import UsageError
 from optcli.report import write_reports
 from optcli.util import fs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 KILLED_WRITER = """
 import os, sys

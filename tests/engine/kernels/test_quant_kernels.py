@@ -196,7 +196,7 @@ def test_weight_only_int8_and_mixed_parts() -> None:
     assert isinstance(mixed, torch.Tensor) and mixed.shape == (24, 64)
 
 
-# The body of a tests/sm90_compile.py script: build() and bf come from its prelude.
+# The body of a tests/engine/kernels/sm90_compile.py script: build() and bf come from its prelude.
 COMPILE_SCRIPT = """
 for zero, aligned in ((True, True), (False, False)):
     for bm, bn, bk, warps in ((16, 64, 128, 4), (128, 128, 64, 8)):
@@ -234,7 +234,7 @@ for out, is_int in (("*i8", True), ("*fp8e4nv", False)):
 
 def test_quant_kernels_compile_for_sm90() -> None:
     """Lower the quantized-GEMM and fused elementwise kernels through Triton's real pipeline to an sm_90 cubin (no GPU needed)."""
-    from tests.sm90_compile import compile_for_sm90
+    from tests.engine.kernels.sm90_compile import compile_for_sm90
 
     compile_for_sm90(COMPILE_SCRIPT)
 

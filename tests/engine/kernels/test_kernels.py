@@ -302,7 +302,7 @@ def test_prefill_half(dtype: torch.dtype) -> None:
 
 # ------------------------------------------------------------------------------ compiled path
 
-# The body of a tests/sm90_compile.py script: build() and bf come from its prelude.
+# The body of a tests/engine/kernels/sm90_compile.py script: build() and bf come from its prelude.
 COMPILE_SCRIPT = """
 io = dict(q_ptr=bf, k_cache_ptr=bf, v_cache_ptr=bf, out_ptr=bf, block_tables_ptr="*i32", context_lens_ptr="*i32",
           qk_scale="fp32", mid_m_ptr="*fp32", mid_l_ptr="*fp32", mid_acc_ptr="*fp32", query_start_loc_ptr="*i32")
@@ -319,6 +319,6 @@ build("prefill_attention", "_prefill_kernel", io, dict(tiles, BLOCK_M=64, BLOCK_
 def test_kernels_compile_for_sm90() -> None:
     """The interpreter accepts code the compiler rejects (and vice versa): lower the bf16 kernels
     through Triton's real pipeline down to an sm_90 cubin, which needs no GPU, only the bundled ptxas."""
-    from tests.sm90_compile import compile_for_sm90
+    from tests.engine.kernels.sm90_compile import compile_for_sm90
 
     compile_for_sm90(COMPILE_SCRIPT, TRITON_DEFAULT_FP_FUSION="1")

@@ -72,9 +72,10 @@ def test_explicit_fp32_offers_no_bf16_path() -> None:
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_int4_paths_of_torch_match_the_reference(monkeypatch, symmetric) -> None:
     """Without our AVX2 kernels: the int4 kernel in bf16, and the weight dequantized from that
-    kernel's own packed layout."""
+    kernel's own packed layout. N = 128: torch packs blocks of 64 rows on AVX-512 (32 on AVX2) and a
+    tail block differently, and only whole simple blocks get a dequant path (`_int4pack_blocks`)."""
     monkeypatch.setattr(cpu_lowbit, "library", lambda: None)
-    weight = Int4Weight.rtn(rand(96, 256, seed=4), 64, symmetric)
+    weight = Int4Weight.rtn(rand(128, 256, seed=4), 64, symmetric)
     layer = Int4Linear(weight, compute_dtypes=BF16)
     assert layer.mode == "cpu" and layer.cpu_dtype == torch.bfloat16 and layer.scales_zeros.dtype == torch.bfloat16
     assert set(layer.paths) == {"int4pack-bf16", "dequant"}
@@ -151,12 +152,12 @@ def test_int8_activation_rounding_costs_little_on_a_trained_model(tmp_path, monk
     """W4A16 through the q4 x q8 kernel against the same artifact dequantized, on real text (the
     builtin trained model, the shared stories text): the activations' int8 rounding per block must
     cost far less than the 4-bit weights themselves."""
+    from conftest import shared_data
     from transformers import AutoTokenizer
 
     from optcli.builtin import model_dir
     from optcli.engine import Engine
     from optcli.quantize.pipeline import quantize
-    from tests.conftest import shared_data
 
     quantize("builtin:tiny-llama", "w4a16-rtn", tmp_path / "w4", device="cpu")
     tokenizer = AutoTokenizer.from_pretrained(model_dir("tiny-llama"))
@@ -395,13 +396,13 @@ def test_bf16_weights_stay_bf16_with_fp32_math(monkeypatch) -> None:
             got = cpu_lowbit.bf16_gemm(x, w, panels=panels).double()
             assert (got - want).abs().max() <= 1e-6 * want.abs().max()
     path = str(model_dir("tiny-llama"))
-    engine = Engine(path, max_model_len=256)
+    engine = Engine(path, max_model_len=256, dtype="float32")  # auto would pick bf16 on a CPU with native bf16
     model = engine.model
     assert model.layers[0].qkv_proj.weight.dtype == model.embed_tokens.weight.dtype == torch.bfloat16
     assert model.lm_head.weight is model.embed_tokens.weight
     ids = list(range(3, 200))
     ours = engine.score(ids)
     monkeypatch.setattr(cpu_lowbit, "library", lambda: None)  # no kernels: the weights widen to fp32
-    fp32 = Engine(path, max_model_len=256)
+    fp32 = Engine(path, max_model_len=256, dtype="float32")
     assert fp32.model.layers[0].qkv_proj.packed is not None and engine.weights_bytes < 0.51 * fp32.weights_bytes
     torch.testing.assert_close(ours, fp32.score(ids), rtol=0, atol=2e-5)

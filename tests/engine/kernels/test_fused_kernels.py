@@ -136,7 +136,7 @@ def test_a_fused_decode_layer_launches_a_third_of_the_ops() -> None:
     import sys
     from pathlib import Path
 
-    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    bench = Path(__file__).resolve().parents[3] / "benchmarks"
     sys.path.insert(0, str(bench))
     try:
         spec = importlib.util.spec_from_file_location("decode_ops", bench / "decode_ops.py")

@@ -16,7 +16,7 @@ from optcli.cli import app
 from optcli.roi import analysis as roi
 from optcli.roi import capacity
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ROI_KEYS = {"usd_per_1k_tokens", "usd_per_1k_output_tokens", "daily_cost_usd", "annual_cost_usd",
             "baseline_annual_cost_usd", "annual_savings_usd", "payback_months", "recommendation", "replicas",
             "estimate", "inputs"}

@@ -11,7 +11,7 @@ import pytest
 from optcli.errors import UsageError
 from optcli.roi import hardware
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_packaged_catalog_has_the_issue_gpus_with_dense_datasheet_figures() -> None:

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import shared_data
 from transformers import AutoModelForCausalLM
 
 from optcli.engine import Engine, SamplingParams
 from optcli.engine.quant.linear import QuantLinear
-from tests.conftest import shared_data
-from tests.test_engine import hf_greedy, story_prompts
+from tests.engine.test_engine import hf_greedy, story_prompts
 
 
 @pytest.fixture(scope="module")
