@@ -216,7 +216,7 @@ class Int8Linear(QuantLinear):
         if backend == "triton" and not w.act_quant:
             raise ValueError("the Triton int8 GEMM quantizes activations: weight-only int8 takes the cpu or dequant path")
         self.input_quant = torch.int8 if backend == "triton" else None
-        self.register_buffer("qweight", w.q.to(device))  # [N, K], as every path here takes it
+        self.register_buffer("qweight", _aligned(w.q.to(device)))  # [N, K], as every path here takes it
         self.register_buffer("scales", w.scales.float().to(device))
         if backend == "cpu":
             # _weight_int8pack_mm scales by a vector of the input's dtype: ones, and the fp32 scales after
@@ -282,6 +282,14 @@ class Int8Linear(QuantLinear):
             return (y.float() * xs * self.scales).to(x.dtype)
         y = torch._weight_int8pack_mm(x.to(dt).contiguous(), self.qweight, getattr(self, f"ones_{_short(dt)}"))
         return (y.float() * self.scales).to(x.dtype)
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t`, copied if its data does not start on a 64-byte boundary. torch's AVX-512 int8 weight kernel
+    (`_weight_int8pack_mm`, bf16 inputs) reads the weight with aligned loads and segfaults on a tensor
+    viewed at an odd offset into a checkpoint's buffer (seen with torch 2.13: an int8 [64, 64] weight
+    loaded from safetensors at an address = 8 mod 64). Fresh torch allocations are 64-byte aligned."""
+    return t if t.data_ptr() % 64 == 0 else t.clone()
 
 
 def _short(dtype: torch.dtype) -> str:

@@ -62,6 +62,22 @@ def test_every_int8_path_matches_the_reference(monkeypatch, act_quant) -> None:
             close(layer(x), want, bf16=name.endswith("bf16"))
 
 
+def test_a_weight_at_an_odd_address_is_copied_aligned(monkeypatch) -> None:
+    """A checkpoint's int8 tensor can start 8 bytes into a 64-byte line (safetensors offsets); torch's
+    AVX-512 int8 kernel segfaults on it, so the layer holds an aligned copy and every path runs."""
+    rounded = Int8Weight.rtn(rand(64, 64, seed=6), act_quant=True)
+    buffer = torch.empty(64 * 64 + 64, dtype=torch.int8)
+    odd = buffer[8 : 8 + 64 * 64].view(64, 64)
+    odd.copy_(rounded.q)
+    assert odd.data_ptr() % 64 == 8
+    layer = Int8Linear(Int8Weight(odd, rounded.scales, True), compute_dtypes=BF16)
+    assert layer.qweight.data_ptr() % 64 == 0
+    x = rand(5, 64, seed=7)
+    for name in layer.paths:
+        monkeypatch.setenv("OPTCLI_CPU_KERNEL", name)
+        close(layer(x), fake_quant(x, torch.int8) @ rounded.dequantize().t(), bf16=True)
+
+
 def test_explicit_fp32_offers_no_bf16_path() -> None:
     layer = Int8Linear(Int8Weight.rtn(rand(16, 32, seed=2)))
     assert set(layer.paths) == {"int8pack-fp32", "int_mm", "dequant", *LOWBIT_Q8}
