@@ -26,10 +26,19 @@ def shared_data(name: str) -> Path:
     return path
 
 
+# Under pytest-xdist (`-n auto`, pyproject.toml) each worker has one core: one torch thread, and the CLI
+# processes a test starts inherit OMP_NUM_THREADS=1, so workers never fight over cores (OpenMP's
+# barriers stall when another process holds a core the team is waiting on).
+XDIST_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+if XDIST_WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 # Without a GPU, Triton kernels run in Triton's interpreter; it must be on before any kernel is defined.
 try:
     import torch
 
+    if XDIST_WORKER:
+        torch.set_num_threads(1)
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
 except ImportError:  # pragma: no cover
