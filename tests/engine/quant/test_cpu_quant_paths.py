@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from optcli.engine.kernels import cpu_lowbit
+from optcli.engine.kernels import cpu_amx, cpu_lowbit
 from optcli.engine.kernels import quant_reference as ops
 from optcli.engine.quant import cpu_choice
 from optcli.engine.quant.fp8_linear import Fp8Linear
@@ -24,6 +24,14 @@ BF16 = (torch.bfloat16,)
 HAS_LOWBIT = cpu_lowbit.library() is not None
 LOWBIT_Q8 = {"q8q8-avx2"} if HAS_LOWBIT else set()
 needs_lowbit = pytest.mark.skipif(not HAS_LOWBIT, reason="no AVX2 CPU or no C compiler here")
+HAS_AMX = cpu_amx.library() is not None
+needs_amx = pytest.mark.skipif(not HAS_AMX, reason="no AMX-INT8 CPU here (or the kernel did not grant tile state)")
+
+
+@pytest.fixture
+def no_amx(monkeypatch):
+    """The layers as on a CPU without AMX: the paths that AMX's single layout would replace."""
+    monkeypatch.setattr(cpu_amx, "library", lambda: None)
 
 
 def test_the_avx2_kernels_build_in_ci() -> None:
@@ -62,7 +70,7 @@ def test_every_int8_path_matches_the_reference(monkeypatch, act_quant) -> None:
             close(layer(x), want, bf16=name.endswith("bf16"))
 
 
-def test_a_weight_at_an_odd_address_is_copied_aligned(monkeypatch) -> None:
+def test_a_weight_at_an_odd_address_is_copied_aligned(monkeypatch, no_amx) -> None:
     """A checkpoint's int8 tensor can start 8 bytes into a 64-byte line (safetensors offsets); torch's
     AVX-512 int8 kernel segfaults on it, so the layer holds an aligned copy and every path runs."""
     rounded = Int8Weight.rtn(rand(64, 64, seed=6), act_quant=True)
@@ -86,7 +94,7 @@ def test_explicit_fp32_offers_no_bf16_path() -> None:
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_int4_paths_of_torch_match_the_reference(monkeypatch, symmetric) -> None:
+def test_int4_paths_of_torch_match_the_reference(monkeypatch, no_amx, symmetric) -> None:
     """Without our AVX2 kernels: the int4 kernel in bf16, and the weight dequantized from that
     kernel's own packed layout. N = 128: torch packs blocks of 64 rows on AVX-512 (32 on AVX2) and a
     tail block differently, and only whole simple blocks get a dequant path (`_int4pack_blocks`)."""
@@ -104,7 +112,7 @@ def test_int4_paths_of_torch_match_the_reference(monkeypatch, symmetric) -> None
 @needs_lowbit
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize(("n", "k", "group"), [(96, 256, 64), (44, 512, 128), (24, 1024, 512)])
-def test_int4_avx2_paths_match_the_reference(monkeypatch, symmetric, n, k, group) -> None:
+def test_int4_avx2_paths_match_the_reference(monkeypatch, no_amx, symmetric, n, k, group) -> None:
     """Our kernel's layout only (no second copy of the weight); the q4 x q8 path equals its plain-PyTorch
     statement to fp32 rounding and the dequantized reference to int8-activation rounding; dequant
     from that layout equals the reference to fp32 rounding. N = 44 pads to 48 columns."""
@@ -165,9 +173,9 @@ def test_avx2_kernel_layouts_and_exact_int8_sums() -> None:
 
 @needs_lowbit
 def test_int8_activation_rounding_costs_little_on_a_trained_model(tmp_path, monkeypatch) -> None:
-    """W4A16 through the q4 x q8 kernel against the same artifact dequantized, on real text (the
-    builtin trained model, the shared stories text): the activations' int8 rounding per block must
-    cost far less than the 4-bit weights themselves."""
+    """W4A16 through the int8-activation kernel (AMX's where the CPU has it, else the AVX2 q4 x q8) against
+    the same artifact dequantized, on real text (the builtin trained model, the shared stories text): the
+    activations' int8 rounding per block must cost far less than the 4-bit weights themselves."""
     from conftest import shared_data
     from transformers import AutoTokenizer
 
@@ -178,20 +186,60 @@ def test_int8_activation_rounding_costs_little_on_a_trained_model(tmp_path, monk
     quantize("builtin:tiny-llama", "w4a16-rtn", tmp_path / "w4", device="cpu")
     tokenizer = AutoTokenizer.from_pretrained(model_dir("tiny-llama"))
     ids = tokenizer(shared_data("tinystories_train_sample.txt").read_text(encoding="utf-8")[:4000])["input_ids"][:512]
+    fast = "q4-amx" if HAS_AMX else "q4q8-avx2"
     logp = {}
-    for path in ("q4q8-avx2", "dequant"):
+    for path in (fast, "dequant"):
+        if path == "dequant":
+            monkeypatch.setattr(cpu_amx, "library", lambda: None)  # AMX's layout has no dequant path
         monkeypatch.setenv("OPTCLI_CPU_KERNEL", path)
         engine = Engine(str(tmp_path / "w4"), max_model_len=640)
-        assert engine.model.layers[0].down_proj.paths.keys() == {"q4q8-avx2", "dequant"}
+        assert path in engine.model.layers[0].down_proj.paths
         logp[path] = engine.score(ids).float().log_softmax(-1)
     source = Engine(str(model_dir("tiny-llama")), max_model_len=640).score(ids).float().log_softmax(-1)
 
     def kld(p: torch.Tensor, q: torch.Tensor) -> float:
         return (p.exp() * (p - q)).sum(-1).mean().item()
 
-    rounding, weights = kld(logp["dequant"], logp["q4q8-avx2"]), kld(source, logp["dequant"])
-    agree = (logp["dequant"].argmax(-1) == logp["q4q8-avx2"].argmax(-1)).float().mean().item()
+    rounding, weights = kld(logp["dequant"], logp[fast]), kld(source, logp["dequant"])
+    agree = (logp["dequant"].argmax(-1) == logp[fast].argmax(-1)).float().mean().item()
     assert rounding < 0.25 * weights and agree > 0.97, (rounding, weights, agree)
+
+
+@needs_amx
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize(("m", "n", "k", "group"), [(1, 64, 128, 64), (5, 96, 256, 128), (37, 32, 512, 128),
+                                                    (70, 128, 1024, 256)])
+def test_amx_q4_layer_matches_its_statement_and_the_reference(monkeypatch, symmetric, m, n, k, group) -> None:
+    """AMX's int4 path: one layout (4 bits a weight), its bf16 output equal to `reference_q4_gemm` (int8
+    activations per row and group, exact integer sums) to bf16 rounding, and to the dequantized product
+    to int8-activation rounding. M = 37 and 70 leave partial 16-row tiles; an explicit fp32 keeps it out."""
+    weight = Int4Weight.rtn(rand(n, k, seed=4), group, symmetric)
+    assert "q4-amx" not in Int4Linear(weight).paths
+    layer = Int4Linear(weight, dtype=torch.bfloat16, compute_dtypes=BF16)
+    assert set(layer.paths) == {"q4-amx"} and layer.qweight.numel() == n * k // 2
+    x = rand(m, k, seed=m, scale=2.0).bfloat16()
+    got = layer(x).float()
+    statement = cpu_amx.reference_q4_gemm(x, weight.q, weight.scales, weight.zeros, group)
+    torch.testing.assert_close(got, statement, rtol=8e-3, atol=8e-3 * statement.abs().max().item())
+    want = x.float() @ weight.dequantize().t()
+    torch.testing.assert_close(got, want, rtol=0, atol=3e-2 * want.abs().max().item())
+
+
+@needs_amx
+def test_amx_w8a8_layer_matches_the_int8_reference_and_round_trips_its_weight() -> None:
+    """W8A8 on AMX: compressed-tensors' per-token int8 activations (bit for bit `ops.quantize_per_token`),
+    exact int32 sums, per-channel scales; the weight held in AMX's layout and given back unchanged."""
+    weight = Int8Weight.rtn(rand(96, 192, seed=8), act_quant=True)
+    layer = Int8Linear(weight, dtype=torch.bfloat16, compute_dtypes=BF16)
+    assert set(layer.paths) == {"q8-amx"} and torch.equal(layer.quant_weight().q, weight.q)
+    g = torch.Generator().manual_seed(3)
+    for m in (1, 17, 40):
+        x = (torch.randn(m, 192, generator=g) * 3).bfloat16()
+        xq, xs = ops.quantize_per_token(x, torch.int8)
+        qa, sa, _ = cpu_amx.quantize_groups(x, 192)
+        assert torch.equal(qa, xq) and torch.equal(sa, xs)
+        want = ops.int8_scaled_mm(xq, xs, weight.q, weight.scales, torch.float32)
+        torch.testing.assert_close(layer(x).float(), want, rtol=8e-3, atol=8e-3 * want.abs().max().item())
 
 
 @needs_lowbit

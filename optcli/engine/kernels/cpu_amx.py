@@ -1,0 +1,158 @@
+"""The AMX kernels of `cpu_amx.c` (int8 tiles for W4A16 and W8A8 layers on Sapphire Rapids and later),
+compiled once per machine and called through ctypes, like `cpu_lowbit`.
+
+`library()` is None unless the CPU has AMX-INT8, the kernel grants the process AMX tile state, and
+the C compiler knows the AMX intrinsics; then the quantized layers simply do not offer these paths.
+`reference_q4_gemm` / `reference_q8_gemm` are the plain-PyTorch statements of what they compute.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+import torch
+
+from optcli.config import cache_dir
+from optcli.engine.kernels import quant_reference as ops
+from optcli.engine.kernels.cpu_lowbit import _compiler
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_suffix(".c")
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-int8", "-fopenmp",
+         "-fPIC", "-shared", "-fno-math-errno")
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return all(f" {flag}" in flags for flag in ("amx_int8", "amx_tile", "avx512_bf16", "avx512bw"))
+
+
+@functools.cache
+def source_key() -> str:
+    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:8]
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None where AMX is absent, not granted, or the build fails."""
+    if os.environ.get("OPTCLI_CPU_AMX", "1") == "0" or not _cpu_has_amx():
+        return None
+    cc = _compiler()
+    if cc is None:
+        return None
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
+        out = cache_dir() / "cpu-kernels" / f"amx-{key}.so"
+        if not out.exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_suffix(f".{os.getpid()}.tmp")
+            subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp)], check=True, capture_output=True, text=True,
+                           timeout=300)
+            tmp.replace(out)  # atomic: a concurrent process sees the whole library or none
+        lib = ctypes.CDLL(str(out))
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("the AMX CPU kernels did not build (%s); other CPU paths are used", getattr(e, "stderr", "") or e)
+        return None
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.amx_init.restype = ctypes.c_int
+    lib.amx_quant_groups.argtypes = [p, i64, i64, i64, p, p, p]
+    lib.amx_q4_gemm.argtypes = [p, p, p, i64, i64, i64, p, p, p, i64, p, p]
+    lib.amx_q8_gemm.argtypes = [p, p, p, i64, i64, p, p, i64, p, p]
+    for f in (lib.amx_quant_groups, lib.amx_q4_gemm, lib.amx_q8_gemm):
+        f.restype = None
+    if not lib.amx_init():
+        log.info("the kernel did not grant AMX tile state: the AMX CPU kernels are not used")
+        return None
+    return lib
+
+
+def q4_ok(n: int, k: int, group_size: int) -> bool:
+    """Shapes the 4-bit kernel takes: 32-column panels, 64-input chunks, groups of whole chunks."""
+    return n % 32 == 0 and k % 64 == 0 and group_size % 64 == 0 and k % group_size == 0
+
+
+def _vnni_rows(q: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> [N/16, K/64, 16, 64]: per block of 16 columns and chunk of 64 inputs, row r holds inputs
+    4r..4r+3 of the 16 columns (byte 4n + i = W[n, 4r + i])."""
+    n, k = q.shape
+    return q.reshape(n // 16, 16, k // 64, 16, 4).permute(0, 2, 3, 1, 4).reshape(n // 16, k // 64, 16, 64)
+
+
+def pack_q4(q: torch.Tensor) -> torch.Tensor:
+    """Nibbles u [N, K] (0..15) -> uint8 [N/16, K/64, 16, 32]: low nibbles are bytes 0..31 of a row, high 32..63."""
+    rows = _vnni_rows(q.to(torch.uint8))
+    return (rows[..., :32] | (rows[..., 32:] << 4)).contiguous()
+
+
+def pack_q8(w: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K] -> int8 [N/16, K/64, 16, 64] VNNI rows."""
+    return _vnni_rows(w.to(torch.int8)).contiguous()
+
+
+def quantize_groups(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """bf16 x [M, K] -> (int8 [M, K], scales fp32 [M, K/G], int32 sums [M, K/G]): `ops.quantize_per_token`
+    on each group of G inputs."""
+    m, k = x.shape
+    qa = torch.empty(m, k, dtype=torch.int8)
+    sa = torch.empty(m, k // group_size, dtype=torch.float32)
+    asum = torch.empty(m, k // group_size, dtype=torch.int32)
+    library().amx_quant_groups(x.data_ptr(), m, k, group_size, qa.data_ptr(), sa.data_ptr(), asum.data_ptr())
+    return qa, sa, asum
+
+
+def q4_gemm(x: torch.Tensor, packed: torch.Tensor, scales_t: torch.Tensor, zeros_t: torch.Tensor | None,
+            group_size: int, n: int) -> torch.Tensor:
+    """bf16 x [M, K] @ W^T -> bf16 [M, N]; W from `pack_q4`, scales_t / zeros_t fp32 [K/G, N]."""
+    x = x.contiguous()
+    m, k = x.shape
+    qa, sa, asum = quantize_groups(x, group_size)
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    if m:
+        library().amx_q4_gemm(qa.data_ptr(), sa.data_ptr(), asum.data_ptr(), m, k, group_size, packed.data_ptr(),
+                              scales_t.data_ptr(), None if zeros_t is None else zeros_t.data_ptr(), n, None,
+                              out.data_ptr())
+    return out
+
+
+def q8_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, n: int) -> torch.Tensor:
+    """W8A8: bf16 x [M, K] quantized per token, @ int8 W^T (from `pack_q8`) * per-channel scales -> bf16 [M, N]."""
+    x = x.contiguous()
+    m, k = x.shape
+    qa, sa, asum = quantize_groups(x, k)
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    if m:
+        library().amx_q8_gemm(qa.data_ptr(), sa.data_ptr(), asum.data_ptr(), m, k, packed.data_ptr(),
+                              scales.data_ptr(), n, None, out.data_ptr())
+    return out
+
+
+def reference_q4_gemm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                      group_size: int) -> torch.Tensor:
+    """What q4_gemm computes, in fp32: activations rounded per (row, group), exact integer group sums, scaled."""
+    m, k = x.shape
+    xg = x.float().reshape(m * (k // group_size), group_size)
+    qa, sa = ops.quantize_per_token(xg, torch.int8)
+    qa, sa = qa.reshape(m, k // group_size, group_size).float(), sa.reshape(m, k // group_size)
+    wq = (q.float() - 8).reshape(q.shape[0], k // group_size, group_size)
+    dots = torch.einsum("mgk,ngk->mgn", qa, wq)  # exact: integers below 2^24
+    y = (dots * scales.t()[None]).mul(sa[..., None]).sum(1)
+    if zeros is not None:
+        y = y + (qa.sum(-1) * sa) @ zeros.t()
+    return y
+
+
+def unpack_q8(packed: torch.Tensor) -> torch.Tensor:
+    """`pack_q8`'s inverse: int8 [N/16, K/64, 16, 64] -> [N, K]."""
+    nb, kc = packed.shape[:2]
+    return packed.reshape(nb, kc, 16, 16, 4).permute(0, 3, 1, 2, 4).reshape(nb * 16, kc * 64)
