@@ -1,14 +1,24 @@
 """KPI gates: thresholds from a YAML file, checked against a profile report.
 
+Two shapes, which may be mixed in one file:
+
+- flat gate names (`p95_ttft_ms_max: 500`, `min_output_tok_s: 100`, `max_kld_mean: 0.05`, ...);
+- the seed's nested KPIS structure, absolute and relative to the baseline measured in the same run:
+
+      latency:    {p95_threshold: 500, p99_threshold: 800, metric: e2e}   # ms; metric e2e|ttft|tpot|itl
+      throughput: {minimum: 100, degradation_threshold: 0.8}            # output tok/s; >= 0.8 x baseline's
+      cost:       {maximum: 0.01, increase_threshold: 1.2}              # USD/1K tokens; <= 1.2 x baseline's
+      accuracy:   {acceptable_drop: 0.02, min_task_recovery: 0.95}      # fractions
+
 A gate must never pass on missing data, so a figure the report could not measure (null) fails its
 check. The file is validated strictly (extra="forbid") because a typo'd gate silently gating nothing
-is worse than an error.
+is worse than an error. Every check names its threshold, its value and the baseline's value.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
@@ -35,10 +45,45 @@ _GATES: dict[str, tuple[tuple[str, ...], str, str]] = {
 }
 
 
-class Kpi(BaseModel):
+class _Gates(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bools(cls, value: Any) -> Any:
+        # pydantic would read `true` as 1.0: a threshold of "yes" is a mistake, not a number.
+        if isinstance(value, bool):
+            raise ValueError("expected a number, not a boolean")
+        return value
+
+
+class LatencyGates(_Gates):
+    """Percentiles of one latency metric, in ms (E2E unless `metric` says otherwise)."""
+
+    metric: Literal["e2e", "ttft", "tpot", "itl"] = "e2e"
+    p50_threshold: float | None = None
+    p95_threshold: float | None = None
+    p99_threshold: float | None = None
+
+
+class ThroughputGates(_Gates):
+    minimum: float | None = None  # output tok/s (offline)
+    degradation_threshold: float | None = None  # output tok/s / the baseline's, at least this
+
+
+class CostGates(_Gates):
+    maximum: float | None = None  # USD per 1K tokens (needs --gpu-hour-cost)
+    increase_threshold: float | None = None  # cost per token / the baseline's, at most this
+
+
+class AccuracyGates(_Gates):
+    acceptable_drop: float | None = None  # per task metric: baseline - candidate; without tasks: ppl increase
+    min_task_recovery: float | None = None  # per task metric: candidate / baseline
+
+
+class Kpi(_Gates):
     """Service-level gates; every field is optional and only set fields are checked."""
 
-    model_config = ConfigDict(extra="forbid")
     p95_ttft_ms_max: float | None = None
     p99_ttft_ms_max: float | None = None
     p95_tpot_ms_max: float | None = None
@@ -54,18 +99,29 @@ class Kpi(BaseModel):
     min_top1_agreement: float | None = None
     max_usd_per_1k_tokens: float | None = None
     max_peak_memory_bytes: float | None = None  # float so YAML like 8e9 works
+    min_task_recovery: float | None = None
+    latency: LatencyGates | None = None
+    throughput: ThroughputGates | None = None
+    cost: CostGates | None = None
+    accuracy: AccuracyGates | None = None
 
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_bools(cls, value: Any) -> Any:
-        # pydantic would read `true` as 1.0: a threshold of "yes" is a mistake, not a number.
-        if isinstance(value, bool):
-            raise ValueError("expected a number, not a boolean")
-        return value
+    def relative_gates(self) -> list[str]:
+        """The set gates that compare with a baseline measured in the same run, as written in the file."""
+        gates = [f"{section}.{name}" for section, names in
+                 (("throughput", ("degradation_threshold",)), ("cost", ("increase_threshold",)),
+                  ("accuracy", ("acceptable_drop", "min_task_recovery")))
+                 for name in names if getattr(getattr(self, section) or _EMPTY[section], name) is not None]
+        return gates + (["min_task_recovery"] if self.min_task_recovery is not None else [])
+
+
+_EMPTY = {"throughput": ThroughputGates(), "cost": CostGates(), "accuracy": AccuracyGates()}
+_FLAT = tuple(_GATES)
+_NESTED = {"latency": LatencyGates, "throughput": ThroughputGates, "cost": CostGates, "accuracy": AccuracyGates}
 
 
 def _allowed() -> str:
-    return ", ".join(Kpi.model_fields)
+    nested = "; ".join(f"{k}.{{{', '.join(f for f in m.model_fields)}}}" for k, m in _NESTED.items())
+    return f"{', '.join(_FLAT)}, min_task_recovery; {nested}"
 
 
 def load_kpi(path: str | Path) -> Kpi:
@@ -97,7 +153,7 @@ def load_kpi(path: str | Path) -> Kpi:
                          f"allowed fields: {_allowed()}") from None
 
 
-def _lookup(report: dict[str, Any], keys: tuple[str, ...]) -> float | None:
+def _lookup(report: Any, keys: tuple[str, ...]) -> float | None:
     node: Any = report
     for key in keys:
         if not isinstance(node, dict):
@@ -108,26 +164,106 @@ def _lookup(report: dict[str, Any], keys: tuple[str, ...]) -> float | None:
     return node
 
 
+def _baseline(report: dict, keys: tuple[str, ...]) -> float | None:
+    """The baseline's figure at `keys` (the source measured in the same run: report.comparison.baseline)."""
+    if keys[0] == "accuracy":
+        return _lookup(report, ("accuracy", "baseline_ppl")) if keys[-1] == "ppl" else None
+    return _lookup(report, ("comparison", "baseline", *keys))
+
+
+def _check(name: str, threshold: float, value: float | None, baseline: float | None, op: str) -> dict:
+    ok = value is not None and (value <= threshold if op == "<=" else value >= threshold)
+    return {"name": name, "threshold": threshold, "value": value, "baseline": baseline, "passed": bool(ok)}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _task_rows(report: dict) -> list[dict]:
+    tasks = (report.get("accuracy") or {}).get("tasks") or []
+    return [t for t in tasks if isinstance(t, dict)]
+
+
 def evaluate_kpis(report: dict[str, Any], kpi: Kpi) -> dict[str, Any]:
-    """One check per set gate; a value the report could not measure (null) fails its check."""
+    """One check per set gate (per task metric for task gates); a value the report could not measure
+    (null) fails its check."""
     checks = []
-    for field, threshold in kpi.model_dump(exclude_none=True).items():
+    for field in _FLAT:
+        threshold = getattr(kpi, field)
+        if threshold is None:
+            continue
         keys, op, metric = _GATES[field]
-        value = _lookup(report, keys)
-        ok = value is not None and (value <= threshold if op == "<=" else value >= threshold)
         # The YAML field rides along in the name so a failure message says which line to edit.
-        checks.append({"name": f"{metric} {op} {threshold:g} ({field})", "threshold": threshold, "value": value,
-                       "passed": bool(ok)})
+        checks.append(_check(f"{metric} {op} {threshold:g} ({field})", threshold, _lookup(report, keys),
+                             _baseline(report, keys), op))
+    if kpi.latency is not None:
+        m = kpi.latency.metric
+        for pct in ("p50", "p95", "p99"):
+            threshold = getattr(kpi.latency, f"{pct}_threshold")
+            if threshold is not None:
+                keys = ("latency_ms", m, pct)
+                checks.append(_check(f"{pct}_{m}_ms <= {threshold:g} (latency.{pct}_threshold)", threshold,
+                                     _lookup(report, keys), _baseline(report, keys), "<="))
+    out_keys, total_keys = ("throughput", "output_tok_s"), ("throughput", "total_tok_s")
+    tp = kpi.throughput or _EMPTY["throughput"]
+    if tp.minimum is not None:
+        checks.append(_check(f"output_tok_s >= {tp.minimum:g} (throughput.minimum)", tp.minimum,
+                             _lookup(report, out_keys), _baseline(report, out_keys), ">="))
+    if tp.degradation_threshold is not None:
+        value, base = _lookup(report, out_keys), _baseline(report, out_keys)
+        checks.append(_check(f"output_tok_s / baseline's >= {tp.degradation_threshold:g} "
+                             "(throughput.degradation_threshold)", tp.degradation_threshold,
+                             _ratio(value, base), base, ">="))
+    cost = kpi.cost or _EMPTY["cost"]
+    if cost.maximum is not None:
+        checks.append(_check(f"usd_per_1k_tokens <= {cost.maximum:g} (cost.maximum)", cost.maximum,
+                             _lookup(report, ("cost", "usd_per_1k_tokens")), None, "<="))
+    if cost.increase_threshold is not None:
+        # Same machine, same hourly price: cost per token scales as 1 / total tok/s, so the ratio needs no price.
+        value, base = _lookup(report, total_keys), _baseline(report, total_keys)
+        checks.append(_check(f"cost per token / baseline's <= {cost.increase_threshold:g} (cost.increase_threshold)",
+                             cost.increase_threshold, _ratio(base, value), base, "<="))
+    checks += _accuracy_checks(report, kpi)
     return {"passed": all(c["passed"] for c in checks), "checks": checks}
 
 
+def _accuracy_checks(report: dict, kpi: Kpi) -> list[dict]:
+    acc = kpi.accuracy or _EMPTY["accuracy"]
+    recovery = acc.min_task_recovery if acc.min_task_recovery is not None else kpi.min_task_recovery
+    source = "accuracy.min_task_recovery" if acc.min_task_recovery is not None else "min_task_recovery"
+    tasks = _task_rows(report)
+    checks = []
+    if acc.acceptable_drop is not None:
+        drop = acc.acceptable_drop
+        if tasks:
+            for t in tasks:
+                value = None if t.get("candidate") is None or t.get("baseline") is None else t["baseline"] - t["candidate"]
+                checks.append(_check(f"{t['task']} {t['metric']} drop <= {drop:g} (accuracy.acceptable_drop)", drop,
+                                     value, t.get("baseline"), "<="))
+        else:  # no tasks run: the drop is perplexity's relative increase over the baseline's
+            ratio = _lookup(report, ("accuracy", "ppl_ratio"))
+            checks.append(_check(f"ppl increase (ppl / baseline's - 1) <= {drop:g} (accuracy.acceptable_drop)", drop,
+                                 None if ratio is None else ratio - 1, _baseline(report, ("accuracy", "ppl")), "<="))
+    if recovery is not None:
+        if not tasks:  # a recovery gate with no task measured gates nothing: fail rather than pass
+            checks.append(_check(f"task recovery >= {recovery:g} ({source}; no --tasks run)", recovery, None, None, ">="))
+        for t in tasks:
+            checks.append(_check(f"{t['task']} {t['metric']} recovery >= {recovery:g} ({source})", recovery,
+                                 t.get("recovery"), t.get("baseline"), ">="))
+    return checks
+
+
 def slo_from_kpi(kpi: Kpi) -> dict[str, float]:
-    """Per-request latency thresholds for goodput: the p95 gate, else the p99 gate, per metric."""
+    """Per-request latency thresholds for goodput: the p95 gate, else the p99 gate, per metric (flat names
+    first, then the nested latency section for its metric)."""
     slo: dict[str, float] = {}
     for metric in ("ttft", "tpot", "e2e"):
         value = getattr(kpi, f"p95_{metric}_ms_max")
         if value is None:
             value = getattr(kpi, f"p99_{metric}_ms_max")
+        if value is None and kpi.latency is not None and kpi.latency.metric == metric:
+            value = kpi.latency.p95_threshold if kpi.latency.p95_threshold is not None else kpi.latency.p99_threshold
         if value is not None:
             slo[f"{metric}_ms"] = value
     return slo

@@ -10,7 +10,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from optcli.bench.accuracy import EngineLM, evaluate
+from optcli.bench.accuracy import EngineLM, evaluate, evaluate_in_turn
 from optcli.bench.comparison import comparison, roofline
 from optcli.bench.kpi import evaluate_kpis, load_kpi, slo_from_kpi
 from optcli.bench.measure import free_device_memory, measure_local, online_load, sweep_point
@@ -33,8 +33,30 @@ def _manifest(path: Path | None) -> dict | None:
     return None
 
 
-def measure_accuracy(model_path: Path, baseline_path: Path, eval_text: str, device: str) -> dict:
-    """PPL, KLD and top-1 agreement of the model against its baseline on the same tokens."""
+ACCURACY_BACKENDS = ("engine", "transformers")
+
+
+def measure_accuracy(model_path: Path, baseline_path: Path, eval_text: str, config: EngineConfig,
+                     backend: str = "engine") -> dict:
+    """PPL, KLD and top-1 agreement of the model against its baseline on the same tokens: through our engine,
+    each model in the dtype and kernels it is served with (`config`, as `serve` would run it), one model
+    resident at a time; or through transformers (the cross-check: its own kernels, the baseline in fp32)."""
+    if backend == "transformers":
+        return transformers_accuracy(model_path, baseline_path, eval_text, config.device)
+    from transformers import AutoConfig, AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(baseline_path)(eval_text, verbose=False).input_ids
+    positions = getattr(AutoConfig.from_pretrained(baseline_path), "max_position_embeddings", 256)
+    ctx = min(256, positions, config.max_model_len or positions)
+
+    def load(path: Path):  # the engine is built when its turn comes, and nothing here keeps it
+        return lambda: EngineLM(Engine(str(path), config))
+
+    return evaluate_in_turn(load(model_path), load(baseline_path), ids, ctx=ctx).as_dict()
+
+
+def transformers_accuracy(model_path: Path, baseline_path: Path, eval_text: str, device: str) -> dict:
+    """The artifact as transformers loads it against the baseline in fp32, on the same tokens."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -68,6 +90,7 @@ def profile(
     config: EngineConfig | None = None,
     progress=None,
     tokenizer: str | None = None,
+    accuracy_backend: str = "engine",
     **engine_options,
 ) -> dict:
     """Run the whole profile and write the reports; raises KpiFailed (exit 3) after writing them.
@@ -76,6 +99,8 @@ def profile(
     kpi = load_kpi(kpi_file) if kpi_file is not None else None
     if eval_text is not None and not eval_text.is_file():
         raise UsageError(f"--eval-text file not found: {eval_text}")
+    if accuracy_backend not in ACCURACY_BACKENDS:
+        raise UsageError(f"--accuracy-backend must be one of {', '.join(ACCURACY_BACKENDS)} (got '{accuracy_backend}')")
     if gpu_hour_cost is not None and gpu_hour_cost < 0:
         raise UsageError("--gpu-hour-cost must be >= 0")
     config = (config or EngineConfig()).with_options(**engine_options)
@@ -88,6 +113,11 @@ def profile(
     if baseline is None and manifest is not None and manifest.get("source", {}).get("path"):
         baseline = manifest["source"]["path"]
     baseline_source = resolve_model(baseline) if baseline and source else None
+    if kpi is not None and kpi.relative_gates() and baseline_source is None:
+        why = ("an --endpoint run measures no baseline" if endpoint else
+               "pass --baseline MODEL (an artifact's default baseline is its source)")
+        raise UsageError(f"KPI gate(s) {', '.join(kpi.relative_gates())} compare with a baseline measured in the "
+                         f"same run, and there is none: {why}")
 
     report: dict = {
         "model": model,
@@ -104,6 +134,7 @@ def profile(
             "seed": workload.seed,
             "endpoint": endpoint,
             "eval_text": str(eval_text) if eval_text else "builtin corpus heldout.txt",
+            "accuracy_backend": accuracy_backend,
             "prompt_format": workload.prompt_format or ("text" if endpoint else "tokens"),
             # the engine options both models ran with (what `serve` would run); dtype resolved at load
             "engine": None if endpoint else {**config.as_dict(), "dtype_requested": config.dtype, "dtype_reason": None},
@@ -128,7 +159,7 @@ def profile(
     if baseline_source is not None:
         step("accuracy against the baseline")
         text = eval_text.read_text(encoding="utf-8") if eval_text else heldout_text()
-        acc = measure_accuracy(source.path, baseline_source.path, text, device)
+        acc = measure_accuracy(source.path, baseline_source.path, text, config, accuracy_backend)
         report["accuracy"] = {k: acc[k] for k in report["accuracy"]}
     if source is not None and config.lm_head != "dense":
         step(f"accuracy cost of the {config.lm_head} LM head")

@@ -37,6 +37,7 @@ def profile(
     model: Annotated[str, typer.Argument(help="Model or artifact to profile (or the served model name with --endpoint).")],
     baseline: Annotated[str | None, typer.Option("--baseline", help="Reference model for accuracy (default: the artifact's source).")] = None,
     eval_text: Annotated[Path | None, typer.Option("--eval-text", help="Text for accuracy (default: the builtin corpus's heldout.txt).")] = None,
+    accuracy_backend: Annotated[str, typer.Option("--accuracy-backend", help="engine: both models through our engine as served (default); transformers: the cross-check.")] = "engine",
     requests: Annotated[int, typer.Option("--requests", min=1, help="Synthetic requests per phase.")] = 32,
     prompt_len: Annotated[str, typer.Option("--prompt-len", help="Prompt lengths, uniform in [A, B).")] = "16:64",
     output_len: Annotated[int, typer.Option("--output-len", min=1, help="New tokens per request (EOS ignored).")] = 32,
@@ -81,7 +82,7 @@ def profile(
 
         try:
             report = run_profile(model, baseline, eval_text, workload, kpi, gpu_hour_cost, out_dir, endpoint, config,
-                                 note, tokenizer=tokenizer)
+                                 note, tokenizer=tokenizer, accuracy_backend=accuracy_backend)
         except KpiFailed as exc:  # the report is complete and written: show it, then exit 3
             report, gate_failure = exc.report, exc
     _show_profile(report, as_json, out_dir)
@@ -138,6 +139,7 @@ def _show_profile(report: dict, as_json: bool, out_dir: Path | None) -> None:
         err.print(f"[yellow]{failures['failed']} of {failures['total']} requests failed:[/yellow] {why}", highlight=False)
     for check in report["kpi"]["checks"]:
         style = "green" if check["passed"] else "red"
-        out.print(f"[{style}]{'PASS' if check['passed'] else 'FAIL'}[/{style}] {check['name']} (value {fmt(check['value'])})")
+        base = "" if check.get("baseline") is None else f", baseline {fmt(check['baseline'])}"
+        out.print(f"[{style}]{'PASS' if check['passed'] else 'FAIL'}[/{style}] {check['name']} (value {fmt(check['value'])}{base})")
     if out_dir is not None:
         out.print(f"reports: {out_dir}/report.json, report.md, report.html")

@@ -98,10 +98,11 @@ def render_html(report: Mapping[str, Any], samples: Mapping[str, Any] | None = N
         rows = []
         for c in checks:
             ok = bool(c.get("passed"))
-            cells = [("✔ pass" if ok else "✘ fail"), fmt(c.get("name")), fmt(c.get("threshold")), fmt(c.get("value"))]
+            cells = [("✔ pass" if ok else "✘ fail"), fmt(c.get("name")), fmt(c.get("threshold")), fmt(c.get("value")),
+                     fmt(c.get("baseline"))]
             rows.append(f'<tr class="{"pass" if ok else "fail"}">' + "".join(_td(x, cls="") for x in cells) + "</tr>")
         if rows:
-            parts.append("<table><thead><tr><th>result</th><th>check</th><th>threshold</th><th>value</th></tr></thead>"
+            parts.append("<table><thead><tr><th>result</th><th>check</th><th>threshold</th><th>value</th><th>baseline</th></tr></thead>"
                          f"<tbody>{''.join(rows)}</tbody></table>")
 
     comparison = comparison_table(report)

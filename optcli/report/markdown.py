@@ -216,9 +216,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         verdict = NA if passed is None else ("✅ passed" if passed else "❌ failed")
         lines.append(f"Overall: {verdict}" + ("" if checks else " (no gates set)"))
         if checks:
-            lines += ["", *_md_table(["", "check", "threshold", "value"],
+            lines += ["", *_md_table(["", "check", "threshold", "value", "baseline"],
                            [["✅" if c.get("passed") else "❌", fmt(c.get("name")), fmt(c.get("threshold")),
-                             fmt(c.get("value"))] for c in checks])]
+                             fmt(c.get("value")), fmt(c.get("baseline"))] for c in checks])]
     versions = get(report, "versions")
     if versions:
         lines += ["", f"<sub>versions: {_cell(fmt(versions))}</sub>"]

@@ -171,7 +171,9 @@ def test_quantized_artifact_is_compared_with_its_source(stories_dir: Path, eval_
 
 def test_kpi_gates_exit_3_on_failure_and_0_when_met(stories_dir: Path, eval_text: Path, tmp_path: Path) -> None:
     impossible = tmp_path / "impossible.yaml"
-    impossible.write_text("min_output_tok_s: 1.0e12\nmax_kld_mean: 0.5\n")
+    # flat names and the seed's nested KPIS shape in one file; every relative gate impossible
+    impossible.write_text("min_output_tok_s: 1.0e12\nmax_kld_mean: 0.5\nthroughput: {degradation_threshold: 100}\n"
+                          "cost: {increase_threshold: 0.001}\naccuracy: {acceptable_drop: -1}\n")
     out = tmp_path / "failed"
     result = optcli("profile", str(stories_dir), "--baseline", str(stories_dir), "--eval-text", str(eval_text), *SMALL,
                     "--kpi", str(impossible), "--out", str(out))
@@ -180,12 +182,20 @@ def test_kpi_gates_exit_3_on_failure_and_0_when_met(stories_dir: Path, eval_text
     report = json.loads((out / "report.json").read_text())  # written before the gate failed
     assert report["kpi"]["passed"] is False
     assert {c["passed"] for c in report["kpi"]["checks"]} == {True, False}
+    relative = [c for c in report["kpi"]["checks"] if c["name"].endswith(("degradation_threshold)",
+                                                                         "increase_threshold)", "acceptable_drop)"))]
+    assert len(relative) == 3 and not any(c["passed"] for c in relative)
+    assert all(c["baseline"] is not None and c["value"] is not None for c in relative)
+    assert "cost.increase_threshold" in result.stderr
     assert "source vs artifact" in result.stdout and "roofline (batch-1 decode): artifact " in result.stdout
     assert "baseline output tok/s (ratio)" not in result.stdout  # replaced by the side-by-side table
     for warning in report["comparison"]["warnings"]:  # yellow lines on stderr, after the table
         assert warning in " ".join(result.stderr.split())
     lenient = tmp_path / "lenient.yaml"
-    lenient.write_text("min_output_tok_s: 0.001\np99_e2e_ms_max: 600000\nmax_kld_mean: 0.5\n")
+    lenient.write_text("min_output_tok_s: 0.001\np99_e2e_ms_max: 600000\nmax_kld_mean: 0.5\n"
+                       "latency: {p95_threshold: 600000, p99_threshold: 600000}\n"
+                       "throughput: {minimum: 0.001, degradation_threshold: 0.01}\ncost: {increase_threshold: 100}\n"
+                       "accuracy: {acceptable_drop: 0.5}\n")
     result = optcli("profile", str(stories_dir), "--baseline", str(stories_dir), "--eval-text", str(eval_text), *SMALL,
                     "--kpi", str(lenient), "--json")
     assert result.returncode == 0, result.stderr
@@ -201,6 +211,11 @@ def test_bad_input_exits_2(tmp_path: Path, stories_dir: Path) -> None:
     typo.write_text("p95_ttft_ms_mx: 10\n")
     result = optcli("profile", str(stories_dir), "--kpi", str(typo))
     assert result.returncode == 2 and str(typo) in result.stderr and "p95_ttft_ms_mx" in result.stderr
+    relative = tmp_path / "relative.yaml"
+    relative.write_text("throughput: {degradation_threshold: 0.8}\n")
+    result = optcli("profile", str(stories_dir), "--kpi", str(relative), "--out", str(tmp_path / "none"))
+    assert result.returncode == 2 and "throughput.degradation_threshold" in result.stderr and "--baseline" in result.stderr
+    assert not (tmp_path / "none").exists()
 
 
 def _fake_openai_server(port: int):

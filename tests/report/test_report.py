@@ -119,7 +119,66 @@ def test_unmeasured_value_fails_its_gate(tmp_path):
     assert [(c["value"], c["passed"]) for c in result["checks"]] == [(None, False), (None, False)]
 
 
+SEED_KPIS = """\
+latency: {p95_threshold: %s, p99_threshold: %s}
+throughput: {minimum: %s, degradation_threshold: %s}
+cost: {increase_threshold: %s}
+accuracy: {acceptable_drop: %s, min_task_recovery: %s}
+"""
+
+
+def tasks_report() -> dict:
+    """compared_report with two task metrics measured for both models."""
+    report = compared_report()
+    report["accuracy"]["tasks"] = [
+        {"task": "arc_easy", "metric": "acc", "candidate": 0.70, "baseline": 0.72, "recovery": 0.70 / 0.72},
+        {"task": "hellaswag", "metric": "acc_norm", "candidate": 0.55, "baseline": 0.55, "recovery": 1.0},
+    ]
+    return report
+
+
+def test_the_seed_kpis_shape_gates_against_the_baseline(tmp_path):
+    """The seed's nested KPIS dict as YAML: absolute gates, and relative ones against the source measured in
+    the same run; every check names its threshold, value and the baseline's value."""
+    lenient = load_kpi(write_kpi(tmp_path, SEED_KPIS % (5000, 8000, 100, 0.1, 10, 0.05, 0.9)))
+    assert lenient.relative_gates() == ["throughput.degradation_threshold", "cost.increase_threshold",
+                                        "accuracy.acceptable_drop", "accuracy.min_task_recovery"]
+    report = tasks_report()
+    result = evaluate_kpis(report, lenient)
+    assert result["passed"] is True, result
+    by_name = {c["name"].split(" (")[-1].rstrip(")"): c for c in result["checks"]}
+    assert by_name["latency.p95_threshold"]["value"] == 2011.6  # E2E unless latency.metric says otherwise
+    degradation = by_name["throughput.degradation_threshold"]
+    assert degradation["baseline"] == 6766.0 and degradation["value"] == pytest.approx(2841.7 / 6766.0)
+    cost = by_name["cost.increase_threshold"]  # cost per token scales as 1 / total tok/s on the same machine
+    assert cost["value"] == pytest.approx(9902.0 / 14208.5) and cost["baseline"] == 9902.0
+    drops = [c for c in result["checks"] if "acceptable_drop" in c["name"]]
+    assert [round(c["value"], 6) for c in drops] == [0.02, 0.0] and drops[0]["baseline"] == 0.72
+    assert all(set(c) == {"name", "threshold", "value", "baseline", "passed"} for c in result["checks"])
+
+    strict = load_kpi(write_kpi(tmp_path, SEED_KPIS % (1, 1, 1e9, 0.99, 0.5, 0.001, 0.99)))
+    failed = {c["name"].split(" (")[-1].rstrip(")") for c in evaluate_kpis(report, strict)["checks"] if not c["passed"]}
+    assert failed == {"latency.p95_threshold", "latency.p99_threshold", "throughput.minimum",
+                      "throughput.degradation_threshold", "cost.increase_threshold", "accuracy.acceptable_drop",
+                      "accuracy.min_task_recovery"}
+
+
+def test_seed_accuracy_gates_without_tasks_use_perplexity_and_fail_on_no_task(tmp_path):
+    kpi = load_kpi(write_kpi(tmp_path, "accuracy: {acceptable_drop: 0.05, min_task_recovery: 0.9}\n"
+                                       "latency: {metric: ttft, p99_threshold: 300}\n"))
+    checks = evaluate_kpis(compared_report(), kpi)["checks"]
+    ppl = next(c for c in checks if "acceptable_drop" in c["name"])
+    assert ppl["value"] == pytest.approx(0.0273) and ppl["passed"] and ppl["baseline"] == 7.215
+    recovery = next(c for c in checks if "min_task_recovery" in c["name"])
+    assert recovery["value"] is None and not recovery["passed"]  # a gate with nothing to gate fails
+    assert next(c for c in checks if "p99_threshold" in c["name"])["value"] == 241.8
+    assert slo_from_kpi(kpi) == {"ttft_ms": 300}
+
+
 @pytest.mark.parametrize(("text", "needle"), [
+    ("latency: {p95_treshold: 500}\n", "latency.p95_treshold"),
+    ("throughput: {minimum: true}\n", "throughput.minimum"),
+    ("latency: {metric: p95}\n", "latency.metric"),
     ("p95_ttft_ms_maxx: 500\n", "p95_ttft_ms_maxx"),
     ("min_output_tok_s: fast\n", "min_output_tok_s"),
     ("max_ppl_ratio: true\n", "max_ppl_ratio"),
