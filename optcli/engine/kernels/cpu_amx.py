@@ -25,7 +25,7 @@ from optcli.engine.kernels.cpu_lowbit import _compiler
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_suffix(".c")
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-int8", "-fopenmp",
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-int8", "-mamx-bf16", "-fopenmp",
          "-fPIC", "-shared", "-fno-math-errno")
 
 
@@ -34,7 +34,7 @@ def _cpu_has_amx() -> bool:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return all(f" {flag}" in flags for flag in ("amx_int8", "amx_tile", "avx512_bf16", "avx512bw"))
+    return all(f" {flag}" in flags for flag in ("amx_int8", "amx_bf16", "amx_tile", "avx512_bf16", "avx512bw"))
 
 
 @functools.cache
@@ -69,7 +69,8 @@ def library() -> ctypes.CDLL | None:
     lib.amx_quant_groups.argtypes = [p, i64, i64, i64, p, p, p]
     lib.amx_q4_gemm.argtypes = [p, p, p, i64, i64, i64, p, p, p, i64, p, p]
     lib.amx_q8_gemm.argtypes = [p, p, p, i64, i64, p, p, i64, p, p]
-    for f in (lib.amx_quant_groups, lib.amx_q4_gemm, lib.amx_q8_gemm):
+    lib.amx_fp8_gemm.argtypes = [p, i64, i64, p, i64, p, p, p]
+    for f in (lib.amx_quant_groups, lib.amx_q4_gemm, lib.amx_q8_gemm, lib.amx_fp8_gemm):
         f.restype = None
     if not lib.amx_init():
         log.info("the kernel did not grant AMX tile state: the AMX CPU kernels are not used")
@@ -156,3 +157,30 @@ def unpack_q8(packed: torch.Tensor) -> torch.Tensor:
     """`pack_q8`'s inverse: int8 [N/16, K/64, 16, 64] -> [N, K]."""
     nb, kc = packed.shape[:2]
     return packed.reshape(nb, kc, 16, 16, 4).permute(0, 3, 1, 2, 4).reshape(nb * 16, kc * 64)
+
+
+def pack_fp8(w: torch.Tensor) -> torch.Tensor:
+    """E4M3 bytes [N, K] -> uint8 [N/16, K/32, 16, 32]: row r holds inputs 2r, 2r+1 of 16 columns."""
+    n, k = w.shape
+    q = w.view(torch.uint8)
+    return q.reshape(n // 16, 16, k // 32, 16, 2).permute(0, 2, 3, 1, 4).reshape(n // 16, k // 32, 16, 32).contiguous()
+
+
+def unpack_fp8(packed: torch.Tensor) -> torch.Tensor:
+    """`pack_fp8`'s inverse, as float8_e4m3fn [N, K]."""
+    nb, kc = packed.shape[:2]
+    q = packed.reshape(nb, kc, 16, 16, 2).permute(0, 3, 1, 2, 4).reshape(nb * 16, kc * 32)
+    return q.contiguous().view(torch.float8_e4m3fn)
+
+
+def fp8_gemm(a: torch.Tensor, packed: torch.Tensor, post_n: torch.Tensor, post_m: torch.Tensor | None,
+             n: int) -> torch.Tensor:
+    """bf16 a [M, K] @ W^T (W from `pack_fp8`, widened exactly) * post_m [M] * post_n [N] -> bf16 [M, N]."""
+    a = a.to(torch.bfloat16).contiguous()
+    m, k = a.shape
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    if m:
+        pm = None if post_m is None else post_m.float().contiguous()
+        library().amx_fp8_gemm(a.data_ptr(), m, k, packed.data_ptr(), n, post_n.data_ptr(),
+                               None if pm is None else pm.data_ptr(), out.data_ptr())
+    return out

@@ -8,7 +8,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from optcli.engine.kernels import cpu_lowbit
+from optcli.engine.kernels import cpu_amx, cpu_lowbit
 from optcli.engine.kernels import quant_reference as ops
 from optcli.engine.kernels.dense_gemm import dense_linear
 from optcli.engine.kernels.quant_reference import QuantizedInput
@@ -26,7 +26,11 @@ class Fp8Linear(QuantLinear):
     scheme's numerics): one byte a weight. Measured on a 2048 -> 16384 GEMM against the bf16 weight
     kernels: 1.2x at 1-8 rows, 0.82x at 16, 0.92x at 64, 1.0x at 256 (`fp8-dot` / `fp8-panels`, timed
     per M bucket). Without them every E4M3 value is exact in fp16, so the weight is widened once to
-    fp16 for FBGEMM's fp16-weight GEMM (2 bytes a weight); without FBGEMM, `_scaled_mm`."""
+    fp16 for FBGEMM's fp16-weight GEMM (2 bytes a weight); without FBGEMM, `_scaled_mm`.
+
+    On a CPU with AMX (`kernels/cpu_amx.c`) the E4M3 bytes are widened exactly to bf16 a panel at a time and
+    multiplied on the bf16 tiles, where 16-bit activations are allowed (`--dtype auto`; FP8-rounded per token
+    first with act_quant, exact in bf16): one layout, one byte a weight, every M."""
 
     kind = "fp8"
 
@@ -38,8 +42,12 @@ class Fp8Linear(QuantLinear):
         self.act_quant = w.act_quant
         if backend == "auto":
             scaled_mm_ok = w.act_quant and n % 16 == 0 and k % 16 == 0
+            amx_ok = (torch.bfloat16 in self.cpu_dtypes and n % 32 == 0 and k % 32 == 0
+                      and (not w.act_quant or cpu_lowbit.library() is not None) and cpu_amx.library() is not None)
             if device.type == "cuda":
                 backend = "triton" if scaled_mm_ok and _cuda_kernels(device) and _fp8_tensor_cores(device) else "dequant"
+            elif amx_ok:
+                backend = "cpu-amx"
             elif cpu_lowbit.library() is not None:
                 backend = "cpu-lowbit"
             elif _fbgemm_available():
@@ -53,6 +61,9 @@ class Fp8Linear(QuantLinear):
             self.packed = torch.ops.quantized.linear_prepack_fp16(w.q.to(torch.float16).float(), None)
             self.opaque_bytes = n * k * 2
             self.qweight = None
+        elif backend == "cpu-amx":
+            self.register_buffer("qweight", cpu_amx.pack_fp8(w.q))
+            self.paths = {"fp8-amx": self._fp8_amx}
         else:  # [N, K]; .t() is the column-major operand _scaled_mm wants
             self.register_buffer("qweight", w.q.to(device))
         if backend == "cpu-lowbit":
@@ -62,6 +73,8 @@ class Fp8Linear(QuantLinear):
                           "widen-onednn": self._fp8_widened}
 
     def quant_weight(self) -> Fp8Weight:
+        if self.mode == "cpu-amx":
+            return Fp8Weight(cpu_amx.unpack_fp8(self.qweight), self.scales.reshape(-1), self.act_quant)
         if self.qweight is not None:
             return Fp8Weight(self.qweight, self.scales.reshape(-1), self.act_quant)
         wide = torch.ops.quantized.linear_unpack_fp16(self.packed)[0]
@@ -71,7 +84,7 @@ class Fp8Linear(QuantLinear):
         return torch._scaled_mm(x.q, self.qweight.t(), scale_a=x.scales, scale_b=self.scales, out_dtype=x.dtype)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "cpu-lowbit":
+        if self.mode in ("cpu-lowbit", "cpu-amx"):
             return self.cpu_matmul("fp8", x, self.paths)
         if self.mode == "fbgemm-fp16":
             scale = self.scales
@@ -102,6 +115,12 @@ class Fp8Linear(QuantLinear):
             return x.float(), self.scales
         xf, xs = cpu_lowbit.fp8_round_rows(x.float())
         return xf, xs * self.scales
+
+    def _fp8_amx(self, x: torch.Tensor) -> torch.Tensor:
+        a, xs = x, None
+        if self.act_quant:  # FP8-rounded per token (exact in bf16), the row scales applied after the sums
+            a, xs = cpu_lowbit.fp8_round_rows(x.float())
+        return cpu_amx.fp8_gemm(a, self.qweight, self.scales.reshape(-1), xs, self.out_features).to(x.dtype)
 
     def _fp8_avx2(self, x: torch.Tensor, panels: bool = False) -> torch.Tensor:
         xf, scale = self._fp8_inputs(x)

@@ -242,6 +242,29 @@ def test_amx_w8a8_layer_matches_the_int8_reference_and_round_trips_its_weight() 
         torch.testing.assert_close(layer(x).float(), want, rtol=8e-3, atol=8e-3 * want.abs().max().item())
 
 
+@needs_amx
+@pytest.mark.parametrize("act_quant", [True, False])
+def test_amx_fp8_layer_widens_every_code_exactly_on_the_bf16_tiles(act_quant) -> None:
+    """FP8 on AMX: every E4M3 code widened exactly (a one-hot activation reads the weight back), the
+    layer's product equal to the reference to bf16 rounding, one byte a weight, and the weight given back."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes = codes[(codes & 0x7F) != 0x7F]  # every finite code
+    for start in range(0, len(codes), 256):
+        w = codes[(torch.arange(32 * 32) + start) % len(codes)].reshape(32, 32).view(torch.float8_e4m3fn)
+        got = cpu_amx.fp8_gemm(torch.eye(32).bfloat16(), cpu_amx.pack_fp8(w), torch.ones(32), None, 32)
+        assert torch.equal(got.float(), w.float().t())
+    weight = Fp8Weight.rtn(rand(64, 96, seed=6), act_quant=act_quant)
+    layer = Fp8Linear(weight, dtype=torch.bfloat16, compute_dtypes=BF16)
+    assert layer.mode == "cpu-amx" and set(layer.paths) == {"fp8-amx"} and layer.qweight.numel() == 64 * 96
+    for m in (1, 19, 40):
+        x = rand(m, 96, seed=7 + m, scale=2.0).bfloat16()
+        want = (fake_quant(x.float(), torch.float8_e4m3fn) if act_quant else x.float()) @ weight.dequantize().t()
+        got = layer(x)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want, rtol=8e-3, atol=8e-3 * want.abs().max().item())
+    assert torch.equal(layer.quant_weight().q.view(torch.uint8), weight.q.view(torch.uint8))
+
+
 @needs_lowbit
 @pytest.mark.parametrize("act_quant", [True, False])
 def test_fp8_on_cpu_keeps_one_byte_a_weight_and_widens_exactly(monkeypatch, act_quant) -> None:
