@@ -201,6 +201,47 @@ void amx_q4_gemm(const int8_t *qa, const float *sa, const int32_t *asum, int64_t
     }
 }
 
+/* Few rows (M <= 4): the same product without the tiles, whose fixed cost per 16 x 64 step is wasted on
+ * one row. AVX-512 VNNI (_mm512_dpbusd_epi32: unsigned weight bytes x signed activation bytes) reads each
+ * packed row once, as the unsigned nibble u (0..15), and takes 8 * asum off per group (q = u - 8). */
+void amx_q4_gemv(const int8_t *qa, const float *sa, const int32_t *asum, int64_t M, int64_t K, int64_t G,
+                 const uint8_t *packed, const float *sw, const float *zw, int64_t N, uint16_t *out16) {
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    int64_t chunks = K / 64, ng = K / G, rows_per_group = G / 4;
+#pragma omp parallel for schedule(static)
+    for (int64_t blk = 0; blk < N / 16; blk++) {
+        const uint8_t *wb = packed + blk * chunks * 512;
+        __m512 acc[4];
+        for (int m = 0; m < 4; m++) acc[m] = _mm512_setzero_ps();
+        for (int64_t g = 0; g < ng; g++) {
+            __m512i dot[4];
+            for (int m = 0; m < 4; m++) dot[m] = _mm512_setzero_si512();
+            for (int64_t r = g * rows_per_group; r < (g + 1) * rows_per_group; r++) {
+                /* row r of the block: chunk r / 16, row r % 16 of that chunk (32 packed bytes a row) */
+                __m256i v = _mm256_loadu_si256((const __m256i *)(wb + r * 32));
+                __m256i lo = _mm256_and_si256(v, low);
+                __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+                for (int m = 0; m < M; m++) {
+                    int32_t a4;
+                    memcpy(&a4, qa + m * K + 4 * r, 4);
+                    dot[m] = _mm512_dpbusd_epi32(dot[m], w, _mm512_set1_epi32(a4));
+                }
+            }
+            __m512 s = _mm512_loadu_ps(sw + g * N + blk * 16);
+            __m512 z = zw ? _mm512_loadu_ps(zw + g * N + blk * 16) : _mm512_setzero_ps();
+            for (int m = 0; m < M; m++) {
+                float total = (float)asum[m * ng + g];
+                __m512 d = _mm512_cvtepi32_ps(_mm512_sub_epi32(dot[m], _mm512_set1_epi32(8 * asum[m * ng + g])));
+                __m512 t = _mm512_fmadd_ps(z, _mm512_set1_ps(total), _mm512_mul_ps(s, d));
+                acc[m] = _mm512_fmadd_ps(t, _mm512_set1_ps(sa[m * ng + g]), acc[m]);
+            }
+        }
+        for (int m = 0; m < M; m++)
+            _mm256_storeu_si256((__m256i *)(out16 + m * N + blk * 16), (__m256i)_mm512_cvtneps_pbh(acc[m]));
+    }
+}
+
 /* W8A8: one group over all of K, per-channel sw [N]; packed from pack_q8 (int8 VNNI rows). */
 void amx_q8_gemm(const int8_t *qa, const float *sa, const int32_t *asum, int64_t M, int64_t K,
                  const int8_t *packed, const float *sw, int64_t N, float *out32, uint16_t *out16) {

@@ -25,8 +25,11 @@ from optcli.engine.kernels.cpu_lowbit import _compiler
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_suffix(".c")
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-int8", "-mamx-bf16", "-fopenmp",
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mamx-tile", "-mamx-int8", "-mamx-bf16", "-fopenmp",
          "-fPIC", "-shared", "-fno-math-errno")
+
+
+GEMV_ROWS = 4  # rows up to which the 4-bit product runs as VNNI dot products instead of on the tiles
 
 
 def _cpu_has_amx() -> bool:
@@ -34,7 +37,7 @@ def _cpu_has_amx() -> bool:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return all(f" {flag}" in flags for flag in ("amx_int8", "amx_bf16", "amx_tile", "avx512_bf16", "avx512bw"))
+    return all(f" {flag}" in flags for flag in ("amx_int8", "amx_bf16", "amx_tile", "avx512_bf16", "avx512_vnni", "avx512bw"))
 
 
 @functools.cache
@@ -68,9 +71,10 @@ def library() -> ctypes.CDLL | None:
     lib.amx_init.restype = ctypes.c_int
     lib.amx_quant_groups.argtypes = [p, i64, i64, i64, p, p, p]
     lib.amx_q4_gemm.argtypes = [p, p, p, i64, i64, i64, p, p, p, i64, p, p]
+    lib.amx_q4_gemv.argtypes = [p, p, p, i64, i64, i64, p, p, p, i64, p]
     lib.amx_q8_gemm.argtypes = [p, p, p, i64, i64, p, p, i64, p, p]
     lib.amx_fp8_gemm.argtypes = [p, i64, i64, p, i64, p, p, p]
-    for f in (lib.amx_quant_groups, lib.amx_q4_gemm, lib.amx_q8_gemm, lib.amx_fp8_gemm):
+    for f in (lib.amx_quant_groups, lib.amx_q4_gemm, lib.amx_q4_gemv, lib.amx_q8_gemm, lib.amx_fp8_gemm):
         f.restype = None
     if not lib.amx_init():
         log.info("the kernel did not grant AMX tile state: the AMX CPU kernels are not used")
@@ -119,10 +123,13 @@ def q4_gemm(x: torch.Tensor, packed: torch.Tensor, scales_t: torch.Tensor, zeros
     m, k = x.shape
     qa, sa, asum = quantize_groups(x, group_size)
     out = torch.empty(m, n, dtype=torch.bfloat16)
-    if m:
+    zeros = None if zeros_t is None else zeros_t.data_ptr()
+    if 0 < m <= GEMV_ROWS:  # the tiles' fixed cost per step is wasted on a row or two: VNNI dot products
+        library().amx_q4_gemv(qa.data_ptr(), sa.data_ptr(), asum.data_ptr(), m, k, group_size, packed.data_ptr(),
+                              scales_t.data_ptr(), zeros, n, out.data_ptr())
+    elif m:
         library().amx_q4_gemm(qa.data_ptr(), sa.data_ptr(), asum.data_ptr(), m, k, group_size, packed.data_ptr(),
-                              scales_t.data_ptr(), None if zeros_t is None else zeros_t.data_ptr(), n, None,
-                              out.data_ptr())
+                              scales_t.data_ptr(), zeros, n, None, out.data_ptr())
     return out
 
 
