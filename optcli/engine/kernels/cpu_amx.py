@@ -74,7 +74,9 @@ def library() -> ctypes.CDLL | None:
     lib.amx_q4_gemv.argtypes = [p, p, p, i64, i64, i64, p, p, p, i64, p]
     lib.amx_q8_gemm.argtypes = [p, p, p, i64, i64, p, p, i64, p, p]
     lib.amx_fp8_gemm.argtypes = [p, i64, i64, p, i64, p, p, p]
-    for f in (lib.amx_quant_groups, lib.amx_q4_gemm, lib.amx_q4_gemv, lib.amx_q8_gemm, lib.amx_fp8_gemm):
+    lib.amx_fp8_round_rows.argtypes = [p, i64, i64, p, p]
+    for f in (lib.amx_quant_groups, lib.amx_q4_gemm, lib.amx_q4_gemv, lib.amx_q8_gemm, lib.amx_fp8_gemm,
+              lib.amx_fp8_round_rows):
         f.restype = None
     if not lib.amx_init():
         log.info("the kernel did not grant AMX tile state: the AMX CPU kernels are not used")
@@ -191,3 +193,14 @@ def fp8_gemm(a: torch.Tensor, packed: torch.Tensor, post_n: torch.Tensor, post_m
         library().amx_fp8_gemm(a.data_ptr(), m, k, packed.data_ptr(), n, post_n.data_ptr(),
                                None if pm is None else pm.data_ptr(), out.data_ptr())
     return out
+
+
+def fp8_round_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16 x [M, K] -> (its per-token FP8 rounding as bf16 [M, K], fp32 scales [M]): bit for bit
+    `ops.quantize_per_token(x.float(), torch.float8_e4m3fn)`, the values widened back (exact in bf16)."""
+    x = x.to(torch.bfloat16).contiguous()
+    m, k = x.shape
+    out = torch.empty(m, k, dtype=torch.bfloat16)
+    scales = torch.empty(m, dtype=torch.float32)
+    library().amx_fp8_round_rows(x.data_ptr(), m, k, out.data_ptr(), scales.data_ptr())
+    return out, scales

@@ -43,7 +43,7 @@ class Fp8Linear(QuantLinear):
         if backend == "auto":
             scaled_mm_ok = w.act_quant and n % 16 == 0 and k % 16 == 0
             amx_ok = (torch.bfloat16 in self.cpu_dtypes and n % 32 == 0 and k % 32 == 0
-                      and (not w.act_quant or cpu_lowbit.library() is not None) and cpu_amx.library() is not None)
+                      and cpu_amx.library() is not None)
             if device.type == "cuda":
                 backend = "triton" if scaled_mm_ok and _cuda_kernels(device) and _fp8_tensor_cores(device) else "dequant"
             elif amx_ok:
@@ -119,7 +119,7 @@ class Fp8Linear(QuantLinear):
     def _fp8_amx(self, x: torch.Tensor) -> torch.Tensor:
         a, xs = x, None
         if self.act_quant:  # FP8-rounded per token (exact in bf16), the row scales applied after the sums
-            a, xs = cpu_lowbit.fp8_round_rows(x.float())
+            a, xs = cpu_amx.fp8_round_rows(x)
         return cpu_amx.fp8_gemm(a, self.qweight, self.scales.reshape(-1), xs, self.out_features).to(x.dtype)
 
     def _fp8_avx2(self, x: torch.Tensor, panels: bool = False) -> torch.Tensor:
