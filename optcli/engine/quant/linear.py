@@ -4,9 +4,9 @@ the shared base and the int4 and int8 layers here, FP8 in `fp8_linear.py`, bitsa
 
 | format | CUDA | CPU |
 |---|---|---|
-| int4 (W4A16) | Triton GEMM, int4 dequantized in registers | on AVX2 our q4 x q8 kernel (`kernels/cpu_lowbit.c`: activations rounded to int8 per block, exact integer sums; only under `--dtype auto`), else torch's int4 pack kernel (`_weight_int4pack_mm_for_cpu`) in bf16; or dequantized + a dense GEMM, timed per M |
-| int8 (W8A8) | Triton per-token quant + Triton int8 GEMM with fused scales | same quant in torch, then the fastest of our exact AVX2 int8 GEMM, `torch._int_mm` and `_weight_int8pack_mm` on the integer activations, timed per M |
-| fp8 (FP8_DYNAMIC) | Triton per-token quant + `torch._scaled_mm` (sm_89+) | same quant in torch + FBGEMM's fp16-weight GEMM (fp8 widened exactly) |
+| int4 (W4A16) | Triton GEMM, int4 dequantized in registers | on AMX our int8-tile kernel (`kernels/cpu_amx.c`, under `--dtype auto`; one layout, every M); on AVX2 our q4 x q8 kernel (`kernels/cpu_lowbit.c`: activations rounded to int8 per block, exact integer sums; only under `--dtype auto`), else torch's int4 pack kernel (`_weight_int4pack_mm_for_cpu`) in bf16; or dequantized + a dense GEMM, timed per M |
+| int8 (W8A8) | Triton per-token quant + Triton int8 GEMM with fused scales | on AMX the same quant + our int8-tile kernel (under `--dtype auto`); else the same quant in torch, then the fastest of our exact AVX2 int8 GEMM, `torch._int_mm` and `_weight_int8pack_mm` on the integer activations, timed per M |
+| fp8 (FP8_DYNAMIC) | Triton per-token quant + `torch._scaled_mm` (sm_89+) | `fp8_linear.py`: on AMX the bf16 tiles (E4M3 widened exactly), on AVX2 our kernels, else FBGEMM's fp16-weight GEMM |
 | bitsandbytes NF4 / LLM.int8 | bitsandbytes' own kernels | bitsandbytes' own kernels |
 
 On CPU the model's activation dtype is fp32 unless the CPU has native bf16, and torch's low-bit CPU
