@@ -12,6 +12,7 @@ from pathlib import Path
 
 from optcli.bench.accuracy import EngineLM, evaluate, evaluate_in_turn
 from optcli.bench.comparison import comparison, roofline
+from optcli.bench.endpoint_accuracy import TOP_K, endpoint_accuracy, endpoint_scorer, engine_scorer
 from optcli.bench.kpi import evaluate_kpis, load_kpi, slo_from_kpi
 from optcli.bench.measure import free_device_memory, measure_local, online_load, sweep_point
 from optcli.bench.workload import Workload, default_concurrency
@@ -91,6 +92,7 @@ def profile(
     progress=None,
     tokenizer: str | None = None,
     accuracy_backend: str = "engine",
+    baseline_endpoint: str | None = None,
     **engine_options,
 ) -> dict:
     """Run the whole profile and write the reports; raises KpiFailed (exit 3) after writing them.
@@ -113,6 +115,10 @@ def profile(
     if baseline is None and manifest is not None and manifest.get("source", {}).get("path"):
         baseline = manifest["source"]["path"]
     baseline_source = resolve_model(baseline) if baseline and source else None
+    if baseline_endpoint and not endpoint:
+        raise UsageError("--baseline-endpoint compares two servers: it needs --endpoint too")
+    if baseline_endpoint and baseline:
+        raise UsageError("give the baseline once: --baseline MODEL (local) or --baseline-endpoint URL")
     if kpi is not None and kpi.relative_gates() and baseline_source is None:
         why = ("an --endpoint run measures no baseline" if endpoint else
                "pass --baseline MODEL (an artifact's default baseline is its source)")
@@ -166,6 +172,14 @@ def profile(
         text = eval_text.read_text(encoding="utf-8") if eval_text else heldout_text()
         # the rounded head against the dense one, both through the engine (the accuracy above is transformers')
         report["accuracy"]["lm_head"] = measure_head_accuracy(source.path, text, config)
+
+    if endpoint and (baseline or baseline_endpoint):
+        step(f"accuracy of {endpoint} against the baseline (top-{TOP_K} log-probs)")
+        text = eval_text.read_text(encoding="utf-8") if eval_text else heldout_text()
+        acc = measure_endpoint_accuracy(endpoint, model, baseline, baseline_endpoint, text, tokenizer, config)
+        report["accuracy"] = {k: acc[k] for k in report["accuracy"]} | {"top_k": acc["top_k"]}
+        report["workload"]["accuracy_backend"] = f"endpoint top-{acc['top_k']} log-probs"
+        report["baseline"] = baseline or baseline_endpoint
 
     slo = slo_from_kpi(kpi) if kpi is not None else None
     samples = None
@@ -250,6 +264,23 @@ def profile(
         failed = [c["name"] for c in report["kpi"]["checks"] if not c["passed"]]
         raise KpiFailed(f"KPI gate failed: {', '.join(failed)}", report)
     return report
+
+
+def measure_endpoint_accuracy(endpoint: str, model: str, baseline: str | None, baseline_endpoint: str | None,
+                              text: str, tokenizer: str | None, config: EngineConfig) -> dict:
+    """The endpoint's accuracy from its echoed top-k log-probs against a local baseline (through our engine,
+    cut to the same top-k) or another endpoint serving the same model name."""
+    spec = tokenizer or (model if model.startswith("builtin:") or Path(model).expanduser().is_dir() else baseline)
+    if spec is None:
+        raise UsageError("endpoint accuracy sends token ids, so it needs the server's tokenizer: pass --tokenizer "
+                         "MODEL, or MODEL as a local directory")
+    tok, _ = endpoint_tokenizer(model, spec)
+    ids = tok(text, verbose=False).input_ids
+    candidate = endpoint_scorer(endpoint, model)
+    if baseline_endpoint:
+        return endpoint_accuracy(candidate, endpoint_scorer(baseline_endpoint, model), ids)
+    engine = Engine(str(resolve_model(baseline).path), config)
+    return endpoint_accuracy(candidate, engine_scorer(engine), ids, ctx=min(256, engine.max_model_len))
 
 
 def endpoint_tokenizer(model: str, spec: str | None):

@@ -37,6 +37,7 @@ def profile(
     model: Annotated[str, typer.Argument(help="Model or artifact to profile (or the served model name with --endpoint).")],
     baseline: Annotated[str | None, typer.Option("--baseline", help="Reference model for accuracy (default: the artifact's source).")] = None,
     eval_text: Annotated[Path | None, typer.Option("--eval-text", help="Text for accuracy (default: the builtin corpus's heldout.txt).")] = None,
+    baseline_endpoint: Annotated[str | None, typer.Option("--baseline-endpoint", help="With --endpoint: a server of the baseline, for endpoint accuracy (or --baseline MODEL, run locally).")] = None,
     accuracy_backend: Annotated[str, typer.Option("--accuracy-backend", help="engine: both models through our engine as served (default); transformers: the cross-check.")] = "engine",
     requests: Annotated[int, typer.Option("--requests", min=1, help="Synthetic requests per phase.")] = 32,
     prompt_len: Annotated[str, typer.Option("--prompt-len", help="Prompt lengths, uniform in [A, B).")] = "16:64",
@@ -82,7 +83,8 @@ def profile(
 
         try:
             report = run_profile(model, baseline, eval_text, workload, kpi, gpu_hour_cost, out_dir, endpoint, config,
-                                 note, tokenizer=tokenizer, accuracy_backend=accuracy_backend)
+                                 note, tokenizer=tokenizer, accuracy_backend=accuracy_backend,
+                                 baseline_endpoint=baseline_endpoint)
         except KpiFailed as exc:  # the report is complete and written: show it, then exit 3
             report, gate_failure = exc.report, exc
     _show_profile(report, as_json, out_dir)
