@@ -24,12 +24,18 @@ from optcli.engine.kernels.cpu_lowbit import _compiler
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_suffix(".c")
+SOURCE = Path(__file__).with_suffix(".c")  # the int8-tile kernels; FP8's and the shared header beside it
+SOURCES = (SOURCE, SOURCE.with_name("cpu_amx_fp8.c"))
+HEADER = SOURCE.with_suffix(".h")
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mamx-tile", "-mamx-int8", "-mamx-bf16", "-fopenmp",
          "-fPIC", "-shared", "-fno-math-errno")
 
 
 GEMV_ROWS = 4  # rows up to which the 4-bit product runs as VNNI dot products instead of on the tiles
+
+
+def _source_bytes() -> bytes:
+    return b"".join(p.read_bytes() for p in (*SOURCES, HEADER))
 
 
 def _cpu_has_amx() -> bool:
@@ -42,7 +48,7 @@ def _cpu_has_amx() -> bool:
 
 @functools.cache
 def source_key() -> str:
-    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:8]
+    return hashlib.sha256(_source_bytes()).hexdigest()[:8]
 
 
 @functools.cache
@@ -55,12 +61,12 @@ def library() -> ctypes.CDLL | None:
         return None
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-        key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
+        key = hashlib.sha256(_source_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
         out = cache_dir() / "cpu-kernels" / f"amx-{key}.so"
         if not out.exists():
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = out.with_suffix(f".{os.getpid()}.tmp")
-            subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp)], check=True, capture_output=True, text=True,
+            subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", str(tmp)], check=True, capture_output=True, text=True,
                            timeout=300)
             tmp.replace(out)  # atomic: a concurrent process sees the whole library or none
         lib = ctypes.CDLL(str(out))

@@ -35,9 +35,15 @@ from optcli.config import cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_suffix(".c")
+SOURCE = Path(__file__).with_suffix(".c")  # the integer kernels; the float ones and the shared header beside it
+SOURCES = (SOURCE, SOURCE.with_name("cpu_lowbit_float.c"))
+HEADER = SOURCE.with_suffix(".h")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno")
 MAX_BLOCK = 256  # activation block of the q4 kernel: 8 chunks of 32 at most add up in int16 exactly
+
+
+def _source_bytes() -> bytes:
+    return b"".join(p.read_bytes() for p in (*SOURCES, HEADER))
 
 
 def _compiler() -> str | None:
@@ -52,7 +58,7 @@ def _cpu_has_avx2() -> bool:
 @functools.cache
 def source_key() -> str:
     """A short hash of the kernels' C source (names the timed choices made with this build of them)."""
-    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:8]
+    return hashlib.sha256(_source_bytes()).hexdigest()[:8]
 
 
 @functools.cache
@@ -66,12 +72,12 @@ def library() -> ctypes.CDLL | None:
         return None
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-        key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
+        key = hashlib.sha256(_source_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
         out = cache_dir() / "cpu-kernels" / f"lowbit-{key}.so"
         if not out.exists():
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = out.with_suffix(f".{os.getpid()}.tmp")
-            subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp)], check=True, capture_output=True, text=True,
+            subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", str(tmp)], check=True, capture_output=True, text=True,
                            timeout=300)
             tmp.replace(out)  # atomic: a concurrent process sees the whole library or none
         lib = ctypes.CDLL(str(out))
