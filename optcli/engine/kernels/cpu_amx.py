@@ -210,3 +210,10 @@ def fp8_round_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scales = torch.empty(m, dtype=torch.float32)
     library().amx_fp8_round_rows(x.data_ptr(), m, k, out.data_ptr(), scales.data_ptr())
     return out, scales
+
+
+def q8_rows(packed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` [T] of the int8 [N, K] matrix held as `pack_q8`'s layout, as [T, K] (no full unpack)."""
+    nb, kc = packed.shape[:2]
+    v = packed.view(nb, kc, 16, 16, 4)
+    return v[ids // 16, :, :, ids % 16, :].reshape(ids.shape[0], kc * 64)

@@ -261,6 +261,12 @@ class Int8Linear(QuantLinear):
                               **self.paths}
             self.paths["dequant"] = self._dequant  # a prompt chunk's M: a dense GEMM outruns both kernels
 
+    def weight_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """int8 rows `ids` of W [..., K] whatever the layout (an int8 head's tied embedding reads them)."""
+        if "q8-amx" not in getattr(self, "paths", ()):
+            return F.embedding(ids, self.qweight)
+        return cpu_amx.q8_rows(self.qweight, ids.reshape(-1)).reshape(*ids.shape, self.in_features)
+
     def quant_weight(self) -> Int8Weight:
         q = cpu_amx.unpack_q8(self.qweight) if "q8-amx" in getattr(self, "paths", ()) else self.qweight
         return Int8Weight(q, self.scales, self.act_quant)

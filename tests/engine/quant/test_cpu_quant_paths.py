@@ -385,6 +385,25 @@ def test_int8_head_holds_the_tied_matrix_once_in_int8() -> None:
     assert int8.generate([ids[:8]], SamplingParams(max_tokens=4))[0].token_ids
 
 
+@needs_amx
+def test_int8_head_on_amx_runs_on_the_tiles_and_embeds_from_their_layout() -> None:
+    """`--lm-head int8` with 16-bit activations on an AMX CPU: W8A8 on the int8 tiles, the tied embedding
+    read from the tiles' layout (the same rows as the plain matrix), one int8 copy of the matrix."""
+    from optcli.builtin import model_dir
+    from optcli.engine import Engine
+
+    path = str(model_dir("tiny-llama"))
+    dense, int8 = Engine(path, max_model_len=128), Engine(path, max_model_len=128, lm_head="int8")
+    head = int8.model.lm_head
+    assert set(head.paths) == {"q8-amx"} and int8.model.cfg.tie_word_embeddings
+    ids = torch.tensor([0, 3, 17, 300, int8.model.cfg.vocab_size - 1])
+    assert torch.equal(head.weight_rows(ids), head.quant_weight().q[ids])
+    vocab, hidden = dense.model.cfg.vocab_size, dense.model.cfg.hidden_size
+    assert int8.head_cost()["head_bytes"] == vocab * hidden + vocab * 4  # q and the row scales
+    tokens = list(range(3, 120))
+    assert (dense.score(tokens).argmax(-1) == int8.score(tokens).argmax(-1)).float().mean() > 0.9
+
+
 @pytest.mark.parametrize("k", [48, 100, 172])
 def test_int8_paths_on_widths_torch_kernels_are_picky_about(monkeypatch, k) -> None:
     """K = 100 and 172 (stories260K's MLP) crash torch's bf16 int8 kernel: those layers must not offer it."""
