@@ -240,3 +240,34 @@ void amx_q8_gemm(const int8_t *qa, const float *sa, const int32_t *asum, int64_t
         _tile_release();
     }
 }
+
+/* One foreign call per layer: the activations quantized per row and group into scratch, then the 4-bit
+ * (or, with G == K and pack_q8's layout, the 8-bit) product. At the demo model's sizes a GEMM costs tens of
+ * microseconds, so three tensors allocated in Python and a second call are a visible share of a step. */
+void amx_q4_linear(const uint16_t *x, int64_t M, int64_t K, int64_t G, const uint8_t *packed, const float *sw,
+                   const float *zw, int64_t N, int64_t gemv_rows, uint16_t *out16) {
+    int64_t ng = K / G;
+    int8_t *qa = malloc((size_t)(M * K));
+    float *sa = malloc((size_t)(M * ng) * sizeof(float));
+    int32_t *asum = malloc((size_t)(M * ng) * sizeof(int32_t));
+    amx_quant_groups(x, M, K, G, qa, sa, asum);
+    if (M <= gemv_rows)
+        amx_q4_gemv(qa, sa, asum, M, K, G, packed, sw, zw, N, out16);
+    else
+        amx_q4_gemm(qa, sa, asum, M, K, G, packed, sw, zw, N, NULL, out16);
+    free(qa);
+    free(sa);
+    free(asum);
+}
+
+void amx_q8_linear(const uint16_t *x, int64_t M, int64_t K, const int8_t *packed, const float *sw, int64_t N,
+                   uint16_t *out16) {
+    int8_t *qa = malloc((size_t)(M * K));
+    float *sa = malloc((size_t)M * sizeof(float));
+    int32_t *asum = malloc((size_t)M * sizeof(int32_t));
+    amx_quant_groups(x, M, K, K, qa, sa, asum);
+    amx_q8_gemm(qa, sa, asum, M, K, packed, sw, N, NULL, out16);
+    free(qa);
+    free(sa);
+    free(asum);
+}

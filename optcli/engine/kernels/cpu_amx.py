@@ -78,11 +78,13 @@ def library() -> ctypes.CDLL | None:
     lib.amx_quant_groups.argtypes = [p, i64, i64, i64, p, p, p]
     lib.amx_q4_gemm.argtypes = [p, p, p, i64, i64, i64, p, p, p, i64, p, p]
     lib.amx_q4_gemv.argtypes = [p, p, p, i64, i64, i64, p, p, p, i64, p]
+    lib.amx_q4_linear.argtypes = [p, i64, i64, i64, p, p, p, i64, i64, p]
+    lib.amx_q8_linear.argtypes = [p, i64, i64, p, p, i64, p]
     lib.amx_q8_gemm.argtypes = [p, p, p, i64, i64, p, p, i64, p, p]
     lib.amx_fp8_gemm.argtypes = [p, i64, i64, p, i64, p, p, p]
     lib.amx_fp8_round_rows.argtypes = [p, i64, i64, p, p]
     for f in (lib.amx_quant_groups, lib.amx_q4_gemm, lib.amx_q4_gemv, lib.amx_q8_gemm, lib.amx_fp8_gemm,
-              lib.amx_fp8_round_rows):
+              lib.amx_fp8_round_rows, lib.amx_q4_linear, lib.amx_q8_linear):
         f.restype = None
     if not lib.amx_init():
         log.info("the kernel did not grant AMX tile state: the AMX CPU kernels are not used")
@@ -126,18 +128,15 @@ def quantize_groups(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, tor
 
 def q4_gemm(x: torch.Tensor, packed: torch.Tensor, scales_t: torch.Tensor, zeros_t: torch.Tensor | None,
             group_size: int, n: int) -> torch.Tensor:
-    """bf16 x [M, K] @ W^T -> bf16 [M, N]; W from `pack_q4`, scales_t / zeros_t fp32 [K/G, N]."""
+    """bf16 x [M, K] @ W^T -> bf16 [M, N]; W from `pack_q4`, scales_t / zeros_t fp32 [K/G, N]. One foreign
+    call: the activations' int8 rounding per (row, group) in C scratch, then VNNI dot products up to
+    GEMV_ROWS rows (the tiles' fixed cost per step is wasted on a row or two), the tiles beyond."""
     x = x.contiguous()
     m, k = x.shape
-    qa, sa, asum = quantize_groups(x, group_size)
     out = torch.empty(m, n, dtype=torch.bfloat16)
-    zeros = None if zeros_t is None else zeros_t.data_ptr()
-    if 0 < m <= GEMV_ROWS:  # the tiles' fixed cost per step is wasted on a row or two: VNNI dot products
-        library().amx_q4_gemv(qa.data_ptr(), sa.data_ptr(), asum.data_ptr(), m, k, group_size, packed.data_ptr(),
-                              scales_t.data_ptr(), zeros, n, out.data_ptr())
-    elif m:
-        library().amx_q4_gemm(qa.data_ptr(), sa.data_ptr(), asum.data_ptr(), m, k, group_size, packed.data_ptr(),
-                              scales_t.data_ptr(), zeros, n, None, out.data_ptr())
+    if m:
+        library().amx_q4_linear(x.data_ptr(), m, k, group_size, packed.data_ptr(), scales_t.data_ptr(),
+                                None if zeros_t is None else zeros_t.data_ptr(), n, GEMV_ROWS, out.data_ptr())
     return out
 
 
@@ -145,11 +144,9 @@ def q8_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, n: int)
     """W8A8: bf16 x [M, K] quantized per token, @ int8 W^T (from `pack_q8`) * per-channel scales -> bf16 [M, N]."""
     x = x.contiguous()
     m, k = x.shape
-    qa, sa, asum = quantize_groups(x, k)
     out = torch.empty(m, n, dtype=torch.bfloat16)
     if m:
-        library().amx_q8_gemm(qa.data_ptr(), sa.data_ptr(), asum.data_ptr(), m, k, packed.data_ptr(),
-                              scales.data_ptr(), n, None, out.data_ptr())
+        library().amx_q8_linear(x.data_ptr(), m, k, packed.data_ptr(), scales.data_ptr(), n, out.data_ptr())
     return out
 
 
