@@ -15,6 +15,7 @@ from optcli.bench.comparison import comparison, roofline
 from optcli.bench.endpoint_accuracy import TOP_K, endpoint_accuracy, endpoint_scorer, engine_scorer
 from optcli.bench.kpi import evaluate_kpis, load_kpi, slo_from_kpi
 from optcli.bench.measure import free_device_memory, measure_local, online_load, sweep_point
+from optcli.bench.tasks import run_tasks, task_manager, task_rows
 from optcli.bench.workload import Workload, default_concurrency
 from optcli.calibration.corpus import heldout_text
 from optcli.checkpoints.resolve import resolve_model
@@ -93,6 +94,10 @@ def profile(
     tokenizer: str | None = None,
     accuracy_backend: str = "engine",
     baseline_endpoint: str | None = None,
+    tasks: list[str] | None = None,
+    tasks_path: Path | None = None,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
     **engine_options,
 ) -> dict:
     """Run the whole profile and write the reports; raises KpiFailed (exit 3) after writing them.
@@ -119,6 +124,11 @@ def profile(
         raise UsageError("--baseline-endpoint compares two servers: it needs --endpoint too")
     if baseline_endpoint and baseline:
         raise UsageError("give the baseline once: --baseline MODEL (local) or --baseline-endpoint URL")
+    manager = None
+    if tasks:
+        if endpoint:
+            raise UsageError("--tasks runs the model in process through our engine: not with --endpoint")
+        manager = task_manager(tasks, tasks_path)  # unknown or hub-only tasks fail here, before any model runs
     if kpi is not None and kpi.relative_gates() and baseline_source is None:
         why = ("an --endpoint run measures no baseline" if endpoint else
                "pass --baseline MODEL (an artifact's default baseline is its source)")
@@ -180,6 +190,17 @@ def profile(
         report["accuracy"] = {k: acc[k] for k in report["accuracy"]} | {"top_k": acc["top_k"]}
         report["workload"]["accuracy_backend"] = f"endpoint top-{acc['top_k']} log-probs"
         report["baseline"] = baseline or baseline_endpoint
+
+    if manager is not None:
+        step(f"tasks {', '.join(tasks)} (lm-evaluation-harness through the engine)")
+        scores = {}
+        for side, spec in (("candidate", source), ("baseline", baseline_source)):
+            if spec is not None:
+                scores[side] = run_tasks(Engine(str(spec.path), config), tasks, manager, limit, num_fewshot)
+                free_device_memory(device)
+        report["accuracy"]["tasks"] = task_rows(scores["candidate"], scores.get("baseline"))
+        report["workload"]["tasks"] = {"names": tasks, "tasks_path": str(tasks_path) if tasks_path else None,
+                                       "limit": limit, "num_fewshot": num_fewshot}
 
     slo = slo_from_kpi(kpi) if kpi is not None else None
     samples = None

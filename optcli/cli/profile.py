@@ -38,6 +38,10 @@ def profile(
     baseline: Annotated[str | None, typer.Option("--baseline", help="Reference model for accuracy (default: the artifact's source).")] = None,
     eval_text: Annotated[Path | None, typer.Option("--eval-text", help="Text for accuracy (default: the builtin corpus's heldout.txt).")] = None,
     baseline_endpoint: Annotated[str | None, typer.Option("--baseline-endpoint", help="With --endpoint: a server of the baseline, for endpoint accuracy (or --baseline MODEL, run locally).")] = None,
+    tasks: Annotated[str | None, typer.Option("--tasks", help="lm-evaluation-harness tasks, comma-separated, run through the engine for the model and its baseline.")] = None,
+    tasks_path: Annotated[Path | None, typer.Option("--tasks-path", help="Directory of local task YAMLs (+ their JSONL data), offline.")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="With --tasks: documents per task.")] = None,
+    num_fewshot: Annotated[int | None, typer.Option("--num-fewshot", min=0, help="With --tasks: few-shot examples.")] = None,
     accuracy_backend: Annotated[str, typer.Option("--accuracy-backend", help="engine: both models through our engine as served (default); transformers: the cross-check.")] = "engine",
     requests: Annotated[int, typer.Option("--requests", min=1, help="Synthetic requests per phase.")] = 32,
     prompt_len: Annotated[str, typer.Option("--prompt-len", help="Prompt lengths, uniform in [A, B).")] = "16:64",
@@ -84,7 +88,9 @@ def profile(
         try:
             report = run_profile(model, baseline, eval_text, workload, kpi, gpu_hour_cost, out_dir, endpoint, config,
                                  note, tokenizer=tokenizer, accuracy_backend=accuracy_backend,
-                                 baseline_endpoint=baseline_endpoint)
+                                 baseline_endpoint=baseline_endpoint,
+                                 tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
+                                 tasks_path=tasks_path, limit=limit, num_fewshot=num_fewshot)
         except KpiFailed as exc:  # the report is complete and written: show it, then exit 3
             report, gate_failure = exc.report, exc
     _show_profile(report, as_json, out_dir)
@@ -116,6 +122,9 @@ def _show_profile(report: dict, as_json: bool, out_dir: Path | None) -> None:
         table.add_row(f"{metric} p50 / p99 (ms)", f"{fmt(lat['p50'], '.1f')} / {fmt(lat['p99'], '.1f')}")
     table.add_row("ppl (baseline)", f"{fmt(acc['ppl'], '.3f')} ({fmt(acc['baseline_ppl'], '.3f')})")
     table.add_row("KLD mean / top-1", f"{fmt(acc['kld_mean'], '.4f')} / {fmt(acc['top1_agreement'], '.3f')}")
+    for row in acc.get("tasks") or []:
+        table.add_row(f"{row['task']} {row['metric']} (baseline, recovery)",
+                      f"{fmt(row['candidate'], '.4f')} ({fmt(row['baseline'], '.4f')}, {fmt(row['recovery'], '.3f')})")
     table.add_row("weights / peak / KV cache", " / ".join(mib(mem[k]) for k in ("weights_bytes", "peak_bytes", "kv_cache_bytes")))
     table.add_row("batch efficiency", fmt(report["batch_efficiency"], ".2f"))
     table.add_row("USD per 1K tokens (prompt + generated)", fmt(report["cost"]["usd_per_1k_tokens"], ".5f"))

@@ -75,6 +75,11 @@ def report_tables(report: Mapping[str, Any]) -> list[Table]:
          [[fmt(get(report, "batch_efficiency")), fmt(get(report, "gpu_utilization")),
            fmt(get(report, "cost", "usd_per_1k_tokens")), fmt(get(report, "cost", "usd_per_1k_output_tokens"))]]),
     ]
+    tasks = get(report, "accuracy", "tasks")
+    if isinstance(tasks, list) and tasks:
+        tables.append(("Tasks (lm-evaluation-harness)", ["task", "metric", "candidate", "baseline", "recovery"],
+                       [[fmt(t.get("task")), fmt(t.get("metric")), fmt(t.get("candidate")), fmt(t.get("baseline")),
+                         fmt(t.get("recovery"))] for t in tasks if isinstance(t, Mapping)]))
     return tables
 
 
