@@ -55,6 +55,16 @@ def test_the_same_model_served_and_local_agree_exactly(stories_dir: Path, text: 
     assert acc["ppl"] == pytest.approx(acc["baseline_ppl"], rel=1e-4) and acc["ppl"] > 1
 
 
+def test_two_endpoints_compare_through_baseline_endpoint(stories_dir: Path, text: Path) -> None:
+    """--baseline-endpoint: both sides from servers (here two servers of the same model): KLD 0, top-1 1."""
+    with served(stories_dir, "stories") as url, served(stories_dir, "stories") as base_url:
+        report = profile("stories", "--endpoint", url, "--baseline-endpoint", base_url, "--tokenizer",
+                         str(stories_dir), "--eval-text", str(text), *LOAD)
+    acc = report["accuracy"]
+    assert report["baseline"] == base_url and acc["top_k"] == 20
+    assert acc["kld_mean"] < 1e-6 and acc["top1_agreement"] == 1.0 and acc["ppl"] == pytest.approx(acc["baseline_ppl"])
+
+
 def test_a_served_w4a16_artifact_has_the_local_kld_within_10_percent(stories_dir: Path, text: Path,
                                                                       tmp_path: Path) -> None:
     from optcli.quantize.pipeline import quantize
