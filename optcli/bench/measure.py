@@ -29,11 +29,11 @@ def offline_throughput(source, workload: Workload, config: EngineConfig, step):
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     engine = Engine(str(source.path), config)
-    longest = workload.prompt_len[1] + workload.output_len
+    requests = workload.sample(vocab_range(engine), encoder=engine.tokenizer if workload.dataset else None)
+    longest = max(len(p) + n for p, n in requests)
     if longest > engine.max_model_len:
-        raise UsageError(f"prompts up to {workload.prompt_len[1]} tokens plus {workload.output_len} new exceed "
-                         f"the model's {engine.max_model_len}-token context")
-    requests = workload.sample(vocab_range(engine))
+        raise UsageError(f"a prompt plus its new tokens reaches {longest} tokens, over the model's "
+                         f"{engine.max_model_len}-token context")
     # warm-up on the same prompts, two tokens each: the batch shapes of the timed run, so one-time costs
     # (allocator growth, the CPU kernel choice timed per batch-size bucket) stay out of the figures
     engine.generate([p for p, _ in requests], SamplingParams(max_tokens=2, ignore_eos=True))
@@ -147,7 +147,8 @@ def online_load(engine, endpoint: str | None, model: str | None, workload: Workl
     """One online run; `tokenizer` given: text prompts (sized in its tokens), else token ids.
     Every request failing is a failed run (exit 1, with the first error); some failing is reported."""
     # seed offset 1: prompts differ from the offline phase's, so they get no prefix-cache hits from it
-    requests = workload.sample(vocab, seed_offset=1, tokenizer=tokenizer)
+    encoder = engine.tokenizer if engine is not None and workload.dataset and tokenizer is None else None
+    requests = workload.sample(vocab, seed_offset=1, tokenizer=tokenizer, encoder=encoder)
     concurrency = workload.concurrency if (workload.concurrency or workload.rate) else default_concurrency(workload)
 
     async def go():

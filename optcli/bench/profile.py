@@ -98,6 +98,7 @@ def profile(
     tasks_path: Path | None = None,
     limit: int | None = None,
     num_fewshot: int | None = None,
+    dataset_path: Path | None = None,
     **engine_options,
 ) -> dict:
     """Run the whole profile and write the reports; raises KpiFailed (exit 3) after writing them.
@@ -143,7 +144,8 @@ def profile(
         "workload": {
             "requests": workload.requests,
             "prompt_len": list(workload.prompt_len),
-            "output_len": workload.output_len,
+            "output_len": list(workload.output_len) if isinstance(workload.output_len, tuple) else workload.output_len,
+            "dataset": {"path": str(dataset_path), "rows": len(workload.dataset)} if workload.dataset else None,
             "concurrency": workload.concurrency,
             "concurrency_sweep": [*workload.sweep, workload.concurrency] if workload.sweep else None,
             "rate": workload.rate,

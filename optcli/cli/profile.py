@@ -9,7 +9,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from optcli.bench.workload import Workload, parse_concurrency, parse_prompt_len
+from optcli.bench.dataset import load_dataset
+from optcli.bench.workload import Workload, parse_concurrency, parse_output_len, parse_prompt_len
 from optcli.cli.app import app
 from optcli.cli.common import (
     ENGINE,
@@ -45,7 +46,8 @@ def profile(
     accuracy_backend: Annotated[str, typer.Option("--accuracy-backend", help="engine: both models through our engine as served (default); transformers: the cross-check.")] = "engine",
     requests: Annotated[int, typer.Option("--requests", min=1, help="Synthetic requests per phase.")] = 32,
     prompt_len: Annotated[str, typer.Option("--prompt-len", help="Prompt lengths, uniform in [A, B).")] = "16:64",
-    output_len: Annotated[int, typer.Option("--output-len", min=1, help="New tokens per request (EOS ignored).")] = 32,
+    output_len: Annotated[str, typer.Option("--output-len", help="New tokens per request (EOS ignored): N, or A:B drawn uniformly per request.")] = "32",
+    dataset: Annotated[Path | None, typer.Option("--dataset", help="JSONL/JSON rows with prompt, messages (OpenAI chat) or conversations (ShareGPT), optional output_tokens: sent instead of synthetic prompts.")] = None,
     concurrency: Annotated[str | None, typer.Option("--concurrency", help="Requests in flight at most (online); C1,C2,... sweeps.")] = None,
     rate: Annotated[float | None, typer.Option("--rate", min=0.001, help="Poisson arrival rate, requests/s (online).")] = None,
     duration: Annotated[float | None, typer.Option("--duration", min=0.1, help="With --rate: send rate x duration requests.")] = None,
@@ -77,7 +79,9 @@ def profile(
         level, sweep = parse_concurrency(concurrency)
         if prompt_format not in (None, "tokens", "text"):
             raise UsageError(f"--prompt-format must be tokens or text (got '{prompt_format}')")
-        workload = Workload(requests=requests, prompt_len=parse_prompt_len(prompt_len), output_len=output_len,
+        rows = load_dataset(dataset) if dataset is not None else ()
+        workload = Workload(requests=requests, prompt_len=parse_prompt_len(prompt_len), output_len=parse_output_len(output_len),
+                            dataset=rows,
                             concurrency=level, sweep=sweep, rate=rate, seed=seed, prompt_format=prompt_format)
         config = engine_config(device, dtype, max_num_seqs, max_model_len, enforce_eager, gpu_memory_utilization, lm_head)
 
@@ -90,7 +94,7 @@ def profile(
                                  note, tokenizer=tokenizer, accuracy_backend=accuracy_backend,
                                  baseline_endpoint=baseline_endpoint,
                                  tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
-                                 tasks_path=tasks_path, limit=limit, num_fewshot=num_fewshot)
+                                 tasks_path=tasks_path, limit=limit, num_fewshot=num_fewshot, dataset_path=dataset)
         except KpiFailed as exc:  # the report is complete and written: show it, then exit 3
             report, gate_failure = exc.report, exc
     _show_profile(report, as_json, out_dir)

@@ -33,7 +33,8 @@ def sweep_points(report: dict) -> list[Point]:
     """Latency-vs-concurrency points of a report; older reports give their one online run."""
     tp, workload = report.get("throughput") or {}, report.get("workload") or {}
     raw = tp.get("sweep")
-    if not raw and tp.get("online_output_tok_s") and workload.get("output_len"):  # EOS ignored: n tokens each
+    fixed_len = workload.get("output_len")
+    if not raw and tp.get("online_output_tok_s") and isinstance(fixed_len, int) and fixed_len > 0:  # n tokens each
         p95 = ((report.get("latency_ms") or {}).get("e2e") or {}).get("p95")
         raw = [{"concurrency": workload.get("concurrency"), "e2e_p95_ms": p95,
                 "requests_s": tp["online_output_tok_s"] / workload["output_len"]}]
