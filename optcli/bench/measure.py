@@ -168,6 +168,7 @@ def online_load(engine, endpoint: str | None, model: str | None, workload: Workl
     summary = summarize(timings, wall, slo)
     summary["failures"] = failures
     summary["samples"] = latency_samples(timings)
+    summary["timings"] = timings  # each request's own, for --export (not part of the report)
     return summary
 
 def latency_samples(timings) -> dict[str, list[float]]:

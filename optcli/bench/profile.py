@@ -13,6 +13,7 @@ from pathlib import Path
 from optcli.bench.accuracy import EngineLM, evaluate, evaluate_in_turn
 from optcli.bench.comparison import comparison, roofline
 from optcli.bench.endpoint_accuracy import TOP_K, endpoint_accuracy, endpoint_scorer, engine_scorer
+from optcli.bench.export import check_export_path, request_rows, write_export
 from optcli.bench.kpi import evaluate_kpis, load_kpi, slo_from_kpi
 from optcli.bench.measure import free_device_memory, measure_local, online_load, sweep_point
 from optcli.bench.tasks import run_tasks, task_manager, task_rows
@@ -99,6 +100,7 @@ def profile(
     limit: int | None = None,
     num_fewshot: int | None = None,
     dataset_path: Path | None = None,
+    export: Path | None = None,
     **engine_options,
 ) -> dict:
     """Run the whole profile and write the reports; raises KpiFailed (exit 3) after writing them.
@@ -121,6 +123,7 @@ def profile(
     if baseline is None and manifest is not None and manifest.get("source", {}).get("path"):
         baseline = manifest["source"]["path"]
     baseline_source = resolve_model(baseline) if baseline and source else None
+    check_export_path(export)
     if baseline_endpoint and not endpoint:
         raise UsageError("--baseline-endpoint compares two servers: it needs --endpoint too")
     if baseline_endpoint and baseline:
@@ -223,6 +226,7 @@ def profile(
             step(f"online load against {endpoint}")
             online = online_load(None, endpoint, model, workload, slo, vocab, text_tok)
             samples = {"candidate": online.pop("samples")}
+            per_request = request_rows(online.pop("timings"), model, "candidate")
         else:
             run = measure_local(source, workload, slo, config, step)
             report["workload"]["engine"].update(run.engine_options)
@@ -231,6 +235,7 @@ def profile(
             report["memory"] = run.memory
             online, sweep_points, decode_tok_s = run.online, run.sweep_points, run.decode_tok_s
             samples = {"candidate": run.samples}
+            per_request = request_rows(online.pop("timings"), model, "candidate")
             free_device_memory(device)  # the candidate's engine is gone: the baseline's gets the same room
     sweep_points.append(sweep_point(workload.concurrency or default_concurrency(workload), online))
     report["gpu_utilization"] = gpu.mean()
@@ -266,6 +271,7 @@ def profile(
             "latency_ms": base_online["latency_ms"],
         }
         samples["baseline"] = base.samples  # overlaid on the candidate's latency CDFs
+        per_request += request_rows(base_online.pop("timings"), baseline, "baseline")
         report["throughput"].update(
             baseline_output_tok_s=throughput["output_tok_s"],
             baseline_total_tok_s=throughput["total_tok_s"],
@@ -280,6 +286,9 @@ def profile(
         report["roofline"] = roofline(peak_bandwidth(device), report, baseline_report)
     if kpi is not None:
         report["kpi"] = evaluate_kpis(report, kpi)
+    if export is not None:
+        write_export(Path(export), per_request)
+        report["workload"]["export"] = {"path": str(export), "rows": len(per_request)}
     if out is not None:
         write_reports(report, Path(out), samples=samples, sweep=sweep_points if workload.sweep else None,
                       baseline_report=baseline_report)

@@ -47,6 +47,7 @@ def profile(
     requests: Annotated[int, typer.Option("--requests", min=1, help="Synthetic requests per phase.")] = 32,
     prompt_len: Annotated[str, typer.Option("--prompt-len", help="Prompt lengths, uniform in [A, B).")] = "16:64",
     output_len: Annotated[str, typer.Option("--output-len", help="New tokens per request (EOS ignored): N, or A:B drawn uniformly per request.")] = "32",
+    export: Annotated[Path | None, typer.Option("--export", help="Every online request's timings and token counts, one row each (.jsonl or .csv).")] = None,
     dataset: Annotated[Path | None, typer.Option("--dataset", help="JSONL/JSON rows with prompt, messages (OpenAI chat) or conversations (ShareGPT), optional output_tokens: sent instead of synthetic prompts.")] = None,
     concurrency: Annotated[str | None, typer.Option("--concurrency", help="Requests in flight at most (online); C1,C2,... sweeps.")] = None,
     rate: Annotated[float | None, typer.Option("--rate", min=0.001, help="Poisson arrival rate, requests/s (online).")] = None,
@@ -94,7 +95,8 @@ def profile(
                                  note, tokenizer=tokenizer, accuracy_backend=accuracy_backend,
                                  baseline_endpoint=baseline_endpoint,
                                  tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
-                                 tasks_path=tasks_path, limit=limit, num_fewshot=num_fewshot, dataset_path=dataset)
+                                 tasks_path=tasks_path, limit=limit, num_fewshot=num_fewshot, dataset_path=dataset,
+                                 export=export)
         except KpiFailed as exc:  # the report is complete and written: show it, then exit 3
             report, gate_failure = exc.report, exc
     _show_profile(report, as_json, out_dir)

@@ -1,0 +1,39 @@
+"""`profile --export`: one row per online request, for the artifact and for its baseline, as JSONL or CSV;
+a wrong suffix is exit 2 before anything runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from optcli.cli import app
+
+LOAD = ["--requests", "5", "--prompt-len", "8:12", "--output-len", "3", "--concurrency", "2", "--json"]
+
+
+def test_every_online_request_is_one_row(stories_dir: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    rows_path = tmp_path / "requests.jsonl"
+    result = runner.invoke(app, ["profile", str(stories_dir), "--baseline", str(stories_dir), *LOAD,
+                                 "--export", str(rows_path)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
+    assert report["workload"]["export"] == {"path": str(rows_path), "rows": 10}
+    assert [r["phase"] for r in rows] == ["candidate"] * 5 + ["baseline"] * 5
+    assert all(r["error"] is None and r["output_tokens"] == 3 and 8 <= r["prompt_tokens"] < 12 for r in rows)
+    assert all(0 < r["ttft_ms"] <= r["e2e_ms"] and r["tpot_ms"] > 0 for r in rows)
+    assert min(r["start_s"] for r in rows[:5]) == 0.0
+    csv_path = tmp_path / "requests.csv"
+    result = runner.invoke(app, ["profile", str(stories_dir), *LOAD, "--export", str(csv_path)])
+    assert result.exit_code == 0, result.output
+    table = list(csv.DictReader(csv_path.open()))
+    assert len(table) == 5 and float(table[0]["e2e_ms"]) > 0 and table[0]["error"] == ""
+
+
+def test_a_wrong_export_suffix_is_exit_2(stories_dir: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["profile", str(stories_dir), "--export", str(tmp_path / "x.txt")])
+    assert result.exit_code == 2 and ".jsonl or .csv" in result.output
