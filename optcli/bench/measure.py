@@ -151,6 +151,9 @@ def online_load(engine, endpoint: str | None, model: str | None, workload: Workl
     requests = workload.sample(vocab, seed_offset=1, tokenizer=tokenizer, encoder=encoder)
     concurrency = workload.concurrency if (workload.concurrency or workload.rate) else default_concurrency(workload)
 
+    blocks = engine.blocks if engine is not None else None
+    hits_before, queries_before = (blocks.prefix_hits, blocks.prefix_queries) if blocks else (0, 0)
+
     async def go():
         if engine is None:
             return await run_load(openai_sender(endpoint, model), requests, workload.rate, concurrency, workload.seed)
@@ -169,6 +172,9 @@ def online_load(engine, endpoint: str | None, model: str | None, workload: Workl
     summary["failures"] = failures
     summary["samples"] = latency_samples(timings)
     summary["timings"] = timings  # each request's own, for --export (not part of the report)
+    # prompt tokens this run found in the engine's prefix cache (null for an endpoint: not observable)
+    queries = blocks.prefix_queries - queries_before if blocks else 0
+    summary["prefix_cache_hit_rate"] = (blocks.prefix_hits - hits_before) / queries if queries else None
     return summary
 
 def latency_samples(timings) -> dict[str, list[float]]:

@@ -149,6 +149,7 @@ def profile(
             "prompt_len": list(workload.prompt_len),
             "output_len": list(workload.output_len) if isinstance(workload.output_len, tuple) else workload.output_len,
             "dataset": {"path": str(dataset_path), "rows": len(workload.dataset)} if workload.dataset else None,
+            "prefix": {"len": workload.prefix_len, "count": workload.prefix_count} if workload.prefix_len else None,
             "concurrency": workload.concurrency,
             "concurrency_sweep": [*workload.sweep, workload.concurrency] if workload.sweep else None,
             "rate": workload.rate,
@@ -246,6 +247,7 @@ def profile(
         failed_requests=online["requests"]["failed"],
         failures=online["failures"],  # how many of the online requests failed, and the distinct errors
         goodput_requests_s=(online["goodput"] or {}).get("requests_s"),
+        prefix_cache_hit_rate=online.get("prefix_cache_hit_rate"),  # the online run's; null for an endpoint
         decode_tok_s=decode_tok_s,  # batch 1 (see roofline.method); null with --endpoint
     )
     if endpoint:

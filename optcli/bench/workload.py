@@ -27,6 +27,8 @@ class Workload:
     seed: int = 0
     prompt_format: str | None = None  # "tokens" | "text"; None: text to an endpoint, token ids in process
     dataset: tuple[DatasetRow, ...] = ()  # `--dataset` rows, taken in order (cycled) instead of synthetic prompts
+    prefix_len: int = 0  # shared-prefix workload: each prompt starts with one of `prefix_count` prefixes
+    prefix_count: int = 1
 
     @property
     def max_output_len(self) -> int:
@@ -48,6 +50,15 @@ class Workload:
             prompts = text_prompts(tokenizer, self.requests, self.prompt_len, seed)
         else:
             prompts = token_prompts(self.requests, self.prompt_len, vocab, seed)
+        if self.prefix_len:
+            # the prefixes come from the base seed, so every phase of a run shares the same system prompts
+            span = (self.prefix_len, self.prefix_len + 1)
+            if tokenizer is not None:
+                prefixes = text_prompts(tokenizer, self.prefix_count, span, self.seed + 7919)
+                prompts = [prefixes[i % self.prefix_count] + "\n" + p for i, p in enumerate(prompts)]
+            else:
+                prefixes = token_prompts(self.prefix_count, span, vocab, self.seed + 7919)
+                prompts = [prefixes[i % self.prefix_count] + p for i, p in enumerate(prompts)]
         return [(p, self._output_len(rng)) for p in prompts]
 
     def _output_len(self, rng: random.Random) -> int:

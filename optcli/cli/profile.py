@@ -48,6 +48,8 @@ def profile(
     prompt_len: Annotated[str, typer.Option("--prompt-len", help="Prompt lengths, uniform in [A, B).")] = "16:64",
     output_len: Annotated[str, typer.Option("--output-len", help="New tokens per request (EOS ignored): N, or A:B drawn uniformly per request.")] = "32",
     export: Annotated[Path | None, typer.Option("--export", help="Every online request's timings and token counts, one row each (.jsonl or .csv).")] = None,
+    prefix_len: Annotated[int, typer.Option("--prefix-len", min=0, help="Shared-prefix workload: tokens of system prompt each request starts with.")] = 0,
+    prefix_count: Annotated[int, typer.Option("--prefix-count", min=1, help="With --prefix-len: distinct shared prefixes, round robin.")] = 1,
     dataset: Annotated[Path | None, typer.Option("--dataset", help="JSONL/JSON rows with prompt, messages (OpenAI chat) or conversations (ShareGPT), optional output_tokens: sent instead of synthetic prompts.")] = None,
     concurrency: Annotated[str | None, typer.Option("--concurrency", help="Requests in flight at most (online); C1,C2,... sweeps.")] = None,
     rate: Annotated[float | None, typer.Option("--rate", min=0.001, help="Poisson arrival rate, requests/s (online).")] = None,
@@ -80,9 +82,11 @@ def profile(
         level, sweep = parse_concurrency(concurrency)
         if prompt_format not in (None, "tokens", "text"):
             raise UsageError(f"--prompt-format must be tokens or text (got '{prompt_format}')")
+        if prefix_len and dataset is not None:
+            raise UsageError("--prefix-len shapes synthetic prompts: not with --dataset (put the shared prefix in its rows)")
         rows = load_dataset(dataset) if dataset is not None else ()
         workload = Workload(requests=requests, prompt_len=parse_prompt_len(prompt_len), output_len=parse_output_len(output_len),
-                            dataset=rows,
+                            dataset=rows, prefix_len=prefix_len, prefix_count=prefix_count,
                             concurrency=level, sweep=sweep, rate=rate, seed=seed, prompt_format=prompt_format)
         config = engine_config(device, dtype, max_num_seqs, max_model_len, enforce_eager, gpu_memory_utilization, lm_head)
 
@@ -133,6 +137,8 @@ def _show_profile(report: dict, as_json: bool, out_dir: Path | None) -> None:
                       f"{fmt(row['candidate'], '.4f')} ({fmt(row['baseline'], '.4f')}, {fmt(row['recovery'], '.3f')})")
     table.add_row("weights / peak / KV cache", " / ".join(mib(mem[k]) for k in ("weights_bytes", "peak_bytes", "kv_cache_bytes")))
     table.add_row("batch efficiency", fmt(report["batch_efficiency"], ".2f"))
+    if tp.get("prefix_cache_hit_rate") is not None:
+        table.add_row("prefix cache hit rate (online)", fmt(tp["prefix_cache_hit_rate"], ".3f"))
     table.add_row("USD per 1K tokens (prompt + generated)", fmt(report["cost"]["usd_per_1k_tokens"], ".5f"))
     table.add_row("USD per 1K output tokens", fmt(report["cost"].get("usd_per_1k_output_tokens"), ".5f"))
     out.print(table)

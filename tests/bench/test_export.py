@@ -1,5 +1,5 @@
-"""`profile --export`: one row per online request, for the artifact and for its baseline, as JSONL or CSV;
-a wrong suffix is exit 2 before anything runs."""
+"""`profile --export`: one row per online request, for the artifact and for its baseline, as JSONL or CSV
+(a wrong suffix is exit 2 before anything runs); and the shared-prefix workload's prefix-cache hit rate."""
 
 from __future__ import annotations
 
@@ -37,3 +37,17 @@ def test_every_online_request_is_one_row(stories_dir: Path, tmp_path: Path) -> N
 def test_a_wrong_export_suffix_is_exit_2(stories_dir: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["profile", str(stories_dir), "--export", str(tmp_path / "x.txt")])
     assert result.exit_code == 2 and ".jsonl or .csv" in result.output
+
+
+def test_a_shared_prefix_workload_hits_the_prefix_cache(stories_dir: Path) -> None:
+    """--prefix-len / --prefix-count: each prompt opens with one of K shared system prompts; the report's
+    online prefix-cache hit rate is above 0 with them and 0 without (random prompts share no block)."""
+    runner = CliRunner()
+    rates = {}
+    for extra in ([], ["--prefix-len", "48", "--prefix-count", "2"]):
+        result = runner.invoke(app, ["profile", str(stories_dir), *LOAD, *extra])
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        rates[bool(extra)] = report["throughput"]["prefix_cache_hit_rate"]
+    assert rates[False] == 0.0 and rates[True] > 0.3
+    assert report["workload"]["prefix"] == {"len": 48, "count": 2}
