@@ -4,7 +4,7 @@ share of the machine's peak). Pure functions of two finished reports: nothing is
 
 from __future__ import annotations
 
-from optcli.bench.workload import DECODE_NEW_TOKENS, DECODE_PROMPT_TOKENS, Workload, default_concurrency
+from optcli.bench.workload import DECODE_NEW_TOKENS, DECODE_PROMPT_TOKENS, Workload
 from optcli.report.markdown import fmt_ratio
 
 # (label, field in the report and in comparison.baseline, higher is better, where the figure was measured)
@@ -45,10 +45,7 @@ def _where(kind: str, workload: Workload) -> str:
         return f"at {workload.requests} requests (offline)"
     if kind == "batch1":
         return "at batch 1"
-    if workload.rate:
-        return f"at {workload.rate:g} requests/s ({workload.requests} requests, online)"
-    level = workload.concurrency or default_concurrency(workload)
-    return f"at concurrency {level} ({workload.requests} requests, online)"
+    return f"at {workload.headline().label} ({workload.requests} requests, online)"
 
 
 def comparison(report: dict, baseline: dict, workload: Workload) -> dict:

@@ -6,16 +6,19 @@ A JSONL file (one object a line) or a JSON list of objects, each row one of:
 - `{"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}, ...]}`
   (ShareGPT: the turns before the first reply are the prompt, and the reply's length in tokens, when a
   tokenizer is known, is the request's output length, as `vllm bench serve` reads ShareGPT);
-and optionally `"output_tokens": N`. Chat rows are rendered with the tokenizer's chat template (a
-"role: content" transcript where it has none), so every request is a text prompt.
+and optionally `"output_tokens": N`. In process, chat rows are rendered with the tokenizer's chat template
+(a "role: content" transcript where it has none); to an endpoint they go as chat completions, so the
+server applies its own template. `--output-len @FILE` draws output lengths from such a file (`LengthsFrom`).
 """
 
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from optcli.bench.load_generator import Chat
 from optcli.errors import UsageError
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -37,12 +40,44 @@ class DatasetRow:
             return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
         return "".join(f"{r}: {c}\n" for r, c in self.messages) + "assistant:"
 
+    def chat(self) -> Chat | str:
+        """What an endpoint is sent: the messages of a chat row, the text of a prompt row."""
+        if self.prompt is not None:
+            return self.prompt
+        return Chat({"role": r, "content": c} for r, c in self.messages)
+
     def max_tokens(self, tokenizer, default: int) -> int:
         if self.output_tokens is not None:
             return self.output_tokens
         if self.reply is not None and tokenizer is not None:
             return max(1, len(tokenizer(self.reply, add_special_tokens=False).input_ids))
         return default
+
+
+@dataclass(frozen=True)
+class LengthsFrom:
+    """`--output-len @FILE`: each request's output length drawn from a dataset's rows, their `output_tokens`
+    or the length of their ShareGPT reply (in the tokenizer's tokens)."""
+
+    path: str
+    rows: tuple[DatasetRow, ...]
+
+    def draw(self, rng: random.Random, tokenizer) -> int:
+        row = rng.choice(self.rows)
+        if row.output_tokens is None and tokenizer is None:
+            raise UsageError(f"--output-len @{self.path}: a ShareGPT reply's length needs a tokenizer (pass "
+                             "--tokenizer MODEL, or give the rows output_tokens)")
+        return row.max_tokens(tokenizer, 1)
+
+    def __str__(self) -> str:
+        return f"@{self.path}"
+
+
+def output_lengths(path: str) -> LengthsFrom:
+    rows = tuple(r for r in load_dataset(Path(path)) if r.output_tokens is not None or r.reply is not None)
+    if not rows:
+        raise UsageError(f"--output-len @{path}: no row has output_tokens or a ShareGPT reply to take a length from")
+    return LengthsFrom(path, rows)
 
 
 def _row(obj, where: str) -> DatasetRow:

@@ -12,7 +12,7 @@ from pathlib import Path
 from optcli.errors import UsageError
 
 FORMATS = (".jsonl", ".csv")
-FIELDS = ("model", "phase", "index", "start_s", "ttft_ms", "tpot_ms", "itl_ms_mean", "e2e_ms", "prompt_tokens",
+FIELDS = ("model", "phase", "level", "measured", "index", "start_s", "ttft_ms", "tpot_ms", "itl_ms_mean", "e2e_ms", "prompt_tokens",
           "output_tokens", "error")
 
 
@@ -21,7 +21,13 @@ def check_export_path(path: Path | None) -> None:
         raise UsageError(f"--export must end in .jsonl or .csv (got {path.name})")
 
 
-def request_rows(timings, model: str, phase: str) -> list[dict]:
+def level_rows(online: dict, model: str, phase: str, level) -> list[dict]:
+    """One load level's requests (an `online_load` summary), `measured` false for warm-up and cool-down."""
+    lo, hi = online["measured"]
+    return request_rows(online["timings"], model, phase, level.label, range(lo, hi))
+
+
+def request_rows(timings, model: str, phase: str, level: str | None = None, measured: range | None = None) -> list[dict]:
     """The run's requests in send order, times relative to its first send (s) and in ms; null where a
     figure does not exist (a failed request's latencies, TPOT of a one-token output)."""
     t0 = min((t.start for t in timings), default=0.0)
@@ -30,7 +36,8 @@ def request_rows(timings, model: str, phase: str) -> list[dict]:
         ok = t.ok
         gaps = [b[0] - a[0] for a, b in zip(t.token_times, t.token_times[1:], strict=False)] if ok else []
         tpot = t.tpot if ok else None
-        rows.append({"model": model, "phase": phase, "index": i, "start_s": round(t.start - t0, 6),
+        rows.append({"model": model, "phase": phase, "level": level, "measured": measured is None or i in measured,
+                     "index": i, "start_s": round(t.start - t0, 6),
                      "ttft_ms": t.ttft * 1e3 if ok else None, "tpot_ms": None if tpot is None else tpot * 1e3,
                      "itl_ms_mean": sum(gaps) / len(gaps) * 1e3 if gaps else None,
                      "e2e_ms": t.e2e * 1e3 if ok else None, "prompt_tokens": t.prompt_tokens,

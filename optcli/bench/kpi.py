@@ -267,3 +267,21 @@ def slo_from_kpi(kpi: Kpi) -> dict[str, float]:
         if value is not None:
             slo[f"{metric}_ms"] = value
     return slo
+
+
+def latency_gates(kpi: Kpi | None) -> list[tuple[str, str, float]]:
+    """The file's latency gates as (metric, percentile, ms): what each level of a sweep must meet to count
+    as within the SLO (flat `p95_ttft_ms_max`-style gates and the nested latency section)."""
+    if kpi is None:
+        return []
+    gates = []
+    for field in _FLAT:
+        keys, _, _ = _GATES[field]
+        if keys[0] == "latency_ms" and getattr(kpi, field) is not None:
+            gates.append((keys[1], keys[2], getattr(kpi, field)))
+    if kpi.latency is not None:
+        for pct in ("p50", "p95", "p99"):
+            threshold = getattr(kpi.latency, f"{pct}_threshold")
+            if threshold is not None:
+                gates.append((kpi.latency.metric, pct, threshold))
+    return gates

@@ -1,7 +1,7 @@
-"""Online load generation, like `vllm bench serve` / GuideLLM: Poisson or closed-loop arrivals against
-a streaming sender, one `RequestTiming` per request.
+"""Online load generation, like `vllm bench serve` / GuideLLM: Poisson, constant or closed-loop arrivals
+against a streaming sender, one `RequestTiming` per request.
 
-A sender is `send(prompt, max_tokens)` (prompt: token ids or text), an async iterator yielding the
+A sender is `send(prompt, max_tokens)` (prompt: token ids, text, or a `Chat`), an async iterator yielding the
 number of new tokens in each streamed chunk. It may also yield a `Total(n)`, the server's own count of
 generated tokens, which replaces the sum, and a `PromptTotal(n)`, its count of prompt tokens.
 """
@@ -19,7 +19,12 @@ from urllib.parse import urlsplit
 from optcli.bench.metrics import RequestTiming
 from optcli.errors import UsageError
 
-Prompt = list[int] | str
+
+class Chat(tuple):
+    """A chat prompt: OpenAI messages ({"role", "content"} dicts), sent to `/v1/chat/completions`."""
+
+
+Prompt = list[int] | str | Chat
 Sender = Callable[[Prompt, int], AsyncIterator[int]]
 
 
@@ -76,38 +81,54 @@ async def run_load(
     rate: float | None = None,
     concurrency: int | None = None,
     seed: int = 0,
+    arrivals: str = "poisson",
+    max_seconds: float | None = None,
 ) -> tuple[list[RequestTiming], float]:
-    """Send (prompt, max_tokens) requests: Poisson arrivals at `rate` req/s when given, else all at
-    once; at most `concurrency` in flight when given. Returns the timings (in request order) and the
-    wall time in seconds. A request's clock starts when it is sent (after waiting for a slot)."""
+    """Send (prompt, max_tokens) requests: at `rate` req/s when given (Poisson or `constant` arrivals, on a
+    schedule fixed from the start, so a slow send does not lower the rate), else all at once; at most
+    `concurrency` in flight when given; none starts after `max_seconds` (those in flight finish). Returns
+    the timings of the requests sent (in request order) and the wall time in seconds. A request's clock
+    starts when it is sent (after waiting for a slot)."""
     if rate is not None and rate <= 0:
         raise ValueError(f"rate must be > 0 (got {rate})")
     if concurrency is not None and concurrency < 1:
         raise ValueError(f"concurrency must be >= 1 (got {concurrency})")
+    if arrivals not in ("poisson", "constant"):
+        raise ValueError(f"arrivals must be poisson or constant (got {arrivals!r})")
     rng = random.Random(seed)
     slots = asyncio.Semaphore(concurrency) if concurrency else None
     # a text prompt's token count is the server's (PromptTotal); until it says, none is known
-    timings = [RequestTiming(start=0.0, prompt_tokens=0 if isinstance(p, str) else len(p)) for p, _ in requests]
+    timings = [RequestTiming(start=0.0, prompt_tokens=len(p) if isinstance(p, list) else 0) for p, _ in requests]
+    t0 = time.perf_counter()
+    deadline = t0 + max_seconds if max_seconds is not None else None
 
     async def one(timing: RequestTiming, prompt: Prompt, max_tokens: int) -> None:
         if slots is None:
             await _measure(send, timing, prompt, max_tokens)
-        else:
-            async with slots:
+            return
+        async with slots:
+            if deadline is None or time.perf_counter() < deadline:  # else never sent
                 await _measure(send, timing, prompt, max_tokens)
 
-    t0 = time.perf_counter()
     tasks = []
+    due = t0
     for i, ((prompt, max_tokens), timing) in enumerate(zip(requests, timings, strict=True)):
         if rate is not None and i > 0:
-            await asyncio.sleep(rng.expovariate(rate))
+            due += 1.0 / rate if arrivals == "constant" else rng.expovariate(rate)
+            if deadline is not None and due >= deadline:
+                break
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        if deadline is not None and time.perf_counter() >= deadline:
+            break
         tasks.append(asyncio.create_task(one(timing, prompt, max_tokens)))
     try:
         await asyncio.gather(*tasks)
     finally:
         for task in tasks:
             task.cancel()
-    return timings, time.perf_counter() - t0
+    return [t for t in timings if t.end is not None], time.perf_counter() - t0
 
 
 async def _measure(send: Sender, timing: RequestTiming, prompt: Prompt, max_tokens: int) -> None:
@@ -157,24 +178,29 @@ def engine_sender(async_engine) -> Sender:
 
 
 def openai_sender(base_url: str, model: str, api_key: str | None = None, timeout: float = 300.0) -> Sender:
-    """A sender streaming `POST {base}/v1/completions` of an OpenAI-compatible server (vLLM, optcli);
-    `base_url` with or without `/v1`. The prompt goes as text or as token ids, as it comes. Tokens per
-    chunk: the length of `logprobs.tokens` when sent, else 1 per chunk with text; the final `usage`
-    (stream_options.include_usage) gives the totals when the server sends it."""
+    """A sender streaming an OpenAI-compatible server (vLLM, optcli): `POST {base}/v1/completions` for a
+    text or token-id prompt, `/v1/chat/completions` for a `Chat`; `base_url` with or without `/v1`.
+    Tokens per chunk: the length of the chunk's logprobs when sent, else 1 per chunk with text; the final
+    `usage` (stream_options.include_usage) gives the totals when the server sends it."""
     import httpx
 
-    url = api_base_url(base_url) + "/completions"
+    base = api_base_url(base_url)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     async def send(prompt: Prompt, max_tokens: int) -> AsyncIterator[int]:
+        chat = isinstance(prompt, Chat)
         body = {
             "model": model,
-            "prompt": prompt if isinstance(prompt, str) else list(prompt),
             "max_tokens": max_tokens,
             "stream": True,
             "ignore_eos": True,
             "stream_options": {"include_usage": True},
         }
+        if chat:
+            body["messages"] = list(prompt)
+        else:
+            body["prompt"] = prompt if isinstance(prompt, str) else list(prompt)
+        url = base + ("/chat/completions" if chat else "/completions")
         usage = prompt_usage = None
         async with (
             httpx.AsyncClient(timeout=timeout) as client,
@@ -197,14 +223,7 @@ def openai_sender(base_url: str, model: str, api_key: str | None = None, timeout
                     usage = int(chunk["usage"]["completion_tokens"])
                     prompt_usage = chunk["usage"].get("prompt_tokens")
                 choices = chunk.get("choices") or []
-                if not choices:
-                    continue
-                logprobs = choices[0].get("logprobs") or {}
-                if logprobs.get("tokens") is not None:
-                    k = len(logprobs["tokens"])
-                else:
-                    k = 1 if choices[0].get("text") else 0
-                if k:
+                if choices and (k := _chunk_tokens(choices[0], chat)):
                     yield k
         if prompt_usage is not None:
             yield PromptTotal(int(prompt_usage))
@@ -212,3 +231,15 @@ def openai_sender(base_url: str, model: str, api_key: str | None = None, timeout
             yield Total(usage)
 
     return send
+
+
+def _chunk_tokens(choice: dict, chat: bool) -> int:
+    """New tokens in one streamed choice: its logprobs' count when given, else 1 when it carries text."""
+    logprobs = choice.get("logprobs") or {}
+    if chat:
+        if logprobs.get("content") is not None:
+            return len(logprobs["content"])
+        return 1 if (choice.get("delta") or {}).get("content") else 0
+    if logprobs.get("tokens") is not None:
+        return len(logprobs["tokens"])
+    return 1 if choice.get("text") else 0

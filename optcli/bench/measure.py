@@ -7,13 +7,15 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
-from optcli.bench.load_generator import api_base_url, engine_sender, failure_summary, openai_sender, run_load
+from optcli.bench.load_generator import Chat, api_base_url, engine_sender, failure_summary, openai_sender, run_load
 from optcli.bench.metrics import summarize
-from optcli.bench.workload import DECODE_NEW_TOKENS, DECODE_PROMPT_TOKENS, Workload, default_concurrency
+from optcli.bench.rates import LoadLevel, excluded_count
+from optcli.bench.sweep import run_levels
+from optcli.bench.workload import DECODE_NEW_TOKENS, DECODE_PROMPT_TOKENS, Workload
 from optcli.config import EngineConfig
 from optcli.engine import Engine, SamplingParams
 from optcli.engine.async_engine import AsyncEngine
@@ -29,7 +31,7 @@ def offline_throughput(source, workload: Workload, config: EngineConfig, step):
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     engine = Engine(str(source.path), config)
-    requests = workload.sample(vocab_range(engine), encoder=engine.tokenizer if workload.dataset else None)
+    requests = workload.sample(vocab_range(engine), encoder=engine.tokenizer)
     longest = max(len(p) + n for p, n in requests)
     if longest > engine.max_model_len:
         raise UsageError(f"a prompt plus its new tokens reaches {longest} tokens, over the model's "
@@ -85,27 +87,26 @@ class LocalRun:
     batch_efficiency: float | None
     memory: dict
     decode_tok_s: float | None
-    online: dict  # the online summary (without its samples)
+    online: dict  # the headline level's online summary
     samples: dict[str, list[float]]
-    sweep_points: list[dict] = field(default_factory=list)
+    levels: list[tuple[LoadLevel, dict]] = field(default_factory=list)  # every level's summary, the headline last
 
 
 def measure_local(source, workload: Workload, slo, config: EngineConfig, step) -> LocalRun:
-    """Offline throughput, batch-1 decode, then online latency, through one in-process engine (dropped on
-    return)."""
+    """Offline throughput, batch-1 decode, then online latency at each load level, through one in-process
+    engine (dropped on return)."""
     engine, throughput, efficiency, memory = offline_throughput(source, workload, config, step)
     options = {**engine.config.as_dict(), "dtype_reason": engine.dtype_reason}
     decode = decode_tok_s(engine, source, step)
-    points = []
     text_tok = engine.tokenizer if workload.prompt_format == "text" else None
-    for level in workload.sweep:
-        step(f"online latency of {source.spec} at concurrency {level}")
-        swept = online_load(engine, None, None, replace(workload, concurrency=level), slo, vocab_range(engine), text_tok)
-        points.append(sweep_point(level, swept))
-    step(f"online latency of {source.spec} under load")
-    online = online_load(engine, None, None, workload, slo, vocab_range(engine), text_tok)
-    samples = online.pop("samples")
-    return LocalRun(options, throughput, efficiency, memory, decode, online, samples, points)
+
+    def run_one(level: LoadLevel) -> dict:
+        step(f"online latency of {source.spec}: {level.label}")
+        return online_load(engine, None, None, workload, level, slo, vocab_range(engine), text_tok)
+
+    levels = run_levels(workload, run_one)
+    online = levels[-1][1]
+    return LocalRun(options, throughput, efficiency, memory, decode, online, online["samples"], levels)
 
 def decode_tok_s(engine, source, step, new_tokens: int = DECODE_NEW_TOKENS) -> float | None:
     """Batch-1 decode speed: one request (a short prompt, `new_tokens` with ignore_eos) after a warm-up
@@ -137,45 +138,67 @@ def decode_tok_s(engine, source, step, new_tokens: int = DECODE_NEW_TOKENS) -> f
         return None
     return after_first / (last - first)
 
-def sweep_point(level: int | None, online: dict) -> dict:
-    """One online run at one concurrency level: what capacity planning reads (p95 E2E against requests/s)."""
-    tp = online["throughput"]
-    return {"concurrency": level, "requests_s": tp["requests_s"], "output_tok_s": tp["output_tok_s"],
-            "total_tok_s": tp["total_tok_s"], "e2e_p95_ms": online["latency_ms"]["e2e"]["p95"]}
-
-def online_load(engine, endpoint: str | None, model: str | None, workload: Workload, slo, vocab, tokenizer=None) -> dict:
-    """One online run; `tokenizer` given: text prompts (sized in its tokens), else token ids.
-    Every request failing is a failed run (exit 1, with the first error); some failing is reported."""
+def online_load(engine, endpoint: str | None, model: str | None, workload: Workload, level: LoadLevel, slo, vocab,
+                tokenizer=None, chat: bool = False) -> dict:
+    """One online run at `level`; `tokenizer` given: text prompts (sized in its tokens), else token ids; `chat`:
+    a dataset's chat rows go to the endpoint as chat completions. The first `--warmup` and last `--cooldown`
+    requests are sent but left out of the statistics. Every measured request failing is a failed run (exit 1,
+    with the first error); some failing is reported."""
     # seed offset 1: prompts differ from the offline phase's, so they get no prefix-cache hits from it
-    encoder = engine.tokenizer if engine is not None and workload.dataset and tokenizer is None else None
-    requests = workload.sample(vocab, seed_offset=1, tokenizer=tokenizer, encoder=encoder)
-    concurrency = workload.concurrency if (workload.concurrency or workload.rate) else default_concurrency(workload)
+    encoder = engine.tokenizer if engine is not None and tokenizer is None else None
+    requests = workload.sample(vocab, seed_offset=1, tokenizer=tokenizer, encoder=encoder, chat=chat)
 
     blocks = engine.blocks if engine is not None else None
     hits_before, queries_before = (blocks.prefix_hits, blocks.prefix_queries) if blocks else (0, 0)
 
     async def go():
+        args = (requests, level.rate, level.concurrency, workload.seed, _arrivals(level), workload.max_seconds)
         if engine is None:
-            return await run_load(openai_sender(endpoint, model), requests, workload.rate, concurrency, workload.seed)
+            return await run_load(openai_sender(endpoint, model), *args)
         async_engine = AsyncEngine(engine)
         try:
-            return await run_load(engine_sender(async_engine), requests, workload.rate, concurrency, workload.seed)
+            return await run_load(engine_sender(async_engine), *args)
         finally:
             async_engine.shutdown()
 
     timings, wall = asyncio.run(go())
-    failures = failure_summary(timings)
-    if failures["failed"] == len(timings):
-        where = f"{api_base_url(endpoint)}/completions" if endpoint else "the engine"
-        raise RuntimeError(f"all {len(timings)} requests to {where} failed (first error: {timings[0].error})")
-    summary = summarize(timings, wall, slo)
+    sent = len(timings)
+    warm, cool = excluded_count(workload.warmup, sent), excluded_count(workload.cooldown, sent)
+    if warm + cool >= sent:
+        raise UsageError(f"--warmup and --cooldown leave none of the {sent} requests sent at {level.label} measured")
+    measured = timings[warm:sent - cool]
+    if warm or cool:  # the statistics' window: from the first measured send to the last measured end
+        wall = max(t.end for t in measured) - min(t.start for t in measured)
+    failures = failure_summary(measured)
+    if failures["failed"] == len(measured):
+        route = "/chat/completions" if isinstance(requests[0][0], Chat) else "/completions"
+        where = f"{api_base_url(endpoint)}{route}" if endpoint else "the engine"
+        raise RuntimeError(f"all {len(measured)} requests to {where} failed (first error: {measured[0].error})")
+    summary = summarize(measured, wall, slo)
     summary["failures"] = failures
-    summary["samples"] = latency_samples(timings)
+    summary["sent"] = sent
+    summary["excluded"] = {"warmup": warm, "cooldown": cool}
+    summary["achieved_rate_requests_s"] = achieved_rate(measured, level, summary["throughput"]["requests_s"])
+    summary["samples"] = latency_samples(measured)
     summary["timings"] = timings  # each request's own, for --export (not part of the report)
+    summary["measured"] = (warm, sent - cool)
     # prompt tokens this run found in the engine's prefix cache (null for an endpoint: not observable)
     queries = blocks.prefix_queries - queries_before if blocks else 0
     summary["prefix_cache_hit_rate"] = (blocks.prefix_hits - hits_before) / queries if queries else None
     return summary
+
+
+def _arrivals(level: LoadLevel) -> str:
+    return "constant" if level.mode == "constant" else "poisson"
+
+
+def achieved_rate(timings, level: LoadLevel, requests_s: float) -> float | None:
+    """Requests sent per second across the measured sends: what the load generator achieved against its
+    target. A throughput run sends everything at once, so its rate is the one it completed them at."""
+    starts = sorted(t.start for t in timings)
+    if level.mode == "throughput" or len(starts) < 2 or starts[-1] <= starts[0]:
+        return requests_s if level.mode == "throughput" else None
+    return (len(starts) - 1) / (starts[-1] - starts[0])
 
 def latency_samples(timings) -> dict[str, list[float]]:
     """Per-request latencies in ms, for the CDF plots."""

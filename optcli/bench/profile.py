@@ -7,17 +7,18 @@ All figures are measured in this run; what cannot be measured here is None, neve
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 from optcli.bench.accuracy import EngineLM, evaluate, evaluate_in_turn
 from optcli.bench.comparison import comparison, roofline
+from optcli.bench.dataset import LengthsFrom
 from optcli.bench.endpoint_accuracy import TOP_K, endpoint_accuracy, endpoint_scorer, engine_scorer
-from optcli.bench.export import check_export_path, request_rows, write_export
-from optcli.bench.kpi import evaluate_kpis, load_kpi, slo_from_kpi
-from optcli.bench.measure import free_device_memory, measure_local, online_load, sweep_point
+from optcli.bench.export import check_export_path, level_rows, write_export
+from optcli.bench.kpi import evaluate_kpis, latency_gates, load_kpi, slo_from_kpi
+from optcli.bench.measure import free_device_memory, measure_local, online_load
+from optcli.bench.sweep import level_point, run_levels, slo_max_rate
 from optcli.bench.tasks import run_tasks, task_manager, task_rows
-from optcli.bench.workload import Workload, default_concurrency
+from optcli.bench.workload import Workload
 from optcli.calibration.corpus import heldout_text
 from optcli.checkpoints.resolve import resolve_model
 from optcli.config import EngineConfig
@@ -147,12 +148,17 @@ def profile(
         "workload": {
             "requests": workload.requests,
             "prompt_len": list(workload.prompt_len),
-            "output_len": list(workload.output_len) if isinstance(workload.output_len, tuple) else workload.output_len,
+            "output_len": (list(workload.output_len) if isinstance(workload.output_len, tuple) else
+                           workload.output_len if isinstance(workload.output_len, int) else str(workload.output_len)),
             "dataset": {"path": str(dataset_path), "rows": len(workload.dataset)} if workload.dataset else None,
             "prefix": {"len": workload.prefix_len, "count": workload.prefix_count} if workload.prefix_len else None,
-            "concurrency": workload.concurrency,
-            "concurrency_sweep": [*workload.sweep, workload.concurrency] if workload.sweep else None,
-            "rate": workload.rate,
+            "concurrency": workload.headline().concurrency,  # the headline level's (the report's latencies)
+            "concurrency_sweep": _concurrency_sweep(workload),
+            "rate": workload.headline().rate,
+            "sweep_size": workload.sweep_size or None,  # `--rate sweep`: GuideLLM's sweep of this many levels
+            "arrivals": workload.arrivals,
+            "warmup": workload.warmup, "cooldown": workload.cooldown, "max_seconds": workload.max_seconds,
+            "levels": None,  # each level's label, in the order run (filled in below)
             "seed": workload.seed,
             "endpoint": endpoint,
             "eval_text": str(eval_text) if eval_text else "builtin corpus heldout.txt",
@@ -209,41 +215,31 @@ def profile(
                                        "limit": limit, "num_fewshot": num_fewshot}
 
     slo = slo_from_kpi(kpi) if kpi is not None else None
-    samples = None
+    gates = latency_gates(kpi)
     decode_tok_s = None
-    sweep_points: list[tuple[int, float]] = []
     with GpuUtilizationSampler() as gpu:
         if endpoint:
-            text = report["workload"]["prompt_format"] == "text"
-            tok = None
-            if text or tokenizer:
-                tok, report["workload"]["tokenizer"] = endpoint_tokenizer(model, tokenizer)
-            vocab = (3, min(len(tok), 32000)) if tok is not None else (3, 500)  # ids below every real vocab size
-            text_tok = tok if text else None
-            for level in workload.sweep:
-                step(f"online load against {endpoint} at concurrency {level}")
-                swept = online_load(None, endpoint, model, replace(workload, concurrency=level), slo, vocab, text_tok)
-                sweep_points.append(sweep_point(level, swept))
-            step(f"online load against {endpoint}")
-            online = online_load(None, endpoint, model, workload, slo, vocab, text_tok)
-            samples = {"candidate": online.pop("samples")}
-            per_request = request_rows(online.pop("timings"), model, "candidate")
+            levels = endpoint_levels(endpoint, model, workload, slo, tokenizer, report["workload"], step)
         else:
             run = measure_local(source, workload, slo, config, step)
             report["workload"]["engine"].update(run.engine_options)
             report["throughput"].update(run.throughput)
             report["batch_efficiency"] = run.batch_efficiency
             report["memory"] = run.memory
-            online, sweep_points, decode_tok_s = run.online, run.sweep_points, run.decode_tok_s
-            samples = {"candidate": run.samples}
-            per_request = request_rows(online.pop("timings"), model, "candidate")
+            levels, decode_tok_s = run.levels, run.decode_tok_s
             free_device_memory(device)  # the candidate's engine is gone: the baseline's gets the same room
-    sweep_points.append(sweep_point(workload.concurrency or default_concurrency(workload), online))
+    online = levels[-1][1]  # the headline level: the last one, a sweep's throughput run
+    samples = {"candidate": online["samples"]}
+    per_request = [row for level, summary in levels for row in level_rows(summary, model, "candidate", level)]
+    points = [level_point(level, summary, gates) for level, summary in levels]
+    report["workload"]["levels"] = [p["label"] for p in points]
     report["gpu_utilization"] = gpu.mean()
     report["latency_ms"] = online["latency_ms"]
     report["throughput"].update(
         online_output_tok_s=online["throughput"]["output_tok_s"],
-        sweep=sweep_points,  # latency vs concurrency, for `optcli roi`'s capacity plan
+        sweep=points,  # one point per load level (latency, rate, SLO), for `optcli roi`'s capacity plan
+        # the level with the highest achieved rate whose latencies meet the KPI file's latency gates
+        slo_max_rate=slo_max_rate(points),
         failed_requests=online["requests"]["failed"],
         failures=online["failures"],  # how many of the online requests failed, and the distinct errors
         goodput_requests_s=(online["goodput"] or {}).get("requests_s"),
@@ -256,9 +252,9 @@ def profile(
     report["cost"].update(cost_per_1k(gpu_hour_cost, tp["total_tok_s"], tp["output_tok_s"]))
     baseline_report = None
     if baseline_source is not None:  # the source measured the same way, side by side (comparison)
-        # the same workload and seed through the baseline's own engine (dropped when _local returns);
-        # the concurrency sweep is the candidate's capacity plan, not repeated here
-        base = measure_local(baseline_source, replace(workload, sweep=()), slo, config, step)
+        # the same workload and seed through the baseline's own engine (dropped when _local returns), at
+        # the headline level only: the other levels are the candidate's capacity plan, not repeated here
+        base = measure_local(baseline_source, workload.only(workload.headline()), slo, config, step)
         free_device_memory(device)
         report["workload"]["engine"]["baseline_dtype"] = base.engine_options["dtype"]
         memory = dict(base.memory)
@@ -273,7 +269,7 @@ def profile(
             "latency_ms": base_online["latency_ms"],
         }
         samples["baseline"] = base.samples  # overlaid on the candidate's latency CDFs
-        per_request += request_rows(base_online.pop("timings"), baseline, "baseline")
+        per_request += level_rows(base_online, baseline, "baseline", workload.headline())
         report["throughput"].update(
             baseline_output_tok_s=throughput["output_tok_s"],
             baseline_total_tok_s=throughput["total_tok_s"],
@@ -292,12 +288,19 @@ def profile(
         write_export(Path(export), per_request)
         report["workload"]["export"] = {"path": str(export), "rows": len(per_request)}
     if out is not None:
-        write_reports(report, Path(out), samples=samples, sweep=sweep_points if workload.sweep else None,
+        write_reports(report, Path(out), samples=samples, sweep=points if len(points) > 1 else None,
                       baseline_report=baseline_report)
     if not report["kpi"]["passed"]:
         failed = [c["name"] for c in report["kpi"]["checks"] if not c["passed"]]
         raise KpiFailed(f"KPI gate failed: {', '.join(failed)}", report)
     return report
+
+
+def _concurrency_sweep(workload: Workload) -> list[int] | None:
+    levels = () if workload.sweep_size else workload.load_levels()
+    if len(levels) > 1 and all(level.mode == "concurrent" for level in levels):
+        return [level.concurrency for level in levels]
+    return None
 
 
 def measure_endpoint_accuracy(endpoint: str, model: str, baseline: str | None, baseline_endpoint: str | None,
@@ -315,6 +318,23 @@ def measure_endpoint_accuracy(endpoint: str, model: str, baseline: str | None, b
         return endpoint_accuracy(candidate, endpoint_scorer(baseline_endpoint, model), ids)
     engine = Engine(str(resolve_model(baseline).path), config)
     return endpoint_accuracy(candidate, engine_scorer(engine), ids, ctx=min(256, engine.max_model_len))
+
+
+def endpoint_levels(endpoint: str, model: str, workload: Workload, slo, tokenizer: str | None, meta: dict,
+                    step) -> list:
+    """The online levels against a server: prompts sized by `endpoint_tokenizer` (text by default), a
+    dataset's chat rows as chat completions."""
+    text = meta["prompt_format"] == "text"
+    tok = None
+    if text or tokenizer or isinstance(workload.output_len, LengthsFrom):
+        tok, meta["tokenizer"] = endpoint_tokenizer(model, tokenizer)
+    vocab = (3, min(len(tok), 32000)) if tok is not None else (3, 500)  # ids below every real vocab size
+
+    def run_one(level):
+        step(f"online load against {endpoint}: {level.label}")
+        return online_load(None, endpoint, model, workload, level, slo, vocab, tok if text else None, chat=text)
+
+    return run_levels(workload, run_one)
 
 
 def endpoint_tokenizer(model: str, spec: str | None):

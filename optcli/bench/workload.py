@@ -1,14 +1,15 @@
 """What `profile` sends: `Workload` (how many requests, prompt and output lengths or a dataset's rows,
-concurrency or a Poisson rate, the seed) and the parsers for the CLI's `--concurrency`, `--prompt-len`
-and `--output-len`."""
+the load levels, warm-up and cool-down, the seed) and the parsers for the CLI's `--prompt-len` and
+`--output-len` (the load levels are `rates.py`'s)."""
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from optcli.bench.dataset import DatasetRow
+from optcli.bench.dataset import DatasetRow, LengthsFrom, output_lengths
 from optcli.bench.prompts import text_prompts, token_prompts
+from optcli.bench.rates import THROUGHPUT, LoadLevel
 from optcli.errors import UsageError
 
 # The batch-1 decode measurement (`measure.decode_tok_s`), stated in the roofline's method line.
@@ -20,7 +21,7 @@ DECODE_NEW_TOKENS = 32
 class Workload:
     requests: int = 32
     prompt_len: tuple[int, int] = (16, 64)  # uniform in [a, b)
-    output_len: int | tuple[int, int] = 32  # fixed, or uniform in [a, b]
+    output_len: int | tuple[int, int] | LengthsFrom = 32  # fixed, uniform in [a, b], or a dataset's
     concurrency: int | None = None
     sweep: tuple[int, ...] = ()  # extra concurrency levels measured before `concurrency` (plot only)
     rate: float | None = None  # requests/s, Poisson arrivals
@@ -29,23 +30,47 @@ class Workload:
     dataset: tuple[DatasetRow, ...] = ()  # `--dataset` rows, taken in order (cycled) instead of synthetic prompts
     prefix_len: int = 0  # shared-prefix workload: each prompt starts with one of `prefix_count` prefixes
     prefix_count: int = 1
+    # the online levels (`rates.plan_levels`); empty: from `concurrency`/`sweep`/`rate` above
+    levels: tuple[LoadLevel, ...] = ()
+    sweep_size: int = 0  # > 0: GuideLLM's sweep of this many levels, decided as it runs
+    arrivals: str = "poisson"  # a sweep's constant levels, or `rate`'s: poisson | constant
+    warmup: float = 0.0  # requests left out of each level's statistics at its start: a count, or a fraction
+    cooldown: float = 0.0  # ... and at its end
+    max_seconds: float | None = None  # no request of a level starts after this many seconds
 
-    @property
-    def max_output_len(self) -> int:
-        return self.output_len if isinstance(self.output_len, int) else self.output_len[1]
+    def load_levels(self) -> tuple[LoadLevel, ...]:
+        """The levels to run in order (a sweep's are decided as it runs: see `measure.run_levels`)."""
+        if self.levels:
+            return self.levels
+        if self.rate:
+            return (LoadLevel(self.arrivals, rate=self.rate, concurrency=self.concurrency),)
+        return tuple(LoadLevel("concurrent", concurrency=c)
+                     for c in (*self.sweep, self.concurrency or min(8, self.requests)))
 
-    def sample(self, vocab: tuple[int, int], seed_offset: int = 0, tokenizer=None,
-               encoder=None) -> list[tuple[list[int] | str, int]]:
+    def headline(self) -> LoadLevel:
+        """The level whose latencies are the report's (and the one the baseline is measured at): the last
+        one, and a sweep's throughput run (the one level of a sweep that does not depend on the model)."""
+        return THROUGHPUT if self.sweep_size else self.load_levels()[-1]
+
+    def only(self, level: LoadLevel) -> Workload:
+        return replace(self, levels=(level,), sweep=(), sweep_size=0)
+
+    def sample(self, vocab: tuple[int, int], seed_offset: int = 0, tokenizer=None, encoder=None,
+               chat: bool = False) -> list[tuple[list[int] | str, int]]:
         """(prompt, max_tokens) requests: text in `tokenizer`'s tokens when given, else random token ids; with
-        a dataset its rows (text, or token ids through `encoder`, the in-process model's tokenizer)."""
+        a dataset its rows (text, token ids through `encoder`, the in-process model's tokenizer, or with
+        `chat` the chat rows' messages, for an endpoint)."""
         seed = self.seed + seed_offset
         rng = random.Random(seed)
+        tok = tokenizer or encoder
         if self.dataset:
             rows = [self.dataset[i % len(self.dataset)] for i in range(self.requests)]
-            tok = tokenizer or encoder
-            texts = [r.text(tok) for r in rows]
-            prompts = [encoder(t, add_special_tokens=False).input_ids for t in texts] if encoder else texts
-            return [(p, r.max_tokens(tok, self._output_len(rng))) for p, r in zip(prompts, rows, strict=True)]
+            if chat:
+                prompts = [r.chat() for r in rows]
+            else:
+                texts = [r.text(tok) for r in rows]
+                prompts = [encoder(t, add_special_tokens=False).input_ids for t in texts] if encoder else texts
+            return [(p, r.max_tokens(tok, self._output_len(rng, tok))) for p, r in zip(prompts, rows, strict=True)]
         if tokenizer is not None:
             prompts = text_prompts(tokenizer, self.requests, self.prompt_len, seed)
         else:
@@ -59,23 +84,12 @@ class Workload:
             else:
                 prefixes = token_prompts(self.prefix_count, span, vocab, self.seed + 7919)
                 prompts = [prefixes[i % self.prefix_count] + p for i, p in enumerate(prompts)]
-        return [(p, self._output_len(rng)) for p in prompts]
+        return [(p, self._output_len(rng, tok)) for p in prompts]
 
-    def _output_len(self, rng: random.Random) -> int:
+    def _output_len(self, rng: random.Random, tokenizer=None) -> int:
+        if isinstance(self.output_len, LengthsFrom):
+            return self.output_len.draw(rng, tokenizer)
         return self.output_len if isinstance(self.output_len, int) else rng.randint(*self.output_len)
-
-
-def parse_concurrency(text: str | None) -> tuple[int | None, tuple[int, ...]]:
-    """`C` or a sweep `C1,C2,...`: the last level is the one the report's latencies come from."""
-    if text is None:
-        return None, ()
-    try:
-        levels = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise UsageError(f"--concurrency must be an integer or a comma-separated list (got '{text}')") from None
-    if any(c < 1 for c in levels):
-        raise UsageError(f"--concurrency levels must be >= 1 (got '{text}')")
-    return levels[-1], tuple(levels[:-1])
 
 
 def parse_prompt_len(text: str) -> tuple[int, int]:
@@ -88,18 +102,17 @@ def parse_prompt_len(text: str) -> tuple[int, int]:
     return a, b
 
 
-def parse_output_len(text: str) -> int | tuple[int, int]:
-    """`N` new tokens per request, or `A:B` drawn uniformly in [A, B] per request."""
+def parse_output_len(text: str) -> int | tuple[int, int] | LengthsFrom:
+    """`N` new tokens per request, `A:B` drawn uniformly in [A, B] per request, or `@FILE`: drawn from the
+    lengths of a dataset's rows."""
+    if text.startswith("@"):
+        return output_lengths(text[1:])
     try:
         parts = [int(x) for x in text.split(":")]
     except ValueError:
-        raise UsageError(f"--output-len must be N or A:B with integers (got '{text}')") from None
+        raise UsageError(f"--output-len must be N, A:B with integers, or @FILE (got '{text}')") from None
     if len(parts) == 1 and parts[0] >= 1:
         return parts[0]
     if len(parts) == 2 and 1 <= parts[0] <= parts[1]:
         return parts[0], parts[1]
-    raise UsageError(f"--output-len needs N >= 1 or A:B with 1 <= A <= B (got '{text}')")
-
-
-def default_concurrency(workload: Workload) -> int | None:
-    return None if workload.rate else min(8, workload.requests)
+    raise UsageError(f"--output-len needs N >= 1, A:B with 1 <= A <= B, or @FILE (got '{text}')")

@@ -10,7 +10,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from optcli.bench.dataset import load_dataset
-from optcli.bench.workload import Workload, parse_concurrency, parse_output_len, parse_prompt_len
+from optcli.bench.rates import RATE_TYPES, parse_exclusion, plan_levels
+from optcli.bench.workload import Workload, parse_output_len, parse_prompt_len
 from optcli.cli.app import app
 from optcli.cli.common import (
     ENGINE,
@@ -44,16 +45,20 @@ def profile(
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="With --tasks: documents per task.")] = None,
     num_fewshot: Annotated[int | None, typer.Option("--num-fewshot", min=0, help="With --tasks: few-shot examples.")] = None,
     accuracy_backend: Annotated[str, typer.Option("--accuracy-backend", help="engine: both models through our engine as served (default); transformers: the cross-check.")] = "engine",
-    requests: Annotated[int, typer.Option("--requests", min=1, help="Synthetic requests per phase.")] = 32,
+    requests: Annotated[int, typer.Option("--requests", "--max-requests", min=1, help="Requests per phase and per load level (at most, with --max-seconds).")] = 32,
     prompt_len: Annotated[str, typer.Option("--prompt-len", help="Prompt lengths, uniform in [A, B).")] = "16:64",
-    output_len: Annotated[str, typer.Option("--output-len", help="New tokens per request (EOS ignored): N, or A:B drawn uniformly per request.")] = "32",
+    output_len: Annotated[str, typer.Option("--output-len", help="New tokens per request (EOS ignored): N, A:B drawn uniformly per request, or @FILE: drawn from a dataset's output_tokens / ShareGPT reply lengths.")] = "32",
     export: Annotated[Path | None, typer.Option("--export", help="Every online request's timings and token counts, one row each (.jsonl or .csv).")] = None,
     prefix_len: Annotated[int, typer.Option("--prefix-len", min=0, help="Shared-prefix workload: tokens of system prompt each request starts with.")] = 0,
     prefix_count: Annotated[int, typer.Option("--prefix-count", min=1, help="With --prefix-len: distinct shared prefixes, round robin.")] = 1,
-    dataset: Annotated[Path | None, typer.Option("--dataset", help="JSONL/JSON rows with prompt, messages (OpenAI chat) or conversations (ShareGPT), optional output_tokens: sent instead of synthetic prompts.")] = None,
-    concurrency: Annotated[str | None, typer.Option("--concurrency", help="Requests in flight at most (online); C1,C2,... sweeps.")] = None,
-    rate: Annotated[float | None, typer.Option("--rate", min=0.001, help="Poisson arrival rate, requests/s (online).")] = None,
-    duration: Annotated[float | None, typer.Option("--duration", min=0.1, help="With --rate: send rate x duration requests.")] = None,
+    dataset: Annotated[Path | None, typer.Option("--dataset", "--data", help="JSONL/JSON rows with prompt, messages (OpenAI chat) or conversations (ShareGPT), optional output_tokens: sent instead of synthetic prompts.")] = None,
+    concurrency: Annotated[str | None, typer.Option("--concurrency", help="Requests in flight at most (online); C1,C2,... runs one level each; with --rate: the cap.")] = None,
+    rate: Annotated[str | None, typer.Option("--rate", help="Requests/s (online): R, R1,R2,... (one level each), or sweep[:N]: synchronous, throughput, then N-2 constant rates between (GuideLLM's sweep, N=10).")] = None,
+    rate_type: Annotated[str | None, typer.Option("--rate-type", help=f"How --rate is read: {', '.join(RATE_TYPES)} (GuideLLM's names; default poisson arrivals).")] = None,
+    warmup: Annotated[str | None, typer.Option("--warmup", help="Requests at the start of each level sent but left out of its statistics: N, or a fraction (0.1).")] = None,
+    cooldown: Annotated[str | None, typer.Option("--cooldown", help="Likewise at the end of each level.")] = None,
+    max_seconds: Annotated[float | None, typer.Option("--max-seconds", min=0.1, help="Per level: no request starts after this many seconds (those in flight finish).")] = None,
+    duration: Annotated[float | None, typer.Option("--duration", min=0.1, help="With --rate R: send R x duration requests.")] = None,
     kpi: Annotated[Path | None, typer.Option("--kpi", help="KPI gates (YAML); a failure exits 3.")] = None,
     gpu_hour_cost: Annotated[float | None, typer.Option("--gpu-hour-cost", help="USD per hour of the machine, for cost per 1K tokens.")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Directory for report.json/.md/.html.")] = None,
@@ -75,19 +80,25 @@ def profile(
 
     report, gate_failure = None, None
     with guard(as_json):
+        levels, sweep_size, arrivals = plan_levels(rate, rate_type, concurrency, requests)
         if duration is not None:
-            if rate is None:
-                raise UsageError("--duration needs --rate (requests = rate x duration)")
-            requests = max(1, round(rate * duration))
-        level, sweep = parse_concurrency(concurrency)
+            rates = [lv.rate for lv in levels if lv.rate is not None]
+            if not rates or sweep_size:
+                raise UsageError("--duration needs --rate R (requests = R x duration)")
+            requests = max(1, round(max(rates) * duration))
         if prompt_format not in (None, "tokens", "text"):
             raise UsageError(f"--prompt-format must be tokens or text (got '{prompt_format}')")
         if prefix_len and dataset is not None:
             raise UsageError("--prefix-len shapes synthetic prompts: not with --dataset (put the shared prefix in its rows)")
+        warm, cool = parse_exclusion(warmup, "--warmup"), parse_exclusion(cooldown, "--cooldown")
+        if (warm >= 1 and cool >= 1 and warm + cool >= requests) or (warm < 1 and cool < 1 and warm + cool >= 1):
+            raise UsageError(f"--warmup {warmup} and --cooldown {cooldown} leave none of the {requests} requests measured")
         rows = load_dataset(dataset) if dataset is not None else ()
         workload = Workload(requests=requests, prompt_len=parse_prompt_len(prompt_len), output_len=parse_output_len(output_len),
                             dataset=rows, prefix_len=prefix_len, prefix_count=prefix_count,
-                            concurrency=level, sweep=sweep, rate=rate, seed=seed, prompt_format=prompt_format)
+                            levels=levels, sweep_size=sweep_size, arrivals=arrivals, seed=seed,
+                            warmup=warm, cooldown=cool,
+                            max_seconds=max_seconds, prompt_format=prompt_format)
         config = engine_config(device, dtype, max_num_seqs, max_model_len, enforce_eager, gpu_memory_utilization, lm_head)
 
         def note(message: str) -> None:

@@ -61,6 +61,8 @@ def _sweep_points(sweep: Any) -> list[tuple[int, float | None]]:
     """Accept [(concurrency, tok_s), ...] or [{"concurrency": c, "output_tok_s": t}, ...]."""
     points = []
     for item in sweep or []:
+        if isinstance(item, Mapping) and item.get("mode") not in (None, "concurrent"):
+            continue  # a rate level: in the load curves
         if isinstance(item, Mapping):
             points.append((item.get("concurrency"), get(item, "output_tok_s") or get(item, "throughput", "output_tok_s")))
         elif isinstance(item, Sequence) and len(item) == 2:
@@ -124,6 +126,10 @@ def render_html(report: Mapping[str, Any], samples: Mapping[str, Any] | None = N
     if baseline_report is not None:
         figures.append(("Baseline vs candidate",
                         _img("baseline vs candidate", plots.comparison_bars(report, baseline_report))))
+    levels = [p for p in sweep or [] if isinstance(p, Mapping) and p.get("achieved_rate_requests_s") is not None]
+    if len(levels) > 1:
+        figures.append(("Latency and goodput vs rate",
+                        _img("latency and goodput vs rate", plots.load_curves(levels))))
     points = _sweep_points(sweep)
     if points:
         figures.append(("Throughput vs concurrency",

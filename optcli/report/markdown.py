@@ -75,12 +75,40 @@ def report_tables(report: Mapping[str, Any]) -> list[Table]:
          [[fmt(get(report, "batch_efficiency")), fmt(get(report, "gpu_utilization")),
            fmt(get(report, "cost", "usd_per_1k_tokens")), fmt(get(report, "cost", "usd_per_1k_output_tokens"))]]),
     ]
+    levels = get(report, "throughput", "sweep")
+    if isinstance(levels, list) and len(levels) > 1:
+        tables.append(load_levels_table(report, levels))
     tasks = get(report, "accuracy", "tasks")
     if isinstance(tasks, list) and tasks:
         tables.append(("Tasks (lm-evaluation-harness)", ["task", "metric", "candidate", "baseline", "recovery"],
                        [[fmt(t.get("task")), fmt(t.get("metric")), fmt(t.get("candidate")), fmt(t.get("baseline")),
                          fmt(t.get("recovery"))] for t in tasks if isinstance(t, Mapping)]))
     return tables
+
+
+def load_levels_table(report: Mapping[str, Any], levels: list) -> Table:
+    """One row per load level (a sweep, rate or concurrency list): the curve saturation is read from."""
+    best = get(report, "throughput", "slo_max_rate")
+    title = "Load levels" + (f" (SLO-max-rate: {fmt(best.get('requests_s'))} req/s at {best.get('level')})"
+                             if isinstance(best, Mapping) else "")
+    rows = []
+    for p in levels:
+        if not isinstance(p, Mapping):
+            continue
+        lat = p.get("latency_ms") or {}
+        slo = p.get("slo") or {}
+        met = slo.get("met")
+        rows.append([fmt(p.get("label", p.get("concurrency"))), fmt(p.get("achieved_rate_requests_s")),
+                     fmt(p.get("requests_s")), fmt(p.get("output_tok_s")),
+                     *(fmt(get(lat, m, s)) for m, s in (("ttft", "p50"), ("ttft", "p95"), ("tpot", "p50"),
+                                                         ("itl", "p95"), ("e2e", "p50"), ("e2e", "p95"), ("e2e", "p99"))),
+                     fmt((p.get("requests") or {}).get("failed")),
+                     NA if met is None else ("yes" if met else "no"), fmt(slo.get("attainment")),
+                     fmt(slo.get("goodput_requests_s"))])
+    headers = ["level", "achieved (req/s)", "completed (req/s)", "output (tok/s)", "TTFT p50 (ms)", "TTFT p95 (ms)",
+               "TPOT p50 (ms)", "ITL p95 (ms)", "E2E p50 (ms)", "E2E p95 (ms)", "E2E p99 (ms)", "failed",
+               "SLO met", "SLO attainment", "goodput (req/s)"]
+    return (title, headers, rows)
 
 
 # the comparison rows the summaries show (report.json's `comparison.rows` has every one), by `field`

@@ -116,3 +116,39 @@ def throughput_vs_concurrency(points: Sequence[tuple[int, float | None]]) -> byt
     ax.set_title("throughput vs concurrency")
     ax.grid(alpha=0.3)
     return _png(fig)
+
+
+def load_curves(points: Sequence[Mapping[str, Any]]) -> bytes:
+    """A load sweep's three views, one panel each, against the achieved request rate: latency percentiles
+    (TTFT, TPOT, E2E p50 / p95), completed requests and goodput, and output tok/s against E2E p50 latency
+    (the throughput-latency curve saturation is read from). Levels missing a figure are skipped in it."""
+    fig, (lat_ax, good_ax, curve_ax) = plt.subplots(1, 3, figsize=(12, 4))
+    pts = sorted((p for p in points if _get(p, "achieved_rate_requests_s") is not None),
+                 key=lambda p: _get(p, "achieved_rate_requests_s"))
+    rate = [_get(p, "achieved_rate_requests_s") for p in pts]
+
+    def series(ax, xs, ys, **style) -> bool:
+        pairs = [(x, y) for x, y in zip(xs, ys, strict=True) if x is not None and y is not None]
+        if pairs:
+            ax.plot([x for x, _ in pairs], [y for _, y in pairs], marker="o", **style)
+        return bool(pairs)
+
+    drawn = False
+    for metric in ("ttft", "tpot", "e2e"):
+        for pct, line in (("p50", "-"), ("p95", "--")):
+            drawn |= series(lat_ax, rate, [_get(p, "latency_ms", metric, pct) for p in pts], linestyle=line,
+                            label=f"{metric} {pct}")
+    lat_ax.set(xlabel="achieved rate (req/s)", ylabel="latency (ms)", title="latency vs rate")
+    lat_ax.set_yscale("log") if drawn else None
+    good = series(good_ax, rate, [_get(p, "requests_s") for p in pts], label="completed")
+    good |= series(good_ax, rate, [_get(p, "slo", "goodput_requests_s") for p in pts], label="goodput (within SLO)")
+    good_ax.set(xlabel="achieved rate (req/s)", ylabel="requests/s", title="goodput vs rate")
+    curve = series(curve_ax, [_get(p, "latency_ms", "e2e", "p50") for p in pts], [_get(p, "output_tok_s") for p in pts])
+    curve_ax.set(xlabel="E2E p50 (ms)", ylabel="output tok/s", title="throughput vs latency")
+    for ax, ok in ((lat_ax, drawn), (good_ax, good), (curve_ax, curve)):
+        ax.grid(alpha=0.3)
+        if not ok:
+            ax.text(0.5, 0.5, "n/a", ha="center", va="center", transform=ax.transAxes, fontsize=14)
+        elif ax is not curve_ax:
+            ax.legend(fontsize=7)
+    return _png(fig)

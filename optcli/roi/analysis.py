@@ -259,10 +259,18 @@ def _capacity(o: RoiOptions, report: dict | None, points, hourly: float, inputs:
     if o.target_rps is None and o.load_trace is None:
         return None
     points = points or capacity.sweep_points(report)
-    best = capacity.per_replica(points, o.p95_slo_ms)
+    measured = ((report or {}).get("throughput") or {}).get("slo_max_rate")
+    if o.p95_slo_ms is None and isinstance(measured, dict) and measured.get("requests_s"):
+        # the profile found the highest rate whose latencies met its KPI file's gates: plan from that
+        best = capacity.Point(None, measured["requests_s"], measured.get("e2e_p95_ms"))
+        source = f"report: profile's SLO-max-rate (its KPI latency gates met at {measured.get('level')})"
+    else:
+        best = capacity.per_replica(points, o.p95_slo_ms)
+        source = (f"report sweep: the highest-throughput level with p95 E2E <= {o.p95_slo_ms:g} ms"
+                  if o.p95_slo_ms is not None else "report sweep: the highest-throughput level (no SLO given)")
     _pick(inputs, "p95_slo_ms", (o.p95_slo_ms, "flag"))
     result = {"per_replica_rps": best.requests_s, "concurrency": best.concurrency, "p95_ms": best.p95_ms,
-              "points": [p.__dict__ for p in points], "replicas": None, "autoscaling": None}
+              "source": source, "points": [p.__dict__ for p in points], "replicas": None, "autoscaling": None}
     if o.target_rps is not None:
         _pick(inputs, "target_rps", (o.target_rps, "flag"))
         result["replicas"] = capacity.replicas_for(o.target_rps, best.requests_s)

@@ -92,8 +92,10 @@ def _render_plan(plan: dict | None, console: Console, tag: str) -> None:
 def _render_capacity(cap: dict | None, console: Console, tag: str, plot: Path | None) -> None:
     if not cap:
         return
-    console.print(f"one replica: {cap['per_replica_rps']:.2f} req/s at concurrency {cap['concurrency']} "
-                  f"(p95 {cap['p95_ms']:.0f} ms){tag}")
+    where = f" at concurrency {cap['concurrency']}" if cap["concurrency"] is not None else ""
+    p95 = f" (p95 {cap['p95_ms']:.0f} ms)" if cap["p95_ms"] is not None else ""
+    console.print(f"one replica: {cap['per_replica_rps']:.2f} req/s{where}{p95}{tag}; from {cap['source']}",
+                  highlight=False)
     if cap["replicas"] is not None:
         console.print(f"replicas: {cap['replicas']} (fleet {_usd(cap['fleet_daily_cost_usd'])}/day at 24 h)")
     auto = cap.get("autoscaling")

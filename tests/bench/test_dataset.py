@@ -80,8 +80,16 @@ def test_a_dataset_profiles_in_process_and_against_optcli_serve(dataset: Path, s
     assert report["workload"]["dataset"] == {"path": str(dataset), "rows": 3} and report["workload"]["output_len"] == [2, 4]
     assert report["throughput"]["output_tok_s"] > 0 and report["throughput"]["failed_requests"] == 0
     aengine = AsyncEngine(Engine(str(stories_dir), device="cpu"))
+    served = create_app(aengine, "stories")
+    routes: list[str] = []
+
+    @served.middleware("http")
+    async def record(request, call_next):
+        routes.append(request.url.path)
+        return await call_next(request)
+
     try:
-        with serve_in_thread(create_app(aengine, "stories")) as url:
+        with serve_in_thread(served) as url:
             result = runner.invoke(app, ["profile", "stories", "--endpoint", url, "--tokenizer", str(stories_dir), *args])
     finally:
         aengine.shutdown(10)
@@ -89,3 +97,26 @@ def test_a_dataset_profiles_in_process_and_against_optcli_serve(dataset: Path, s
     report = json.loads(result.stdout)
     assert report["throughput"]["failed_requests"] == 0 and report["throughput"]["output_tok_s"] > 0
     assert report["workload"]["dataset"]["rows"] == 3
+    # text rows as completions; the chat and ShareGPT rows as chat completions (the server's own template)
+    assert routes.count("/v1/completions") == 2 and routes.count("/v1/chat/completions") == 4
+
+
+def test_output_lengths_drawn_from_a_dataset(dataset: Path, stories_dir: Path, tmp_path: Path) -> None:
+    """--output-len @FILE: each request's length is one of the file's (output_tokens, a ShareGPT reply's)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(stories_dir)
+    lengths = parse_output_len(f"@{dataset}")
+    reply = len(tok(ROWS[2]["conversations"][1]["value"], add_special_tokens=False).input_ids)
+    drawn = {n for _, n in Workload(requests=40, output_len=lengths).sample((3, 500), encoder=tok)}
+    assert drawn == {5, reply}  # the chat row has neither: it is not a length
+    rows_path = tmp_path / "rows.jsonl"
+    result = CliRunner().invoke(app, ["profile", str(stories_dir), "--requests", "6", "--output-len", f"@{dataset}",
+                                      "--concurrency", "2", "--export", str(rows_path), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["workload"]["output_len"] == f"@{dataset}"
+    assert {json.loads(line)["output_tokens"] for line in rows_path.read_text().splitlines()} <= {5, reply}
+    bare = tmp_path / "bare.jsonl"
+    bare.write_text('{"prompt": "no length here"}\n')
+    with pytest.raises(UsageError, match="no row has output_tokens"):
+        parse_output_len(f"@{bare}")

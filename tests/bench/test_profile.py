@@ -302,6 +302,6 @@ def test_a_slower_artifact_gets_a_warning_per_slower_throughput_figure() -> None
 
     unmeasured = {"model": "my-model", "recipe": None, **figures(42.0, 10.0, None, 5.0, 1000)}
     comparison = _comparison(unmeasured, figures(0.0, 20.0, 20.0, 4.0, 4000), Workload(requests=8, rate=2.0))
-    assert comparison["warnings"] == ["my-model: 0.50x its source's output tok/s at 2 requests/s (8 requests, online)"]
+    assert comparison["warnings"] == ["my-model: 0.50x its source's output tok/s at poisson 2 req/s (8 requests, online)"]
     rows = {r["metric"]: r for r in comparison["rows"]}
     assert rows["output tok/s (offline)"]["ratio"] is None and rows["decode tok/s (batch 1)"]["ratio"] is None
