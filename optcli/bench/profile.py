@@ -11,13 +11,14 @@ from pathlib import Path
 
 from optcli.bench.accuracy import EngineLM, evaluate, evaluate_in_turn
 from optcli.bench.comparison import comparison, roofline
-from optcli.bench.dataset import LengthsFrom
-from optcli.bench.endpoint_accuracy import TOP_K, endpoint_accuracy, endpoint_scorer, engine_scorer
+from optcli.bench.endpoint_accuracy import TOP_K
 from optcli.bench.export import check_export_path, level_rows, write_export
 from optcli.bench.kpi import evaluate_kpis, latency_gates, load_kpi, slo_from_kpi
-from optcli.bench.measure import free_device_memory, measure_local, online_load
-from optcli.bench.sweep import level_point, run_levels, slo_max_rate
+from optcli.bench.measure import free_device_memory, measure_local
+from optcli.bench.served import endpoint_levels, measure_endpoint_accuracy, measure_vllm
+from optcli.bench.sweep import level_point, slo_max_rate
 from optcli.bench.tasks import run_tasks, task_manager, task_rows
+from optcli.bench.vllm_server import VllmOptions
 from optcli.bench.workload import Workload
 from optcli.calibration.corpus import heldout_text
 from optcli.checkpoints.resolve import resolve_model
@@ -29,6 +30,7 @@ from optcli.report import write_reports
 from optcli.roi.cost import cost_per_1k  # the one cost function, shared with `optcli roi`
 from optcli.roi.hardware import GpuUtilizationSampler, describe, peak_bandwidth
 from optcli.util.env import library_versions
+from optcli.util.vllm_argv import vllm_executable
 
 
 def _manifest(path: Path | None) -> dict | None:
@@ -102,10 +104,13 @@ def profile(
     num_fewshot: int | None = None,
     dataset_path: Path | None = None,
     export: Path | None = None,
+    engine: str = "builtin",
+    vllm: VllmOptions | None = None,
     **engine_options,
 ) -> dict:
     """Run the whole profile and write the reports; raises KpiFailed (exit 3) after writing them.
-    `config` (plus any EngineConfig field by keyword) is the engine both models run in, as `serve` would."""
+    `config` (plus any EngineConfig field by keyword) is the engine both models run in, as `serve` would;
+    `engine="vllm"`: each is served by `vllm serve` (`vllm` options) instead, and measured as an endpoint."""
     workload = workload or Workload()
     kpi = load_kpi(kpi_file) if kpi_file is not None else None
     if eval_text is not None and not eval_text.is_file():
@@ -118,6 +123,18 @@ def profile(
     device = resolve_device(config.device)
     config = config.with_options(device=device)
     step = progress or (lambda message: None)
+    served = engine == "vllm"
+    if engine not in ("builtin", "vllm"):
+        raise UsageError(f"--engine must be builtin or vllm (got '{engine}')")
+    if served:
+        vllm = vllm or VllmOptions()
+        if endpoint or baseline_endpoint:
+            raise UsageError("--engine vllm starts its own servers: not with --endpoint / --baseline-endpoint")
+        if tasks:
+            raise UsageError("--tasks runs the model through our engine: not with --engine vllm")
+        if config.lm_head != "dense":
+            raise UsageError("--lm-head int8 is a builtin-engine option; vLLM serves the checkpoint's head")
+        vllm_executable()  # absent: exit 2 before anything runs
 
     source = None if endpoint else resolve_model(model)
     manifest = _manifest(source.path) if source else None
@@ -163,9 +180,10 @@ def profile(
             "endpoint": endpoint,
             "eval_text": str(eval_text) if eval_text else "builtin corpus heldout.txt",
             "accuracy_backend": accuracy_backend,
-            "prompt_format": workload.prompt_format or ("text" if endpoint else "tokens"),
+            "prompt_format": workload.prompt_format or ("text" if endpoint or served else "tokens"),
             # the engine options both models ran with (what `serve` would run); dtype resolved at load
-            "engine": None if endpoint else {**config.as_dict(), "dtype_requested": config.dtype, "dtype_reason": None},
+            "engine": (None if endpoint else {"name": "vllm", **vllm.__dict__, "dtype_requested": config.dtype} if served
+                       else {**config.as_dict(), "dtype_requested": config.dtype, "dtype_reason": None}),
         },
         "throughput": {"output_tok_s": None, "total_tok_s": None, "requests_s": None},
         "latency_ms": {m: {"mean": None, "p50": None, "p95": None, "p99": None} for m in ("ttft", "tpot", "itl", "e2e")},
@@ -184,7 +202,7 @@ def profile(
     }
     report["hardware"] = describe(device)
 
-    if baseline_source is not None:
+    if baseline_source is not None and not served:
         step("accuracy against the baseline")
         text = eval_text.read_text(encoding="utf-8") if eval_text else heldout_text()
         acc = measure_accuracy(source.path, baseline_source.path, text, config, accuracy_backend)
@@ -220,6 +238,13 @@ def profile(
     with GpuUtilizationSampler() as gpu:
         if endpoint:
             levels = endpoint_levels(endpoint, model, workload, slo, tokenizer, report["workload"], step)
+        elif served:
+            text = eval_text.read_text(encoding="utf-8") if eval_text else heldout_text()
+            levels, base_online, acc = measure_vllm(source, baseline_source, model, workload, slo, text, config, vllm,
+                                                    report["workload"], step)
+            if acc is not None:
+                report["accuracy"] = {k: acc[k] for k in report["accuracy"]} | {"top_k": acc["top_k"]}
+                report["workload"]["accuracy_backend"] = f"vLLM endpoint top-{acc['top_k']} log-probs"
         else:
             run = measure_local(source, workload, slo, config, step)
             report["workload"]["engine"].update(run.engine_options)
@@ -246,12 +271,24 @@ def profile(
         prefix_cache_hit_rate=online.get("prefix_cache_hit_rate"),  # the online run's; null for an endpoint
         decode_tok_s=decode_tok_s,  # batch 1 (see roofline.method); null with --endpoint
     )
-    if endpoint:
+    if endpoint or served:  # no offline phase: the served figures are the headline level's
         report["throughput"].update({k: online["throughput"][k] for k in ("output_tok_s", "total_tok_s", "requests_s")})
     tp = report["throughput"]
     report["cost"].update(cost_per_1k(gpu_hour_cost, tp["total_tok_s"], tp["output_tok_s"]))
     baseline_report = None
-    if baseline_source is not None:  # the source measured the same way, side by side (comparison)
+    if served and base_online is not None:  # the source served by vLLM the same way, at the headline level
+        baseline_report = {
+            "accuracy": {"ppl": report["accuracy"]["baseline_ppl"]},
+            "memory": {"weights_bytes": None, "peak_bytes": None, "kv_cache_bytes": None},  # vLLM's own
+            "throughput": {k: base_online["throughput"][k] for k in ("output_tok_s", "total_tok_s", "requests_s")}
+            | {"online_output_tok_s": base_online["throughput"]["output_tok_s"], "decode_tok_s": None},
+            "latency_ms": base_online["latency_ms"],
+        }
+        samples["baseline"] = base_online["samples"]
+        per_request += level_rows(base_online, baseline, "baseline", workload.headline())
+        report["throughput"].update(baseline_online_output_tok_s=base_online["throughput"]["output_tok_s"])
+        report["comparison"] = comparison(report, baseline_report, workload)
+    elif baseline_source is not None:  # the source measured the same way, side by side (comparison)
         # the same workload and seed through the baseline's own engine (dropped when _local returns), at
         # the headline level only: the other levels are the candidate's capacity plan, not repeated here
         base = measure_local(baseline_source, workload.only(workload.headline()), slo, config, step)
@@ -278,7 +315,7 @@ def profile(
             baseline_decode_tok_s=baseline_decode,
         )
         report["comparison"] = comparison(report, baseline_report, workload)
-    if not endpoint:
+    if not endpoint and not served:
         # after both models ran: on a CPU the 1 GiB pass would otherwise sit in their peak RSS
         step("peak memory bandwidth")
         report["roofline"] = roofline(peak_bandwidth(device), report, baseline_report)
@@ -301,50 +338,3 @@ def _concurrency_sweep(workload: Workload) -> list[int] | None:
     if len(levels) > 1 and all(level.mode == "concurrent" for level in levels):
         return [level.concurrency for level in levels]
     return None
-
-
-def measure_endpoint_accuracy(endpoint: str, model: str, baseline: str | None, baseline_endpoint: str | None,
-                              text: str, tokenizer: str | None, config: EngineConfig) -> dict:
-    """The endpoint's accuracy from its echoed top-k log-probs against a local baseline (through our engine,
-    cut to the same top-k) or another endpoint serving the same model name."""
-    spec = tokenizer or (model if model.startswith("builtin:") or Path(model).expanduser().is_dir() else baseline)
-    if spec is None:
-        raise UsageError("endpoint accuracy sends token ids, so it needs the server's tokenizer: pass --tokenizer "
-                         "MODEL, or MODEL as a local directory")
-    tok, _ = endpoint_tokenizer(model, spec)
-    ids = tok(text, verbose=False).input_ids
-    candidate = endpoint_scorer(endpoint, model)
-    if baseline_endpoint:
-        return endpoint_accuracy(candidate, endpoint_scorer(baseline_endpoint, model), ids)
-    engine = Engine(str(resolve_model(baseline).path), config)
-    return endpoint_accuracy(candidate, engine_scorer(engine), ids, ctx=min(256, engine.max_model_len))
-
-
-def endpoint_levels(endpoint: str, model: str, workload: Workload, slo, tokenizer: str | None, meta: dict,
-                    step) -> list:
-    """The online levels against a server: prompts sized by `endpoint_tokenizer` (text by default), a
-    dataset's chat rows as chat completions."""
-    text = meta["prompt_format"] == "text"
-    tok = None
-    if text or tokenizer or isinstance(workload.output_len, LengthsFrom):
-        tok, meta["tokenizer"] = endpoint_tokenizer(model, tokenizer)
-    vocab = (3, min(len(tok), 32000)) if tok is not None else (3, 500)  # ids below every real vocab size
-
-    def run_one(level):
-        step(f"online load against {endpoint}: {level.label}")
-        return online_load(None, endpoint, model, workload, level, slo, vocab, tok if text else None, chat=text)
-
-    return run_levels(workload, run_one)
-
-
-def endpoint_tokenizer(model: str, spec: str | None):
-    """(tokenizer, label) that sizes prompts for a server: `--tokenizer`, else MODEL when it is a local
-    model, else the builtin one (then lengths are approximate: the server's usage counts are what count)."""
-    from transformers import AutoTokenizer  # heavy: only for --endpoint runs
-
-    label = spec
-    if spec is None:
-        local = model.startswith("builtin:") or Path(model).expanduser().is_dir()
-        spec = model if local else "builtin:tiny-llama"
-        label = spec if local else f"{spec} (not the server's: prompt lengths approximate)"
-    return AutoTokenizer.from_pretrained(resolve_model(spec).path), label

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from optcli.bench.dataset import load_dataset
 from optcli.bench.rates import RATE_TYPES, parse_exclusion, plan_levels
+from optcli.bench.vllm_server import VllmOptions
 from optcli.bench.workload import Workload, parse_output_len, parse_prompt_len
 from optcli.cli.app import app
 from optcli.cli.common import (
@@ -65,6 +66,9 @@ def profile(
     endpoint: Annotated[str | None, typer.Option("--endpoint", help="Load-test an OpenAI-compatible server instead (base URL, with or without /v1).")] = None,
     prompt_format: Annotated[str | None, typer.Option("--prompt-format", help="tokens or text: how prompts are sent (default: text to an --endpoint, token ids in process).")] = None,
     tokenizer: Annotated[str | None, typer.Option("--tokenizer", help="With --endpoint: the tokenizer (MODEL spec) that sizes text prompts (default: MODEL if local, else the builtin one).")] = None,
+    engine: Annotated[str, typer.Option("--engine", help="builtin (in process), or vllm: each model served by `vllm serve` for the run and measured as an endpoint.")] = "builtin",
+    tensor_parallel_size: Annotated[int, typer.Option("--tensor-parallel-size", min=1, help="--engine vllm: GPUs per model (tensor parallel).")] = 1,
+    pipeline_parallel_size: Annotated[int, typer.Option("--pipeline-parallel-size", min=1, help="--engine vllm: pipeline stages.")] = 1,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     max_num_seqs: MaxNumSeqsOpt = ENGINE.max_num_seqs,
@@ -99,6 +103,8 @@ def profile(
                             levels=levels, sweep_size=sweep_size, arrivals=arrivals, seed=seed,
                             warmup=warm, cooldown=cool,
                             max_seconds=max_seconds, prompt_format=prompt_format)
+        if engine != "vllm" and (tensor_parallel_size > 1 or pipeline_parallel_size > 1):
+            raise UsageError("the builtin engine runs on one device; --tensor/--pipeline-parallel-size need --engine vllm")
         config = engine_config(device, dtype, max_num_seqs, max_model_len, enforce_eager, gpu_memory_utilization, lm_head)
 
         def note(message: str) -> None:
@@ -111,7 +117,8 @@ def profile(
                                  baseline_endpoint=baseline_endpoint,
                                  tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
                                  tasks_path=tasks_path, limit=limit, num_fewshot=num_fewshot, dataset_path=dataset,
-                                 export=export)
+                                 export=export, engine=engine,
+                                 vllm=VllmOptions(tensor_parallel_size, pipeline_parallel_size, max_model_len))
         except KpiFailed as exc:  # the report is complete and written: show it, then exit 3
             report, gate_failure = exc.report, exc
     _show_profile(report, as_json, out_dir)
