@@ -100,9 +100,9 @@ def measure_local(source, workload: Workload, slo, config: EngineConfig, step) -
     decode = decode_tok_s(engine, source, step)
     text_tok = engine.tokenizer if workload.prompt_format == "text" else None
 
-    def run_one(level: LoadLevel) -> dict:
+    def run_one(level: LoadLevel, order: int) -> dict:
         step(f"online latency of {source.spec}: {level.label}")
-        return online_load(engine, None, None, workload, level, slo, vocab_range(engine), text_tok)
+        return online_load(engine, None, None, workload, level, slo, vocab_range(engine), text_tok, seed_offset=order)
 
     levels = run_levels(workload, run_one)
     online = levels[-1][1]
@@ -139,14 +139,14 @@ def decode_tok_s(engine, source, step, new_tokens: int = DECODE_NEW_TOKENS) -> f
     return after_first / (last - first)
 
 def online_load(engine, endpoint: str | None, model: str | None, workload: Workload, level: LoadLevel, slo, vocab,
-                tokenizer=None, chat: bool = False) -> dict:
+                tokenizer=None, chat: bool = False, seed_offset: int = 1) -> dict:
     """One online run at `level`; `tokenizer` given: text prompts (sized in its tokens), else token ids; `chat`:
     a dataset's chat rows go to the endpoint as chat completions. The first `--warmup` and last `--cooldown`
     requests are sent but left out of the statistics. Every measured request failing is a failed run (exit 1,
-    with the first error); some failing is reported."""
-    # seed offset 1: prompts differ from the offline phase's, so they get no prefix-cache hits from it
+    with the first error); some failing is reported. `seed_offset` >= 1: the prompts differ from the offline
+    phase's (offset 0) and from other levels', so they get no prefix-cache hits from those."""
     encoder = engine.tokenizer if engine is not None and tokenizer is None else None
-    requests = workload.sample(vocab, seed_offset=1, tokenizer=tokenizer, encoder=encoder, chat=chat)
+    requests = workload.sample(vocab, seed_offset=seed_offset, tokenizer=tokenizer, encoder=encoder, chat=chat)
 
     blocks = engine.blocks if engine is not None else None
     hits_before, queries_before = (blocks.prefix_hits, blocks.prefix_queries) if blocks else (0, 0)

@@ -57,8 +57,8 @@ def _numbers(text: str, flag: str, kind=float) -> list:
         values = [kind(x) for x in text.split(",")]
     except ValueError:
         raise UsageError(f"{flag} must be a number or a comma-separated list (got '{text}')") from None
-    if any(v <= 0 for v in values):
-        raise UsageError(f"{flag} values must be > 0 (got '{text}')")
+    if any(not v > 0 or v == float("inf") for v in values):  # `inf` alone is a throughput run (see below)
+        raise UsageError(f"{flag} values must be finite and > 0 (got '{text}')")
     return values
 
 
@@ -105,6 +105,8 @@ def plan_levels(rate: str | None, rate_type: str | None, concurrency: str | None
         raise UsageError(f"--rate-type {rate_type} needs --rate R (requests/s)")
     if rate is None:
         return (LoadLevel("concurrent", concurrency=min(8, requests)),), 0, arrivals
+    if text == "inf":  # `vllm bench serve --request-rate inf`: everything at once, up to the cap if one is set
+        return ((LoadLevel("concurrent", concurrency=cap),) if cap else (THROUGHPUT,)), 0, arrivals
     return tuple(LoadLevel(arrivals, rate=r, concurrency=cap) for r in _numbers(rate, "--rate")), 0, arrivals
 
 

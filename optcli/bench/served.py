@@ -45,9 +45,10 @@ def endpoint_levels(endpoint: str, model: str, workload: Workload, slo, tokenize
         tok, meta["tokenizer"] = endpoint_tokenizer(model, tokenizer)
     vocab = (3, min(len(tok), 32000)) if tok is not None else (3, 500)  # ids below every real vocab size
 
-    def run_one(level):
+    def run_one(level, order: int):
         step(f"online load against {endpoint}: {level.label}")
-        return online_load(None, endpoint, model, workload, level, slo, vocab, tok if text else None, chat=text)
+        return online_load(None, endpoint, model, workload, level, slo, vocab, tok if text else None, chat=text,
+                           seed_offset=order)
 
     return run_levels(workload, run_one)
 

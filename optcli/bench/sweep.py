@@ -13,16 +13,19 @@ from optcli.bench.workload import Workload
 LatencyGate = tuple[str, str, float]
 
 
-def run_levels(workload: Workload, run_one: Callable[[LoadLevel], dict]) -> list[tuple[LoadLevel, dict]]:
+def run_levels(workload: Workload, run_one: Callable[[LoadLevel, int], dict]) -> list[tuple[LoadLevel, dict]]:
     """Each level's online summary, in rising load: a sweep's synchronous run, its constant rates, then its
-    throughput run (run second, since the rates lie between the two); otherwise the levels as given."""
+    throughput run (run second, since the rates lie between the two); otherwise the levels as given.
+    `run_one(level, n)` gets the level's place in the running order (1, 2, ...): its prompts' seed, so no
+    level finds the previous levels' prompts in the prefix cache (each model of a run sees the same order)."""
     if not workload.sweep_size:
-        return [(level, run_one(level)) for level in workload.load_levels()]
-    sync = run_one(SYNCHRONOUS)
-    peak = run_one(THROUGHPUT)
+        return [(level, run_one(level, n)) for n, level in enumerate(workload.load_levels(), 1)]
+    sync = run_one(SYNCHRONOUS, 1)
+    peak = run_one(THROUGHPUT, 2)
     rates = sweep_rates(sync["throughput"]["requests_s"], peak["throughput"]["requests_s"], workload.sweep_size)
     between = [LoadLevel(workload.arrivals, rate=r) for r in rates]
-    return [(SYNCHRONOUS, sync), *((level, run_one(level)) for level in between), (THROUGHPUT, peak)]
+    return [(SYNCHRONOUS, sync), *((level, run_one(level, n)) for n, level in enumerate(between, 3)),
+            (THROUGHPUT, peak)]
 
 
 def level_point(level: LoadLevel, online: dict, gates: list[LatencyGate]) -> dict:

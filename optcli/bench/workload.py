@@ -93,6 +93,8 @@ class Workload:
 
 
 def parse_prompt_len(text: str) -> tuple[int, int]:
+    """`A:B`: prompt lengths uniform in [A, B) (a fixed length N is `N:N+1`; the contract keeps `N` alone an
+    error, since it reads as either bound)."""
     try:
         a, b = (int(x) for x in text.split(":"))
     except ValueError:
@@ -116,3 +118,37 @@ def parse_output_len(text: str) -> int | tuple[int, int] | LengthsFrom:
     if len(parts) == 2 and 1 <= parts[0] <= parts[1]:
         return parts[0], parts[1]
     raise UsageError(f"--output-len needs N >= 1, A:B with 1 <= A <= B, or @FILE (got '{text}')")
+
+
+SYNTHETIC_KEYS = ("prompt_tokens", "prompt_tokens_min", "prompt_tokens_max", "output_tokens", "output_tokens_min",
+                  "output_tokens_max", "prefix_tokens")
+
+
+def parse_synthetic_data(text: str) -> dict:
+    """GuideLLM's synthetic `--data "prompt_tokens=256,output_tokens=128"` as our options: {prompt_len,
+    output_len, prefix_len}. `_min`/`_max` give a uniform range (GuideLLM draws a normal around the mean
+    with `_stdev`, clipped to them; we take the range itself, so a `_stdev` is refused rather than ignored)."""
+    values = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, _, value = part.partition("=")
+        key = key.strip()
+        if key not in SYNTHETIC_KEYS:
+            hint = "; give _min/_max for a range" if key.endswith("_stdev") else ""
+            raise UsageError(f"--data {text}: unknown key '{key}' (known: {', '.join(SYNTHETIC_KEYS)}){hint}")
+        try:
+            values[key] = int(value)
+        except ValueError:
+            raise UsageError(f"--data {text}: {key} needs an integer (got '{value}')") from None
+        if values[key] < (0 if key == "prefix_tokens" else 1):
+            raise UsageError(f"--data {text}: {key} must be >= 1")
+    spec = {}
+    for name, option in (("prompt", "prompt_len"), ("output", "output_len")):
+        mean = values.get(f"{name}_tokens")
+        lo, hi = values.get(f"{name}_tokens_min", mean), values.get(f"{name}_tokens_max", mean)
+        if lo is None or hi is None:
+            raise UsageError(f"--data {text}: needs {name}_tokens (or {name}_tokens_min and _max)")
+        if lo > hi:
+            raise UsageError(f"--data {text}: {name}_tokens_min > {name}_tokens_max")
+        spec[option] = (lo, hi + 1) if option == "prompt_len" else (hi if lo == hi else (lo, hi))
+    spec["prefix_len"] = values.get("prefix_tokens", 0)
+    return spec

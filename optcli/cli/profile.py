@@ -12,7 +12,7 @@ from rich.table import Table
 from optcli.bench.dataset import load_dataset
 from optcli.bench.rates import RATE_TYPES, parse_exclusion, plan_levels
 from optcli.bench.vllm_server import VllmOptions
-from optcli.bench.workload import Workload, parse_output_len, parse_prompt_len
+from optcli.bench.workload import Workload, parse_output_len, parse_prompt_len, parse_synthetic_data
 from optcli.cli.app import app
 from optcli.cli.common import (
     ENGINE,
@@ -46,15 +46,15 @@ def profile(
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="With --tasks: documents per task.")] = None,
     num_fewshot: Annotated[int | None, typer.Option("--num-fewshot", min=0, help="With --tasks: few-shot examples.")] = None,
     accuracy_backend: Annotated[str, typer.Option("--accuracy-backend", help="engine: both models through our engine as served (default); transformers: the cross-check.")] = "engine",
-    requests: Annotated[int, typer.Option("--requests", "--max-requests", min=1, help="Requests per phase and per load level (at most, with --max-seconds).")] = 32,
-    prompt_len: Annotated[str, typer.Option("--prompt-len", help="Prompt lengths, uniform in [A, B).")] = "16:64",
+    requests: Annotated[int, typer.Option("--requests", "--max-requests", "--num-prompts", min=1, help="Requests per phase and per load level (at most, with --max-seconds).")] = 32,
+    prompt_len: Annotated[str, typer.Option("--prompt-len", help="Prompt lengths, uniform in [A, B) (N:N+1 for N tokens each).")] = "16:64",
     output_len: Annotated[str, typer.Option("--output-len", help="New tokens per request (EOS ignored): N, A:B drawn uniformly per request, or @FILE: drawn from a dataset's output_tokens / ShareGPT reply lengths.")] = "32",
     export: Annotated[Path | None, typer.Option("--export", help="Every online request's timings and token counts, one row each (.jsonl or .csv).")] = None,
     prefix_len: Annotated[int, typer.Option("--prefix-len", min=0, help="Shared-prefix workload: tokens of system prompt each request starts with.")] = 0,
     prefix_count: Annotated[int, typer.Option("--prefix-count", min=1, help="With --prefix-len: distinct shared prefixes, round robin.")] = 1,
-    dataset: Annotated[Path | None, typer.Option("--dataset", "--data", help="JSONL/JSON rows with prompt, messages (OpenAI chat) or conversations (ShareGPT), optional output_tokens: sent instead of synthetic prompts.")] = None,
-    concurrency: Annotated[str | None, typer.Option("--concurrency", help="Requests in flight at most (online); C1,C2,... runs one level each; with --rate: the cap.")] = None,
-    rate: Annotated[str | None, typer.Option("--rate", help="Requests/s (online): R, R1,R2,... (one level each), or sweep[:N]: synchronous, throughput, then N-2 constant rates between (GuideLLM's sweep, N=10).")] = None,
+    dataset: Annotated[Path | None, typer.Option("--dataset", "--data", "--dataset-path", help="JSONL/JSON rows with prompt, messages (OpenAI chat) or conversations (ShareGPT), optional output_tokens: sent instead of synthetic prompts. Or GuideLLM's synthetic spec: prompt_tokens=N,output_tokens=M[,*_min=,*_max=,prefix_tokens=] (overrides --prompt-len/--output-len/--prefix-len).")] = None,
+    concurrency: Annotated[str | None, typer.Option("--concurrency", "--max-concurrency", help="Requests in flight at most (online); C1,C2,... runs one level each; with --rate: the cap.")] = None,
+    rate: Annotated[str | None, typer.Option("--rate", "--request-rate", help="Requests/s (online): R, R1,R2,... (one level each), inf (all at once), or sweep[:N]: synchronous, throughput, then N-2 constant rates between (GuideLLM's sweep, N=10).")] = None,
     rate_type: Annotated[str | None, typer.Option("--rate-type", help=f"How --rate is read: {', '.join(RATE_TYPES)} (GuideLLM's names; default poisson arrivals).")] = None,
     warmup: Annotated[str | None, typer.Option("--warmup", help="Requests at the start of each level sent but left out of its statistics: N, or a fraction (0.1).")] = None,
     cooldown: Annotated[str | None, typer.Option("--cooldown", help="Likewise at the end of each level.")] = None,
@@ -63,9 +63,9 @@ def profile(
     kpi: Annotated[Path | None, typer.Option("--kpi", help="KPI gates (YAML); a failure exits 3.")] = None,
     gpu_hour_cost: Annotated[float | None, typer.Option("--gpu-hour-cost", help="USD per hour of the machine, for cost per 1K tokens.")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Directory for report.json/.md/.html.")] = None,
-    endpoint: Annotated[str | None, typer.Option("--endpoint", help="Load-test an OpenAI-compatible server instead (base URL, with or without /v1).")] = None,
+    endpoint: Annotated[str | None, typer.Option("--endpoint", "--target", "--base-url", help="Load-test an OpenAI-compatible server instead (base URL, with or without /v1).")] = None,
     prompt_format: Annotated[str | None, typer.Option("--prompt-format", help="tokens or text: how prompts are sent (default: text to an --endpoint, token ids in process).")] = None,
-    tokenizer: Annotated[str | None, typer.Option("--tokenizer", help="With --endpoint: the tokenizer (MODEL spec) that sizes text prompts (default: MODEL if local, else the builtin one).")] = None,
+    tokenizer: Annotated[str | None, typer.Option("--tokenizer", "--processor", help="With --endpoint: the tokenizer (MODEL spec) that sizes text prompts (default: MODEL if local, else the builtin one).")] = None,
     engine: Annotated[str, typer.Option("--engine", help="builtin (in process), or vllm: each model served by `vllm serve` for the run and measured as an endpoint.")] = "builtin",
     tensor_parallel_size: Annotated[int, typer.Option("--tensor-parallel-size", min=1, help="--engine vllm: GPUs per model (tensor parallel).")] = 1,
     pipeline_parallel_size: Annotated[int, typer.Option("--pipeline-parallel-size", min=1, help="--engine vllm: pipeline stages.")] = 1,
@@ -90,6 +90,12 @@ def profile(
             if not rates or sweep_size:
                 raise UsageError("--duration needs --rate R (requests = R x duration)")
             requests = max(1, round(max(rates) * duration))
+        if dataset is not None and not dataset.exists() and "=" in str(dataset):  # GuideLLM's synthetic --data
+            synthetic = parse_synthetic_data(str(dataset))
+            prompt_len = "{}:{}".format(*synthetic["prompt_len"])
+            out_len = synthetic["output_len"]
+            output_len = str(out_len) if isinstance(out_len, int) else "{}:{}".format(*out_len)
+            prefix_len, dataset = synthetic["prefix_len"] or prefix_len, None
         if prompt_format not in (None, "tokens", "text"):
             raise UsageError(f"--prompt-format must be tokens or text (got '{prompt_format}')")
         if prefix_len and dataset is not None:

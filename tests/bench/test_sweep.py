@@ -123,3 +123,49 @@ def test_warmup_and_cooldown_requests_are_sent_but_not_counted(stories_dir: Path
     assert report["workload"]["warmup"] == 2 and report["workload"]["cooldown"] == 0.1
     result = CliRunner().invoke(app, ["profile", str(stories_dir), "--warmup", "6", "--cooldown", "4", *SMALL])
     assert result.exit_code == 2 and "leave none" in result.output
+
+
+def test_each_level_sends_its_own_prompts(stories_dir: Path, tmp_path: Path) -> None:
+    """A level replaying the previous level's prompts would find them in the prefix cache and report a
+    TTFT no fresh traffic gets; prompts of 40+ tokens fill two 16-token blocks, so a replay would hit."""
+    result = CliRunner().invoke(app, ["profile", str(stories_dir), "--requests", "8", "--prompt-len", "40:48",
+                                      "--output-len", "4", "--concurrency", "1,4", "--out", str(tmp_path / "r"),
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert len(report["throughput"]["sweep"]) == 2
+    assert report["throughput"]["prefix_cache_hit_rate"] < 0.05
+
+
+def test_guidellm_and_vllm_bench_spellings() -> None:
+    """`--data prompt_tokens=..,output_tokens=..` (GuideLLM's synthetic data) and `--request-rate inf`
+    (vllm bench serve's all-at-once) mean what those tools mean."""
+    from optcli.bench.workload import parse_synthetic_data
+
+    assert parse_synthetic_data("prompt_tokens=256,output_tokens=128") == {
+        "prompt_len": (256, 257), "output_len": 128, "prefix_len": 0}
+    assert parse_synthetic_data("prompt_tokens=64,prompt_tokens_min=32,prompt_tokens_max=96,"
+                                "output_tokens_min=8,output_tokens_max=16,prefix_tokens=40") == {
+        "prompt_len": (32, 97), "output_len": (8, 16), "prefix_len": 40}
+    for bad in ("prompt_tokens=8", "prompt_tokens=8,output_tokens=x", "prompt_tokens=8,output_tokens=4,"
+                "prompt_tokens_stdev=2", "prompt_tokens=0,output_tokens=4", "prompt_tokens_min=9,"
+                "prompt_tokens_max=3,output_tokens=4"):
+        with pytest.raises(UsageError):
+            parse_synthetic_data(bad)
+    assert plan_levels("inf", None, None, 32)[0] == (THROUGHPUT,)
+    assert plan_levels("inf", None, "4", 32)[0] == (LoadLevel("concurrent", concurrency=4),)
+    with pytest.raises(UsageError):
+        plan_levels("inf,2", None, None, 32)
+
+
+def test_guidellm_synthetic_data_on_the_command_line(stories_dir: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["profile", str(stories_dir), "--data", "prompt_tokens=20,output_tokens=5",
+                                      "--max-requests", "6", "--rate-type", "throughput", "--out", str(tmp_path / "r"),
+                                      "--export", str(tmp_path / "req.jsonl"), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / "req.jsonl").read_text().splitlines()]
+    artifact = [r for r in rows if r["phase"] == rows[0]["phase"]]
+    assert len(artifact) == 6 and {r["prompt_tokens"] for r in artifact} == {20}
+    assert {r["output_tokens"] for r in artifact} == {5}
+    bad = CliRunner().invoke(app, ["profile", str(stories_dir), "--data", "prompt_tokens=20", "--json"])
+    assert bad.exit_code == 2 and "output_tokens" in bad.output
