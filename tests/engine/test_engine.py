@@ -234,7 +234,7 @@ def test_unsupported_architecture_is_named(tmp_path: Path) -> None:
 
     out = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(out)
-    with pytest.raises(UsageError, match="GPT2LMHeadModel.*LlamaForCausalLM"):
+    with pytest.raises(UsageError, match="GPT2LMHeadModel.*LlamaForCausalLM.*serve --engine vllm.*profile --engine vllm"):
         Engine(str(out), dtype="float32")
 
 

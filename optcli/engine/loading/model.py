@@ -25,7 +25,8 @@ def load_engine_model(spec: str, config: EngineConfig):
     arch = (getattr(hf_config, "architectures", None) or ["unknown"])[0]
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UsageError(f"{path}: architecture {arch} is not supported by the built-in engine "
-                         f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)}); try --engine vllm")
+                         f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)}); run it with `optcli serve --engine vllm` or "
+                         "`optcli profile --engine vllm`")
     device = resolve_device(config.device)
     chosen_by_us = config.dtype == "auto"
     dtype_name, reason = resolve_dtype(config.dtype, device, checkpoint_dtype_of(hf_config))
