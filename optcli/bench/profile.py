@@ -204,18 +204,18 @@ def profile(
 
     if baseline_source is not None and not served:
         step("accuracy against the baseline")
-        text = eval_text.read_text(encoding="utf-8") if eval_text else heldout_text()
+        text = _eval_text(eval_text)
         acc = measure_accuracy(source.path, baseline_source.path, text, config, accuracy_backend)
         report["accuracy"] = {k: acc[k] for k in report["accuracy"]}
     if source is not None and config.lm_head != "dense":
         step(f"accuracy cost of the {config.lm_head} LM head")
-        text = eval_text.read_text(encoding="utf-8") if eval_text else heldout_text()
+        text = _eval_text(eval_text)
         # the rounded head against the dense one, both through the engine (the accuracy above is transformers')
         report["accuracy"]["lm_head"] = measure_head_accuracy(source.path, text, config)
 
     if endpoint and (baseline or baseline_endpoint):
         step(f"accuracy of {endpoint} against the baseline (top-{TOP_K} log-probs)")
-        text = eval_text.read_text(encoding="utf-8") if eval_text else heldout_text()
+        text = _eval_text(eval_text)
         acc = measure_endpoint_accuracy(endpoint, model, baseline, baseline_endpoint, text, tokenizer, config)
         report["accuracy"] = {k: acc[k] for k in report["accuracy"]} | {"top_k": acc["top_k"]}
         report["workload"]["accuracy_backend"] = f"endpoint top-{acc['top_k']} log-probs"
@@ -239,7 +239,7 @@ def profile(
         if endpoint:
             levels = endpoint_levels(endpoint, model, workload, slo, tokenizer, report["workload"], step)
         elif served:
-            text = eval_text.read_text(encoding="utf-8") if eval_text else heldout_text()
+            text = _eval_text(eval_text)
             levels, base_online, acc = measure_vllm(source, baseline_source, model, workload, slo, text, config, vllm,
                                                     report["workload"], step)
             if acc is not None:
@@ -331,6 +331,11 @@ def profile(
         failed = [c["name"] for c in report["kpi"]["checks"] if not c["passed"]]
         raise KpiFailed(f"KPI gate failed: {', '.join(failed)}", report)
     return report
+
+
+def _eval_text(path: Path | None) -> str:
+    """The text accuracy is scored on: `--eval-text`, else the builtin corpus's held-out split."""
+    return path.read_text(encoding="utf-8") if path else heldout_text()
 
 
 def _concurrency_sweep(workload: Workload) -> list[int] | None:

@@ -80,7 +80,8 @@ def measure_vllm(source, baseline_source, model: str, workload: Workload, slo, t
     windows = [w for w, _ in token_windows(ids, ctx)] if baseline_source is not None else []
     with vllm_server(spec, model, config, options, step) as url:
         levels = endpoint_levels(url, model, workload, slo, spec, meta, step)
-        step(f"accuracy of {model} under vLLM (top-k log-probs)") if windows else None
+        if windows:
+            step(f"accuracy of {model} under vLLM (top-k log-probs)")
         scored = [endpoint_scorer(url, model)(w) for w in windows]
     if baseline_source is None:
         return levels, None, None

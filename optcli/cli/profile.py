@@ -90,11 +90,9 @@ def profile(
             if not rates or sweep_size:
                 raise UsageError("--duration needs --rate R (requests = R x duration)")
             requests = max(1, round(max(rates) * duration))
-        if dataset is not None and not dataset.exists() and "=" in str(dataset):  # GuideLLM's synthetic --data
+        synthetic = None  # GuideLLM's synthetic --data: its lengths replace --prompt-len / --output-len
+        if dataset is not None and not dataset.exists() and "=" in str(dataset):
             synthetic = parse_synthetic_data(str(dataset))
-            prompt_len = "{}:{}".format(*synthetic["prompt_len"])
-            out_len = synthetic["output_len"]
-            output_len = str(out_len) if isinstance(out_len, int) else "{}:{}".format(*out_len)
             prefix_len, dataset = synthetic["prefix_len"] or prefix_len, None
         if prompt_format not in (None, "tokens", "text"):
             raise UsageError(f"--prompt-format must be tokens or text (got '{prompt_format}')")
@@ -104,7 +102,9 @@ def profile(
         if (warm >= 1 and cool >= 1 and warm + cool >= requests) or (warm < 1 and cool < 1 and warm + cool >= 1):
             raise UsageError(f"--warmup {warmup} and --cooldown {cooldown} leave none of the {requests} requests measured")
         rows = load_dataset(dataset) if dataset is not None else ()
-        workload = Workload(requests=requests, prompt_len=parse_prompt_len(prompt_len), output_len=parse_output_len(output_len),
+        workload = Workload(requests=requests,
+                            prompt_len=synthetic["prompt_len"] if synthetic else parse_prompt_len(prompt_len),
+                            output_len=synthetic["output_len"] if synthetic else parse_output_len(output_len),
                             dataset=rows, prefix_len=prefix_len, prefix_count=prefix_count,
                             levels=levels, sweep_size=sweep_size, arrivals=arrivals, seed=seed,
                             warmup=warm, cooldown=cool,
