@@ -20,6 +20,7 @@ from optcli.engine.detokenizer import IncrementalDetokenizer
 from optcli.engine.kernels import triton_available
 from optcli.engine.kv_cache import BlockManager
 from optcli.engine.loading.model import load_engine_model
+from optcli.engine.models import moe_summary
 from optcli.engine.models.layer_ops import FusedOps
 from optcli.engine.quant.layers import quant_summary
 from optcli.engine.runner import ModelRunner
@@ -61,7 +62,8 @@ class Engine:
         kv_cache_bytes, num_kv_blocks = config.kv_cache_bytes, config.num_kv_blocks
         cfg = self.model.cfg
         self.weights_bytes = self.model.weight_bytes()
-        self.quantized_layers = quant_summary(self.model)  # e.g. {"int4/triton": 112}
+        self.quantized_layers = quant_summary(self.model)  # e.g. {"int4/triton": 112}, experts included
+        self.moe = moe_summary(self.model)  # how the experts run, router gates unquantized; None when dense
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.config = config = config.with_options(max_model_len=self.max_model_len)
         self.max_num_seqs = max_num_seqs
@@ -293,6 +295,7 @@ class Engine:
             "batch_efficiency": self.num_scheduled_seqs / self.num_steps / self.max_num_seqs if self.num_steps else None,
             "weights_bytes": self.weights_bytes,
             "quantized_layers": self.quantized_layers,
+            "moe": self.moe,
         }
 
 

@@ -63,6 +63,13 @@ def build_modifiers(recipe, model: torch.nn.Module) -> tuple[list, dict[str, str
     return modifiers, decisions
 
 
+def router_gates(model: torch.nn.Module) -> dict[str, str]:
+    """MoE routers, which no recipe quantizes (they are not Linear modules, and llm-compressor adds them to
+    the ignore list): their logits choose which experts run, so rounding error there changes the computation."""
+    return {name: "unquantized (router gate)" for name, module in model.named_modules()
+            if type(module).__name__.endswith("Router")}
+
+
 def _fields_of(modifier_name: str) -> list[str]:
     from llmcompressor.modifiers.factory import ModifierFactory
 
@@ -110,7 +117,12 @@ def quantize_llmcompressor(model, tokenizer, recipe, calib, on_layer_done=None) 
 
     allow_cpu_only_calibration()
     awq_skips_unquantized_balance_layers()
+    # MoE experts as one Linear each, as oneshot would make them itself: the layout decisions must see them
+    from llmcompressor.modeling.moe.linearize import linearize_moe
+
+    linearize_moe(model)
     modifiers, decisions = build_modifiers(recipe, model)
+    decisions.update(router_gates(model))
     kwargs: dict[str, Any] = {}
     if calib is not None:
         dataset = Dataset.from_dict(

@@ -17,12 +17,14 @@ from torch import nn
 from optcli.engine.kernels import cpu_amx, cpu_lowbit
 from optcli.engine.kernels.dense_gemm import dense_linear, onednn_linear_available
 from optcli.engine.models.layer_ops import TorchOps
+from optcli.engine.models.moe import MOE_ARCHITECTURES, MoESpec, SparseMoE
 from optcli.engine.models.rotary import RotaryEmbedding
 from optcli.engine.quant.cpu_choice import choose
 from optcli.engine.quant.layers import make_quant_linear
 from optcli.engine.quant.weights import Int8Weight, cat_weights, is_quantized
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+DENSE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED_ARCHITECTURES = DENSE_ARCHITECTURES + MOE_ARCHITECTURES
 
 
 @dataclass
@@ -40,9 +42,11 @@ class ModelConfig:
     rms_norm_eps: float
     tie_word_embeddings: bool
     qkv_bias: bool
-    qk_norm: bool
+    qk_norm: str | None  # "head": RMSNorm per head (Qwen3); "full": over the whole projection (OLMoE)
+    clip_qkv: float | None  # OLMoE clamps q, k, v to +-clip_qkv
     max_position_embeddings: int
     sliding_windows: list[int | None]  # per layer: None = full attention
+    moe: MoESpec | None
     hf_config: object  # kept for RoPE initialisation (transformers' own functions)
 
     @classmethod
@@ -54,10 +58,8 @@ class ModelConfig:
         layer_types = getattr(config, "layer_types", None)
         if layer_types:
             windows = [window if t == "sliding_attention" else None for t in layer_types]
-        elif arch == "MistralForCausalLM":
+        else:  # Mistral, Mixtral, Qwen3-MoE: one window (or none) for every layer, as their attention reads it
             windows = [window] * config.num_hidden_layers
-        else:
-            windows = [None] * config.num_hidden_layers
         return cls(
             architecture=arch,
             vocab_size=config.vocab_size,
@@ -70,9 +72,11 @@ class ModelConfig:
             rms_norm_eps=config.rms_norm_eps,
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
             qkv_bias=arch == "Qwen2ForCausalLM" or bool(getattr(config, "attention_bias", False)),
-            qk_norm=arch == "Qwen3ForCausalLM",
+            qk_norm={"Qwen3ForCausalLM": "head", "Qwen3MoeForCausalLM": "head", "OlmoeForCausalLM": "full"}.get(arch),
+            clip_qkv=getattr(config, "clip_qkv", None),
             max_position_embeddings=config.max_position_embeddings,
             sliding_windows=windows,
+            moe=MoESpec.from_hf(config, arch),
             hf_config=config,
         )
 
@@ -188,11 +192,14 @@ class DecoderLayer(nn.Module):
         self.qkv_proj = Dense(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
         self.o_proj = Dense(self.q_size, cfg.hidden_size)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            full = cfg.qk_norm == "full"
+            self.q_norm = RMSNorm(self.q_size if full else cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.kv_size if full else cfg.head_dim, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.gate_up_proj = Dense(cfg.hidden_size, 2 * cfg.intermediate_size)
-        self.down_proj = Dense(cfg.intermediate_size, cfg.hidden_size)
+        self.moe = SparseMoE(cfg.hidden_size, cfg.moe, Dense) if cfg.moe and cfg.moe.sparse_layers[index] else None
+        if self.moe is None:
+            self.gate_up_proj = Dense(cfg.hidden_size, 2 * cfg.intermediate_size)
+            self.down_proj = Dense(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x, residual, cos, sin, kv_cache: tuple[torch.Tensor, torch.Tensor], meta, ops):
         """(this layer's MLP output, the residual stream it is to be added to): the add is deferred into
@@ -201,14 +208,21 @@ class DecoderLayer(nn.Module):
         h, residual = ops.rms_norm(x, self.input_layernorm.weight, self.input_layernorm.eps, residual,
                                    self.qkv_proj.input_quant)
         q, k, v = self.qkv_proj(h).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if cfg.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cfg.clip_qkv is not None:
+            q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
         q = q.view(-1, cfg.num_heads, cfg.head_dim)
         k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)
         v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
-        if cfg.qk_norm:
+        if cfg.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         attn = ops.rotary_attend(q, k, v, cos, sin, kv_cache, meta, cfg.sliding_windows[self.index])
         out = self.o_proj(attn.reshape(-1, self.q_size))
         norm = self.post_attention_layernorm
+        if self.moe is not None:
+            h, residual = ops.rms_norm(out, norm.weight, norm.eps, residual)
+            return self.moe(h, ops), residual
         h, residual = ops.rms_norm(out, norm.weight, norm.eps, residual, self.gate_up_proj.input_quant)
         return self.down_proj(ops.silu_mul(self.gate_up_proj(h), self.down_proj.input_quant)), residual
 
@@ -289,6 +303,9 @@ class LlamaForCausalLM(nn.Module):
                 if self.cfg.qk_norm:
                     layer.q_norm.weight.copy_(take(attn + "q_norm.weight"))
                     layer.k_norm.weight.copy_(take(attn + "k_norm.weight"))
+                if layer.moe is not None:
+                    layer.moe.load(take, state.__contains__, load_linear, p + self.cfg.moe.prefix)
+                    continue
                 mlp = p + "mlp."
                 gate_up = [take(mlp + "gate_proj.weight", linear=True), take(mlp + "up_proj.weight", linear=True)]
                 load_linear(layer, "gate_up_proj", cat_weights(gate_up))
