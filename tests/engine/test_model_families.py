@@ -40,6 +40,13 @@ def build_family(out: Path, family: str) -> Path:
     elif family == "olmoe":  # full-width q/k norms, clipped qkv, top-2 without renormalisation
         model = T.OlmoeForCausalLM(T.OlmoeConfig(intermediate_size=64, num_experts=8, num_experts_per_tok=2,
                                                  norm_topk_prob=False, clip_qkv=3.0, **common))
+    elif family == "phi3":  # fused qkv / gate_up in the checkpoint, a sliding window
+        model = T.Phi3ForCausalLM(T.Phi3Config(intermediate_size=256, sliding_window=24, pad_token_id=0, **common))
+    elif family == "phi3-longrope":  # long factors from position 64 on: reached while decoding
+        rope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 64,
+                "short_factor": [1.0 + i / 32 for i in range(16)], "long_factor": [2.0 + i / 8 for i in range(16)]}
+        model = T.Phi3ForCausalLM(T.Phi3Config(intermediate_size=256, rope_parameters=rope, original_max_position_embeddings=64,
+                                               pad_token_id=0, **common))
     else:
         raise ValueError(family)
     _train_briefly(model, src)
@@ -67,7 +74,7 @@ def _train_briefly(model, tokenizer_dir: Path, steps: int = 100) -> None:
     model.eval()
 
 
-FAMILIES = ["mixtral", "qwen3-moe", "olmoe"]
+FAMILIES = ["mixtral", "qwen3-moe", "olmoe", "phi3", "phi3-longrope"]
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +83,21 @@ def saved(tmp_path_factory) -> dict[str, Path]:
     return {f: build_family(root / f, f) for f in FAMILIES}
 
 
-def near_ties(model, prompt: list[int], tokens: list[int], tol: float) -> int:
+def near_ties(model, prompt: list[int], tokens: list[int], tol: float, stepwise: bool = False) -> int:
     """How many of `tokens` (our greedy continuation) are not transformers' argmax over the same sequence;
     fails unless each such token is within `tol` of that argmax: a near-tie, where bf16 rounding lets two
     correct implementations pick either (transformers' own cached decode and its full forward disagree
     there too)."""
     with torch.no_grad():
-        logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1].float()
+        if stepwise:  # through the KV cache, one token a step (see cached_greedy)
+            out = model(torch.tensor([prompt]), use_cache=True)
+            rows = [out.logits[0, -1]]
+            for token in tokens[:-1]:
+                out = model(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+                rows.append(out.logits[0, -1])
+            logits = torch.stack(rows).float()
+        else:
+            logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1].float()
     ties = 0
     for step, token in enumerate(tokens):
         best = int(logits[step].argmax())
@@ -92,24 +107,46 @@ def near_ties(model, prompt: list[int], tokens: list[int], tol: float) -> int:
     return ties
 
 
+def cached_greedy(model, prompts: list[list[int]], max_new: int, eos: int) -> list[list[int]]:
+    """Greedy decoding by transformers' forward and its KV cache, one token a step. For longrope this is
+    the reference: past the pretraining length `generate` picks other tokens than this loop over the very
+    same model (seen with transformers 5.17), and the engine follows the loop."""
+    outs = []
+    for prompt in prompts:
+        with torch.no_grad():
+            out = model(torch.tensor([prompt]), use_cache=True)
+            tokens: list[int] = []
+            while True:
+                tokens.append(int(out.logits[0, -1].argmax()))
+                if tokens[-1] == eos or len(tokens) == max_new:
+                    break
+                out = model(torch.tensor([tokens[-1:]]), past_key_values=out.past_key_values, use_cache=True)
+        outs.append(tokens)
+    return outs
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_greedy_matches_transformers(saved, family: str, dtype: str) -> None:
     path = saved[family]
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
     prompts = story_prompts(AutoTokenizer.from_pretrained(path), n=12)
+    if family == "phi3-longrope":  # prompts within the pretraining length, some decoding past it (rotary.py says why)
+        prompts = [p for p in story_prompts(AutoTokenizer.from_pretrained(path), n=32) if len(p) <= 64][:12]
+        assert any(len(p) + MAX_NEW > 64 for p in prompts)
     engine = Engine(str(path), dtype=dtype, max_num_seqs=32, max_num_batched_tokens=64, block_size=8)
     outs = engine.generate(prompts, SamplingParams(max_tokens=MAX_NEW))
     engine.blocks.check_no_leaks()
     if dtype == "float32":  # exact: every token
-        for i, (out, ref) in enumerate(zip(outs, hf_greedy(hf, prompts, MAX_NEW, eos=2), strict=True)):
+        greedy = cached_greedy if family == "phi3-longrope" else hf_greedy
+        for i, (out, ref) in enumerate(zip(outs, greedy(hf, prompts, MAX_NEW, eos=2), strict=True)):
             assert out.token_ids == ref, f"prompt {i} ({len(prompts[i])} tokens) diverged"
-        ids = prompts[3] + prompts[4]
+        ids = (prompts[3] + prompts[4])[:64]  # longrope: one forward within the pretraining length
         with torch.no_grad():
             theirs = hf(torch.tensor([ids])).logits[0]
         assert (engine.score(ids) - theirs).abs().max().item() < 1e-4
         return
-    ties = sum(near_ties(hf, prompts[i], out.token_ids, tol=0.125) for i, out in enumerate(outs))
+    ties = sum(near_ties(hf, prompts[i], out.token_ids, 0.125, family == "phi3-longrope") for i, out in enumerate(outs))
     assert ties <= 0.05 * sum(len(o.token_ids) for o in outs)
 
 

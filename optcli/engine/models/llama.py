@@ -22,8 +22,10 @@ from optcli.engine.models.rotary import RotaryEmbedding
 from optcli.engine.quant.cpu_choice import choose
 from optcli.engine.quant.layers import make_quant_linear
 from optcli.engine.quant.weights import Int8Weight, cat_weights, is_quantized
+from optcli.errors import UsageError
 
-DENSE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+DENSE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                       "Phi3ForCausalLM")
 SUPPORTED_ARCHITECTURES = DENSE_ARCHITECTURES + MOE_ARCHITECTURES
 
 
@@ -47,6 +49,7 @@ class ModelConfig:
     max_position_embeddings: int
     sliding_windows: list[int | None]  # per layer: None = full attention
     moe: MoESpec | None
+    fused_checkpoint: bool  # Phi-3 stores qkv_proj and gate_up_proj fused already
     hf_config: object  # kept for RoPE initialisation (transformers' own functions)
 
     @classmethod
@@ -55,6 +58,10 @@ class ModelConfig:
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         window = getattr(config, "sliding_window", None)
+        partial = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
+        if partial != 1.0:
+            raise UsageError(f"{arch}: partial rotary embeddings (partial_rotary_factor {partial}) are not supported by "
+                             "the built-in engine; run it with `optcli serve --engine vllm`")
         layer_types = getattr(config, "layer_types", None)
         if layer_types:
             windows = [window if t == "sliding_attention" else None for t in layer_types]
@@ -77,6 +84,7 @@ class ModelConfig:
             max_position_embeddings=config.max_position_embeddings,
             sliding_windows=windows,
             moe=MoESpec.from_hf(config, arch),
+            fused_checkpoint=arch == "Phi3ForCausalLM",
             hf_config=config,
         )
 
@@ -296,9 +304,12 @@ class LlamaForCausalLM(nn.Module):
                 layer.input_layernorm.weight.copy_(take(p + "input_layernorm.weight"))
                 layer.post_attention_layernorm.weight.copy_(take(p + "post_attention_layernorm.weight"))
                 attn = p + "self_attn."
-                qkv_bias = torch.cat([take(attn + f"{n}_proj.bias") for n in "qkv"]) if self.cfg.qkv_bias else None
-                qkv = [take(attn + f"{n}_proj.weight", linear=True) for n in "qkv"]
-                load_linear(layer, "qkv_proj", cat_weights(qkv), qkv_bias)
+                if self.cfg.fused_checkpoint:
+                    load_linear(layer, "qkv_proj", take(attn + "qkv_proj.weight", linear=True))
+                else:
+                    qkv_bias = torch.cat([take(attn + f"{n}_proj.bias") for n in "qkv"]) if self.cfg.qkv_bias else None
+                    qkv = [take(attn + f"{n}_proj.weight", linear=True) for n in "qkv"]
+                    load_linear(layer, "qkv_proj", cat_weights(qkv), qkv_bias)
                 load_linear(layer, "o_proj", take(attn + "o_proj.weight", linear=True))
                 if self.cfg.qk_norm:
                     layer.q_norm.weight.copy_(take(attn + "q_norm.weight"))
@@ -307,8 +318,11 @@ class LlamaForCausalLM(nn.Module):
                     layer.moe.load(take, state.__contains__, load_linear, p + self.cfg.moe.prefix)
                     continue
                 mlp = p + "mlp."
-                gate_up = [take(mlp + "gate_proj.weight", linear=True), take(mlp + "up_proj.weight", linear=True)]
-                load_linear(layer, "gate_up_proj", cat_weights(gate_up))
+                if self.cfg.fused_checkpoint:
+                    load_linear(layer, "gate_up_proj", take(mlp + "gate_up_proj.weight", linear=True))
+                else:
+                    gate_up = [take(mlp + "gate_proj.weight", linear=True), take(mlp + "up_proj.weight", linear=True)]
+                    load_linear(layer, "gate_up_proj", cat_weights(gate_up))
                 load_linear(layer, "down_proj", take(mlp + "down_proj.weight", linear=True))
 
     def _int8_head(self, weight: torch.Tensor, tied: bool, device, dtype, compute_dtypes) -> None:

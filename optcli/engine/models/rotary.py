@@ -1,5 +1,5 @@
 """Rotary position embedding tables (cos, sin) for the positions of a step, from transformers' own RoPE
-parameter functions, so every rope type it supports (default, linear, llama3, yarn, dynamic NTK, ...)
+parameter functions, so every rope type it supports (default, linear, llama3, yarn, dynamic NTK, longrope, ...)
 gives its values. Applying them is a layer op (`layer_ops.py`).
 """
 
@@ -34,6 +34,10 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
         self.scaling = scaling
         self.original_max = params.get("original_max_position_embeddings", cfg.max_position_embeddings)
+        long_inv_freq = None  # Phi-3's longrope: the long factors, past the pretraining length
+        if self.rope_type == "longrope":
+            long_inv_freq = ROPE_INIT_FUNCTIONS["longrope"](cfg.hf_config, None, seq_len=self.original_max + 1)[0].float()
+        self.register_buffer("long_inv_freq", long_inv_freq, persistent=False)
         self.table: torch.Tensor | None = None  # [max_len, 2 * head_dim]: cos | sin, see build_table
 
     def build_table(self, max_len: int, dtype: torch.dtype) -> None:
@@ -56,6 +60,13 @@ class RotaryEmbedding(nn.Module):
 
                 inv_freq, scaling = ROPE_INIT_FUNCTIONS["dynamic"](self.hf_config, positions.device, seq_len=seq_len)
                 inv_freq = inv_freq.float().to(positions.device)
-        freqs = positions[:, None].float() * inv_freq[None, :]
+        if self.long_inv_freq is not None:
+            # Per token: a position past the pretraining length takes the long factors. transformers switches
+            # a whole forward pass by its longest sequence, so the two agree for every token generated after
+            # a prompt that fits in original_max_position_embeddings, and on the prompt's tokens before it.
+            inv_freq = torch.where(positions[:, None] >= self.original_max, self.long_inv_freq[None, :], inv_freq[None, :])
+            freqs = positions[:, None].float() * inv_freq
+        else:
+            freqs = positions[:, None].float() * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos() * scaling, emb.sin() * scaling
