@@ -37,6 +37,10 @@ class ModelShape:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     dtype: str | None = None  # the checkpoint's (config.json `dtype`/`torch_dtype`), None when unstated
+    experts: int = 0  # mixture-of-experts: experts per MoE layer (0: a dense model)
+    active_experts: int = 0  # experts each token runs through (top-k)
+    expert_intermediate: int = 0
+    moe_layers: int = 0  # layers with experts; the others have a dense MLP of `intermediate`
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,15 @@ def model_shape(model: str | Path | dict) -> ModelShape:
     if missing:
         raise UsageError(f"{where}: model config lacks '{missing[0]}' (need a Llama-family config)")
     heads = config["num_attention_heads"]
+    experts = config.get("num_local_experts") or config.get("num_experts") or 0
+    moe_layers = 0
+    if experts:
+        step = config.get("decoder_sparse_step") or 1
+        dense_only = set(config.get("mlp_only_layers") or [])
+        moe_layers = sum(1 for i in range(config["num_hidden_layers"]) if i not in dense_only and (i + 1) % step == 0)
     return ModelShape(
+        experts=experts, active_experts=config.get("num_experts_per_tok") or 0, moe_layers=moe_layers,
+        expert_intermediate=config.get("moe_intermediate_size") or config["intermediate_size"],
         layers=config["num_hidden_layers"], hidden=config["hidden_size"], intermediate=config["intermediate_size"],
         heads=heads, kv_heads=config.get("num_key_value_heads") or heads,
         head_dim=config.get("head_dim") or config["hidden_size"] // heads, vocab=config["vocab_size"],
@@ -123,27 +135,50 @@ def linear_bytes(n_in: int, n_out: int, scheme: Scheme) -> float:
     return n_in * n_out * scheme.density * (scheme.bits + scheme.meta_bits) / 8 + scales * scheme.scale_bits / 8
 
 
-def _linears(s: ModelShape) -> list[tuple[int, int]]:
+def _attention(s: ModelShape) -> list[tuple[int, int]]:
     q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
-    return [(s.hidden, q), (s.hidden, kv), (s.hidden, kv), (q, s.hidden),
-            (s.hidden, s.intermediate), (s.hidden, s.intermediate), (s.intermediate, s.hidden)]
+    return [(s.hidden, q), (s.hidden, kv), (s.hidden, kv), (q, s.hidden)]
+
+
+def _mlp(s: ModelShape, width: int) -> list[tuple[int, int]]:
+    return [(s.hidden, width), (s.hidden, width), (width, s.hidden)]
 
 
 def matmul_params(s: ModelShape) -> int:
-    """Parameters every token multiplies through: decoder Linears and lm_head (not the embedding lookup)."""
-    return s.layers * sum(i * o for i, o in _linears(s)) + s.vocab * s.hidden
+    """Parameters every token multiplies through: decoder Linears and lm_head (not the embedding lookup).
+    A MoE layer counts its router and the `active_experts` a token runs, not all of its experts."""
+    dense = s.layers - s.moe_layers
+    expert = sum(i * o for i, o in _mlp(s, s.expert_intermediate))
+    return (s.layers * sum(i * o for i, o in _attention(s)) + dense * sum(i * o for i, o in _mlp(s, s.intermediate))
+            + s.moe_layers * (s.active_experts * expert + s.experts * s.hidden) + s.vocab * s.hidden)
 
 
-def weight_bytes(s: ModelShape, scheme: Scheme) -> dict:
-    """Bytes by part; `read_per_token` is what one decode step streams from memory."""
-    linear = s.layers * sum(linear_bytes(i, o, scheme) for i, o in _linears(s))
+def experts_read_per_step(s: ModelShape, batch_size: int) -> float:
+    """Experts a decode step streams per MoE layer: each token picks `active_experts` of `experts`, so a
+    batch touches E x (1 - (1 - k/E)^B) distinct ones on average (uniform routing), all of them when large."""
+    if not s.experts:
+        return 0.0
+    return s.experts * (1 - (1 - s.active_experts / s.experts) ** batch_size)
+
+
+def weight_bytes(s: ModelShape, scheme: Scheme, batch_size: int | None = None) -> dict:
+    """Bytes by part (every expert counted); `read_per_token` is what one decode step streams from memory
+    (for a MoE model with `batch_size`, only the experts that batch is expected to touch)."""
+    attention = s.layers * sum(linear_bytes(i, o, scheme) for i, o in _attention(s))
+    mlp = (s.layers - s.moe_layers) * sum(linear_bytes(i, o, scheme) for i, o in _mlp(s, s.intermediate))
+    expert = sum(linear_bytes(i, o, scheme) for i, o in _mlp(s, s.expert_intermediate))
+    experts = s.moe_layers * s.experts * expert
+    read_experts = experts if batch_size is None or not s.experts else (
+        s.moe_layers * experts_read_per_step(s, batch_size) * expert)
+    router = s.moe_layers * s.experts * s.hidden * 2  # never quantized (the recipes say why)
+    linear = attention + mlp + experts
     other = (s.layers * (2 * s.hidden + ((s.heads + 2 * s.kv_heads) * s.head_dim if s.attention_bias else 0))
-             + s.hidden) * 2
+             + s.hidden) * 2 + router
     embed = s.vocab * s.hidden * 2
     lm_head = 0 if s.tie_word_embeddings else embed  # lm_head is ignored by every recipe: 16-bit
     total = int(linear + other + embed + lm_head)
-    return {"total": total, "linear": int(linear), "embeddings": embed, "lm_head": lm_head,
-            "read_per_token": int(linear + other + embed)}
+    return {"total": total, "linear": int(linear), "experts": int(experts), "embeddings": embed, "lm_head": lm_head,
+            "read_per_token": int(attention + mlp + read_experts + other + embed)}
 
 
 def kv_bytes_per_token(s: ModelShape, dtype_bytes: int = 2) -> int:
@@ -215,7 +250,7 @@ def roofline(s: ModelShape, scheme: Scheme, gpu: GpuSpec, batch_size: int, promp
     prefill_s = batch_size * prompt_len * 2 * params / peak
     context = prompt_len + output_len / 2  # mean context over the decode
     kv_read = batch_size * kv_bytes_per_token(s, kv_dtype_bytes) * context
-    step_bytes = weight_bytes(s, scheme)["read_per_token"] + kv_read
+    step_bytes = weight_bytes(s, scheme, batch_size)["read_per_token"] + kv_read
     step_flops = batch_size * (2 * params + 4 * s.layers * s.heads * s.head_dim * context)
     memory_s, compute_s = step_bytes / bandwidth, step_flops / peak
     total_s = prefill_s + output_len * max(memory_s, compute_s)

@@ -105,3 +105,25 @@ def test_planner_kv_matches_the_engine_allocation_within_5_percent() -> None:
     # and the number of 200-token sequences the planner says fit in that budget is what the engine's blocks hold
     per_seq = planner.kv_bytes_per_token(shape, 4) * planner.paged_tokens(200, engine.block_size)
     assert budget // per_seq == stats["kv_blocks_total"] // -(-200 // engine.block_size)
+
+
+def test_moe_counts_every_expert_for_memory_and_the_active_ones_for_flops() -> None:
+    """Mixtral-8x7B's published sizes: 46.7B parameters in all, 12.9B active per token (2 of 8 experts)."""
+    from optcli.roi.planner import SCHEMES, experts_read_per_step, matmul_params, model_shape, weight_bytes
+
+    mixtral = model_shape({"architectures": ["MixtralForCausalLM"], "num_hidden_layers": 32, "hidden_size": 4096,
+                           "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
+                           "vocab_size": 32000, "num_local_experts": 8, "num_experts_per_tok": 2})
+    assert mixtral.moe_layers == 32 and mixtral.experts == 8
+    assert matmul_params(mixtral) == pytest.approx(12.9e9, rel=0.02)
+    bf16 = weight_bytes(mixtral, SCHEMES["BF16"])
+    assert bf16["total"] / 2 == pytest.approx(46.7e9, rel=0.02)
+    # one token streams 2 experts a layer; a large batch streams all 8
+    assert experts_read_per_step(mixtral, 1) == pytest.approx(2)
+    assert weight_bytes(mixtral, SCHEMES["BF16"], 1)["read_per_token"] < 0.4 * bf16["read_per_token"]
+    assert weight_bytes(mixtral, SCHEMES["BF16"], 256)["read_per_token"] == pytest.approx(bf16["read_per_token"], rel=1e-3)
+    # Qwen3-MoE's dense layers (mlp_only_layers) keep their own MLP width
+    qwen = model_shape({"num_hidden_layers": 4, "hidden_size": 128, "intermediate_size": 256, "moe_intermediate_size": 64,
+                        "num_attention_heads": 4, "vocab_size": 1000, "num_experts": 8, "num_experts_per_tok": 2,
+                        "mlp_only_layers": [1]})
+    assert qwen.moe_layers == 3 and qwen.expert_intermediate == 64
