@@ -96,8 +96,10 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, max_num_seqs, budget_tokens)
         caches = [(c[0], c[1]) for c in self.kv_cache]
         self.runner = ModelRunner(self.model, caches, block_size, device, build_metadata)
-        dynamic_rope = self.model.rotary.rope_type == "dynamic"  # reads positions on the host: not capturable
-        if self.backend == "triton" and not config.enforce_eager and not dynamic_rope:
+        # Not capturable: dynamic NTK reads positions on the host; MoE routing sizes each expert's GEMM from
+        # this step's routing (a graph would replay the capture's expert choice)
+        host_reads = self.model.rotary.rope_type == "dynamic" or self.moe is not None
+        if self.backend == "triton" and not config.enforce_eager and not host_reads:
             if graph_capture is not None or device.startswith("cuda"):
                 max_blocks = -(-self.max_model_len // block_size)
                 capture = graph_capture or cuda_capture()

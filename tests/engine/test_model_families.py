@@ -197,3 +197,20 @@ def test_w4a16_experts_run_quantized(saved, tmp_path: Path, family: str) -> None
         agree += int((engine.score(prompt).argmax(-1) == theirs.argmax(-1)).sum())
         total += len(prompt)
     assert agree / total >= 0.95
+
+
+def test_moe_on_the_triton_backend_stays_eager(saved) -> None:
+    """Triton attention and fused norms (TRITON_INTERPRET=1 on a CPU) with the grouped experts, and no CUDA
+    graph: routing decides each expert's GEMM size every step, which a replayed graph would freeze."""
+    from optcli.engine.kernels import triton_available
+
+    if not triton_available():
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    path = saved["mixtral"]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = story_prompts(AutoTokenizer.from_pretrained(path), n=3)
+    engine = Engine(str(path), dtype="float32", max_num_seqs=4, max_model_len=128, attention_backend="triton",
+                    graph_capture=lambda fn: pytest.fail("a MoE model must not be captured"))
+    assert engine.runner.graphs is None
+    outs = engine.generate(prompts, SamplingParams(max_tokens=4))
+    assert [o.token_ids for o in outs] == hf_greedy(hf, prompts, 4, eos=2)
