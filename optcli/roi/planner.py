@@ -168,8 +168,7 @@ def weight_bytes(s: ModelShape, scheme: Scheme, batch_size: int | None = None) -
     mlp = (s.layers - s.moe_layers) * sum(linear_bytes(i, o, scheme) for i, o in _mlp(s, s.intermediate))
     expert = sum(linear_bytes(i, o, scheme) for i, o in _mlp(s, s.expert_intermediate))
     experts = s.moe_layers * s.experts * expert
-    read_experts = experts if batch_size is None or not s.experts else (
-        s.moe_layers * experts_read_per_step(s, batch_size) * expert)
+    read_experts = experts if batch_size is None else s.moe_layers * experts_read_per_step(s, batch_size) * expert
     router = s.moe_layers * s.experts * s.hidden * 2  # never quantized (the recipes say why)
     linear = attention + mlp + experts
     other = (s.layers * (2 * s.hidden + ((s.heads + 2 * s.kv_heads) * s.head_dim if s.attention_bias else 0))

@@ -1,8 +1,7 @@
 """Mixture-of-experts feed-forward: a router picks `top_k` experts per token, each expert a SwiGLU MLP.
 
 Tokens are grouped by expert, so each expert that any token chose runs one GEMM pair per step over
-exactly its tokens (the batched CPU path; the same grouping feeds the Triton fused-experts kernel,
-`kernels/moe.py`). The router ("gate") stays a plain unquantized matrix: its logits decide which
+exactly its tokens (on a GPU too: there is no fused-experts kernel yet). The router ("gate") stays a plain unquantized matrix: its logits decide which
 experts run, so quantization error there changes the computation itself, and llm-compressor's MoE
 recipes leave it out for that reason. Experts are `Dense` layers, so a quantized checkpoint's experts
 become the format's QuantLinear like any other linear layer.
@@ -20,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from optcli.engine.quant.weights import cat_weights
 
 MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM")
 LINEAR_NAMES = ("gate_proj", "up_proj", "down_proj")
@@ -55,9 +56,6 @@ class MoESpec:
         return cls(config.num_experts, config.num_experts_per_tok, config.intermediate_size,
                    bool(config.norm_topk_prob), False, [True] * layers, "mlp.", LINEAR_NAMES)
 
-    def active_experts_fraction(self) -> float:
-        return self.top_k / self.num_experts
-
 
 class SparseMoE(nn.Module):
     def __init__(self, hidden_size: int, spec: MoESpec, linear_cls) -> None:
@@ -68,11 +66,9 @@ class SparseMoE(nn.Module):
         self.gate_up = nn.ModuleList(linear_cls(hidden_size, 2 * inter) for _ in range(spec.num_experts))
         self.down = nn.ModuleList(linear_cls(inter, hidden_size) for _ in range(spec.num_experts))
 
-    input_quant = None  # the router reads the normed hidden states dense, so no fused quantization
-
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights [T, k], expert ids [T, k]) per token."""
-        logits = F.linear(h, self.gate.to(h.dtype))
+        logits = F.linear(h, self.gate)
         probs = torch.softmax(logits.float(), dim=-1)
         weights, ids = torch.topk(probs, self.spec.top_k, dim=-1)
         if self.spec.renormalize:
@@ -101,12 +97,7 @@ class SparseMoE(nn.Module):
 
     def load(self, take, has, load_linear, prefix: str) -> None:
         """Take this block's tensors under `prefix` (`<layer>.<spec.prefix>`) through the model's loader."""
-        from optcli.engine.quant.weights import cat_weights, is_quantized
-
-        gate = take(prefix + "gate.weight")
-        if is_quantized(gate):
-            gate = gate.dequantize()
-        self.gate = nn.Parameter(gate.to(self.gate.device), requires_grad=False)
+        self.gate = nn.Parameter(take(prefix + "gate.weight", dense=True), requires_grad=False)  # model dtype
         for e in range(self.spec.num_experts):
             p = f"{prefix}experts.{e}."
             # llm-compressor writes Mixtral's experts under the linearized names it quantized them as

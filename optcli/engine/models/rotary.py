@@ -60,13 +60,12 @@ class RotaryEmbedding(nn.Module):
 
                 inv_freq, scaling = ROPE_INIT_FUNCTIONS["dynamic"](self.hf_config, positions.device, seq_len=seq_len)
                 inv_freq = inv_freq.float().to(positions.device)
+        inv_freq = inv_freq[None, :]
         if self.long_inv_freq is not None:
             # Per token: a position past the pretraining length takes the long factors. transformers switches
             # a whole forward pass by its longest sequence, so the two agree for every token generated after
             # a prompt that fits in original_max_position_embeddings, and on the prompt's tokens before it.
-            inv_freq = torch.where(positions[:, None] >= self.original_max, self.long_inv_freq[None, :], inv_freq[None, :])
-            freqs = positions[:, None].float() * inv_freq
-        else:
-            freqs = positions[:, None].float() * inv_freq[None, :]
+            inv_freq = torch.where(positions[:, None] >= self.original_max, self.long_inv_freq[None, :], inv_freq)
+        freqs = positions[:, None].float() * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos() * scaling, emb.sin() * scaling
