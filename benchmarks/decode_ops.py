@@ -136,7 +136,8 @@ def count_both(device: str) -> list[tuple[str, Counter, Counter]]:
                             attention_backend="triton", enforce_eager=True, num_kv_blocks=32)
             engine.model.ops = ops
             if ops is TorchOps:  # as before fusion: cos/sin computed every step, not gathered from a table
-                engine.model.rotary.table = None
+                for table in engine.model.rotary.tables:
+                    table.table = None
             rows.append((ops.name, *decode_step_ops(engine, counter)))
     return rows
 

@@ -51,7 +51,7 @@ def build_modifiers(recipe, model: torch.nn.Module) -> tuple[list, dict[str, str
                 setattr(modifier, key, value)
                 unused.discard(key)
         if isinstance(modifier, QuantizationMixin):
-            modifier.ignore = sorted(set(modifier.ignore) | set(recipe.ignore))
+            modifier.ignore = sorted(set(modifier.ignore) | set(recipe.ignore) | set(gate_linears(model)))
             modifier._resolved_config = None  # cached at construction; must see the new fields
     if unused:
         names = ", ".join(type(m).__name__ for m in modifiers)
@@ -64,10 +64,19 @@ def build_modifiers(recipe, model: torch.nn.Module) -> tuple[list, dict[str, str
 
 
 def router_gates(model: torch.nn.Module) -> dict[str, str]:
-    """MoE routers, which no recipe quantizes (they are not Linear modules, and llm-compressor adds them to
-    the ignore list): their logits choose which experts run, so rounding error there changes the computation."""
-    return {name: "unquantized (router gate)" for name, module in model.named_modules()
-            if type(module).__name__.endswith("Router")}
+    """MoE routers, which no recipe quantizes: their logits choose which experts run, so rounding error there
+    changes the computation. transformers' routers are not Linear modules, so no Linear target matches them;
+    a shared expert's gate is a Linear, which `build_modifiers` adds to every ignore list (`gate_linears`)."""
+    found = {name: "unquantized (router gate)" for name, module in model.named_modules()
+             if type(module).__name__.endswith("Router")}
+    return found | {name: "unquantized (shared-expert gate)" for name in gate_linears(model)}
+
+
+def gate_linears(model: torch.nn.Module) -> list[str]:
+    """Linear layers that gate experts rather than compute features: Qwen2-MoE's `shared_expert_gate`, one
+    output that scales the shared expert per token (llm-compressor's own MoE examples ignore it too)."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] == "shared_expert_gate"]
 
 
 def _fields_of(modifier_name: str) -> list[str]:

@@ -41,6 +41,7 @@ class ModelShape:
     active_experts: int = 0  # experts each token runs through (top-k)
     expert_intermediate: int = 0
     moe_layers: int = 0  # layers with experts; the others have a dense MLP of `intermediate`
+    shared_intermediate: int = 0  # a shared expert every token runs in each MoE layer (Qwen2-MoE), 0: none
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ def model_shape(model: str | Path | dict) -> ModelShape:
         moe_layers = sum(1 for i in range(config["num_hidden_layers"]) if i not in dense_only and (i + 1) % step == 0)
     return ModelShape(
         experts=experts, active_experts=config.get("num_experts_per_tok") or 0, moe_layers=moe_layers,
+        shared_intermediate=(config.get("shared_expert_intermediate_size") or 0) if experts else 0,
         expert_intermediate=config.get("moe_intermediate_size") or config["intermediate_size"],
         layers=config["num_hidden_layers"], hidden=config["hidden_size"], intermediate=config["intermediate_size"],
         heads=heads, kv_heads=config.get("num_key_value_heads") or heads,
@@ -146,11 +148,13 @@ def _mlp(s: ModelShape, width: int) -> list[tuple[int, int]]:
 
 def matmul_params(s: ModelShape) -> int:
     """Parameters every token multiplies through: decoder Linears and lm_head (not the embedding lookup).
-    A MoE layer counts its router and the `active_experts` a token runs, not all of its experts."""
+    A MoE layer counts its router and the `active_experts` a token runs, not all of its experts, plus its
+    shared expert and that expert's one-output gate where the family has them."""
     dense = s.layers - s.moe_layers
     expert = sum(i * o for i, o in _mlp(s, s.expert_intermediate))
+    shared = sum(i * o for i, o in _mlp(s, s.shared_intermediate)) + s.hidden if s.shared_intermediate else 0
     return (s.layers * sum(i * o for i, o in _attention(s)) + dense * sum(i * o for i, o in _mlp(s, s.intermediate))
-            + s.moe_layers * (s.active_experts * expert + s.experts * s.hidden) + s.vocab * s.hidden)
+            + s.moe_layers * (s.active_experts * expert + s.experts * s.hidden + shared) + s.vocab * s.hidden)
 
 
 def experts_read_per_step(s: ModelShape, batch_size: int) -> float:
@@ -166,10 +170,13 @@ def weight_bytes(s: ModelShape, scheme: Scheme, batch_size: int | None = None) -
     (for a MoE model with `batch_size`, only the experts that batch is expected to touch)."""
     attention = s.layers * sum(linear_bytes(i, o, scheme) for i, o in _attention(s))
     mlp = (s.layers - s.moe_layers) * sum(linear_bytes(i, o, scheme) for i, o in _mlp(s, s.intermediate))
+    if s.shared_intermediate:  # read every step, like a dense MLP
+        mlp += s.moe_layers * sum(linear_bytes(i, o, scheme) for i, o in _mlp(s, s.shared_intermediate))
     expert = sum(linear_bytes(i, o, scheme) for i, o in _mlp(s, s.expert_intermediate))
     experts = s.moe_layers * s.experts * expert
     read_experts = experts if batch_size is None else s.moe_layers * experts_read_per_step(s, batch_size) * expert
-    router = s.moe_layers * s.experts * s.hidden * 2  # never quantized (the recipes say why)
+    # never quantized (the recipes say why); a shared expert's gate is one more output row
+    router = s.moe_layers * (s.experts + (1 if s.shared_intermediate else 0)) * s.hidden * 2
     linear = attention + mlp + experts
     other = (s.layers * (2 * s.hidden + ((s.heads + 2 * s.kv_heads) * s.head_dim if s.attention_bias else 0))
              + s.hidden) * 2 + router

@@ -47,6 +47,16 @@ def build_family(out: Path, family: str) -> Path:
                 "short_factor": [1.0 + i / 32 for i in range(16)], "long_factor": [2.0 + i / 8 for i in range(16)]}
         model = T.Phi3ForCausalLM(T.Phi3Config(intermediate_size=256, rope_parameters=rope, original_max_position_embeddings=64,
                                                pad_token_id=0, **common))
+    elif family == "gemma2":  # caps low enough to bite, a pre-attention scalar that is not head_dim, tied head
+        model = T.Gemma2ForCausalLM(T.Gemma2Config(
+            intermediate_size=256, head_dim=32, query_pre_attn_scalar=24, sliding_window=24, attn_logit_softcapping=8.0,
+            final_logit_softcapping=10.0, attn_implementation="eager", **{**common, "tie_word_embeddings": True}))
+    elif family == "gemma3":  # local layers theta 1e4, the global one 1e6 with linear scaling, as Gemma 3 ships
+        rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 2.0}}
+        model = T.Gemma3ForCausalLM(T.Gemma3TextConfig(
+            intermediate_size=256, head_dim=32, query_pre_attn_scalar=24, sliding_window=24, rope_parameters=rope,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"], **common))
     else:
         raise ValueError(family)
     _train_briefly(model, src)
@@ -74,7 +84,13 @@ def _train_briefly(model, tokenizer_dir: Path, steps: int = 100) -> None:
     model.eval()
 
 
-FAMILIES = ["mixtral", "qwen3-moe", "olmoe", "phi3", "phi3-longrope"]
+FAMILIES = ["mixtral", "qwen3-moe", "olmoe", "phi3", "phi3-longrope", "gemma2", "gemma3"]
+
+
+def load_hf(path: Path, dtype: str):
+    """transformers' model on `path`; Gemma 2 with eager attention, its reference (SDPA drops the soft-cap)."""
+    eager = {"attn_implementation": "eager"} if "gemma2" in path.name else {}
+    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), **eager).eval()
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +145,7 @@ def cached_greedy(model, prompts: list[list[int]], max_new: int, eos: int) -> li
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_greedy_matches_transformers(saved, family: str, dtype: str) -> None:
     path = saved[family]
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+    hf = load_hf(path, dtype)
     prompts = story_prompts(AutoTokenizer.from_pretrained(path), n=12)
     if family == "phi3-longrope":  # prompts within the pretraining length, some decoding past it (rotary.py says why)
         prompts = [p for p in story_prompts(AutoTokenizer.from_pretrained(path), n=32) if len(p) <= 64][:12]
@@ -212,5 +228,48 @@ def test_moe_on_the_triton_backend_stays_eager(saved) -> None:
     engine = Engine(str(path), dtype="float32", max_num_seqs=4, max_model_len=128, attention_backend="triton",
                     graph_capture=lambda fn: pytest.fail("a MoE model must not be captured"))
     assert engine.runner.graphs is None
+    outs = engine.generate(prompts, SamplingParams(max_tokens=4))
+    assert [o.token_ids for o in outs] == hf_greedy(hf, prompts, 4, eos=2)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_gemma_details_each_matter(saved, family: str) -> None:
+    """Each Gemma detail read from the config changes the logits here, so the matches above check them:
+    switched off one at a time after loading, the engine's logits move away from transformers'."""
+    path = saved[family]
+    hf = load_hf(path, "float32")
+    ids = story_prompts(AutoTokenizer.from_pretrained(path), n=12)[1][:64]
+    with torch.no_grad():
+        theirs = hf(torch.tensor([ids])).logits[0]
+    engine = Engine(str(path), dtype="float32", max_model_len=128)
+    cfg = engine.model.cfg
+    assert (engine.score(ids) - theirs).abs().max().item() < 1e-4
+    switches = {"embed_scale": None, "attn_scale": None}
+    if family == "gemma2":
+        switches |= {"attn_softcap": None, "final_softcap": None}
+    else:  # every layer on the local layers' RoPE theta
+        switches |= {"rope_kinds": ["sliding_attention"] * cfg.num_layers}
+    for field, off in switches.items():
+        kept = getattr(cfg, field)
+        setattr(cfg, field, off)
+        try:
+            assert (engine.score(ids) - theirs).abs().max().item() > 1e-2, f"{field} made no difference"
+        finally:
+            setattr(cfg, field, kept)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_gemma_on_the_triton_backend(saved, family: str) -> None:
+    """The Triton kernels (TRITON_INTERPRET=1 on a CPU) with Gemma's soft-capped attention, fp32 (1 + w) norms
+    and GELU-tanh, against transformers."""
+    from optcli.engine.kernels import triton_available
+
+    if not triton_available():
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    path = saved[family]
+    hf = load_hf(path, "float32")
+    prompts = story_prompts(AutoTokenizer.from_pretrained(path), n=3)
+    engine = Engine(str(path), dtype="float32", max_num_seqs=4, max_model_len=128, attention_backend="triton")
+    assert engine.model.ops.name == "triton"
     outs = engine.generate(prompts, SamplingParams(max_tokens=4))
     assert [o.token_ids for o in outs] == hf_greedy(hf, prompts, 4, eos=2)

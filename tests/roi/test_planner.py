@@ -127,3 +127,11 @@ def test_moe_counts_every_expert_for_memory_and_the_active_ones_for_flops() -> N
                         "num_attention_heads": 4, "vocab_size": 1000, "num_experts": 8, "num_experts_per_tok": 2,
                         "mlp_only_layers": [1]})
     assert qwen.moe_layers == 3 and qwen.expert_intermediate == 64
+    # a shared expert every token runs (Qwen1.5-MoE-A2.7B: 14.3B in all, 2.7B active counting the embedding)
+    shared = model_shape({"architectures": ["Qwen2MoeForCausalLM"], "num_hidden_layers": 24, "hidden_size": 2048,
+                          "intermediate_size": 5632, "moe_intermediate_size": 1408,
+                          "shared_expert_intermediate_size": 5632, "num_attention_heads": 16, "num_key_value_heads": 16,
+                          "vocab_size": 151936, "num_experts": 60, "num_experts_per_tok": 4})
+    assert shared.shared_intermediate == 5632 and shared.moe_layers == 24
+    assert weight_bytes(shared, SCHEMES["BF16"])["total"] / 2 == pytest.approx(14.3e9, rel=0.02)
+    assert matmul_params(shared) + shared.vocab * shared.hidden == pytest.approx(2.7e9, rel=0.02)

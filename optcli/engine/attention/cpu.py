@@ -50,8 +50,9 @@ class AttentionMetadata:
     groups: list[AttentionGroup]
     block_size: int
 
-    def attend(self, q, k, v, kv_cache, window: int | None) -> torch.Tensor:
-        return paged_attention(q, k, v, kv_cache, self, window)
+    def attend(self, q, k, v, kv_cache, window: int | None, scale: float | None = None,
+               softcap: float | None = None) -> torch.Tensor:
+        return paged_attention(q, k, v, kv_cache, self, window, scale, softcap)
 
 
 def build_gather_metadata(layout: StepLayout, device) -> AttentionMetadata:
@@ -118,7 +119,8 @@ def split_by_length(ctx_lens: list[int], max_groups: int = 3) -> list[list[int]]
     return [order[a:b] for a, b in reversed(bounds) if b > a]
 
 
-def _attend(q, k_cache, v_cache, group: AttentionGroup, window: int | None, block_size: int) -> torch.Tensor:
+def _attend(q, k_cache, v_cache, group: AttentionGroup, window: int | None, block_size: int, scale: float | None,
+            softcap: float | None) -> torch.Tensor:
     batch, n_blocks = group.block_table.shape
     kv_heads, dim = k_cache.shape[-2:]
     rows = q[: group.rows.numel()].view(*group.rows.shape, *q.shape[1:]) if group.dense else q[group.rows]
@@ -126,21 +128,38 @@ def _attend(q, k_cache, v_cache, group: AttentionGroup, window: int | None, bloc
     blocks = group.block_table.view(-1)  # index_select: ~40% faster than advanced indexing here
     keys = k_cache.view(-1, block_size, kv_heads, dim).index_select(0, blocks).view(batch, -1, kv_heads, dim)
     values = v_cache.view(-1, block_size, kv_heads, dim).index_select(0, blocks).view(batch, -1, kv_heads, dim)
-    out = F.scaled_dot_product_attention(
-        queries, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=group.mask(window, block_size), enable_gqa=True
-    )
+    mask = group.mask(window, block_size)
+    if softcap is not None:
+        out = _capped_attention(queries, keys.transpose(1, 2), values.transpose(1, 2), mask, scale, softcap)
+    else:
+        out = F.scaled_dot_product_attention(queries, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask,
+                                             enable_gqa=True, scale=scale)
     return out.transpose(1, 2)  # [B, Q, H, D]
 
 
-def paged_attention(q, k, v, kv_cache, meta: AttentionMetadata, window: int | None) -> torch.Tensor:
-    """q: [T, H, D], k/v: [T, KV, D]; kv_cache: (k_cache, v_cache), each [slots, KV, D]."""
+def _capped_attention(queries, keys, values, mask, scale: float | None, softcap: float) -> torch.Tensor:
+    """Attention with scores soft-capped to +-softcap by tanh before the mask (Gemma 2), which SDPA cannot
+    do: op for op as transformers' eager attention computes it (scores in the activation dtype, softmax
+    in fp32). queries [B, H, Q, D], keys/values [B, KV, N, D]."""
+    group = queries.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+    scores = torch.matmul(queries, keys.transpose(2, 3)) * (scale if scale is not None else queries.shape[-1] ** -0.5)
+    scores = torch.tanh(scores / softcap) * softcap
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1, dtype=torch.float32).to(queries.dtype)
+    return torch.matmul(probs, values)
+
+
+def paged_attention(q, k, v, kv_cache, meta: AttentionMetadata, window: int | None, scale: float | None = None,
+                    softcap: float | None = None) -> torch.Tensor:
+    """q: [T, H, D], k/v: [T, KV, D]; kv_cache: (k_cache, v_cache), each [slots, KV, D]. `scale`: the
+    softmax scale (default head_dim ** -0.5); `softcap`: scores capped by tanh (Gemma 2)."""
     k_cache, v_cache = kv_cache
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
     if len(meta.groups) == 1 and meta.groups[0].dense and meta.groups[0].rows.numel() == q.shape[0]:
-        return _attend(q, k_cache, v_cache, meta.groups[0], window, meta.block_size).reshape(q.shape)
+        return _attend(q, k_cache, v_cache, meta.groups[0], window, meta.block_size, scale, softcap).reshape(q.shape)
     out = torch.empty_like(q)
     for group in meta.groups:
-        result = _attend(q, k_cache, v_cache, group, window, meta.block_size)
+        result = _attend(q, k_cache, v_cache, group, window, meta.block_size, scale, softcap)
         out[group.rows[group.valid]] = result[group.valid]
     return out

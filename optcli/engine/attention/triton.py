@@ -24,21 +24,25 @@ class TritonMetadata:
     query_start_loc: torch.Tensor | None  # [B+1] int32; None for decode (one query row per sequence)
     block_size: int
 
-    def attend(self, q, k, v, kv_cache, window: int | None) -> torch.Tensor:
+    def attend(self, q, k, v, kv_cache, window: int | None, scale: float | None = None,
+               softcap: float | None = None) -> torch.Tensor:
         store_kv(k, v, kv_cache[0], kv_cache[1], self.slot_mapping)
-        return self.attend_cached(q, kv_cache, window)
+        return self.attend_cached(q, kv_cache, window, scale, softcap)
 
-    def attend_cached(self, q, kv_cache, window: int | None) -> torch.Tensor:
-        """Attention of q over the cache, this step's K/V already stored (e.g. by the fused RoPE kernel)."""
+    def attend_cached(self, q, kv_cache, window: int | None, scale: float | None = None,
+                      softcap: float | None = None) -> torch.Tensor:
+        """Attention of q over the cache, this step's K/V already stored (e.g. by the fused RoPE kernel).
+        `scale` defaults to head_dim ** -0.5; `softcap` caps scores at +-softcap by tanh (Gemma 2)."""
         k_cache, v_cache = kv_cache
-        scale = q.shape[-1] ** -0.5
+        scale = scale if scale is not None else q.shape[-1] ** -0.5
         if self.query_start_loc is None:
             return paged_decode_attention(
-                q, k_cache, v_cache, self.block_tables, self.context_lens, self.block_size, scale, sliding_window=window
+                q, k_cache, v_cache, self.block_tables, self.context_lens, self.block_size, scale, sliding_window=window,
+                softcap=softcap,
             )
         return paged_prefill_attention(
             q, k_cache, v_cache, self.block_tables, self.query_start_loc, self.context_lens, self.block_size, scale,
-            sliding_window=window,
+            sliding_window=window, softcap=softcap,
         )
 
 

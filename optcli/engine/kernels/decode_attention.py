@@ -14,21 +14,21 @@ import triton
 import triton.language as tl
 
 from ._utils import dot_args
-from .online_softmax import LOG2E, load_kv_tile, online_softmax_step
+from .online_softmax import LOG2E, capped_log2, load_kv_tile, online_softmax_step
 
 
 @triton.jit
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, mid_m_ptr, mid_l_ptr, mid_acc_ptr,
-    qk_scale, window, num_splits,
+    qk_scale, softcap, window, num_splits,
     stride_qb, stride_qh, stride_qd,
     stride_ks, stride_kh, stride_kd,
     stride_vs, stride_vh, stride_vd,
     stride_bt, stride_ob, stride_oh, stride_od,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DIRECT: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DIRECT: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):  # fmt: skip
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -65,6 +65,8 @@ def _decode_split_kernel(
             stride_ks, stride_kh, stride_kd, stride_vs, stride_vh, stride_vd, BLOCK_SIZE,
         )  # fmt: skip
         s = tl.dot(q, k.to(q.dtype), input_precision=PRECISION) * qk_scale
+        if SOFTCAP:  # qk_scale is then in natural units
+            s = capped_log2(s, softcap)
         s = tl.where(n_ok[None, :], s, float("-inf"))
         acc, m_i, l_i = online_softmax_step(s, v.to(q.dtype), acc, m_i, l_i, PRECISION)
 
@@ -130,13 +132,15 @@ def paged_decode_attention(
     sliding_window: int | None = None,
     num_splits: int | None = None,
     *,
+    softcap: float | None = None,
     block_n: int = 64,
 ) -> torch.Tensor:
     """Attention of q [B, H, D] (position context_lens[b]-1) over each sequence's paged K/V.
 
     k_cache/v_cache: [slots, KV, D]; block_tables [B, max_blocks] int32; context_lens [B] int32
     (0 = padded row, output zeros). num_splits=None picks it from the longest context the block
-    table can hold (its width x block_size). block_n: keys per tile (power of two >= 16).
+    table can hold (its width x block_size). softcap: scores -> softcap * tanh(scores / softcap)
+    before the softmax (Gemma 2). block_n: keys per tile (power of two >= 16).
     """
     batch, num_heads, head_dim = q.shape
     kv_heads = k_cache.shape[1]
@@ -160,11 +164,11 @@ def paged_decode_attention(
     _decode_split_kernel[(batch, kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens,
         out, mid_m, mid_l, mid_acc,
-        scale * LOG2E, sliding_window or 0, num_splits,
+        scale if softcap else scale * LOG2E, softcap or 0.0, sliding_window or 0, num_splits,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0), *out.stride(),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_G=max(triton.next_power_of_2(group), 16), BLOCK_N=max(block_n, 16),
-        BLOCK_D=block_d, DIRECT=direct, **dot_args(q.dtype),
+        BLOCK_D=block_d, DIRECT=direct, SOFTCAP=bool(softcap), **dot_args(q.dtype),
     )  # fmt: skip
     if not direct:
         _decode_reduce_kernel[(batch, num_heads)](
@@ -183,6 +187,7 @@ def paged_decode_attention_reference(
     block_size: int,
     scale: float,
     sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Plain-PyTorch equivalent: gather each sequence's whole blocks, mask, softmax in fp32."""
     batch, num_heads, head_dim = q.shape
@@ -199,6 +204,8 @@ def paged_decode_attention_reference(
     values = v_cache[slots].float().repeat_interleave(num_heads // kv_heads, dim=2)
     values = values.masked_fill(~visible[:, :, None, None], 0.0)  # stale slots may hold NaN
     scores = torch.einsum("bhd,bnhd->bhn", q.float(), keys) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # empty rows -> zeros
     return torch.einsum("bhn,bnhd->bhd", probs, values).to(q.dtype)

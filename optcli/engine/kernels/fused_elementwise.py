@@ -1,4 +1,5 @@
-"""The decoder layer's elementwise work as one launch each: residual add + RMSNorm, RoPE (+ KV-cache store), SiLU-and-mul.
+"""The decoder layer's elementwise work as one launch each: residual add + RMSNorm, RoPE (+ KV-cache store),
+SiLU-and-mul (or Gemma's GELU-tanh-and-mul).
 
 Written as torch ops, a layer's norms, rotary embedding and MLP activation are ~25 small kernels; in a
 batch-1 decode step each costs microseconds however little it computes. Fused, a whole layer is 9
@@ -27,7 +28,7 @@ from .rounding import round_to
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, q_ptr, scale_ptr, N, eps,
                      stride_x, stride_r, stride_o, stride_ro, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
-                     QUANT: tl.constexpr, DIVISOR: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
+                     FP32_WEIGHT: tl.constexpr, QUANT: tl.constexpr, DIVISOR: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
                      IS_INT: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -40,9 +41,11 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, q_ptr, scale_p
     dtype = x_ptr.dtype.element_ty  # the activations' dtype (out_ptr holds int8/FP8 when QUANT)
     xf = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / N + eps)
-    normed = round_to(xf * rstd, dtype)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    y = round_to(w * normed, dtype)
+    if FP32_WEIGHT:  # Gemma's (1 + w): the fp32 row times the weight, rounded once (TorchOps.rms_norm)
+        y = round_to(w * (xf * rstd), dtype)
+    else:
+        y = round_to(w * round_to(xf * rstd, dtype), dtype)
     if QUANT:  # the next layer's per-token int8/FP8 input, instead of the normed row itself
         _store_quantized(y, q_ptr + row * stride_o + cols, scale_ptr + row, mask, DIVISOR, QMIN, QMAX, IS_INT)
     else:
@@ -72,7 +75,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         _rms_norm_kernel[(t,)](
             x, res, weight, out, res_out, out, scales, n, eps,
             x.stride(0), res.stride(0), out.stride(0), res_out.stride(0),
-            HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n), QUANT=quant is not None,
+            HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n),
+            FP32_WEIGHT=weight.dtype == torch.float32 and x.dtype != torch.float32, QUANT=quant is not None,
             **quant_constants(quant or torch.int8),
         )  # fmt: skip
     return (QuantizedInput(out, scales, x.dtype) if quant else out), res_out
@@ -148,16 +152,16 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, N, stride_x, stride_o, BLOCK: tl.constexpr):
+def _silu_mul_kernel(x_ptr, out_ptr, N, stride_x, stride_o, BLOCK: tl.constexpr, GELU: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     dtype = out_ptr.dtype.element_ty
-    y = _silu_mul_values(x_ptr + row * stride_x, cols, N, dtype)
+    y = _silu_mul_values(x_ptr + row * stride_x, cols, N, dtype, GELU)
     tl.store(out_ptr + row * stride_o + cols, y.to(dtype), mask=cols < N)
 
 
 @triton.jit
-def _silu_mul_quant_kernel(x_ptr, q_ptr, scale_ptr, N, stride_x, stride_q, BLOCK: tl.constexpr,
+def _silu_mul_quant_kernel(x_ptr, q_ptr, scale_ptr, N, stride_x, stride_q, BLOCK: tl.constexpr, GELU: tl.constexpr,
                            DIVISOR: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr):
     """One program per row: the row's absmax first, then the quantized row (SiLU recomputed, not stored)."""
     row = tl.program_id(0).to(tl.int64)
@@ -165,26 +169,34 @@ def _silu_mul_quant_kernel(x_ptr, q_ptr, scale_ptr, N, stride_x, stride_q, BLOCK
     absmax = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, N, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        absmax = tl.maximum(absmax, tl.abs(_silu_mul_values(x_ptr + row * stride_x, cols, N, dtype)))
+        absmax = tl.maximum(absmax, tl.abs(_silu_mul_values(x_ptr + row * stride_x, cols, N, dtype, GELU)))
     scale = tl.maximum(tl.max(absmax, axis=0) / DIVISOR, 1e-12)
     tl.store(scale_ptr + row, scale)
     for start in range(0, N, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        y = quantize_values(_silu_mul_values(x_ptr + row * stride_x, cols, N, dtype), scale, QMIN, QMAX, IS_INT)
+        y = quantize_values(_silu_mul_values(x_ptr + row * stride_x, cols, N, dtype, GELU), scale, QMIN, QMAX,
+                            IS_INT)
         tl.store(q_ptr + row * stride_q + cols, y.to(q_ptr.dtype.element_ty), mask=cols < N)
 
 
 @triton.jit
-def _silu_mul_values(row_ptr, cols, N, dtype: tl.constexpr):
+def _silu_mul_values(row_ptr, cols, N, dtype: tl.constexpr, GELU: tl.constexpr):
     mask = cols < N
     gate = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(row_ptr + N + cols, mask=mask, other=0.0).to(tl.float32)
-    return round_to(round_to(gate / (1.0 + tl.exp(-gate)), dtype) * up, dtype)
+    if GELU:  # tanh-approximate GELU: 0.5 x (1 + tanh(z)) = x * sigmoid(2z), z = sqrt(2/pi) (x + 0.044715 x^3)
+        z2 = 1.5957691216057308 * (gate + 0.044715 * gate * gate * gate)
+        act = gate * tl.sigmoid(tl.minimum(tl.maximum(z2, -80.0), 80.0))  # clamped: exp stays finite
+    else:
+        act = gate / (1.0 + tl.exp(-gate))
+    return round_to(round_to(act, dtype) * up, dtype)
 
 
-def silu_mul(gate_up: torch.Tensor, block: int = 1024, quant: torch.dtype | None = None) -> torch.Tensor | QuantizedInput:
-    """silu(gate) * up for gate_up [T, 2I] (gate first, as the fused gate_up projection) -> [T, I];
-    with `quant` (int8 or float8_e4m3fn), quantized per token for the next layer instead."""
+def silu_mul(gate_up: torch.Tensor, block: int = 1024, quant: torch.dtype | None = None,
+             act: str = "silu") -> torch.Tensor | QuantizedInput:
+    """act(gate) * up for gate_up [T, 2I] (gate first, as the fused gate_up projection) -> [T, I], act
+    "silu" or "gelu_tanh"; with `quant` (int8 or float8_e4m3fn), quantized per token for the next layer instead."""
+    assert act in ("silu", "gelu_tanh"), act
     assert gate_up.dim() == 2 and gate_up.stride(1) == 1
     t, n = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty((t, n), dtype=quant or gate_up.dtype, device=gate_up.device)
@@ -193,8 +205,9 @@ def silu_mul(gate_up: torch.Tensor, block: int = 1024, quant: torch.dtype | None
         scales = torch.empty((t, 1), dtype=torch.float32, device=gate_up.device)
         if t:
             _silu_mul_quant_kernel[(t,)](gate_up, out, scales, n, gate_up.stride(0), out.stride(0), BLOCK=block,
-                                         **quant_constants(quant))
+                                         GELU=act == "gelu_tanh", **quant_constants(quant))
         return QuantizedInput(out, scales, gate_up.dtype)
     if t:
-        _silu_mul_kernel[(t, triton.cdiv(n, block))](gate_up, out, n, gate_up.stride(0), out.stride(0), BLOCK=block)
+        _silu_mul_kernel[(t, triton.cdiv(n, block))](gate_up, out, n, gate_up.stride(0), out.stride(0), BLOCK=block,
+                                                     GELU=act == "gelu_tanh")
     return out

@@ -2,7 +2,7 @@
 then fold its scores into a running (max, sum, acc) softmax state.
 
 Scores are in log2 units (the caller scales q·k by softmax_scale * LOG2E), so exp2 does the
-exponentials. Rows that have seen no visible key keep m = -inf; they are shifted by 0 instead, so
+exponentials; soft-capped scores (Gemma 2) are capped in natural units first (`capped_log2`). Rows that have seen no visible key keep m = -inf; they are shifted by 0 instead, so
 no inf - inf NaN appears and their acc and sum stay zero.
 """
 
@@ -46,3 +46,10 @@ def online_softmax_step(s, v, acc, m_i, l_i, PRECISION: tl.constexpr):
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, m_new, l_i
+
+
+@triton.jit
+def capped_log2(s, softcap):
+    """softcap * tanh(s / softcap) for scaled scores s, in log2 units; tanh(t) = 2 * sigmoid(2t) - 1."""
+    t2 = tl.minimum(tl.maximum(2.0 * s / softcap, -80.0), 80.0)  # exp stays finite; tanh(40) is 1 in fp32
+    return softcap * (2.0 * tl.sigmoid(t2) - 1.0) * 1.4426950408889634

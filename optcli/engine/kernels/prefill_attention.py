@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ._utils import dot_args
-from .online_softmax import LOG2E, load_kv_tile, online_softmax_step
+from .online_softmax import LOG2E, capped_log2, load_kv_tile, online_softmax_step
 
 NO_WINDOW = 1 << 30
 
@@ -38,14 +38,14 @@ def _find_sequence(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
 @triton.jit
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr, context_lens_ptr, out_ptr,
-    qk_scale, window, num_seqs,
+    qk_scale, softcap, window, num_seqs,
     stride_qt, stride_qh, stride_qd,
     stride_ks, stride_kh, stride_kd,
     stride_vs, stride_vh, stride_vd,
     stride_bt, stride_ot, stride_oh, stride_od,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -89,6 +89,8 @@ def _prefill_kernel(
             stride_ks, stride_kh, stride_kd, stride_vs, stride_vh, stride_vd, BLOCK_SIZE,
         )  # fmt: skip
         s = tl.dot(q, k.to(q.dtype), input_precision=PRECISION) * qk_scale
+        if SOFTCAP:  # qk_scale is then in natural units
+            s = capped_log2(s, softcap)
         visible = (n[None, :] <= pos[:, None]) & (n[None, :] > pos[:, None] - window) & n_ok[None, :]
         s = tl.where(visible, s, float("-inf"))
         acc, m_i, l_i = online_softmax_step(s, v.to(q.dtype), acc, m_i, l_i, PRECISION)
@@ -112,6 +114,7 @@ def paged_prefill_attention(
     scale: float,
     sliding_window: int | None = None,
     *,
+    softcap: float | None = None,
     block_m: int = 64,
     block_n: int = 64,
 ) -> torch.Tensor:
@@ -120,7 +123,8 @@ def paged_prefill_attention(
     query_start_loc [B+1] int32: cumulative query offsets; context_lens [B] int32: tokens of each
     sequence after this step, so sequence b's queries sit at positions context_lens[b] - q_len_b
     .. context_lens[b] - 1 and all their K/V are already cached. block_m (rows = query tokens x
-    group heads) and block_n (keys) are tile sizes, powers of two >= 16.
+    group heads) and block_n (keys) are tile sizes, powers of two >= 16. softcap: scores ->
+    softcap * tanh(scores / softcap) before the softmax (Gemma 2).
     """
     num_tokens, num_heads, head_dim = q.shape
     kv_heads = k_cache.shape[1]
@@ -134,11 +138,11 @@ def paged_prefill_attention(
     block_q = block_m // group
     _prefill_kernel[(num_tokens // block_q + num_seqs, kv_heads)](
         q, k_cache, v_cache, block_tables, query_start_loc, context_lens, out,
-        scale * LOG2E, sliding_window or NO_WINDOW, num_seqs,
+        scale if softcap else scale * LOG2E, softcap or 0.0, sliding_window or NO_WINDOW, num_seqs,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0), *out.stride(),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=max(block_n, 16),
-        BLOCK_D=max(triton.next_power_of_2(head_dim), 16), **dot_args(q.dtype),
+        BLOCK_D=max(triton.next_power_of_2(head_dim), 16), SOFTCAP=bool(softcap), **dot_args(q.dtype),
     )  # fmt: skip
     return out
 
@@ -153,6 +157,7 @@ def paged_prefill_attention_reference(
     block_size: int,
     scale: float,
     sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Plain-PyTorch equivalent, one sequence at a time: gather its context, mask, softmax in fp32."""
     num_heads = q.shape[1]
@@ -172,6 +177,8 @@ def paged_prefill_attention_reference(
         if sliding_window is not None:
             visible &= keys_pos[None, :] > query_pos[:, None] - sliding_window
         scores = torch.einsum("qhd,khd->hqk", q[q_lo:q_hi].float(), keys) * scale
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
         probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
         out[q_lo:q_hi] = torch.einsum("hqk,khd->qhd", probs, values).to(q.dtype)
     return out

@@ -23,12 +23,16 @@ class TorchOps:
     def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
                  quant: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(RMSNorm(x + residual), x + residual); without a residual, (RMSNorm(x), x). `quant` is
-        ignored: the next layer quantizes its dense input itself."""
+        ignored: the next layer quantizes its dense input itself. The weight's dtype says where to round,
+        as transformers does per family: in the activation dtype, the row is rounded before the weight
+        (Llama); an fp32 weight (Gemma's 1 + w) multiplies the fp32 row, rounded after."""
         if residual is not None:
             x = x + residual
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        if weight.dtype != dtype:
+            return (h * weight).to(dtype), x
         return weight * h.to(dtype), x
 
     @staticmethod
@@ -40,15 +44,24 @@ class TorchOps:
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
     @classmethod
-    def rotary_attend(cls, q, k, v, cos, sin, kv_cache, meta, window: int | None) -> torch.Tensor:
+    def rotary_attend(cls, q, k, v, cos, sin, kv_cache, meta, window: int | None, scale: float | None = None,
+                      softcap: float | None = None) -> torch.Tensor:
         """RoPE on q and k, then attention through the step's metadata (which stores K/V first)."""
         q, k = cls.rotary(q, k, cos, sin)
-        return meta.attend(q, k, v, kv_cache, window)
+        return meta.attend(q, k, v, kv_cache, window, scale, softcap)
 
     @staticmethod
     def silu_mul(gate_up: torch.Tensor, quant: torch.dtype | None = None) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+    @classmethod
+    def act_mul(cls, gate_up: torch.Tensor, act: str, quant: torch.dtype | None = None) -> torch.Tensor:
+        """act(gate) * up: "silu" (SwiGLU) or "gelu_tanh" (Gemma's GeGLU)."""
+        if act == "silu":
+            return cls.silu_mul(gate_up, quant)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.gelu(gate, approximate="tanh") * up
 
 
 class FusedOps:
@@ -70,22 +83,28 @@ class FusedOps:
         return q, k
 
     @classmethod
-    def rotary_attend(cls, q, k, v, cos, sin, kv_cache, meta, window):
+    def rotary_attend(cls, q, k, v, cos, sin, kv_cache, meta, window, scale=None, softcap=None):
         """With Triton metadata, one kernel rotates q and k and writes K/V to their cache slots
         (no separate store_kv launch); then attention reads them from the cache."""
         from optcli.engine.kernels.fused_elementwise import rotary_
 
         if not isinstance(meta, TritonMetadata):
             q, k = cls.rotary(q, k, cos, sin)
-            return meta.attend(q, k, v, kv_cache, window)
+            return meta.attend(q, k, v, kv_cache, window, scale, softcap)
         rotary_(q, k, cos, sin, store=(v, kv_cache[0], kv_cache[1], meta.slot_mapping))
-        return meta.attend_cached(q, kv_cache, window)
+        return meta.attend_cached(q, kv_cache, window, scale, softcap)
 
     @staticmethod
     def silu_mul(gate_up, quant=None):
         from optcli.engine.kernels.fused_elementwise import silu_mul
 
         return silu_mul(gate_up, quant=quant)
+
+    @staticmethod
+    def act_mul(gate_up, act, quant=None):
+        from optcli.engine.kernels.fused_elementwise import silu_mul
+
+        return silu_mul(gate_up, quant=quant, act=act)
 
 
 def adjacent_heads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:

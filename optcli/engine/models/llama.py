@@ -1,4 +1,6 @@
-"""Llama-family forward over a paged KV cache: Llama, Mistral, Qwen2 (qkv bias), Qwen3 (q/k norm).
+"""The decoder forward over a paged KV cache, for every family the engine runs: Llama, Mistral, Qwen2
+(qkv bias), Qwen3 (q/k norm), Phi-3 (fused checkpoint), Gemma 2/3 (sandwich norms, soft-capping, scaled
+embeddings) and the MoE families (moe.py), each detail switched by `ModelConfig` (config.py).
 
 One flat batch of tokens from many sequences goes through every matmul together; only attention
 looks at sequences separately, through the step's metadata (`meta.attend`, see engine/attention/cpu.py
@@ -9,84 +11,20 @@ greedy decoding matches it token for token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from optcli.engine.kernels import cpu_amx, cpu_lowbit
 from optcli.engine.kernels.dense_gemm import dense_linear, onednn_linear_available
+from optcli.engine.models.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from optcli.engine.models.layer_ops import TorchOps
-from optcli.engine.models.moe import MOE_ARCHITECTURES, MoESpec, SparseMoE
-from optcli.engine.models.rotary import RotaryEmbedding
+from optcli.engine.models.moe import SparseMoE
+from optcli.engine.models.rotary import LayerRotary, RotaryEmbedding
 from optcli.engine.quant.cpu_choice import choose
 from optcli.engine.quant.layers import make_quant_linear
 from optcli.engine.quant.weights import Int8Weight, cat_weights, is_quantized
-from optcli.errors import UsageError
 
-DENSE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                       "Phi3ForCausalLM")
-SUPPORTED_ARCHITECTURES = DENSE_ARCHITECTURES + MOE_ARCHITECTURES
-
-
-@dataclass
-class ModelConfig:
-    """What the forward needs from an HF config, normalized across the supported families."""
-
-    architecture: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    tie_word_embeddings: bool
-    qkv_bias: bool
-    qk_norm: str | None  # "head": RMSNorm per head (Qwen3); "full": over the whole projection (OLMoE)
-    clip_qkv: float | None  # OLMoE clamps q, k, v to +-clip_qkv
-    max_position_embeddings: int
-    sliding_windows: list[int | None]  # per layer: None = full attention
-    moe: MoESpec | None
-    fused_checkpoint: bool  # Phi-3 stores qkv_proj and gate_up_proj fused already
-    hf_config: object  # kept for RoPE initialisation (transformers' own functions)
-
-    @classmethod
-    def from_hf(cls, config) -> ModelConfig:
-        arch = (getattr(config, "architectures", None) or ["?"])[0]
-        heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        window = getattr(config, "sliding_window", None)
-        partial = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
-        if partial != 1.0:
-            raise UsageError(f"{arch}: partial rotary embeddings (partial_rotary_factor {partial}) are not supported by "
-                             "the built-in engine; run it with `optcli serve --engine vllm`")
-        layer_types = getattr(config, "layer_types", None)
-        if layer_types:
-            windows = [window if t == "sliding_attention" else None for t in layer_types]
-        else:  # Mistral, Mixtral, Qwen3-MoE: one window (or none) for every layer, as their attention reads it
-            windows = [window] * config.num_hidden_layers
-        return cls(
-            architecture=arch,
-            vocab_size=config.vocab_size,
-            hidden_size=config.hidden_size,
-            intermediate_size=config.intermediate_size,
-            num_layers=config.num_hidden_layers,
-            num_heads=heads,
-            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-            head_dim=head_dim,
-            rms_norm_eps=config.rms_norm_eps,
-            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-            qkv_bias=arch == "Qwen2ForCausalLM" or bool(getattr(config, "attention_bias", False)),
-            qk_norm={"Qwen3ForCausalLM": "head", "Qwen3MoeForCausalLM": "head", "OlmoeForCausalLM": "full"}.get(arch),
-            clip_qkv=getattr(config, "clip_qkv", None),
-            max_position_embeddings=config.max_position_embeddings,
-            sliding_windows=windows,
-            moe=MoESpec.from_hf(config, arch),
-            fused_checkpoint=arch == "Phi3ForCausalLM",
-            hf_config=config,
-        )
+__all__ = ["SUPPORTED_ARCHITECTURES", "LlamaForCausalLM", "ModelConfig"]
 
 
 class RMSNorm(nn.Module):
@@ -204,12 +142,20 @@ class DecoderLayer(nn.Module):
             self.q_norm = RMSNorm(self.q_size if full else cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.kv_size if full else cfg.head_dim, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.gemma_norms:  # Gemma: post_attention_layernorm norms the attention output; these wrap the MLP
+            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.moe = SparseMoE(cfg.hidden_size, cfg.moe, Dense) if cfg.moe and cfg.moe.sparse_layers[index] else None
         if self.moe is None:
             self.gate_up_proj = Dense(cfg.hidden_size, 2 * cfg.intermediate_size)
             self.down_proj = Dense(cfg.intermediate_size, cfg.hidden_size)
 
-    def forward(self, x, residual, cos, sin, kv_cache: tuple[torch.Tensor, torch.Tensor], meta, ops):
+    def norms(self) -> list[str]:
+        """This layer's RMSNorm attribute names (the checkpoint's names too)."""
+        extra = ["pre_feedforward_layernorm", "post_feedforward_layernorm"] if self.cfg.gemma_norms else []
+        return ["input_layernorm", "post_attention_layernorm", *extra] + (["q_norm", "k_norm"] if self.cfg.qk_norm else [])
+
+    def forward(self, x, residual, rope: dict, kv_cache: tuple[torch.Tensor, torch.Tensor], meta, ops):
         """(this layer's MLP output, the residual stream it is to be added to): the add is deferred into
         the next norm, so add + norm is one op (one kernel with FusedOps)."""
         cfg = self.cfg
@@ -225,14 +171,22 @@ class DecoderLayer(nn.Module):
         v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        attn = ops.rotary_attend(q, k, v, cos, sin, kv_cache, meta, cfg.sliding_windows[self.index])
+        cos, sin = rope[cfg.rope_kinds[self.index] if cfg.rope_kinds else None]
+        attn = ops.rotary_attend(q, k, v, cos, sin, kv_cache, meta, cfg.sliding_windows[self.index], cfg.scale,
+                                 cfg.attn_softcap)
         out = self.o_proj(attn.reshape(-1, self.q_size))
         norm = self.post_attention_layernorm
+        if cfg.gemma_norms:  # the normed attention output joins the residual; the MLP's input norm follows
+            out = ops.rms_norm(out, norm.weight, norm.eps)[0]
+            norm = self.pre_feedforward_layernorm
         if self.moe is not None:
             h, residual = ops.rms_norm(out, norm.weight, norm.eps, residual)
             return self.moe(h, ops), residual
         h, residual = ops.rms_norm(out, norm.weight, norm.eps, residual, self.gate_up_proj.input_quant)
-        return self.down_proj(ops.silu_mul(self.gate_up_proj(h), self.down_proj.input_quant)), residual
+        y = self.down_proj(ops.act_mul(self.gate_up_proj(h), cfg.hidden_act, self.down_proj.input_quant))
+        if cfg.gemma_norms:
+            y = ops.rms_norm(y, self.post_feedforward_layernorm.weight, self.post_feedforward_layernorm.eps)[0]
+        return y, residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -243,22 +197,26 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = Dense(cfg.hidden_size, cfg.vocab_size)  # shares embed_tokens' weight when tied
-        self.rotary = RotaryEmbedding(cfg)
+        self.rotary = LayerRotary(cfg)
         self.dtype = torch.float32  # the activations' dtype (set at load)
         self.ops = TorchOps  # layer_ops.FusedOps on the Triton backend (set by the engine)
 
     def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
         """Hidden states [T, hidden] for the flat batch; KV of every token lands in the cache."""
         x = self.embed_tokens(input_ids).to(self.dtype)  # bf16-held rows widen here
-        cos, sin = self.rotary(positions)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        if self.cfg.embed_scale is not None:  # Gemma: scaled by sqrt(hidden) rounded to the dtype, as transformers
+            x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
+        rope = {kind: (cos.to(x.dtype), sin.to(x.dtype)) for kind, (cos, sin) in self.rotary(positions).items()}
         residual = None
         for layer, cache in zip(self.layers, kv_caches, strict=True):
-            x, residual = layer(x, residual, cos, sin, cache, meta, self.ops)
+            x, residual = layer(x, residual, rope, cache, meta, self.ops)
         return self.ops.rms_norm(x, self.norm.weight, self.norm.eps, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        logits = self.lm_head(hidden)
+        if self.cfg.final_softcap is not None:  # Gemma 2, as transformers: in the logits' dtype
+            logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
+        return logits
 
     def load_hf_state_dict(self, state: dict, compute_dtypes: tuple[torch.dtype, ...] = (), lm_head: str = "dense") -> None:
         """Take HF-named weights, fusing q/k/v and gate/up. A weight given quantized (a
@@ -284,13 +242,19 @@ class LlamaForCausalLM(nn.Module):
             else:
                 getattr(owner, attr).load(weight, bias)  # take() gave it in dtype, or bf16 to be kept
 
+        def load_norm(norm: RMSNorm, name: str) -> None:
+            if self.cfg.gemma_norms:  # (1 + w), held in fp32: TorchOps.rms_norm then applies it as Gemma does
+                norm.weight = nn.Parameter(1.0 + take(name).float(), requires_grad=False)
+            else:
+                norm.weight.copy_(take(name))
+
         with torch.no_grad():
             embedding = take("model.embed_tokens.weight", dense=True, linear=True)
             if embedding.dtype == dtype:
                 self.embed_tokens.weight.copy_(embedding)
             else:  # bf16 rows, widened per lookup (forward); the tied head reads the same bf16 matrix
                 self.embed_tokens.weight = nn.Parameter(embedding.contiguous(), requires_grad=False)
-            self.norm.weight.copy_(take("model.norm.weight"))
+            load_norm(self.norm, "model.norm.weight")
             tied = "lm_head.weight" not in state or self.cfg.tie_word_embeddings
             head = self.embed_tokens.weight if tied else take("lm_head.weight", linear=True)
             if lm_head == "int8" and not is_quantized(head):
@@ -301,9 +265,9 @@ class LlamaForCausalLM(nn.Module):
                 self.lm_head.tie(self.embed_tokens.weight)
             for i, layer in enumerate(self.layers):
                 p = f"model.layers.{i}."
-                layer.input_layernorm.weight.copy_(take(p + "input_layernorm.weight"))
-                layer.post_attention_layernorm.weight.copy_(take(p + "post_attention_layernorm.weight"))
                 attn = p + "self_attn."
+                for name in layer.norms():
+                    load_norm(getattr(layer, name), (attn if name in ("q_norm", "k_norm") else p) + name + ".weight")
                 if self.cfg.fused_checkpoint:
                     load_linear(layer, "qkv_proj", take(attn + "qkv_proj.weight", linear=True))
                 else:
@@ -311,9 +275,6 @@ class LlamaForCausalLM(nn.Module):
                     qkv = [take(attn + f"{n}_proj.weight", linear=True) for n in "qkv"]
                     load_linear(layer, "qkv_proj", cat_weights(qkv), qkv_bias)
                 load_linear(layer, "o_proj", take(attn + "o_proj.weight", linear=True))
-                if self.cfg.qk_norm:
-                    layer.q_norm.weight.copy_(take(attn + "q_norm.weight"))
-                    layer.k_norm.weight.copy_(take(attn + "k_norm.weight"))
                 if layer.moe is not None:
                     layer.moe.load(take, state.__contains__, load_linear, p + self.cfg.moe.prefix)
                     continue

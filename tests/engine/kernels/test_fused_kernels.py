@@ -54,6 +54,20 @@ def test_rms_norm_matches_torch(dtype, hidden, with_residual) -> None:
         assert got_r is x
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_with_an_fp32_weight_rounds_once_as_gemma(dtype) -> None:
+    """Gemma's (1 + w) weight is held fp32: the fp32 row times it, rounded once, as TorchOps (and transformers)."""
+    gen = torch.Generator().manual_seed(5)
+    x = rand(7, 128, gen=gen, scale=3.0, dtype=dtype)
+    residual = rand(7, 128, gen=gen, dtype=dtype)
+    weight = 1 + rand(128, gen=gen, scale=0.2)
+    want_h, want_r = TorchOps.rms_norm(x, weight, 1e-6, residual)
+    got_h, got_r = FusedOps.rms_norm(x, weight, 1e-6, residual)
+    assert want_h.dtype == dtype
+    same(got_h, want_h, dtype)
+    assert torch.equal(got_r, want_r)
+
+
 def test_rms_norm_of_a_strided_row_view_and_no_rows() -> None:
     gen = torch.Generator().manual_seed(1)
     wide = rand(4, 160, gen=gen, dtype=torch.bfloat16)
@@ -114,14 +128,20 @@ def test_rotary_can_store_rotated_k_and_v_into_the_paged_cache(dtype) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("inter,block", [(100, 1024), (256, 64)])  # one ragged tile; several tiles
-def test_silu_mul_matches_torch(dtype, inter, block) -> None:
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_silu_mul_matches_torch(dtype, inter, block, act) -> None:
     from optcli.engine.kernels.fused_elementwise import silu_mul
 
     gen = torch.Generator().manual_seed(inter)
     gate_up = rand(5, 2 * inter, gen=gen, scale=4.0, dtype=dtype)
-    want = TorchOps.silu_mul(gate_up)
-    got = silu_mul(gate_up, block=block)
-    if dtype == torch.bfloat16:
+    want = TorchOps.act_mul(gate_up, act)
+    got = silu_mul(gate_up, block=block, act=act)
+    if act == "gelu_tanh":
+        # x * sigmoid(2z) here, 0.5 x (1 + tanh z) in torch, whose 1 + tanh cancels for negative x: torch's
+        # fp32 value is off by ~1e-7 there, enough to move 12% of bf16 roundings. Values agree, not bits.
+        torch.testing.assert_close(got.float(), want.float(), rtol=8e-3 if dtype == torch.bfloat16 else 1e-5,
+                                   atol=1e-5)
+    elif dtype == torch.bfloat16:
         # SiLU's exp may differ from torch's by an fp32 ulp, which moves a bf16 rounding only on an exact tie.
         mismatch = (got != want).float().mean().item()
         assert mismatch < 0.01

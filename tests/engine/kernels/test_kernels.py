@@ -84,7 +84,7 @@ def fill_valid_slots(k_cache, v_cache, table, ctx_lens, gen) -> None:
             v_cache[slot] = torch.randn(v_cache.shape[1:], generator=gen).to(v_cache.dtype)
 
 
-def naive_attend(q_vec, k_cache, v_cache, table_row, pos, kv_head, window):
+def naive_attend(q_vec, k_cache, v_cache, table_row, pos, kv_head, window, softcap=None):
     """One query head at position `pos`, straight from the definition, in float64."""
     keys = [j for j in range(pos + 1) if window is None or j > pos - window]
     if not keys:
@@ -92,7 +92,10 @@ def naive_attend(q_vec, k_cache, v_cache, table_row, pos, kv_head, window):
     slots = [int(table_row[j // BLOCK_SIZE]) * BLOCK_SIZE + j % BLOCK_SIZE for j in keys]
     k = k_cache[slots, kv_head].double()
     v = v_cache[slots, kv_head].double()
-    w = torch.softmax((k @ q_vec.double()) * SCALE, dim=0)
+    scores = (k @ q_vec.double()) * SCALE
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    w = torch.softmax(scores, dim=0)
     return w @ v
 
 
@@ -138,19 +141,19 @@ def decode_case(heads: int, kv_heads: int, dim: int, dtype: torch.dtype, seed: i
     return q, k_cache, v_cache, table, torch.tensor(DECODE_CTX, dtype=torch.int32)
 
 
-def naive_decode(q, k_cache, v_cache, table, ctx_lens, window):
+def naive_decode(q, k_cache, v_cache, table, ctx_lens, window, softcap=None):
     group = q.shape[1] // k_cache.shape[1]
     out = torch.zeros(q.shape, dtype=torch.float64)
     for b, ctx in enumerate(ctx_lens.tolist()):
         for h in range(q.shape[1]):
             if ctx > 0:
-                out[b, h] = naive_attend(q[b, h], k_cache, v_cache, table[b], ctx - 1, h // group, window)
+                out[b, h] = naive_attend(q[b, h], k_cache, v_cache, table[b], ctx - 1, h // group, window, softcap)
     return out
 
 
-def run_decode(q, k_cache, v_cache, table, ctx, window, num_splits, block_n=16):
+def run_decode(q, k_cache, v_cache, table, ctx, window, num_splits, block_n=16, softcap=None):
     args = to_device(q, k_cache, v_cache, table, ctx)
-    out = paged_decode_attention(*args, BLOCK_SIZE, SCALE, window, num_splits, block_n=block_n)
+    out = paged_decode_attention(*args, BLOCK_SIZE, SCALE, window, num_splits, block_n=block_n, softcap=softcap)
     assert out.dtype == q.dtype and out.shape == q.shape
     return out.cpu()
 
@@ -167,6 +170,20 @@ def test_decode_fp32(heads: int, kv_heads: int, window: int | None, num_splits: 
     assert (out[ctx == 0] == 0).all()  # padded rows
     torch.testing.assert_close(out, ref, **tols(torch.float32))
     torch.testing.assert_close(out.double(), naive, **tols(torch.float32))
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_soft_capped_scores(window: int | None, num_splits: int) -> None:
+    """Gemma 2's tanh soft-cap (low enough here to change every row) vs the reference and the definition."""
+    q, k_cache, v_cache, table, ctx = decode_case(4, 2, 32, torch.float32)
+    out = run_decode(q, k_cache, v_cache, table, ctx, window, num_splits, softcap=1.5)
+    ref = paged_decode_attention_reference(q, k_cache, v_cache, table, ctx, BLOCK_SIZE, SCALE, window, softcap=1.5)
+    torch.testing.assert_close(out, ref, **tols(torch.float32))
+    torch.testing.assert_close(out.double(), naive_decode(q, k_cache, v_cache, table, ctx, window, 1.5),
+                               **tols(torch.float32))
+    uncapped = run_decode(q, k_cache, v_cache, table, ctx, window, num_splits)
+    assert (out - uncapped)[ctx > 1].abs().max() > 0.05
 
 
 def test_decode_split_k_matches_single_pass_and_default_tiles() -> None:
@@ -245,14 +262,14 @@ def prefill_case(heads: int, kv_heads: int, dim: int, dtype: torch.dtype, seed: 
     return q, k_cache, v_cache, table, starts, torch.tensor(ctx_lens, dtype=torch.int32)
 
 
-def naive_prefill(q, k_cache, v_cache, table, starts, ctx_lens, window):
+def naive_prefill(q, k_cache, v_cache, table, starts, ctx_lens, window, softcap=None):
     group = q.shape[1] // k_cache.shape[1]
     out = torch.zeros(q.shape, dtype=torch.float64)
     for t in range(q.shape[0]):
         b = max(i for i in range(len(ctx_lens)) if starts[i] <= t)  # the sequence owning token t
         pos = int(ctx_lens[b]) - int(starts[b + 1] - starts[b]) + (t - int(starts[b]))
         for h in range(q.shape[1]):
-            out[t, h] = naive_attend(q[t, h], k_cache, v_cache, table[b], pos, h // group, window)
+            out[t, h] = naive_attend(q[t, h], k_cache, v_cache, table[b], pos, h // group, window, softcap)
     return out
 
 
@@ -279,6 +296,18 @@ def test_prefill_fp32(heads: int, kv_heads: int, window: int | None, tiles: dict
     torch.testing.assert_close(
         out.double(), naive_prefill(q, k_cache, v_cache, table, starts, ctx, window), **tols(torch.float32)
     )
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_prefill_soft_capped_scores(window: int | None) -> None:
+    q, k_cache, v_cache, table, starts, ctx = prefill_case(4, 2, 32, torch.float32)
+    out = run_prefill(q, k_cache, v_cache, table, starts, ctx, window, block_m=16, block_n=16, softcap=1.5)
+    ref = paged_prefill_attention_reference(q, k_cache, v_cache, table, starts, ctx, BLOCK_SIZE, SCALE, window,
+                                            softcap=1.5)
+    torch.testing.assert_close(out, ref, **tols(torch.float32))
+    torch.testing.assert_close(out.double(), naive_prefill(q, k_cache, v_cache, table, starts, ctx, window, 1.5),
+                               **tols(torch.float32))
+    assert (out - run_prefill(q, k_cache, v_cache, table, starts, ctx, window)).abs().max() > 0.05
 
 
 def test_prefill_padded_head_dim() -> None:
