@@ -1,15 +1,20 @@
 """Mixture-of-experts feed-forward: a router picks `top_k` experts per token, each expert a SwiGLU MLP.
 
-Tokens are grouped by expert, so each expert that any token chose runs one GEMM pair per step over
-exactly its tokens (on a GPU too: there is no fused-experts kernel yet). The router ("gate") stays a plain unquantized matrix: its logits decide which
-experts run, so quantization error there changes the computation itself, and llm-compressor's MoE
-recipes leave it out for that reason. Experts are `Dense` layers, so a quantized checkpoint's experts
-become the format's QuantLinear like any other linear layer.
+Tokens are grouped by expert. On the Triton backend with dense experts, all experts run in one grouped
+GEMM launch per projection (`kernels/moe_gemm.py`) over their weights stacked [E, out, in]: gate_up
+reads the layer input by token index, down scales each row by its routing weight. A launch per expert
+would make a decode step mostly launch overhead and tiny GEMMs. Elsewhere (CPU, quantized experts) each
+expert that any token chose runs one GEMM pair per step over exactly its tokens.
+
+The router ("gate") stays a plain unquantized matrix: its logits decide which experts run, so
+quantization error there changes the computation itself, and llm-compressor's MoE recipes leave it out
+for that reason. Experts are `Dense` layers, so a quantized checkpoint's experts become the format's
+QuantLinear like any other linear layer.
 
 Routing follows each family, as transformers computes it (softmax in fp32, then top-k; Mixtral always
 renormalises the chosen weights, Qwen3-MoE and OLMoE when `norm_topk_prob`), and the per-expert outputs
-are summed in expert order in the activation dtype, as transformers' `index_add_` does, so bf16
-greedy output matches it too.
+are summed in expert order in the activation dtype, as transformers' `index_add_` does (on both paths),
+so bf16 greedy output matches it too.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ class SparseMoE(nn.Module):
         inter = spec.expert_intermediate_size
         self.gate_up = nn.ModuleList(linear_cls(hidden_size, 2 * inter) for _ in range(spec.num_experts))
         self.down = nn.ModuleList(linear_cls(inter, hidden_size) for _ in range(spec.num_experts))
+        self._stacks: tuple[torch.Tensor, ...] | None = None  # expert_stacks(): None undecided, () not dense
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights [T, k], expert ids [T, k]) per token."""
@@ -77,6 +83,8 @@ class SparseMoE(nn.Module):
 
     def forward(self, h: torch.Tensor, ops) -> torch.Tensor:
         weights, ids = self.route(h)
+        if ops.name == "triton" and (stacks := self.expert_stacks(h)) is not None:
+            return grouped_experts(h, weights, ids, stacks, ops)
         out = torch.zeros_like(h)
         # One sort groups the (token, slot) pairs by expert; each expert then runs over its rows only.
         flat = ids.reshape(-1)
@@ -95,9 +103,39 @@ class SparseMoE(nn.Module):
             start += count
         return out
 
+    def expert_stacks(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The experts' weights stacked, gate_up [E, 2I, H] and down [E, H, I], when every expert is a
+        plain Dense in h's dtype and device; else None (quantized or oneDNN-packed experts keep the loop).
+
+        Built on first use, then the only copy: each expert's `.weight` becomes a view into its stack, and
+        the stacks are a plain attribute, neither parameter nor buffer. So memory holds the experts once,
+        `weight_bytes` counts them once (through the views, which tile the stack exactly), and state_dict()
+        keeps the per-expert names. On a GPU the first use is the engine's profiling forward, whose peak
+        sizes the KV cache and so includes the one group that is briefly held twice. Rebuilt if the
+        weights moved: `.to()` swaps each parameter's data, leaving the stack stale."""
+        stacks = self._stacks
+        if stacks is not None and (not stacks or (stacks[0].data_ptr() == self.gate_up[0].weight.data_ptr()
+                                                  and stacks[1].data_ptr() == self.down[0].weight.data_ptr())):
+            return stacks or None
+        if not all(_plain_dense(layer, h) for layer in (*self.gate_up, *self.down)):
+            self._stacks = ()  # decided once: a checked 2E-layer walk every step would cost host time
+            return None
+        # The engine runs under inference_mode; weights built there would be inference tensors that no
+        # later in-place update (a reload) could touch.
+        with torch.inference_mode(False), torch.no_grad():
+            built = []
+            for group in (self.gate_up, self.down):
+                stack = torch.stack([layer.weight for layer in group])
+                for layer, view in zip(group, stack, strict=True):
+                    layer.weight = nn.Parameter(view, requires_grad=False)
+                built.append(stack)
+        self._stacks = (built[0], built[1])
+        return self._stacks
+
     def load(self, take, has, load_linear, prefix: str) -> None:
         """Take this block's tensors under `prefix` (`<layer>.<spec.prefix>`) through the model's loader."""
         self.gate = nn.Parameter(take(prefix + "gate.weight", dense=True), requires_grad=False)  # model dtype
+        self._stacks = None  # expert_stacks() decides again for the new experts
         for e in range(self.spec.num_experts):
             p = f"{prefix}experts.{e}."
             # llm-compressor writes Mixtral's experts under the linearized names it quantized them as
@@ -105,6 +143,33 @@ class SparseMoE(nn.Module):
             pair = [take(p + f"{g}.weight", linear=True), take(p + f"{u}.weight", linear=True)]
             load_linear(self.gate_up, str(e), cat_weights(pair))
             load_linear(self.down, str(e), take(p + f"{d}.weight", linear=True))
+
+
+def _plain_dense(layer: nn.Module, h: torch.Tensor) -> bool:
+    """An expert the grouped kernel reads as is: not quantized (QuantLinear has `kind`), not packed into
+    oneDNN's layout (CPU fp32 Dense empties `.weight`), no bias, an [out, in] weight like h."""
+    w = getattr(layer, "weight", None)
+    return (not hasattr(layer, "kind") and getattr(layer, "packed", None) is None
+            and getattr(layer, "bias", None) is None and isinstance(w, torch.Tensor) and w.dim() == 2
+            and w.numel() > 0 and w.dtype == h.dtype and w.device == h.device)
+
+
+def grouped_experts(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, stacks: tuple[torch.Tensor, torch.Tensor],
+                    ops) -> torch.Tensor:
+    """All experts as two grouped GEMMs (kernels/moe_gemm.py), summed as SparseMoE.forward's loop sums them."""
+    from optcli.engine.kernels.moe_gemm import block_m_for, grouped_gemm, moe_align  # triton is optional
+
+    gate_up, down = stacks
+    t, k = ids.shape
+    plan = moe_align(ids, gate_up.shape[0], block_m_for(t * k, gate_up.shape[0]))
+    act = ops.silu_mul(grouped_gemm(h.contiguous(), gate_up, plan))
+    y = grouped_gemm(act, down, plan, row_scale=weights.reshape(-1).contiguous()).view(t, k, down.shape[1])
+    if k > 2:  # adds round in the activation dtype: take a token's slots in expert order, as index_add_ does
+        y = y.gather(1, ids.argsort(dim=1)[..., None].expand_as(y))
+    out = y[:, 0]
+    for slot in range(1, k):
+        out = out + y[:, slot]
+    return out
 
 
 def moe_summary(model: nn.Module) -> dict | None:
