@@ -37,6 +37,10 @@ def build_family(out: Path, family: str) -> Path:
         model = T.Qwen3MoeForCausalLM(T.Qwen3MoeConfig(
             intermediate_size=256, moe_intermediate_size=128, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
             mlp_only_layers=[1], head_dim=48, **common))
+    elif family == "qwen2-moe":  # a shared expert with its sigmoid gate, qkv bias, top-2 not renormalised
+        model = T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(
+            intermediate_size=256, moe_intermediate_size=128, shared_expert_intermediate_size=256, num_experts=8,
+            num_experts_per_tok=2, norm_topk_prob=False, mlp_only_layers=[1], **common))
     elif family == "olmoe":  # full-width q/k norms, clipped qkv, top-2 without renormalisation
         model = T.OlmoeForCausalLM(T.OlmoeConfig(intermediate_size=64, num_experts=8, num_experts_per_tok=2,
                                                  norm_topk_prob=False, clip_qkv=3.0, **common))
@@ -84,7 +88,7 @@ def _train_briefly(model, tokenizer_dir: Path, steps: int = 100) -> None:
     model.eval()
 
 
-FAMILIES = ["mixtral", "qwen3-moe", "olmoe", "phi3", "phi3-longrope", "gemma2", "gemma3"]
+FAMILIES = ["mixtral", "qwen3-moe", "qwen2-moe", "olmoe", "phi3", "phi3-longrope", "gemma2", "gemma3"]
 
 
 def load_hf(path: Path, dtype: str):
@@ -188,7 +192,7 @@ def dense_twin(artifact: Path, out: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3-moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3-moe", "qwen2-moe"])
 def test_w4a16_experts_run_quantized(saved, tmp_path: Path, family: str) -> None:
     from optcli.quantize.pipeline import quantize
 
@@ -204,6 +208,10 @@ def test_w4a16_experts_run_quantized(saved, tmp_path: Path, family: str) -> None
     expert_layers = 2 * moe["num_experts"] * moe["moe_layers"]
     assert moe["router_gates"] == "unquantized" and sum(moe["expert_layers"].values()) == expert_layers
     assert all(k.startswith("int4/") for k in moe["expert_layers"]), moe  # every expert runs int4
+    if family == "qwen2-moe":  # the shared expert is quantized, its one-row gate is not
+        shared_gates = [n for n, d in manifest["layers"].items() if d["scheme"] == "unquantized (shared-expert gate)"]
+        assert len(shared_gates) == moe["moe_layers"] and set(shared_gates) <= set(ignored)
+        assert all(k.startswith("int4/") for k in moe["shared_expert_layers"]), moe
     assert sum(n for k, n in engine.stats()["quantized_layers"].items() if k.startswith("int4/")) > expert_layers
     hf = AutoModelForCausalLM.from_pretrained(dense_twin(artifact, tmp_path / "twin"), dtype=torch.float32).eval()
     agree = total = 0

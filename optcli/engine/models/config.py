@@ -89,7 +89,8 @@ class ModelConfig:
             head_dim=head_dim,
             rms_norm_eps=config.rms_norm_eps,
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-            qkv_bias=arch == "Qwen2ForCausalLM" or bool(getattr(config, "attention_bias", False)),
+            qkv_bias=arch == "Qwen2ForCausalLM" or bool(getattr(config, "attention_bias", False))
+            or bool(getattr(config, "qkv_bias", False)),  # Qwen2-MoE names it so
             qk_norm={"Qwen3ForCausalLM": "head", "Qwen3MoeForCausalLM": "head", "OlmoeForCausalLM": "full",
                      "Gemma3ForCausalLM": "head"}.get(arch),
             clip_qkv=getattr(config, "clip_qkv", None),

@@ -12,9 +12,9 @@ for that reason. Experts are `Dense` layers, so a quantized checkpoint's experts
 QuantLinear like any other linear layer.
 
 Routing follows each family, as transformers computes it (softmax in fp32, then top-k; Mixtral always
-renormalises the chosen weights, Qwen3-MoE and OLMoE when `norm_topk_prob`), and the per-expert outputs
+renormalises the chosen weights, Qwen2/3-MoE and OLMoE when `norm_topk_prob`), and the per-expert outputs
 are summed in expert order in the activation dtype, as transformers' `index_add_` does (on both paths),
-so bf16 greedy output matches it too.
+so bf16 greedy output matches it too. Qwen2-MoE adds a shared expert every token runs (`SharedExpert`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torch import nn
 
 from optcli.engine.quant.weights import cat_weights
 
-MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM")
+MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM")
 LINEAR_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -43,6 +43,7 @@ class MoESpec:
     sparse_layers: list[bool]  # per layer: MoE (True) or a dense MLP (Qwen3-MoE's mlp_only_layers)
     prefix: str  # the block's name under a layer in the checkpoint
     expert_names: tuple[str, str, str]  # gate, up, down projection names inside experts.{e}.
+    shared_intermediate: int = 0  # Qwen2-MoE: a shared expert every token runs, scaled by a sigmoid gate
 
     @classmethod
     def from_hf(cls, config, arch: str) -> MoESpec | None:
@@ -52,12 +53,13 @@ class MoESpec:
         if arch == "MixtralForCausalLM":
             return cls(config.num_local_experts, config.num_experts_per_tok, config.intermediate_size, True, True,
                        [True] * layers, "block_sparse_moe.", ("w1", "w3", "w2"))
-        if arch == "Qwen3MoeForCausalLM":
+        if arch in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"):
             step = getattr(config, "decoder_sparse_step", 1) or 1
             dense_only = set(getattr(config, "mlp_only_layers", None) or [])
             sparse = [i not in dense_only and config.num_experts > 0 and (i + 1) % step == 0 for i in range(layers)]
             return cls(config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size,
-                       bool(config.norm_topk_prob), False, sparse, "mlp.", LINEAR_NAMES)
+                       bool(config.norm_topk_prob), False, sparse, "mlp.", LINEAR_NAMES,
+                       getattr(config, "shared_expert_intermediate_size", 0) or 0)
         return cls(config.num_experts, config.num_experts_per_tok, config.intermediate_size,
                    bool(config.norm_topk_prob), False, [True] * layers, "mlp.", LINEAR_NAMES)
 
@@ -70,6 +72,7 @@ class SparseMoE(nn.Module):
         inter = spec.expert_intermediate_size
         self.gate_up = nn.ModuleList(linear_cls(hidden_size, 2 * inter) for _ in range(spec.num_experts))
         self.down = nn.ModuleList(linear_cls(inter, hidden_size) for _ in range(spec.num_experts))
+        self.shared = SharedExpert(hidden_size, spec.shared_intermediate, linear_cls) if spec.shared_intermediate else None
         self._stacks: tuple[torch.Tensor, ...] | None = None  # expert_stacks(): None undecided, () not dense
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +87,12 @@ class SparseMoE(nn.Module):
     def forward(self, h: torch.Tensor, ops) -> torch.Tensor:
         weights, ids = self.route(h)
         if ops.name == "triton" and (stacks := self.expert_stacks(h)) is not None:
-            return grouped_experts(h, weights, ids, stacks, ops)
+            out = grouped_experts(h, weights, ids, stacks, ops)
+        else:
+            out = self.per_expert(h, weights, ids, ops)
+        return out if self.shared is None else out + self.shared(h, ops)  # transformers' order
+
+    def per_expert(self, h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, ops) -> torch.Tensor:
         out = torch.zeros_like(h)
         # One sort groups the (token, slot) pairs by expert; each expert then runs over its rows only.
         flat = ids.reshape(-1)
@@ -143,6 +151,31 @@ class SparseMoE(nn.Module):
             pair = [take(p + f"{g}.weight", linear=True), take(p + f"{u}.weight", linear=True)]
             load_linear(self.gate_up, str(e), cat_weights(pair))
             load_linear(self.down, str(e), take(p + f"{d}.weight", linear=True))
+        if self.shared is not None:
+            self.shared.load(take, load_linear, prefix)
+
+
+class SharedExpert(nn.Module):
+    """Qwen2-MoE's shared expert: a SwiGLU MLP every token runs besides its routed experts, its output scaled
+    per token by sigmoid(shared_expert_gate(h)). The gate is a one-row matrix kept unquantized like the router
+    (quantize/llmcompressor.py keeps it out of every recipe): it decides how much of the expert is used."""
+
+    def __init__(self, hidden_size: int, intermediate: int, linear_cls) -> None:
+        super().__init__()
+        self.gate = nn.Parameter(torch.empty(1, hidden_size), requires_grad=False)
+        self.gate_up = linear_cls(hidden_size, 2 * intermediate)
+        self.down = linear_cls(intermediate, hidden_size)
+
+    def forward(self, h: torch.Tensor, ops) -> torch.Tensor:
+        y = self.down(ops.silu_mul(self.gate_up(h)))
+        return torch.sigmoid(F.linear(h, self.gate)) * y  # in the activation dtype, as transformers
+
+    def load(self, take, load_linear, prefix: str) -> None:
+        p = prefix + "shared_expert."
+        self.gate = nn.Parameter(take(prefix + "shared_expert_gate.weight", dense=True), requires_grad=False)
+        pair = [take(p + "gate_proj.weight", linear=True), take(p + "up_proj.weight", linear=True)]
+        load_linear(self, "gate_up", cat_weights(pair))
+        load_linear(self, "down", take(p + "down_proj.weight", linear=True))
 
 
 def _plain_dense(layer: nn.Module, h: torch.Tensor) -> bool:
@@ -178,11 +211,19 @@ def moe_summary(model: nn.Module) -> dict | None:
     blocks = [m for m in model.modules() if isinstance(m, SparseMoE)]
     if not blocks:
         return None
-    experts: dict[str, int] = {}
-    for block in blocks:
-        for layer in (*block.gate_up, *block.down):
-            key = f"{layer.kind}/{layer.mode}" if hasattr(layer, "kind") else "dense"
-            experts[key] = experts.get(key, 0) + 1
+    experts = _kinds(layer for block in blocks for layer in (*block.gate_up, *block.down))
     spec = blocks[0].spec
-    return {"moe_layers": len(blocks), "num_experts": spec.num_experts, "top_k": spec.top_k,
-            "expert_layers": experts, "router_gates": "unquantized"}
+    summary = {"moe_layers": len(blocks), "num_experts": spec.num_experts, "top_k": spec.top_k,
+               "expert_layers": experts, "router_gates": "unquantized"}
+    if spec.shared_intermediate:
+        summary["shared_expert_layers"] = _kinds(layer for b in blocks for layer in (b.shared.gate_up, b.shared.down))
+    return summary
+
+
+def _kinds(layers) -> dict[str, int]:
+    """How many of `layers` run each way: a quantized format and path (e.g. "int4/cpu"), or "dense"."""
+    counts: dict[str, int] = {}
+    for layer in layers:
+        key = f"{layer.kind}/{layer.mode}" if hasattr(layer, "kind") else "dense"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
