@@ -26,9 +26,34 @@ It prints the throughput table (absolute and as ratios to the bf16 source in the
 engine's resolved dtype and quantized-layer summary, the GEMM table, and PASS/MISS for each of the
 issue's targets (informational: the exit status is 0 either way).
 
+`--moe`: the same run on a mixture-of-experts model, a seeded random bf16 Qwen3-MoE checkpoint
+(`Qwen3MoeForCausalLM`) in `$OPTCLI_CACHE/bench/qwen3-moe-shape/`: 8 layers, all sparse, hidden 1024,
+16 heads / 4 KV heads, head_dim 64, 32 experts of intermediate 512 with top-4 routing renormalised
+(`norm_topk_prob`), vocab 32000, untied embeddings: 489.4M parameters (0.98 GB in bf16), 137.1M active
+per token (embeddings and LM head included). It is scaled so that bf16 + W4A16 (build, quantize, both
+runs) takes ~10-20 minutes on a 2-core CPU with 24 GiB. `--small --moe` is a smoke run of under a minute:
+2 layers, hidden 256, 4 heads / 1 KV head, 8 experts of 128, top-2, vocab 1024. Every linear's in_features
+is a multiple of 128, W4A16's group size, so every expert quantizes. What changes under --moe:
+- formats default to bf16,w4a16; w8a8 and fp8 may be asked for and quantize the experts too. nf4 and
+  int8-bnb are refused with the reason: the bitsandbytes path leaves Qwen3-MoE's experts in bf16.
+- the GEMM table times qkv_proj, o_proj and expert 0's gate_up and down (`layer.moe.gate_up[0]`,
+  `layer.moe.down[0]`): a MoE layer has no gate_up_proj / down_proj. Each chosen expert runs one such
+  pair per step over its own rows (at 64 requests x top-4 over 32 experts, ~8 rows each).
+- each format's line adds `engine.stats()["moe"]["expert_layers"]` (how the experts run, e.g.
+  {"int4/cpu": 512} for 8 layers x 32 experts x gate_up/down), also in the JSON under "moe", and a
+  WARNING when a quantized format runs experts unquantized.
+- targets: the issue's were set for the dense Llama shape and are not checked. A MoE step adds costs
+  that are the same in every format (routing, a sort, a host sync for the per-expert counts, one small
+  GEMM pair per chosen expert, index_add), and the untied bf16 LM head is about a third of the weights a
+  batch-1 token reads, so the weight-byte saving buys less than on the dense shape. The one MoE target:
+  W4A16 batch-1 decode faster than the bf16 source (ratio > 1.0x): the quantized expert path must be a
+  speed-up, not a regression. The ratio table shows the rest.
+
     python benchmarks/quant_cpu.py                      # the 1B shape (tens of minutes on a small CPU)
     python benchmarks/quant_cpu.py --small              # smoke run: hidden 256, 2 layers, vocab 1024
     python benchmarks/quant_cpu.py --formats bf16,w4a16 --json out.json
+    python benchmarks/quant_cpu.py --moe                # Qwen3-MoE shape, bf16 + W4A16 (~10-20 minutes)
+    python benchmarks/quant_cpu.py --small --moe        # MoE smoke run (under a minute)
 """
 
 from __future__ import annotations
@@ -53,6 +78,30 @@ import gpu_check  # noqa: E402  (a sibling script: the one definition of the ben
 LLAMA_3_2_1B = dict(gpu_check.LLAMA_3_2_1B, initializer_range=0.02)  # the shape gpu_check.py measures
 SMALL = dict(LLAMA_3_2_1B, num_hidden_layers=2, hidden_size=256, intermediate_size=1024,
              num_attention_heads=4, num_key_value_heads=1, vocab_size=1024)
+# --moe: a Qwen3-MoE model (every layer sparse, q/k norms per head, untied head) scaled so that building it,
+# quantizing it to W4A16 and running bf16 + W4A16 takes ~10-20 minutes on a 2-core CPU with 24 GiB: 8 layers,
+# hidden 1024, 16 heads / 4 KV heads of 64, 32 experts of intermediate 512, top-4 renormalised, vocab 32000.
+# 489.4M parameters in all (0.98 GB bf16), 137.1M active per token (embeddings and head included). Every
+# linear's in_features (1024 and 512) is a multiple of W4A16's group size 128, so every expert quantizes.
+QWEN3_MOE = dict(
+    num_hidden_layers=8,
+    hidden_size=1024,
+    intermediate_size=2048,  # a dense MLP's width: unused, since no layer is in mlp_only_layers
+    moe_intermediate_size=512,
+    num_experts=32,
+    num_experts_per_tok=4,
+    norm_topk_prob=True,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    head_dim=64,
+    vocab_size=32000,
+    tie_word_embeddings=False,
+    max_position_embeddings=2048,
+    initializer_range=0.02,
+)
+# --small --moe: a smoke run of a minute or two; in_features 256 and 128 still divide by 128.
+SMALL_MOE = dict(QWEN3_MOE, num_hidden_layers=2, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
+                 num_experts=8, num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=1, vocab_size=1024)
 PROMPT_ID_RANGE = (3, 1000)  # real tokens of the builtin tokenizer (1024 entries; 0-2 are special)
 MAX_MODEL_LEN = 512
 
@@ -74,6 +123,14 @@ llmcompressor:
 """
 FORMATS = {"bf16": None, "w4a16": "w4a16-rtn", "w8a8": "w8a8-rtn", "fp8": "fp8-dynamic", "nf4": "nf4-bnb",
            "int8-bnb": "int8-bnb"}
+MOE_FORMATS = ("bf16", "w4a16")  # the default under --moe; w8a8 and fp8 quantize the experts too
+# Formats refused under --moe: their artifacts would leave the experts in bf16, so the run would not measure them.
+MOE_REFUSED = {
+    fmt: "the bitsandbytes backend of `optcli quantize` replaces nn.Linear modules, and transformers holds Qwen3-MoE's "
+         "experts as fused 3-D parameters, so only attention is quantized and every expert stays bf16 (the engine "
+         "reports expert_layers {'dense': ...})"
+    for fmt in ("nf4", "int8-bnb")
+}
 
 # The issue's targets: (format, metric, minimum ratio to the bf16 source). "W8A8 batch-1" and
 # "W8A8 64-request" are read as decode, the phase weight bytes decide.
@@ -85,13 +142,15 @@ TARGETS = [
     ("w8a8", "many_decode", 1.3),
     *(("fp8", m, 0.9) for m in ("b1_prompt", "b1_decode", "many_prompt", "many_decode")),
 ]
+# Under --moe the dense targets do not apply (see the docstring); the one claim: W4A16 experts make batch-1
+# decode faster than the bf16 source (a ratio strictly above 1.0).
+MOE_TARGETS = [("w4a16", "b1_decode", 1.0)]
 METRICS = {
     "b1_prompt": "batch-1 prompt tok/s",
     "b1_decode": "batch-1 decode tok/s",
     "many_prompt": "64-req prompt tok/s",
     "many_decode": "64-req decode tok/s",
 }
-GEMM_MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 GEMM_ROWS = (1, 16, 64)
 
 T0 = time.perf_counter()
@@ -113,15 +172,47 @@ class Workload:
 # --- checkpoint and artifacts -------------------------------------------------------------------
 
 
+def is_moe(shape: dict) -> bool:
+    return "num_experts" in shape
+
+
 def default_workdir(shape: dict, small: bool) -> Path:
     from optcli.config import cache_dir
 
-    name = "llama-3.2-1b-shape"
+    full, family = (QWEN3_MOE, "qwen3-moe") if is_moe(shape) else (LLAMA_3_2_1B, "llama")
+    name = "qwen3-moe-shape" if is_moe(shape) else "llama-3.2-1b-shape"
     if small:
-        name = f"llama-small-h{shape['hidden_size']}"
-    if small or shape["num_hidden_layers"] != 16 or shape["vocab_size"] != 128256:
+        name = f"{family}-small-h{shape['hidden_size']}"
+    if small or shape["num_hidden_layers"] != full["num_hidden_layers"] or shape["vocab_size"] != full["vocab_size"]:
         name += f"-l{shape['num_hidden_layers']}-v{shape['vocab_size']}"
     return cache_dir() / "bench" / name
+
+
+def model_classes(shape: dict):
+    """(config class, model class) of transformers for a shape: Qwen3-MoE when it has experts, else Llama."""
+    import transformers
+
+    if is_moe(shape):
+        return transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM
+    return transformers.LlamaConfig, transformers.LlamaForCausalLM
+
+
+def param_counts(shape: dict) -> tuple[int, int]:
+    """(total, active per token) parameters of a shape, embeddings and LM head included; equal when dense."""
+    h, layers, vocab = shape["hidden_size"], shape["num_hidden_layers"], shape["vocab_size"]
+    q = shape["num_attention_heads"] * shape["head_dim"]
+    kv = shape["num_key_value_heads"] * shape["head_dim"]
+    per_layer = 2 * h * q + 2 * h * kv + 2 * h  # q, o, k, v and the two norms
+    if is_moe(shape):
+        per_layer += 2 * shape["head_dim"]  # Qwen3's q/k norms per head
+        expert = 3 * h * shape["moe_intermediate_size"]
+        per_layer += shape["num_experts"] * (h + expert)  # router row and expert per expert
+        idle = layers * (shape["num_experts"] - shape["num_experts_per_tok"]) * expert
+    else:
+        per_layer += 3 * h * shape["intermediate_size"]
+        idle = 0
+    total = layers * per_layer + h + vocab * h * (1 if shape.get("tie_word_embeddings") else 2)
+    return total, total - idle
 
 
 def build_source(out: Path, shape: dict, seed: int) -> bool:
@@ -130,7 +221,7 @@ def build_source(out: Path, shape: dict, seed: int) -> bool:
     marker = out / "bench-shape.json"
     if marker.is_file() and json.loads(marker.read_text()) == stamp:
         return False
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import GenerationConfig
 
     from optcli.builtin import model_dir
 
@@ -141,16 +232,19 @@ def build_source(out: Path, shape: dict, seed: int) -> bool:
         shutil.copy(tok_dir / name, out / name)
     tok_cfg = json.loads((tok_dir / "config.json").read_text())
     bos, eos = tok_cfg.get("bos_token_id", 1), tok_cfg.get("eos_token_id", 2)
-    config = LlamaConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=0, **shape)
+    config_cls, model_cls = model_classes(shape)
+    config = config_cls(bos_token_id=bos, eos_token_id=eos, pad_token_id=0, **shape)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
+    model = model_cls._from_config(config, dtype=torch.bfloat16).eval()
     model.save_pretrained(out, safe_serialization=True)
     GenerationConfig(bos_token_id=bos, eos_token_id=eos).save_pretrained(out)
     params = sum(p.numel() for p in model.parameters())
+    if params != param_counts(shape)[0]:
+        raise RuntimeError(f"{model_cls.__name__}: {params} parameters, param_counts() says {param_counts(shape)[0]}")
     del model
     gc.collect()
     marker.write_text(json.dumps(stamp))  # written last: its presence means the checkpoint is complete
-    log(f"built {out}: {params / 1e6:.1f}M parameters, bf16")
+    log(f"built {out} ({model_cls.__name__}): {params / 1e6:.1f}M parameters, bf16")
     return True
 
 
@@ -239,11 +333,17 @@ def engine_throughput(eng, wl: Workload, rng: random.Random, repeats: int) -> di
 # --- per-layer GEMMs ----------------------------------------------------------------------------
 
 
-def in_features(model, name: str) -> int:
-    """Input width of a layer-0 matmul (a packed dense layer keeps no [out, in] weight to read it from)."""
-    cfg = model.cfg
-    return {"qkv_proj": cfg.hidden_size, "o_proj": cfg.num_heads * cfg.head_dim,
-            "gate_up_proj": cfg.hidden_size, "down_proj": cfg.intermediate_size, "lm_head": cfg.hidden_size}[name]
+def layer0_gemms(model) -> list[tuple[str, torch.nn.Module, int]]:
+    """(name, module, input width) of layer 0's matmuls: qkv, o and the MLP's gate_up and down, or in a MoE
+    layer (which has no gate_up_proj / down_proj) expert 0's. The widths come from the config, as a packed
+    quantized layer keeps no [out, in] weight to read them from."""
+    cfg, layer = model.cfg, model.layers[0]
+    attn = [("qkv_proj", layer.qkv_proj, cfg.hidden_size), ("o_proj", layer.o_proj, cfg.num_heads * cfg.head_dim)]
+    if layer.moe is not None:
+        return attn + [("expert 0 gate_up", layer.moe.gate_up[0], cfg.hidden_size),
+                       ("expert 0 down", layer.moe.down[0], cfg.moe.expert_intermediate_size)]
+    return attn + [("gate_up_proj", layer.gate_up_proj, cfg.hidden_size),
+                   ("down_proj", layer.down_proj, cfg.intermediate_size)]
 
 
 @torch.inference_mode()
@@ -259,18 +359,17 @@ def best_us(module, x: torch.Tensor, reps: int = 5) -> float:
 
 
 def gemm_times(eng) -> dict:
-    """µs of layer 0's four matmuls summed, by rows M, and of the LM head at M = 1."""
+    """µs of layer 0's four matmuls (`layer0_gemms`) summed, by rows M, and of the LM head at M = 1."""
     model, dtype = eng.model, getattr(torch, eng.config.dtype)
     gen = torch.Generator().manual_seed(0)
-    layer = model.layers[0]
     out = {}
     for m in GEMM_ROWS:
         total = 0.0
-        for name in GEMM_MODULES:
-            x = (torch.randn(m, in_features(model, name), generator=gen) * 0.5).to(dtype)
-            total += best_us(getattr(layer, name), x)
+        for _, module, width in layer0_gemms(model):
+            x = (torch.randn(m, width, generator=gen) * 0.5).to(dtype)
+            total += best_us(module, x)
         out[f"layer M={m}"] = total
-    x = (torch.randn(1, in_features(model, "lm_head"), generator=gen) * 0.5).to(dtype)
+    x = (torch.randn(1, model.cfg.hidden_size, generator=gen) * 0.5).to(dtype)
     out["lm_head M=1"] = best_us(model.lm_head, x)
     return out
 
@@ -289,12 +388,16 @@ def measure_format(fmt: str, path: Path, wl: Workload, seed: int, repeats: int, 
         "dtype": eng.config.dtype,
         "dtype_reason": eng.dtype_reason,
         "quantized_layers": eng.quantized_layers,
+        "moe": eng.stats()["moe"],  # None when dense; else expert_layers: how the experts run, e.g. {"int4/cpu": 16}
         "weights_bytes": eng.weights_bytes,
+        "gemm_modules": [name for name, _, _ in layer0_gemms(eng.model)],
     }
     row.update(engine_throughput(eng, wl, random.Random(seed), repeats))
     row["gemm_us"] = gemm_times(eng)
+    experts = f", experts {row['moe']['expert_layers']}" if row["moe"] else ""
     log(f"{fmt}: batch-1 prompt {row['b1_prompt']:.1f} / decode {row['b1_decode']:.1f} tok/s, 64-req prompt "
-        f"{row['many_prompt']:.1f} / decode {row['many_decode']:.1f} tok/s ({row['dtype']}, {row['quantized_layers']})")
+        f"{row['many_prompt']:.1f} / decode {row['many_decode']:.1f} tok/s ({row['dtype']}, {row['quantized_layers']}"
+        f"{experts})")
     del eng
     gc.collect()
     return row
@@ -328,8 +431,16 @@ def print_tables(rows: list[dict]) -> None:
     print("\n## Engine dtype and quantized layers\n")
     for r in rows:
         layers = ", ".join(f"{k}: {v}" for k, v in r["quantized_layers"].items()) or "none (dense)"
-        print(f"- {r['format']}: dtype {r['dtype']} ({r['dtype_reason']}); quantized layers {layers}")
-    print("\n## Layer-0 GEMMs (qkv + o + gate_up + down, summed) and lm_head, best-of-5 wall µs\n")
+        line = f"- {r['format']}: dtype {r['dtype']} ({r['dtype_reason']}); quantized layers {layers}"
+        if r["moe"]:
+            experts = ", ".join(f"{k}: {v}" for k, v in r["moe"]["expert_layers"].items())
+            line += (f"; expert layers {experts} ({r['moe']['moe_layers']} MoE layers x {r['moe']['num_experts']} "
+                     f"experts x gate_up/down, router gates {r['moe']['router_gates']})")
+        print(line)
+        if r["moe"] and r["format"] != "bf16" and "dense" in r["moe"]["expert_layers"]:
+            print(f"  WARNING: {r['format']} runs {r['moe']['expert_layers']['dense']} expert layers unquantized: its "
+                  "figures do not measure quantized experts")
+    print(f"\n## Layer-0 GEMMs ({' + '.join(rows[0]['gemm_modules'])}, summed) and lm_head, best-of-5 wall µs\n")
     keys = list(rows[0]["gemm_us"])
     print("| rows | " + " | ".join(r["format"] for r in rows) + " |")
     print("|---" * (1 + len(rows)) + "|")
@@ -342,18 +453,24 @@ def print_tables(rows: list[dict]) -> None:
         print(f"| {k} | " + " | ".join(cells) + " |")
 
 
-def check_targets(rows: list[dict]) -> list[dict]:
+def check_targets(rows: list[dict], moe: bool = False) -> list[dict]:
+    """PASS/MISS per target: the issue's dense ones (ratio >= goal), or under --moe MOE_TARGETS (ratio > goal)."""
     by_format = {r["format"]: r for r in rows}
     base = by_format.get("bf16")
     results = []
-    for fmt, metric, goal in TARGETS:
+    for fmt, metric, goal in MOE_TARGETS if moe else TARGETS:
         got = ratio(by_format[fmt], base, metric) if fmt in by_format else None
-        status = "n/a" if got is None else "PASS" if got >= goal else "MISS"
-        results.append({"format": fmt, "metric": metric, "target": goal, "ratio": got, "status": status})
-    print("\n## Targets (ratio to the bf16 source, this run)\n")
+        met = got is not None and (got > goal if moe else got >= goal)
+        status = "n/a" if got is None else "PASS" if met else "MISS"
+        results.append({"format": fmt, "metric": metric, "target": goal, "ratio": got, "status": status,
+                        "comparison": ">" if moe else ">="})
+    if moe:
+        print("\n## MoE target (ratio to the bf16 source, this run; the dense Llama targets do not apply)\n")
+    else:
+        print("\n## Targets (ratio to the bf16 source, this run)\n")
     for t in results:
         got = "not measured" if t["ratio"] is None else f"{t['ratio']:.2f}x"
-        print(f"- {t['status']:<4}  {t['format']} {METRICS[t['metric']]} >= {t['target']:.1f}x: {got}")
+        print(f"- {t['status']:<4}  {t['format']} {METRICS[t['metric']]} {t['comparison']} {t['target']:.1f}x: {got}")
     return results
 
 
@@ -363,11 +480,17 @@ def check_targets(rows: list[dict]) -> list[dict]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="smoke run: hidden 256, 2 layers, vocab 1024")
-    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default 16; --small: 2)")
-    ap.add_argument("--vocab", type=int, default=None, help="vocabulary size (default 128256; --small: 1024)")
-    ap.add_argument("--formats", default=",".join(FORMATS), help=f"subset of {','.join(FORMATS)}")
+    ap.add_argument("--moe", action="store_true",
+                    help="a Qwen3-MoE shape instead (8 layers, hidden 1024, 32 experts top-4, expert intermediate "
+                         "512, vocab 32000; with --small: 2 layers, hidden 256, 8 experts top-2, 128)")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default 16, --moe 8; --small: 2)")
+    ap.add_argument("--vocab", type=int, default=None,
+                    help="vocabulary size (default 128256, --moe 32000; --small: 1024)")
+    ap.add_argument("--formats", default=None,
+                    help=f"subset of {','.join(FORMATS)} (default: all; --moe: {','.join(MOE_FORMATS)})")
     ap.add_argument("--workdir", type=Path, default=None,
-                    help="checkpoint and artifacts (default $OPTCLI_CACHE/bench/llama-3.2-1b-shape...)")
+                    help="checkpoint and artifacts (default $OPTCLI_CACHE/bench/llama-3.2-1b-shape..., "
+                         "--moe: qwen3-moe-shape...)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per workload; each figure is the best")
     ap.add_argument("--seed", type=int, default=0, help="seed for the weights and the prompts")
@@ -375,10 +498,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="the engine's LM head for every format (int8: rounded per row at load)")
     ap.add_argument("--json", type=Path, default=None, help="also write every figure as JSON here")
     args = ap.parse_args(argv)
+    if args.formats is None:
+        args.formats = ",".join(MOE_FORMATS if args.moe else FORMATS)
     args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     unknown = sorted(set(args.formats) - set(FORMATS))
     if unknown:
         ap.error(f"unknown format(s) {', '.join(unknown)} (choose from {', '.join(FORMATS)})")
+    refused = [f for f in args.formats if f in MOE_REFUSED] if args.moe else []
+    if refused:
+        ap.error(f"--moe cannot measure {', '.join(refused)}: {MOE_REFUSED[refused[0]]}; "
+                 f"use {', '.join(f for f in FORMATS if f not in MOE_REFUSED)}")
     return args
 
 
@@ -389,7 +518,10 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-    shape = dict(SMALL if args.small else LLAMA_3_2_1B)
+    if args.moe:
+        shape = dict(SMALL_MOE if args.small else QWEN3_MOE)
+    else:
+        shape = dict(SMALL if args.small else LLAMA_3_2_1B)
     if args.layers is not None:
         shape["num_hidden_layers"] = args.layers
     if args.vocab is not None:
@@ -398,8 +530,16 @@ def main(argv: list[str] | None = None) -> int:
     wl = Workload()
     log(f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
         f"{torch.get_num_threads()} threads, cpu {platform.processor() or platform.machine()}")
-    log(f"shape: {shape['num_hidden_layers']} layers, hidden {shape['hidden_size']}, intermediate "
-        f"{shape['intermediate_size']}, vocab {shape['vocab_size']}; workdir {workdir}")
+    total, active = param_counts(shape)
+    if args.moe:
+        log(f"shape: Qwen3-MoE, {shape['num_hidden_layers']} layers, hidden {shape['hidden_size']}, "
+            f"{shape['num_experts']} experts top-{shape['num_experts_per_tok']}, expert intermediate "
+            f"{shape['moe_intermediate_size']}, vocab {shape['vocab_size']}; {total / 1e6:.1f}M parameters, "
+            f"{active / 1e6:.1f}M active per token; workdir {workdir}")
+    else:
+        log(f"shape: {shape['num_hidden_layers']} layers, hidden {shape['hidden_size']}, intermediate "
+            f"{shape['intermediate_size']}, vocab {shape['vocab_size']}; {total / 1e6:.1f}M parameters; "
+            f"workdir {workdir}")
 
     source = workdir / "bf16"
     rebuilt = build_source(source, shape, args.seed)
@@ -408,10 +548,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = [measure_format(fmt, path, wl, args.seed, args.repeats, args.lm_head) for fmt, path in paths.items()]
 
     print_tables(rows)
-    targets = check_targets(rows)
+    targets = check_targets(rows, moe=args.moe)
     if args.json:
         args.json.write_text(json.dumps({
-            "shape": shape, "workload": asdict(wl), "repeats": args.repeats, "threads": torch.get_num_threads(),
+            "shape": shape, "moe": args.moe, "parameters": {"total": total, "active": active}, "workload": asdict(wl), "repeats": args.repeats, "threads": torch.get_num_threads(),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
             "formats": rows, "targets": targets,
         }, indent=2, default=str))
