@@ -30,12 +30,13 @@ issue's targets (informational: the exit status is 0 either way).
 (`Qwen3MoeForCausalLM`) in `$OPTCLI_CACHE/bench/qwen3-moe-shape/`: 8 layers, all sparse, hidden 1024,
 16 heads / 4 KV heads, head_dim 64, 32 experts of intermediate 512 with top-4 routing renormalised
 (`norm_topk_prob`), vocab 32000, untied embeddings: 489.4M parameters (0.98 GB in bf16), 137.1M active
-per token (embeddings and LM head included). It is scaled so that bf16 + W4A16 (build, quantize, both
-runs) takes ~10-20 minutes on a 2-core CPU with 24 GiB. `--small --moe` is a smoke run of under a minute:
+per token (embeddings and LM head included). bf16 + W4A16 (build, quantize, both runs) took about a
+minute on a 2-core CPU with 24 GiB (52 s, of it 13 s quantizing). `--small --moe` is a smoke run:
 2 layers, hidden 256, 4 heads / 1 KV head, 8 experts of 128, top-2, vocab 1024. Every linear's in_features
 is a multiple of 128, W4A16's group size, so every expert quantizes. What changes under --moe:
 - formats default to bf16,w4a16; w8a8 and fp8 may be asked for and quantize the experts too. nf4 and
-  int8-bnb are refused with the reason: the bitsandbytes path leaves Qwen3-MoE's experts in bf16.
+  int8-bnb are refused up front, as `optcli quantize` refuses them for a MoE model (bitsandbytes cannot
+  quantize fused experts).
 - the GEMM table times qkv_proj, o_proj and expert 0's gate_up and down (`layer.moe.gate_up[0]`,
   `layer.moe.down[0]`): a MoE layer has no gate_up_proj / down_proj. Each chosen expert runs one such
   pair per step over its own rows (at 64 requests x top-4 over 32 experts, ~8 rows each).
@@ -52,8 +53,8 @@ is a multiple of 128, W4A16's group size, so every expert quantizes. What change
     python benchmarks/quant_cpu.py                      # the 1B shape (tens of minutes on a small CPU)
     python benchmarks/quant_cpu.py --small              # smoke run: hidden 256, 2 layers, vocab 1024
     python benchmarks/quant_cpu.py --formats bf16,w4a16 --json out.json
-    python benchmarks/quant_cpu.py --moe                # Qwen3-MoE shape, bf16 + W4A16 (~10-20 minutes)
-    python benchmarks/quant_cpu.py --small --moe        # MoE smoke run (under a minute)
+    python benchmarks/quant_cpu.py --moe                # Qwen3-MoE shape, bf16 + W4A16 (about a minute)
+    python benchmarks/quant_cpu.py --small --moe        # MoE smoke run
 """
 
 from __future__ import annotations
@@ -78,8 +79,8 @@ import gpu_check  # noqa: E402  (a sibling script: the one definition of the ben
 LLAMA_3_2_1B = dict(gpu_check.LLAMA_3_2_1B, initializer_range=0.02)  # the shape gpu_check.py measures
 SMALL = dict(LLAMA_3_2_1B, num_hidden_layers=2, hidden_size=256, intermediate_size=1024,
              num_attention_heads=4, num_key_value_heads=1, vocab_size=1024)
-# --moe: a Qwen3-MoE model (every layer sparse, q/k norms per head, untied head) scaled so that building it,
-# quantizing it to W4A16 and running bf16 + W4A16 takes ~10-20 minutes on a 2-core CPU with 24 GiB: 8 layers,
+# --moe: a Qwen3-MoE model (every layer sparse, q/k norms per head, untied head) small enough that building it,
+# quantizing it to W4A16 and running bf16 + W4A16 takes about a minute on a 2-core CPU with 24 GiB: 8 layers,
 # hidden 1024, 16 heads / 4 KV heads of 64, 32 experts of intermediate 512, top-4 renormalised, vocab 32000.
 # 489.4M parameters in all (0.98 GB bf16), 137.1M active per token (embeddings and head included). Every
 # linear's in_features (1024 and 512) is a multiple of W4A16's group size 128, so every expert quantizes.
@@ -124,11 +125,10 @@ llmcompressor:
 FORMATS = {"bf16": None, "w4a16": "w4a16-rtn", "w8a8": "w8a8-rtn", "fp8": "fp8-dynamic", "nf4": "nf4-bnb",
            "int8-bnb": "int8-bnb"}
 MOE_FORMATS = ("bf16", "w4a16")  # the default under --moe; w8a8 and fp8 quantize the experts too
-# Formats refused under --moe: their artifacts would leave the experts in bf16, so the run would not measure them.
+# Formats refused under --moe, before anything is built: `optcli quantize` refuses them for a MoE model.
 MOE_REFUSED = {
-    fmt: "the bitsandbytes backend of `optcli quantize` replaces nn.Linear modules, and transformers holds Qwen3-MoE's "
-         "experts as fused 3-D parameters, so only attention is quantized and every expert stays bf16 (the engine "
-         "reports expert_layers {'dense': ...})"
+    fmt: "`optcli quantize` refuses bitsandbytes recipes for a MoE model: bitsandbytes replaces nn.Linear modules "
+         "only, and transformers holds the experts as fused 3-D parameters"
     for fmt in ("nf4", "int8-bnb")
 }
 

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from optcli.errors import UsageError
+
 # bitsandbytes' CPU 4-bit kernel repacks weights in blocks of 32 output rows, with one scale per
 # 64 inputs of a row, and fails on any other shape ("N must be divisible by block_n"); such layers
 # stay unquantized.
@@ -34,6 +36,22 @@ def unpackable_4bit_layers(source_path, trust_remote_code: bool = False) -> dict
     }
 
 
+def refuse_experts(source_path, recipe, trust_remote_code: bool = False) -> None:
+    """A mixture-of-experts model is exit 2: bitsandbytes replaces nn.Linear layers only, and transformers
+    holds the experts as fused 3-D tensors, so the artifact would keep every expert (most of the weights)
+    16-bit while calling itself 4-bit."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source_path, trust_remote_code=trust_remote_code)
+    config = getattr(config, "text_config", None) or config
+    experts = getattr(config, "num_local_experts", 0) or getattr(config, "num_experts", 0)
+    if experts:
+        arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]
+        raise UsageError(f"recipe {recipe.name}: {arch} is a mixture-of-experts model ({experts} experts a layer), "
+                         "whose experts bitsandbytes cannot quantize (it replaces nn.Linear layers only); use an "
+                         "llm-compressor recipe such as w4a16-rtn, w4a16-gptq, fp8-dynamic or w8a8-int8")
+
+
 def bnb_config(recipe, extra_skip=()):
     from transformers import BitsAndBytesConfig
 
@@ -55,6 +73,7 @@ def quantize_bnb(source_path, recipe, device: str, trust_remote_code: bool = Fal
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    refuse_experts(source_path, recipe, trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(source_path, trust_remote_code=trust_remote_code)
     unpackable = {} if recipe.bnb.quant_type == "int8" else unpackable_4bit_layers(source_path, trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import shared_data
 
-from optcli.builtin import recipes_dir
+from optcli.builtin import model_dir, recipes_dir
 
 OPTCLI = str(Path(sys.executable).parent / "optcli")
 
@@ -56,6 +56,24 @@ def test_nf4_quantizes_every_blockable_layer(tmp_path: Path) -> None:
     layers = json.loads((out / "optcli.json").read_text())["layers"]
     assert sum(v["scheme"] == "nf4" for v in layers.values()) == 28  # 4 layers x 7 projections
     assert json.loads(result.stdout)["size_bytes_after"] < 0.33 * json.loads(result.stdout)["size_bytes_before"]
+
+
+@pytest.mark.parametrize("recipe", ["nf4-bnb", "int8-bnb"])
+def test_bitsandbytes_refuses_a_moe_model(tmp_path: Path, recipe: str) -> None:
+    """bitsandbytes replaces nn.Linear only; transformers holds experts fused, so they would stay 16-bit."""
+    import transformers as T
+
+    src = tmp_path / "mixtral"
+    config = T.MixtralConfig(vocab_size=1024, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2)
+    T.MixtralForCausalLM(config).save_pretrained(src)
+    tokenizer = model_dir("tiny-llama")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (src / name).write_bytes((tokenizer / name).read_bytes())
+    out = tmp_path / "out"
+    assert_usage_error(optcli("quantize", str(src), "--recipe", recipe, "--out", str(out)), "mixture-of-experts",
+                       "w4a16-rtn")
+    assert not out.exists()
 
 
 def test_existing_out_needs_force(tmp_path: Path) -> None:
