@@ -61,6 +61,14 @@ def build_family(out: Path, family: str) -> Path:
         model = T.Gemma3ForCausalLM(T.Gemma3TextConfig(
             intermediate_size=256, head_dim=32, query_pre_attn_scalar=24, sliding_window=24, rope_parameters=rope,
             layer_types=["sliding_attention", "full_attention", "sliding_attention"], **common))
+    elif family == "gemma3-mm":  # the multimodal checkpoint most Gemma 3 sizes ship as; the engine runs its text
+        text = dict(intermediate_size=256, head_dim=32, query_pre_attn_scalar=24, sliding_window=24,
+                    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                    **{**common, "tie_word_embeddings": True})
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                      patch_size=14)
+        model = T.Gemma3ForConditionalGeneration(T.Gemma3Config(text_config=text, vision_config=vision,
+                                                                mm_tokens_per_image=4, image_token_index=vocab - 1))
     else:
         raise ValueError(family)
     _train_briefly(model, src)
@@ -88,7 +96,7 @@ def _train_briefly(model, tokenizer_dir: Path, steps: int = 100) -> None:
     model.eval()
 
 
-FAMILIES = ["mixtral", "qwen3-moe", "qwen2-moe", "olmoe", "phi3", "phi3-longrope", "gemma2", "gemma3"]
+FAMILIES = ["mixtral", "qwen3-moe", "qwen2-moe", "olmoe", "phi3", "phi3-longrope", "gemma2", "gemma3", "gemma3-mm"]
 
 
 def load_hf(path: Path, dtype: str):
@@ -213,6 +221,26 @@ def test_w4a16_experts_run_quantized(saved, tmp_path: Path, family: str) -> None
         assert len(shared_gates) == moe["moe_layers"] and set(shared_gates) <= set(ignored)
         assert all(k.startswith("int4/") for k in moe["shared_expert_layers"]), moe
     assert sum(n for k, n in engine.stats()["quantized_layers"].items() if k.startswith("int4/")) > expert_layers
+    hf = AutoModelForCausalLM.from_pretrained(dense_twin(artifact, tmp_path / "twin"), dtype=torch.float32).eval()
+    agree = total = 0
+    for prompt in story_prompts(AutoTokenizer.from_pretrained(artifact), n=8):
+        with torch.no_grad():
+            theirs = hf(torch.tensor([prompt])).logits[0]
+        agree += int((engine.score(prompt).argmax(-1) == theirs.argmax(-1)).sum())
+        total += len(prompt)
+    assert agree / total >= 0.95
+
+
+def test_w4a16_artifact_of_a_multimodal_gemma3_runs_its_text_decoder(saved, tmp_path: Path) -> None:
+    """llm-compressor names its targets as transformers holds the model (model.language_model.*), while the
+    artifact's tensors are saved under language_model.model.*: the engine must match the two to keep the
+    decoder int4 (it refused such an artifact as 'still quantized' before)."""
+    from optcli.quantize.pipeline import quantize
+
+    artifact = tmp_path / "w4a16"
+    quantize(str(saved["gemma3-mm"]), "w4a16-rtn", artifact, device="cpu")
+    engine = Engine(str(artifact), dtype="float32")
+    assert engine.stats()["quantized_layers"] == {"int4/cpu": 4 * engine.model.cfg.num_layers}
     hf = AutoModelForCausalLM.from_pretrained(dense_twin(artifact, tmp_path / "twin"), dtype=torch.float32).eval()
     agree = total = 0
     for prompt in story_prompts(AutoTokenizer.from_pretrained(artifact), n=8):

@@ -7,8 +7,8 @@ import torch
 from optcli.checkpoints.resolve import resolve_model
 from optcli.config import EngineConfig
 from optcli.engine.loading.placement import checkpoint_dtype_of, resolve_device, resolve_dtype
-from optcli.engine.loading.state_dict import load_state_dict
-from optcli.engine.models import SUPPORTED_ARCHITECTURES, LlamaForCausalLM, ModelConfig
+from optcli.engine.loading.state_dict import load_state_dict, text_decoder_weights
+from optcli.engine.models import SUPPORTED_ARCHITECTURES, TEXT_DECODERS, LlamaForCausalLM, ModelConfig
 from optcli.engine.quant.load_time_rounding import quantize_state_dict
 from optcli.errors import UsageError
 
@@ -40,6 +40,8 @@ def load_engine_model(spec: str, config: EngineConfig):
     # the checkpoint's own dtype: a bf16 weight may stay bf16 in an fp32 CPU model (models/llama.py Dense)
     state = load_state_dict(path, dtype=torch.float32 if config.quantization else None,
                             keep_quantized=not config.dequantize)
+    if arch in TEXT_DECODERS:  # a multimodal checkpoint: its text decoder's weights, under a causal LM's names
+        state = text_decoder_weights(state)
     if config.quantization:  # online RTN quantization of a dense checkpoint (quant/load_time_rounding.py)
         state = quantize_state_dict(state, config.quantization, device)
     # With dtype auto on a CPU, quantized layers may compute in bf16 (quant/linear.py says why)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from optcli.engine.models.config import TEXT_DECODERS
 from optcli.engine.quant.checkpoint import bitsandbytes_weights, compressed_tensors_weights
 from optcli.engine.quant.weights import is_quantized
 from optcli.errors import UsageError
@@ -51,6 +52,9 @@ def load_state_dict(model_dir: str | Path, dtype: torch.dtype | None = torch.flo
     if method == "compressed-tensors":
         _check_compressed_tensors_config(qconfig, config_path)
     tensors, origin = _read_safetensors(model_dir)
+    if (config.get("architectures") or [None])[0] in TEXT_DECODERS:
+        origin = memory_names(origin)
+        tensors = memory_names(tensors)
     files = sorted(set(origin.values()))
     where = files[0] if len(files) == 1 else model_dir
     try:
@@ -127,3 +131,30 @@ def _check_compressed_tensors_config(qconfig: dict, config_path: Path) -> None:
         raise UsageError(
             f"{config_path}: cannot dequantize compressed-tensors transforms (rotations need the engine's help)"
         )
+
+
+# A multimodal checkpoint as transformers saves it -> as it holds it in memory, the names llm-compressor
+# gives its quantization targets (so a quantized artifact's config matches its tensors only after this).
+SAVED_TO_MEMORY = (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
+                   ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector."))
+
+
+def memory_names(tensors: dict) -> dict:
+    """A multimodal checkpoint's tensors under transformers' in-memory names (either naming accepted)."""
+    out = {}
+    for name, value in tensors.items():
+        for saved, memory in SAVED_TO_MEMORY:
+            if name.startswith(saved):
+                name = memory + name[len(saved):]
+                break
+        out[name] = value
+    return out
+
+
+def text_decoder_weights(state: dict) -> dict:
+    """The text decoder's tensors of a multimodal checkpoint (in-memory names, `memory_names`) under a
+    causal LM's names (model.layers..., lm_head); the vision tower and its projector are dropped, since the
+    engine runs text only."""
+    prefix = "model.language_model."
+    return {("model." + name[len(prefix):] if name.startswith(prefix) else name): value
+            for name, value in state.items() if name.startswith((prefix, "lm_head."))}

@@ -14,7 +14,9 @@ from optcli.errors import UsageError
 
 DENSE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                        "Phi3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
-SUPPORTED_ARCHITECTURES = DENSE_ARCHITECTURES + MOE_ARCHITECTURES
+# Multimodal checkpoints whose text decoder the engine runs (text in, text out), by the text architecture
+TEXT_DECODERS = {"Gemma3ForConditionalGeneration": "Gemma3ForCausalLM"}
+SUPPORTED_ARCHITECTURES = DENSE_ARCHITECTURES + MOE_ARCHITECTURES + tuple(TEXT_DECODERS)
 GEMMA_ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
 # transformers' names for the MLP activations the engine computes (layer_ops.act_mul)
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
@@ -55,6 +57,8 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, config) -> ModelConfig:
         arch = (getattr(config, "architectures", None) or ["?"])[0]
+        if arch in TEXT_DECODERS:  # the decoder's own config; the vision tower is not run
+            config, arch = config.text_config, TEXT_DECODERS[arch]
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         window = getattr(config, "sliding_window", None)
