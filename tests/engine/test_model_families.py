@@ -200,6 +200,18 @@ def dense_twin(artifact: Path, out: Path) -> Path:
     return out
 
 
+def top1_against_twin(engine: Engine, artifact: Path, twin: Path) -> float:
+    """Top-1 agreement of the engine on `artifact` with transformers on its dense twin, over 8 prompts."""
+    hf = AutoModelForCausalLM.from_pretrained(dense_twin(artifact, twin), dtype=torch.float32).eval()
+    agree = total = 0
+    for prompt in story_prompts(AutoTokenizer.from_pretrained(artifact), n=8):
+        with torch.no_grad():
+            theirs = hf(torch.tensor([prompt])).logits[0]
+        agree += int((engine.score(prompt).argmax(-1) == theirs.argmax(-1)).sum())
+        total += len(prompt)
+    return agree / total
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen3-moe", "qwen2-moe"])
 def test_w4a16_experts_run_quantized(saved, tmp_path: Path, family: str) -> None:
     from optcli.quantize.pipeline import quantize
@@ -221,14 +233,7 @@ def test_w4a16_experts_run_quantized(saved, tmp_path: Path, family: str) -> None
         assert len(shared_gates) == moe["moe_layers"] and set(shared_gates) <= set(ignored)
         assert all(k.startswith("int4/") for k in moe["shared_expert_layers"]), moe
     assert sum(n for k, n in engine.stats()["quantized_layers"].items() if k.startswith("int4/")) > expert_layers
-    hf = AutoModelForCausalLM.from_pretrained(dense_twin(artifact, tmp_path / "twin"), dtype=torch.float32).eval()
-    agree = total = 0
-    for prompt in story_prompts(AutoTokenizer.from_pretrained(artifact), n=8):
-        with torch.no_grad():
-            theirs = hf(torch.tensor([prompt])).logits[0]
-        agree += int((engine.score(prompt).argmax(-1) == theirs.argmax(-1)).sum())
-        total += len(prompt)
-    assert agree / total >= 0.95
+    assert top1_against_twin(engine, artifact, tmp_path / "twin") >= 0.95
 
 
 def test_w4a16_artifact_of_a_multimodal_gemma3_runs_its_text_decoder(saved, tmp_path: Path) -> None:
@@ -241,14 +246,7 @@ def test_w4a16_artifact_of_a_multimodal_gemma3_runs_its_text_decoder(saved, tmp_
     quantize(str(saved["gemma3-mm"]), "w4a16-rtn", artifact, device="cpu")
     engine = Engine(str(artifact), dtype="float32")
     assert engine.stats()["quantized_layers"] == {"int4/cpu": 4 * engine.model.cfg.num_layers}
-    hf = AutoModelForCausalLM.from_pretrained(dense_twin(artifact, tmp_path / "twin"), dtype=torch.float32).eval()
-    agree = total = 0
-    for prompt in story_prompts(AutoTokenizer.from_pretrained(artifact), n=8):
-        with torch.no_grad():
-            theirs = hf(torch.tensor([prompt])).logits[0]
-        agree += int((engine.score(prompt).argmax(-1) == theirs.argmax(-1)).sum())
-        total += len(prompt)
-    assert agree / total >= 0.95
+    assert top1_against_twin(engine, artifact, tmp_path / "twin") >= 0.95
 
 
 def test_moe_on_the_triton_backend_stays_eager(saved) -> None:
