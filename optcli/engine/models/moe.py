@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from optcli.engine.quant.layers import path_counts
 from optcli.engine.quant.weights import cat_weights
 
 MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM")
@@ -211,19 +212,11 @@ def moe_summary(model: nn.Module) -> dict | None:
     blocks = [m for m in model.modules() if isinstance(m, SparseMoE)]
     if not blocks:
         return None
-    experts = _kinds(layer for block in blocks for layer in (*block.gate_up, *block.down))
+    experts = path_counts([layer for block in blocks for layer in (*block.gate_up, *block.down)], "dense")
     spec = blocks[0].spec
     summary = {"moe_layers": len(blocks), "num_experts": spec.num_experts, "top_k": spec.top_k,
                "expert_layers": experts, "router_gates": "unquantized"}
     if spec.shared_intermediate:
-        summary["shared_expert_layers"] = _kinds(layer for b in blocks for layer in (b.shared.gate_up, b.shared.down))
+        shared = [layer for block in blocks for layer in (block.shared.gate_up, block.shared.down)]
+        summary["shared_expert_layers"] = path_counts(shared, "dense")
     return summary
-
-
-def _kinds(layers) -> dict[str, int]:
-    """How many of `layers` run each way: a quantized format and path (e.g. "int4/cpu"), or "dense"."""
-    counts: dict[str, int] = {}
-    for layer in layers:
-        key = f"{layer.kind}/{layer.mode}" if hasattr(layer, "kind") else "dense"
-        counts[key] = counts.get(key, 0) + 1
-    return counts

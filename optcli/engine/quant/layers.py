@@ -26,9 +26,15 @@ def make_quant_linear(weight, bias: torch.Tensor | None, device, dtype: torch.dt
 
 def quant_summary(model: nn.Module) -> dict[str, int]:
     """How many layers run each format through each path, e.g. {"int4/triton": 112}."""
+    return path_counts(model.modules())
+
+
+def path_counts(modules, dense: str | None = None) -> dict[str, int]:
+    """How many of `modules` run each quantized format through each path ("int4/cpu"); any other module
+    counts under `dense` when given, else not at all."""
     summary: dict[str, int] = {}
-    for module in model.modules():
-        if isinstance(module, QuantLinear):
-            key = f"{module.kind}/{module.mode}"
+    for module in modules:
+        key = f"{module.kind}/{module.mode}" if isinstance(module, QuantLinear) else dense
+        if key is not None:
             summary[key] = summary.get(key, 0) + 1
     return summary
