@@ -16,7 +16,7 @@ from optcli.engine.attention.cpu import build_gather_metadata
 from optcli.engine.attention.layout import StepLayout
 from optcli.engine.attention.triton import build_triton_metadata
 from optcli.engine.cuda_graphs import DecodeGraphs, cuda_capture
-from optcli.engine.detokenizer import IncrementalDetokenizer
+from optcli.engine.detokenizer import IncrementalDetokenizer, completion_text
 from optcli.engine.kernels import triton_available
 from optcli.engine.kv_cache import BlockManager
 from optcli.engine.loading.model import load_engine_model
@@ -177,7 +177,8 @@ class Engine:
         text = None
         if p.stop:  # the returned text ends before the first stop string
             if seq.detokenizer is None:
-                seq.detokenizer = IncrementalDetokenizer(self.tokenizer, skip=seq.num_prompt_tokens)
+                seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids,
+                                                         skip=seq.num_prompt_tokens)
             seq.detokenizer.update(seq.token_ids)
             cut = seq.detokenizer.find_stop(p.stop)
             if cut >= 0:
@@ -185,7 +186,11 @@ class Engine:
         if reason is None and (seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len):
             reason = "length"
         if reason is not None:
-            seq.text = text if text is not None else self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+            if text is None:  # the prompt's last tokens give the first token its context (its leading space)
+                detok = seq.detokenizer
+                text = detok.full_text if detok is not None else completion_text(
+                    self.tokenizer, seq.prompt_token_ids, seq.output_token_ids)
+            seq.text = text
             self.scheduler.finish(seq, reason)
             self.requests.pop(seq.request_id, None)
 

@@ -1,4 +1,10 @@
-"""Engine logprob entries rendered in the completions and chat wire formats."""
+"""Engine logprob entries rendered in the completions and chat wire formats.
+
+Each chosen token is named by its share of the returned text (`detokenizer.token_texts`: "" while a
+character is split over tokens, the completing token carrying it), so tokens concatenate to the text and
+`text_offset` indexes into it. Top-logprob alternatives keep their context-free names
+(`ServeState.token_str`, as vLLM names them), so top-k dicts from this server and from vLLM compare by
+name (`bench.endpoint_accuracy`)."""
 
 from __future__ import annotations
 
@@ -6,12 +12,12 @@ from optcli.serve.protocol import ChatLogprobs, ChatTokenLogprob, CompletionLogp
 from optcli.serve.state import ServeState
 
 
-def completion_logprobs(state: ServeState, ids: list[int], entries: list, offset: int,
+def completion_logprobs(state: ServeState, texts: list[str], entries: list, offset: int,
                         first_null: bool = False) -> CompletionLogprobs:
-    """`first_null`: the first id has no entry (an echoed prompt's first token)."""
+    """`texts`: each token's share of the text, which starts at `offset`. `first_null`: the first token
+    has no entry (an echoed prompt's first token)."""
     lp = CompletionLogprobs()
-    for j, tid in enumerate(ids):
-        tok = state.token_str(tid)
+    for j, tok in enumerate(texts):
         entry = None
         if not (first_null and j == 0):
             k = j - 1 if first_null else j
@@ -37,11 +43,11 @@ def merge_lp(a: CompletionLogprobs, b: CompletionLogprobs) -> CompletionLogprobs
                               top_logprobs=a.top_logprobs + b.top_logprobs, text_offset=a.text_offset + b.text_offset)
 
 
-def chat_logprobs(state: ServeState, ids: list[int], entries: list) -> ChatLogprobs:
+def chat_logprobs(state: ServeState, texts: list[str], entries: list) -> ChatLogprobs:
+    """`texts`: each token's share of the message content."""
     content = []
-    for tid, entry in zip(ids, entries, strict=False):
+    for tok, entry in zip(texts, entries, strict=False):
         logprob, _, top = entry
-        tok = state.token_str(tid)
         content.append(ChatTokenLogprob(
             token=tok, logprob=float(logprob), bytes=list(tok.encode()),
             top_logprobs=[TopLogprob(token=state.token_str(t), logprob=float(v),

@@ -9,6 +9,7 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from optcli.engine.detokenizer import token_texts
 from optcli.serve.api_errors import APIError
 from optcli.serve.logprobs import chat_logprobs
 from optcli.serve.protocol import (
@@ -70,7 +71,9 @@ async def chat_completions(request: Request):
         return sse_response(state, _stream(state, req, params, ids, rid), slot)
     with slot:
         (out,) = await collect(state, [ids], params, rid)
-    lp = chat_logprobs(state, out.token_ids, out.logprobs or []) if want_lp is not None else None
+    lp = None
+    if want_lp is not None:
+        lp = chat_logprobs(state, token_texts(state.tokenizer, ids, out.token_ids), out.logprobs or [])
     choice = ChatCompletionChoice(index=0, message=ChatResponseMessage(content=out.text), logprobs=lp,
                                   finish_reason=out.finish_reason)
     n = len(out.token_ids)
@@ -83,7 +86,7 @@ async def _stream(state: ServeState, req: ChatCompletionRequest, params, ids: li
     want_lp = (req.top_logprobs or 0) if req.logprobs else None
     name = state.served_model_name
     created = int(time.time())
-    stream_text = StreamText(state.tokenizer, params.stop)
+    stream_text = StreamText(state.tokenizer, params.stop, ids)
     first = ChatCompletionStreamChoice(index=0, delta=DeltaMessage(role="assistant", content=""))
     yield sse(ChatCompletionChunk(id=rid, created=created, model=name, choices=[first]))
     lp_sent = 0
@@ -93,7 +96,7 @@ async def _stream(state: ServeState, req: ChatCompletionRequest, params, ids: li
         n = len(out.token_ids)
         lp = None
         if want_lp is not None:
-            lp = chat_logprobs(state, out.token_ids[lp_sent:], (out.logprobs or [])[lp_sent:])
+            lp = chat_logprobs(state, stream_text.token_texts[lp_sent:n], (out.logprobs or [])[lp_sent:])
             lp_sent = n
         if not delta and not out.finished and not (lp and lp.content):
             continue

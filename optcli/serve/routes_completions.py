@@ -8,6 +8,7 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from optcli.engine.detokenizer import decode, token_texts
 from optcli.serve.api_errors import APIError
 from optcli.serve.logprobs import completion_logprobs, merge_lp
 from optcli.serve.protocol import CompletionChoice, CompletionRequest, CompletionResponse, UsageInfo
@@ -34,8 +35,7 @@ def _prompts(state: ServeState, req: CompletionRequest, max_tokens: int) -> tupl
         if any(t < 0 or t >= vocab for t in ids):
             raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
         check_length(state, len(ids), max_tokens, "max_tokens")
-    texts = [x if isinstance(x, str) else tokenizer.decode(ids, skip_special_tokens=True)
-             for x, ids in zip(raw, prompts, strict=True)]
+    texts = [x if isinstance(x, str) else decode(tokenizer, ids) for x, ids in zip(raw, prompts, strict=True)]
     return prompts, texts
 
 
@@ -59,9 +59,10 @@ async def completions(request: Request):
         lp = None
         if want_lp is not None:
             gen_offset = len(prompt_texts[i]) if req.echo else 0
-            lp = completion_logprobs(state, out.token_ids, out.logprobs or [], gen_offset)
+            lp = completion_logprobs(state, token_texts(state.tokenizer, prompts[i], out.token_ids),
+                                     out.logprobs or [], gen_offset)
             if req.echo:
-                lp = merge_lp(completion_logprobs(state, prompts[i], out.prompt_logprobs or [], 0, True), lp)
+                lp = merge_lp(_prompt_logprobs(state, prompts[i], out), lp)
         choices.append(CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=out.finish_reason))
     ptoks = sum(len(x) for x in prompts)
     ctoks = sum(len(o.token_ids) for o in finals)
@@ -70,12 +71,19 @@ async def completions(request: Request):
                                            usage=usage).model_dump())
 
 
+def _prompt_logprobs(state: ServeState, prompt_ids: list[int], out):
+    """An echoed prompt's logprobs: its tokens' shares of decode(prompt), offsets from 0."""
+    return completion_logprobs(state, token_texts(state.tokenizer, [], prompt_ids), out.prompt_logprobs or [], 0,
+                               first_null=True)
+
+
 async def _stream(state: ServeState, req: CompletionRequest, params, prompts: list[list[int]],
                   prompt_texts: list[str], rid: str):
     want_lp = req.logprobs
     name = state.served_model_name
-    texts = [StreamText(state.tokenizer, params.stop) for _ in prompts]
+    texts = [StreamText(state.tokenizer, params.stop, ids) for ids in prompts]
     lp_sent = [0] * len(prompts)
+    lp_chars = [len(t) if req.echo else 0 for t in prompt_texts]  # where the next token's text starts
     echoed = [False] * len(prompts)
     ctoks = [0] * len(prompts)
     created = int(time.time())
@@ -86,13 +94,13 @@ async def _stream(state: ServeState, req: CompletionRequest, params, prompts: li
             echoed[i] = True
             text = prompt_texts[i]
             if want_lp is not None:
-                lp = completion_logprobs(state, prompts[i], out.prompt_logprobs or [], 0, True)
-        offset = len(texts[i].sent) + (len(prompt_texts[i]) if req.echo else 0)
+                lp = _prompt_logprobs(state, prompts[i], out)
         text += texts[i].delta(out)
         ctoks[i] = len(out.token_ids)
         if want_lp is not None:
-            new_ids = out.token_ids[lp_sent[i]:]
-            new_lp = completion_logprobs(state, new_ids, (out.logprobs or [])[lp_sent[i]:], offset)
+            new_texts = texts[i].token_texts[lp_sent[i]:len(out.token_ids)]
+            new_lp = completion_logprobs(state, new_texts, (out.logprobs or [])[lp_sent[i]:], lp_chars[i])
+            lp_chars[i] += sum(len(t) for t in new_texts)
             lp_sent[i] = len(out.token_ids)
             lp = merge_lp(lp, new_lp) if lp else new_lp
         if not text and not out.finished and not (lp and lp.tokens):

@@ -24,19 +24,25 @@ logger = logging.getLogger("optcli.serve")
 
 
 class StreamText:
-    """Streaming text deltas, decoded incrementally: emits new text, holding back an incomplete UTF-8
-    tail and any tail that could start a stop string; the final delta makes the concatenation equal
-    the engine's final text."""
+    """Streaming text deltas, decoded incrementally after the prompt's last tokens (so the first token
+    keeps its leading space): emits new text, holding back what may still change (an incomplete UTF-8
+    character, an unterminated byte-fallback run) and any tail that could start a stop string; the
+    final delta makes the concatenation equal the engine's final text. `token_texts` holds each output
+    token's share of the text (`detokenizer.token_texts`), for logprobs' tokens and offsets."""
 
-    def __init__(self, tokenizer, stop: list[str]) -> None:
-        self.detok = IncrementalDetokenizer(tokenizer)
+    def __init__(self, tokenizer, stop: list[str], prompt_ids: list[int]) -> None:
+        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids)
         self.stop, self.sent = stop, ""
+        self.token_texts: list[str] = []
 
     def delta(self, out: RequestOutput) -> str:
-        self.detok.update(out.token_ids)
+        for tid in out.token_ids[len(self.token_texts) :]:  # one at a time: each token's own text
+            self.token_texts.append(self.detok.add([tid]))
+        if out.finished and self.token_texts:  # what was still pending belongs to the last token
+            self.token_texts[-1] += self.detok.pending
         if out.finished:
             text = out.text if out.finish_reason != "abort" else self.detok.full_text
-            if not text.startswith(self.sent):  # the decoded prefix changed (rare); never resend text
+            if not text.startswith(self.sent):  # a safeguard: committed text never changes; never resend
                 return ""
             end = len(text)
         else:

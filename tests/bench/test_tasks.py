@@ -112,8 +112,8 @@ def test_the_harness_backend_answers_rolling_and_generation_requests_like_the_en
                              SamplingParams(max_tokens=12))[0].text
     (text_out,) = lm.generate_until([Instance("generate_until", {}, (prompt, {"until": ["\n"], "max_gen_toks": 12}), 0)])
     assert text_out == greedy.split("\n")[0] and text_out
-    # the decoded text drops the first token's leading space, as sentencepiece decoding does; a task's
-    # continuation carries its own (" little girl")
+    # the text keeps its first token's leading space (" little girl"), as a task's continuation has it
+    assert greedy.startswith(" ")
     (ll,) = lm.loglikelihood([Instance("loglikelihood", {}, (prompt, " " + " ".join(greedy.split()[:3])), 0)])
     (other,) = lm.loglikelihood([Instance("loglikelihood", {}, (prompt, " purple rocket ship"), 0)])
     assert ll[1] is True and other[1] is False and other[0] < ll[0] < 0

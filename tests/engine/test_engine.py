@@ -144,6 +144,23 @@ def test_stop_strings_and_logprobs(stories) -> None:
     engine.blocks.check_no_leaks()
 
 
+def test_text_is_transformers_decode_of_prompt_and_output_minus_prompt(stories) -> None:
+    """The first token keeps its leading space: "Once upon" + "▁a ▁time ," is " a time,", not "a time,"."""
+    engine = Engine(str(stories["dir"]), dtype="float32")
+    tok = AutoTokenizer.from_pretrained(stories["dir"])
+    out = engine.generate(["Once upon"], SamplingParams(max_tokens=3))[0]
+    assert out.token_ids == [261, 378, 432] and out.text == " a time,"
+    assert "Once upon" + out.text == tok.decode(out.prompt_token_ids + out.token_ids, skip_special_tokens=True)
+    cut = engine.generate(["Once upon"], SamplingParams(max_tokens=3, stop=[" time"]))[0]
+    assert cut.text == " a" and cut.finish_reason == "stop"
+    prompts = stories["prompts"][:16]
+    for stop in (None, ["never there"]):  # the final decode and the incremental (stop-string) path
+        outs = engine.generate(prompts, SamplingParams(max_tokens=MAX_NEW, temperature=1.0, seed=3, stop=stop))
+        for p, o in zip(prompts, outs, strict=True):
+            head = tok.decode(p, skip_special_tokens=True)
+            assert head + o.text == tok.decode(p + o.token_ids, skip_special_tokens=True)
+
+
 def test_stop_token_and_length_finish(stories) -> None:
     # llama2.c's stories end with BOS (its story separator), never with EOS: stop on it explicitly.
     engine = Engine(str(stories["dir"]), dtype="float32")
