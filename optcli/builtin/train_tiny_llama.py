@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -100,6 +101,7 @@ def train_builtin_tokenizer():
     )
     tok.train_from_iterator(calibration_documents(), trainer=trainer)
     tok.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    tok = Tokenizer.from_str(ordinary_byte_tokens(tok.to_str()))
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
@@ -107,6 +109,17 @@ def train_builtin_tokenizer():
         unk_token="<unk>",
         model_max_length=TINY_LLAMA["max_position_embeddings"],
     )
+
+
+def ordinary_byte_tokens(tokenizer_json: str) -> str:
+    """The tokenizer JSON with the `<0xNN>` byte tokens as ordinary vocabulary entries, as in Llama's.
+
+    The trainer can only reserve their ids as *special* tokens, and decoding with
+    `skip_special_tokens=True` (transformers and the engine) then drops every character spelled in
+    bytes: "café" came back as "caf". Byte fallback finds them in the vocabulary either way."""
+    data = json.loads(tokenizer_json)
+    data["added_tokens"] = [t for t in data["added_tokens"] if not re.fullmatch(r"<0x[0-9A-F]{2}>", t["content"])]
+    return json.dumps(data, ensure_ascii=False)
 
 
 def _windows_nll(model, docs_ids: list[list[int]], window: int = EVAL_WINDOW) -> tuple[float, int]:

@@ -7,7 +7,6 @@ linearly with the output length, not with the prompt."""
 
 from __future__ import annotations
 
-import json
 import random
 
 import pytest
@@ -55,15 +54,21 @@ def metaspace_bpe() -> PreTrainedTokenizerFast:
 
 
 def llama_byte_fallback() -> PreTrainedTokenizerFast:
-    """Llama-2 style: BPE with "<0xNN>" byte fallback (Replace ▁, ByteFallback, Fuse, Strip decoder): the
-    builtin tiny-llama's tokenizer with its byte tokens as ordinary vocabulary, as Llama 2 has them (the
-    builtin registers them as special tokens, which skip_special_tokens drops)."""
+    """Llama-2 style: BPE with "<0xNN>" byte fallback (Replace ▁, ByteFallback, Fuse, Strip decoder), as
+    the builtin tiny-llama ships it: its byte tokens are ordinary vocabulary, as Llama 2 has them."""
     from optcli.checkpoints.resolve import resolve_model
 
-    spec = json.loads((resolve_model("builtin:tiny-llama").path / "tokenizer.json").read_text(encoding="utf-8"))
-    spec["added_tokens"] = [t for t in spec["added_tokens"] if not t["content"].startswith("<0x")]
-    tok = Tokenizer.from_str(json.dumps(spec))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return AutoTokenizer.from_pretrained(resolve_model("builtin:tiny-llama").path)
+
+
+def test_builtin_tokenizer_keeps_characters_spelled_in_bytes():
+    """The trainer can only reserve the byte tokens as special tokens; shipped as such, decoding with
+    skip_special_tokens (transformers' and the engine's) dropped every character spelled in bytes."""
+    tok = llama_byte_fallback()
+    text = "Once upon a time 🙂 ∑ 漢字"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert any(tok.convert_ids_to_tokens(i).startswith("<0x") for i in ids)
+    assert tok.decode(ids, skip_special_tokens=True) == text
 
 
 @pytest.fixture(scope="module")
