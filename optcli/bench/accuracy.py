@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import gc
 import math
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +21,8 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+
+from optcli.util.fs import scratch_directory
 
 # Baseline log-probs kept in memory up to this many bytes, then spilled to a temporary directory: a
 # 128k vocabulary is 0.5 MB a token in fp32, so a long eval text would not fit beside the candidate.
@@ -156,8 +157,9 @@ def evaluate_in_turn(candidate: Callable[[], object], baseline: Callable[[], obj
     kept (spilled to disk beyond `budget` bytes) before it is dropped; then `candidate()` is built and
     scored against them. Each callable returns a causal LM (e.g. an EngineLM) that nothing else holds."""
     windows = token_windows(ids, ctx)
-    with tempfile.TemporaryDirectory(prefix="optcli-logprobs-") as spill:
-        kept = _KeptLogprobs(Path(spill), budget)
+    # owned by this process: what a killed run leaves behind, the next run removes
+    with scratch_directory("optcli-logprobs-") as spill:
+        kept = _KeptLogprobs(spill, budget)
         model = baseline()
         for lp in _scored(model, windows):
             kept.add(lp)

@@ -87,6 +87,8 @@ def _row(obj, where: str) -> DatasetRow:
     if out is not None and (isinstance(out, bool) or not isinstance(out, int) or out < 1):
         raise UsageError(f"{where}: output_tokens must be a positive integer (got {out!r})")
     if isinstance(obj.get("prompt"), str):
+        if not obj["prompt"].strip():  # no tokens to send: the engine (or server) would refuse it mid-run
+            raise UsageError(f"{where}: prompt is empty")
         return DatasetRow(prompt=obj["prompt"], output_tokens=out)
     if isinstance(obj.get("messages"), list):
         msgs = tuple((str(m.get("role", "user")), str(m.get("content", ""))) for m in obj["messages"]

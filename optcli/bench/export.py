@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from optcli.errors import UsageError
+from optcli.util.fs import check_out_file
 
 FORMATS = (".jsonl", ".csv")
 FIELDS = ("model", "phase", "level", "measured", "index", "start_s", "ttft_ms", "tpot_ms", "itl_ms_mean", "e2e_ms", "prompt_tokens",
@@ -17,8 +18,31 @@ FIELDS = ("model", "phase", "level", "measured", "index", "start_s", "ttft_ms", 
 
 
 def check_export_path(path: Path | None) -> None:
-    if path is not None and path.suffix.lower() not in FORMATS:
+    """Before any measuring: the format, and a place we may write (an existing file only an earlier export)."""
+    if path is None:
+        return
+    if path.suffix.lower() not in FORMATS:
         raise UsageError(f"--export must end in .jsonl or .csv (got {path.name})")
+    check_out_file(path, "--export", "an earlier export", is_export)
+
+
+def is_export(path: Path) -> bool:
+    """Whether `path` is what `write_export` writes (an empty file, a CSV with our header, JSONL rows with
+    our fields): the only file --export replaces, so `--export prompts.jsonl` cannot eat the dataset."""
+    try:
+        if path.stat().st_size == 0:
+            return True
+        with open(path, encoding="utf-8") as fh:
+            first = fh.readline().strip()
+    except (OSError, UnicodeDecodeError):
+        return False
+    if path.suffix.lower() == ".csv":
+        return first == ",".join(FIELDS)
+    try:
+        row = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(row, dict) and set(row) == set(FIELDS)
 
 
 def level_rows(online: dict, model: str, phase: str, level) -> list[dict]:

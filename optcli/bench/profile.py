@@ -26,6 +26,7 @@ from optcli.config import EngineConfig
 from optcli.engine import Engine
 from optcli.engine.loading.placement import resolve_device
 from optcli.errors import KpiFailed, UsageError
+from optcli.report import check_out as check_report_out
 from optcli.report import write_reports
 from optcli.roi.cost import cost_per_1k  # the one cost function, shared with `optcli roi`
 from optcli.roi.hardware import GpuUtilizationSampler, describe, peak_bandwidth
@@ -112,9 +113,12 @@ def profile(
     `config` (plus any EngineConfig field by keyword) is the engine both models run in, as `serve` would;
     `engine="vllm"`: each is served by `vllm serve` (`vllm` options) instead, and measured as an endpoint."""
     workload = workload or Workload()
+    if out is not None:  # where the results go, checked now rather than after minutes of measuring
+        check_report_out(Path(out))
+    check_export_path(export)
     kpi = load_kpi(kpi_file) if kpi_file is not None else None
-    if eval_text is not None and not eval_text.is_file():
-        raise UsageError(f"--eval-text file not found: {eval_text}")
+    if eval_text is not None:
+        _eval_text(eval_text)  # an unreadable, binary or empty file: exit 2 now, before any model loads
     if accuracy_backend not in ACCURACY_BACKENDS:
         raise UsageError(f"--accuracy-backend must be one of {', '.join(ACCURACY_BACKENDS)} (got '{accuracy_backend}')")
     if gpu_hour_cost is not None and gpu_hour_cost < 0:
@@ -141,7 +145,6 @@ def profile(
     if baseline is None and manifest is not None and manifest.get("source", {}).get("path"):
         baseline = manifest["source"]["path"]
     baseline_source = resolve_model(baseline) if baseline and source else None
-    check_export_path(export)
     if baseline_endpoint and not endpoint:
         raise UsageError("--baseline-endpoint compares two servers: it needs --endpoint too")
     if baseline_endpoint and baseline:
@@ -334,8 +337,22 @@ def profile(
 
 
 def _eval_text(path: Path | None) -> str:
-    """The text accuracy is scored on: `--eval-text`, else the builtin corpus's held-out split."""
-    return path.read_text(encoding="utf-8") if path else heldout_text()
+    """The text accuracy is scored on: `--eval-text`, else the builtin corpus's held-out split. A file
+    that cannot be scored is exit 2 naming it (as calibrate names a bad source), not a decoder's error."""
+    if path is None:
+        return heldout_text()
+    if not path.is_file():
+        raise UsageError(f"--eval-text file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"--eval-text {path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                         f"{exc.start})") from None
+    except OSError as exc:
+        raise UsageError(f"--eval-text {path}: cannot read ({exc.strerror or exc})") from None
+    if not text.strip():
+        raise UsageError(f"--eval-text {path}: no text to score (the file is empty or only whitespace)")
+    return text
 
 
 def _concurrency_sweep(workload: Workload) -> list[int] | None:

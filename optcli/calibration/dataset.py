@@ -21,7 +21,7 @@ from optcli.calibration.outliers import activation_stats
 from optcli.calibration.sources import Documents, RowOptions, read_source
 from optcli.checkpoints.resolve import load_model, resolve_model, tokenizer_fingerprint
 from optcli.errors import UsageError
-from optcli.util.fs import atomic_directory, check_out_dir
+from optcli.util.fs import CALIBRATION_SET, atomic_directory, check_out_dir
 
 STRATA = 4  # document-length quantile buckets that selection draws from in turn
 
@@ -158,7 +158,7 @@ def save_calibration_set(calib: CalibrationSet, out: Path, stats: dict | None = 
     from datasets import Dataset
 
 
-    with atomic_directory(Path(out), force) as tmp:
+    with atomic_directory(Path(out), force, CALIBRATION_SET) as tmp:
         Dataset.from_dict({"input_ids": calib.input_ids}).save_to_disk(str(tmp / "data"))
         (tmp / "manifest.json").write_text(json.dumps(calib.manifest, indent=2))
         if stats is not None:
@@ -197,8 +197,9 @@ def calibrate(model_spec: str, source: str, out: Path, samples: int = 128, seq_l
     from transformers import AutoConfig, AutoTokenizer
 
 
-    check_out_dir(Path(out), force)
-    model = resolve_model(model_spec)
+    model = resolve_model(model_spec)  # headers only: the model loads (for --stats) after every check
+    local = None if source in ("builtin", "self") or source.startswith("hf:") else Path(source).expanduser()
+    check_out_dir(Path(out), force, CALIBRATION_SET, {"model": model.path, "calibration source": local})
     context = getattr(AutoConfig.from_pretrained(model.path), "max_position_embeddings", None)
     if context is not None and seq_len > context:
         raise UsageError(f"--seq-len {seq_len} is above the model's context ({context} tokens, max_position_embeddings)")

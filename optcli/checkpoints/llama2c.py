@@ -19,7 +19,7 @@ from tokenizers.processors import TemplateProcessing
 from transformers import GenerationConfig, LlamaConfig, PreTrainedTokenizerFast
 
 from optcli.errors import UsageError
-from optcli.util.fs import atomic_directory
+from optcli.util.fs import atomic_directory, check_out_dir
 
 _HEADER = struct.Struct("<7i")
 _SPECIALS = ("<unk>", "<s>", "</s>")  # llama2.c ids 0, 1, 2 (it spells 1/2 as "\n<s>\n"/"\n</s>\n")
@@ -185,8 +185,7 @@ def convert_llama2c(checkpoint: str | os.PathLike[str], tokenizer: str | os.Path
                     out_dir: str | os.PathLike[str]) -> Path:
     """Write an HF model directory atomically (optcli.util.fs: a temp sibling renamed into place)."""
     out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise UsageError(f"output directory {out_dir} already exists; choose a new path")
+    check_out_dir(out_dir, inputs={"checkpoint": checkpoint, "tokenizer": tokenizer})  # before reading anything
     config, state = read_llama2c_checkpoint(checkpoint)
     tok = build_llama2c_tokenizer(tokenizer, config.max_position_embeddings)
     if len(tok) != config.vocab_size:

@@ -73,6 +73,25 @@ def _check_safetensors_header(path: Path) -> None:
     end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
     if 8 + header_len + end > size:
         raise UsageError(f"{path}: truncated safetensors file ({size} bytes, header needs {8 + header_len + end})")
+    _check_safetensors_dtypes(path, header)
+
+
+def _check_safetensors_dtypes(path: Path, header: dict) -> None:
+    """safetensors' own reader validates the rest of the header (dtypes, shapes against offsets): ask it
+    here, where a refusal names the file and tensor, instead of deep in a loader (numpy: no torch import)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy"):
+            pass
+    except SafetensorError as exc:
+        message = str(exc).splitlines()[0]
+        unknown = re.search(r"unknown variant `([^`]*)`", message)
+        if unknown is None:
+            raise UsageError(f"{path}: corrupt safetensors file ({message})") from None
+        dtype = unknown[1]
+        name = next((k for k, t in header.items() if isinstance(t, dict) and t.get("dtype") == dtype), "?")
+        raise UsageError(f"{path}: tensor '{name}' has dtype '{dtype}', which safetensors does not know") from None
 
 
 def _download_from_hub(repo_id: str) -> Path:

@@ -41,29 +41,35 @@ def engine_config(device: str, dtype: str, max_num_seqs: int, max_model_len: int
                         gpu_memory_utilization=gpu_memory_utilization, lm_head=lm_head)
 
 
-def fail(message: str, code: int) -> None:
+def fail(message: str, code: int, as_json: bool = False) -> None:
+    """One line on stderr and exit `code`; with `as_json`, also the failure as the one JSON object on
+    stdout (`{"error", "exit_code"}`), so a script reading stdout always gets an object to parse."""
     err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    if as_json:
+        emit_json({"error": message, "exit_code": code})
     raise typer.Exit(code)
 
 
 @contextlib.contextmanager
 def guard(as_json: bool):
-    """Map library errors to exit codes; in --json mode keep stdout for the one JSON object."""
+    """Map library errors to exit codes; in --json mode keep stdout for the one JSON object (the result,
+    or the error)."""
     try:
         with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
             yield
     except UsageError as exc:
-        fail(str(exc), 2)
+        fail(str(exc), 2, as_json)
     except KpiFailed as exc:
-        fail(str(exc), 3)
+        fail(str(exc), 3, as_json)
     except KeyboardInterrupt:
-        fail("interrupted", 130)
+        fail("interrupted", 130, as_json)
     except typer.Exit:
         raise
     except Exception as exc:  # noqa: BLE001 - one line for users; OPTCLI_DEBUG=1 for the traceback
         if os.environ.get("OPTCLI_DEBUG"):
             raise
-        fail(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (set OPTCLI_DEBUG=1 for details)", 1)
+        fail(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (set OPTCLI_DEBUG=1 for details)",
+             1, as_json)
 
 
 def emit_json(obj) -> None:

@@ -47,6 +47,10 @@ def roi(
     with guard(as_json):
         if plot is not None and load_trace is None:
             raise UsageError("--plot needs --load-trace")
+        if plot is not None:
+            from optcli.roi.capacity import check_plot_path
+
+            check_plot_path(plot)  # before the table: a plot that cannot be written is exit 2 with nothing printed
         result = compute_roi(options)
         if plot is not None:
             from optcli.roi.capacity import plot as plot_replay

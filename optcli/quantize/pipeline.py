@@ -25,8 +25,9 @@ from optcli.errors import UsageError
 from optcli.quantize.artifact import atomic_directory, directory_weight_bytes
 from optcli.quantize.recipes import load_recipe
 from optcli.util.env import library_versions, peak_memory_bytes, pick_device
+from optcli.util.fs import ARTIFACT
 
-MANIFEST = "optcli.json"
+MANIFEST = ARTIFACT.marker  # optcli.json: what makes a directory an artifact (util.fs)
 
 
 @dataclass
@@ -58,6 +59,7 @@ def apply_recipe(
         raise UsageError(f"calibration set not found: {calibration}")
     device = pick_device(device)
     source = resolve_model(model_spec)
+    refuse_quantized(source.path)
     if recipe.backend == "llmcompressor":  # validate the block before any heavy work
         from optcli.quantize.llmcompressor import parse_modifiers
 
@@ -92,9 +94,33 @@ def apply_recipe(
     return QuantizedModel(model, tokenizer, recipe, source, calib, device, layers, started)
 
 
+def refuse_quantized(path: Path) -> None:
+    """Exit 2 for a model whose weights are already quantized: a recipe finds no dense weights to round
+    there (llm-compressor fails deep inside, "'Linear' object has no attribute 'weight'"), and quantizing
+    twice would compound the error anyway; an optcli artifact's manifest names the source to use instead."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # unreadable configs are the loader's to report
+    if not isinstance(config, dict):
+        return
+    quant = config.get("quantization_config") or config.get("compression_config")  # the latter: older compressed-tensors
+    if not quant:
+        return
+    method = (quant.get("quant_method") if isinstance(quant, dict) else None) or "quantization_config in config.json"
+    hint = "quantize the unquantized model instead"
+    if ARTIFACT.made(Path(path)):
+        manifest = json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8"))
+        recipe = (manifest.get("recipe") or {}).get("name")
+        method = f"optcli recipe {recipe}" if recipe else method
+        source = (manifest.get("source") or {}).get("spec")
+        hint = f"quantize its source instead ({source})" if source else hint
+    raise UsageError(f"{path}: already quantized ({method}): {hint}")
+
+
 def save_artifact(qm: QuantizedModel, out: str | Path, force: bool = False) -> dict[str, Any]:
     """Write the artifact atomically: HF directory + tokenizer + optcli.json; returns the manifest."""
-    with atomic_directory(Path(out), force) as tmp:
+    with atomic_directory(Path(out), force, ARTIFACT, {"source model": qm.source.path}) as tmp:
         manifest = write_artifact(qm, tmp)
     manifest["artifact"] = str(Path(out).absolute())
     return manifest
@@ -144,7 +170,9 @@ def quantize(
     only when complete, so a run killed at any point never leaves a half-written `out`.
     """
     out = Path(out)
-    with atomic_directory(out, force) as tmp:
+    # resolved here too (cheap: headers only) so that --out is checked against the source before any work
+    inputs = {"source model": resolve_model(model_spec).path, "calibration set": calibration}
+    with atomic_directory(out, force, ARTIFACT, inputs) as tmp:
         qm = apply_recipe(model_spec, recipe_name, calibration, device, trust_remote_code, seed, progress)
         manifest = write_artifact(qm, tmp)
     manifest["artifact"] = str(out.absolute())

@@ -3,7 +3,8 @@
 Writes are atomic so `--out` never holds a half-written or mismatched set: everything is rendered
 in memory first, then a new directory is built by the one atomic directory writer (optcli.util.fs:
 a temporary sibling renamed into place, stale ones from killed runs swept), or, when the directory
-already exists (it may hold other artifacts), each file is replaced with temp file + os.replace.
+already exists (it may hold other artifacts), each file is replaced with temp file + os.replace; the
+files replaced must be an earlier report's (util.fs's rule: only an optcli output of the same kind).
 
 report renders a finished report dict: it imports only errors and util (and matplotlib for plots).
 """
@@ -20,9 +21,9 @@ from typing import Any
 from optcli.errors import UsageError
 from optcli.report.html import render_html
 from optcli.report.markdown import render_markdown
-from optcli.util.fs import atomic_directory
+from optcli.util.fs import REPORT, atomic_directory, check_report_dir
 
-__all__ = ["render_html", "render_markdown", "write_reports"]
+__all__ = ["check_out", "render_html", "render_markdown", "write_reports"]
 
 FILES = ("report.json", "report.md", "report.html")
 
@@ -47,11 +48,18 @@ def _replace_in_place(out_dir: Path, contents: dict[str, str]) -> None:
             raise
 
 
+def check_out(out_dir: str | Path) -> None:
+    """What `write_reports` would refuse, said before the run measures anything: a link, a path under a
+    file or in an unwritable place, a directory whose report files optcli did not write."""
+    check_report_dir(Path(out_dir), REPORT, FILES)
+
+
 def write_reports(report: Mapping[str, Any], out_dir: str | Path, samples: Mapping[str, Any] | None = None,
                   sweep: Sequence[Any] | None = None,
                   baseline_report: Mapping[str, Any] | None = None) -> dict[str, Path]:
     """Write report.json / report.md / report.html into out_dir; returns {"json"|"md"|"html": path}."""
     out_dir = Path(out_dir)
+    check_out(out_dir)
     contents = {
         "report.json": json.dumps(report, indent=2) + "\n",
         "report.md": render_markdown(report),

@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 from optcli.errors import UsageError
+from optcli.util.fs import check_out_file
 
 SCALE_UP_UTILIZATION = 0.8  # scale up by one when p95 > SLO and utilization above this
 SCALE_DOWN_UTILIZATION = 0.3  # scale down by one when utilization below this
@@ -135,6 +136,20 @@ def replay(trace: list[tuple[str, float, float]], points: list[Point], slo_ms: f
             "replica_hours": sum(r["replicas"] * r["hours"] for r in rows),
             "peak_replicas": max(r["replicas"] for r in rows),
             "intervals_over_slo": sum(not r["slo_met"] for r in rows)}
+
+
+def check_plot_path(path: Path) -> None:
+    """Before any work: a place `plot` may write, where an existing file is replaced only if it is a PNG
+    (so `--plot trace.csv` cannot overwrite the load trace)."""
+    check_out_file(Path(path), "--plot", "a PNG image", _is_png)
+
+
+def _is_png(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    except OSError:
+        return False
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -4,6 +4,12 @@ A run killed at any point leaves at most a `.tmp-<name>-<random>` sibling, never
 target. Each temporary holds an owner file naming its writer (pid, the process's start time and the
 boot id where the OS tells them), so the next write beside it can tell a dead writer's leftovers,
 which it removes and logs, from a live writer's, which it leaves alone, even after a pid is reused.
+Scratch directories in the system's temporary directory (`scratch_directory`) are owned the same way.
+
+One rule decides what a write may replace (`check_out_dir`), checked before any work: `--force`
+replaces only an optcli output of the same kind (recognised by the JSON file each kind holds) or an
+empty directory; never an input of the run (the source model, a directory holding it or inside it),
+never through a symbolic link, and nothing else: those are exit 2, naming what is there.
 """
 
 from __future__ import annotations
@@ -17,8 +23,10 @@ import re
 import secrets
 import shutil
 import socket
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from optcli.errors import UsageError
@@ -29,22 +37,144 @@ _TEMPORARY = re.compile(r"\.(?P<kind>tmp|old)-(?P<name>.+)-[a-z0-9_]{8}")  # our
 log = logging.getLogger("optcli")
 
 
-def check_out_dir(out: Path, force: bool) -> None:
-    """Refuse an existing target unless `force` (and anything that is not a directory) before any work."""
+@dataclass(frozen=True)
+class OutputKind:
+    """A kind of directory optcli writes, told by a JSON object every one of them holds (`marker`) with
+    these top-level keys: what --force may replace, and how an existing directory is named in a refusal."""
+
+    name: str
+    marker: str
+    keys: tuple[str, ...]
+
+    def made(self, path: Path) -> bool:
+        try:
+            data = json.loads((Path(path) / self.marker).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return isinstance(data, dict) and all(key in data for key in self.keys)
+
+
+# Every kind optcli writes, with the file it has always written (so outputs of earlier versions count too).
+ARTIFACT = OutputKind("quantized artifact", "optcli.json", ("optcli_version", "recipe", "source"))
+CALIBRATION_SET = OutputKind("calibration set", "manifest.json", ("optcli_version", "tokenizer_hash", "sha256"))
+REPORT = OutputKind("profile report", "report.json", ("model", "versions"))
+KINDS = (ARTIFACT, CALIBRATION_SET, REPORT)
+
+Inputs = Mapping[str, Path | str | None]  # what the run reads, by name ("source model"): never written over
+
+
+def check_out_dir(out: Path, force: bool = False, kind: OutputKind | None = None, inputs: Inputs | None = None) -> None:
+    """The one rule for a directory a command creates (or, with `force`, replaces), applied before any work.
+
+    Refused (UsageError, exit 2) with one line naming what is there: a symbolic link; one of the run's
+    `inputs`, a directory holding one or inside one; a path under a file or in a place the OS will not
+    write; an existing directory unless `force` and it is empty or a `kind` optcli wrote."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
+    _refuse_link(out)
+    _refuse_inputs(out, inputs)
+    check_writable(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
         raise UsageError(f"output path exists and is not a directory: {out}")
-    if out.exists() and not force:
+    if kind is None:  # a writer that never replaces (convert)
+        raise UsageError(f"output directory already exists: {out} (choose a new path)")
+    if any(out.iterdir()) and not kind.made(out):
+        raise UsageError(f"output directory {out} holds {describe(out)}, not a {kind.name}: kept "
+                         f"(--force replaces only a {kind.name} or an empty directory)")
+    if not force:
         raise UsageError(f"output directory already exists: {out} (pass --force to replace it)")
 
 
+def check_report_dir(out: Path, kind: OutputKind, files: tuple[str, ...]) -> None:
+    """The same rule for a writer that replaces only `files` inside a directory, keeping the rest (the
+    profile report): a new or existing directory, whose `files`, where present, must be a `kind` optcli wrote."""
+    out = Path(out)
+    _refuse_link(out)
+    check_writable(out, into=True)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output path exists and is not a directory: {out}")
+    present = [name for name in files if (out / name).exists() or (out / name).is_symlink()]
+    if present and not kind.made(out):
+        raise UsageError(f"output directory {out} holds {', '.join(present)} not written by optcli as a {kind.name}: "
+                         "kept (choose another directory)")
+
+
+def check_out_file(path: Path, flag: str, kind: str, ours: Callable[[Path], bool]) -> None:
+    """The same rule for a file a command writes, before any work: it replaces only a file that `ours`
+    recognises as the `kind` it writes."""
+    path = Path(path)
+    _refuse_link(path)
+    check_writable(path)
+    if path.exists() and not path.is_file():
+        raise UsageError(f"{flag} {path}: exists and is not a file")
+    if path.is_file() and not ours(path):
+        raise UsageError(f"{flag} {path}: exists and is not {kind}: kept (choose another file)")
+
+
+def check_writable(path: Path, into: bool = False) -> None:
+    """Exit 2 now, not after the work, when `path` cannot be written: a file where a directory of its path
+    should be, or a place the OS refuses writes in. The directory that will receive the write (`path`
+    itself with `into`, else its nearest existing parent) is probed by creating an entry in it, since
+    permission bits do not stop root while read-only mounts and /proc do."""
+    path = Path(path).absolute()
+    place = path if into and path.is_dir() else path.parent
+    while not place.exists():
+        if place.is_symlink():
+            raise UsageError(f"cannot write {path}: {place} is a broken symbolic link")
+        place = place.parent
+    if not place.is_dir():
+        raise UsageError(f"cannot write {path}: {place} is a file, not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".optcli-probe-", dir=place))
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {place} is not writable ({exc.strerror or exc})") from None
+
+
+def describe(path: Path) -> str:
+    """What a directory holds, for a refusal: the optcli output or model it is, else its first entries."""
+    for kind in KINDS:
+        if kind.made(path):
+            return f"a {kind.name}"
+    if (path / "config.json").is_file():
+        return "a model (config.json)"
+    names = sorted(entry.name for entry in path.iterdir())
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return f"{len(names)} entr{'y' if len(names) == 1 else 'ies'} ({shown})"
+
+
+def _refuse_link(out: Path) -> None:
+    # Writing through a link would replace (or fill) its target, which the user did not name.
+    if out.is_symlink():
+        raise UsageError(f"output path {out} is a symbolic link (to {os.readlink(out)}): kept; "
+                         "give a real path (the link's target, or a new one)")
+
+
+def _refuse_inputs(out: Path, inputs: Inputs | None) -> None:
+    target = out.resolve()
+    for name, path in (inputs or {}).items():
+        if path is None or not Path(path).exists():
+            continue
+        source = Path(path).resolve()
+        if target == source:
+            where = f"is the {name}"
+        elif target in source.parents:
+            where = f"contains the {name} {source}"
+        elif source in target.parents:
+            where = f"is inside the {name} {source}"
+        else:
+            continue
+        raise UsageError(f"output path {out} {where}: kept (write the output somewhere else)")
+
+
 @contextlib.contextmanager
-def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that becomes `out` only if the block finishes. With `force` an
-    existing `out` is swapped out only once the new one is complete; without it, an `out` that
-    appeared meanwhile raises FileExistsError (callers may then fall back to writing into it)."""
+def atomic_directory(out: Path, force: bool = False, kind: OutputKind | None = None,
+                     inputs: Inputs | None = None) -> Iterator[Path]:
+    """Yield a temporary directory that becomes `out` only if the block finishes, once `check_out_dir`
+    allows it. With `force` an existing `out` is swapped out only once the new one is complete; without
+    it, an `out` that appeared meanwhile raises FileExistsError (callers may then fall back to writing into it)."""
+    check_out_dir(Path(out), force, kind, inputs)
     out = Path(out).absolute()
-    check_out_dir(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale_temporaries(out)
     tmp = _make_temporary(out, "tmp")
@@ -83,8 +213,47 @@ def _make_temporary(out: Path, kind: str) -> Path:
             break
         except FileExistsError:
             continue
-    (path / OWNER_FILE).write_text(json.dumps(_identity(os.getpid())))
+    _claim(path)
     return path
+
+
+def _claim(path: Path) -> None:
+    """Mark `path` as this process's, so a later run can tell when its writer is gone."""
+    (path / OWNER_FILE).write_text(json.dumps(_identity(os.getpid())))
+
+
+@contextlib.contextmanager
+def scratch_directory(prefix: str) -> Iterator[Path]:
+    """A private directory in the system's temporary directory for one run's spill files, removed when the
+    block ends. A run killed meanwhile cannot remove it, so the next one with the same `prefix` removes
+    the leftovers of writers that are gone (and logs each), as `atomic_directory` does beside `out`."""
+    root = Path(tempfile.gettempdir())
+    sweep_scratch(root, prefix)
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+    try:
+        _claim(path)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def sweep_scratch(root: Path, prefix: str) -> list[Path]:
+    """Remove `prefix*` directories in `root` whose writer is gone; returns what was removed. One with no
+    owner file (an earlier version's) counts as gone once it is older than STALE_AFTER_S."""
+    removed = []
+    try:
+        entries = [e for e in Path(root).iterdir() if e.name.startswith(prefix)]
+    except OSError:
+        return removed
+    for entry in entries:
+        if entry.is_symlink() or not entry.is_dir():
+            continue
+        reason = _stale_reason(entry, ours=True)
+        if reason is not None:
+            shutil.rmtree(entry, ignore_errors=True)
+            log.warning("removed stale temporary %s left %s", entry, reason)
+            removed.append(entry)
+    return removed
 
 
 def sweep_stale_temporaries(out: Path) -> list[Path]:

@@ -87,3 +87,48 @@ def test_in_turn_spills_the_baseline_to_disk_and_drops_it_before_the_candidate(t
 
     got = evaluate_in_turn(candidate, baseline, ids, ctx=64, budget=0)
     assert got.as_dict() == pytest.approx(want.as_dict())
+
+
+KILLED_WHILE_SPILLED = """
+import os, torch
+from optcli.bench.accuracy import evaluate_in_turn
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 50)
+
+    def forward(self, ids):
+        return type("Out", (), {"logits": self.emb(ids)})()
+
+def killed():  # the candidate never arrives: the run is killed with the baseline spilled to disk
+    os.kill(os.getpid(), 9)
+
+evaluate_in_turn(killed, Tiny, [i % 50 for i in range(300)], ctx=64, budget=0)
+"""
+
+
+def test_a_killed_runs_spilled_log_probs_are_removed_by_the_next_run(tmp_path: Path, monkeypatch) -> None:
+    """A profile killed mid-accuracy cannot remove its optcli-logprobs-* directory; the next one does."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    killed = subprocess.run([sys.executable, "-c", KILLED_WHILE_SPILLED], env=env, capture_output=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr
+    [left] = tmp_path.glob("optcli-logprobs-*")
+    assert list(left.glob("*.pt"))  # the baseline's log-probs, on disk
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(50, 50)
+
+        def forward(self, ids):
+            return type("Out", (), {"logits": self.emb(ids)})()
+
+    evaluate_in_turn(Tiny, Tiny, [i % 50 for i in range(300)], ctx=64, budget=0)
+    assert list(tmp_path.glob("optcli-logprobs-*")) == []

@@ -110,7 +110,7 @@ def test_output_lengths_drawn_from_a_dataset(dataset: Path, stories_dir: Path, t
     reply = len(tok(ROWS[2]["conversations"][1]["value"], add_special_tokens=False).input_ids)
     drawn = {n for _, n in Workload(requests=40, output_len=lengths).sample((3, 500), encoder=tok)}
     assert drawn == {5, reply}  # the chat row has neither: it is not a length
-    rows_path = tmp_path / "rows.jsonl"
+    rows_path = tmp_path / "requests.jsonl"  # not rows.jsonl: that is the dataset, which --export must not replace
     result = CliRunner().invoke(app, ["profile", str(stories_dir), "--requests", "6", "--output-len", f"@{dataset}",
                                       "--concurrency", "2", "--export", str(rows_path), "--json"])
     assert result.exit_code == 0, result.output

@@ -7,9 +7,12 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
+from optcli.bench.export import check_export_path, write_export
 from optcli.cli import app
+from optcli.errors import UsageError
 
 LOAD = ["--requests", "5", "--prompt-len", "8:12", "--output-len", "3", "--concurrency", "2", "--json"]
 
@@ -51,3 +54,19 @@ def test_a_shared_prefix_workload_hits_the_prefix_cache(stories_dir: Path) -> No
         rates[bool(extra)] = report["throughput"]["prefix_cache_hit_rate"]
     assert rates[False] == 0.0 and rates[True] > 0.3
     assert report["workload"]["prefix"] == {"len": 48, "count": 2}
+
+
+def test_an_export_replaces_only_an_earlier_export(tmp_path: Path) -> None:
+    """Re-running with the same --export replaces the file; any other file (the dataset, say) is kept."""
+    row = {"model": "m", "phase": "candidate", "level": "c1", "measured": True, "index": 0, "start_s": 0.0,
+           "ttft_ms": 1.0, "tpot_ms": 1.0, "itl_ms_mean": 1.0, "e2e_ms": 3.0, "prompt_tokens": 8, "output_tokens": 3,
+           "error": None}
+    for name in ("requests.jsonl", "requests.csv"):
+        earlier = tmp_path / name
+        write_export(earlier, [row])
+        check_export_path(earlier)  # ours: may be replaced
+    dataset = tmp_path / "prompts.jsonl"
+    dataset.write_text('{"prompt": "Once upon a time", "output_tokens": 3}\n')
+    with pytest.raises(UsageError, match="prompts.jsonl: exists and is not an earlier export: kept"):
+        check_export_path(dataset)
+    assert dataset.read_text() == '{"prompt": "Once upon a time", "output_tokens": 3}\n'

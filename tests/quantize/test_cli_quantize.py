@@ -76,15 +76,21 @@ def test_bitsandbytes_refuses_a_moe_model(tmp_path: Path, recipe: str) -> None:
     assert not out.exists()
 
 
-def test_existing_out_needs_force(tmp_path: Path) -> None:
+def test_existing_out_needs_force_and_force_replaces_only_an_artifact(tmp_path: Path) -> None:
     out = tmp_path / "taken"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    out.mkdir()  # empty: --force may use it
     assert_usage_error(optcli("quantize", "builtin:tiny-llama", "-r", "bf16", "--out", str(out)), "already exists", "--force")
-    assert (out / "keep.txt").read_text() == "mine"
     result = optcli("quantize", "builtin:tiny-llama", "-r", "bf16", "--out", str(out), "--force", "--json")
     assert result.returncode == 0, result.stderr
-    assert not (out / "keep.txt").exists() and (out / "optcli.json").exists()
+    assert (out / "optcli.json").exists()
+    result = optcli("quantize", "builtin:tiny-llama", "-r", "bf16", "--out", str(out), "--force", "--json")
+    assert result.returncode == 0, result.stderr  # an artifact: replaced
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine")
+    assert_usage_error(optcli("quantize", "builtin:tiny-llama", "-r", "bf16", "--out", str(mine), "--force"),
+                       str(mine), "keep.txt", "not a quantized artifact: kept")
+    assert (mine / "keep.txt").read_text() == "mine" and sorted(p.name for p in mine.iterdir()) == ["keep.txt"]
 
 
 @pytest.mark.parametrize(
