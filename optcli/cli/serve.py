@@ -48,9 +48,15 @@ def serve(
     with guard(False):
         if engine not in ("builtin", "vllm"):
             raise UsageError(f"--engine must be builtin or vllm (got '{engine}')")
+        if api_key is not None and not api_key.strip():
+            raise UsageError("--api-key is empty: give a key, or leave the option out to serve without one")
         config = engine_config(device, dtype, max_num_seqs, max_model_len, enforce_eager, gpu_memory_utilization, lm_head)
+        from optcli.serve.server import bind_listener
+
+        sock = bind_listener(host, port)  # before anything loads: a port in use is exit 2 at once
         path = str(resolve_model(model).path)
         if engine == "vllm":
+            sock.close()  # vLLM binds it itself
             from optcli.serve.vllm import exec_vllm, vllm_command
 
             if lm_head != "dense":
@@ -62,4 +68,4 @@ def serve(
             raise UsageError("the builtin engine runs on one device; use --engine vllm for parallel serving")
         from optcli.serve.server import run_server
 
-        run_server(path, name, host, port, api_key, config, max_waiting)
+        run_server(path, name, host, port, api_key, config, max_waiting, sock=sock)

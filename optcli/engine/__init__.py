@@ -2,8 +2,8 @@
 
 The core here: `engine.py` (the Python API), `async_engine.py`, `scheduler.py`, `kv_cache.py`
 (block manager, prefix caching), `sequence.py`, `runner.py`, `cuda_graphs.py`, `sampler.py`,
-`sampling_params.py`, `detokenizer.py` (incremental text and stop strings). Below it, imports go one
-way: core → `loading/` (spec → model, state dicts, device and dtype) → `models/` (our forward) →
+`sampling_params.py`, `structured.py` (JSON-schema token masks), `detokenizer.py` (incremental text
+and stop strings). Below it, imports go one way: core → `loading/` (spec → model, state dicts, device and dtype) → `models/` (our forward) →
 `quant/` (quantized layers) → `attention/` (step layout, CPU and Triton paths) → `kernels/` (Triton
 and the CPU C kernels, each with a PyTorch reference). tests/test_layers.py enforces it.
 """

@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -24,10 +26,11 @@ from optcli.engine.models import moe_summary
 from optcli.engine.models.layer_ops import FusedOps
 from optcli.engine.quant.layers import quant_summary
 from optcli.engine.runner import ModelRunner
-from optcli.engine.sampler import Sampler, make_generator, token_logprobs
-from optcli.engine.sampling_params import SamplingParams
+from optcli.engine.sampler import Sampler, TokenHistory, make_generator, token_logprobs
+from optcli.engine.sampling_params import SamplingParams, SamplingParamsError
 from optcli.engine.scheduler import ScheduledBatch, Scheduler
 from optcli.engine.sequence import Sequence, Status
+from optcli.engine.structured import Grammars
 from optcli.errors import UsageError
 
 
@@ -44,6 +47,14 @@ class RequestOutput:
     logprobs: list | None = None
     prompt_logprobs: list | None = None
     num_cached_tokens: int = 0
+    cumulative_logprob: float | None = None  # sum of the sampled tokens' logprobs (when logprobs are computed)
+    index: int = 0  # which of the prompt's n completions this is (best first when best_of ranks them)
+    siblings: list[RequestOutput] = field(default_factory=list, repr=False, compare=False)  # completions 2..n
+
+    @property
+    def outputs(self) -> list[RequestOutput]:
+        """All n completions of the prompt (`SamplingParams.n`), this one first."""
+        return [self, *self.siblings]
 
 
 class Engine:
@@ -105,14 +116,39 @@ class Engine:
                 capture = graph_capture or cuda_capture()
                 self.runner.graphs = DecodeGraphs(self.model, caches, max_num_seqs, max_blocks, block_size, device, capture)
         self.sampler = Sampler()
+        self.vocab_size = cfg.vocab_size
+        self.grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_token_ids)
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self.num_steps = 0
         self.num_scheduled_seqs = 0  # summed over steps: batch efficiency = this / steps / max_num_seqs
 
     # --- requests -------------------------------------------------------------------------------
+    def check_params(self, params: SamplingParams) -> None:
+        """The checks of `params` that need this model (token ids within the vocabulary, a JSON schema the
+        grammar library can enforce); raises SamplingParamsError naming the field. Thread-safe, so a
+        server can run it before answering."""
+        self._check_params(params)
+
+    def _check_params(self, params: SamplingParams):
+        params.validate()
+        vocab = self.vocab_size
+        for name in ("stop_token_ids", "allowed_token_ids", "logit_bias"):
+            ids = getattr(params, name) or ()
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise SamplingParamsError(name, f"{name}: token id {bad[0]} is outside this model's vocabulary [0, {vocab})")
+        if params.min_tokens and params.allowed_token_ids is not None:
+            if set(params.allowed_token_ids) <= set(self.eos_token_ids) | set(params.stop_token_ids):
+                raise SamplingParamsError("min_tokens", "min_tokens cannot be met: every allowed token ends the output")
+        return self.grammars.matcher(params.json_schema) if params.json_schema is not None else None
+
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        """Queue one completion of `prompt`; n > 1 / best_of fan out with `params.children()` (as `generate` does)."""
         params = params or SamplingParams()
+        if params.num_generated != 1:
+            raise SamplingParamsError("n", "add_request makes one completion; add params.children() one by one")
+        matcher = self._check_params(params)
         if isinstance(prompt, str):
             ids = self.tokenizer(prompt).input_ids
             text = prompt
@@ -126,6 +162,9 @@ class Engine:
         if request_id in self.requests:
             raise ValueError(f"duplicate request id {request_id}")
         seq = Sequence(request_id, ids, params, prompt=text, generator=make_generator(params.seed))
+        seq.matcher = matcher
+        if params.penalized:
+            seq.history = TokenHistory(ids, self.vocab_size, self.device)
         self.requests[request_id] = seq
         self.scheduler.add(seq)
         return request_id
@@ -157,14 +196,25 @@ class Engine:
             seq.prompt_logprobs.extend(token_logprobs(logits.float(), targets, seq.params.prompt_logprobs))
         outputs = []
         if out.sample_seqs:
-            params = [s.params for s in out.sample_seqs]
-            tokens = self.sampler(out.sample_logits, params, [s.generator for s in out.sample_seqs])
-            for row, (seq, token) in enumerate(zip(out.sample_seqs, tokens.tolist(), strict=True)):
+            seqs = out.sample_seqs
+            params = [s.params for s in seqs]
+            grammar_rows = [i for i, s in enumerate(seqs) if s.matcher is not None]
+            mask = (grammar_rows, self.grammars.fill([seqs[i].matcher for i in grammar_rows])) if grammar_rows else None
+            tokens = self.sampler(
+                out.sample_logits, params, [s.generator for s in seqs],
+                histories=[s.history for s in seqs], num_output_tokens=[s.num_output_tokens for s in seqs],
+                token_mask=mask, eos_token_ids=self.eos_token_ids,
+            )
+            for row, (seq, token) in enumerate(zip(seqs, tokens.tolist(), strict=True)):
                 if seq.params.logprobs is not None:
-                    seq.logprobs.extend(
-                        token_logprobs(out.sample_logits[row : row + 1], tokens[row : row + 1], seq.params.logprobs)
-                    )
+                    entry = token_logprobs(out.sample_logits[row : row + 1], tokens[row : row + 1], seq.params.logprobs)
+                    seq.logprobs.extend(entry)
+                    seq.cumulative_logprob += entry[0][0]
                 seq.token_ids.append(token)
+                if seq.history is not None:
+                    seq.history.append(token)
+                if seq.matcher is not None:
+                    seq.matcher.consume_token(token)
                 self._check_stop(seq, token)
                 outputs.append(self._output(seq, [token]))
         return outputs
@@ -174,6 +224,8 @@ class Engine:
         reason = None
         if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
             reason = "stop"
+        if seq.matcher is not None and (seq.matcher.is_stopped() or seq.matcher.is_error()):
+            reason = "stop"  # the grammar is complete (or hit a resource limit, which allows EOS only)
         text = None
         if p.stop:  # the returned text ends before the first stop string
             if seq.detokenizer is None:
@@ -207,6 +259,7 @@ class Engine:
             logprobs=seq.logprobs if seq.params.logprobs is not None else None,
             prompt_logprobs=seq.prompt_logprobs if seq.params.prompt_logprobs is not None else None,
             num_cached_tokens=seq.num_cached_tokens,
+            cumulative_logprob=seq.cumulative_logprob if seq.params.logprobs is not None else None,
         )
 
     # --- batch API ------------------------------------------------------------------------------
@@ -219,13 +272,20 @@ class Engine:
             params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+        for sp in params:
+            self._check_params(sp)  # before anything is queued: a bad request leaves the engine idle
+        ids = [[self.add_request(p, child) for child in sp.children()] for p, sp in zip(prompts, params, strict=True)]
         final: dict[str, RequestOutput] = {}
         while self.has_unfinished():
             for out in self.step():
                 if out.finished:
                     final[out.request_id] = out
-        return [final[i] for i in ids]
+        results = []
+        for group, sp in zip(ids, params, strict=True):
+            best = select_best([final[i] for i in group], sp)
+            best[0].siblings = best[1:]
+            results.append(best[0])
+        return results
 
     @torch.inference_mode()
     def _profile_gpu_budget(self, build_metadata, num_tokens: int, utilization: float) -> int:
@@ -304,6 +364,25 @@ class Engine:
             "quantized_layers": self.quantized_layers,
             "moe": self.moe,
         }
+
+
+def select_best(outputs: list[RequestOutput], params: SamplingParams) -> list[RequestOutput]:
+    """The n completions to return from the `params.children()` outputs of one prompt: with best_of > n,
+    the n of highest cumulative logprob (as OpenAI and vLLM rank them), else all in order. Logprobs
+    computed only for the ranking are dropped; `index` numbers the result."""
+    chosen = list(outputs)
+    if params.best_of is not None and params.best_of > params.n:
+        chosen = sorted(chosen, key=lambda o: -(o.cumulative_logprob if o.cumulative_logprob is not None else -math.inf))
+        chosen = chosen[: params.n]
+    result = []
+    for j, out in enumerate(chosen):
+        if params.logprobs is None:
+            out = dataclasses.replace(out, logprobs=None, cumulative_logprob=None)
+        else:
+            out = dataclasses.replace(out)
+        out.index, out.siblings = j, []
+        result.append(out)
+    return result
 
 
 def _pick_backend(name: str, device: str) -> str:

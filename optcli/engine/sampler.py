@@ -1,8 +1,12 @@
 """Next-token sampling and logprobs for the engine.
 
-Filtering (temperature, top-k, top-p) runs batched over all sampling rows at once because each row carries its
-own settings; only the final draw loops, so that a seeded request consumes exactly one draw per step from its
-own generator and gets the same tokens whatever else shares the batch.
+Logits processing runs batched over the rows that ask for it, in vLLM's order: the token mask (a grammar's
+bitmask), `allowed_token_ids`, `min_tokens` (EOS and stop tokens suppressed), `logit_bias`, then the
+penalties (repetition over prompt + output, frequency and presence over the output). Greedy rows take the
+argmax of the processed logits. Filtering (temperature, min-p, top-k, top-p) runs batched over all sampling
+rows at once because each row carries its own settings; only the final draw loops, so that a seeded request
+consumes exactly one draw per step from its own generator and gets the same tokens whatever else shares the
+batch.
 """
 
 from __future__ import annotations
@@ -74,13 +78,141 @@ def _filter_logits(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) ->
     return x.masked_fill(x < threshold, -math.inf)
 
 
+class TokenHistory:
+    """One sequence's tokens as the penalties need them, kept incrementally (O(1) per new token): which
+    tokens the prompt or the output contains (repetition_penalty) and how often each occurs in the output
+    (presence and frequency penalties)."""
+
+    def __init__(self, prompt_ids: list[int], vocab_size: int, device: torch.device | str = "cpu") -> None:
+        self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        ids = [t for t in prompt_ids if 0 <= t < vocab_size]
+        if ids:
+            self.seen[torch.tensor(ids, dtype=torch.long, device=device)] = True
+        self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+
+    def append(self, token: int) -> None:
+        if 0 <= token < self.counts.numel():
+            self.counts[token] += 1
+            self.seen[token] = True
+
+
+def _rows_tensor(rows: list[int], device) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.long, device=device)
+
+
+def process_logits(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    *,
+    histories: list[TokenHistory | None] | None = None,
+    num_output_tokens: list[int] | None = None,
+    token_mask: tuple[list[int], torch.Tensor] | None = None,
+    eos_token_ids: tuple[int, ...] | list[int] | set[int] = (),
+) -> torch.Tensor | None:
+    """Float32 logits with each row's processing applied, or None when no row asks for any.
+
+    `histories[i]` is needed for rows with penalties, `num_output_tokens[i]` for rows with min_tokens,
+    `token_mask` = (rows, allowed [len(rows), V] bool) restricts those rows to their allowed tokens.
+    min_tokens never empties a row: where the mask leaves only EOS / stop tokens, they stay allowed.
+    """
+    batch, vocab = logits.shape
+    device = logits.device
+    min_rows = [
+        i for i, p in enumerate(params)
+        if p.min_tokens > 0 and (num_output_tokens is None or num_output_tokens[i] < p.min_tokens)
+    ]
+    bias_rows = [i for i, p in enumerate(params) if p.logit_bias]
+    allow_rows = [i for i, p in enumerate(params) if p.allowed_token_ids is not None]
+    pen_rows = [i for i, p in enumerate(params) if p.penalized]
+    has_mask = token_mask is not None and len(token_mask[0]) > 0
+    if not (min_rows or bias_rows or allow_rows or pen_rows or has_mask):
+        return None
+    x = logits.float().clone() if logits.dtype == torch.float32 else logits.float()
+    neg_inf = -math.inf
+
+    def check_ids(name: str, ids: list[int]) -> None:
+        if any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"{name} token ids must be in [0, {vocab})")
+
+    if has_mask:
+        rows, allowed = token_mask
+        if allowed.shape != (len(rows), vocab):
+            raise ValueError(f"token_mask must be [{len(rows)}, {vocab}] (got {tuple(allowed.shape)})")
+        r = _rows_tensor(list(rows), device)
+        x[r] = x[r].masked_fill(~allowed.to(device), neg_inf)
+    if allow_rows:
+        allowed = torch.zeros(len(allow_rows), vocab, dtype=torch.bool, device=device)
+        rr, tt = [], []
+        for j, i in enumerate(allow_rows):
+            ids = list(params[i].allowed_token_ids)
+            check_ids("allowed_token_ids", ids)
+            rr.extend([j] * len(ids))
+            tt.extend(ids)
+        allowed[_rows_tensor(rr, device), _rows_tensor(tt, device)] = True
+        r = _rows_tensor(allow_rows, device)
+        x[r] = x[r].masked_fill(~allowed, neg_inf)
+    if min_rows:
+        if num_output_tokens is None:
+            raise ValueError("min_tokens needs num_output_tokens")
+        rr, tt = [], []
+        for j, i in enumerate(min_rows):
+            ids = sorted({*eos_token_ids, *params[i].stop_token_ids})
+            ids = [t for t in ids if 0 <= t < vocab]
+            rr.extend([j] * len(ids))
+            tt.extend(ids)
+        if tt:
+            r = _rows_tensor(min_rows, device)
+            sub = x[r]
+            sub[_rows_tensor(rr, device), _rows_tensor(tt, device)] = neg_inf
+            keep = torch.isfinite(sub).any(dim=-1)  # something other than EOS / stop tokens is left
+            x[r] = torch.where(keep.unsqueeze(1), sub, x[r])
+    if bias_rows:
+        rr, tt, vv = [], [], []
+        for i in bias_rows:
+            items = params[i].logit_bias.items()
+            check_ids("logit_bias", [t for t, _ in items])
+            for t, v in items:
+                rr.append(i)
+                tt.append(t)
+                vv.append(float(v))
+        x.index_put_((_rows_tensor(rr, device), _rows_tensor(tt, device)),
+                     torch.tensor(vv, dtype=torch.float32, device=device), accumulate=True)
+    if pen_rows:
+        if histories is None or any(histories[i] is None for i in pen_rows):
+            raise ValueError("penalties need each penalized row's TokenHistory")
+        r = _rows_tensor(pen_rows, device)
+        sub = x[r]
+        hist = [histories[i] for i in pen_rows]
+        rep = torch.tensor([params[i].repetition_penalty for i in pen_rows], dtype=torch.float32, device=device)
+        if bool((rep != 1).any()):
+            seen = torch.stack([h.seen for h in hist]).to(device)
+            rep = rep.unsqueeze(1)
+            sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+        freq = torch.tensor([params[i].frequency_penalty for i in pen_rows], dtype=torch.float32, device=device)
+        pres = torch.tensor([params[i].presence_penalty for i in pen_rows], dtype=torch.float32, device=device)
+        if bool(((freq != 0) | (pres != 0)).any()):
+            counts = torch.stack([h.counts for h in hist]).to(device)
+            sub = sub - freq.unsqueeze(1) * counts - pres.unsqueeze(1) * (counts > 0).float()
+        x[r] = sub
+    return x
+
+
 class Sampler:
     """Turns a batch of last-position logits into one token id per request."""
 
     def __call__(
-        self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+        *,
+        histories: list[TokenHistory | None] | None = None,
+        num_output_tokens: list[int] | None = None,
+        token_mask: tuple[list[int], torch.Tensor] | None = None,
+        eos_token_ids: tuple[int, ...] | list[int] | set[int] = (),
     ) -> torch.Tensor:
-        """Token ids [B] (int64) for logits [B, V]; ``generators[i]`` drives row i's draw when not None."""
+        """Token ids [B] (int64) for logits [B, V]; ``generators[i]`` drives row i's draw when not None.
+        The keyword arguments feed `process_logits` (penalties, min_tokens, a grammar's token mask)."""
         if logits.dim() != 2:
             raise ValueError(f"logits must be [batch, vocab] (got shape {tuple(logits.shape)})")
         batch = logits.shape[0]
@@ -91,6 +223,10 @@ class Sampler:
         for p in params:
             p.validate()  # the fields are mutable; SamplingParams holds the one copy of the limits
 
+        processed = process_logits(logits, params, histories=histories, num_output_tokens=num_output_tokens,
+                                   token_mask=token_mask, eos_token_ids=eos_token_ids)
+        if processed is not None:
+            logits = processed
         greedy = [p.temperature < _MIN_TEMPERATURE for p in params]
         # argmax is exact in any float dtype, so the all-greedy batch skips the float32 copy and softmax entirely.
         out = logits.argmax(dim=-1)
@@ -100,8 +236,13 @@ class Sampler:
         device = logits.device
         sel = [params[i] for i in rows]
         temperature = torch.tensor([p.temperature for p in sel], dtype=torch.float32, device=device)
+        x = logits[rows].float() / temperature.unsqueeze(1)
+        if any(p.min_p > 0 for p in sel):  # keep tokens at least min_p as likely as the top one
+            min_p = torch.tensor([p.min_p for p in sel], dtype=torch.float32, device=device)
+            floor = x.max(dim=-1, keepdim=True).values + min_p.log().unsqueeze(1)  # log(0) = -inf: no cut
+            x = x.masked_fill(x < floor, -math.inf)
         probs = _filter_logits(
-            logits[rows].float() / temperature.unsqueeze(1),
+            x,
             torch.tensor([p.top_k for p in sel], dtype=torch.int64, device=device),
             torch.tensor([p.top_p for p in sel], dtype=torch.float32, device=device),
         ).softmax(dim=-1)

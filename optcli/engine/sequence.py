@@ -39,6 +39,9 @@ class Sequence:
     prompt_logprobs: list = field(default_factory=list)  # per prompt token after the first
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission
+    cumulative_logprob: float = 0.0  # of the sampled tokens, summed where logprobs are computed
+    history: Any = field(default=None, repr=False, compare=False)  # sampler.TokenHistory when penalties apply
+    matcher: Any = field(default=None, repr=False, compare=False)  # llguidance matcher of a JSON-schema request
     detokenizer: Any = field(default=None, repr=False, compare=False)  # the engine's IncrementalDetokenizer, made on the first stop-string check
 
     def __post_init__(self) -> None:

@@ -41,10 +41,15 @@ def api_error_body(e: APIError) -> dict:
 
 def validation_error(errors) -> APIError:
     """The 400 for pydantic's first complaint, naming the field."""
-    first = errors[0] if errors else {}
+    errors = list(errors or [])
+    # an unknown field names itself best; otherwise pydantic's first complaint
+    first = next((e for e in errors if e.get("type") == "extra_forbidden"), errors[0] if errors else {})
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid request")
+    if first.get("type") == "extra_forbidden":
+        return APIError(400, f"unrecognized request argument {param!r}: this server does not implement it",
+                        param=param, code="unsupported_parameter")
     return APIError(400, f"invalid value for {param!r}: {msg}" if param else msg, param=param)
 
 

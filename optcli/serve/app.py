@@ -31,6 +31,8 @@ def create_app(
     max_request_bytes: int = 1_000_000,
     request_timeout_s: float = 600,
 ) -> FastAPI:
+    if api_key is not None and not api_key.strip():
+        raise ValueError("api_key is empty: pass a key, or None to serve without one")
     engine = async_engine.engine
     has_template = bool(getattr(engine.tokenizer, "chat_template", None))
     if not has_template:

@@ -1,4 +1,5 @@
-"""POST /v1/completions: one or many prompts (text or token ids), echo, logprobs, streaming."""
+"""POST /v1/completions: one or many prompts (text or token ids), n / best_of completions each, echo,
+logprobs, a JSON constraint (response_format, guided_json), streaming."""
 
 from __future__ import annotations
 
@@ -9,10 +10,19 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from optcli.engine.detokenizer import decode, token_texts
+from optcli.engine.engine import select_best
 from optcli.serve.api_errors import APIError
 from optcli.serve.logprobs import completion_logprobs, merge_lp
 from optcli.serve.protocol import CompletionChoice, CompletionRequest, CompletionResponse, UsageInfo
-from optcli.serve.requests import check_length, json_body, make_params, parse_request
+from optcli.serve.requests import (
+    check_engine_params,
+    check_fan_out,
+    check_length,
+    json_body,
+    json_constraint,
+    make_params,
+    parse_request,
+)
 from optcli.serve.state import ServeState, serve_state
 from optcli.serve.streaming import StreamText, collect, merged, sse, sse_response
 
@@ -45,27 +55,39 @@ async def completions(request: Request):
     req: CompletionRequest = await parse_request(state, request, CompletionRequest)
     max_tokens = 16 if req.max_tokens is None else req.max_tokens
     want_lp = req.logprobs
-    params = make_params(req, max_tokens, want_lp, want_lp if (req.echo and want_lp is not None) else None)
+    schema, json_param = json_constraint(req)
+    json_param = json_param or "response_format"
+    params = make_params(req, max_tokens, want_lp, want_lp if (req.echo and want_lp is not None) else None,
+                         json_schema=schema, json_param=json_param)
     prompts, prompt_texts = _prompts(state, req, max_tokens)
+    check_fan_out(state, len(prompts), params)
+    await check_engine_params(state, params, json_param=json_param)
+    children = params.children()
+    k = len(children)
+    jobs = [ids for ids in prompts for _ in children]  # prompt-major: job i * k + j is prompt i's child j
     rid = f"cmpl-{uuid.uuid4().hex}"
     slot = state.admission.acquire()
-    if req.stream:
-        return sse_response(state, _stream(state, req, params, prompts, prompt_texts, rid), slot)
+    if req.stream:  # k == n here (best_of > n is not streamed)
+        return sse_response(state, _stream(state, req, children * len(prompts), jobs, prompt_texts, rid), slot)
     with slot:
-        finals = await collect(state, prompts, params, rid)
+        finals = await collect(state, jobs, children * len(prompts), rid)
     choices = []
-    for i, out in enumerate(finals):
-        text = (prompt_texts[i] if req.echo else "") + out.text
-        lp = None
-        if want_lp is not None:
-            gen_offset = len(prompt_texts[i]) if req.echo else 0
-            lp = completion_logprobs(state, token_texts(state.tokenizer, prompts[i], out.token_ids),
-                                     out.logprobs or [], gen_offset)
-            if req.echo:
-                lp = merge_lp(_prompt_logprobs(state, prompts[i], out), lp)
-        choices.append(CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=out.finish_reason))
+    returned = []
+    for i in range(len(prompts)):
+        for out in select_best(finals[i * k : (i + 1) * k], params):
+            returned.append(out)
+            text = (prompt_texts[i] if req.echo else "") + out.text
+            lp = None
+            if want_lp is not None:
+                gen_offset = len(prompt_texts[i]) if req.echo else 0
+                lp = completion_logprobs(state, token_texts(state.tokenizer, prompts[i], out.token_ids),
+                                         out.logprobs or [], gen_offset)
+                if req.echo:
+                    lp = merge_lp(_prompt_logprobs(state, prompts[i], out), lp)
+            choices.append(CompletionChoice(index=i * params.n + out.index, text=text, logprobs=lp,
+                                            finish_reason=out.finish_reason))
     ptoks = sum(len(x) for x in prompts)
-    ctoks = sum(len(o.token_ids) for o in finals)
+    ctoks = sum(len(o.token_ids) for o in returned)
     usage = UsageInfo(prompt_tokens=ptoks, completion_tokens=ctoks, total_tokens=ptoks + ctoks)
     return JSONResponse(CompletionResponse(id=rid, model=state.served_model_name, choices=choices,
                                            usage=usage).model_dump())
@@ -77,11 +99,13 @@ def _prompt_logprobs(state: ServeState, prompt_ids: list[int], out):
                                first_null=True)
 
 
-async def _stream(state: ServeState, req: CompletionRequest, params, prompts: list[list[int]],
+async def _stream(state: ServeState, req: CompletionRequest, params: list, prompts: list[list[int]],
                   prompt_texts: list[str], rid: str):
+    """`prompts` / `params`: one per choice (n per prompt, prompt-major); `prompt_texts`: one per prompt."""
     want_lp = req.logprobs
+    prompt_texts = [prompt_texts[i // req.n] for i in range(len(prompts))]
     name = state.served_model_name
-    texts = [StreamText(state.tokenizer, params.stop, ids) for ids in prompts]
+    texts = [StreamText(state.tokenizer, p.stop, ids) for p, ids in zip(params, prompts, strict=True)]
     lp_sent = [0] * len(prompts)
     lp_chars = [len(t) if req.echo else 0 for t in prompt_texts]  # where the next token's text starts
     echoed = [False] * len(prompts)
@@ -109,6 +133,6 @@ async def _stream(state: ServeState, req: CompletionRequest, params, prompts: li
                                   finish_reason=out.finish_reason if out.finished else None)
         yield sse(CompletionResponse(id=rid, created=created, model=name, choices=[choice]))
     if req.stream_options and req.stream_options.include_usage:
-        ptoks = sum(len(x) for x in prompts)
+        ptoks = sum(len(x) for x in prompts[:: req.n])
         usage = UsageInfo(prompt_tokens=ptoks, completion_tokens=sum(ctoks), total_tokens=ptoks + sum(ctoks))
         yield sse(CompletionResponse(id=rid, created=created, model=name, choices=[], usage=usage))

@@ -73,11 +73,18 @@ async def run_one(state: ServeState, prompt_ids: list[int], params: SamplingPara
         yield out
 
 
-async def collect(state: ServeState, prompts: list[list[int]], params: SamplingParams,
+def _per_prompt(params: SamplingParams | list[SamplingParams], n: int) -> list[SamplingParams]:
+    return params if isinstance(params, list) else [params] * n
+
+
+async def collect(state: ServeState, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
                   rid: str) -> list[RequestOutput]:
+    """Final outputs of all prompts; `params` is one for all or one per prompt."""
+    per = _per_prompt(params, len(prompts))
+
     async def one(i: int) -> RequestOutput:
         final = None
-        async for out in run_one(state, prompts[i], params, f"{rid}-{i}"):
+        async for out in run_one(state, prompts[i], per[i], f"{rid}-{i}"):
             final = out
         return final
 
@@ -90,13 +97,16 @@ async def collect(state: ServeState, prompts: list[list[int]], params: SamplingP
         raise APIError(400, str(e)) from None
 
 
-async def merged(state: ServeState, prompts: list[list[int]], params: SamplingParams, rid: str):
-    """(index, output) of all prompts' streams as they come; closing it cancels (aborts) them all."""
+async def merged(state: ServeState, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 rid: str):
+    """(index, output) of all prompts' streams as they come; closing it cancels (aborts) them all.
+    `params` is one for all prompts or one per prompt."""
     q: asyncio.Queue = asyncio.Queue()
+    per = _per_prompt(params, len(prompts))
 
     async def pump(i: int) -> None:
         try:
-            async for out in run_one(state, prompts[i], params, f"{rid}-{i}"):
+            async for out in run_one(state, prompts[i], per[i], f"{rid}-{i}"):
                 q.put_nowait((i, out))
             q.put_nowait((i, None))
         except BaseException as e:  # noqa: BLE001 - forwarded to the consumer

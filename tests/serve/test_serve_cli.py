@@ -105,3 +105,26 @@ def test_serve_starts_answers_and_exits_0_on_sigterm_under_load() -> None:
     assert code == 0, stderr
     assert "Traceback" not in stderr
     assert all(s in (200, 429, -1) for s in statuses) and 200 in statuses
+    assert f"listening on http://127.0.0.1:{port}" in proc.stdout.read()  # the URL it serves, once it does
+
+
+def test_empty_api_key_exits_2_in_one_line() -> None:
+    for key in ("", "   "):
+        result = subprocess.run([OPTCLI, "serve", "builtin:tiny-llama", "--api-key", key], capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 2, result.stderr
+        assert "--api-key" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_port_in_use_exits_2_naming_it_before_loading_the_model() -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run([OPTCLI, "serve", "builtin:tiny-llama", "--port", str(port)], capture_output=True,
+                                text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert f"127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr
+    assert "serving" not in result.stderr  # the engine never started
