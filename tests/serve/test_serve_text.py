@@ -28,7 +28,7 @@ def server(stories_dir):
     tok = AutoTokenizer.from_pretrained(stories_dir)
     engine = Engine(str(stories_dir), dtype="float32", max_num_seqs=4)
     params = SamplingParams(max_tokens=N, ignore_eos=True)
-    chat_ids = tok(fallback_chat_prompt(MESSAGES)).input_ids
+    chat_ids = tok(fallback_chat_prompt(MESSAGES) + "assistant:").input_ids  # add_generation_prompt
     # references before the server owns the engine (greedy, so the server generates the same ids)
     out, chat = engine.generate([PROMPT, chat_ids], params)
     aengine = AsyncEngine(engine)
