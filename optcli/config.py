@@ -14,6 +14,10 @@ from optcli.errors import UsageError
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 LM_HEADS = ("dense", "int8")
+# How long `profile --endpoint` waits for a server's next byte (its response, or the next streamed chunk) before
+# a request fails: the openai SDK's default (600 s), so no request that a production client would have waited for
+# is counted as failed, while a server that never answers becomes one clear error instead of a hang.
+REQUEST_TIMEOUT_S = 600.0
 
 
 def check_dtype(value: str, name: str = "dtype") -> None:

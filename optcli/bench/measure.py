@@ -11,7 +11,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from optcli.bench.load_generator import Chat, api_base_url, engine_sender, failure_summary, openai_sender, run_load
+from optcli.bench.load_generator import (
+    DEFAULT_REQUEST_TIMEOUT_S,
+    Chat,
+    api_base_url,
+    engine_sender,
+    failure_summary,
+    openai_sender,
+    run_load,
+)
 from optcli.bench.metrics import summarize
 from optcli.bench.rates import LoadLevel, excluded_count
 from optcli.bench.sweep import run_levels
@@ -139,12 +147,16 @@ def decode_tok_s(engine, source, step, new_tokens: int = DECODE_NEW_TOKENS) -> f
     return after_first / (last - first)
 
 def online_load(engine, endpoint: str | None, model: str | None, workload: Workload, level: LoadLevel, slo, vocab,
-                tokenizer=None, chat: bool = False, seed_offset: int = 1) -> dict:
+                tokenizer=None, chat: bool = False, seed_offset: int = 1, api_key: str | None = None,
+                request_timeout: float | None = None, progress=None) -> dict:
     """One online run at `level`; `tokenizer` given: text prompts (sized in its tokens), else token ids; `chat`:
     a dataset's chat rows go to the endpoint as chat completions. The first `--warmup` and last `--cooldown`
     requests are sent but left out of the statistics. Every measured request failing is a failed run (exit 1,
     with the first error); some failing is reported. `seed_offset` >= 1: the prompts differ from the offline
-    phase's (offset 0) and from other levels', so they get no prefix-cache hits from those."""
+    phase's (offset 0) and from other levels', so they get no prefix-cache hits from those. An endpoint gets
+    `api_key` as a bearer token and `request_timeout` s for each next byte; `progress(state)` gets
+    `run_load`'s progress state (with `timeout_s`) twice a second."""
+    timeout = request_timeout or DEFAULT_REQUEST_TIMEOUT_S
     encoder = engine.tokenizer if engine is not None and tokenizer is None else None
     requests = workload.sample(vocab, seed_offset=seed_offset, tokenizer=tokenizer, encoder=encoder, chat=chat)
 
@@ -154,7 +166,8 @@ def online_load(engine, endpoint: str | None, model: str | None, workload: Workl
     async def go():
         args = (requests, level.rate, level.concurrency, workload.seed, _arrivals(level), workload.max_seconds)
         if engine is None:
-            return await run_load(openai_sender(endpoint, model), *args)
+            on_progress = (lambda state: progress({**state, "timeout_s": timeout})) if progress else None
+            return await run_load(openai_sender(endpoint, model, api_key, timeout), *args, on_progress=on_progress)
         async_engine = AsyncEngine(engine)
         try:
             return await run_load(engine_sender(async_engine), *args)
@@ -173,7 +186,11 @@ def online_load(engine, endpoint: str | None, model: str | None, workload: Workl
     if failures["failed"] == len(measured):
         route = "/chat/completions" if isinstance(requests[0][0], Chat) else "/completions"
         where = f"{api_base_url(endpoint)}{route}" if endpoint else "the engine"
-        raise RuntimeError(f"all {len(measured)} requests to {where} failed (first error: {measured[0].error})")
+        hint = ""
+        if endpoint and "HTTP 401" in (measured[0].error or ""):
+            hint = ": the server wants an API key (--api-key KEY, or OPENAI_API_KEY)" if not api_key else \
+                ": it refused the API key given (--api-key / OPENAI_API_KEY)"
+        raise RuntimeError(f"all {len(measured)} requests to {where} failed (first error: {measured[0].error}){hint}")
     summary = summarize(measured, wall, slo)
     summary["failures"] = failures
     summary["sent"] = sent

@@ -107,11 +107,15 @@ def profile(
     export: Path | None = None,
     engine: str = "builtin",
     vllm: VllmOptions | None = None,
+    api_key: str | None = None,
+    request_timeout: float | None = None,
     **engine_options,
 ) -> dict:
     """Run the whole profile and write the reports; raises KpiFailed (exit 3) after writing them.
     `config` (plus any EngineConfig field by keyword) is the engine both models run in, as `serve` would;
-    `engine="vllm"`: each is served by `vllm serve` (`vllm` options) instead, and measured as an endpoint."""
+    `engine="vllm"`: each is served by `vllm serve` (`vllm` options) instead, and measured as an endpoint.
+    `api_key` (a bearer token) and `request_timeout` (s, the longest wait for a server's next byte) are for
+    `endpoint` and `baseline_endpoint`."""
     workload = workload or Workload()
     if out is not None:  # where the results go, checked now rather than after minutes of measuring
         check_report_out(Path(out))
@@ -147,6 +151,10 @@ def profile(
     baseline_source = resolve_model(baseline) if baseline and source else None
     if baseline_endpoint and not endpoint:
         raise UsageError("--baseline-endpoint compares two servers: it needs --endpoint too")
+    if (api_key is not None or request_timeout is not None) and not endpoint:
+        raise UsageError("--api-key and --request-timeout are for a server load-tested with --endpoint URL")
+    if request_timeout is not None and not request_timeout > 0:
+        raise UsageError(f"--request-timeout must be > 0 seconds (got {request_timeout:g})")
     if baseline_endpoint and baseline:
         raise UsageError("give the baseline once: --baseline MODEL (local) or --baseline-endpoint URL")
     manager = None
@@ -219,7 +227,8 @@ def profile(
     if endpoint and (baseline or baseline_endpoint):
         step(f"accuracy of {endpoint} against the baseline (top-{TOP_K} log-probs)")
         text = _eval_text(eval_text)
-        acc = measure_endpoint_accuracy(endpoint, model, baseline, baseline_endpoint, text, tokenizer, config)
+        acc = measure_endpoint_accuracy(endpoint, model, baseline, baseline_endpoint, text, tokenizer, config,
+                                        api_key, request_timeout)
         report["accuracy"] = {k: acc[k] for k in report["accuracy"]} | {"top_k": acc["top_k"]}
         report["workload"]["accuracy_backend"] = f"endpoint top-{acc['top_k']} log-probs"
         report["baseline"] = baseline or baseline_endpoint
@@ -240,7 +249,8 @@ def profile(
     decode_tok_s = None
     with GpuUtilizationSampler() as gpu:
         if endpoint:
-            levels = endpoint_levels(endpoint, model, workload, slo, tokenizer, report["workload"], step)
+            levels = endpoint_levels(endpoint, model, workload, slo, tokenizer, report["workload"], step, api_key,
+                                     request_timeout)
         elif served:
             text = _eval_text(eval_text)
             levels, base_online, acc = measure_vllm(source, baseline_source, model, workload, slo, text, config, vllm,

@@ -8,6 +8,7 @@ from pathlib import Path
 from optcli.bench.accuracy import token_windows
 from optcli.bench.dataset import LengthsFrom
 from optcli.bench.endpoint_accuracy import endpoint_accuracy, endpoint_scorer, engine_scorer
+from optcli.bench.load_generator import DEFAULT_REQUEST_TIMEOUT_S
 from optcli.bench.measure import online_load
 from optcli.bench.sweep import run_levels
 from optcli.bench.vllm_server import VllmOptions, vllm_server
@@ -19,26 +20,31 @@ from optcli.errors import UsageError
 
 
 def measure_endpoint_accuracy(endpoint: str, model: str, baseline: str | None, baseline_endpoint: str | None,
-                              text: str, tokenizer: str | None, config: EngineConfig) -> dict:
+                              text: str, tokenizer: str | None, config: EngineConfig, api_key: str | None = None,
+                              request_timeout: float | None = None) -> dict:
     """The endpoint's accuracy from its echoed top-k log-probs against a local baseline (through our engine,
-    cut to the same top-k) or another endpoint serving the same model name."""
+    cut to the same top-k) or another endpoint serving the same model name (sent the same `api_key`)."""
     spec = tokenizer or (model if model.startswith("builtin:") or Path(model).expanduser().is_dir() else baseline)
     if spec is None:
         raise UsageError("endpoint accuracy sends token ids, so it needs the server's tokenizer: pass --tokenizer "
                          "MODEL, or MODEL as a local directory")
     tok, _ = endpoint_tokenizer(model, spec)
     ids = tok(text, verbose=False).input_ids
-    candidate = endpoint_scorer(endpoint, model)
+    options = {"timeout_s": request_timeout or DEFAULT_REQUEST_TIMEOUT_S,
+               "headers": {"Authorization": f"Bearer {api_key}"} if api_key else None}
+    candidate = endpoint_scorer(endpoint, model, **options)
     if baseline_endpoint:
-        return endpoint_accuracy(candidate, endpoint_scorer(baseline_endpoint, model), ids)
+        return endpoint_accuracy(candidate, endpoint_scorer(baseline_endpoint, model, **options), ids)
     engine = Engine(str(resolve_model(baseline).path), config)
     return endpoint_accuracy(candidate, engine_scorer(engine), ids, ctx=min(256, engine.max_model_len))
 
 
 def endpoint_levels(endpoint: str, model: str, workload: Workload, slo, tokenizer: str | None, meta: dict,
-                    step) -> list:
+                    step, api_key: str | None = None, request_timeout: float | None = None) -> list:
     """The online levels against a server: prompts sized by `endpoint_tokenizer` (text by default), a
-    dataset's chat rows as chat completions."""
+    dataset's chat rows as chat completions; `api_key` sent as a bearer token, `request_timeout` s the longest
+    wait for the server's next byte. A `step` with a `load` method gets the live state of each level's run."""
+    meta["request_timeout_s"] = request_timeout or DEFAULT_REQUEST_TIMEOUT_S
     text = meta["prompt_format"] == "text"
     tok = None
     if text or tokenizer or isinstance(workload.output_len, LengthsFrom):
@@ -48,7 +54,8 @@ def endpoint_levels(endpoint: str, model: str, workload: Workload, slo, tokenize
     def run_one(level, order: int):
         step(f"online load against {endpoint}: {level.label}")
         return online_load(None, endpoint, model, workload, level, slo, vocab, tok if text else None, chat=text,
-                           seed_offset=order)
+                           seed_offset=order, api_key=api_key, request_timeout=request_timeout,
+                           progress=getattr(step, "load", None))
 
     return run_levels(workload, run_one)
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from optcli.bench.dataset import load_dataset
 from optcli.bench.rates import RATE_TYPES, parse_exclusion, plan_levels
@@ -31,6 +33,7 @@ from optcli.cli.common import (
     mib,
     out,
 )
+from optcli.config import REQUEST_TIMEOUT_S
 from optcli.errors import KpiFailed, UsageError
 from optcli.report.markdown import comparison_table, comparison_warnings, head_line, roofline_line
 
@@ -65,6 +68,8 @@ def profile(
     out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Directory for report.json/.md/.html.")] = None,
     endpoint: Annotated[str | None, typer.Option("--endpoint", "--target", "--base-url", help="Load-test an OpenAI-compatible server instead (base URL, with or without /v1).")] = None,
     prompt_format: Annotated[str | None, typer.Option("--prompt-format", help="tokens or text: how prompts are sent (default: text to an --endpoint, token ids in process).")] = None,
+    api_key: Annotated[str | None, typer.Option("--api-key", help="With --endpoint: sent as a bearer token (default: $OPENAI_API_KEY, as the openai SDK reads it).", show_default=False)] = None,
+    request_timeout: Annotated[float | None, typer.Option("--request-timeout", help=f"With --endpoint: seconds to wait for the server's next byte (its response, or the next streamed chunk) before a request fails; a server that answers none within it ends the run (default {REQUEST_TIMEOUT_S:g}, the openai SDK's).")] = None,
     tokenizer: Annotated[str | None, typer.Option("--tokenizer", "--processor", help="With --endpoint: the tokenizer (MODEL spec) that sizes text prompts (default: MODEL if local, else the builtin one).")] = None,
     engine: Annotated[str, typer.Option("--engine", help="builtin (in process), or vllm: each model served by `vllm serve` for the run and measured as an endpoint.")] = "builtin",
     tensor_parallel_size: Annotated[int, typer.Option("--tensor-parallel-size", min=1, help="--engine vllm: GPUs per model (tensor parallel).")] = 1,
@@ -112,11 +117,13 @@ def profile(
         if engine != "vllm" and (tensor_parallel_size > 1 or pipeline_parallel_size > 1):
             raise UsageError("the builtin engine runs on one device; --tensor/--pipeline-parallel-size need --engine vllm")
         config = engine_config(device, dtype, max_num_seqs, max_model_len, enforce_eager, gpu_memory_utilization, lm_head)
-
-        def note(message: str) -> None:
-            if not as_json and err.is_terminal:
-                err.print(f"[dim]· {message}[/dim]")
-
+        if api_key is not None and not api_key.strip():
+            raise UsageError("--api-key is empty (leave it out to send none)")
+        if endpoint and api_key is None:
+            api_key = os.environ.get("OPENAI_API_KEY", "").strip() or None
+        if api_key is not None and not (api_key.isascii() and api_key.isprintable()):
+            raise UsageError("--api-key (or OPENAI_API_KEY) holds characters an HTTP header cannot carry")
+        note = _Steps(not as_json and err.is_terminal)
         try:
             report = run_profile(model, baseline, eval_text, workload, kpi, gpu_hour_cost, out_dir, endpoint, config,
                                  note, tokenizer=tokenizer, accuracy_backend=accuracy_backend,
@@ -124,12 +131,51 @@ def profile(
                                  tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
                                  tasks_path=tasks_path, limit=limit, num_fewshot=num_fewshot, dataset_path=dataset,
                                  export=export, engine=engine,
-                                 vllm=VllmOptions(tensor_parallel_size, pipeline_parallel_size, max_model_len))
+                                 vllm=VllmOptions(tensor_parallel_size, pipeline_parallel_size, max_model_len),
+                                 api_key=api_key, request_timeout=request_timeout)
         except KpiFailed as exc:  # the report is complete and written: show it, then exit 3
             report, gate_failure = exc.report, exc
+        finally:
+            note.close()
     _show_profile(report, as_json, out_dir)
     if gate_failure is not None:
         fail(str(gate_failure), 3)
+
+
+class _Steps:
+    """What a person at a terminal sees while profile works: a dim line per step and, while requests are out to
+    a server, one live line under it (answered, in flight, the longest wait against the timeout), redrawn from
+    the load's own event loop twice a second (no refresh thread to compete with its time stamps). Nothing in
+    pipes or with --json."""
+
+    def __init__(self, show: bool) -> None:
+        self.show = show
+        self._live = None
+
+    def __call__(self, message: str) -> None:
+        self.close()
+        if self.show:
+            err.print(f"[dim]· {message}[/dim]")
+
+    def load(self, state: dict) -> None:
+        if not self.show:
+            return
+        if self._live is None:
+            from rich.live import Live
+
+            self._live = Live(console=err, auto_refresh=False, transient=True)
+            self._live.start()
+        line = f"  {state['done']}/{state['total']} answered, {state['in_flight']} in flight"
+        if state["failed"]:
+            line += f", {state['failed']} failed"
+        if state["oldest_s"] is not None and state["oldest_s"] >= 2:
+            line += f"; waiting {state['oldest_s']:.0f} s (request timeout {state['timeout_s']:g} s)"
+        self._live.update(Text(line, style="dim"), refresh=True)
+
+    def close(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
 
 
 def _show_profile(report: dict, as_json: bool, out_dir: Path | None) -> None:

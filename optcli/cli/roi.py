@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from optcli.cli.app import app
-from optcli.cli.common import emit_json, guard, out
+from optcli.cli.common import emit_json, err, guard, out
 from optcli.errors import UsageError
 
 
@@ -59,6 +59,7 @@ def roi(
     if as_json:
         emit_json(result)
         return
-    from optcli.roi.render import render_roi
+    from optcli.roi.render import render_roi, render_warnings
 
     render_roi(result, out, plot)
+    render_warnings(result, err)

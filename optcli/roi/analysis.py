@@ -30,7 +30,7 @@ from optcli.roi.hardware import (
 DEFAULT_REQUESTS_PER_DAY = 10_000  # the seed article's case
 DEFAULT_TOKENS_PER_REQUEST = 1_000
 DEFAULT_BATCH_SIZE = 16  # concurrent sequences assumed by --estimate
-DEFAULT_CONTEXT_LEN = 2048  # tokens per sequence for the memory plan
+DEFAULT_CONTEXT_LEN = 2048  # tokens per sequence for the memory plan (the model's context where that is shorter)
 DEFAULT_OUTPUT_LEN = 256  # generated tokens per request assumed by --estimate (the rest is prompt)
 BANDS = ((6, "Strongly recommended"), (12, "Recommended"), (24, "Consider if scaling"))
 
@@ -193,6 +193,7 @@ def compute_roi(o: RoiOptions) -> dict:
     plan = _plan(o, report, gpu, detected, inputs, plan)
     cap = _capacity(o, report, points, hourly, inputs)
     return {
+        "warnings": _warnings(report, gpu if choice is not None else None, catalog),
         **costs,
         "daily_cost_usd": daily,
         "annual_cost_usd": annual,
@@ -206,6 +207,29 @@ def compute_roi(o: RoiOptions) -> dict:
         "plan": plan,
         "capacity": cap,
     }
+
+
+def _warnings(report: dict | None, priced: GpuSpec | None, catalog: dict[str, GpuSpec]) -> list[str]:
+    """What a reader of the figures must know: a `--gpu` priced from throughput measured on another device (a
+    CPU, or another GPU), and the report's own contention warning (measured on a busy machine)."""
+    warnings = []
+    hw = (report or {}).get("hardware")
+    hw = hw if isinstance(hw, dict) else {}
+    if report is not None and priced is not None:
+        device, name = str(hw.get("device") or ""), str(hw.get("name") or "an unrecorded device")
+        if not device.startswith("cuda"):
+            where = f"a CPU ({name})" if device == "cpu" else f"{device or 'an unrecorded device'} ({name})"
+            warnings.append(f"--gpu {priced.name} is priced from throughput measured on {where}: the costs assume a "
+                            f"{priced.name} serves no faster than that; profile on a {priced.name} (or see "
+                            f"--estimate's roofline) for its own figures")
+        elif match_catalog(name, hw.get("memory_bytes"), catalog) is not priced:
+            warnings.append(f"--gpu {priced.name} is priced from throughput measured on {name}: the costs assume a "
+                            f"{priced.name} serves as fast as that GPU did; profile on a {priced.name} for its own "
+                            "figures")
+    contention = hw.get("contention")
+    if isinstance(contention, dict) and contention.get("warning"):
+        warnings.append(f"the report was measured on a busy machine: {contention['warning']}")
+    return warnings
 
 
 def _baseline_annual(o: RoiOptions, inputs: dict, hourly: float, rpd: float, tpr: float) -> float | None:
@@ -241,7 +265,13 @@ def _plan(o: RoiOptions, report: dict | None, gpu: GpuSpec | None, detected: dic
     name, scheme = planner.scheme_for(recipe)
     shape = planner.model_shape(model)
     memory = gpu.memory_bytes if gpu else detected["memory_bytes"]
-    context = _pick(inputs, "context_len", (o.context_len, "flag"), (DEFAULT_CONTEXT_LEN, "default"))
+    limit = shape.max_positions  # no sequence is longer than the model's context, whatever the default says
+    if o.context_len is not None and limit is not None and o.context_len > limit:
+        raise UsageError(f"--context-len {o.context_len} is over the model's context of {limit} tokens "
+                         f"(max_position_embeddings of {model})")
+    default = ((limit, "the model's context (max_position_embeddings)") if limit is not None and
+               limit < DEFAULT_CONTEXT_LEN else (DEFAULT_CONTEXT_LEN, "default"))
+    context = _pick(inputs, "context_len", (o.context_len, "flag"), default)
     engine = _serving_config(o, report, inputs)
     plan["memory"] = {"recipe": name, **planner.plan_for_engine(shape, scheme, memory, context, batch or 1, engine)}
     return plan

@@ -42,6 +42,7 @@ class ModelShape:
     expert_intermediate: int = 0
     moe_layers: int = 0  # layers with experts; the others have a dense MLP of `intermediate`
     shared_intermediate: int = 0  # a shared expert every token runs in each MoE layer (Qwen2-MoE), 0: none
+    max_positions: int | None = None  # the model's context (config `max_position_embeddings`), None when unstated
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,8 @@ def model_shape(model: str | Path | dict) -> ModelShape:
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         attention_bias=bool(config.get("attention_bias", False)) or "Qwen2" in str(config.get("architectures")),
         dtype=config.get("dtype") or config.get("torch_dtype"),
+        max_positions=config["max_position_embeddings"] if isinstance(config.get("max_position_embeddings"), int)
+        and config["max_position_embeddings"] > 0 else None,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -18,6 +19,12 @@ def _gib(n: int | None) -> str:
     if n is None:
         return "n/a"
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def render_warnings(result: dict, console: Console) -> None:
+    """One yellow line per warning (a device priced from another's throughput, a busy machine's report)."""
+    for warning in result.get("warnings") or []:
+        console.print(f"[yellow]warning: {escape(warning)}[/yellow]", highlight=False, soft_wrap=True)
 
 
 def render_roi(result: dict, console: Console, plot: Path | None = None) -> None:

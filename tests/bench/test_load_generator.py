@@ -289,8 +289,9 @@ def fake_server():
         yield url
 
 
-def test_openai_sender(fake_server):
-    send = openai_sender(fake_server, "fake", api_key="k", timeout=10)
+@pytest.mark.parametrize("transport", ["direct", "httpx"])  # httpx: where a proxy is set for the endpoint
+def test_openai_sender(fake_server, transport):
+    send = openai_sender(fake_server, "fake", api_key="k", timeout=10, transport=transport)
     reqs = [([0, 9, 9], 5), ([1, 9], 6), ([2], 4), ([0], 3)]
     timings, wall = asyncio.run(run_load(send, reqs, concurrency=3))
     by_text, by_logprobs, failed, small = timings
@@ -306,9 +307,11 @@ def test_openai_sender(fake_server):
     assert s["latency_ms"]["itl"]["p50"] > 0
 
 
-def test_openai_sender_unreachable():
+@pytest.mark.parametrize("transport", ["direct", "httpx"])
+def test_openai_sender_unreachable(transport):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    timings, _ = asyncio.run(run_load(openai_sender(f"http://127.0.0.1:{port}", "fake", timeout=2), [([1], 2)]))
+    send = openai_sender(f"http://127.0.0.1:{port}", "fake", timeout=2, transport=transport)
+    timings, _ = asyncio.run(run_load(send, [([1], 2)]))
     assert timings[0].error and "Connect" in timings[0].error

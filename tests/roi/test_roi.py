@@ -312,3 +312,52 @@ def test_worked_example_script_parses() -> None:
     text = script.read_text()
     assert all(f"optcli {cmd}" in text for cmd in ("quantize", "profile", "roi"))
     assert "examples/quantize_profile_roi.sh" in (ROOT / "README.md").read_text()
+
+
+# --- what the figures were measured on ------------------------------------------------------------
+def test_a_gpu_priced_from_a_cpu_measured_report_is_warned_about(tmp_path: Path) -> None:
+    report = str(write_report(tmp_path / "r.json", hardware={"device": "cpu", "name": "AMD EPYC 9B14"}))
+    out = run_json("roi", "--report", report, "--gpu", "h100")
+    assert len(out["warnings"]) == 1
+    assert "H100-80GB" in out["warnings"][0] and "measured on a CPU (AMD EPYC 9B14)" in out["warnings"][0]
+    human = run("roi", "--report", report, "--gpu", "h100")
+    assert human.exit_code == 0 and "warning:" in human.stderr and "a CPU (AMD EPYC 9B14)" in human.stderr
+    # the user's own price for the machine that was measured: nothing to warn about
+    assert run_json("roi", "--report", report, "--gpu-hour-cost", "2")["warnings"] == []
+
+
+def test_a_gpu_priced_from_another_gpus_report_is_warned_about(tmp_path: Path) -> None:
+    a100 = {"device": "cuda", "name": "NVIDIA A100-SXM4-80GB", "memory_bytes": 80 * 2**30}
+    report = str(write_report(tmp_path / "r.json", hardware=a100))
+    warnings = run_json("roi", "--report", report, "--gpu", "h100")["warnings"]
+    assert len(warnings) == 1 and "measured on NVIDIA A100-SXM4-80GB" in warnings[0]
+    assert run_json("roi", "--report", report, "--gpu", "a100-80gb")["warnings"] == []
+    assert run_json("roi", "--report", report, "--gpu-hour-cost", "2")["warnings"] == []
+
+
+def test_the_reports_contention_warning_is_carried_into_roi(tmp_path: Path) -> None:
+    busy = "another process used 48% of the CPU during this run: absolute figures are low"
+    hardware = {"device": "cpu", "name": "x", "contention": {"busy_share": 0.48, "steal_share": 0.0, "warning": busy}}
+    report = str(write_report(tmp_path / "r.json", hardware=hardware))
+    out = run_json("roi", "--report", report, "--gpu-hour-cost", "2")
+    assert out["warnings"] == [f"the report was measured on a busy machine: {busy}"]
+    human = run("roi", "--report", report, "--gpu-hour-cost", "2")
+    assert human.exit_code == 0 and busy in human.stderr.replace("\n", " ")
+    quiet = {"device": "cpu", "name": "x", "contention": {"busy_share": 0.01, "steal_share": 0.0, "warning": None}}
+    assert run_json("roi", "--report", str(write_report(tmp_path / "q.json", hardware=quiet)),
+                    "--gpu-hour-cost", "2")["warnings"] == []
+
+
+def test_the_memory_plan_stops_at_the_models_context(tmp_path: Path) -> None:
+    model = str(small_llama(tmp_path))  # max_position_embeddings 512
+    report = str(write_report(tmp_path / "r.json", model=model))
+    out = run_json("roi", "--report", report, "--gpu", "h100")
+    memory = out["plan"]["memory"]
+    assert memory["context_len"] == 512 and memory["num_seqs"] == 4
+    assert out["inputs"]["context_len"] == {"value": 512, "source": "the model's context (max_position_embeddings)"}
+    human = run("roi", "--report", report, "--gpu", "h100")
+    assert human.exit_code == 0 and "4 × 512 tokens fits" in human.stdout and "2048" not in human.stdout
+    assert run_json("roi", "--report", report, "--gpu", "h100", "--context-len", "256")["plan"]["memory"][
+        "context_len"] == 256
+    assert_usage_error(run("roi", "--report", report, "--gpu", "h100", "--context-len", "4096"),
+                       "--context-len 4096", "context of 512 tokens")
