@@ -171,13 +171,31 @@ def _baseline(report: dict, keys: tuple[str, ...]) -> float | None:
     return _lookup(report, ("comparison", "baseline", *keys))
 
 
-def _check(name: str, threshold: float, value: float | None, baseline: float | None, op: str) -> dict:
+def _check(name: str, threshold: float, value: float | None, baseline: float | None, op: str,
+           ci_low: float | None = None, ci_high: float | None = None) -> dict:
     ok = value is not None and (value <= threshold if op == "<=" else value >= threshold)
-    return {"name": name, "threshold": threshold, "value": value, "baseline": baseline, "passed": bool(ok)}
+    check = {"name": name, "threshold": threshold, "value": value, "baseline": baseline, "passed": bool(ok)}
+    if ci_low is not None and ci_high is not None:  # a relative gate over repeats: its ratio's 95% interval
+        check.update(ci_low=ci_low, ci_high=ci_high)
+    return check
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
+
+
+def _inverse(x: float | None) -> float | None:
+    return 1 / x if x else None
+
+
+def _measured_ratio(report: dict, field: str, fallback: float | None) -> tuple[float | None, float | None, float | None]:
+    """(ratio, ci_low, ci_high) of the artifact against its baseline at `field`: the comparison row's median
+    of paired repeats and its interval (the gate compares the median), else `fallback` with no interval."""
+    rows = (report.get("comparison") or {}).get("rows") or []
+    row = next((r for r in rows if isinstance(r, dict) and r.get("field") == field), None)
+    if row is None or row.get("ratio") is None:
+        return fallback, None, None
+    return row["ratio"], row.get("ci_low"), row.get("ci_high")
 
 
 def _task_rows(report: dict) -> list[dict]:
@@ -212,9 +230,10 @@ def evaluate_kpis(report: dict[str, Any], kpi: Kpi) -> dict[str, Any]:
                              _lookup(report, out_keys), _baseline(report, out_keys), ">="))
     if tp.degradation_threshold is not None:
         value, base = _lookup(report, out_keys), _baseline(report, out_keys)
+        ratio, low, high = _measured_ratio(report, "throughput.output_tok_s", _ratio(value, base))
         checks.append(_check(f"output_tok_s / baseline's >= {tp.degradation_threshold:g} "
                              "(throughput.degradation_threshold)", tp.degradation_threshold,
-                             _ratio(value, base), base, ">="))
+                             ratio, base, ">=", low, high))
     cost = kpi.cost or _EMPTY["cost"]
     if cost.maximum is not None:
         checks.append(_check(f"usd_per_1k_tokens <= {cost.maximum:g} (cost.maximum)", cost.maximum,
@@ -222,8 +241,10 @@ def evaluate_kpis(report: dict[str, Any], kpi: Kpi) -> dict[str, Any]:
     if cost.increase_threshold is not None:
         # Same machine, same hourly price: cost per token scales as 1 / total tok/s, so the ratio needs no price.
         value, base = _lookup(report, total_keys), _baseline(report, total_keys)
+        ratio, low, high = _measured_ratio(report, "throughput.total_tok_s", _ratio(value, base))
+        # the cost ratio is the throughput ratio's inverse, and so is its interval (its ends swapped)
         checks.append(_check(f"cost per token / baseline's <= {cost.increase_threshold:g} (cost.increase_threshold)",
-                             cost.increase_threshold, _ratio(base, value), base, "<="))
+                             cost.increase_threshold, _inverse(ratio), base, "<=", _inverse(high), _inverse(low)))
     checks += _accuracy_checks(report, kpi)
     return {"passed": all(c["passed"] for c in checks), "checks": checks}
 

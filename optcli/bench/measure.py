@@ -1,13 +1,13 @@
-"""One model's speed, measured: offline throughput and memory through the engine, batch-1 decode
-tok/s, and online latency under load (in process through `AsyncEngine`, or against an OpenAI
-endpoint). `profile.py` runs these for the artifact and for its source, the same way."""
+"""One model's speed, one measurement at a time: offline throughput, batch-1 decode and prompt (prefill)
+tok/s, and online latency under load (in process through `AsyncEngine`, or against an OpenAI endpoint),
+each from a cold prefix cache. `repeats.py` runs them for the artifact and its source in interleaved
+repeats after an untimed warm-up; nothing here warms up or repeats."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
 import time
-from dataclasses import dataclass, field
 
 import torch
 
@@ -22,60 +22,72 @@ from optcli.bench.load_generator import (
 )
 from optcli.bench.metrics import summarize
 from optcli.bench.rates import LoadLevel, excluded_count
-from optcli.bench.sweep import run_levels
-from optcli.bench.workload import DECODE_NEW_TOKENS, DECODE_PROMPT_TOKENS, Workload
-from optcli.config import EngineConfig
-from optcli.engine import Engine, SamplingParams
+from optcli.bench.workload import DECODE_NEW_TOKENS, DECODE_PROMPT_TOKENS, PREFILL_PROMPT_TOKENS, Workload
+from optcli.engine import SamplingParams
 from optcli.engine.async_engine import AsyncEngine
 from optcli.engine.kernels.tuning import chosen as gemm_choices
 from optcli.errors import UsageError
 from optcli.util.env import peak_memory_bytes
 
 
-def offline_throughput(source, workload: Workload, config: EngineConfig, step):
-    """Offline throughput of one model through the engine: (engine, throughput, batch efficiency, memory)."""
-    step(f"loading {source.spec} into the engine")
-    device = config.device
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    engine = Engine(str(source.path), config)
+def cold(engine) -> None:
+    """Forget the prefix cache, so a timed run computes every prompt token: a repeat (or the warm-up) that
+    sent the same prompts before would otherwise make the next one skip most of its prefill."""
+    engine.blocks.reset_prefix_cache()
+
+
+def offline_requests(engine, workload: Workload) -> list[tuple[list[int], int]]:
+    """The offline phase's (prompt ids, new tokens), checked against the model's context."""
     requests = workload.sample(vocab_range(engine), encoder=engine.tokenizer)
     longest = max(len(p) + n for p, n in requests)
     if longest > engine.max_model_len:
         raise UsageError(f"a prompt plus its new tokens reaches {longest} tokens, over the model's "
                          f"{engine.max_model_len}-token context")
-    # warm-up on the same prompts, two tokens each: the batch shapes of the timed run, so one-time costs
-    # (allocator growth, the CPU kernel choice timed per batch-size bucket) stay out of the figures
-    engine.generate([p for p, _ in requests], SamplingParams(max_tokens=2, ignore_eos=True))
-    step(f"offline throughput of {source.spec}: {len(requests)} requests")
+    return requests
+
+
+def offline_run(engine, requests: list[tuple[list[int], int]]) -> dict:
+    """Every request at once through `generate`, from a cold prefix cache: output/total tok/s, requests/s,
+    batch efficiency and the sequences preempted (a KV cache too small for all at once)."""
+    cold(engine)
     steps_before, scheduled_before = engine.num_steps, engine.num_scheduled_seqs
+    preempted_before = engine.scheduler.num_preemptions
     start = time.perf_counter()
     outs = engine.generate([p for p, _ in requests], [SamplingParams(max_tokens=n, ignore_eos=True) for _, n in requests])
     wall = time.perf_counter() - start
     out_tokens = sum(len(o.token_ids) for o in outs)
     in_tokens = sum(len(p) for p, _ in requests)
-    throughput = {
-        "output_tok_s": out_tokens / wall,
-        "total_tok_s": (out_tokens + in_tokens) / wall,
-        "requests_s": len(outs) / wall,
+    steps = engine.num_steps - steps_before
+    scheduled = engine.num_scheduled_seqs - scheduled_before
+    return {"output_tok_s": out_tokens / wall, "total_tok_s": (out_tokens + in_tokens) / wall,
+            "requests_s": len(outs) / wall,
+            "batch_efficiency": scheduled / steps / engine.max_num_seqs if steps else None,
+            "preemptions": engine.scheduler.num_preemptions - preempted_before}
+
+
+def engine_facts(engine) -> dict:
+    """What the engine ran, for the throughput section: kernel paths, GEMM choices, the LM head's cost."""
+    head = engine.head_cost()  # the LM head alone: its bytes (a tied embedding shares them), one row's time
+    return {
         # which kernel path each quantized layer took, e.g. {"int4/triton": 112}; {} for a dense model
         "quantized_kernels": engine.quantized_layers,
         # on CUDA, the GEMM form and tiling kept per (kernel, M bucket, N, K) after timing; {} elsewhere
         "gemm_choices": gemm_choices(),
+        "lm_head": {"bytes": head["head_bytes"], "share_of_weights": head["head_share_of_weights"],
+                    "ms_per_step_batch1": head["head_ms_per_step_m1"], "tied": head["tied"]},
     }
-    steps = engine.num_steps - steps_before
-    scheduled = engine.num_scheduled_seqs - scheduled_before
-    efficiency = scheduled / steps / engine.max_num_seqs if steps else None
-    head = engine.head_cost()  # the LM head alone: its bytes (a tied embedding shares them), one row's time
-    throughput["lm_head"] = {"bytes": head["head_bytes"], "share_of_weights": head["head_share_of_weights"],
-                             "ms_per_step_batch1": head["head_ms_per_step_m1"], "tied": head["tied"]}
-    memory = {
-        "weights_bytes": engine.weights_bytes,  # as the engine holds them: quantized stays quantized
-        # GPU: this model's peak; CPU: the process's peak RSS so far (not separable per model)
-        "peak_bytes": torch.cuda.max_memory_allocated() if device.startswith("cuda") else peak_rss(),
-        "kv_cache_bytes": engine.kv_cache_bytes,
-    }
-    return engine, throughput, efficiency, memory
+
+
+def engine_memory(engine, device: str, allocated_before: int = 0) -> dict:
+    """Weights and KV cache as the engine holds them, and the peak: on a GPU this model's (the peak since the
+    stats were reset, less what was allocated then: another resident model); on a CPU the process's peak
+    RSS so far (not separable per model)."""
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated(device) - allocated_before
+    else:
+        peak = peak_rss()
+    return {"weights_bytes": engine.weights_bytes, "peak_bytes": peak, "kv_cache_bytes": engine.kv_cache_bytes}
+
 
 def free_device_memory(device: str) -> None:
     """Collect a dropped engine now (its KV cache and weights), so the next one sizes its cache the same."""
@@ -86,50 +98,23 @@ def free_device_memory(device: str) -> None:
 def vocab_range(engine) -> tuple[int, int]:
     return 3, min(len(engine.tokenizer), engine.model.cfg.vocab_size)
 
-@dataclass
-class LocalRun:
-    """Everything one in-process engine measured for one model (the engine itself is dropped)."""
 
-    engine_options: dict  # the resolved engine options (`EngineConfig.as_dict()`) and dtype_reason
-    throughput: dict
-    batch_efficiency: float | None
-    memory: dict
-    decode_tok_s: float | None
-    online: dict  # the headline level's online summary
-    samples: dict[str, list[float]]
-    levels: list[tuple[LoadLevel, dict]] = field(default_factory=list)  # every level's summary, the headline last
-
-
-def measure_local(source, workload: Workload, slo, config: EngineConfig, step) -> LocalRun:
-    """Offline throughput, batch-1 decode, then online latency at each load level, through one in-process
-    engine (dropped on return)."""
-    engine, throughput, efficiency, memory = offline_throughput(source, workload, config, step)
-    options = {**engine.config.as_dict(), "dtype_reason": engine.dtype_reason}
-    decode = decode_tok_s(engine, source, step)
-    text_tok = engine.tokenizer if workload.prompt_format == "text" else None
-
-    def run_one(level: LoadLevel, order: int) -> dict:
-        step(f"online latency of {source.spec}: {level.label}")
-        return online_load(engine, None, None, workload, level, slo, vocab_range(engine), text_tok, seed_offset=order)
-
-    levels = run_levels(workload, run_one)
-    online = levels[-1][1]
-    return LocalRun(options, throughput, efficiency, memory, decode, online, online["samples"], levels)
-
-def decode_tok_s(engine, source, step, new_tokens: int = DECODE_NEW_TOKENS) -> float | None:
-    """Batch-1 decode speed: one request (a short prompt, `new_tokens` with ignore_eos) after a warm-up
-    one, through the engine's step loop; tokens after the first / seconds after the first, so prefill
-    is left out. The first and last token times are taken when `step` returns them (on CUDA that is
-    after the step's sampled ids reached the host, so the GPU work is done)."""
+def _batch1_prompt(engine, length: int) -> list[int]:
     lo, hi = vocab_range(engine)
-    prompt = [lo + (7 * i) % (hi - lo) for i in range(DECODE_PROMPT_TOKENS)]
+    return [lo + (7 * i) % (hi - lo) for i in range(length)]
+
+
+def decode_tok_s(engine, new_tokens: int = DECODE_NEW_TOKENS) -> float | None:
+    """Batch-1 decode speed: one request (a short prompt, `new_tokens` with ignore_eos) through the engine's
+    step loop; tokens after the first / seconds after the first, so prefill is left out. The first and
+    last token times are taken when `step` returns them (on CUDA that is after the step's sampled ids
+    reached the host, so the GPU work is done)."""
+    prompt = _batch1_prompt(engine, DECODE_PROMPT_TOKENS)
     new_tokens = min(new_tokens, engine.max_model_len - len(prompt))
     if new_tokens < 2:
         return None
-    step(f"batch-1 decode of {source.spec}: {new_tokens} tokens")
-    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
-    engine.generate([prompt], SamplingParams(max_tokens=min(new_tokens, 8), ignore_eos=True))  # warm-up
-    engine.add_request(prompt, params)
+    cold(engine)
+    engine.add_request(prompt, SamplingParams(max_tokens=new_tokens, ignore_eos=True))
     first = last = None
     after_first = 0
     while engine.has_unfinished():
@@ -145,6 +130,24 @@ def decode_tok_s(engine, source, step, new_tokens: int = DECODE_NEW_TOKENS) -> f
     if first is None or last is None or last <= first:
         return None
     return after_first / (last - first)
+
+
+def prompt_tok_s(engine, length: int = PREFILL_PROMPT_TOKENS) -> float | None:
+    """Batch-1 prompt (prefill) speed: one `length`-token prompt from a cold prefix cache, its tokens / the
+    seconds until its first new token (TTFT at batch 1); null when the context is too short for it."""
+    length = min(length, engine.max_model_len - 1)
+    if length < 2:
+        return None
+    prompt = _batch1_prompt(engine, length)
+    cold(engine)
+    start = time.perf_counter()
+    engine.add_request(prompt, SamplingParams(max_tokens=1, ignore_eos=True))
+    first = None
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.new_token_ids and first is None:
+                first = time.perf_counter()
+    return None if first is None or first <= start else length / (first - start)
 
 def online_load(engine, endpoint: str | None, model: str | None, workload: Workload, level: LoadLevel, slo, vocab,
                 tokenizer=None, chat: bool = False, seed_offset: int = 1, api_key: str | None = None,

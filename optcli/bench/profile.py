@@ -6,15 +6,18 @@ All figures are measured in this run; what cannot be measured here is None, neve
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 from optcli.bench.accuracy import EngineLM, evaluate, evaluate_in_turn
-from optcli.bench.comparison import comparison, roofline
+from optcli.bench.comparison import comparison, offline_online_notes, roofline
+from optcli.bench.contention import ContentionMonitor
 from optcli.bench.endpoint_accuracy import TOP_K
 from optcli.bench.export import check_export_path, level_rows, write_export
 from optcli.bench.kpi import evaluate_kpis, latency_gates, load_kpi, slo_from_kpi
-from optcli.bench.measure import free_device_memory, measure_local
+from optcli.bench.measure import free_device_memory
+from optcli.bench.repeats import measure_models
 from optcli.bench.served import endpoint_levels, measure_endpoint_accuracy, measure_vllm
 from optcli.bench.sweep import level_point, slo_max_rate
 from optcli.bench.tasks import run_tasks, task_manager, task_rows
@@ -186,6 +189,8 @@ def profile(
             "sweep_size": workload.sweep_size or None,  # `--rate sweep`: GuideLLM's sweep of this many levels
             "arrivals": workload.arrivals,
             "warmup": workload.warmup, "cooldown": workload.cooldown, "max_seconds": workload.max_seconds,
+            # how the speed figures were repeated (`repeats.py`): filled in below for the in-process engine
+            "repeats": {"repeats": 1, "order": None, "resident": None, "warm_up": None, "prefix_cache": None},
             "levels": None,  # each level's label, in the order run (filled in below)
             "seed": workload.seed,
             "endpoint": endpoint,
@@ -246,8 +251,12 @@ def profile(
 
     slo = slo_from_kpi(kpi) if kpi is not None else None
     gates = latency_gates(kpi)
-    decode_tok_s = None
-    with GpuUtilizationSampler() as gpu:
+    decode_tok_s = prompt_tok_s = None
+    cand = base = None
+    # other processes' CPU while the speed figures are taken; not with --endpoint, where a server on this
+    # machine would count as another process
+    monitor = ContentionMonitor(with_baseline=baseline_source is not None) if not endpoint else None
+    with GpuUtilizationSampler() as gpu, monitor or _nothing():
         if endpoint:
             levels = endpoint_levels(endpoint, model, workload, slo, tokenizer, report["workload"], step, api_key,
                                      request_timeout)
@@ -259,13 +268,16 @@ def profile(
                 report["accuracy"] = {k: acc[k] for k in report["accuracy"]} | {"top_k": acc["top_k"]}
                 report["workload"]["accuracy_backend"] = f"vLLM endpoint top-{acc['top_k']} log-probs"
         else:
-            run = measure_local(source, workload, slo, config, step)
-            report["workload"]["engine"].update(run.engine_options)
-            report["throughput"].update(run.throughput)
-            report["batch_efficiency"] = run.batch_efficiency
-            report["memory"] = run.memory
-            levels, decode_tok_s = run.levels, run.decode_tok_s
-            free_device_memory(device)  # the candidate's engine is gone: the baseline's gets the same room
+            # both models in interleaved repeats, after an untimed warm-up each (repeats.py)
+            cand, base, schedule = measure_models(source, baseline_source, workload, slo, config, step)
+            report["workload"]["repeats"] = schedule
+            report["workload"]["engine"].update(cand.engine_options)
+            report["throughput"].update(cand.throughput)
+            report["batch_efficiency"] = cand.batch_efficiency
+            report["memory"] = cand.memory
+            levels, decode_tok_s, prompt_tok_s = cand.levels, cand.decode_tok_s, cand.prompt_tok_s
+            free_device_memory(device)
+    report["hardware"]["contention"] = monitor.result() if monitor is not None else None
     online = levels[-1][1]  # the headline level: the last one, a sweep's throughput run
     samples = {"candidate": online["samples"]}
     per_request = [row for level, summary in levels for row in level_rows(summary, model, "candidate", level)]
@@ -278,12 +290,15 @@ def profile(
         sweep=points,  # one point per load level (latency, rate, SLO), for `optcli roi`'s capacity plan
         # the level with the highest achieved rate whose latencies meet the KPI file's latency gates
         slo_max_rate=slo_max_rate(points),
-        failed_requests=online["requests"]["failed"],
+        failed_requests=online["failures"]["failed"],  # over every repeat of the headline level
         failures=online["failures"],  # how many of the online requests failed, and the distinct errors
         goodput_requests_s=(online["goodput"] or {}).get("requests_s"),
         prefix_cache_hit_rate=online.get("prefix_cache_hit_rate"),  # the online run's; null for an endpoint
         decode_tok_s=decode_tok_s,  # batch 1 (see roofline.method); null with --endpoint
+        prompt_tok_s=prompt_tok_s,  # batch 1, a cold 128-token prompt / its TTFT; null with --endpoint
     )
+    if cand is not None:  # each speed figure's median and 95% interval over the repeats (stats.py)
+        report["throughput"]["intervals"] = cand.intervals()
     if endpoint or served:  # no offline phase: the served figures are the headline level's
         report["throughput"].update({k: online["throughput"][k] for k in ("output_tok_s", "total_tok_s", "requests_s")})
     tp = report["throughput"]
@@ -294,28 +309,26 @@ def profile(
             "accuracy": {"ppl": report["accuracy"]["baseline_ppl"]},
             "memory": {"weights_bytes": None, "peak_bytes": None, "kv_cache_bytes": None},  # vLLM's own
             "throughput": {k: base_online["throughput"][k] for k in ("output_tok_s", "total_tok_s", "requests_s")}
-            | {"online_output_tok_s": base_online["throughput"]["output_tok_s"], "decode_tok_s": None},
+            | {"online_output_tok_s": base_online["throughput"]["output_tok_s"], "decode_tok_s": None,
+               "prompt_tok_s": None},
             "latency_ms": base_online["latency_ms"],
         }
         samples["baseline"] = base_online["samples"]
         per_request += level_rows(base_online, baseline, "baseline", workload.headline())
         report["throughput"].update(baseline_online_output_tok_s=base_online["throughput"]["output_tok_s"])
         report["comparison"] = comparison(report, baseline_report, workload)
-    elif baseline_source is not None:  # the source measured the same way, side by side (comparison)
-        # the same workload and seed through the baseline's own engine (dropped when _local returns), at
-        # the headline level only: the other levels are the candidate's capacity plan, not repeated here
-        base = measure_local(baseline_source, workload.only(workload.headline()), slo, config, step)
-        free_device_memory(device)
+    elif base is not None:  # the source measured the same way, interleaved with the artifact (comparison)
         report["workload"]["engine"]["baseline_dtype"] = base.engine_options["dtype"]
         memory = dict(base.memory)
         if not device.startswith("cuda"):
             memory["peak_bytes"] = None  # the process peak would include the candidate's
-        throughput, base_online, baseline_decode = base.throughput, base.online, base.decode_tok_s
+        throughput, base_online = base.throughput, base.online
         baseline_report = {
             "accuracy": {"ppl": report["accuracy"]["baseline_ppl"]},
             "memory": memory,
             "throughput": {k: throughput[k] for k in ("output_tok_s", "total_tok_s", "requests_s")}
-            | {"online_output_tok_s": base_online["throughput"]["output_tok_s"], "decode_tok_s": baseline_decode},
+            | {"online_output_tok_s": base_online["throughput"]["output_tok_s"], "decode_tok_s": base.decode_tok_s,
+               "prompt_tok_s": base.prompt_tok_s},
             "latency_ms": base_online["latency_ms"],
         }
         samples["baseline"] = base.samples  # overlaid on the candidate's latency CDFs
@@ -325,9 +338,13 @@ def profile(
             baseline_total_tok_s=throughput["total_tok_s"],
             baseline_requests_s=throughput["requests_s"],
             baseline_online_output_tok_s=base_online["throughput"]["output_tok_s"],
-            baseline_decode_tok_s=baseline_decode,
+            baseline_decode_tok_s=base.decode_tok_s,
+            baseline_prompt_tok_s=base.prompt_tok_s,
         )
-        report["comparison"] = comparison(report, baseline_report, workload)
+        report["comparison"] = comparison(report, baseline_report, workload,
+                                          runs={"value": cand.runs, "baseline": base.runs})
+    if cand is not None:  # offline is every request at once: below online it needs a reason (or is a bug)
+        report["throughput"]["notes"] = offline_online_notes(report, cand, base, workload)
     if not endpoint and not served:
         # after both models ran: on a CPU the 1 GiB pass would otherwise sit in their peak RSS
         step("peak memory bandwidth")
@@ -344,6 +361,11 @@ def profile(
         failed = [c["name"] for c in report["kpi"]["checks"] if not c["passed"]]
         raise KpiFailed(f"KPI gate failed: {', '.join(failed)}", report)
     return report
+
+
+@contextlib.contextmanager
+def _nothing():
+    yield None
 
 
 def _eval_text(path: Path | None) -> str:

@@ -15,6 +15,10 @@ from optcli.errors import UsageError
 # The batch-1 decode measurement (`measure.decode_tok_s`), stated in the roofline's method line.
 DECODE_PROMPT_TOKENS = 8
 DECODE_NEW_TOKENS = 32
+# The batch-1 prompt (prefill) measurement (`measure.prompt_tok_s`): one prompt this long (or the context less 1).
+PREFILL_PROMPT_TOKENS = 128
+# Each speed figure of `profile` is measured this many times (source and artifact interleaved): `--repeats`.
+DEFAULT_REPEATS = 3
 
 
 @dataclass
@@ -37,6 +41,7 @@ class Workload:
     warmup: float = 0.0  # requests left out of each level's statistics at its start: a count, or a fraction
     cooldown: float = 0.0  # ... and at its end
     max_seconds: float | None = None  # no request of a level starts after this many seconds
+    repeats: int = DEFAULT_REPEATS  # timed repeats of each speed figure, per model (`repeats.py`)
 
     def load_levels(self) -> tuple[LoadLevel, ...]:
         """The levels to run in order (a sweep's are decided as it runs: see `measure.run_levels`)."""

@@ -14,7 +14,7 @@ from rich.text import Text
 from optcli.bench.dataset import load_dataset
 from optcli.bench.rates import RATE_TYPES, parse_exclusion, plan_levels
 from optcli.bench.vllm_server import VllmOptions
-from optcli.bench.workload import Workload, parse_output_len, parse_prompt_len, parse_synthetic_data
+from optcli.bench.workload import DEFAULT_REPEATS, Workload, parse_output_len, parse_prompt_len, parse_synthetic_data
 from optcli.cli.app import app
 from optcli.cli.common import (
     ENGINE,
@@ -35,7 +35,16 @@ from optcli.cli.common import (
 )
 from optcli.config import REQUEST_TIMEOUT_S
 from optcli.errors import KpiFailed, UsageError
-from optcli.report.markdown import comparison_table, comparison_warnings, head_line, roofline_line
+from optcli.report.markdown import (
+    comparison_caption,
+    comparison_table,
+    comparison_warnings,
+    contention_warning,
+    head_line,
+    kpi_value,
+    roofline_line,
+    throughput_notes,
+)
 
 
 @app.command()
@@ -63,6 +72,7 @@ def profile(
     cooldown: Annotated[str | None, typer.Option("--cooldown", help="Likewise at the end of each level.")] = None,
     max_seconds: Annotated[float | None, typer.Option("--max-seconds", min=0.1, help="Per level: no request starts after this many seconds (those in flight finish).")] = None,
     duration: Annotated[float | None, typer.Option("--duration", min=0.1, help="With --rate R: send R x duration requests.")] = None,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed repeats of each speed figure, source and artifact interleaved (ABBA), after an untimed warm-up: medians with 95% intervals; 1: no interval, no verdict.")] = DEFAULT_REPEATS,
     kpi: Annotated[Path | None, typer.Option("--kpi", help="KPI gates (YAML); a failure exits 3.")] = None,
     gpu_hour_cost: Annotated[float | None, typer.Option("--gpu-hour-cost", help="USD per hour of the machine, for cost per 1K tokens.")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Directory for report.json/.md/.html.")] = None,
@@ -113,7 +123,7 @@ def profile(
                             dataset=rows, prefix_len=prefix_len, prefix_count=prefix_count,
                             levels=levels, sweep_size=sweep_size, arrivals=arrivals, seed=seed,
                             warmup=warm, cooldown=cool,
-                            max_seconds=max_seconds, prompt_format=prompt_format)
+                            max_seconds=max_seconds, prompt_format=prompt_format, repeats=repeats)
         if engine != "vllm" and (tensor_parallel_size > 1 or pipeline_parallel_size > 1):
             raise UsageError("the builtin engine runs on one device; --tensor/--pipeline-parallel-size need --engine vllm")
         config = engine_config(device, dtype, max_num_seqs, max_model_len, enforce_eager, gpu_memory_utilization, lm_head)
@@ -215,14 +225,19 @@ def _show_profile(report: dict, as_json: bool, out_dir: Path | None) -> None:
     comparison = comparison_table(report)  # the source measured the same way in this run: ratios are the point
     if comparison is not None:
         title, headers, rows = comparison
-        side = Table(title="source vs artifact")
+        side = Table(title="source vs artifact", caption=comparison_caption(report))
         for i, header in enumerate(headers):
             side.add_column(header, justify="left" if i == 0 else "right")
         for row in rows:
-            side.add_row(*row)
+            side.add_row(*(escape(cell) for cell in row))
         out.print(side)
+    busy = contention_warning(report)
+    if busy:  # first: every figure above was taken on a busy machine
+        err.print(f"[yellow]warning: {escape(busy)}[/yellow]", highlight=False, soft_wrap=True)
     for warning in comparison_warnings(report):
         err.print(f"[yellow]warning: {escape(warning)}[/yellow]", highlight=False, soft_wrap=True)
+    for note in throughput_notes(report):
+        err.print(f"[yellow]note: {escape(note)}[/yellow]", highlight=False, soft_wrap=True)
     for line in (roofline_line(report), head_line(report)):
         if line is not None:
             out.print(escape(line), highlight=False, soft_wrap=True)
@@ -233,6 +248,7 @@ def _show_profile(report: dict, as_json: bool, out_dir: Path | None) -> None:
     for check in report["kpi"]["checks"]:
         style = "green" if check["passed"] else "red"
         base = "" if check.get("baseline") is None else f", baseline {fmt(check['baseline'])}"
-        out.print(f"[{style}]{'PASS' if check['passed'] else 'FAIL'}[/{style}] {check['name']} (value {fmt(check['value'])}{base})")
+        value = kpi_value(check) if check.get("ci_low") is not None else fmt(check["value"])
+        out.print(f"[{style}]{'PASS' if check['passed'] else 'FAIL'}[/{style}] {escape(check['name'])} (value {escape(value)}{base})")
     if out_dir is not None:
         out.print(f"reports: {out_dir}/report.json, report.md, report.html")

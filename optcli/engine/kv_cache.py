@@ -74,6 +74,18 @@ class BlockManager:
         self.prefix_hits += seq.num_computed_tokens
         return seq.num_computed_tokens
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached block no sequence holds (as vLLM's `reset_prefix_cache`), so the next request
+        finds nothing cached: a benchmark's repeats then each start cold. Returns the blocks freed."""
+        freed = list(self.evictable)
+        for block in freed:
+            del self.cached[self.block_hash[block]]
+            self.block_hash[block] = None
+            self.block_tokens[block] = None
+            self.free_blocks.append(block)
+        self.evictable.clear()
+        return len(freed)
+
     def commit_full_blocks(self, seq: Sequence) -> None:
         """Hash the blocks that `seq` has completely filled and computed, so others can reuse them."""
         if not self.enable_prefix_caching:

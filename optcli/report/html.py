@@ -13,15 +13,19 @@ from typing import Any
 from optcli.report import plots
 from optcli.report.markdown import (
     NA,
+    comparison_caption,
     comparison_table,
     comparison_warnings,
+    contention_warning,
     fmt,
     get,
     head_line,
     header_fields,
     kpi_rows,
+    kpi_value,
     report_tables,
     roofline_line,
+    throughput_notes,
 )
 
 _CSS = """
@@ -34,7 +38,8 @@ dl{display:grid;grid-template-columns:max-content auto;gap:.2em 1em}dt{font-weig
 .pass{background:#e3f6e3;color:#135c13}.fail{background:#fbe3e3;color:#8a1111}.na{color:#888}
 img{max-width:100%;display:block;margin:.6em 0;border:1px solid #eee}
 .warn{background:#fff4d6;border:1px solid #e0a800;border-left:6px solid #e0a800;padding:.5em 1em;margin:1em 0}
-.warn ul{margin:.3em 0;padding-left:1.4em}
+.warn ul,.note ul{margin:.3em 0;padding-left:1.4em}
+.note{background:#eef4ff;border:1px solid #7a9cd6;border-left:6px solid #7a9cd6;padding:.5em 1em;margin:1em 0}
 """
 
 
@@ -83,10 +88,17 @@ def render_html(report: Mapping[str, Any], samples: Mapping[str, Any] | None = N
              f"<h1>optcli profile: {escape(head[0][1])}</h1>", "<dl>"]
     parts += [f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in head]
     parts.append("</dl>")
+    busy = contention_warning(report)
+    if busy:
+        parts.append(f'<div class="warn busy" role="alert"><strong>⚠ Busy machine:</strong> {escape(busy)}</div>')
     warnings = comparison_warnings(report)
     if warnings:
         items = "".join(f"<li>{escape(w)}</li>" for w in warnings)
         parts.append(f'<div class="warn" role="alert"><strong>⚠ Slower than its source</strong><ul>{items}</ul></div>')
+    notes = throughput_notes(report)
+    if notes:
+        items = "".join(f"<li>{escape(n)}</li>" for n in notes)
+        parts.append(f'<div class="note"><strong>Offline below online</strong><ul>{items}</ul></div>')
 
     checks = kpi_rows(report)
     passed = get(report, "kpi", "passed")
@@ -100,7 +112,7 @@ def render_html(report: Mapping[str, Any], samples: Mapping[str, Any] | None = N
         rows = []
         for c in checks:
             ok = bool(c.get("passed"))
-            cells = [("✔ pass" if ok else "✘ fail"), fmt(c.get("name")), fmt(c.get("threshold")), fmt(c.get("value")),
+            cells = [("✔ pass" if ok else "✘ fail"), fmt(c.get("name")), fmt(c.get("threshold")), kpi_value(c),
                      fmt(c.get("baseline"))]
             rows.append(f'<tr class="{"pass" if ok else "fail"}">' + "".join(_td(x, cls="") for x in cells) + "</tr>")
         if rows:
@@ -111,6 +123,9 @@ def render_html(report: Mapping[str, Any], samples: Mapping[str, Any] | None = N
     if comparison is not None:
         title, headers, rows = comparison
         parts += [f"<h2>{escape(title)}</h2>", _table(headers, rows)]
+        caption = comparison_caption(report)
+        if caption:
+            parts.append(f'<p class="caption"><small>{escape(caption)}</small></p>')
     roofline = roofline_line(report)
     if roofline is not None:
         parts.append(f'<p class="roofline">{escape(roofline)}</p>')

@@ -113,7 +113,7 @@ def load_levels_table(report: Mapping[str, Any], levels: list) -> Table:
 
 # the comparison rows the summaries show (report.json's `comparison.rows` has every one), by `field`
 SUMMARY_FIELDS = ("throughput.output_tok_s", "throughput.online_output_tok_s", "throughput.decode_tok_s",
-                  "latency_ms.ttft.p50", "latency_ms.ttft.p95", "latency_ms.tpot.p50", "latency_ms.e2e.p95",
+                  "throughput.prompt_tok_s", "latency_ms.ttft.p50", "latency_ms.ttft.p95", "latency_ms.tpot.p50", "latency_ms.e2e.p95",
                   "memory.weights_bytes")
 
 
@@ -126,8 +126,38 @@ def fmt_ratio(value: Any) -> str:
     return f"{number:.3f}x" if text == "1.00" and number != 1 else f"{text}x"
 
 
+def _bound(number: float) -> str:
+    text = f"{number:.2f}"
+    return f"{number:.3f}" if text == "1.00" and number != 1 else text
+
+
+def fmt_interval(row: Mapping[str, Any]) -> str:
+    """A comparison row's ratio with its 95% interval: "1.22x [1.18, 1.26]"; the ratio alone without one."""
+    ratio = fmt_ratio(row.get("ratio"))
+    low, high = _number(row.get("ci_low")), _number(row.get("ci_high"))
+    if ratio == NA or low is None or high is None:
+        return ratio
+    return f"{ratio} [{_bound(low)}, {_bound(high)}]"
+
+
+def comparison_caption(report: Mapping[str, Any]) -> str | None:
+    """How the comparison's figures were taken, under its table: repeats, order, the interval."""
+    rows = get(report, "comparison", "rows")
+    if not isinstance(rows, list):
+        return None
+    repeats = max((r.get("repeats") or 0 for r in rows if isinstance(r, Mapping)), default=0)
+    if repeats >= 2:
+        return (f"medians of {repeats} interleaved repeats (source and artifact alternating); ratio: the median of "
+                "the repeats' artifact / source pairs [95% confidence interval]; a verdict needs the whole interval "
+                "on one side of 1.00x")
+    if repeats == 1:
+        return "ratio = artifact / source; one repeat: no interval, so no verdict (--repeats 2 or more for one)"
+    return "ratio = artifact / source"
+
+
 def comparison_table(report: Mapping[str, Any]) -> Table | None:
-    """Source vs artifact, one row per summary figure with the artifact/source ratio; None without a baseline."""
+    """Source vs artifact, one row per summary figure with the artifact/source ratio, its 95% interval and
+    the verdict in words; None without a baseline."""
     rows = get(report, "comparison", "rows")
     if not isinstance(rows, list):
         return None
@@ -143,14 +173,34 @@ def comparison_table(report: Mapping[str, Any]) -> Table | None:
             metric, values = f"weights ({unit})", [_scaled(row.get(k), scale) for k in ("baseline", "artifact")]
         else:
             metric, values = str(row.get("metric")), [fmt(row.get(k)) for k in ("baseline", "artifact")]
-        cells.append([metric, *values, fmt_ratio(row.get("ratio"))])
-    return ("Source vs artifact", ["metric", "source", "artifact", "ratio (artifact / source)"], cells)
+        verdict = row.get("verdict")
+        cells.append([metric, *values, fmt_interval(row), verdict if isinstance(verdict, str) else NA])
+    return ("Source vs artifact", ["metric", "source", "artifact", "ratio [95% CI]", "verdict"], cells)
 
 
 def comparison_warnings(report: Mapping[str, Any]) -> list[str]:
     """Where the artifact is slower than its source (one line per throughput figure)."""
     warnings = get(report, "comparison", "warnings")
     return [str(w) for w in warnings] if isinstance(warnings, list) else []
+
+
+def contention_warning(report: Mapping[str, Any]) -> str | None:
+    """The sentence `hardware.contention.warning` holds when the machine was busy during the run."""
+    warning = get(report, "hardware", "contention", "warning")
+    return str(warning) if warning else None
+
+
+def throughput_notes(report: Mapping[str, Any]) -> list[str]:
+    """Why offline throughput fell below online, where it did (`throughput.notes`)."""
+    notes = get(report, "throughput", "notes")
+    return [str(n) for n in notes] if isinstance(notes, list) else []
+
+
+def kpi_value(check: Mapping[str, Any]) -> str:
+    """A check's value, with its 95% interval where the gate compares a ratio measured in repeats."""
+    value = fmt(check.get("value"))
+    low, high = _number(check.get("ci_low")), _number(check.get("ci_high"))
+    return value if low is None or high is None else f"{value} [{low:.3g}, {high:.3g}]"
 
 
 def _gbs(value: float) -> str:
@@ -210,7 +260,13 @@ def kpi_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def header_fields(report: Mapping[str, Any]) -> list[tuple[str, str]]:
-    return [(k, fmt(get(report, k))) for k in ("model", "baseline", "recipe", "hardware", "workload")]
+    def value(key: str) -> str:
+        node = get(report, key)
+        if key == "hardware" and isinstance(node, Mapping):  # contention has its own line (contention_warning)
+            node = {k: v for k, v in node.items() if k != "contention"}
+        return fmt(node)
+
+    return [(k, value(k)) for k in ("model", "baseline", "recipe", "hardware", "workload")]
 
 
 def _cell(text: str) -> str:
@@ -228,13 +284,22 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     head = header_fields(report)
     lines = [f"## optcli profile: {_cell(head[0][1])}", ""]
     lines.append(" · ".join(f"**{k}** {_cell(v)}" for k, v in head))
+    busy = contention_warning(report)
+    if busy:
+        lines += ["", "> [!WARNING]", f"> **Busy machine:** {_cell(busy)}"]
     warnings = comparison_warnings(report)
     if warnings:
         lines += ["", "> [!WARNING]", "> **Slower than its source:**", *(f"> - {_cell(w)}" for w in warnings)]
+    notes = throughput_notes(report)
+    if notes:
+        lines += ["", "> [!NOTE]", "> **Offline below online:**", *(f"> - {_cell(n)}" for n in notes)]
     comparison = comparison_table(report)
     if comparison is not None:
         title, headers, rows = comparison
         lines += ["", f"**{title}**", "", *_md_table(headers, rows)]
+        caption = comparison_caption(report)
+        if caption:
+            lines += ["", f"<sub>{_cell(caption)}</sub>"]
     for line in (roofline_line(report), head_line(report)):
         if line is not None:
             lines += ["", _cell(line)]
@@ -251,7 +316,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         if checks:
             lines += ["", *_md_table(["", "check", "threshold", "value", "baseline"],
                            [["✅" if c.get("passed") else "❌", fmt(c.get("name")), fmt(c.get("threshold")),
-                             fmt(c.get("value")), fmt(c.get("baseline"))] for c in checks])]
+                             kpi_value(c), fmt(c.get("baseline"))] for c in checks])]
     versions = get(report, "versions")
     if versions:
         lines += ["", f"<sub>versions: {_cell(fmt(versions))}</sub>"]

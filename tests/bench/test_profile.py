@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import html as htmllib
 import json
+import math
+import re
 import subprocess
 import sys
 import threading
@@ -13,11 +15,13 @@ from pathlib import Path
 import pytest
 from conftest import shared_data
 
+from optcli.report.markdown import SUMMARY_FIELDS as SHOWN_FIELDS  # the rows the summaries show
+
 OPTCLI = str(Path(sys.executable).parent / "optcli")
 DESIGN_KEYS = {"model", "baseline", "recipe", "hardware", "workload", "throughput", "latency_ms", "memory", "accuracy",
                "batch_efficiency", "gpu_utilization", "cost", "kpi", "comparison", "roofline", "versions"}
 THROUGHPUT_FIELDS = {"throughput.output_tok_s", "throughput.online_output_tok_s", "throughput.total_tok_s",
-                     "throughput.decode_tok_s"}
+                     "throughput.decode_tok_s", "throughput.prompt_tok_s"}
 SUMMARY_FIELDS = THROUGHPUT_FIELDS | {"latency_ms.ttft.p50", "latency_ms.ttft.p95", "latency_ms.ttft.p99",
                                       "latency_ms.tpot.p50", "latency_ms.e2e.p50", "latency_ms.e2e.p95",
                                       "latency_ms.e2e.p99", "memory.weights_bytes"}
@@ -53,6 +57,13 @@ def at(node, field: str):
     return node
 
 
+def log_median(values) -> float:
+    """The median on the log scale, as stats.py takes it: the middle value, or the geometric mean of the middle two."""
+    values = sorted(values)
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else math.sqrt(values[middle - 1] * values[middle])
+
+
 def check_comparison(report: dict) -> None:
     """The source measured the same way: its figures, ratios of the figures in this report, one warning
     per throughput figure where the artifact is slower, and a roofline for both."""
@@ -69,11 +80,32 @@ def check_comparison(report: dict) -> None:
     rows = comparison["rows"]
     assert {r["field"] for r in rows} >= SUMMARY_FIELDS
     assert {r["field"] for r in rows if r["higher_is_better"]} == THROUGHPUT_FIELDS
+    repeats = report["workload"]["repeats"]["repeats"]
     for row in rows:
-        assert row["artifact"] == at(report, row["field"]) and row["baseline"] == at(base, row["field"])
-        assert row["ratio"] == pytest.approx(row["artifact"] / row["baseline"]), row
-    slower = [r for r in rows if r["higher_is_better"] and r["ratio"] < 1]
+        assert row["artifact"] == row["value"] == at(report, row["field"]) and row["baseline"] == at(base, row["field"])
+        if row["field"] == "memory.weights_bytes":  # not timed: exact, no interval, no verdict
+            assert row["ratio"] == pytest.approx(row["value"] / row["baseline"])
+            assert row["ci_low"] is row["ci_high"] is row["verdict"] is None
+            continue
+        # each figure is the median of `repeats` interleaved runs; the ratio the median of the paired ratios
+        runs = row["runs"]
+        assert row["repeats"] == repeats == len(runs["value"]) == len(runs["baseline"])
+        assert row["value"] == pytest.approx(log_median(runs["value"]))
+        assert row["baseline"] == pytest.approx(log_median(runs["baseline"]))
+        paired = [a / b for a, b in zip(runs["value"], runs["baseline"], strict=True)]
+        assert row["ratio"] == pytest.approx(log_median(paired)), row
+        assert row["ci_low"] <= row["ratio"] <= row["ci_high"]
+        assert row["value_ci_low"] <= row["value"] <= row["value_ci_high"]
+        side = "above" if row["ci_low"] > 1 else "below" if row["ci_high"] < 1 else "across"
+        expected = {"across": "no measurable difference", "above": "faster" if row["higher_is_better"] else "slower",
+                    "below": "slower" if row["higher_is_better"] else "faster"}[side]
+        assert row["verdict"] == expected, row
+    slower = [r for r in rows if r["higher_is_better"] and r["verdict"] == "slower"]
     assert len(comparison["warnings"]) == len(slower)
+    # offline (every request at once) bounds online from above for the same model, or a note says why
+    for who, offline, online in (("artifact", tp["output_tok_s"], tp["online_output_tok_s"]),
+                                 ("source", tp["baseline_output_tok_s"], tp["baseline_online_output_tok_s"])):
+        assert offline >= online or any(f"of the {who} " in note for note in tp["notes"]), (who, offline, online)
     name = report["recipe"] or report["model"]
     for row, warning in zip(slower, comparison["warnings"], strict=True):
         assert warning.startswith(f"{name}: ") and f"its source's {row['metric'].split(' (')[0]} at " in warning
@@ -91,13 +123,23 @@ def check_comparison(report: dict) -> None:
 
 def check_rendered_comparison(report: dict, out: Path) -> None:
     md, html = (out / "report.md").read_text(), (out / "report.html").read_text()
-    assert "**Source vs artifact**" in md and "| metric | source | artifact | ratio (artifact / source) |" in md
+    assert "**Source vs artifact**" in md and "| metric | source | artifact | ratio [95% CI] | verdict |" in md
     assert "<h2>Source vs artifact</h2>" in html
     for label in ("output tok/s (offline)", "output tok/s (online)", "TTFT p95 (ms)", "E2E p95 (ms)"):
         assert f"| {label} |" in md and f"<td>{htmllib.escape(label)}</td>" in html
+    # every timed row: its ratio with the interval, and the verdict in words
+    for row in report["comparison"]["rows"]:
+        if row["verdict"] is not None and row["field"] in SHOWN_FIELDS:
+            cell = re.search(rf"\| {re.escape(row['metric'])} \|[^|]*\|[^|]*\| ([^|]*) \| ([^|]*) \|", md)
+            assert cell and re.fullmatch(r"\d+\.\d+x \[\d+\.\d+, \d+\.\d+\]", cell[1].strip()), (row, cell)
+            assert cell[2].strip() == row["verdict"]
+            assert f"<td>{htmllib.escape(cell[1].strip())}</td><td>{row['verdict']}</td>" in html
+    assert f"medians of {report['workload']['repeats']['repeats']} interleaved repeats" in md
     assert "roofline (batch-1 decode): artifact " in md and "roofline (batch-1 decode): artifact " in html
     warnings = report["comparison"]["warnings"]
-    assert ("> [!WARNING]" in md) == bool(warnings) and ('class="warn"' in html) == bool(warnings)
+    assert ("> **Slower than its source:**" in md) == bool(warnings) and ("Slower than its source" in html) == bool(warnings)
+    busy = report["hardware"]["contention"]["warning"]  # this machine may be busy or not: either way, said so
+    assert ("**Busy machine:**" in md) == bool(busy) and ("Busy machine:" in html) == bool(busy)
     for warning in warnings:
         assert f"> - {warning}" in md and htmllib.escape(warning) in html
 
@@ -205,6 +247,30 @@ def test_kpi_gates_exit_3_on_failure_and_0_when_met(stories_dir: Path, eval_text
                     "--kpi", str(lenient), "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["kpi"]["passed"] is True
+
+
+def test_a_busy_machine_is_said_so(stories_dir: Path, eval_text: Path, tmp_path: Path) -> None:
+    """A CPU-bound process beside the run: report.json's hardware.contention carries the warning, the summary
+    prints it as a yellow line, and the figures are still medians of interleaved repeats (--repeats 2)."""
+    out = tmp_path / "report"
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        result = optcli("profile", str(stories_dir), "--baseline", str(stories_dir), "--eval-text", str(eval_text),
+                        *SMALL, "--repeats", "2", "--out", str(out))
+    finally:
+        hog.kill()
+        hog.wait()
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    contention = report["hardware"]["contention"]
+    assert contention["busy_share"] >= 0.1 and contention["steal_share"] is not None
+    assert contention["warning"].startswith("another process used ") and contention["warning"].endswith(
+        "% of the CPU during this run: absolute figures are low, ratios are interleaved")
+    assert f"warning: {contention['warning']}" in " ".join(result.stderr.split())
+    assert f"**Busy machine:** {contention['warning']}" in (out / "report.md").read_text()
+    assert report["workload"]["repeats"]["repeats"] == 2 and report["workload"]["repeats"]["order"] == "ABBA"
+    check_comparison(report)
+    assert "medians of 2 interleaved repeats" in " ".join(result.stdout.split())  # the table's caption
 
 
 def test_bad_input_exits_2(tmp_path: Path, stories_dir: Path) -> None:

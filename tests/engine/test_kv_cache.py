@@ -57,6 +57,21 @@ def test_lru_evicts_least_recently_released_cached_block_first() -> None:
     bm.check_no_leaks()
 
 
+def test_reset_prefix_cache_forgets_released_blocks_and_keeps_held_ones() -> None:
+    """A benchmark's repeats start cold: nothing released is found again; a running sequence keeps its blocks."""
+    bm = BlockManager(8, 4)
+    done, running = seq(list(range(9)), "done"), seq(list(range(50, 59)), "running")
+    for s in (done, running):
+        run_prefill(bm, s)
+    bm.free(done)
+    held = list(running.block_table)
+    assert bm.reset_prefix_cache() == 2  # done's two full blocks
+    assert bm.match_prefix(seq(list(range(9)), "again")) == 0 and not bm.evictable
+    assert bm.match_prefix(seq(list(range(50, 59)), "share")) == 8  # the running one's stay cached and shared
+    assert running.block_table == held
+    assert bm.num_free_blocks == 8 - len(held)
+
+
 def test_scheduler_preempts_newest_and_readmits_in_arrival_order() -> None:
     bm = BlockManager(6, 2)
     sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)

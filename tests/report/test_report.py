@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 from pathlib import Path
 
@@ -250,6 +251,64 @@ def test_source_vs_artifact_table_warnings_and_roofline_in_md_and_html():
     assert "<h2>Source vs artifact</h2>" in html and "<td>output tok/s (offline)</td><td>6,766.0</td>" in html
     assert line in html
     assert html.index('class="warn"') < html.index("<h2>KPI</h2>")  # seen first, not below the fold
+
+
+def repeated_report() -> dict:
+    """compared_report measured in 3 interleaved repeats on a busy machine: offline 1.22x its source in
+    every pair, online within noise, TTFT p50 lower (the faster side of a latency)."""
+    from optcli.bench.comparison import comparison as _comparison
+    from optcli.bench.workload import Workload
+
+    report, source = example_report(), baseline_report()
+    drift = (1.0, 0.8, 0.9)
+    base_runs = [{"throughput.output_tok_s": 2000.0 * d, "throughput.total_tok_s": 10000.0 * d,
+                  "throughput.online_output_tok_s": 1500.0 * d, "latency_ms.ttft.p50": 80.0 / d} for d in drift]
+    runs = [{"throughput.output_tok_s": 2440.0 * d * e, "throughput.total_tok_s": 12200.0 * d * e,
+             "throughput.online_output_tok_s": 1500.0 * d * n, "latency_ms.ttft.p50": 60.0 / d * e}
+            for d, e, n in zip(drift, (1.0, 1.01, 0.99), (1.2, 0.85, 1.0), strict=True)]
+    for figures, rows in ((report, runs), (source, base_runs)):
+        for field in rows[0]:
+            section, *keys = field.split(".")
+            node = figures.setdefault(section, {})
+            for key in keys[:-1]:
+                node = node.setdefault(key, {})
+            node[keys[-1]] = statistics.median(r[field] for r in rows)
+    report["hardware"] = {"device": "cpu", "contention": {
+        "busy_share": 0.48, "steal_share": 0.0,
+        "warning": "another process used 48% of the CPU during this run: absolute figures are low, ratios are interleaved"}}
+    report["comparison"] = _comparison(report, source, Workload(requests=256, concurrency=16),
+                                       runs={"value": runs, "baseline": base_runs})
+    return report
+
+
+def test_intervals_verdicts_and_a_busy_machine_in_md_and_html(tmp_path):
+    report = repeated_report()
+    rows = {r["field"]: r for r in report["comparison"]["rows"]}
+    offline, online, ttft = rows["throughput.output_tok_s"], rows["throughput.online_output_tok_s"], rows["latency_ms.ttft.p50"]
+    assert offline["ratio"] == pytest.approx(1.22) and offline["repeats"] == 3  # the median pair
+    assert 1 < offline["ci_low"] < 1.22 < offline["ci_high"] < 1.3 and offline["verdict"] == "faster"
+    assert online["ci_low"] < 1 < online["ci_high"] and online["verdict"] == "no measurable difference"
+    assert ttft["ratio"] == pytest.approx(0.75) and ttft["ci_high"] < 1 and ttft["verdict"] == "faster"
+    md, html = render_markdown(report), render_html(report)
+    cell = f"{offline['ratio']:.2f}x [{offline['ci_low']:.2f}, {offline['ci_high']:.2f}]"
+    assert f"| output tok/s (offline) | 1,800.0 | 2,174.0 | {cell} | faster |" in md
+    assert re.search(r"\| output tok/s \(online\) \| [\d,.]+ \| [\d,.]+ \| \d\.\d+x \[0\.\d+, 1\.\d+\] \| "
+                     r"no measurable difference \|", md)
+    assert f"<td>{cell}</td><td>faster</td>" in html and "<td>no measurable difference</td>" in html
+    assert "medians of 3 interleaved repeats" in md and "medians of 3 interleaved repeats" in html
+    busy = report["hardware"]["contention"]["warning"]
+    assert f"> **Busy machine:** {busy}" in md and f"Busy machine:</strong> {busy}" in html
+    assert report["comparison"]["warnings"] == []  # nothing measurably slower: no 'slower' warning
+    # a relative gate compares the median ratio and shows its interval
+    kpi = load_kpi(write_kpi(tmp_path, "throughput: {degradation_threshold: 1.2}\ncost: {increase_threshold: 0.8}\n"))
+    report["kpi"] = evaluate_kpis(report, kpi)
+    degradation, cost = report["kpi"]["checks"]
+    assert degradation["value"] == offline["ratio"] and degradation["passed"]
+    assert (degradation["ci_low"], degradation["ci_high"]) == (offline["ci_low"], offline["ci_high"])
+    total = rows["throughput.total_tok_s"]
+    assert cost["value"] == pytest.approx(1 / total["ratio"]) and cost["ci_low"] == pytest.approx(1 / total["ci_high"])
+    md = render_markdown(report)
+    assert f"| {degradation['value']:.4g} [{offline['ci_low']:.3g}, {offline['ci_high']:.3g}] |" in md
 
 
 def test_no_source_no_comparison_and_no_warning():

@@ -1,0 +1,169 @@
+"""Interleaved repeats of source and artifact (bench/repeats.py), and the offline >= online sanity notes."""
+
+from __future__ import annotations
+
+import math
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import optcli.bench.repeats as repeats
+from optcli.bench.comparison import offline_online_notes
+from optcli.bench.workload import Workload
+from optcli.checkpoints.resolve import resolve_model
+from optcli.config import EngineConfig
+
+WORKLOAD = dict(requests=4, prompt_len=(20, 40), output_len=4, concurrency=2)
+
+
+def log_median(values) -> float:
+    """The median on the log scale, as stats.py takes it: the middle value, or the geometric mean of the middle two."""
+    values = sorted(values)
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else math.sqrt(values[middle - 1] * values[middle])
+
+
+def spy(monkeypatch) -> list[dict]:
+    """Record each timed and warm-up run: which model, phase, thread, and prefix-cache hits during it."""
+    events: list[dict] = []
+    ctx = threading.local()  # the model (and whether warming up) of the run on this thread
+
+    def wrap(name: str, phase: str):
+        real = getattr(repeats, name)
+
+        def timed(engine, *args, **kwargs):
+            hits = engine.blocks.prefix_hits
+            result = real(engine, *args, **kwargs)
+            events.append({"model": ctx.role, "phase": phase, "warm": ctx.warm,
+                           "main": threading.current_thread() is threading.main_thread(),
+                           "hits": engine.blocks.prefix_hits - hits})
+            return result
+        monkeypatch.setattr(repeats, name, timed)
+
+    for name, phase in (("offline_run", "offline"), ("decode_tok_s", "decode"), ("prompt_tok_s", "prompt"),
+                        ("online_load", "online")):
+        wrap(name, phase)
+
+    def tagged(method: str, warm: bool):
+        real = getattr(repeats._Repeats, method)
+
+        def run(self, side, *args):
+            ctx.role, ctx.warm = side.role, warm
+            return real(self, side, *args)
+        monkeypatch.setattr(repeats._Repeats, method, run)
+
+    tagged("warm_up", True)
+    tagged("run", False)
+    real_load = repeats._Repeats.load
+
+    def load(self, side):
+        events.append({"model": side.role, "phase": "load"})
+        real_load(self, side)
+    monkeypatch.setattr(repeats._Repeats, "load", load)
+    return events
+
+
+def sources(stories_dir: Path):
+    spec = resolve_model(str(stories_dir))
+    return spec, SimpleNamespace(spec="baseline", path=spec.path)
+
+
+def test_both_models_interleave_abba_each_run_cold_and_off_the_main_thread(stories_dir: Path, monkeypatch) -> None:
+    events = spy(monkeypatch)
+    candidate, baseline = sources(stories_dir)
+    cand, base, schedule = repeats.measure_models(candidate, baseline, Workload(**WORKLOAD, repeats=3), None,
+                                                  EngineConfig(device="cpu"), lambda message: None)
+    assert schedule["repeats"] == 3 and schedule["order"] == "ABBA" and schedule["resident"] == "both"
+    loads = [e["model"] for e in events if e["phase"] == "load"]
+    assert loads == ["candidate", "baseline"]  # resident: loaded once each
+    runs = [e for e in events if e["phase"] != "load"]
+    # each model warmed up (every phase once, untimed) before its first timed run
+    for model in ("candidate", "baseline"):
+        first_timed = next(i for i, e in enumerate(runs) if e["model"] == model and not e["warm"])
+        assert {e["phase"] for e in runs[:first_timed] if e["model"] == model and e["warm"]} == set(repeats.PHASES)
+    timed = [(e["model"][0], e["phase"]) for e in runs if not e["warm"]]
+    for phase in ("offline", "decode", "prompt"):  # A B | B A | A B, phase by phase
+        assert "".join(m for m, p in timed if p == phase) == "cbbccb", phase
+    # the same engine path as `serve` (a thread of its own) and a cold prefix cache for every run, timed or not
+    assert not any(e["main"] for e in runs) and all(e["hits"] == 0 for e in runs if e["phase"] == "offline")
+    # the figures are the medians of the repeats
+    for run in (cand, base):
+        assert len(run.runs) == 3
+        for key in ("output_tok_s", "total_tok_s", "requests_s"):
+            assert run.throughput[key] == pytest.approx(log_median(r[f"throughput.{key}"] for r in run.runs))
+        assert run.decode_tok_s == log_median(r["throughput.decode_tok_s"] for r in run.runs) > 0
+        assert run.prompt_tok_s == log_median(r["throughput.prompt_tok_s"] for r in run.runs) > 0
+        assert run.online["throughput"]["output_tok_s"] == log_median(
+            r["throughput.online_output_tok_s"] for r in run.runs)
+        assert run.online["latency_ms"]["ttft"]["p50"] == log_median(r["latency_ms.ttft.p50"] for r in run.runs)
+        assert run.online["requests"]["completed"] == WORKLOAD["requests"]  # one run's, as each level reports
+        assert run.online["failures"]["total"] == 3 * WORKLOAD["requests"]  # failures: over every repeat
+        assert len(run.samples["e2e"]) == 3 * WORKLOAD["requests"]
+        intervals = run.intervals()["throughput.output_tok_s"]
+        assert intervals["repeats"] == 3 and intervals["ci_low"] <= intervals["median"] <= intervals["ci_high"]
+
+
+def test_without_room_for_both_the_models_take_turns(stories_dir: Path, monkeypatch) -> None:
+    """Not resident together: one engine at a time, reloaded (and warmed up again) at its turn; ABBA order
+    keeps it to one reload per repeat."""
+    events = spy(monkeypatch)
+    monkeypatch.setattr(repeats, "fits_beside", lambda *args: False)
+    candidate, baseline = sources(stories_dir)
+    _, base, schedule = repeats.measure_models(candidate, baseline, Workload(**WORKLOAD, repeats=3), None,
+                                               EngineConfig(device="cpu"), lambda message: None)
+    assert schedule["resident"] == "one at a time" and len(base.runs) == 3
+    loads = [e["model"] for e in events if e["phase"] == "load"]
+    assert loads == ["candidate", "baseline", "candidate", "baseline"]
+    # a model's timed runs come after its latest (re)load and warm-up: never two engines in memory at once
+    current = None
+    for e in events:
+        if e["phase"] == "load":
+            current = e["model"]
+        else:
+            assert e["model"] == current
+
+
+def run_with(offline: list[float], online: list[float], preemptions: int = 0):
+    return SimpleNamespace(runs=[{"throughput.output_tok_s": a, "throughput.online_output_tok_s": b}
+                                 for a, b in zip(offline, online, strict=True)], offline_preemptions=preemptions)
+
+
+def test_offline_below_online_is_explained_or_called_a_bug() -> None:
+    workload = Workload(requests=16, concurrency=8)
+    quiet = {"hardware": {"contention": {"warning": None}}}
+    busy = {"hardware": {"contention": {"warning": "another process used 48% of the CPU during this run: x"}}}
+    fine = run_with([4000, 4100, 3900], [1400, 1450, 1380])
+    assert offline_online_notes(quiet, fine, fine, workload) == []
+    preempted = run_with([1000, 1010, 990], [1400, 1450, 1380], preemptions=12)
+    assert offline_online_notes(quiet, preempted, None, workload) == [
+        "offline output tok/s of the artifact (1,000.0) is below its online (1,400.0, concurrency 8): the KV cache "
+        "could not hold all 16 requests at once, so offline preempted and recomputed 12 sequences over its repeats"]
+    noisy = run_with([1300, 1600, 1200], [1400, 1350, 1450])
+    assert offline_online_notes(quiet, fine, noisy, workload)[0].endswith(
+        "within measurement noise: their 95% intervals overlap")
+    assert "of the source (1,300.0)" in offline_online_notes(quiet, fine, noisy, workload)[0]
+    apart = run_with([1000, 1010, 990], [1400, 1410, 1390])
+    assert offline_online_notes(busy, apart, None, workload)[0].endswith(
+        "the machine was busy (another process used 48% of the CPU)")
+    assert offline_online_notes(quiet, apart, None, workload)[0].endswith("a measurement bug, please report it")
+
+
+def test_one_repeat_gives_figures_without_intervals(stories_dir: Path) -> None:
+    from optcli.bench.comparison import comparison
+
+    candidate, baseline = sources(stories_dir)
+    cand, base, _ = repeats.measure_models(candidate, baseline, Workload(**WORKLOAD, repeats=1), None,
+                                           EngineConfig(device="cpu"), lambda message: None)
+
+    def figures(run):
+        return {"throughput": {**run.throughput, "online_output_tok_s": run.online["throughput"]["output_tok_s"],
+                               "decode_tok_s": run.decode_tok_s, "prompt_tok_s": run.prompt_tok_s},
+                "latency_ms": run.online["latency_ms"], "memory": run.memory}
+
+    result = comparison({"model": "m", **figures(cand)}, figures(base), Workload(**WORKLOAD),
+                        runs={"value": cand.runs, "baseline": base.runs})
+    for row in result["rows"]:
+        assert row["ci_low"] is None and row["verdict"] is None
+        assert row["repeats"] in (1, None) and (row["ratio"] is None or row["ratio"] > 0)
