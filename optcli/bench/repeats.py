@@ -251,8 +251,11 @@ class _Repeats:
         throughput = {key: median(run.get(f"throughput.{key}") for run in side.runs)
                       for key in ("output_tok_s", "total_tok_s", "requests_s")}
         online = merge_summaries(side.online_runs)
-        levels = list(side.levels) or [(self.headline, online)]
-        levels[-1] = (levels[-1][0], online)
+        # Several levels (a sweep, a concurrency list) are one run's capacity curve, all from the first
+        # repeat: swapping the headline level's point for the median over repeats would mix runs within one
+        # curve (a constant-rate level could then out-achieve the throughput level). The headline figures
+        # above are the medians either way.
+        levels = list(side.levels) if len(side.levels) > 1 else [(self.headline, online)]
         return ModelRun(
             engine_options=side.options, throughput={**throughput, **side.facts},
             batch_efficiency=median(side.efficiency), memory=side.memory,
