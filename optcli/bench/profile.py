@@ -278,7 +278,9 @@ def profile(
             levels, decode_tok_s, prompt_tok_s = cand.levels, cand.decode_tok_s, cand.prompt_tok_s
             free_device_memory(device)
     report["hardware"]["contention"] = monitor.result() if monitor is not None else None
-    online = levels[-1][1]  # the headline level: the last one, a sweep's throughput run
+    # the headline level (the last one, a sweep's throughput run): the median over the repeats where there
+    # were repeats (a level list's points are its first repeat's, one curve)
+    online = cand.online if cand is not None else levels[-1][1]
     samples = {"candidate": online["samples"]}
     per_request = [row for level, summary in levels for row in level_rows(summary, model, "candidate", level)]
     points = [level_point(level, summary, gates) for level, summary in levels]
