@@ -12,6 +12,7 @@ from optcli.engine.kernels import cpu_amx, cpu_lowbit
 from optcli.engine.kernels import quant_reference as ops
 from optcli.engine.kernels.dense_gemm import dense_linear
 from optcli.engine.kernels.quant_reference import QuantizedInput
+from optcli.engine.quant.cpu_kernels import LinearSpec
 from optcli.engine.quant.linear import QuantLinear, _cuda_kernels
 from optcli.engine.quant.weights import Fp8Weight
 
@@ -40,20 +41,14 @@ class Fp8Linear(QuantLinear):
         super().__init__(n, k, bias, device, dtype, compute_dtypes)
         device = torch.device(device)
         self.act_quant = w.act_quant
-        if backend == "auto":
-            scaled_mm_ok = w.act_quant and n % 16 == 0 and k % 16 == 0
-            amx_ok = (torch.bfloat16 in self.cpu_dtypes and n % 32 == 0 and k % 32 == 0
-                      and cpu_amx.library() is not None)
-            if device.type == "cuda":
-                backend = "triton" if scaled_mm_ok and _cuda_kernels(device) and _fp8_tensor_cores(device) else "dequant"
-            elif amx_ok:
-                backend = "cpu-amx"
-            elif cpu_lowbit.library() is not None:
-                backend = "cpu-lowbit"
-            elif _fbgemm_available():
-                backend = "fbgemm-fp16"
-            else:
-                backend = "cpu" if scaled_mm_ok else "dequant"
+        scaled_mm_ok = w.act_quant and n % 16 == 0 and k % 16 == 0
+        if backend == "auto" and device.type == "cuda":
+            backend = "triton" if scaled_mm_ok and _cuda_kernels(device) and _fp8_tensor_cores(device) else "dequant"
+        elif device.type == "cpu" and backend != "triton":
+            spec = LinearSpec("fp8", n, k, dtype, self.bf16_ok, act_quant=w.act_quant)
+            layout = self.set_cpu_plan(spec, CPU_LAYOUTS.get(backend)).layout
+            backend = {"amx-fp8": "cpu-amx", "fbgemm-fp16": "fbgemm-fp16"}.get(layout) or (
+                "cpu-lowbit" if "fp8-dot" in self.paths else "cpu" if "scaled_mm" in self.paths else "dequant")
         self.mode = backend
         self.input_quant = torch.float8_e4m3fn if backend == "triton" and w.act_quant else None
         self.register_buffer("scales", w.scales.float().reshape(1, -1).to(device))
@@ -63,14 +58,8 @@ class Fp8Linear(QuantLinear):
             self.qweight = None
         elif backend == "cpu-amx":
             self.register_buffer("qweight", cpu_amx.pack_fp8(w.q))
-            self.paths = {"fp8-amx": self._fp8_amx}
         else:  # [N, K]; .t() is the column-major operand _scaled_mm wants
             self.register_buffer("qweight", w.q.to(device))
-        if backend == "cpu-lowbit":
-            # few rows: the dot-product kernel; more: the SGEMM-style panels; a prompt chunk: the weight
-            # widened per call, then oneDNN's fp32 GEMM (as the bf16-weight dense layers, timed per M bucket)
-            self.paths = {"fp8-dot": self._fp8_avx2, "fp8-panels": functools.partial(self._fp8_avx2, panels=True),
-                          "widen-onednn": self._fp8_widened}
 
     def quant_weight(self) -> Fp8Weight:
         if self.mode == "cpu-amx":
@@ -84,28 +73,35 @@ class Fp8Linear(QuantLinear):
         return torch._scaled_mm(x.q, self.qweight.t(), scale_a=x.scales, scale_b=self.scales, out_dtype=x.dtype)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode in ("cpu-lowbit", "cpu-amx"):
-            return self.cpu_matmul("fp8", x, self.paths)
-        if self.mode == "fbgemm-fp16":
-            scale = self.scales
-            xf = x.float()
-            if self.act_quant and cpu_lowbit.library() is not None:  # the same rounding, vectorized
-                xf, xs = cpu_lowbit.fp8_round_rows(xf)
-                scale = xs * self.scales
-            elif self.act_quant:
-                xq, xs = ops.quantize_per_token(xf, torch.float8_e4m3fn)
-                xf, scale = xq.float(), xs * self.scales
-            y = torch.ops.quantized.linear_dynamic_fp16(xf.contiguous(), self.packed)
-            return (y * scale).to(x.dtype)
+        if self.plan is not None:
+            return self.cpu_matmul(x)
+        return self._fp8_dequant(x)
+
+    def _fp8_fbgemm(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.scales
+        xf = x.float()
+        if self.act_quant and cpu_lowbit.library() is not None:  # the same rounding, vectorized
+            xf, xs = cpu_lowbit.fp8_round_rows(xf)
+            scale = xs * self.scales
+        elif self.act_quant:
+            xq, xs = ops.quantize_per_token(xf, torch.float8_e4m3fn)
+            xf, scale = xq.float(), xs * self.scales
+        y = torch.ops.quantized.linear_dynamic_fp16(xf.contiguous(), self.packed)
+        return (y * scale).to(x.dtype)
+
+    def _fp8_scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
+        xq, xs = ops.quantize_per_token(x, torch.float8_e4m3fn)
+        return self.matmul_quantized(QuantizedInput(xq, xs, x.dtype))
+
+    def _fp8_dequant(self, x: torch.Tensor) -> torch.Tensor:
+        """FP8 activations where the scheme has them, then the weight cast per call (or Triton's FP8 GEMM)."""
         if self.act_quant:
             if self.mode == "triton":
                 from optcli.engine.kernels.act_quant import quantize_per_token
 
                 xq, xs = quantize_per_token(x.contiguous(), torch.float8_e4m3fn)
-            else:
-                xq, xs = ops.quantize_per_token(x, torch.float8_e4m3fn)
-            if self.mode in ("triton", "cpu"):
                 return self.matmul_quantized(QuantizedInput(xq, xs, x.dtype))
+            xq, xs = ops.quantize_per_token(x, torch.float8_e4m3fn)
             x = (xq.float() * xs).to(x.dtype)
         return F.linear(x, (self.qweight.float() * self.scales.t()).to(x.dtype))
 
@@ -122,17 +118,23 @@ class Fp8Linear(QuantLinear):
             a, xs = cpu_amx.fp8_round_rows(x)
         return cpu_amx.fp8_gemm(a, self.qweight, self.scales.reshape(-1), xs, self.out_features).to(x.dtype)
 
-    def _fp8_avx2(self, x: torch.Tensor, panels: bool = False) -> torch.Tensor:
+    def _fp8_dot(self, x: torch.Tensor, panels: bool = False) -> torch.Tensor:
         xf, scale = self._fp8_inputs(x)
         return (cpu_lowbit.fp8_gemm(xf, self.qweight, panels) * scale).to(x.dtype)
+
+    def _fp8_panels(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fp8_dot(x, panels=True)
 
     def _fp8_widened(self, x: torch.Tensor) -> torch.Tensor:
         xf, scale = self._fp8_inputs(x)
         return (dense_linear(xf, cpu_lowbit.fp8_widen(self.qweight)) * scale).to(x.dtype)
 
 
+CPU_LAYOUTS = {"cpu-amx": "amx-fp8", "cpu-lowbit": "e4m3", "fbgemm-fp16": "fbgemm-fp16", "cpu": "e4m3", "dequant": "e4m3"}
+
+
 @functools.cache
-def _fbgemm_available() -> bool:
+def fbgemm_available() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "linear_prepack_fp16")
 
 

@@ -1,5 +1,5 @@
-"""Every CPU matmul path of the quantized layers against the dequantized reference, and the
-per-batch-size choice between them (engine/quant/cpu_choice.py).
+"""Every CPU matmul path of the quantized layers against the dequantized reference (the rules that pick
+between them: test_cpu_choice.py).
 
 Paths that compute in bf16 (allowed when the engine picks the dtype) round the activations or the
 summed product to bf16, so they are held to bf16's tolerance; fp32 paths to fp32 rounding.
@@ -7,15 +7,13 @@ summed product to bf16, so they are held to bf16's tolerance; fp32 paths to fp32
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 import torch
 
-from optcli.engine.kernels import cpu_amx, cpu_lowbit
+from optcli.engine.kernels import cpu_amx, cpu_caps, cpu_lowbit
 from optcli.engine.kernels import quant_reference as ops
-from optcli.engine.quant import cpu_choice
 from optcli.engine.quant.fp8_linear import Fp8Linear
 from optcli.engine.quant.linear import Int4Linear, Int8Linear
 from optcli.engine.quant.weights import Fp8Weight, Int4Weight, Int8Weight
@@ -23,6 +21,7 @@ from optcli.engine.quant.weights import Fp8Weight, Int4Weight, Int8Weight
 BF16 = (torch.bfloat16,)
 HAS_LOWBIT = cpu_lowbit.library() is not None
 LOWBIT_Q8 = {"q8q8-avx2"} if HAS_LOWBIT else set()
+INT_MM = {"int_mm"} if cpu_caps.detect().vnni else set()  # without VNNI torch's _int_mm is reference loops
 needs_lowbit = pytest.mark.skipif(not HAS_LOWBIT, reason="no AVX2 CPU or no C compiler here")
 HAS_AMX = cpu_amx.library() is not None
 needs_amx = pytest.mark.skipif(not HAS_AMX, reason="no AMX-INT8 CPU here (or the kernel did not grant tile state)")
@@ -59,7 +58,7 @@ def close(got: torch.Tensor, want: torch.Tensor, bf16: bool) -> None:
 def test_every_int8_path_matches_the_reference(monkeypatch, act_quant) -> None:
     weight = Int8Weight.rtn(rand(48, 64, seed=1), act_quant=act_quant)
     layer = Int8Linear(weight, compute_dtypes=BF16)
-    lowbit = ({"int_mm", *LOWBIT_Q8} if act_quant else {"i8w-dot", "i8w-panels"} if HAS_LOWBIT else set())
+    lowbit = ({*INT_MM, *LOWBIT_Q8} if act_quant else {"i8w-dot", "i8w-panels"} if HAS_LOWBIT else set())
     expected_paths = {"int8pack-bf16", "dequant"} | lowbit
     assert set(layer.paths) == expected_paths
     for m in (1, 5, 33):
@@ -88,7 +87,7 @@ def test_a_weight_at_an_odd_address_is_copied_aligned(monkeypatch, no_amx) -> No
 
 def test_explicit_fp32_offers_no_bf16_path() -> None:
     layer = Int8Linear(Int8Weight.rtn(rand(16, 32, seed=2)))
-    assert set(layer.paths) == {"int8pack-fp32", "int_mm", "dequant", *LOWBIT_Q8}
+    assert set(layer.paths) == {"int8pack-fp32", "dequant", *INT_MM, *LOWBIT_Q8}
     int4 = Int4Linear(Int4Weight.rtn(rand(32, 128, seed=3), 32))
     assert int4.cpu_dtype == torch.float32 and int4.scales_zeros.dtype == torch.float32
 
@@ -270,7 +269,8 @@ def test_amx_fp8_layer_widens_every_code_exactly_on_the_bf16_tiles(act_quant) ->
 def test_fp8_on_cpu_keeps_one_byte_a_weight_and_widens_exactly(monkeypatch, act_quant) -> None:
     weight = Fp8Weight.rtn(rand(48, 64, seed=6), act_quant=act_quant)
     layer = Fp8Linear(weight)
-    assert layer.mode == "cpu-lowbit" and set(layer.paths) == {"fp8-dot", "fp8-panels", "widen-onednn"}
+    torch_paths = {"dequant", "scaled_mm"} if act_quant else {"dequant"}  # the same E4M3 bytes, torch's code
+    assert layer.mode == "cpu-lowbit" and set(layer.paths) == {"fp8-dot", "fp8-panels", "widen-onednn", *torch_paths}
     assert layer.qweight.dtype == torch.float8_e4m3fn and layer.opaque_bytes == 0  # 1 byte a weight
     for m in (1, 3, 6, 19):
         x = rand(m, 64, seed=7 + m, scale=2.0)
@@ -313,40 +313,6 @@ def test_fp8_without_our_kernels_widens_to_fp16_for_fbgemm(act_quant) -> None:
     close(layer(x), want, bf16=False)
     back = layer.quant_weight()  # the fp8 values come back bit for bit
     assert torch.equal(back.q.view(torch.uint8), weight.q.view(torch.uint8))
-
-
-def test_choice_is_the_fastest_once_per_bucket_and_persists(monkeypatch, tmp_path) -> None:
-    from optcli.engine.kernels.tuning import SavedChoices
-
-    cache = tmp_path / "cpu.json"
-    monkeypatch.delenv("OPTCLI_CPU_KERNEL", raising=False)
-    monkeypatch.setattr(cpu_choice, "_CHOSEN", {})
-    monkeypatch.setattr(cpu_choice, "_STORE", SavedChoices(lambda: cache))
-    times = {"slow": 3.0, "fast": 1.0}
-    timed = []
-
-    def fake_best(fn, x, bound=float("inf")):
-        name = fn(x)
-        timed.append(name)
-        return times[name]
-
-    monkeypatch.setattr(cpu_choice, "_best_seconds", fake_best)
-    paths = {"slow": lambda x: "slow", "fast": lambda x: "fast"}
-    x3, x4, x9 = torch.zeros(3, 8), torch.zeros(4, 8), torch.zeros(9, 8)
-    assert cpu_choice.choose("w8a8", x3, 16, 8, paths) == "fast"
-    assert cpu_choice.choose("w8a8", x4, 16, 8, paths) == "fast" and timed == ["slow", "fast"]  # same bucket
-    times["slow"] = 0.5
-    assert cpu_choice.choose("w8a8", x9, 16, 8, paths) == "slow"  # M <= 16: its own measurement
-    saved = json.loads(cache.read_text())
-    assert saved == {"w8a8[slow|fast] M<=4 N=16 K=8": "fast", "w8a8[slow|fast] M<=16 N=16 K=8": "slow"}
-    # a new process on this CPU: the saved choice, no timing
-    monkeypatch.setattr(cpu_choice, "_CHOSEN", {})
-    monkeypatch.setattr(cpu_choice, "_STORE", SavedChoices(lambda: cache))
-    timed.clear()
-    assert cpu_choice.choose("w8a8", x3, 16, 8, paths) == "fast" and timed == []
-    # forcing a path by name (where offered)
-    monkeypatch.setenv("OPTCLI_CPU_KERNEL", "slow")
-    assert cpu_choice.choose("w8a8", x3, 16, 8, paths) == "slow"
 
 
 def test_tied_head_reads_the_embedding_itself() -> None:
