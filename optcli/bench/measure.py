@@ -96,7 +96,8 @@ def measure_local(source, workload: Workload, slo, config: EngineConfig, step) -
     """Offline throughput, batch-1 decode, then online latency at each load level, through one in-process
     engine (dropped on return)."""
     engine, throughput, efficiency, memory = offline_throughput(source, workload, config, step)
-    options = {**engine.config.as_dict(), "dtype_reason": engine.dtype_reason}
+    # the dtype and each layer kind's kernel per batch-size bucket, with their reasons (rules, not timings)
+    options = {**engine.config.as_dict(), "dtype_reason": engine.dtype_reason, "kernels": engine.kernel_paths()}
     decode = decode_tok_s(engine, source, step)
     text_tok = engine.tokenizer if workload.prompt_format == "text" else None
 

@@ -183,7 +183,8 @@ def profile(
             "prompt_format": workload.prompt_format or ("text" if endpoint or served else "tokens"),
             # the engine options both models ran with (what `serve` would run); dtype resolved at load
             "engine": (None if endpoint else {"name": "vllm", **vllm.__dict__, "dtype_requested": config.dtype} if served
-                       else {**config.as_dict(), "dtype_requested": config.dtype, "dtype_reason": None}),
+                       else {**config.as_dict(), "dtype_requested": config.dtype, "dtype_reason": None,
+                             "kernels": None, "baseline_kernels": None}),
         },
         "throughput": {"output_tok_s": None, "total_tok_s": None, "requests_s": None},
         "latency_ms": {m: {"mean": None, "p50": None, "p95": None, "p99": None} for m in ("ttft", "tpot", "itl", "e2e")},
@@ -294,6 +295,8 @@ def profile(
         base = measure_local(baseline_source, workload.only(workload.headline()), slo, config, step)
         free_device_memory(device)
         report["workload"]["engine"]["baseline_dtype"] = base.engine_options["dtype"]
+        report["workload"]["engine"]["baseline_dtype_reason"] = base.engine_options["dtype_reason"]
+        report["workload"]["engine"]["baseline_kernels"] = base.engine_options["kernels"]
         memory = dict(base.memory)
         if not device.startswith("cuda"):
             memory["peak_bytes"] = None  # the process peak would include the candidate's

@@ -98,7 +98,7 @@ void amx_fp8_gemm(const uint16_t *a, int64_t M, int64_t K, const uint8_t *packed
     {
         uint16_t *buf = aligned_alloc(64, (size_t)(K * 32 * 2) * per);
         float cbuf[32 * 32] __attribute__((aligned(64)));
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
         for (int64_t grp = 0; grp < groups; grp++) {
             int64_t p0 = grp * per, p1 = p0 + per < npanels ? p0 + per : npanels;
             for (int64_t p = p0; p < p1; p++) widen_fp8_panel(packed, K, 2 * p, buf + (p - p0) * K * 32);
@@ -125,7 +125,7 @@ void amx_fp8_gemm(const uint16_t *a, int64_t M, int64_t K, const uint8_t *packed
  * `ops.quantize_per_token(x, torch.float8_e4m3fn)` on x widened to fp32 (scale = max(absmax / 448, 1e-12),
  * x / scale clamped to +-448, rounded to nearest even on E4M3's grid, subnormals at steps of 2^-9). */
 void amx_fp8_round_rows(const uint16_t *x, int64_t M, int64_t K, uint16_t *out, float *scales) {
-#pragma omp parallel for schedule(static) if (M * K >= (1 << 15))
+#pragma omp parallel for schedule(dynamic, chunk_of(M, 1)) if (M * K >= (1 << 15))
     for (int64_t m = 0; m < M; m++) {
         const uint16_t *xr = x + m * K;
         __m512 amax = _mm512_setzero_ps();

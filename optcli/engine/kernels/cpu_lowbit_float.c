@@ -145,7 +145,7 @@ INLINE void bf16_rows(const int64_t R, const float *x, int64_t K, const uint16_t
 /* y [M, N] = x [M, K] @ W^T, W bf16 [N, K] (its raw 16-bit patterns), fp32 accumulation. */
 void lowbit_bf16_gemm(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, float *out) {
     if (M == 1) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, chunk_of(N, 32))
         for (int64_t n = 0; n < N; n++) bf16_rows(M, x, K, w + n * K, out + n, N);
         return;
     }
@@ -153,7 +153,7 @@ void lowbit_bf16_gemm(const float *x, int64_t M, int64_t K, const uint16_t *w, i
 #pragma omp parallel
     for (int64_t t0 = 0; t0 < M; t0 += BF16_ROWS) {
         const int64_t t1 = t0 + BF16_ROWS < M ? t0 + BF16_ROWS : M;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, chunk_of(nblocks, 4))
         for (int64_t blk = 0; blk < nblocks; blk++) {
             const int64_t c0 = blk * 4;
             const int C = N - c0 < 4 ? (int)(N - c0) : 4;
@@ -239,7 +239,7 @@ INLINE void gemm_panels(const float *x, int64_t M, int64_t K, const void *w, con
 #pragma omp parallel
     {
         float *buf = (float *)aligned_alloc(32, KC * 16 * sizeof(float));
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, chunk_of(panels, 1))
         for (int64_t p = 0; p < panels; p++) {
             const int64_t n0 = p * 16;
             for (int64_t k0 = 0; k0 < K; k0 += KC) {
@@ -290,7 +290,7 @@ void lowbit_fp8_gemm(const float *x, int64_t M, int64_t K, const uint8_t *w, int
         gemm_panels(x, M, K, w, W_FP8, N, post, out);
         return;
     }
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, chunk_of(N, 32))
     for (int64_t n = 0; n < N; n++) byte_column(W_FP8, M, x, K, w + n * K, post, out + n, N);
 }
 
@@ -304,7 +304,7 @@ void lowbit_i8w_gemm(const float *x, int64_t M, int64_t K, const int8_t *w, int6
         gemm_panels(x, M, K, w, W_INT8, N, 1.f, out);
         return;
     }
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, chunk_of(N, 32))
     for (int64_t n = 0; n < N; n++) byte_column(W_INT8, M, x, K, (const uint8_t *)(w + n * K), 1.f, out + n, N);
 }
 
@@ -313,7 +313,7 @@ void lowbit_i8w_gemm(const float *x, int64_t M, int64_t K, const int8_t *w, int6
 void lowbit_fp8_widen(const uint8_t *w, int64_t count, float post, float *out) {
     const __m256 p = _mm256_set1_ps(post);
     const int64_t n16 = count & ~(int64_t)15;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, chunk_of(n16 / 16, 1024))
     for (int64_t i = 0; i < n16; i += 16) {
         __m256 lo, hi;
         widen16(w + i, W_FP8, &lo, &hi);
@@ -321,4 +321,29 @@ void lowbit_fp8_widen(const uint8_t *w, int64_t count, float post, float *out) {
         _mm256_storeu_ps(out + i + 8, _mm256_mul_ps(hi, p));
     }
     for (int64_t i = n16; i < count; i++) out[i] = fp8_scalar(w[i]) * post;
+}
+
+/* ---------------------------------------------------------------- memory read probe --------------- */
+
+/* The machine's read bandwidth as a GEMV sees it (roi/hardware.measure_host_bandwidth, the batch-1 decode
+ * roofline): every byte of buf [n], n % 128 == 0, loaded once with four independent 32-byte streams per
+ * thread, split in dynamic chunks of 1 MiB. Returns a checksum so the loads cannot be optimized away. */
+int64_t lowbit_read_probe(const uint8_t *buf, int64_t n) {
+    const int64_t chunk = 1 << 20, chunks = (n + chunk - 1) / chunk;
+    int64_t total = 0;
+#pragma omp parallel for schedule(dynamic, 1) reduction(+ : total)
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t end = (c + 1) * chunk < n ? (c + 1) * chunk : n;
+        __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t i = c * chunk; i < end; i += 128) {
+            a0 = _mm256_add_epi64(a0, _mm256_loadu_si256((const __m256i *)(buf + i)));
+            a1 = _mm256_add_epi64(a1, _mm256_loadu_si256((const __m256i *)(buf + i + 32)));
+            a2 = _mm256_add_epi64(a2, _mm256_loadu_si256((const __m256i *)(buf + i + 64)));
+            a3 = _mm256_add_epi64(a3, _mm256_loadu_si256((const __m256i *)(buf + i + 96)));
+        }
+        const __m256i s = _mm256_add_epi64(_mm256_add_epi64(a0, a1), _mm256_add_epi64(a2, a3));
+        total += _mm256_extract_epi64(s, 0) + _mm256_extract_epi64(s, 1) + _mm256_extract_epi64(s, 2) +
+                 _mm256_extract_epi64(s, 3);
+    }
+    return total;
 }
