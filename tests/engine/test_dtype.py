@@ -87,6 +87,21 @@ def test_profile_runs_and_records_the_dtype(stories_dir, tmp_path, dtype: str) -
     assert report["memory"]["kv_cache_bytes"] % (2 if dtype == "bfloat16" else 4) == 0
 
 
+def test_profile_records_the_kernel_paths_of_both_models_and_why(stories_dir) -> None:
+    """report.json says which kernel each layer kind runs at each batch-size bucket, for the model and its
+    baseline, and why the dtype is what it is: the rules' decisions, the same in every run on a machine."""
+    args = ["profile", str(stories_dir), "--baseline", str(stories_dir), "--device", "cpu", "--requests", "3",
+            "--output-len", "4", "--prompt-len", "4:8", "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    engine = json.loads(result.stdout)["workload"]["engine"]
+    assert engine["dtype_reason"].startswith("auto:") and engine["baseline_dtype_reason"] == engine["dtype_reason"]
+    kernels = engine["kernels"]
+    assert {"qkv", "o", "gate_up", "down", "lm_head"} <= set(kernels) and kernels == engine["baseline_kernels"]
+    for entry in kernels.values():
+        assert all(b["kernel"] and b["reason"] for b in entry["buckets"].values())
+
+
 def test_profile_refuses_an_unknown_dtype(stories_dir) -> None:
     result = CliRunner().invoke(app, ["profile", str(stories_dir), "--dtype", "fp64"])
     assert result.exit_code == 2

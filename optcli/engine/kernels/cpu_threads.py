@@ -35,9 +35,8 @@ def _affinity() -> set[int]:
         return set(range(os.cpu_count() or 1))
 
 
-def cgroup_quota() -> float | None:
+def cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
     """Cores the cgroup's CPU quota allows (cgroup v2 `cpu.max`, v1 `cpu.cfs_quota_us`), None if unlimited."""
-    root = Path("/sys/fs/cgroup")
     try:
         quota, period = (root / "cpu.max").read_text().split()[:2]
         return None if quota == "max" else int(quota) / int(period)
