@@ -68,8 +68,8 @@ def build(fmt: str, name: str, shapes: dict, seed: int) -> dict | None:
                 layer = Dense(k, n).to(dtype)
                 layer.load(w.bfloat16())
             else:
-                weight = {"int4": lambda: Int4Weight.rtn(w, 128), "int8": lambda: Int8Weight.rtn(w, act_quant=True),
-                          "fp8": lambda: Fp8Weight.rtn(w, act_quant=True)}[wfmt]()
+                weight = (Int4Weight.rtn(w, 128) if wfmt == "int4" else Int8Weight.rtn(w, act_quant=True)
+                          if wfmt == "int8" else Fp8Weight.rtn(w, act_quant=True))
                 layer = make_quant_linear(weight, None, "cpu", dtype, (torch.bfloat16,) if bf16_ok else ())
             if layer.plan is None or layer.plan.kernels[0].name != name:
                 return None
