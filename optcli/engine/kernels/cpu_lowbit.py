@@ -5,7 +5,7 @@ No maintained library gives an exact low-bit GEMM on an AVX2 CPU without VNNI, o
 bf16-held weights (see the C file's header), so these are ours: compiled with the system's C compiler (`$CC`, else `cc`) on first use
 into `$OPTCLI_CACHE/cpu-kernels/`, keyed by the source's hash, the flags and the compiler. Where there
 is no compiler, no AVX2, or the build fails, `library()` is None and the quantized layers keep torch's
-paths (they only ever offer these as candidates, timed against torch's, in `cpu_choice.py`).
+paths (every kernel here is one class in `engine/quant/cpu_kernels.py`, which refuses a layer without this build).
 
 Plain C called on torch tensors' memory rather than a torch C++ extension: it builds in about a second
 without torch's headers, and the OpenMP runtime it asks for is the one torch has already loaded.
@@ -57,7 +57,7 @@ def _cpu_has_avx2() -> bool:
 
 @functools.cache
 def source_key() -> str:
-    """A short hash of the kernels' C source (names the timed choices made with this build of them)."""
+    """A short hash of the kernels' C source (names the opt-in tuned choices made with this build of them)."""
     return hashlib.sha256(_source_bytes()).hexdigest()[:8]
 
 

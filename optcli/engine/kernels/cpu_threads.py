@@ -11,9 +11,9 @@ the dynamic work split in the C kernels covers a thread that is descheduled for 
 
 `ThreadGovernor.update()` runs once per engine step and samples /proc/stat at most every `interval`
 seconds: CPU time of the CPUs in our affinity (steal time included: the hypervisor took it) less this
-process's own (`os.times()`) is what the others used. The thread count moves only after two samples
-agree, so one busy moment does not flip it back and forth. `OPTCLI_CPU_THREADS=N` pins the count (no
-sampling). The kernel paths never depend on it: they follow from the CPU's flags (`cpu_caps.py`).
+process's own (`os.times()`) is what the others used. The first sample sets the count; after it, the
+count moves only when two samples in a row agree, so one busy moment does not flip it back and forth.
+`OPTCLI_CPU_THREADS=N` pins the count (no sampling). The kernel paths never depend on it: they follow from the CPU's flags (`cpu_caps.py`).
 """
 
 from __future__ import annotations
@@ -92,13 +92,24 @@ class CpuShare:
         return {"others_cores": others, "steal_cores": (now[2] - last[2]) / wall, "seconds": wall}
 
 
-class ThreadGovernor:
-    """Sets torch's (and so our kernels') OpenMP thread count to the cores free of other work."""
+_LAST_SET: list[int] = []  # the thread count a governor set last (so a later one tells it from the user's)
 
-    def __init__(self, max_threads: int | None = None, interval: float = 0.5) -> None:
+
+def _set_threads(n: int) -> None:
+    torch.set_num_threads(n)
+    _LAST_SET[:] = [n]
+
+
+class ThreadGovernor:
+    """Sets torch's (and so our kernels') OpenMP thread count to the cores free of other work. Its ceiling:
+    `max_threads`, else the usable cores, capped by a thread count the user set in torch before."""
+
+    def __init__(self, max_threads: int | None = None, interval: float = 0.25) -> None:
         pinned = os.environ.get("OPTCLI_CPU_THREADS")
         self.pinned = int(pinned) if pinned and pinned.isdigit() and int(pinned) > 0 else None
-        self.max_threads = self.pinned or max_threads or min(usable_cores(), torch.get_num_threads())
+        current = torch.get_num_threads()
+        users = None if _LAST_SET == [current] else current  # a count we set ourselves is no user's ceiling
+        self.max_threads = self.pinned or max_threads or min(usable_cores(), users or usable_cores())
         self.interval = interval
         self.threads = self.max_threads
         self.changes = 0
@@ -106,7 +117,8 @@ class ThreadGovernor:
         self._share = None if self.pinned else CpuShare()
         self._next = time.monotonic() + interval
         self._pending: int | None = None
-        torch.set_num_threads(self.threads)
+        self._first = True
+        _set_threads(self.threads)
 
     def target(self, others_cores: float) -> int:
         """Threads for this much of the CPU taken by others: the free cores, rounded, at least one."""
@@ -122,12 +134,13 @@ class ThreadGovernor:
             return self.threads
         self.others_cores = sample["others_cores"]
         want = self.target(self.others_cores)
+        first, self._first = self._first, False
         if want == self.threads:
             self._pending = None
-        elif want == self._pending:  # two samples in a row agree: move
+        elif first or want == self._pending:  # the first sample, or two in a row agree: move
             self.threads, self._pending = want, None
             self.changes += 1
-            torch.set_num_threads(want)
+            _set_threads(want)
         else:
             self._pending = want
         return self.threads

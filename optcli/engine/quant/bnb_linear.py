@@ -58,7 +58,7 @@ class BnbInt8Linear(QuantLinear):
     """bitsandbytes LLM.int8(). On an AVX2 CPU the same decomposition as bitsandbytes' own CPU code
     (activation values >= threshold out, their columns in float; the rest per-row int8 against the
     int8 rows) with the int8 part in our exact int8 GEMM and the float parts in fp32 rather than fp16,
-    timed against bitsandbytes' CPU path (7x slower than the fp32 source at one row here)."""
+    run by rule (`cpu_choice.py`); bitsandbytes' CPU path is 7x slower than the fp32 source at one row here."""
 
     kind = "int8-bnb"
 
