@@ -7,6 +7,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#define INLINE static inline __attribute__((always_inline))
+
 #include <omp.h>
 
 /* Work split: dynamic chunks, about 8 per thread and at least `min` items each. A thread the OS deschedules

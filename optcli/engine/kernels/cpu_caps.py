@@ -2,8 +2,8 @@
 path rule (the dtype in `engine/loading/placement.py`, each layer's kernel in `engine/quant/cpu_choice.py`).
 
 Read from /proc/cpuinfo's flags (torch's `get_cpu_capability()` where there is no such file), never
-measured: the same machine gives the same answer in every run, busy or not. `lowbit` and `amx_kernels`
-say whether our own C kernels were built here (a compiler, and for AMX the kernel's grant of tile state);
+measured: the same machine gives the same answer in every run, busy or not. `lowbit`, `vnni_kernels` and
+`amx_kernels` say whether our own C kernels were built here (a compiler, and for AMX the kernel's grant of tile state);
 they are read from the build each call, so a test that disables a build is seen.
 
 Tests build `CpuCaps(...)` by hand to ask the rules what an AVX2-only, an AVX-512 VNNI or an AMX CPU
@@ -27,6 +27,7 @@ class CpuCaps:
     amx: bool = False  # AMX tiles with int8 and bf16 (Sapphire Rapids and later)
     lowbit: bool = False  # our AVX2 kernels are built here
     amx_kernels: bool = False  # our AMX kernels are built and the kernel grants tile state
+    vnni_kernels: bool = False  # our AVX-512 VNNI kernels are built (the AMX build's VNNI half: Zen 4/5 too)
 
     @property
     def native_bf16(self) -> bool:
@@ -48,8 +49,8 @@ class CpuCaps:
         names = [("avx2", "AVX2"), ("avx512", "AVX-512"), ("avx512_bf16", "AVX-512 BF16"), ("vnni", "VNNI"),
                  ("amx", "AMX")]
         flags = [label for attr, label in names if getattr(self, attr)] or ["no AVX2"]
-        built = [label for attr, label in (("lowbit", "our AVX2 kernels"), ("amx_kernels", "our AMX kernels"))
-                 if getattr(self, attr)]
+        built = [label for attr, label in (("lowbit", "our AVX2 kernels"), ("vnni_kernels", "our VNNI kernels"),
+                                           ("amx_kernels", "our AMX kernels")) if getattr(self, attr)]
         return ", ".join(flags) + (f" ({' and '.join(built)} built)" if built else "")
 
 
@@ -88,4 +89,5 @@ def detect() -> CpuCaps:
     from optcli.engine.kernels import cpu_amx, cpu_lowbit
 
     caps = flags_caps(cpu_flags())
-    return replace(caps, lowbit=cpu_lowbit.library() is not None, amx_kernels=cpu_amx.library() is not None)
+    return replace(caps, lowbit=cpu_lowbit.library() is not None, amx_kernels=cpu_amx.library() is not None,
+                   vnni_kernels=cpu_amx.vnni_library() is not None)

@@ -132,6 +132,17 @@ class Q4Amx(CpuKernel):
                      _need(cpu_amx.q4_ok(spec.n, spec.k, spec.group_size), "shape: N % 32, K % 64, group % 64"))
 
 
+class Q4Vnni(CpuKernel):
+    name, fmt, layout, method = "q4-vnni", "int4", "amx-q4", "_q4_vnni"
+    what = "AVX-512 VNNI dot products on AMX's 4-bit layout, activations rounded to int8 per group, every M"
+
+    @classmethod
+    def can_implement(cls, spec, caps):
+        return _both(_need(caps.vnni_kernels, "no AVX-512 VNNI + BF16 (or our VNNI kernels are not built here)"),
+                     _need(spec.bf16_ok, "rounds activations to int8: only under --dtype auto"),
+                     _need(cpu_amx.q4_ok(spec.n, spec.k, spec.group_size), "shape: N % 32, K % 64, group % 64"))
+
+
 class Q4q8Avx2(CpuKernel):
     name, fmt, layout, method = "q4q8-avx2", "int4", "lowbit-q4", "_q4q8"
     what = "our AVX2 q4 x q8 kernel: activations rounded to int8 per block, exact integer sums"
@@ -207,6 +218,17 @@ class Q8Amx(CpuKernel):
         return _both(_w8a8(spec), _need(caps.amx_kernels, "no AMX (or our AMX kernels are not built here)"),
                      _need(spec.bf16_ok, "bf16 inputs: only under --dtype auto"),
                      _need(spec.n % 32 == 0 and spec.k % 64 == 0, "shape: N % 32, K % 64"))
+
+
+class Q8Vnni(CpuKernel):
+    name, fmt, layout, method = "q8-vnni", "int8", "amx-q8", "_q8_vnni"
+    what = "AVX-512 VNNI dot products on AMX's int8 layout, activations rounded per token, every M"
+
+    @classmethod
+    def can_implement(cls, spec, caps):
+        return _both(_w8a8(spec), _need(caps.vnni_kernels, "no AVX-512 VNNI + BF16 (or our VNNI kernels not built)"),
+                     _need(spec.bf16_ok, "bf16 inputs: only under --dtype auto"),
+                     _need(spec.n % 16 == 0 and spec.k % 64 == 0, "shape: N % 16, K % 64"))
 
 
 class Q8q8Avx2(CpuKernel):
@@ -359,8 +381,8 @@ class BnbInt8(CpuKernel):
 
 KERNELS: tuple[type[CpuKernel], ...] = (
     Bf16Dot, Bf16Panels, Bf16Onednn, Bf16Widen, DenseOnednn, DenseTorch,
-    Q4Amx, Q4q8Avx2, Q4LowbitDequant, Int4PackBf16, Int4PackFp32, Int4PackDequant, Q4Nibbles,
-    Q8Amx, Q8q8Avx2, IntMm, Int8PackBf16, Int8PackFp32, I8wDot, I8wPanels, Int8Dequant,
+    Q4Amx, Q4Vnni, Q4q8Avx2, Q4LowbitDequant, Int4PackBf16, Int4PackFp32, Int4PackDequant, Q4Nibbles,
+    Q8Amx, Q8Vnni, Q8q8Avx2, IntMm, Int8PackBf16, Int8PackFp32, I8wDot, I8wPanels, Int8Dequant,
     Fp8Amx, Fp8Dot, Fp8Panels, Fp8Widen, Fp8Fbgemm, Fp8ScaledMm, Fp8Dequant,
     Nf4Avx2, Nf4Dequant, Nf4Bnb, BnbQ8q8, BnbInt8,
 )

@@ -106,7 +106,8 @@ class Int4Linear(QuantLinear):
             self.register_buffer("zeros", None if w.zeros is None else w.zeros.t().contiguous().to(device, dtype))
         elif layout == "amx-q4":
             # one layout (AMX's B tiles, 4 bits a weight): measured 4.5x torch's bf16 GEMM at 1 row (VNNI dot
-            # products), 2.2x at 64 and 1.1-1.4x at 256-2048 on a 2048 -> 16384 layer (Xeon, 2 cores)
+            # products), 2.2x at 64 and 1.1-1.4x at 256-2048 on a 2048 -> 16384 layer (Xeon, 2 cores); also
+            # the VNNI-only kernel's (q4-vnni) on a CPU without tiles
             self.register_buffer("qweight", cpu_amx.pack_q4(w.q))
             self.register_buffer("scales_t", w.scales.t().contiguous().float())
             self.register_buffer("zeros_t", None if w.zeros is None else w.zeros.t().contiguous().float())
@@ -151,6 +152,12 @@ class Int4Linear(QuantLinear):
         """AMX int8 tiles: activations rounded to int8 per row and weight group, exact integer group sums."""
         y = cpu_amx.q4_gemm(x.to(torch.bfloat16), self.qweight, self.scales_t, self.zeros_t, self.group_size,
                             self.out_features)
+        return y.to(x.dtype)
+
+    def _q4_vnni(self, x: torch.Tensor) -> torch.Tensor:
+        """The same product on AVX-512 VNNI dot products (Zen 4/5: no tiles), same layout."""
+        y = cpu_amx.vnni_q4_gemm(x.to(torch.bfloat16), self.qweight, self.scales_t, self.zeros_t, self.group_size,
+                                 self.out_features)
         return y.to(x.dtype)
 
     def _q4q8(self, x: torch.Tensor) -> torch.Tensor:
@@ -234,6 +241,7 @@ class Int8Linear(QuantLinear):
             # 1-64 rows on a 2048 -> 16384 layer, ahead of _int_mm (its int32 output scaled in torch costs
             # a third of its time at 64 rows)
             self.register_buffer("qweight", cpu_amx.pack_q8(w.q))
+            self.register_buffer("colsum", w.q.sum(1, dtype=torch.int32), persistent=False)  # q8-vnni's correction
             return
         self.register_buffer("qweight", _aligned(w.q.to(device)))  # [N, K], as every path below takes it
         # _weight_int8pack_mm scales by a vector of the input's dtype: ones, and the fp32 scales after
@@ -274,6 +282,10 @@ class Int8Linear(QuantLinear):
 
     def _q8_amx(self, x: torch.Tensor) -> torch.Tensor:
         return cpu_amx.q8_gemm(x.to(torch.bfloat16), self.qweight, self.scales, self.out_features).to(x.dtype)
+
+    def _q8_vnni(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_amx.vnni_q8_gemm(x.to(torch.bfloat16), self.qweight, self.colsum, self.scales,
+                                    self.out_features).to(x.dtype)
 
     def _int_mm(self, x: torch.Tensor) -> torch.Tensor:
         xq, xs = ops.quantize_per_token(x, torch.int8)

@@ -25,7 +25,9 @@ from optcli.engine.quant.weights import Int4Weight, Int8Weight
 AVX2 = CpuCaps(avx2=True, lowbit=True)
 VNNI = CpuCaps(avx2=True, avx512=True, vnni=True, lowbit=True)
 BF16 = CpuCaps(avx2=True, avx512=True, vnni=True, avx512_bf16=True, lowbit=True)
-AMX = CpuCaps(avx2=True, avx512=True, vnni=True, avx512_bf16=True, amx=True, lowbit=True, amx_kernels=True)
+AMX = CpuCaps(avx2=True, avx512=True, vnni=True, avx512_bf16=True, amx=True, lowbit=True, amx_kernels=True,
+              vnni_kernels=True)
+ZEN5 = CpuCaps(avx2=True, avx512=True, vnni=True, avx512_bf16=True, lowbit=True, vnni_kernels=True)
 BARE = CpuCaps()  # no AVX2, nothing of ours built: torch's own paths only
 
 # the Llama-3.2-1B gate_up layer under `--dtype auto` (bf16 activations where the CPU has bf16, else fp32
@@ -59,7 +61,8 @@ def test_flags_from_cpuinfo() -> None:
       "fp8:fp8-amx": "no AMX"}),
     (VNNI, {"int4:q4q8-avx2", "int8:int_mm", "bf16:bf16w-dot"}, {"int4:q4-amx": "no AMX", "bf16:onednn-bf16": "native"}),
     (BF16, {"int4:q4q8-avx2", "int8:int_mm", "bf16:onednn-bf16"}, {"int4:q4-amx": "no AMX", "fp8:fp8-amx": "no AMX"}),
-    (AMX, {"int4:q4-amx", "int8:q8-amx", "fp8:fp8-amx", "bf16:onednn-bf16", "int8:int_mm"}, {}),
+    (AMX, {"int4:q4-amx", "int4:q4-vnni", "int8:q8-amx", "fp8:fp8-amx", "bf16:onednn-bf16", "int8:int_mm"}, {}),
+    (ZEN5, {"int4:q4-vnni", "int8:q8-vnni", "int8:int_mm", "bf16:onednn-bf16"}, {"int4:q4-amx": "no AMX"}),
     (BARE, {"int4:int4pack-bf16", "bf16:widen-onednn", "fp8:dequant"},
      {"int4:q4q8-avx2": "not built", "bf16:bf16w-dot": "not built", "fp8:fp8-dot": "not built"}),
 ])
@@ -94,10 +97,12 @@ def test_kernels_that_would_round_refuse_an_explicit_fp32_model() -> None:
     ("bf16", AVX2, torch.float32, ["bf16w-dot"] * 2 + ["bf16w-panels"] * 4),
     ("bf16", BARE, torch.float32, ["widen-onednn"] * 6),
     ("int4", AMX, torch.bfloat16, ["q4-amx"] * 6),
-    ("int4", BF16, torch.bfloat16, ["q4q8-avx2"] * 4 + ["dequant"] * 2),
+    ("int4", BF16, torch.bfloat16, ["q4q8-avx2"] * 4 + ["dequant"] * 2),  # VNNI kernels not built
+    ("int4", ZEN5, torch.bfloat16, ["q4-vnni"] * 6),
     ("int4", AVX2, torch.float32, ["q4q8-avx2"] * 4 + ["dequant"] * 2),
     ("int4", BARE, torch.float32, ["int4pack-bf16"] * 4 + ["dequant"] * 2),
     ("int8", AMX, torch.bfloat16, ["q8-amx"] * 6),
+    ("int8", ZEN5, torch.bfloat16, ["q8-vnni"] * 6),
     ("int8", VNNI, torch.float32, ["q8q8-avx2"] * 4 + ["int_mm"] * 2),
     ("int8", AVX2, torch.float32, ["q8q8-avx2"] * 6),
     ("fp8", AMX, torch.bfloat16, ["fp8-amx"] * 6),

@@ -29,8 +29,9 @@ needs_amx = pytest.mark.skipif(not HAS_AMX, reason="no AMX-INT8 CPU here (or the
 
 @pytest.fixture
 def no_amx(monkeypatch):
-    """The layers as on a CPU without AMX: the paths that AMX's single layout would replace."""
+    """The layers as on a CPU without AMX or AVX-512 VNNI: the paths that AMX's single layout would replace."""
     monkeypatch.setattr(cpu_amx, "library", lambda: None)
+    monkeypatch.setattr(cpu_amx, "vnni_library", lambda: None)
 
 
 def test_the_avx2_kernels_build_in_ci() -> None:
@@ -172,7 +173,7 @@ def test_avx2_kernel_layouts_and_exact_int8_sums() -> None:
 
 @needs_lowbit
 def test_int8_activation_rounding_costs_little_on_a_trained_model(tmp_path, monkeypatch) -> None:
-    """W4A16 through the int8-activation kernel (AMX's where the CPU has it, else the AVX2 q4 x q8) against
+    """W4A16 through the int8-activation kernel (AMX's or VNNI's where the CPU has them, else the AVX2 q4 x q8) against
     the same artifact dequantized, on real text (the builtin trained model, the shared stories text): the
     activations' int8 rounding per block must cost far less than the 4-bit weights themselves."""
     from conftest import shared_data
@@ -185,7 +186,7 @@ def test_int8_activation_rounding_costs_little_on_a_trained_model(tmp_path, monk
     quantize("builtin:tiny-llama", "w4a16-rtn", tmp_path / "w4", device="cpu")
     tokenizer = AutoTokenizer.from_pretrained(model_dir("tiny-llama"))
     ids = tokenizer(shared_data("tinystories_train_sample.txt").read_text(encoding="utf-8")[:4000])["input_ids"][:512]
-    fast = "q4-amx" if HAS_AMX else "q4q8-avx2"
+    fast = "q4-amx" if HAS_AMX else "q4-vnni" if cpu_amx.vnni_library() is not None else "q4q8-avx2"
     logp = {}
     for path in (fast, "dequant"):
         if path == "dequant":
@@ -222,6 +223,41 @@ def test_amx_q4_layer_matches_its_statement_and_the_reference(monkeypatch, symme
     torch.testing.assert_close(got, statement, rtol=8e-3, atol=8e-3 * statement.abs().max().item())
     want = x.float() @ weight.dequantize().t()
     torch.testing.assert_close(got, want, rtol=0, atol=3e-2 * want.abs().max().item())
+
+
+@pytest.mark.skipif(cpu_amx.vnni_library() is None, reason="no AVX-512 VNNI + BF16 CPU here")
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize(("m", "n", "k", "group"), [(1, 64, 128, 64), (2, 96, 256, 128), (5, 32, 512, 128),
+                                                    (19, 128, 1024, 256), (70, 64, 256, 64)])
+def test_vnni_q4_layer_matches_its_statement_and_the_reference(monkeypatch, symmetric, m, n, k, group) -> None:
+    """W4A16 on AVX-512 VNNI alone (no tiles; every M, row tiles of 8 with a partial last one): AMX's layout and
+    `reference_q4_gemm`'s numbers (int8 activations per row and group, exact integer sums) to bf16 rounding."""
+    monkeypatch.setattr(cpu_amx, "library", lambda: None)
+    weight = Int4Weight.rtn(rand(n, k, seed=4), group, symmetric)
+    layer = Int4Linear(weight, dtype=torch.bfloat16, compute_dtypes=BF16)
+    assert set(layer.paths) == {"q4-vnni"} and layer.qweight.numel() == n * k // 2
+    x = rand(m, k, seed=m, scale=2.0).bfloat16()
+    got = layer(x).float()
+    statement = cpu_amx.reference_q4_gemm(x, weight.q, weight.scales, weight.zeros, group)
+    torch.testing.assert_close(got, statement, rtol=8e-3, atol=8e-3 * statement.abs().max().item())
+    want = x.float() @ weight.dequantize().t()
+    torch.testing.assert_close(got, want, rtol=0, atol=3e-2 * want.abs().max().item())
+
+
+@pytest.mark.skipif(cpu_amx.vnni_library() is None, reason="no AVX-512 VNNI + BF16 CPU here")
+def test_vnni_w8a8_layer_matches_the_int8_reference(monkeypatch) -> None:
+    """W8A8 on VNNI alone: the activations shifted to unsigned for dpbusd and the shift taken off again
+    (exact int32 sums), per-token and per-channel scales as the reference, at 1 to 19 rows."""
+    monkeypatch.setattr(cpu_amx, "library", lambda: None)
+    weight = Int8Weight.rtn(rand(96, 192, seed=8), act_quant=True)
+    layer = Int8Linear(weight, dtype=torch.bfloat16, compute_dtypes=BF16)
+    assert set(layer.paths) == {"q8-vnni"} and torch.equal(layer.quant_weight().q, weight.q)
+    g = torch.Generator().manual_seed(3)
+    for m in (1, 2, 5, 19):
+        x = (torch.randn(m, 192, generator=g) * 3).bfloat16()
+        xq, xs = ops.quantize_per_token(x, torch.int8)
+        want = ops.int8_scaled_mm(xq, xs, weight.q, weight.scales, torch.float32)
+        torch.testing.assert_close(layer(x).float(), want, rtol=8e-3, atol=8e-3 * want.abs().max().item())
 
 
 @needs_amx
