@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from optcli.engine.kernels import cpu_lowbit
+from optcli.engine.kernels import cpu_amx, cpu_lowbit
 from optcli.engine.kernels.cpu_caps import CpuCaps, flags_caps
 from optcli.engine.kernels.cpu_threads import CpuShare, ThreadGovernor, cgroup_quota
 from optcli.engine.quant import cpu_choice, cpu_kernels, cpu_tune
@@ -180,6 +180,8 @@ def test_opt_in_tuning_keeps_a_robust_winner_and_refuses_a_busy_machine(monkeypa
     from optcli.engine.kernels.tuning import SavedChoices
 
     monkeypatch.setattr(cpu_tune, "STORE", SavedChoices(lambda: tmp_path / "tuned.json"))
+    monkeypatch.setattr(cpu_amx, "library", lambda: None)  # the int8-rows layout: several kernels to time
+    monkeypatch.setattr(cpu_amx, "vnni_library", lambda: None)
     monkeypatch.setenv("OPTCLI_CPU_TUNE", "1")
     monkeypatch.delenv("OPTCLI_CPU_KERNEL", raising=False)
     layer = Int8Linear(Int8Weight.rtn(torch.randn(64, 256)), compute_dtypes=(torch.bfloat16,))

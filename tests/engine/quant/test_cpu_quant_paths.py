@@ -56,7 +56,7 @@ def close(got: torch.Tensor, want: torch.Tensor, bf16: bool) -> None:
 
 
 @pytest.mark.parametrize("act_quant", [True, False])
-def test_every_int8_path_matches_the_reference(monkeypatch, act_quant) -> None:
+def test_every_int8_path_matches_the_reference(monkeypatch, no_amx, act_quant) -> None:
     weight = Int8Weight.rtn(rand(48, 64, seed=1), act_quant=act_quant)
     layer = Int8Linear(weight, compute_dtypes=BF16)
     lowbit = ({*INT_MM, *LOWBIT_Q8} if act_quant else {"i8w-dot", "i8w-panels"} if HAS_LOWBIT else set())
