@@ -82,8 +82,9 @@ def build(fmt: str, name: str, shapes: dict, seed: int) -> dict | None:
 def weight_bytes(layers: dict) -> int:
     total = 0
     for layer in layers.values():
+        total += getattr(layer, "opaque_bytes", 0)  # FBGEMM's packed object
         for t in (*layer.parameters(), *layer.buffers(), getattr(layer, "packed", None)):
-            total += 0 if t is None else t.numel() * t.element_size()
+            total += t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
     return total
 
 

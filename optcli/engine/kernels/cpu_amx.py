@@ -28,7 +28,7 @@ from optcli.engine.kernels.cpu_lowbit import _compiler
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_suffix(".c")  # the int8-tile kernels; FP8's and the shared header beside it
-SOURCES = (SOURCE, SOURCE.with_name("cpu_amx_fp8.c"))
+SOURCES = (SOURCE, SOURCE.with_name("cpu_amx_fp8.c"), SOURCE.with_name("cpu_vnni.c"))
 HEADER = SOURCE.with_suffix(".h")
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mamx-tile", "-mamx-int8", "-mamx-bf16", "-fopenmp",
          "-fPIC", "-shared", "-fno-math-errno")
@@ -115,8 +115,10 @@ def _build() -> ctypes.CDLL | None:
     lib.amx_fp8_round_rows.argtypes = [p, i64, i64, p, p]
     lib.vnni_q4_linear.argtypes = [p, i64, i64, i64, p, p, p, i64, p]
     lib.vnni_q8_linear.argtypes = [p, i64, i64, p, p, p, i64, p]
+    lib.vnni_fp8_gemm.argtypes = [p, i64, i64, p, i64, p, p, p]
     for f in (lib.amx_quant_groups, lib.amx_q4_gemm, lib.amx_q4_gemv, lib.amx_q8_gemm, lib.amx_fp8_gemm,
-              lib.amx_fp8_round_rows, lib.amx_q4_linear, lib.amx_q8_linear, lib.vnni_q4_linear, lib.vnni_q8_linear):
+              lib.amx_fp8_round_rows, lib.amx_q4_linear, lib.amx_q8_linear, lib.vnni_q4_linear, lib.vnni_q8_linear,
+              lib.vnni_fp8_gemm):
         f.restype = None
     return lib
 
@@ -151,7 +153,8 @@ def quantize_groups(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, tor
     qa = torch.empty(m, k, dtype=torch.int8)
     sa = torch.empty(m, k // group_size, dtype=torch.float32)
     asum = torch.empty(m, k // group_size, dtype=torch.int32)
-    library().amx_quant_groups(x.data_ptr(), m, k, group_size, qa.data_ptr(), sa.data_ptr(), asum.data_ptr())
+    (library() or vnni_library()).amx_quant_groups(x.data_ptr(), m, k, group_size, qa.data_ptr(), sa.data_ptr(),
+                                                   asum.data_ptr())
     return qa, sa, asum
 
 
@@ -252,6 +255,19 @@ def fp8_gemm(a: torch.Tensor, packed: torch.Tensor, post_n: torch.Tensor, post_m
     return out
 
 
+def vnni_fp8_gemm(a: torch.Tensor, packed: torch.Tensor, post_n: torch.Tensor, post_m: torch.Tensor | None,
+                  n: int) -> torch.Tensor:
+    """`fp8_gemm` on AVX-512 BF16 dot products (no tiles), the same layout and numbers: N % 16 suffices."""
+    a = a.to(torch.bfloat16).contiguous()
+    m, k = a.shape
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    if m:
+        pm = None if post_m is None else post_m.float().contiguous()
+        vnni_library().vnni_fp8_gemm(a.data_ptr(), m, k, packed.data_ptr(), n, post_n.data_ptr(),
+                                     None if pm is None else pm.data_ptr(), out.data_ptr())
+    return out
+
+
 def fp8_round_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """bf16 x [M, K] -> (its per-token FP8 rounding as bf16 [M, K], fp32 scales [M]): bit for bit
     `ops.quantize_per_token(x.float(), torch.float8_e4m3fn)`, the values widened back (exact in bf16)."""
@@ -259,7 +275,7 @@ def fp8_round_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     m, k = x.shape
     out = torch.empty(m, k, dtype=torch.bfloat16)
     scales = torch.empty(m, dtype=torch.float32)
-    library().amx_fp8_round_rows(x.data_ptr(), m, k, out.data_ptr(), scales.data_ptr())
+    (library() or vnni_library()).amx_fp8_round_rows(x.data_ptr(), m, k, out.data_ptr(), scales.data_ptr())
     return out, scales
 
 

@@ -300,6 +300,17 @@ class Fp8Amx(CpuKernel):
                      _need(spec.n % 32 == 0 and spec.k % 32 == 0, "shape: N % 32, K % 32"))
 
 
+class Fp8Bf16Dot(CpuKernel):
+    name, fmt, layout, method = "fp8-bf16dot", "fp8", "amx-fp8", "_fp8_bf16dot"
+    what = "E4M3 widened exactly to bf16 a 16-column block at a time, AVX-512 BF16 dot products"
+
+    @classmethod
+    def can_implement(cls, spec, caps):
+        return _both(_need(caps.vnni_kernels, "no AVX-512 BF16 + VNNI (or our VNNI kernels are not built here)"),
+                     _need(spec.bf16_ok, "bf16 inputs: only under --dtype auto"),
+                     _need(spec.n % 16 == 0 and spec.k % 32 == 0, "shape: N % 16, K % 32"))
+
+
 class Fp8Dot(CpuKernel):
     name, fmt, layout, method = "fp8-dot", "fp8", "e4m3", "_fp8_dot"
     what = "E4M3 bytes widened exactly in registers, fp32 math, dot-product form"
@@ -383,7 +394,7 @@ KERNELS: tuple[type[CpuKernel], ...] = (
     Bf16Dot, Bf16Panels, Bf16Onednn, Bf16Widen, DenseOnednn, DenseTorch,
     Q4Amx, Q4Vnni, Q4q8Avx2, Q4LowbitDequant, Int4PackBf16, Int4PackFp32, Int4PackDequant, Q4Nibbles,
     Q8Amx, Q8Vnni, Q8q8Avx2, IntMm, Int8PackBf16, Int8PackFp32, I8wDot, I8wPanels, Int8Dequant,
-    Fp8Amx, Fp8Dot, Fp8Panels, Fp8Widen, Fp8Fbgemm, Fp8ScaledMm, Fp8Dequant,
+    Fp8Amx, Fp8Bf16Dot, Fp8Dot, Fp8Panels, Fp8Widen, Fp8Fbgemm, Fp8ScaledMm, Fp8Dequant,
     Nf4Avx2, Nf4Dequant, Nf4Bnb, BnbQ8q8, BnbInt8,
 )
 

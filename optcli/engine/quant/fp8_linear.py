@@ -47,7 +47,8 @@ class Fp8Linear(QuantLinear):
         elif device.type == "cpu" and backend != "triton":
             spec = LinearSpec("fp8", n, k, dtype, self.bf16_ok, act_quant=w.act_quant)
             layout = self.set_cpu_plan(spec, CPU_LAYOUTS.get(backend)).layout
-            backend = {"amx-fp8": "cpu-amx", "fbgemm-fp16": "fbgemm-fp16"}.get(layout) or (
+            backend = {"amx-fp8": "cpu-amx" if "fp8-amx" in self.paths else "cpu-avx512",
+                       "fbgemm-fp16": "fbgemm-fp16"}.get(layout) or (
                 "cpu-lowbit" if "fp8-dot" in self.paths else "cpu" if "scaled_mm" in self.paths else "dequant")
         self.mode = backend
         self.input_quant = torch.float8_e4m3fn if backend == "triton" and w.act_quant else None
@@ -56,13 +57,13 @@ class Fp8Linear(QuantLinear):
             self.packed = torch.ops.quantized.linear_prepack_fp16(w.q.to(torch.float16).float(), None)
             self.opaque_bytes = n * k * 2
             self.qweight = None
-        elif backend == "cpu-amx":
+        elif backend in ("cpu-amx", "cpu-avx512"):  # AMX's layout: its tiles, or AVX-512 BF16 dot products
             self.register_buffer("qweight", cpu_amx.pack_fp8(w.q))
         else:  # [N, K]; .t() is the column-major operand _scaled_mm wants
             self.register_buffer("qweight", w.q.to(device))
 
     def quant_weight(self) -> Fp8Weight:
-        if self.mode == "cpu-amx":
+        if self.mode in ("cpu-amx", "cpu-avx512"):
             return Fp8Weight(cpu_amx.unpack_fp8(self.qweight), self.scales.reshape(-1), self.act_quant)
         if self.qweight is not None:
             return Fp8Weight(self.qweight, self.scales.reshape(-1), self.act_quant)
@@ -118,6 +119,13 @@ class Fp8Linear(QuantLinear):
             a, xs = cpu_amx.fp8_round_rows(x)
         return cpu_amx.fp8_gemm(a, self.qweight, self.scales.reshape(-1), xs, self.out_features).to(x.dtype)
 
+    def _fp8_bf16dot(self, x: torch.Tensor) -> torch.Tensor:
+        """AMX's layout and numbers on AVX-512 BF16 dot products (no tiles)."""
+        a, xs = x, None
+        if self.act_quant:
+            a, xs = cpu_amx.fp8_round_rows(x)
+        return cpu_amx.vnni_fp8_gemm(a, self.qweight, self.scales.reshape(-1), xs, self.out_features).to(x.dtype)
+
     def _fp8_dot(self, x: torch.Tensor, panels: bool = False) -> torch.Tensor:
         xf, scale = self._fp8_inputs(x)
         return (cpu_lowbit.fp8_gemm(xf, self.qweight, panels) * scale).to(x.dtype)
@@ -130,7 +138,7 @@ class Fp8Linear(QuantLinear):
         return (dense_linear(xf, cpu_lowbit.fp8_widen(self.qweight)) * scale).to(x.dtype)
 
 
-CPU_LAYOUTS = {"cpu-amx": "amx-fp8", "cpu-lowbit": "e4m3", "fbgemm-fp16": "fbgemm-fp16", "cpu": "e4m3", "dequant": "e4m3"}
+CPU_LAYOUTS = {"cpu-amx": "amx-fp8", "cpu-avx512": "amx-fp8", "cpu-lowbit": "e4m3", "fbgemm-fp16": "fbgemm-fp16", "cpu": "e4m3", "dequant": "e4m3"}
 
 
 @functools.cache

@@ -62,7 +62,8 @@ def test_flags_from_cpuinfo() -> None:
     (VNNI, {"int4:q4q8-avx2", "int8:int_mm", "bf16:bf16w-dot"}, {"int4:q4-amx": "no AMX", "bf16:onednn-bf16": "native"}),
     (BF16, {"int4:q4q8-avx2", "int8:int_mm", "bf16:onednn-bf16"}, {"int4:q4-amx": "no AMX", "fp8:fp8-amx": "no AMX"}),
     (AMX, {"int4:q4-amx", "int4:q4-vnni", "int8:q8-amx", "fp8:fp8-amx", "bf16:onednn-bf16", "int8:int_mm"}, {}),
-    (ZEN5, {"int4:q4-vnni", "int8:q8-vnni", "int8:int_mm", "bf16:onednn-bf16"}, {"int4:q4-amx": "no AMX"}),
+    (ZEN5, {"int4:q4-vnni", "int8:q8-vnni", "int8:int_mm", "bf16:onednn-bf16", "fp8:fp8-bf16dot"},
+     {"int4:q4-amx": "no AMX", "fp8:fp8-amx": "no AMX"}),
     (BARE, {"int4:int4pack-bf16", "bf16:widen-onednn", "fp8:dequant"},
      {"int4:q4q8-avx2": "not built", "bf16:bf16w-dot": "not built", "fp8:fp8-dot": "not built"}),
 ])
@@ -106,6 +107,7 @@ def test_kernels_that_would_round_refuse_an_explicit_fp32_model() -> None:
     ("int8", VNNI, torch.float32, ["q8q8-avx2"] * 4 + ["int_mm"] * 2),
     ("int8", AVX2, torch.float32, ["q8q8-avx2"] * 6),
     ("fp8", AMX, torch.bfloat16, ["fp8-amx"] * 6),
+    ("fp8", ZEN5, torch.bfloat16, ["fp8-bf16dot"] * 6),
     ("fp8", AVX2, torch.float32, ["fp8-dot"] * 2 + ["fp8-panels"] * 2 + ["widen-onednn"] * 2),
 ])
 def test_the_rules_pick_per_bucket(fmt, caps, dtype, want) -> None:

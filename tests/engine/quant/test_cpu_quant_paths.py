@@ -300,9 +300,33 @@ def test_amx_fp8_layer_widens_every_code_exactly_on_the_bf16_tiles(act_quant) ->
     assert torch.equal(layer.quant_weight().q.view(torch.uint8), weight.q.view(torch.uint8))
 
 
+@pytest.mark.skipif(cpu_amx.vnni_library() is None, reason="no AVX-512 VNNI + BF16 CPU here")
+@pytest.mark.parametrize("act_quant", [True, False])
+def test_fp8_on_avx512_bf16_widens_every_code_exactly(monkeypatch, act_quant) -> None:
+    """FP8 on AVX-512 BF16 dot products (no tiles): every E4M3 code widened exactly (one-hot rows read the
+    weight back, on the streaming path at <= 8 rows and the buffered one above), and the layer's product equal
+    to the reference to bf16 rounding, one byte a weight, N a multiple of 16 only."""
+    monkeypatch.setattr(cpu_amx, "library", lambda: None)
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes = codes[(codes & 0x7F) != 0x7F]
+    w = codes[torch.arange(16 * 256) % len(codes)].reshape(16, 256).view(torch.float8_e4m3fn)
+    eye = torch.eye(256).bfloat16()
+    for rows in (range(0, 8), range(8, 40)):
+        got = cpu_amx.vnni_fp8_gemm(eye[rows.start:rows.stop], cpu_amx.pack_fp8(w), torch.ones(16), None, 16)
+        assert torch.equal(got.float(), w.float().t()[rows.start:rows.stop])
+    weight = Fp8Weight.rtn(rand(48, 96, seed=6), act_quant=act_quant)
+    layer = Fp8Linear(weight, dtype=torch.bfloat16, compute_dtypes=BF16)
+    assert layer.mode == "cpu-avx512" and set(layer.paths) == {"fp8-bf16dot"} and layer.qweight.numel() == 48 * 96
+    for m in (1, 5, 19):
+        x = rand(m, 96, seed=7 + m, scale=2.0).bfloat16()
+        want = (fake_quant(x.float(), torch.float8_e4m3fn) if act_quant else x.float()) @ weight.dequantize().t()
+        torch.testing.assert_close(layer(x).float(), want, rtol=8e-3, atol=8e-3 * want.abs().max().item())
+    assert torch.equal(layer.quant_weight().q.view(torch.uint8), weight.q.view(torch.uint8))
+
+
 @needs_lowbit
 @pytest.mark.parametrize("act_quant", [True, False])
-def test_fp8_on_cpu_keeps_one_byte_a_weight_and_widens_exactly(monkeypatch, act_quant) -> None:
+def test_fp8_on_cpu_keeps_one_byte_a_weight_and_widens_exactly(monkeypatch, no_amx, act_quant) -> None:
     weight = Fp8Weight.rtn(rand(48, 64, seed=6), act_quant=act_quant)
     layer = Fp8Linear(weight)
     torch_paths = {"dequant", "scaled_mm"} if act_quant else {"dequant"}  # the same E4M3 bytes, torch's code
