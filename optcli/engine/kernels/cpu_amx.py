@@ -116,9 +116,10 @@ def _build() -> ctypes.CDLL | None:
     lib.vnni_q4_linear.argtypes = [p, i64, i64, i64, p, p, p, i64, p]
     lib.vnni_q8_linear.argtypes = [p, i64, i64, p, p, p, i64, p]
     lib.vnni_fp8_gemm.argtypes = [p, i64, i64, p, i64, p, p, p]
+    lib.vnni_bf16_gemm.argtypes = [p, i64, i64, p, i64, p]
     for f in (lib.amx_quant_groups, lib.amx_q4_gemm, lib.amx_q4_gemv, lib.amx_q8_gemm, lib.amx_fp8_gemm,
               lib.amx_fp8_round_rows, lib.amx_q4_linear, lib.amx_q8_linear, lib.vnni_q4_linear, lib.vnni_q8_linear,
-              lib.vnni_fp8_gemm):
+              lib.vnni_fp8_gemm, lib.vnni_bf16_gemm):
         f.restype = None
     return lib
 
@@ -252,6 +253,16 @@ def fp8_gemm(a: torch.Tensor, packed: torch.Tensor, post_n: torch.Tensor, post_m
         pm = None if post_m is None else post_m.float().contiguous()
         library().amx_fp8_gemm(a.data_ptr(), m, k, packed.data_ptr(), n, post_n.data_ptr(),
                                None if pm is None else pm.data_ptr(), out.data_ptr())
+    return out
+
+
+def vnni_bf16_gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """bf16 x [M, K] @ bf16 W [N, K]^T -> fp32 [M, N] on AVX-512 BF16 dot products (fp32 sums of the exact
+    products), a weight row streamed at a time: the few-row kernel of a bf16 model's dense layers. K % 32 == 0."""
+    x, w = x.to(torch.bfloat16).contiguous(), w.contiguous()
+    m, k = x.shape
+    out = torch.empty(m, w.shape[0], dtype=torch.float32)
+    vnni_library().vnni_bf16_gemm(x.data_ptr(), m, k, w.data_ptr(), w.shape[0], out.data_ptr())
     return out
 
 

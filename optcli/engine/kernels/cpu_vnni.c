@@ -149,3 +149,49 @@ void vnni_q4_linear(const uint16_t *x, int64_t M, int64_t K, int64_t G, const ui
     free(asum);
 }
 
+
+/* Dense bf16 layers on AVX-512 BF16 (a bf16 model's few-row steps): y [M, N] = x [M, K] @ W^T, both bf16, fp32
+ * sums of the exact bf16 products (the numbers of `bf16w-dot`, which widens W to fp32 first, up to summation
+ * order), one weight row streamed at a time against each of R <= 4 rows: 32 weights a vdpbf16ps, four sums a
+ * row so the dot products' latency never caps the read. K % 32 == 0. */
+INLINE void bf16_dot_rows(const int R, const uint16_t *x, int64_t K, const uint16_t *w, float *out, int64_t ldo) {
+    __m512 s[4][4];
+    for (int r = 0; r < R; r++)
+        for (int u = 0; u < 4; u++) s[r][u] = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 128 <= K; j += 128) {
+        _mm_prefetch((const char *)(w + j) + 1024, _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + j) + 1088, _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + j) + 1152, _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + j) + 1216, _MM_HINT_T0);
+        for (int u = 0; u < 4; u++) {
+            const __m512bh wv = (__m512bh)_mm512_loadu_si512((const void *)(w + j + 32 * u));
+            for (int r = 0; r < R; r++)
+                s[r][u] = _mm512_dpbf16_ps(s[r][u], (__m512bh)_mm512_loadu_si512((const void *)(x + r * K + j + 32 * u)), wv);
+        }
+    }
+    for (; j < K; j += 32) {
+        const __m512bh wv = (__m512bh)_mm512_loadu_si512((const void *)(w + j));
+        for (int r = 0; r < R; r++)
+            s[r][0] = _mm512_dpbf16_ps(s[r][0], (__m512bh)_mm512_loadu_si512((const void *)(x + r * K + j)), wv);
+    }
+    for (int r = 0; r < R; r++)
+        out[r * ldo] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s[r][0], s[r][1]), _mm512_add_ps(s[r][2], s[r][3])));
+}
+
+void vnni_bf16_gemm(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, float *out) {
+#pragma omp parallel for schedule(dynamic, chunk_of(N, 32))
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            const int64_t R = M - m0 < 4 ? M - m0 : 4;
+            const uint16_t *xm = x + m0 * K;
+            float *o = out + m0 * N + n;
+            switch (R) {
+            case 1: bf16_dot_rows(1, xm, K, w + n * K, o, N); break;
+            case 2: bf16_dot_rows(2, xm, K, w + n * K, o, N); break;
+            case 3: bf16_dot_rows(3, xm, K, w + n * K, o, N); break;
+            default: bf16_dot_rows(4, xm, K, w + n * K, o, N); break;
+            }
+        }
+    }
+}

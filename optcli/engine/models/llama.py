@@ -83,6 +83,9 @@ class Dense(CpuPaths, nn.Module):
     def _bf16_dot(self, x: torch.Tensor) -> torch.Tensor:
         return cpu_lowbit.bf16_gemm(x, self.weight).to(x.dtype)
 
+    def _bf16_dpbf16(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_amx.vnni_bf16_gemm(x, self.weight).to(x.dtype)
+
     def _bf16_panels(self, x: torch.Tensor) -> torch.Tensor:
         return cpu_lowbit.bf16_gemm(x, self.weight, panels=True).to(x.dtype)
 

@@ -73,6 +73,17 @@ def _both(*verdicts: Verdict) -> Verdict:
 
 # ---- dense layers whose weight is held bf16 (models/llama.py `Dense`) ------------------------------------
 
+class Bf16Dpbf16(CpuKernel):
+    name, fmt, layout, method = "bf16-dpbf16", "bf16", "bf16", "_bf16_dpbf16"
+    what = "AVX-512 BF16 dot products on the bf16 weight and activations, fp32 sums, a weight row at a time"
+
+    @classmethod
+    def can_implement(cls, spec, caps):
+        return _both(_need(spec.dtype == torch.bfloat16, "the activations are fp32 (bf16 would round them)"),
+                     _need(caps.vnni_kernels, "no AVX-512 BF16 + VNNI (or our VNNI kernels are not built here)"),
+                     _need(spec.k % 32 == 0, "shape: K % 32"))
+
+
 class Bf16Dot(CpuKernel):
     name, fmt, layout, method = "bf16w-dot", "bf16", "bf16", "_bf16_dot"
     what = "each bf16 weight widened exactly in registers, fp32 FMA, dot-product form"
@@ -391,7 +402,7 @@ class BnbInt8(CpuKernel):
 
 
 KERNELS: tuple[type[CpuKernel], ...] = (
-    Bf16Dot, Bf16Panels, Bf16Onednn, Bf16Widen, DenseOnednn, DenseTorch,
+    Bf16Dpbf16, Bf16Dot, Bf16Panels, Bf16Onednn, Bf16Widen, DenseOnednn, DenseTorch,
     Q4Amx, Q4Vnni, Q4q8Avx2, Q4LowbitDequant, Int4PackBf16, Int4PackFp32, Int4PackDequant, Q4Nibbles,
     Q8Amx, Q8Vnni, Q8q8Avx2, IntMm, Int8PackBf16, Int8PackFp32, I8wDot, I8wPanels, Int8Dequant,
     Fp8Amx, Fp8Bf16Dot, Fp8Dot, Fp8Panels, Fp8Widen, Fp8Fbgemm, Fp8ScaledMm, Fp8Dequant,

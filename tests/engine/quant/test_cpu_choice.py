@@ -94,7 +94,9 @@ def test_kernels_that_would_round_refuse_an_explicit_fp32_model() -> None:
 @pytest.mark.parametrize(("fmt", "caps", "dtype", "want"), [
     # a bf16 weight: our widening dot kernel at few rows; batched steps on bf16 units where the CPU has them
     ("bf16", BF16, torch.bfloat16, ["bf16w-dot"] * 2 + ["onednn-bf16"] * 4),
-    ("bf16", AMX, torch.bfloat16, ["bf16w-dot"] * 2 + ["onednn-bf16"] * 4),
+    ("bf16", AMX, torch.bfloat16, ["bf16-dpbf16"] * 2 + ["onednn-bf16"] * 4),
+    ("bf16", ZEN5, torch.bfloat16, ["bf16-dpbf16"] * 2 + ["onednn-bf16"] * 4),
+    ("bf16", ZEN5, torch.float32, ["bf16w-dot"] * 2 + ["bf16w-panels"] * 4),  # --dtype float32: no bf16 rounding
     ("bf16", AVX2, torch.float32, ["bf16w-dot"] * 2 + ["bf16w-panels"] * 4),
     ("bf16", BARE, torch.float32, ["widen-onednn"] * 6),
     ("int4", AMX, torch.bfloat16, ["q4-amx"] * 6),

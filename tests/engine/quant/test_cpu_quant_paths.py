@@ -512,6 +512,18 @@ def test_fp8_activation_rounding_is_torchs_bit_for_bit() -> None:
         assert torch.equal(got, q.float()) and torch.equal(scales, want_scales)
 
 
+@pytest.mark.skipif(cpu_amx.vnni_library() is None, reason="no AVX-512 VNNI + BF16 CPU here")
+def test_bf16_dot_products_are_the_exact_products_summed_in_fp32() -> None:
+    """A bf16 model's few-row kernel (bf16-dpbf16): bf16 x bf16 products are exact in fp32, summed in fp32,
+    so against a float64 product only fp32 summation error remains; 1-6 rows, K past a 128-wide step."""
+    g = torch.Generator().manual_seed(12)
+    for m, k, n in ((1, 64, 16), (3, 2048, 40), (6, 160, 7), (4, 96, 33)):
+        x, w = torch.randn(m, k, generator=g).bfloat16(), torch.randn(n, k, generator=g).bfloat16()
+        want = x.double() @ w.double().t()
+        got = cpu_amx.vnni_bf16_gemm(x, w).double()
+        assert (got - want).abs().max() <= 1e-6 * want.abs().max()
+
+
 @needs_lowbit
 def test_bf16_weights_stay_bf16_with_fp32_math(monkeypatch) -> None:
     """A bf16 checkpoint in an fp32 CPU model holds its linear weights and embedding in bf16 (half the
