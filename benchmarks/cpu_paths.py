@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from optcli.engine.kernels import cpu_caps  # noqa: E402
 from optcli.engine.quant import cpu_choice  # noqa: E402
-from optcli.engine.quant.cpu_kernels import LinearSpec, kernels_of  # noqa: E402
+from optcli.engine.quant.cpu_choice import kernels_of  # noqa: E402
+from optcli.engine.quant.cpu_kernels import LinearSpec  # noqa: E402
 
 SHAPES = {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (16384, 2048), "down": (2048, 8192)}
 HEAD = {"lm_head": (128256, 2048)}

@@ -30,11 +30,22 @@ from optcli.engine.quant.cpu_kernels import (
     Bf16Onednn,
     Bf16Panels,
     Bf16Widen,
-    BnbInt8,
-    BnbQ8q8,
     CpuKernel,
     DenseOnednn,
     DenseTorch,
+    Int4PackBf16,
+    Int4PackDequant,
+    Int4PackFp32,
+    LinearSpec,
+    Q4Amx,
+    Q4LowbitDequant,
+    Q4Nibbles,
+    Q4q8Avx2,
+    Q4Vnni,
+)
+from optcli.engine.quant.cpu_kernels_8bit import (
+    BnbInt8,
+    BnbQ8q8,
     Fp8Amx,
     Fp8Bf16Dot,
     Fp8Dequant,
@@ -45,27 +56,31 @@ from optcli.engine.quant.cpu_kernels import (
     Fp8Widen,
     I8wDot,
     I8wPanels,
-    Int4PackBf16,
-    Int4PackDequant,
-    Int4PackFp32,
     Int8Dequant,
     Int8PackBf16,
     Int8PackFp32,
     IntMm,
-    LinearSpec,
     Nf4Avx2,
     Nf4Bnb,
     Nf4Dequant,
-    Q4Amx,
-    Q4LowbitDequant,
-    Q4Nibbles,
-    Q4q8Avx2,
-    Q4Vnni,
     Q8Amx,
     Q8q8Avx2,
     Q8Vnni,
-    kernels_of,
 )
+
+# Every kernel, in the order the tests and benchmarks/cpu_paths.py walk them (the rules' orders are below).
+KERNELS: tuple[type[CpuKernel], ...] = (
+    Bf16Dpbf16, Bf16Dot, Bf16Panels, Bf16Onednn, Bf16Widen, DenseOnednn, DenseTorch,
+    Q4Amx, Q4Vnni, Q4q8Avx2, Q4LowbitDequant, Int4PackBf16, Int4PackFp32, Int4PackDequant, Q4Nibbles,
+    Q8Amx, Q8Vnni, Q8q8Avx2, IntMm, Int8PackBf16, Int8PackFp32, I8wDot, I8wPanels, Int8Dequant,
+    Fp8Amx, Fp8Bf16Dot, Fp8Dot, Fp8Panels, Fp8Widen, Fp8Fbgemm, Fp8ScaledMm, Fp8Dequant,
+    Nf4Avx2, Nf4Dequant, Nf4Bnb, BnbQ8q8, BnbInt8,
+)
+
+
+def kernels_of(fmt: str) -> list[type[CpuKernel]]:
+    return [k for k in KERNELS if k.fmt == fmt]
+
 
 BOUNDS = (1, 4, 16, 64, 256)  # upper ends of the batch-size buckets; a sixth holds everything above
 LABELS = ("1", "2-4", "5-16", "17-64", "65-256", ">256")

@@ -17,8 +17,8 @@ from optcli.engine.kernels import cpu_amx, cpu_lowbit
 from optcli.engine.kernels.cpu_caps import CpuCaps, flags_caps
 from optcli.engine.kernels.cpu_threads import CpuShare, ThreadGovernor, cgroup_quota
 from optcli.engine.quant import cpu_choice, cpu_kernels, cpu_tune
-from optcli.engine.quant.cpu_choice import LABELS, bucket, plan_for
-from optcli.engine.quant.cpu_kernels import KERNELS, LinearSpec
+from optcli.engine.quant.cpu_choice import KERNELS, LABELS, bucket, plan_for
+from optcli.engine.quant.cpu_kernels import LinearSpec
 from optcli.engine.quant.linear import Int4Linear, Int8Linear
 from optcli.engine.quant.weights import Int4Weight, Int8Weight
 
