@@ -44,7 +44,7 @@ int amx_init(void) {
  * sa = max(absmax / 127.5, 1e-12), qa = clamp(round_half_even(x / sa), -128, 127). */
 void amx_quant_groups(const uint16_t *x, int64_t M, int64_t K, int64_t G, int8_t *qa, float *sa, int32_t *asum) {
     int64_t ng = K / G;
-#pragma omp parallel for collapse(2) schedule(dynamic, chunk_of(M * (K / G), 4))
+#pragma omp parallel for collapse(2) schedule(dynamic, chunk_of(M * (K / G), 4)) if (M * K >= (1 << 15))
     for (int64_t m = 0; m < M; m++) {
         for (int64_t g = 0; g < ng; g++) {
             const uint16_t *xr = x + m * K + g * G;

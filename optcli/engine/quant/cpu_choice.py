@@ -4,7 +4,7 @@ A layer's choice follows from three things only: the CPU's capabilities (`kernel
 and which of our kernel builds exist), the layer (`LinearSpec`: weight format, shape, the numerics the
 user allowed) and the batch-size bucket of the call. So the same model on the same machine takes the same
 paths in every run, busy or not. The rules list, per weight format and bucket, kernel classes
-(`cpu_kernels.py`) in priority order; a layer takes the first whose `can_implement` agrees, as vLLM's
+(`cpu_kernels.py`, `cpu_kernels_8bit.py`) in priority order; a layer takes the first whose `can_implement` agrees, as vLLM's
 `choose_mp_linear_kernel` does. Its weight layout is the one of the kernel chosen at one row (decode
 reads every weight once a step, so the layout is chosen for it); larger buckets then take the first kernel
 of that layout.
