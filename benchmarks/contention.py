@@ -45,9 +45,17 @@ def spread(values: list[float]) -> str:
 
 
 def set_mode(engine, mode: str) -> None:
-    """Give the engine a fresh thread governor for `mode` (adaptive, or pinned-N)."""
-    from optcli.engine.kernels.cpu_threads import ThreadGovernor
+    """Give the engine a fresh thread governor for `mode` (adaptive, or pinned-N). Run against a tree from
+    before the governor (a copy of this script outside the repo, PYTHONPATH=old tree), pinned-N just sets
+    torch's thread count: the before figures."""
+    try:
+        from optcli.engine.kernels.cpu_threads import ThreadGovernor
+    except ImportError:
+        import torch
 
+        assert mode.startswith("pinned-"), "this tree has no thread governor: pinned-N modes only"
+        torch.set_num_threads(int(mode.removeprefix("pinned-")))
+        return
     os.environ.pop("OPTCLI_CPU_THREADS", None)
     if mode.startswith("pinned-"):
         os.environ["OPTCLI_CPU_THREADS"] = mode.removeprefix("pinned-")
@@ -71,7 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from optcli.engine import Engine
-    from optcli.engine.kernels.cpu_threads import usable_cores
+
+    try:
+        from optcli.engine.kernels.cpu_threads import usable_cores
+    except ImportError:  # a tree from before the governor
+        def usable_cores() -> int:
+            return len(os.sched_getaffinity(0))
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--modes", default=None, help="adaptive,pinned-N,... (default: adaptive,pinned-<usable cores>)")
@@ -106,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                     time.sleep(0.5)
                     set_mode(engine, mode)
                     busy.append(timed(engine, prompts, outputs))
-                    threads_busy.append(engine.threads.threads)
+                    threads_busy.append(engine.threads.threads if getattr(engine, "threads", None) else None)
                 finally:
                     hog.kill()
                     hog.wait()

@@ -11,8 +11,9 @@ the dynamic work split in the C kernels covers a thread that is descheduled for 
 
 `ThreadGovernor.update()` runs once per engine step and samples /proc/stat at most every `interval`
 seconds: CPU time of the CPUs in our affinity (steal time included: the hypervisor took it) less this
-process's own (`os.times()`) is what the others used. The first sample sets the count; after it, the
-count moves only when two samples in a row agree, so one busy moment does not flip it back and forth.
+process's own (`os.times()`) is what the others used. A governor starts from the load since the last one
+started (or since this module's import: the model's load); the first sample sets the count when there was
+none to start from; after that the count moves only when two samples in a row agree, so one busy moment does not flip it back and forth.
 `OPTCLI_CPU_THREADS=N` pins the count (no sampling). The kernel paths never depend on it: they follow from the CPU's flags (`cpu_caps.py`).
 """
 
@@ -92,6 +93,7 @@ class CpuShare:
         return {"others_cores": others, "steal_cores": (now[2] - last[2]) / wall, "seconds": wall}
 
 
+BOOT = CpuShare()  # since this module's import (before a model loads): a governor's first sample at once
 _LAST_SET: list[int] = []  # the thread count a governor set last (so a later one tells it from the user's)
 
 
@@ -118,6 +120,14 @@ class ThreadGovernor:
         self._next = time.monotonic() + interval
         self._pending: int | None = None
         self._first = True
+        if self._share is not None:  # decide from the load so far (a model's load: a second or more) at once,
+            self._first = False      # so a short run does not start on a count that waits on a busy core
+            start = BOOT.sample()
+            if start is not None and start["seconds"] >= 0.1:
+                self.others_cores = start["others_cores"]
+                self.threads = self.target(self.others_cores)
+            else:
+                self._first = True
         _set_threads(self.threads)
 
     def target(self, others_cores: float) -> int:

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from optcli.engine.kernels import cpu_amx, cpu_lowbit
+from optcli.engine.kernels import cpu_amx, cpu_lowbit, cpu_threads
 from optcli.engine.kernels.cpu_caps import CpuCaps, flags_caps
 from optcli.engine.kernels.cpu_threads import CpuShare, ThreadGovernor, cgroup_quota
 from optcli.engine.quant import cpu_choice, cpu_kernels, cpu_tune
@@ -213,9 +213,13 @@ def test_opt_in_tuning_keeps_a_robust_winner_and_refuses_a_busy_machine(monkeypa
 
 def test_threads_follow_the_free_cores(monkeypatch) -> None:
     monkeypatch.delenv("OPTCLI_CPU_THREADS", raising=False)
+    monkeypatch.setattr(cpu_threads.BOOT, "sample", lambda: {"others_cores": 1.2, "seconds": 2.0})
     before = torch.get_num_threads()
     try:
+        assert ThreadGovernor(max_threads=2).threads == 1  # the load while the model loaded: one core is taken
+        monkeypatch.setattr(cpu_threads.BOOT, "sample", lambda: None)  # nothing to start from
         gov = ThreadGovernor(max_threads=2, interval=0.0)
+        assert gov.threads == 2
         assert [gov.target(o) for o in (0.0, 0.4, 0.6, 1.0, 1.9)] == [2, 2, 1, 1, 1]
         samples = iter([1.0, 0.0, 1.0, 0.0, 0.0])
         monkeypatch.setattr(gov._share, "sample", lambda: {"others_cores": next(samples)})
