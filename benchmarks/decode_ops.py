@@ -125,6 +125,7 @@ def count_both(device: str) -> list[tuple[str, Counter, Counter]]:
 
     from optcli.engine import Engine
     from optcli.engine.models.layer_ops import FusedOps, TorchOps
+    from optcli.engine.models.llama import Dense
 
     counter = OpCounter()
     count_triton(counter)
@@ -135,6 +136,9 @@ def count_both(device: str) -> list[tuple[str, Counter, Counter]]:
             engine = Engine(tmp, device=device, dtype="bfloat16", max_num_seqs=4, max_model_len=128,
                             attention_backend="triton", enforce_eager=True, num_kv_blocks=32)
             engine.model.ops = ops
+            for module in engine.model.modules():  # a GPU's dense layers are F.linear; a CPU's pick our kernels
+                if isinstance(module, Dense):
+                    module.plan = None
             if ops is TorchOps:  # as before fusion: cos/sin computed every step, not gathered from a table
                 for table in engine.model.rotary.tables:
                     table.table = None

@@ -199,7 +199,8 @@ def profile(
             "prompt_format": workload.prompt_format or ("text" if endpoint or served else "tokens"),
             # the engine options both models ran with (what `serve` would run); dtype resolved at load
             "engine": (None if endpoint else {"name": "vllm", **vllm.__dict__, "dtype_requested": config.dtype} if served
-                       else {**config.as_dict(), "dtype_requested": config.dtype, "dtype_reason": None}),
+                       else {**config.as_dict(), "dtype_requested": config.dtype, "dtype_reason": None,
+                             "kernels": None, "baseline_kernels": None}),
         },
         "throughput": {"output_tok_s": None, "total_tok_s": None, "requests_s": None},
         "latency_ms": {m: {"mean": None, "p50": None, "p95": None, "p99": None} for m in ("ttft", "tpot", "itl", "e2e")},
@@ -321,6 +322,8 @@ def profile(
         report["comparison"] = comparison(report, baseline_report, workload)
     elif base is not None:  # the source measured the same way, interleaved with the artifact (comparison)
         report["workload"]["engine"]["baseline_dtype"] = base.engine_options["dtype"]
+        report["workload"]["engine"]["baseline_dtype_reason"] = base.engine_options["dtype_reason"]
+        report["workload"]["engine"]["baseline_kernels"] = base.engine_options["kernels"]
         memory = dict(base.memory)
         if not device.startswith("cuda"):
             memory["peak_bytes"] = None  # the process peak would include the candidate's

@@ -166,7 +166,9 @@ class _Repeats:
         if side.memory is None:  # the first load's: its peak includes the warm-up's offline run
             side.memory = engine_memory(engine, device, allocated)
             side.facts = engine_facts(engine)
-            side.options = {**engine.config.as_dict(), "dtype_reason": engine.dtype_reason}
+            # the dtype and each layer kind's kernel per batch-size bucket, with their reasons (rules, not timings)
+            side.options = {**engine.config.as_dict(), "dtype_reason": engine.dtype_reason,
+                            "kernels": engine.kernel_paths()}
 
     def release(self, side: _Side) -> None:
         side.engine = None

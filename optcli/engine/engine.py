@@ -20,10 +20,12 @@ from optcli.engine.attention.triton import build_triton_metadata
 from optcli.engine.cuda_graphs import DecodeGraphs, cuda_capture
 from optcli.engine.detokenizer import IncrementalDetokenizer, completion_text
 from optcli.engine.kernels import triton_available
+from optcli.engine.kernels.cpu_threads import ThreadGovernor
 from optcli.engine.kv_cache import BlockManager
 from optcli.engine.loading.model import load_engine_model
 from optcli.engine.models import moe_summary
 from optcli.engine.models.layer_ops import FusedOps
+from optcli.engine.quant.cpu_choice import kernel_table, tuning_enabled
 from optcli.engine.quant.layers import quant_summary
 from optcli.engine.runner import ModelRunner
 from optcli.engine.sampler import Sampler, TokenHistory, make_generator, token_logprobs
@@ -75,6 +77,10 @@ class Engine:
         self.weights_bytes = self.model.weight_bytes()
         self.quantized_layers = quant_summary(self.model)  # e.g. {"int4/triton": 112}, experts included
         self.moe = moe_summary(self.model)  # how the experts run, router gates unquantized; None when dense
+        # each CPU layer kind's kernel per batch-size bucket, and why (quant/cpu_choice.py); {} on a GPU
+        self.kernels = kernel_table(self.model)
+        # CPU threads: the cores free of other work, re-sampled as the engine steps (kernels/cpu_threads.py)
+        self.threads = ThreadGovernor() if device == "cpu" else None
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.config = config = config.with_options(max_model_len=self.max_model_len)
         self.max_num_seqs = max_num_seqs
@@ -184,6 +190,8 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch.items:
             return []
+        if self.threads is not None:
+            self.threads.update()
         out = self.runner.run(batch)
         self.num_steps += 1
         self.num_scheduled_seqs += len(batch.items)
@@ -363,7 +371,15 @@ class Engine:
             "weights_bytes": self.weights_bytes,
             "quantized_layers": self.quantized_layers,
             "moe": self.moe,
+            "dtype_reason": self.dtype_reason,
+            "kernels": self.kernel_paths(),
+            "cpu_threads": None if self.threads is None else self.threads.stats(),
         }
+
+    def kernel_paths(self) -> dict:
+        """For each CPU layer kind (qkv, o, gate_up, down, lm_head, ...) and batch-size bucket: the kernel
+        and the reason (`quant/cpu_choice.py`); fixed at load, except what `OPTCLI_CPU_TUNE=1` timed since."""
+        return kernel_table(self.model) if tuning_enabled() else self.kernels
 
 
 def select_best(outputs: list[RequestOutput], params: SamplingParams) -> list[RequestOutput]:

@@ -52,17 +52,21 @@ _BANDWIDTH: dict[tuple[int, int], dict] = {}  # measured host bandwidth, once pe
 
 
 def measure_host_bandwidth(nbytes: int = 2**30, repeats: int = 5) -> dict:
-    """Peak host memory read bandwidth as torch's CPU kernels see it, for the batch-1 decode roofline.
+    """Peak host memory read bandwidth, for the batch-1 decode roofline (`bench/comparison.roofline`) and
+    `benchmarks/quant_cpu.py`'s weight-read efficiency: both use this one probe.
 
-    How: a float32 tensor of `nbytes` (1 GiB; 512 MiB when less than 4x that is available; far
-    bigger than any CPU cache) is filled with ones (so every page is really backed), summed once
-    to warm up, then `torch.sum` runs `repeats` more times with torch's intra-op threads (the same
-    threads the engine decodes with); GB/s = bytes read / seconds of the fastest pass (1e9 bytes/s).
-    Best of several, since a shared machine only ever slows a pass down. Measured once per process
-    (per thread count); `gbs` is None when there is not enough free memory to measure honestly.
-    Returns {"gbs", "source"}."""
+    How: a buffer of `nbytes` (1 GiB; 512 MiB when less than 4x that is available; far bigger than any CPU
+    cache), every page written first, read once to warm up, then `repeats` more times; GB/s = bytes read /
+    seconds of the fastest pass (1e9 bytes/s), since a shared machine only ever slows a pass down. The read
+    is our kernels' probe (`lowbit_read_probe` in `cpu_lowbit_float.c`: four 32-byte load streams per
+    thread, dynamic 1 MiB chunks over torch's intra-op threads, the same threads the engine decodes with);
+    where those kernels are not built, `torch.sum` over fp32 (which also adds, so it can read lower).
+    Measured once per process (per thread count); `gbs` is None when there is not enough free memory to
+    measure honestly. Returns {"gbs", "source", "threads"}."""
     import psutil
     import torch
+
+    from optcli.engine.kernels import cpu_lowbit
 
     threads = torch.get_num_threads()
     key = (nbytes, threads)
@@ -73,8 +77,14 @@ def measure_host_bandwidth(nbytes: int = 2**30, repeats: int = 5) -> dict:
     if available < 4 * size:
         size = 2**29
     label = f"{size / 2**30:g} GiB" if size >= 2**30 else f"{size >> 20} MiB"
+    plural = "s" if threads > 1 else ""
     if available < 4 * size:
         result = {"gbs": None, "source": f"not measured: {available >> 20} MiB free is too little for a bandwidth pass"}
+    elif cpu_lowbit.library() is not None:
+        data = torch.ones(size, dtype=torch.uint8)
+        best = min(cpu_lowbit.read_seconds(data) for _ in range(repeats + 1))
+        del data
+        result = {"gbs": size / best / 1e9, "source": f"measured: read probe over {label}, {threads} thread{plural}"}
     else:
         data = torch.ones(size // 4, dtype=torch.float32)
         data.sum()  # warm-up
@@ -84,8 +94,8 @@ def measure_host_bandwidth(nbytes: int = 2**30, repeats: int = 5) -> dict:
             data.sum()
             best = min(best, time.perf_counter() - start)
         del data
-        result = {"gbs": size / best / 1e9,
-                  "source": f"measured: torch.sum over {label} fp32, {threads} thread{'s' if threads > 1 else ''}"}
+        result = {"gbs": size / best / 1e9, "source": f"measured: torch.sum over {label} fp32, {threads} thread{plural}"}
+    result["threads"] = threads
     _BANDWIDTH[key] = result
     return result
 

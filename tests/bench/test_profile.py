@@ -112,7 +112,8 @@ def check_comparison(report: dict) -> None:
 
     roofline = report["roofline"]
     peak = roofline["peak_bandwidth_gbs"]
-    assert peak > 0 and roofline["peak_source"].startswith(("measured: torch.sum over", "catalog: "))
+    assert peak > 0 and roofline["peak_source"].startswith(("measured: read probe over", "measured: torch.sum over",
+                                                            "catalog: "))
     for side, figures in ((roofline["artifact"], report), (roofline["baseline"], base)):
         assert side["decode_tok_s"] == figures["throughput"]["decode_tok_s"] > 0
         assert side["weights_bytes"] == figures["memory"]["weights_bytes"]

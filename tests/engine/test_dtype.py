@@ -4,6 +4,7 @@ profile, serve, planner), and greedy equality with transformers in the dtype it 
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from typer.testing import CliRunner
 
 from optcli.cli import app
 from optcli.config import EngineConfig
+from optcli.engine.kernels.cpu_caps import CpuCaps
 from optcli.engine.loading import placement
 from optcli.engine.loading.placement import resolve_dtype
 from optcli.errors import UsageError
@@ -25,19 +27,27 @@ def test_auto_on_cuda_is_the_checkpoint_dtype_and_bf16_for_fp32() -> None:
     assert resolve_dtype("auto", "cuda:1", None)[0] == "bfloat16"
 
 
-@pytest.mark.parametrize(("native", "speedup", "expected"), [(True, 2.5, "bfloat16"), (True, 0.7, "float32"),
-                                                             (False, 0.0, "float32")])
-def test_auto_on_cpu_takes_bf16_only_when_native_and_measured_faster(monkeypatch, native, speedup, expected) -> None:
-    monkeypatch.setattr(placement, "cpu_bf16_probe", lambda: (native, speedup))
-    dtype, reason = resolve_dtype("auto", "cpu", "float32")
-    assert dtype == expected
-    assert reason.startswith("auto:")
+@pytest.mark.parametrize(("caps", "expected"), [(CpuCaps(avx2=True, lowbit=True), "float32"),
+                                              (CpuCaps(avx2=True, avx512=True, vnni=True), "float32"),
+                                              (CpuCaps(avx2=True, avx512=True, avx512_bf16=True), "bfloat16"),
+                                              (CpuCaps(avx2=True, avx512=True, avx512_bf16=True, amx=True), "bfloat16")])
+def test_auto_on_cpu_is_a_rule_on_the_flags(caps, expected) -> None:
+    """bf16 exactly where the CPU has it natively (AVX-512 BF16 or AMX); the reason says which."""
+    dtype, reason = placement.cpu_auto_dtype(caps)
+    assert dtype == expected and reason.startswith("auto:")
+    assert ("AMX" in reason) == caps.amx or expected == "float32"
 
 
-def test_the_cpu_probe_agrees_with_the_cpu_flags() -> None:
-    native, speedup = placement.cpu_bf16_probe()
-    assert native == bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    assert speedup > 0 if native else speedup == 0.0
+def test_auto_on_cpu_never_times_anything(monkeypatch) -> None:
+    """The same answer busy or not: resolving the dtype runs no clock (a timing race decided it before)."""
+    def no_clock():
+        raise AssertionError("dtype auto must not time anything")
+
+    monkeypatch.setattr(time, "perf_counter", no_clock)
+    monkeypatch.setattr(time, "monotonic", no_clock)
+    dtype, _ = resolve_dtype("auto", "cpu", "float32")
+    native = bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    assert dtype == ("bfloat16" if native else "float32")
 
 
 def test_an_explicit_dtype_is_honoured_and_a_bad_one_refused() -> None:
@@ -75,6 +85,21 @@ def test_profile_runs_and_records_the_dtype(stories_dir, tmp_path, dtype: str) -
     assert report["workload"]["engine"]["dtype"] == dtype
     assert report["workload"]["engine"]["dtype_reason"] == "requested"
     assert report["memory"]["kv_cache_bytes"] % (2 if dtype == "bfloat16" else 4) == 0
+
+
+def test_profile_records_the_kernel_paths_of_both_models_and_why(stories_dir) -> None:
+    """report.json says which kernel each layer kind runs at each batch-size bucket, for the model and its
+    baseline, and why the dtype is what it is: the rules' decisions, the same in every run on a machine."""
+    args = ["profile", str(stories_dir), "--baseline", str(stories_dir), "--device", "cpu", "--requests", "3",
+            "--output-len", "4", "--prompt-len", "4:8", "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    engine = json.loads(result.stdout)["workload"]["engine"]
+    assert engine["dtype_reason"].startswith("auto:") and engine["baseline_dtype_reason"] == engine["dtype_reason"]
+    kernels = engine["kernels"]
+    assert {"qkv", "o", "gate_up", "down", "lm_head"} <= set(kernels) and kernels == engine["baseline_kernels"]
+    for entry in kernels.values():
+        assert all(b["kernel"] and b["reason"] for b in entry["buckets"].values())
 
 
 def test_profile_refuses_an_unknown_dtype(stories_dir) -> None:

@@ -22,6 +22,9 @@
  *
  * Work split: panels of 32 columns across OpenMP threads; each thread unpacks its panel's weights once
  * into an L2-resident buffer, then runs every 32-row block of x over it (4 C tiles, 2 A, 2 B).
+ *
+ * The same library serves CPUs with AVX-512 VNNI and BF16 but no AMX (Zen 4/5): cpu_vnni.c runs these
+ * layouts and this math on VNNI dot products at every M (`cpu_amx.vnni_library()`; the tile code never runs).
  */
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -41,7 +44,7 @@ int amx_init(void) {
  * sa = max(absmax / 127.5, 1e-12), qa = clamp(round_half_even(x / sa), -128, 127). */
 void amx_quant_groups(const uint16_t *x, int64_t M, int64_t K, int64_t G, int8_t *qa, float *sa, int32_t *asum) {
     int64_t ng = K / G;
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(dynamic, chunk_of(M * (K / G), 4)) if (M * K >= (1 << 15))
     for (int64_t m = 0; m < M; m++) {
         for (int64_t g = 0; g < ng; g++) {
             const uint16_t *xr = x + m * K + g * G;
@@ -174,7 +177,7 @@ void amx_q4_gemm(const int8_t *qa, const float *sa, const int32_t *asum, int64_t
 #pragma omp parallel
     {
         int8_t *buf = aligned_alloc(64, (size_t)K * 32 * per);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
         for (int64_t grp = 0; grp < groups; grp++) {
             int64_t p0 = grp * per, p1 = p0 + per < npanels ? p0 + per : npanels;
             for (int64_t p = p0; p < p1; p++) unpack_q4_panel(packed, K, 2 * p, buf + (p - p0) * K * 32);
@@ -192,7 +195,7 @@ void amx_q4_gemv(const int8_t *qa, const float *sa, const int32_t *asum, int64_t
                  const uint8_t *packed, const float *sw, const float *zw, int64_t N, uint16_t *out16) {
     const __m256i low = _mm256_set1_epi8(0x0F);
     int64_t chunks = K / 64, ng = K / G, rows_per_group = G / 4;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, chunk_of(N / 16, 4))
     for (int64_t blk = 0; blk < N / 16; blk++) {
         const uint8_t *wb = packed + blk * chunks * 512;
         __m512 acc[4];
@@ -232,7 +235,7 @@ void amx_q8_gemm(const int8_t *qa, const float *sa, const int32_t *asum, int64_t
     int64_t npanels = N / 32, per = panels_per_group(K, 1), groups = (npanels + per - 1) / per;
 #pragma omp parallel
     {
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
         for (int64_t grp = 0; grp < groups; grp++) {
             int64_t p0 = grp * per, p1 = p0 + per < npanels ? p0 + per : npanels;
             panel_gemm(qa, sa, asum, M, K, K, packed + p0 * K * 32, p1 - p0, sw, NULL, N, 32 * p0, out32, out16);

@@ -7,6 +7,18 @@
 #include <stdlib.h>
 #include <string.h>
 
+#define INLINE static inline __attribute__((always_inline))
+
+#include <omp.h>
+
+/* Work split: dynamic chunks, about 8 per thread and at least `min` items each. A thread the OS deschedules
+ * for a moment (another process on its core) then holds up only its current chunk while the others take the
+ * rest; a static split made every parallel region wait for its whole share (engine/kernels/cpu_threads.py). */
+static inline int64_t chunk_of(int64_t n, int64_t min) {
+    int64_t c = n / (8 * (int64_t)omp_get_max_threads());
+    return c > min ? c : min;
+}
+
 typedef struct {
     uint8_t palette_id;
     uint8_t start_row;

@@ -3,6 +3,9 @@ compiled once per machine and called through ctypes, like `cpu_lowbit`.
 
 `library()` is None unless the CPU has AMX-INT8, the kernel grants the process AMX tile state, and
 the C compiler knows the AMX intrinsics; then the quantized layers simply do not offer these paths.
+`vnni_library()` is the same build on a CPU with AVX-512 VNNI and BF16, AMX or not (Zen 4/5): only its
+VNNI kernels (`vnni_q4_gemm`, `vnni_q8_gemm`: W4A16 and W8A8 at every batch size in the AMX layouts) run
+there.
 `reference_q4_gemm` / `reference_q8_gemm` are the plain-PyTorch statements of what they compute.
 """
 
@@ -25,7 +28,7 @@ from optcli.engine.kernels.cpu_lowbit import _compiler
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_suffix(".c")  # the int8-tile kernels; FP8's and the shared header beside it
-SOURCES = (SOURCE, SOURCE.with_name("cpu_amx_fp8.c"))
+SOURCES = (SOURCE, SOURCE.with_name("cpu_amx_fp8.c"), SOURCE.with_name("cpu_vnni.c"))
 HEADER = SOURCE.with_suffix(".h")
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mamx-tile", "-mamx-int8", "-mamx-bf16", "-fopenmp",
          "-fPIC", "-shared", "-fno-math-errno")
@@ -38,12 +41,21 @@ def _source_bytes() -> bytes:
     return b"".join(p.read_bytes() for p in (*SOURCES, HEADER))
 
 
+VNNI_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni")
+
+
+def _cpu_flags() -> frozenset[str]:
+    from optcli.engine.kernels.cpu_caps import cpu_flags
+
+    return cpu_flags()
+
+
 def _cpu_has_amx() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return all(f" {flag}" in flags for flag in ("amx_int8", "amx_bf16", "amx_tile", "avx512_bf16", "avx512_vnni", "avx512bw"))
+    return {"amx_int8", "amx_bf16", "amx_tile", *VNNI_FLAGS} <= _cpu_flags()
+
+
+def _cpu_has_vnni512() -> bool:
+    return set(VNNI_FLAGS) <= _cpu_flags()
 
 
 @functools.cache
@@ -56,6 +68,24 @@ def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None where AMX is absent, not granted, or the build fails."""
     if os.environ.get("OPTCLI_CPU_AMX", "1") == "0" or not _cpu_has_amx():
         return None
+    lib = _build()
+    if lib is None or not lib.amx_init():
+        log.info("the kernel did not grant AMX tile state: the AMX CPU kernels are not used")
+        return None
+    return lib
+
+
+@functools.cache
+def vnni_library() -> ctypes.CDLL | None:
+    """The same build where the CPU has AVX-512 VNNI and BF16 (AMX or not): its VNNI kernels only
+    (`vnni_q4_gemm`); None where those flags are absent or the build fails."""
+    if os.environ.get("OPTCLI_CPU_VNNI", "1") == "0" or not _cpu_has_vnni512():
+        return None
+    return _build()
+
+
+@functools.cache
+def _build() -> ctypes.CDLL | None:
     cc = _compiler()
     if cc is None:
         return None
@@ -83,12 +113,14 @@ def library() -> ctypes.CDLL | None:
     lib.amx_q8_gemm.argtypes = [p, p, p, i64, i64, p, p, i64, p, p]
     lib.amx_fp8_gemm.argtypes = [p, i64, i64, p, i64, p, p, p]
     lib.amx_fp8_round_rows.argtypes = [p, i64, i64, p, p]
+    lib.vnni_q4_linear.argtypes = [p, i64, i64, i64, p, p, p, i64, p]
+    lib.vnni_q8_linear.argtypes = [p, i64, i64, p, p, p, i64, p]
+    lib.vnni_fp8_gemm.argtypes = [p, i64, i64, p, i64, p, p, p]
+    lib.vnni_bf16_gemm.argtypes = [p, i64, i64, p, i64, p]
     for f in (lib.amx_quant_groups, lib.amx_q4_gemm, lib.amx_q4_gemv, lib.amx_q8_gemm, lib.amx_fp8_gemm,
-              lib.amx_fp8_round_rows, lib.amx_q4_linear, lib.amx_q8_linear):
+              lib.amx_fp8_round_rows, lib.amx_q4_linear, lib.amx_q8_linear, lib.vnni_q4_linear, lib.vnni_q8_linear,
+              lib.vnni_fp8_gemm, lib.vnni_bf16_gemm):
         f.restype = None
-    if not lib.amx_init():
-        log.info("the kernel did not grant AMX tile state: the AMX CPU kernels are not used")
-        return None
     return lib
 
 
@@ -122,7 +154,8 @@ def quantize_groups(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, tor
     qa = torch.empty(m, k, dtype=torch.int8)
     sa = torch.empty(m, k // group_size, dtype=torch.float32)
     asum = torch.empty(m, k // group_size, dtype=torch.int32)
-    library().amx_quant_groups(x.data_ptr(), m, k, group_size, qa.data_ptr(), sa.data_ptr(), asum.data_ptr())
+    (library() or vnni_library()).amx_quant_groups(x.data_ptr(), m, k, group_size, qa.data_ptr(), sa.data_ptr(),
+                                                   asum.data_ptr())
     return qa, sa, asum
 
 
@@ -137,6 +170,31 @@ def q4_gemm(x: torch.Tensor, packed: torch.Tensor, scales_t: torch.Tensor, zeros
     if m:
         library().amx_q4_linear(x.data_ptr(), m, k, group_size, packed.data_ptr(), scales_t.data_ptr(),
                                 None if zeros_t is None else zeros_t.data_ptr(), n, GEMV_ROWS, out.data_ptr())
+    return out
+
+
+def vnni_q4_gemm(x: torch.Tensor, packed: torch.Tensor, scales_t: torch.Tensor, zeros_t: torch.Tensor | None,
+                 group_size: int, n: int) -> torch.Tensor:
+    """`q4_gemm` on AVX-512 VNNI dot products at every M (no tiles): the same layout and result."""
+    x = x.contiguous()
+    m, k = x.shape
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    if m:
+        vnni_library().vnni_q4_linear(x.data_ptr(), m, k, group_size, packed.data_ptr(), scales_t.data_ptr(),
+                                      None if zeros_t is None else zeros_t.data_ptr(), n, out.data_ptr())
+    return out
+
+
+def vnni_q8_gemm(x: torch.Tensor, packed: torch.Tensor, colsum: torch.Tensor, scales: torch.Tensor,
+                 n: int) -> torch.Tensor:
+    """`q8_gemm` on AVX-512 VNNI dot products (no tiles); colsum: int32 [N], each column's weight sum."""
+    assert colsum.dtype == torch.int32
+    x = x.contiguous()
+    m, k = x.shape
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    if m:
+        vnni_library().vnni_q8_linear(x.data_ptr(), m, k, packed.data_ptr(), colsum.data_ptr(), scales.data_ptr(),
+                                      n, out.data_ptr())
     return out
 
 
@@ -198,6 +256,29 @@ def fp8_gemm(a: torch.Tensor, packed: torch.Tensor, post_n: torch.Tensor, post_m
     return out
 
 
+def vnni_bf16_gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """bf16 x [M, K] @ bf16 W [N, K]^T -> fp32 [M, N] on AVX-512 BF16 dot products (fp32 sums of the exact
+    products), a weight row streamed at a time: the few-row kernel of a bf16 model's dense layers. K % 32 == 0."""
+    x, w = x.to(torch.bfloat16).contiguous(), w.contiguous()
+    m, k = x.shape
+    out = torch.empty(m, w.shape[0], dtype=torch.float32)
+    vnni_library().vnni_bf16_gemm(x.data_ptr(), m, k, w.data_ptr(), w.shape[0], out.data_ptr())
+    return out
+
+
+def vnni_fp8_gemm(a: torch.Tensor, packed: torch.Tensor, post_n: torch.Tensor, post_m: torch.Tensor | None,
+                  n: int) -> torch.Tensor:
+    """`fp8_gemm` on AVX-512 BF16 dot products (no tiles), the same layout and numbers: N % 16 suffices."""
+    a = a.to(torch.bfloat16).contiguous()
+    m, k = a.shape
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    if m:
+        pm = None if post_m is None else post_m.float().contiguous()
+        vnni_library().vnni_fp8_gemm(a.data_ptr(), m, k, packed.data_ptr(), n, post_n.data_ptr(),
+                                     None if pm is None else pm.data_ptr(), out.data_ptr())
+    return out
+
+
 def fp8_round_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """bf16 x [M, K] -> (its per-token FP8 rounding as bf16 [M, K], fp32 scales [M]): bit for bit
     `ops.quantize_per_token(x.float(), torch.float8_e4m3fn)`, the values widened back (exact in bf16)."""
@@ -205,7 +286,7 @@ def fp8_round_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     m, k = x.shape
     out = torch.empty(m, k, dtype=torch.bfloat16)
     scales = torch.empty(m, dtype=torch.float32)
-    library().amx_fp8_round_rows(x.data_ptr(), m, k, out.data_ptr(), scales.data_ptr())
+    (library() or vnni_library()).amx_fp8_round_rows(x.data_ptr(), m, k, out.data_ptr(), scales.data_ptr())
     return out, scales
 
 

@@ -22,27 +22,35 @@ static void fp8_lut_init(void) {
     }
 }
 
-static void widen_fp8_panel(const uint8_t *packed, int64_t K, int64_t block0, uint16_t *buf) {
+static void ensure_lut(void) {
+    static int lut_ready = 0;
+    if (!lut_ready) {
+        fp8_lut_init();
+        lut_ready = 1;
+    }
+}
+
+/* 32 E4M3 bytes -> their 32 exact bf16 values: the 128-entry table of magnitudes (two 64-entry permutes and a
+ * blend on bit 6), the sign moved up from bit 7. */
+INLINE __m512i widen_fp8_row(const uint8_t *src) {
     const __m512i t0 = _mm512_loadu_si512(fp8_lut), t1 = _mm512_loadu_si512(fp8_lut + 32);
     const __m512i t2 = _mm512_loadu_si512(fp8_lut + 64), t3 = _mm512_loadu_si512(fp8_lut + 96);
-    const __m512i mag_mask = _mm512_set1_epi16(0x7F), bit6 = _mm512_set1_epi16(0x40);
-    const __m512i sign_mask = _mm512_set1_epi16(0x80);
-    int64_t chunks = K / 32;
-    for (int b = 0; b < 2; b++) {
-        for (int64_t c = 0; c < chunks; c++) {
-            const uint8_t *src = packed + ((block0 + b) * chunks + c) * 512;
-            uint16_t *dst = buf + (b * chunks + c) * 512;
-            for (int r = 0; r < 16; r++) {
-                __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(src + r * 32)));
-                __m512i mag = _mm512_and_si512(v, mag_mask);
-                __m512i lo = _mm512_permutex2var_epi16(t0, mag, t1);
-                __m512i hi = _mm512_permutex2var_epi16(t2, mag, t3);
-                __m512i w = _mm512_mask_blend_epi16(_mm512_test_epi16_mask(mag, bit6), lo, hi);
-                w = _mm512_or_si512(w, _mm512_slli_epi16(_mm512_and_si512(v, sign_mask), 8));
-                _mm512_storeu_si512(dst + r * 32, w);
-            }
-        }
-    }
+    const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)src));
+    const __m512i mag = _mm512_and_si512(v, _mm512_set1_epi16(0x7F));
+    const __m512i lo = _mm512_permutex2var_epi16(t0, mag, t1), hi = _mm512_permutex2var_epi16(t2, mag, t3);
+    const __m512i w = _mm512_mask_blend_epi16(_mm512_test_epi16_mask(mag, _mm512_set1_epi16(0x40)), lo, hi);
+    return _mm512_or_si512(w, _mm512_slli_epi16(_mm512_and_si512(v, _mm512_set1_epi16(0x80)), 8));
+}
+
+/* One block of 16 columns (K/32 chunks of 16 rows of 32 bytes) widened to bf16 into buf [K/2][32]. */
+static void widen_fp8_block(const uint8_t *packed, int64_t K, int64_t block, uint16_t *buf) {
+    const uint8_t *src = packed + block * K * 16;
+    for (int64_t r = 0; r < K / 2; r++) _mm512_storeu_si512(buf + r * 32, widen_fp8_row(src + r * 32));
+}
+
+static void widen_fp8_panel(const uint8_t *packed, int64_t K, int64_t block0, uint16_t *buf) {
+    widen_fp8_block(packed, K, block0, buf);
+    widen_fp8_block(packed, K, block0 + 1, buf + K * 16);
 }
 
 /* One 32-row block (rows r0 + r1 from m0) of a against one widened panel (b0, b1: [K/32][16][32] bf16). */
@@ -87,18 +95,14 @@ static void fp8_block(const uint16_t *a, int64_t K, int64_t m0, int r0, int r1, 
  * K % 32 == 0, N % 32 == 0. */
 void amx_fp8_gemm(const uint16_t *a, int64_t M, int64_t K, const uint8_t *packed, int64_t N, const float *post_n,
                   const float *post_m, uint16_t *out16) {
-    static int lut_ready = 0;
-    if (!lut_ready) {
-        fp8_lut_init();
-        lut_ready = 1;
-    }
+    ensure_lut();
     int64_t chunks = K / 32, npanels = N / 32, per = panels_per_group(K, 2);
     int64_t groups = (npanels + per - 1) / per;
 #pragma omp parallel
     {
         uint16_t *buf = aligned_alloc(64, (size_t)(K * 32 * 2) * per);
         float cbuf[32 * 32] __attribute__((aligned(64)));
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
         for (int64_t grp = 0; grp < groups; grp++) {
             int64_t p0 = grp * per, p1 = p0 + per < npanels ? p0 + per : npanels;
             for (int64_t p = p0; p < p1; p++) widen_fp8_panel(packed, K, 2 * p, buf + (p - p0) * K * 32);
@@ -121,11 +125,73 @@ void amx_fp8_gemm(const uint16_t *a, int64_t M, int64_t K, const uint8_t *packed
     }
 }
 
+/* FP8 on AVX-512 BF16 alone (Zen 4/5: no tiles): vdpbf16ps on the weights widened exactly to bf16 (fp32 sums
+ * of exact bf16 products, as on the tiles). Up to 8 rows: each 32-byte row widened in registers as it streams
+ * (one byte a weight read); more: each block of 16 columns widened once into a per-thread buffer (2 bytes a
+ * weight, in L2) that every tile of 8 rows reads. U sums a row over successive weight rows (enough chains). */
+INLINE void bf16_dot_tile(const int R, const int U, const uint16_t *a, int64_t K, const uint16_t *wbuf,
+                          const uint8_t *src, __m512 *acc) {
+    __m512 s[4][8];
+    for (int u = 0; u < U; u++)
+        for (int m = 0; m < R; m++) s[u][m] = _mm512_setzero_ps();
+    for (int64_t r = 0; r < K / 2; r += U) {
+        for (int u = 0; u < U; u++) { /* src: widen as we go (one row tile); else read the widened buffer */
+            const __m512bh w = (__m512bh)(src ? widen_fp8_row(src + (r + u) * 32)
+                                              : _mm512_loadu_si512((const void *)(wbuf + (r + u) * 32)));
+            for (int m = 0; m < R; m++) {
+                int32_t pair;
+                memcpy(&pair, a + m * K + 2 * (r + u), 4);
+                s[u][m] = _mm512_dpbf16_ps(s[u][m], (__m512bh)_mm512_set1_epi32(pair), w);
+            }
+        }
+    }
+    for (int m = 0; m < R; m++) {
+        acc[m] = s[0][m];
+        for (int u = 1; u < U; u++) acc[m] = _mm512_add_ps(acc[m], s[u][m]);
+    }
+}
+
+/* y [M, N] bf16 = post_m[m] (1 when NULL) * post_n[n] * (a [M, K] bf16 @ W^T), W from pack_fp8; K % 32, N % 16. */
+void vnni_fp8_gemm(const uint16_t *a, int64_t M, int64_t K, const uint8_t *packed, int64_t N, const float *post_n,
+                   const float *post_m, uint16_t *out16) {
+    ensure_lut();
+#pragma omp parallel
+    {
+        uint16_t *buf = aligned_alloc(64, (size_t)K * 32);
+#pragma omp for schedule(dynamic, chunk_of(N / 16, 2))
+        for (int64_t blk = 0; blk < N / 16; blk++) {
+            const uint8_t *src = M <= 8 ? packed + blk * K * 16 : NULL; /* one row tile: no buffer round trip */
+            if (!src) widen_fp8_block(packed, K, blk, buf);
+            const __m512 pn = _mm512_loadu_ps(post_n + blk * 16);
+            for (int64_t m0 = 0; m0 < M; m0 += 8) {
+                const int64_t R = M - m0 < 8 ? M - m0 : 8;
+                const uint16_t *am = a + m0 * K;
+                __m512 acc[8];
+                switch (R) { /* constant R and U: every sum in a register */
+                case 1: bf16_dot_tile(1, 4, am, K, buf, src, acc); break;
+                case 2: bf16_dot_tile(2, 4, am, K, buf, src, acc); break;
+                case 3: bf16_dot_tile(3, 2, am, K, buf, src, acc); break;
+                case 4: bf16_dot_tile(4, 2, am, K, buf, src, acc); break;
+                case 5: bf16_dot_tile(5, 1, am, K, buf, src, acc); break;
+                case 6: bf16_dot_tile(6, 1, am, K, buf, src, acc); break;
+                case 7: bf16_dot_tile(7, 1, am, K, buf, src, acc); break;
+                default: bf16_dot_tile(8, 1, am, K, buf, src, acc); break;
+                }
+                for (int m = 0; m < R; m++) {
+                    const __m512 y = _mm512_mul_ps(_mm512_mul_ps(acc[m], _mm512_set1_ps(post_m ? post_m[m0 + m] : 1.f)), pn);
+                    _mm256_storeu_si256((__m256i *)(out16 + (m0 + m) * N + blk * 16), (__m256i)_mm512_cvtneps_pbh(y));
+                }
+            }
+        }
+        free(buf);
+    }
+}
+
 /* Per-token FP8 (E4M3) rounding of bf16 activations, as bf16 (every E4M3 value is exact in bf16): bit for bit
  * `ops.quantize_per_token(x, torch.float8_e4m3fn)` on x widened to fp32 (scale = max(absmax / 448, 1e-12),
  * x / scale clamped to +-448, rounded to nearest even on E4M3's grid, subnormals at steps of 2^-9). */
 void amx_fp8_round_rows(const uint16_t *x, int64_t M, int64_t K, uint16_t *out, float *scales) {
-#pragma omp parallel for schedule(static) if (M * K >= (1 << 15))
+#pragma omp parallel for schedule(dynamic, chunk_of(M, 1)) if (M * K >= (1 << 15))
     for (int64_t m = 0; m < M; m++) {
         const uint16_t *xr = x + m * K;
         __m512 amax = _mm512_setzero_ps();

@@ -29,7 +29,7 @@
  * asum [M, K/B] = the block's sum of qa. */
 void lowbit_quant_blocks(const float *x, int64_t M, int64_t K, int64_t B, int8_t *qa, float *sa, int32_t *asum) {
     const int64_t nb = K / B;
-#pragma omp parallel for schedule(static) if (M * K >= (1 << 16))
+#pragma omp parallel for schedule(dynamic, chunk_of(M, 1)) if (M * K >= (1 << 16))
     for (int64_t m = 0; m < M; m++) {
         for (int64_t b = 0; b < nb; b++) {
             const float *xr = x + m * K + b * B;
@@ -111,7 +111,7 @@ void lowbit_q4_gemm(const int8_t *qa, const float *sa, const int32_t *asum, int6
 #pragma omp parallel
     for (int64_t t0 = 0; t0 < M; t0 += MT) {
         const int64_t t1 = t0 + MT < M ? t0 + MT : M;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, chunk_of(N / 8, 8))
         for (int64_t blk = 0; blk < N / 8; blk++) {
             const int64_t c0 = blk * 8;
             for (int64_t m = t0; m < t1; m++)
@@ -177,7 +177,7 @@ void lowbit_q8_gemm(const int8_t *xq, const float *xs, int64_t M, int64_t K, con
     int16_t *a16 = (int16_t *)malloc((size_t)(MT * K * 2));
     if (M <= Q8_FEW_ROWS) {
         for (int64_t i = 0; i < M * K; i++) a16[i] = xq[i];
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, chunk_of(N, 32))
         for (int64_t n = 0; n < N; n++) q8_rows(M, wq + n * K, a16, K, xs, ws[n], out + n, N);
         free(a16);
         return;
@@ -187,9 +187,9 @@ void lowbit_q8_gemm(const int8_t *xq, const float *xs, int64_t M, int64_t K, con
         int16_t *w16 = (int16_t *)malloc((size_t)(NC * K * 2));
         for (int64_t t0 = 0; t0 < M; t0 += MT) {
             const int64_t t1 = t0 + MT < M ? t0 + MT : M;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, chunk_of((t1 - t0) * K, 4096))
             for (int64_t i = 0; i < (t1 - t0) * K; i++) a16[i] = xq[t0 * K + i];
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, chunk_of(nblocks, 4))
             for (int64_t blk = 0; blk < nblocks; blk++) {
                 const int64_t c0 = blk * NC;
                 const int C = N - c0 < NC ? (int)(N - c0) : NC;
@@ -220,7 +220,7 @@ void lowbit_q8_gemm(const int8_t *xq, const float *xs, int64_t M, int64_t K, con
  * -128, 127). A true division, as torch's, not a multiply by the reciprocal. */
 void lowbit_quant_rows_int8(const float *x, int64_t M, int64_t K, int8_t *q, float *scales) {
     const __m256 sign = _mm256_set1_ps(-0.f), lo = _mm256_set1_ps(-128.f), hi = _mm256_set1_ps(127.f);
-#pragma omp parallel for schedule(static) if (M * K >= (1 << 16))
+#pragma omp parallel for schedule(dynamic, chunk_of(M, 1)) if (M * K >= (1 << 16))
     for (int64_t m = 0; m < M; m++) {
         const float *xr = x + m * K;
         __m256 vmax = _mm256_setzero_ps();
@@ -313,7 +313,7 @@ void lowbit_nf4_gemm(const float *x, int64_t M, int64_t K, const uint8_t *packed
     float *xs = (float *)malloc((size_t)(M * K) * sizeof(float));
     for (int64_t i = 0; i < M * K; i += 16)
         for (int t = 0; t < 8; t++) xs[i + t] = x[i + 2 * t], xs[i + 8 + t] = x[i + 2 * t + 1];
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, chunk_of(N, 32))
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *p = packed + n * (K / 2);
         const float *a = absmax + n * (K / bs);
@@ -328,7 +328,7 @@ void lowbit_nf4_gemm(const float *x, int64_t M, int64_t K, const uint8_t *packed
 void lowbit_nf4_dequant(const uint8_t *packed, const float *absmax, const float *code, int64_t bs, int64_t N,
                         int64_t K, float *w) {
     const __m256 lo_tab = _mm256_loadu_ps(code), hi_tab = _mm256_loadu_ps(code + 8);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, chunk_of(N * K / bs, 256))
     for (int64_t i = 0; i < N * K / bs; i++) {
         const __m256 s = _mm256_set1_ps(absmax[i]);
         for (int64_t j = i * bs; j < (i + 1) * bs; j += 8) {
@@ -346,7 +346,7 @@ void lowbit_nf4_dequant(const uint8_t *packed, const float *absmax, const float 
  * `(x / scale).clamp(...).to(torch.float8_e4m3fn).float()` does (there in scalar code). Normal
  * values keep 3 mantissa bits; below 2^-6 the grid is 2^-9. */
 void lowbit_fp8_round_rows(const float *x, int64_t M, int64_t K, float *out, float *scales) {
-#pragma omp parallel for schedule(static) if (M * K >= (1 << 15))
+#pragma omp parallel for schedule(dynamic, chunk_of(M, 1)) if (M * K >= (1 << 15))
     for (int64_t m = 0; m < M; m++) {
         const float *xr = x + m * K;
         float amax = 0.f;

@@ -5,7 +5,7 @@ No maintained library gives an exact low-bit GEMM on an AVX2 CPU without VNNI, o
 bf16-held weights (see the C file's header), so these are ours: compiled with the system's C compiler (`$CC`, else `cc`) on first use
 into `$OPTCLI_CACHE/cpu-kernels/`, keyed by the source's hash, the flags and the compiler. Where there
 is no compiler, no AVX2, or the build fails, `library()` is None and the quantized layers keep torch's
-paths (they only ever offer these as candidates, timed against torch's, in `cpu_choice.py`).
+paths (every kernel here is one class in `engine/quant/cpu_kernels.py`, which refuses a layer without this build).
 
 Plain C called on torch tensors' memory rather than a torch C++ extension: it builds in about a second
 without torch's headers, and the OpenMP runtime it asks for is the one torch has already loaded.
@@ -57,7 +57,7 @@ def _cpu_has_avx2() -> bool:
 
 @functools.cache
 def source_key() -> str:
-    """A short hash of the kernels' C source (names the timed choices made with this build of them)."""
+    """A short hash of the kernels' C source (names the opt-in tuned choices made with this build of them)."""
     return hashlib.sha256(_source_bytes()).hexdigest()[:8]
 
 
@@ -100,6 +100,8 @@ def library() -> ctypes.CDLL | None:
     lib.lowbit_i8w_gemm.argtypes = [p, i64, i64, p, i64, ctypes.c_int, p]
     lib.lowbit_quant_rows_int8.argtypes = [p, i64, i64, p, p]
     lib.lowbit_q8_linear.argtypes = [p, i64, i64, p, p, i64, p]
+    lib.lowbit_read_probe.argtypes = [p, i64]
+    lib.lowbit_read_probe.restype = i64
     for f in (lib.lowbit_quant_blocks, lib.lowbit_q4_gemm, lib.lowbit_q8_gemm, lib.lowbit_nf4_gemm,
               lib.lowbit_nf4_dequant, lib.lowbit_fp8_round_rows, lib.lowbit_bf16_gemm, lib.lowbit_bf16_gemm_panels,
               lib.lowbit_q4_linear, lib.lowbit_fp8_gemm, lib.lowbit_fp8_widen, lib.lowbit_i8w_gemm,
@@ -267,6 +269,16 @@ def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tenso
     w = torch.empty((n, k), dtype=torch.float32)
     library().lowbit_nf4_dequant(_ptr(packed), _ptr(absmax), _ptr(code), blocksize, n, k, _ptr(w))
     return w
+
+
+def read_seconds(buf: torch.Tensor) -> float:
+    """Seconds one pass of `lowbit_read_probe` takes to read every byte of `buf` (uint8, numel % 128 == 0)
+    with the current OpenMP thread count."""
+    import time
+
+    start = time.perf_counter()
+    library().lowbit_read_probe(_ptr(buf), buf.numel())
+    return time.perf_counter() - start
 
 
 def reference_q4_gemm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,

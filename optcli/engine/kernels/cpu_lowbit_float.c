@@ -67,9 +67,23 @@ INLINE void widen16(const uint8_t *w, const int kind, __m256 *lo, __m256 *hi) {
  * q8_rows): 16 weights widened at a time, then used by every row. out[r * ldo] = post * dot. */
 INLINE void byte_rows(const int kind, const int R, const float *x, int64_t K, const uint8_t *w, float post,
                       float *out, int64_t ldo) {
-    __m256 s0[4], s1[4];
+    __m256 s0[4], s1[4], s2[2], s3[2];
     for (int r = 0; r < R; r++) s0[r] = s1[r] = _mm256_setzero_ps();
+    for (int r = 0; r < 2; r++) s2[r] = s3[r] = _mm256_setzero_ps();
     int64_t j = 0;
+    if (R <= 2) /* 32 weights a step into four sums a row: two would be one FMA latency chain per 16 bytes */
+        for (; j + 32 <= K; j += 32) {
+            if ((j & 63) == 0) _mm_prefetch((const char *)(w + j + ROW_PREFETCH), _MM_HINT_T0);
+            __m256 lo, hi, lo2, hi2;
+            widen16(w + j, kind, &lo, &hi);
+            widen16(w + j + 16, kind, &lo2, &hi2);
+            for (int r = 0; r < R; r++) {
+                s0[r] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x + r * K + j), s0[r]);
+                s1[r] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + r * K + j + 8), s1[r]);
+                s2[r] = _mm256_fmadd_ps(lo2, _mm256_loadu_ps(x + r * K + j + 16), s2[r]);
+                s3[r] = _mm256_fmadd_ps(hi2, _mm256_loadu_ps(x + r * K + j + 24), s3[r]);
+            }
+        }
     for (; j + 16 <= K; j += 16) {
         if ((j & 63) == 0) _mm_prefetch((const char *)(w + j + ROW_PREFETCH), _MM_HINT_T0);
         __m256 lo, hi;
@@ -80,7 +94,9 @@ INLINE void byte_rows(const int kind, const int R, const float *x, int64_t K, co
         }
     }
     for (int r = 0; r < R; r++) {
-        float acc = hsum_ps(_mm256_add_ps(s0[r], s1[r]));
+        __m256 s = _mm256_add_ps(s0[r], s1[r]);
+        if (R <= 2) s = _mm256_add_ps(s, _mm256_add_ps(s2[r], s3[r]));
+        float acc = hsum_ps(s);
         for (int64_t jj = j; jj < K; jj++) acc += widen1(w, kind, jj) * x[r * K + jj];
         out[r * ldo] = acc * post;
     }
@@ -127,15 +143,19 @@ INLINE void bf16_tile(const int R, const int C, const float *x, int64_t K, const
 INLINE void bf16_rows(const int64_t R, const float *x, int64_t K, const uint16_t *w, float *out, int64_t ldo) {
     for (int64_t r = 0; r < R; r++) {
         const float *xr = x + r * K;
-        __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+        /* four independent sums: with two, the FMA latency chain capped one row at ~8 bytes a cycle (28 GB/s
+         * on a Zen 5 core that reads 38) */
+        __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
         int64_t j = 0;
-        for (; j + 16 <= K; j += 16) {
-            if (r == 0 && (j & 31) == 0) _mm_prefetch((const char *)(w + j) + ROW_PREFETCH, _MM_HINT_T0);
+        for (; j + 32 <= K; j += 32) {
+            if (r == 0) _mm_prefetch((const char *)(w + j) + ROW_PREFETCH, _MM_HINT_T0);
             s0 = _mm256_fmadd_ps(bf16_load8(w + j), _mm256_loadu_ps(xr + j), s0);
             s1 = _mm256_fmadd_ps(bf16_load8(w + j + 8), _mm256_loadu_ps(xr + j + 8), s1);
+            s2 = _mm256_fmadd_ps(bf16_load8(w + j + 16), _mm256_loadu_ps(xr + j + 16), s2);
+            s3 = _mm256_fmadd_ps(bf16_load8(w + j + 24), _mm256_loadu_ps(xr + j + 24), s3);
         }
         for (; j + 8 <= K; j += 8) s0 = _mm256_fmadd_ps(bf16_load8(w + j), _mm256_loadu_ps(xr + j), s0);
-        float acc = hsum_ps(_mm256_add_ps(s0, s1));
+        float acc = hsum_ps(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
         for (; j < K; j++) acc += bf16_scalar(w[j]) * xr[j];
         out[r * ldo] = acc;
     }
@@ -145,7 +165,7 @@ INLINE void bf16_rows(const int64_t R, const float *x, int64_t K, const uint16_t
 /* y [M, N] = x [M, K] @ W^T, W bf16 [N, K] (its raw 16-bit patterns), fp32 accumulation. */
 void lowbit_bf16_gemm(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, float *out) {
     if (M == 1) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, chunk_of(N, 32))
         for (int64_t n = 0; n < N; n++) bf16_rows(M, x, K, w + n * K, out + n, N);
         return;
     }
@@ -153,7 +173,7 @@ void lowbit_bf16_gemm(const float *x, int64_t M, int64_t K, const uint16_t *w, i
 #pragma omp parallel
     for (int64_t t0 = 0; t0 < M; t0 += BF16_ROWS) {
         const int64_t t1 = t0 + BF16_ROWS < M ? t0 + BF16_ROWS : M;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, chunk_of(nblocks, 4))
         for (int64_t blk = 0; blk < nblocks; blk++) {
             const int64_t c0 = blk * 4;
             const int C = N - c0 < 4 ? (int)(N - c0) : 4;
@@ -239,7 +259,7 @@ INLINE void gemm_panels(const float *x, int64_t M, int64_t K, const void *w, con
 #pragma omp parallel
     {
         float *buf = (float *)aligned_alloc(32, KC * 16 * sizeof(float));
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, chunk_of(panels, 1))
         for (int64_t p = 0; p < panels; p++) {
             const int64_t n0 = p * 16;
             for (int64_t k0 = 0; k0 < K; k0 += KC) {
@@ -290,7 +310,7 @@ void lowbit_fp8_gemm(const float *x, int64_t M, int64_t K, const uint8_t *w, int
         gemm_panels(x, M, K, w, W_FP8, N, post, out);
         return;
     }
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, chunk_of(N, 32))
     for (int64_t n = 0; n < N; n++) byte_column(W_FP8, M, x, K, w + n * K, post, out + n, N);
 }
 
@@ -304,7 +324,7 @@ void lowbit_i8w_gemm(const float *x, int64_t M, int64_t K, const int8_t *w, int6
         gemm_panels(x, M, K, w, W_INT8, N, 1.f, out);
         return;
     }
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, chunk_of(N, 32))
     for (int64_t n = 0; n < N; n++) byte_column(W_INT8, M, x, K, (const uint8_t *)(w + n * K), 1.f, out + n, N);
 }
 
@@ -313,7 +333,7 @@ void lowbit_i8w_gemm(const float *x, int64_t M, int64_t K, const int8_t *w, int6
 void lowbit_fp8_widen(const uint8_t *w, int64_t count, float post, float *out) {
     const __m256 p = _mm256_set1_ps(post);
     const int64_t n16 = count & ~(int64_t)15;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, chunk_of(n16 / 16, 1024))
     for (int64_t i = 0; i < n16; i += 16) {
         __m256 lo, hi;
         widen16(w + i, W_FP8, &lo, &hi);
@@ -321,4 +341,29 @@ void lowbit_fp8_widen(const uint8_t *w, int64_t count, float post, float *out) {
         _mm256_storeu_ps(out + i + 8, _mm256_mul_ps(hi, p));
     }
     for (int64_t i = n16; i < count; i++) out[i] = fp8_scalar(w[i]) * post;
+}
+
+/* ---------------------------------------------------------------- memory read probe --------------- */
+
+/* The machine's read bandwidth as a GEMV sees it (roi/hardware.measure_host_bandwidth, the batch-1 decode
+ * roofline): every byte of buf [n], n % 128 == 0, loaded once with four independent 32-byte streams per
+ * thread, split in dynamic chunks of 1 MiB. Returns a checksum so the loads cannot be optimized away. */
+int64_t lowbit_read_probe(const uint8_t *buf, int64_t n) {
+    const int64_t chunk = 1 << 20, chunks = (n + chunk - 1) / chunk;
+    int64_t total = 0;
+#pragma omp parallel for schedule(dynamic, 1) reduction(+ : total)
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t end = (c + 1) * chunk < n ? (c + 1) * chunk : n;
+        __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t i = c * chunk; i < end; i += 128) {
+            a0 = _mm256_add_epi64(a0, _mm256_loadu_si256((const __m256i *)(buf + i)));
+            a1 = _mm256_add_epi64(a1, _mm256_loadu_si256((const __m256i *)(buf + i + 32)));
+            a2 = _mm256_add_epi64(a2, _mm256_loadu_si256((const __m256i *)(buf + i + 64)));
+            a3 = _mm256_add_epi64(a3, _mm256_loadu_si256((const __m256i *)(buf + i + 96)));
+        }
+        const __m256i s = _mm256_add_epi64(_mm256_add_epi64(a0, a1), _mm256_add_epi64(a2, a3));
+        total += _mm256_extract_epi64(s, 0) + _mm256_extract_epi64(s, 1) + _mm256_extract_epi64(s, 2) +
+                 _mm256_extract_epi64(s, 3);
+    }
+    return total;
 }

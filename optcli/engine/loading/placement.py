@@ -3,21 +3,21 @@
 `device="auto"`: the GPU when torch sees one, else the CPU. `dtype="auto"`:
 
 - CUDA: the checkpoint's dtype, bf16 when it is fp32 (`config.cuda_auto_dtype`).
-- CPU: bf16 only where the CPU computes it natively (AVX-512 BF16 or AMX) *and* a bf16 GEMM is
-  measured faster than fp32 here; else fp32. Without native support torch emulates bf16 through
-  fp32 conversions, which is slower than plain fp32 (2.7x slower at 16x1024x1024 on an AVX2-only
-  EPYC), so the flags alone are not trusted in either direction: the measurement decides.
+- CPU: a rule on the CPU's flags (`kernels/cpu_caps.py`), never a timing: bf16 where the CPU computes it
+  natively (AVX-512 BF16 or AMX), else fp32. Without native support torch emulates bf16 through fp32
+  conversions, which is slower than plain fp32 (2.7x slower at 16x1024x1024 on an AVX2-only EPYC). With
+  native bf16 every layer still takes its own best kernel per batch size (`quant/cpu_choice.py`): a bf16
+  weight's few-row steps run our fp32-math kernel on it, its batched steps bf16 dot products or tiles.
+  Until this was a rule, a 5-run GEMM race decided it, and a busy moment flipped a whole run to fp32.
 Quantized checkpoints follow the same rule: the result is their activation dtype.
 """
 
 from __future__ import annotations
 
-import functools
-import time
-
 import torch
 
 from optcli.config import cuda_auto_dtype
+from optcli.engine.kernels import cpu_caps
 from optcli.errors import UsageError
 
 
@@ -38,11 +38,16 @@ def resolve_dtype(requested: str, device: str, checkpoint_dtype: str | None) -> 
     if device.startswith("cuda"):
         dtype = cuda_auto_dtype(checkpoint_dtype)
         return dtype, f"auto: checkpoint dtype {checkpoint_dtype or 'unstated'} on CUDA"
-    native, speedup = cpu_bf16_probe()
-    if native and speedup > 1.0:
-        return "bfloat16", f"auto: native CPU bf16, measured {speedup:.1f}x fp32's GEMM rate"
-    why = "no native CPU bf16 (AVX-512 BF16/AMX)" if not native else f"bf16 GEMM measured at {speedup:.2f}x fp32"
-    return "float32", f"auto: {why}"
+    return cpu_auto_dtype(cpu_caps.flags_caps(cpu_caps.cpu_flags()))
+
+
+def cpu_auto_dtype(caps: cpu_caps.CpuCaps) -> tuple[str, str]:
+    """`dtype="auto"` on a CPU with `caps`: (dtype name, reason)."""
+    if caps.native_bf16:
+        unit = "AMX tiles" if caps.amx else "AVX-512 BF16 dot products"
+        return "bfloat16", (f"auto: native CPU bf16 ({unit}); each layer's kernel per batch size by rule "
+                            "(few-row steps: fp32 math over bf16 weights)")
+    return "float32", "auto: no native CPU bf16 (AVX-512 BF16 or AMX): torch would emulate it, slower than fp32"
 
 
 def checkpoint_dtype_of(hf_config) -> str | None:
@@ -51,26 +56,3 @@ def checkpoint_dtype_of(hf_config) -> str | None:
     if value is None:
         return None
     return str(value).removeprefix("torch.")
-
-
-@functools.cache
-def cpu_bf16_probe() -> tuple[bool, float]:
-    """(native bf16 flags present, bf16 GEMM speed / fp32 GEMM speed) on this CPU, measured once a process
-    on a 16x2048 @ 2048x2048 linear (a decode batch on a 1B-class layer)."""
-    native = bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    if not native:
-        return False, 0.0
-    return True, _time_linear(torch.float32) / _time_linear(torch.bfloat16)
-
-
-def _time_linear(dtype: torch.dtype, rows: int = 16, width: int = 2048, reps: int = 5) -> float:
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(rows, width, generator=gen).to(dtype)
-    w = torch.randn(width, width, generator=gen).to(dtype)
-    torch.nn.functional.linear(x, w)  # warm-up: first calls pay for kernel selection
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        torch.nn.functional.linear(x, w)
-        best = min(best, time.perf_counter() - start)
-    return best

@@ -12,6 +12,7 @@ greedy decoding matches it token for token.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from optcli.engine.kernels import cpu_amx, cpu_lowbit
@@ -20,7 +21,8 @@ from optcli.engine.models.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from optcli.engine.models.layer_ops import TorchOps
 from optcli.engine.models.moe import SparseMoE
 from optcli.engine.models.rotary import LayerRotary, RotaryEmbedding
-from optcli.engine.quant.cpu_choice import choose
+from optcli.engine.quant.cpu_choice import CpuPaths
+from optcli.engine.quant.cpu_kernels import LinearSpec
 from optcli.engine.quant.layers import make_quant_linear
 from optcli.engine.quant.weights import Int8Weight, cat_weights, is_quantized
 
@@ -39,17 +41,15 @@ class RMSNorm(nn.Module):
 
 
 
-class Dense(nn.Module):
-    """A linear layer. On CPU (fp32) its weight is packed once into oneDNN's blocked layout, the
-    path torch.compile's CPU backend uses: measured 1.4-3.5x faster than F.linear (MKL) here across
-    batch sizes 1-2048. Elsewhere it is a plain F.linear.
+class Dense(CpuPaths, nn.Module):
+    """A linear layer. On CPU its kernel per batch-size bucket follows `quant/cpu_choice.py`'s rules: an fp32
+    weight is packed once into oneDNN's blocked layout (the path torch.compile's CPU backend uses: 1.4-3.5x
+    F.linear (MKL) at batch sizes 1-2048), and a bf16 weight runs our widening kernels at few rows (each bf16
+    value widened exactly to fp32 in registers before an fp32 FMA, `kernels/cpu_lowbit.c`) and, in a bf16
+    model on a CPU with native bf16, torch's bf16 GEMM (oneDNN) for batched steps. Elsewhere F.linear.
 
-    A bf16 checkpoint's weight on a CPU running fp32 (no native bf16) stays bf16 (`keeps_bf16`): half
-    the bytes, and exactly the same fp32 math, since each value is widened exactly before an fp32
-    FMA (our AVX2 kernels, `kernels/cpu_lowbit.c`), or widened per call before oneDNN's GEMM; which
-    runs is timed per batch-size bucket (`quant/cpu_choice.py`). On the 2048 -> 16384 GEMM here, ms
-    at M = 1 / 16 / 64 / 256: our kernels 2.4 / 9.8 / 25.9 / 110.7 against oneDNN's packed fp32
-    5.9 / 12.9 / 33.1 / 119.0."""
+    A bf16 checkpoint's weight on a CPU running fp32 (no native bf16, or `--dtype float32`) stays bf16
+    (`keeps_bf16`): half the bytes, and exactly the same fp32 math."""
 
     input_quant = None  # dense input (see QuantLinear.input_quant)
 
@@ -58,33 +58,50 @@ class Dense(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.packed: torch.Tensor | None = None
-        self._paths: dict | None = None  # the bf16-weight kernels, by name (_bf16_paths)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        if self.weight.dtype == torch.bfloat16 and x.dtype == torch.float32:
-            return self._bf16_weight(x)
-        return dense_linear(x, self.weight, self.bias)
-
-    def _bf16_weight(self, x: torch.Tensor) -> torch.Tensor:
-        n, k = self.weight.shape
-        x2 = x.reshape(-1, k)
-        paths = self._bf16_paths()
-        y = paths[choose("dense-bf16", x2, n, k, paths)](x2)
+        if self.plan is None:
+            return F.linear(x, self.weight, self.bias) if self.packed is None else self._onednn(x)
+        n, k = self.weight_shape
+        y = self.cpu_matmul(x.reshape(-1, k))
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], n)
 
-    def _bf16_paths(self) -> dict:
-        """Our two exact kernels (dot-product form for few rows, SGEMM panels for many), and the weight
-        widened per call before oneDNN (slower here at every M, kept for CPUs where it is not). Built
-        once per module; they read `self.weight` at call time, so a later `tie` is seen."""
-        if self._paths is None:
-            self._paths = {"bf16w-dot": lambda t: cpu_lowbit.bf16_gemm(t, self.weight),
-                           "bf16w-panels": lambda t: cpu_lowbit.bf16_gemm(t, self.weight, panels=True),
-                           "widen-onednn": lambda t: dense_linear(t, self.weight.float())}
-        return self._paths
+    def _plan(self, act_dtype: torch.dtype) -> None:
+        """Decide this layer's CPU kernels (a CUDA layer has none: F.linear)."""
+        w = self.weight
+        if w.device.type != "cpu":
+            self.plan = None
+            return
+        self.weight_shape = (w.shape[0], w.shape[1]) if self.packed is None else self.weight_shape
+        fmt = "bf16" if w.dtype == torch.bfloat16 else "dense"
+        n, k = self.weight_shape
+        self.set_cpu_plan(LinearSpec(fmt, n, k, act_dtype, act_dtype == torch.bfloat16))
+
+    # the kernels (cpu_kernels.py names them); each takes and returns a 2-D batch, bias added by forward
+    def _bf16_dot(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_lowbit.bf16_gemm(x, self.weight).to(x.dtype)
+
+    def _bf16_dpbf16(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_amx.vnni_bf16_gemm(x, self.weight).to(x.dtype)
+
+    def _bf16_panels(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_lowbit.bf16_gemm(x, self.weight, panels=True).to(x.dtype)
+
+    def _bf16_onednn(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    def _bf16_widen(self, x: torch.Tensor) -> torch.Tensor:
+        return dense_linear(x.float(), self.weight.float()).to(x.dtype)
+
+    def _onednn(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        return dense_linear(x, self.weight)
+
+    def _torch_linear(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
 
     @staticmethod
     def keeps_bf16(weight: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -93,24 +110,29 @@ class Dense(nn.Module):
         return (weight.dtype == torch.bfloat16 and dtype == torch.float32 and weight.device.type == "cpu"
                 and cpu_lowbit.library() is not None)
 
-    def tie(self, weight: nn.Parameter) -> None:
+    def tie(self, weight: nn.Parameter, act_dtype: torch.dtype) -> None:
         """Compute from another module's weight (a tied embedding): one copy in memory, unpacked, since
-        an embedding lookup cannot read oneDNN's opaque blocked layout. oneDNN still runs the GEMM
+        an embedding lookup cannot read oneDNN's opaque blocked layout. oneDNN still runs an fp32 GEMM
         (`dense_linear`): on the 128256 x 2048 head, 36 vs 67 ms at one row, 267 vs 770 at 64."""
         self.weight, self.packed = weight, None
+        self._plan(act_dtype)
 
     def load(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         """Take an HF-layout [out, in] weight (and pack it where that pays). A weight in another dtype
         than the module's is held as given: the loader made that choice (`keeps_bf16`)."""
+        act_dtype = self.weight.dtype
         if bias is not None:
             self.bias.copy_(bias)
         if weight.dtype != self.weight.dtype:
             self.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+            self._plan(act_dtype)
             return
         self.weight.copy_(weight)
+        self.weight_shape = tuple(self.weight.shape)
         if self.weight.device.type == "cpu" and self.weight.dtype == torch.float32 and onednn_linear_available():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 64)
             self.weight = nn.Parameter(torch.empty(0), requires_grad=False)  # the packed copy replaces it
+        self._plan(act_dtype)
 
 
 class Int8Embedding(nn.Module):
@@ -262,7 +284,7 @@ class LlamaForCausalLM(nn.Module):
             elif not tied:
                 load_linear(self, "lm_head", head)
             else:  # the head reads the embedding itself: no second copy of a vocab x hidden matrix
-                self.lm_head.tie(self.embed_tokens.weight)
+                self.lm_head.tie(self.embed_tokens.weight, dtype)
             for i, layer in enumerate(self.layers):
                 p = f"model.layers.{i}."
                 attn = p + "self_attn."

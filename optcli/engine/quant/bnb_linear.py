@@ -7,14 +7,15 @@ import torch
 
 from optcli.engine.kernels import cpu_lowbit
 from optcli.engine.kernels.dense_gemm import dense_linear
+from optcli.engine.quant.cpu_kernels import LinearSpec
 from optcli.engine.quant.linear import QuantLinear
 from optcli.engine.quant.weights import INT8_MAX, BnbInt8Weight, BnbNf4Weight
 
 
 class BnbNf4Linear(QuantLinear):
     """bitsandbytes NF4/FP4. On an AVX2 CPU our float kernels on bitsandbytes' own layout
-    (`kernels/cpu_lowbit.c`: a 16-entry code book looked up 8 values at a time) are timed against
-    bitsandbytes' CPU kernel, which measured 7x slower than the fp32 source at one row here."""
+    (`kernels/cpu_lowbit.c`: a 16-entry code book looked up 8 values at a time) run it (`cpu_choice.py`'s
+    rule); bitsandbytes' CPU kernel measured 7x slower than the fp32 source at one row here."""
 
     kind = "nf4"
 
@@ -25,14 +26,14 @@ class BnbNf4Linear(QuantLinear):
         self.register_buffer("code", w.code.to(device))
         self.blocksize, self.quant_type = w.blocksize, w.quant_type
         self.mode = "bitsandbytes"
-        if (torch.device(device).type == "cpu" and cpu_lowbit.library() is not None
-                and cpu_lowbit.nf4_ok(self.in_features, self.blocksize)):
-            self.mode = "cpu"
-            self.paths = {"nf4-avx2": self._nf4, "dequant": self._dequant_nf4, "bitsandbytes": self._bnb}
+        if torch.device(device).type == "cpu":
+            spec = LinearSpec("nf4", self.out_features, self.in_features, dtype, group_size=self.blocksize)
+            if self.set_cpu_plan(spec).kernels[0].name != "bitsandbytes":
+                self.mode = "cpu"
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "cpu":
-            return self.cpu_matmul(self.kind, x, self.paths)
+        if self.plan is not None:
+            return self.cpu_matmul(x)
         return self._bnb(x)
 
     def _nf4(self, x: torch.Tensor) -> torch.Tensor:
@@ -57,7 +58,7 @@ class BnbInt8Linear(QuantLinear):
     """bitsandbytes LLM.int8(). On an AVX2 CPU the same decomposition as bitsandbytes' own CPU code
     (activation values >= threshold out, their columns in float; the rest per-row int8 against the
     int8 rows) with the int8 part in our exact int8 GEMM and the float parts in fp32 rather than fp16,
-    timed against bitsandbytes' CPU path (7x slower than the fp32 source at one row here)."""
+    run by rule (`cpu_choice.py`); bitsandbytes' CPU path is 7x slower than the fp32 source at one row here."""
 
     kind = "int8-bnb"
 
@@ -67,14 +68,15 @@ class BnbInt8Linear(QuantLinear):
         self.register_buffer("scb", w.scb.to(device))
         self.threshold = w.threshold
         self.mode = "bitsandbytes"
-        if torch.device(device).type == "cpu" and cpu_lowbit.library() is not None and self.in_features % 16 == 0:
-            self.mode = "cpu"
-            self.register_buffer("row_scales", (w.scb.float() / INT8_MAX).to(device), persistent=False)
-            self.paths = {"q8q8-avx2": self._q8q8, "bitsandbytes": self._bnb}
+        self.register_buffer("row_scales", (w.scb.float() / INT8_MAX).to(device), persistent=False)
+        if torch.device(device).type == "cpu":
+            spec = LinearSpec("int8-bnb", self.out_features, self.in_features, dtype)
+            if self.set_cpu_plan(spec).kernels[0].name != "bitsandbytes":
+                self.mode = "cpu"
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "cpu":
-            return self.cpu_matmul(self.kind, x, self.paths)
+        if self.plan is not None:
+            return self.cpu_matmul(x)
         return self._bnb(x)
 
     def _q8q8(self, x: torch.Tensor) -> torch.Tensor:

@@ -2,23 +2,21 @@
 the shared base and the int4 and int8 layers here, FP8 in `fp8_linear.py`, bitsandbytes in
 `bnb_linear.py`, and which class runs which weight in `layers.py`.
 
-| format | CUDA | CPU |
+| format | CUDA | CPU (every kernel: `cpu_kernels.py`; which one at which batch size: `cpu_choice.py`'s rules) |
 |---|---|---|
-| int4 (W4A16) | Triton GEMM, int4 dequantized in registers | on AMX our int8-tile kernel (`kernels/cpu_amx.c`, under `--dtype auto`; one layout, every M); on AVX2 our q4 x q8 kernel (`kernels/cpu_lowbit.c`: activations rounded to int8 per block, exact integer sums; only under `--dtype auto`), else torch's int4 pack kernel (`_weight_int4pack_mm_for_cpu`) in bf16; or dequantized + a dense GEMM, timed per M |
-| int8 (W8A8) | Triton per-token quant + Triton int8 GEMM with fused scales | on AMX the same quant + our int8-tile kernel (under `--dtype auto`); else the same quant in torch, then the fastest of our exact AVX2 int8 GEMM, `torch._int_mm` and `_weight_int8pack_mm` on the integer activations, timed per M |
-| fp8 (FP8_DYNAMIC) | Triton per-token quant + `torch._scaled_mm` (sm_89+) | `fp8_linear.py`: on AMX the bf16 tiles (E4M3 widened exactly), on AVX2 our kernels, else FBGEMM's fp16-weight GEMM |
-| bitsandbytes NF4 / LLM.int8 | bitsandbytes' own kernels | bitsandbytes' own kernels |
+| int4 (W4A16) | Triton GEMM, int4 dequantized in registers | AMX int8 tiles (`kernels/cpu_amx.c`); else our AVX2 q4 x q8 kernel (`kernels/cpu_lowbit.c`) with the weight rebuilt per call for prompt-sized batches; else torch's int4 pack kernel; else nibbles dequantized per call |
+| int8 (W8A8) | Triton per-token quant + Triton int8 GEMM with fused scales | AMX int8 tiles; else our exact AVX2 int8 GEMM, torch's `_int_mm` (VNNI) or `_weight_int8pack_mm` |
+| fp8 (FP8_DYNAMIC) | Triton per-token quant + `torch._scaled_mm` (sm_89+) | `fp8_linear.py`: AMX bf16 tiles (E4M3 widened exactly); else our AVX2 kernels; else FBGEMM's fp16-weight GEMM |
+| bitsandbytes NF4 / LLM.int8 | bitsandbytes' own kernels | our AVX2 kernels on bitsandbytes' layout, else bitsandbytes' |
 
-On CPU the model's activation dtype is fp32 unless the CPU has native bf16, and torch's low-bit CPU
-kernels are only fast with bf16 inputs (table in `cpu_choice.py`). So where the engine's dtype was
-left to `auto`, a layer may compute in bf16 (`compute_dtypes`): W4A16's activations are 16-bit by the
-scheme's own name, and W8A8's int8 activations are exact in bf16. An explicit `--dtype float32`
-keeps every matmul in fp32.
+Where the engine's dtype was left to `auto`, a CPU layer may compute in bf16 (`compute_dtypes`): W4A16's
+activations are 16-bit by the scheme's own name, and W8A8's int8 activations are exact in bf16. An
+explicit `--dtype float32` keeps every matmul in fp32 (the kernels that would round refuse the layer).
 
-Where a kernel's shape rules are not met (e.g. an output width not a multiple of 16 for the CPU int4
-kernel), the layer keeps its weight quantized and dequantizes it per call (`mode == "dequant"`),
-so memory stays quantized and numerics stay the checkpoint's; only speed is lost. The mode of
-every layer is visible as `.mode` and summed up by `quant_summary`.
+Where no CPU kernel takes a shape (an output width not a multiple of 16 for torch's int4 kernel, say), the
+layer keeps its weight quantized and dequantizes it per call (`mode == "dequant"`), so memory stays
+quantized and numerics stay the checkpoint's; only speed is lost. Every layer's mode is `.mode`, summed up
+by `quant_summary`; its per-bucket CPU kernels and why are `.plan` (`Engine.stats()["kernels"]`).
 """
 
 from __future__ import annotations
@@ -33,10 +31,9 @@ from optcli.engine.kernels import cpu_amx, cpu_lowbit, triton_available
 from optcli.engine.kernels import quant_reference as ops
 from optcli.engine.kernels.dense_gemm import dense_linear
 from optcli.engine.kernels.quant_reference import QuantizedInput
-from optcli.engine.quant.cpu_choice import choose
+from optcli.engine.quant.cpu_choice import CpuPaths
+from optcli.engine.quant.cpu_kernels import LinearSpec
 from optcli.engine.quant.weights import Int4Weight, Int8Weight
-
-CPU_INT4_GROUPS = (32, 64, 128, 256)
 
 # The Triton GEMMs are imported where a "triton"-mode layer calls them: triton is optional (absent from the
 # CPU build of torch), so this module must import without it.
@@ -46,7 +43,7 @@ def _cuda_kernels(device: torch.device) -> bool:
     return device.type == "cuda" and triton_available()
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(CpuPaths, nn.Module):
     """y = x @ W^T (+ bias) for a quantized W; each subclass holds its packed buffers and defines
     `matmul(x [T, K]) -> [T, N]`. A layer that quantizes its activations per token on the GPU names
     the format in `input_quant`, so the op before it (a fused RMSNorm or SiLU-mul) can hand over a
@@ -77,9 +74,9 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, {self.kind}, mode={self.mode}"
 
-    def cpu_matmul(self, family: str, x: torch.Tensor, paths: dict) -> torch.Tensor:
-        """Run the fastest of this layer's CPU `paths` for x's batch size (timed once per bucket)."""
-        return paths[choose(family, x, self.out_features, self.in_features, paths)](x)
+    @property
+    def bf16_ok(self) -> bool:
+        return torch.bfloat16 in self.cpu_dtypes
 
 
 class Int4Linear(QuantLinear):
@@ -92,55 +89,43 @@ class Int4Linear(QuantLinear):
         device = torch.device(device)
         self.group_size = w.group_size
         self.register_buffer("perm", None if w.perm is None else w.perm.to(device))
-        # bf16 where allowed: fp32 inputs to torch's int4 kernel measured 30-80x slower (cpu_choice.py)
-        self.cpu_dtype = torch.bfloat16 if torch.bfloat16 in self.cpu_dtypes else dtype
-        lowbit = device.type == "cpu" and cpu_lowbit.library() is not None
-        self.block = cpu_lowbit.q4_block(k, w.group_size) if lowbit else None
-        int4pack_ok = (n % 16 == 0 and w.group_size in CPU_INT4_GROUPS and k % w.group_size == 0
-                       and self.cpu_dtype in (torch.float32, torch.bfloat16))
-        # AMX's int8 tiles (kernels/cpu_amx.c) where the CPU has them; activations rounded to int8 per group,
-        # so only where 16-bit ones are allowed (`--dtype auto`), as for the AVX2 q4 x q8 kernel
-        amx = (device.type == "cpu" and torch.bfloat16 in self.cpu_dtypes and cpu_amx.q4_ok(n, k, w.group_size)
-               and cpu_amx.library() is not None)
-        if backend == "auto":
-            cpu_ok = int4pack_ok or self.block is not None or amx
-            backend = "triton" if _cuda_kernels(device) else "cpu" if device.type == "cpu" and cpu_ok else "dequant"
+        # bf16 where allowed: fp32 inputs to torch's int4 kernel measured 30-80x slower (cpu_kernels.py)
+        self.cpu_dtype = torch.bfloat16 if self.bf16_ok else dtype
+        layout = None
+        if backend == "auto" and _cuda_kernels(device):
+            backend = "triton"
+        elif backend in ("auto", "cpu") and device.type == "cpu":
+            layout = self.set_cpu_plan(LinearSpec("int4", n, k, dtype, self.bf16_ok, w.group_size)).layout
+            backend = "dequant" if layout == "nibbles" else "cpu"
+        elif backend == "auto":
+            backend = "dequant"
         self.mode = backend
         if backend == "triton":
             self.register_buffer("qweight", ops.pack_int4_for_triton(w.q).to(device))
             self.register_buffer("scales", w.scales.t().contiguous().to(device=device, dtype=dtype))
             self.register_buffer("zeros", None if w.zeros is None else w.zeros.t().contiguous().to(device, dtype))
-        elif backend == "cpu" and amx:
+        elif layout == "amx-q4":
             # one layout (AMX's B tiles, 4 bits a weight): measured 4.5x torch's bf16 GEMM at 1 row (VNNI dot
-            # products), 2.2x at 64 and 1.1-1.4x at 256-2048 on a 2048 -> 16384 layer (Xeon, 2 cores), ahead of
-            # every other path at each M
+            # products), 2.2x at 64 and 1.1-1.4x at 256-2048 on a 2048 -> 16384 layer (Xeon, 2 cores); also
+            # the VNNI-only kernel's (q4-vnni) on a CPU without tiles
             self.register_buffer("qweight", cpu_amx.pack_q4(w.q))
             self.register_buffer("scales_t", w.scales.t().contiguous().float())
             self.register_buffer("zeros_t", None if w.zeros is None else w.zeros.t().contiguous().float())
-            self.paths = {"q4-amx": self._q4_amx}
-        elif backend == "cpu" and self.block is not None:
-            # our AVX2 kernel's layout only (one copy of the weight): its int8-activation GEMM measured
-            # 1.3-5x faster than torch's int4 kernel at every M here, so that kernel is not kept too.
-            # It rounds activations to int8, so only where 16-bit ones are allowed (`--dtype auto`):
-            # an explicit fp32 keeps the exact dequant path.
-            # block_*: the kernel's own layout, one value per activation block and column, grouped by
-            # blocks of 8 columns ([N/8, K/block, 8], `cpu_lowbit.pack_columns`)
+        elif layout == "lowbit-q4":
+            # our AVX2 kernel's layout only (one copy of the weight). block_*: one value per activation block
+            # and column, grouped by blocks of 8 columns ([N/8, K/block, 8], `cpu_lowbit.pack_columns`)
+            self.block = cpu_lowbit.q4_block(k, w.group_size)
             per_block = w.group_size // self.block
             self.register_buffer("qweight", cpu_lowbit.pack_q4(w.q))
             self.register_buffer("block_scales", cpu_lowbit.pack_columns(w.scales.repeat_interleave(per_block, 1)))
             zeros = None if w.zeros is None else cpu_lowbit.pack_columns(w.zeros.repeat_interleave(per_block, 1))
             self.register_buffer("block_zeros", zeros)
-            self.paths = {"q4q8-avx2": self._q4q8} if torch.bfloat16 in self.cpu_dtypes else {}
-            self.paths["dequant"] = self._dequant_q4q8
-        elif backend == "cpu":
+        elif layout == "int4pack":
             packed = torch._convert_weight_to_int4pack_for_cpu(w.q.to(torch.int32), 1)
             zeros = w.zeros if w.zeros is not None else torch.zeros_like(w.scales)
             self.register_buffer("qweight", packed)
             scales_zeros = torch.stack([w.scales.t(), zeros.t()], -1).contiguous().to(self.cpu_dtype)
             self.register_buffer("scales_zeros", scales_zeros)
-            self.paths = {f"int4pack-{_short(self.cpu_dtype)}": self._int4pack}
-            if _int4pack_blocks(n) is not None:  # large batches: dequantize per call, then a dense GEMM
-                self.paths["dequant"] = self._dequant_int4pack
         else:  # two nibbles per byte, unpacked per call
             q = w.q if k % 2 == 0 else F.pad(w.q, (0, 1))
             self.register_buffer("qweight", (q[:, 0::2] | (q[:, 1::2] << 4)).to(device))
@@ -155,7 +140,10 @@ class Int4Linear(QuantLinear):
 
             return int4_matmul(x.contiguous(), self.qweight, self.scales, self.zeros, self.group_size)
         if self.mode == "cpu":
-            return self.cpu_matmul("w4a16", x, self.paths)
+            return self.cpu_matmul(x)
+        return self._dequant_nibbles(x)
+
+    def _dequant_nibbles(self, x: torch.Tensor) -> torch.Tensor:
         q = torch.stack([self.qweight & 0xF, self.qweight >> 4], -1).reshape(self.out_features, -1)
         w = Int4Weight(q[:, : self.in_features], self.scales, self.zeros, self.group_size)  # x is permuted already
         return F.linear(x, w.dequantize().to(x.dtype))
@@ -164,6 +152,12 @@ class Int4Linear(QuantLinear):
         """AMX int8 tiles: activations rounded to int8 per row and weight group, exact integer group sums."""
         y = cpu_amx.q4_gemm(x.to(torch.bfloat16), self.qweight, self.scales_t, self.zeros_t, self.group_size,
                             self.out_features)
+        return y.to(x.dtype)
+
+    def _q4_vnni(self, x: torch.Tensor) -> torch.Tensor:
+        """The same product on AVX-512 VNNI dot products (Zen 4/5: no tiles), same layout."""
+        y = cpu_amx.vnni_q4_gemm(x.to(torch.bfloat16), self.qweight, self.scales_t, self.zeros_t, self.group_size,
+                                 self.out_features)
         return y.to(x.dtype)
 
     def _q4q8(self, x: torch.Tensor) -> torch.Tensor:
@@ -183,6 +177,7 @@ class Int4Linear(QuantLinear):
         return dense_linear(x, torch.addcmul(offset, q, scales).reshape(n, k).to(x.dtype))
 
     def _int4pack(self, x: torch.Tensor) -> torch.Tensor:
+        """torch's int4 kernel in `cpu_dtype` (bf16 where allowed, the only fast case)."""
         y = torch._weight_int4pack_mm_for_cpu(x.to(self.cpu_dtype).contiguous(), self.qweight, self.group_size,
                                               self.scales_zeros)
         return y.to(x.dtype)
@@ -192,7 +187,7 @@ class Int4Linear(QuantLinear):
         measured faster than the int4 kernel from a few hundred rows up (a prompt chunk), where the
         kernel's bf16 arithmetic, not the weight read, is the cost."""
         n, k, g = self.out_features, self.in_features, self.group_size
-        block = _int4pack_blocks(n)
+        block = int4pack_blocks(n)
         packed = self.qweight.view(n // block, k, block // 2)
         q = torch.cat([packed & 0xF, packed >> 4], -1).transpose(1, 2).reshape(n, k // g, g)
         scales, zeros = self.scales_zeros.float().unbind(-1)  # [G, N] each
@@ -202,7 +197,7 @@ class Int4Linear(QuantLinear):
 
 
 @functools.cache
-def _int4pack_blocks(n: int) -> int | None:
+def int4pack_blocks(n: int) -> int | None:
     """The block of output rows torch's CPU int4 packing interleaves (low nibble: rows 0..b/2-1 of a
     block, high nibble: the rest, per input channel), found by packing a probe; None if it is none
     of the simple layouts (then no dequant path: the layout is the kernel's private business)."""
@@ -228,48 +223,40 @@ class Int8Linear(QuantLinear):
         super().__init__(n, k, bias, device, dtype, compute_dtypes)
         device = torch.device(device)
         self.act_quant = w.act_quant
-        if backend == "auto":
-            backend = "triton" if _cuda_kernels(device) and w.act_quant else "cpu" if device.type == "cpu" else "dequant"
+        layout = None
+        if backend == "auto" and _cuda_kernels(device) and w.act_quant:
+            backend = "triton"
+        elif backend in ("auto", "cpu") and device.type == "cpu":
+            backend = "cpu"
+            layout = self.set_cpu_plan(LinearSpec("int8", n, k, dtype, self.bf16_ok, act_quant=w.act_quant)).layout
+        elif backend == "auto":
+            backend = "dequant"
         self.mode = backend
         if backend == "triton" and not w.act_quant:
             raise ValueError("the Triton int8 GEMM quantizes activations: weight-only int8 takes the cpu or dequant path")
         self.input_quant = torch.int8 if backend == "triton" else None
         self.register_buffer("scales", w.scales.float().to(device))
-        if (backend == "cpu" and w.act_quant and torch.bfloat16 in self.cpu_dtypes and n % 32 == 0 and k % 64 == 0
-                and cpu_amx.library() is not None):
+        if layout == "amx-q8":
             # AMX's int8 tiles, the weight in their B layout (same bytes, reordered): ~3x torch's bf16 GEMM at
             # 1-64 rows on a 2048 -> 16384 layer, ahead of _int_mm (its int32 output scaled in torch costs
             # a third of its time at 64 rows)
             self.register_buffer("qweight", cpu_amx.pack_q8(w.q))
-            self.paths = {"q8-amx": self._q8_amx}
+            self.register_buffer("colsum", w.q.sum(1, dtype=torch.int32), persistent=False)  # q8-vnni's correction
             return
         self.register_buffer("qweight", _aligned(w.q.to(device)))  # [N, K], as every path below takes it
-        if backend == "cpu":
-            # _weight_int8pack_mm scales by a vector of the input's dtype: ones, and the fp32 scales after
-            # bf16 inputs with K % 16 != 0 crash torch 2.13's kernel (segfault seen at K = 100, 172)
-            dtypes = [dt for dt in self.cpu_dtypes if dt == torch.float32 or k % 16 == 0] or [torch.float32]
-            if len(dtypes) > 1:  # fp32 inputs to this kernel measured 5-18x slower than bf16: not worth timing
-                dtypes.remove(torch.float32)
-            self.paths = {f"int8pack-{_short(dt)}": functools.partial(self._int8pack, dt) for dt in dtypes}
-            for dt in dtypes:
+        # _weight_int8pack_mm scales by a vector of the input's dtype: ones, and the fp32 scales after
+        for dt in (torch.bfloat16, torch.float32):
+            if f"int8pack-{_short(dt)}" in getattr(self, "paths", ()):
                 self.register_buffer(f"ones_{_short(dt)}", torch.ones(n, dtype=dt), persistent=False)
-            if w.act_quant:
-                self.paths["int_mm"] = self._int_mm
-                if k % 16 == 0 and cpu_lowbit.library() is not None:  # exact, and first: the default
-                    self.paths = {"q8q8-avx2": self._q8q8, **self.paths}
-            elif cpu_lowbit.library() is not None:  # fp32 math on the exactly widened weight: any dtype
-                self.paths = {"i8w-dot": self._i8w, "i8w-panels": functools.partial(self._i8w, panels=True),
-                              **self.paths}
-            self.paths["dequant"] = self._dequant  # a prompt chunk's M: a dense GEMM outruns both kernels
 
     def weight_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """int8 rows `ids` of W [..., K] whatever the layout (an int8 head's tied embedding reads them)."""
-        if "q8-amx" not in getattr(self, "paths", ()):
+        if self.plan is None or self.plan.layout != "amx-q8":
             return F.embedding(ids, self.qweight)
         return cpu_amx.q8_rows(self.qweight, ids.reshape(-1)).reshape(*ids.shape, self.in_features)
 
     def quant_weight(self) -> Int8Weight:
-        q = cpu_amx.unpack_q8(self.qweight) if "q8-amx" in getattr(self, "paths", ()) else self.qweight
+        q = cpu_amx.unpack_q8(self.qweight) if self.plan is not None and self.plan.layout == "amx-q8" else self.qweight
         return Int8Weight(q, self.scales, self.act_quant)
 
     def matmul_quantized(self, x: QuantizedInput) -> torch.Tensor:
@@ -283,7 +270,7 @@ class Int8Linear(QuantLinear):
 
             return self.matmul_quantized(QuantizedInput(*quantize_per_token(x.contiguous(), torch.int8), x.dtype))
         if self.mode == "cpu":
-            return self.cpu_matmul("w8a8" if self.act_quant else "w8a16", x, self.paths)
+            return self.cpu_matmul(x)
         return self._dequant(x)
 
     def _dequant(self, x: torch.Tensor) -> torch.Tensor:
@@ -295,6 +282,10 @@ class Int8Linear(QuantLinear):
 
     def _q8_amx(self, x: torch.Tensor) -> torch.Tensor:
         return cpu_amx.q8_gemm(x.to(torch.bfloat16), self.qweight, self.scales, self.out_features).to(x.dtype)
+
+    def _q8_vnni(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_amx.vnni_q8_gemm(x.to(torch.bfloat16), self.qweight, self.colsum, self.scales,
+                                    self.out_features).to(x.dtype)
 
     def _int_mm(self, x: torch.Tensor) -> torch.Tensor:
         xq, xs = ops.quantize_per_token(x, torch.int8)
@@ -308,6 +299,15 @@ class Int8Linear(QuantLinear):
     def _i8w(self, x: torch.Tensor, panels: bool = False) -> torch.Tensor:
         """Weight-only int8 on our AVX2 kernels: fp32 activations and math, the row scales after the sum."""
         return (cpu_lowbit.i8w_gemm(x, self.qweight, panels) * self.scales).to(x.dtype)
+
+    def _i8w_panels(self, x: torch.Tensor) -> torch.Tensor:
+        return self._i8w(x, panels=True)
+
+    def _int8pack_bf16(self, x: torch.Tensor) -> torch.Tensor:
+        return self._int8pack(torch.bfloat16, x)
+
+    def _int8pack_fp32(self, x: torch.Tensor) -> torch.Tensor:
+        return self._int8pack(torch.float32, x)
 
     def _int8pack(self, dt: torch.dtype, x: torch.Tensor) -> torch.Tensor:
         """int8 weights into torch's weight-only kernel; W8A8's activations go in as their integer

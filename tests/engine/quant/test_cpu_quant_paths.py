@@ -1,5 +1,5 @@
-"""Every CPU matmul path of the quantized layers against the dequantized reference, and the
-per-batch-size choice between them (engine/quant/cpu_choice.py).
+"""Every CPU matmul path of the quantized layers against the dequantized reference (the rules that pick
+between them: test_cpu_choice.py).
 
 Paths that compute in bf16 (allowed when the engine picks the dtype) round the activations or the
 summed product to bf16, so they are held to bf16's tolerance; fp32 paths to fp32 rounding.
@@ -7,15 +7,13 @@ summed product to bf16, so they are held to bf16's tolerance; fp32 paths to fp32
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 import torch
 
-from optcli.engine.kernels import cpu_amx, cpu_lowbit
+from optcli.engine.kernels import cpu_amx, cpu_caps, cpu_lowbit
 from optcli.engine.kernels import quant_reference as ops
-from optcli.engine.quant import cpu_choice
 from optcli.engine.quant.fp8_linear import Fp8Linear
 from optcli.engine.quant.linear import Int4Linear, Int8Linear
 from optcli.engine.quant.weights import Fp8Weight, Int4Weight, Int8Weight
@@ -23,6 +21,7 @@ from optcli.engine.quant.weights import Fp8Weight, Int4Weight, Int8Weight
 BF16 = (torch.bfloat16,)
 HAS_LOWBIT = cpu_lowbit.library() is not None
 LOWBIT_Q8 = {"q8q8-avx2"} if HAS_LOWBIT else set()
+INT_MM = {"int_mm"} if cpu_caps.detect().vnni else set()  # without VNNI torch's _int_mm is reference loops
 needs_lowbit = pytest.mark.skipif(not HAS_LOWBIT, reason="no AVX2 CPU or no C compiler here")
 HAS_AMX = cpu_amx.library() is not None
 needs_amx = pytest.mark.skipif(not HAS_AMX, reason="no AMX-INT8 CPU here (or the kernel did not grant tile state)")
@@ -30,8 +29,9 @@ needs_amx = pytest.mark.skipif(not HAS_AMX, reason="no AMX-INT8 CPU here (or the
 
 @pytest.fixture
 def no_amx(monkeypatch):
-    """The layers as on a CPU without AMX: the paths that AMX's single layout would replace."""
+    """The layers as on a CPU without AMX or AVX-512 VNNI: the paths that AMX's single layout would replace."""
     monkeypatch.setattr(cpu_amx, "library", lambda: None)
+    monkeypatch.setattr(cpu_amx, "vnni_library", lambda: None)
 
 
 def test_the_avx2_kernels_build_in_ci() -> None:
@@ -56,10 +56,10 @@ def close(got: torch.Tensor, want: torch.Tensor, bf16: bool) -> None:
 
 
 @pytest.mark.parametrize("act_quant", [True, False])
-def test_every_int8_path_matches_the_reference(monkeypatch, act_quant) -> None:
+def test_every_int8_path_matches_the_reference(monkeypatch, no_amx, act_quant) -> None:
     weight = Int8Weight.rtn(rand(48, 64, seed=1), act_quant=act_quant)
     layer = Int8Linear(weight, compute_dtypes=BF16)
-    lowbit = ({"int_mm", *LOWBIT_Q8} if act_quant else {"i8w-dot", "i8w-panels"} if HAS_LOWBIT else set())
+    lowbit = ({*INT_MM, *LOWBIT_Q8} if act_quant else {"i8w-dot", "i8w-panels"} if HAS_LOWBIT else set())
     expected_paths = {"int8pack-bf16", "dequant"} | lowbit
     assert set(layer.paths) == expected_paths
     for m in (1, 5, 33):
@@ -88,7 +88,7 @@ def test_a_weight_at_an_odd_address_is_copied_aligned(monkeypatch, no_amx) -> No
 
 def test_explicit_fp32_offers_no_bf16_path() -> None:
     layer = Int8Linear(Int8Weight.rtn(rand(16, 32, seed=2)))
-    assert set(layer.paths) == {"int8pack-fp32", "int_mm", "dequant", *LOWBIT_Q8}
+    assert set(layer.paths) == {"int8pack-fp32", "dequant", *INT_MM, *LOWBIT_Q8}
     int4 = Int4Linear(Int4Weight.rtn(rand(32, 128, seed=3), 32))
     assert int4.cpu_dtype == torch.float32 and int4.scales_zeros.dtype == torch.float32
 
@@ -173,7 +173,7 @@ def test_avx2_kernel_layouts_and_exact_int8_sums() -> None:
 
 @needs_lowbit
 def test_int8_activation_rounding_costs_little_on_a_trained_model(tmp_path, monkeypatch) -> None:
-    """W4A16 through the int8-activation kernel (AMX's where the CPU has it, else the AVX2 q4 x q8) against
+    """W4A16 through the int8-activation kernel (AMX's or VNNI's where the CPU has them, else the AVX2 q4 x q8) against
     the same artifact dequantized, on real text (the builtin trained model, the shared stories text): the
     activations' int8 rounding per block must cost far less than the 4-bit weights themselves."""
     from conftest import shared_data
@@ -186,7 +186,7 @@ def test_int8_activation_rounding_costs_little_on_a_trained_model(tmp_path, monk
     quantize("builtin:tiny-llama", "w4a16-rtn", tmp_path / "w4", device="cpu")
     tokenizer = AutoTokenizer.from_pretrained(model_dir("tiny-llama"))
     ids = tokenizer(shared_data("tinystories_train_sample.txt").read_text(encoding="utf-8")[:4000])["input_ids"][:512]
-    fast = "q4-amx" if HAS_AMX else "q4q8-avx2"
+    fast = "q4-amx" if HAS_AMX else "q4-vnni" if cpu_amx.vnni_library() is not None else "q4q8-avx2"
     logp = {}
     for path in (fast, "dequant"):
         if path == "dequant":
@@ -223,6 +223,41 @@ def test_amx_q4_layer_matches_its_statement_and_the_reference(monkeypatch, symme
     torch.testing.assert_close(got, statement, rtol=8e-3, atol=8e-3 * statement.abs().max().item())
     want = x.float() @ weight.dequantize().t()
     torch.testing.assert_close(got, want, rtol=0, atol=3e-2 * want.abs().max().item())
+
+
+@pytest.mark.skipif(cpu_amx.vnni_library() is None, reason="no AVX-512 VNNI + BF16 CPU here")
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize(("m", "n", "k", "group"), [(1, 64, 128, 64), (2, 96, 256, 128), (5, 32, 512, 128),
+                                                    (19, 128, 1024, 256), (70, 64, 256, 64)])
+def test_vnni_q4_layer_matches_its_statement_and_the_reference(monkeypatch, symmetric, m, n, k, group) -> None:
+    """W4A16 on AVX-512 VNNI alone (no tiles; every M, row tiles of 8 with a partial last one): AMX's layout and
+    `reference_q4_gemm`'s numbers (int8 activations per row and group, exact integer sums) to bf16 rounding."""
+    monkeypatch.setattr(cpu_amx, "library", lambda: None)
+    weight = Int4Weight.rtn(rand(n, k, seed=4), group, symmetric)
+    layer = Int4Linear(weight, dtype=torch.bfloat16, compute_dtypes=BF16)
+    assert set(layer.paths) == {"q4-vnni"} and layer.qweight.numel() == n * k // 2
+    x = rand(m, k, seed=m, scale=2.0).bfloat16()
+    got = layer(x).float()
+    statement = cpu_amx.reference_q4_gemm(x, weight.q, weight.scales, weight.zeros, group)
+    torch.testing.assert_close(got, statement, rtol=8e-3, atol=8e-3 * statement.abs().max().item())
+    want = x.float() @ weight.dequantize().t()
+    torch.testing.assert_close(got, want, rtol=0, atol=3e-2 * want.abs().max().item())
+
+
+@pytest.mark.skipif(cpu_amx.vnni_library() is None, reason="no AVX-512 VNNI + BF16 CPU here")
+def test_vnni_w8a8_layer_matches_the_int8_reference(monkeypatch) -> None:
+    """W8A8 on VNNI alone: the activations shifted to unsigned for dpbusd and the shift taken off again
+    (exact int32 sums), per-token and per-channel scales as the reference, at 1 to 19 rows."""
+    monkeypatch.setattr(cpu_amx, "library", lambda: None)
+    weight = Int8Weight.rtn(rand(96, 192, seed=8), act_quant=True)
+    layer = Int8Linear(weight, dtype=torch.bfloat16, compute_dtypes=BF16)
+    assert set(layer.paths) == {"q8-vnni"} and torch.equal(layer.quant_weight().q, weight.q)
+    g = torch.Generator().manual_seed(3)
+    for m in (1, 2, 5, 19):
+        x = (torch.randn(m, 192, generator=g) * 3).bfloat16()
+        xq, xs = ops.quantize_per_token(x, torch.int8)
+        want = ops.int8_scaled_mm(xq, xs, weight.q, weight.scales, torch.float32)
+        torch.testing.assert_close(layer(x).float(), want, rtol=8e-3, atol=8e-3 * want.abs().max().item())
 
 
 @needs_amx
@@ -265,12 +300,37 @@ def test_amx_fp8_layer_widens_every_code_exactly_on_the_bf16_tiles(act_quant) ->
     assert torch.equal(layer.quant_weight().q.view(torch.uint8), weight.q.view(torch.uint8))
 
 
+@pytest.mark.skipif(cpu_amx.vnni_library() is None, reason="no AVX-512 VNNI + BF16 CPU here")
+@pytest.mark.parametrize("act_quant", [True, False])
+def test_fp8_on_avx512_bf16_widens_every_code_exactly(monkeypatch, act_quant) -> None:
+    """FP8 on AVX-512 BF16 dot products (no tiles): every E4M3 code widened exactly (one-hot rows read the
+    weight back, on the streaming path at <= 8 rows and the buffered one above), and the layer's product equal
+    to the reference to bf16 rounding, one byte a weight, N a multiple of 16 only."""
+    monkeypatch.setattr(cpu_amx, "library", lambda: None)
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes = codes[(codes & 0x7F) != 0x7F]
+    w = codes[torch.arange(16 * 256) % len(codes)].reshape(16, 256).view(torch.float8_e4m3fn)
+    eye = torch.eye(256).bfloat16()
+    for rows in (range(0, 8), range(8, 40)):
+        got = cpu_amx.vnni_fp8_gemm(eye[rows.start:rows.stop], cpu_amx.pack_fp8(w), torch.ones(16), None, 16)
+        assert torch.equal(got.float(), w.float().t()[rows.start:rows.stop])
+    weight = Fp8Weight.rtn(rand(48, 96, seed=6), act_quant=act_quant)
+    layer = Fp8Linear(weight, dtype=torch.bfloat16, compute_dtypes=BF16)
+    assert layer.mode == "cpu-avx512" and set(layer.paths) == {"fp8-bf16dot"} and layer.qweight.numel() == 48 * 96
+    for m in (1, 5, 19):
+        x = rand(m, 96, seed=7 + m, scale=2.0).bfloat16()
+        want = (fake_quant(x.float(), torch.float8_e4m3fn) if act_quant else x.float()) @ weight.dequantize().t()
+        torch.testing.assert_close(layer(x).float(), want, rtol=8e-3, atol=8e-3 * want.abs().max().item())
+    assert torch.equal(layer.quant_weight().q.view(torch.uint8), weight.q.view(torch.uint8))
+
+
 @needs_lowbit
 @pytest.mark.parametrize("act_quant", [True, False])
-def test_fp8_on_cpu_keeps_one_byte_a_weight_and_widens_exactly(monkeypatch, act_quant) -> None:
+def test_fp8_on_cpu_keeps_one_byte_a_weight_and_widens_exactly(monkeypatch, no_amx, act_quant) -> None:
     weight = Fp8Weight.rtn(rand(48, 64, seed=6), act_quant=act_quant)
     layer = Fp8Linear(weight)
-    assert layer.mode == "cpu-lowbit" and set(layer.paths) == {"fp8-dot", "fp8-panels", "widen-onednn"}
+    torch_paths = {"dequant", "scaled_mm"} if act_quant else {"dequant"}  # the same E4M3 bytes, torch's code
+    assert layer.mode == "cpu-lowbit" and set(layer.paths) == {"fp8-dot", "fp8-panels", "widen-onednn", *torch_paths}
     assert layer.qweight.dtype == torch.float8_e4m3fn and layer.opaque_bytes == 0  # 1 byte a weight
     for m in (1, 3, 6, 19):
         x = rand(m, 64, seed=7 + m, scale=2.0)
@@ -313,40 +373,6 @@ def test_fp8_without_our_kernels_widens_to_fp16_for_fbgemm(act_quant) -> None:
     close(layer(x), want, bf16=False)
     back = layer.quant_weight()  # the fp8 values come back bit for bit
     assert torch.equal(back.q.view(torch.uint8), weight.q.view(torch.uint8))
-
-
-def test_choice_is_the_fastest_once_per_bucket_and_persists(monkeypatch, tmp_path) -> None:
-    from optcli.engine.kernels.tuning import SavedChoices
-
-    cache = tmp_path / "cpu.json"
-    monkeypatch.delenv("OPTCLI_CPU_KERNEL", raising=False)
-    monkeypatch.setattr(cpu_choice, "_CHOSEN", {})
-    monkeypatch.setattr(cpu_choice, "_STORE", SavedChoices(lambda: cache))
-    times = {"slow": 3.0, "fast": 1.0}
-    timed = []
-
-    def fake_best(fn, x, bound=float("inf")):
-        name = fn(x)
-        timed.append(name)
-        return times[name]
-
-    monkeypatch.setattr(cpu_choice, "_best_seconds", fake_best)
-    paths = {"slow": lambda x: "slow", "fast": lambda x: "fast"}
-    x3, x4, x9 = torch.zeros(3, 8), torch.zeros(4, 8), torch.zeros(9, 8)
-    assert cpu_choice.choose("w8a8", x3, 16, 8, paths) == "fast"
-    assert cpu_choice.choose("w8a8", x4, 16, 8, paths) == "fast" and timed == ["slow", "fast"]  # same bucket
-    times["slow"] = 0.5
-    assert cpu_choice.choose("w8a8", x9, 16, 8, paths) == "slow"  # M <= 16: its own measurement
-    saved = json.loads(cache.read_text())
-    assert saved == {"w8a8[slow|fast] M<=4 N=16 K=8": "fast", "w8a8[slow|fast] M<=16 N=16 K=8": "slow"}
-    # a new process on this CPU: the saved choice, no timing
-    monkeypatch.setattr(cpu_choice, "_CHOSEN", {})
-    monkeypatch.setattr(cpu_choice, "_STORE", SavedChoices(lambda: cache))
-    timed.clear()
-    assert cpu_choice.choose("w8a8", x3, 16, 8, paths) == "fast" and timed == []
-    # forcing a path by name (where offered)
-    monkeypatch.setenv("OPTCLI_CPU_KERNEL", "slow")
-    assert cpu_choice.choose("w8a8", x3, 16, 8, paths) == "slow"
 
 
 def test_tied_head_reads_the_embedding_itself() -> None:
@@ -484,6 +510,18 @@ def test_fp8_activation_rounding_is_torchs_bit_for_bit() -> None:
         got, scales = cpu_lowbit.fp8_round_rows(x)
         q, want_scales = ops.quantize_per_token(x, torch.float8_e4m3fn)
         assert torch.equal(got, q.float()) and torch.equal(scales, want_scales)
+
+
+@pytest.mark.skipif(cpu_amx.vnni_library() is None, reason="no AVX-512 VNNI + BF16 CPU here")
+def test_bf16_dot_products_are_the_exact_products_summed_in_fp32() -> None:
+    """A bf16 model's few-row kernel (bf16-dpbf16): bf16 x bf16 products are exact in fp32, summed in fp32,
+    so against a float64 product only fp32 summation error remains; 1-6 rows, K past a 128-wide step."""
+    g = torch.Generator().manual_seed(12)
+    for m, k, n in ((1, 64, 16), (3, 2048, 40), (6, 160, 7), (4, 96, 33)):
+        x, w = torch.randn(m, k, generator=g).bfloat16(), torch.randn(n, k, generator=g).bfloat16()
+        want = x.double() @ w.double().t()
+        got = cpu_amx.vnni_bf16_gemm(x, w).double()
+        assert (got - want).abs().max() <= 1e-6 * want.abs().max()
 
 
 @needs_lowbit
