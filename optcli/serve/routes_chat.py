@@ -18,7 +18,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from optcli.engine.detokenizer import token_texts
-from optcli.engine.engine import RequestOutput, select_best
+from optcli.engine.outputs import RequestOutput, select_best
 from optcli.serve.api_errors import APIError
 from optcli.serve.logprobs import chat_logprobs
 from optcli.serve.protocol import (

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from optcli.engine.detokenizer import decode, token_texts
-from optcli.engine.engine import select_best
+from optcli.engine.outputs import select_best
 from optcli.serve.api_errors import APIError
 from optcli.serve.logprobs import completion_logprobs, merge_lp
 from optcli.serve.protocol import CompletionChoice, CompletionRequest, CompletionResponse, UsageInfo

@@ -14,7 +14,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from optcli.engine.detokenizer import IncrementalDetokenizer, stop_prefix_len
-from optcli.engine.engine import RequestOutput
+from optcli.engine.outputs import RequestOutput
 from optcli.engine.sampling_params import SamplingParams
 from optcli.serve.admission import AdmissionSlot
 from optcli.serve.api_errors import APIError, api_error_body, error_body
