@@ -59,19 +59,33 @@ def measure_host_bandwidth(nbytes: int = 2**30, repeats: int = 5) -> dict:
     cache), every page written first, read once to warm up, then `repeats` more times; GB/s = bytes read /
     seconds of the fastest pass (1e9 bytes/s), since a shared machine only ever slows a pass down. The read
     is our kernels' probe (`lowbit_read_probe` in `cpu_lowbit_float.c`: four 32-byte load streams per
-    thread, dynamic 1 MiB chunks over torch's intra-op threads, the same threads the engine decodes with);
+    thread, dynamic 1 MiB chunks, on every usable core: affinity and cgroup quota, `engine/kernels/cpu_threads`);
     where those kernels are not built, `torch.sum` over fp32 (which also adds, so it can read lower).
     Measured once per process (per thread count); `gbs` is None when there is not enough free memory to
     measure honestly. Returns {"gbs", "source", "threads"}."""
+    import torch
+
+    from optcli.engine.kernels.cpu_threads import usable_cores
+
+    threads = usable_cores()
+    key = (nbytes, threads)
+    if key in _BANDWIDTH:
+        return _BANDWIDTH[key]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # every usable core, whatever the engine's governor chose last
+    try:
+        return _measure(nbytes, repeats, key)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _measure(nbytes: int, repeats: int, key: tuple[int, int]) -> dict:
     import psutil
     import torch
 
     from optcli.engine.kernels import cpu_lowbit
 
-    threads = torch.get_num_threads()
-    key = (nbytes, threads)
-    if key in _BANDWIDTH:
-        return _BANDWIDTH[key]
+    threads = key[1]
     size = nbytes
     available = psutil.virtual_memory().available
     if available < 4 * size:
