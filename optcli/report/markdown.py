@@ -259,11 +259,38 @@ def kpi_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [c for c in checks if isinstance(c, Mapping)] if isinstance(checks, list) else []
 
 
+def kernel_summary(kernels: Any) -> Any:
+    """`workload.engine.kernels` in one line: each layer kind's kernel per batch-size bucket, equal
+    neighbours merged ("qkv q4-vnni (all), lm_head bf16-dpbf16 (1-4) / onednn-bf16 (5-16..>256)")."""
+    if not isinstance(kernels, Mapping):
+        return kernels
+    parts = []
+    for kind, info in kernels.items():
+        buckets = info.get("buckets") if isinstance(info, Mapping) else None
+        if not isinstance(buckets, Mapping):
+            continue
+        runs: list[list] = []  # [kernel, first bucket, last bucket]
+        for bucket, pick in buckets.items():
+            name = pick.get("kernel") if isinstance(pick, Mapping) else pick
+            if runs and runs[-1][0] == name:
+                runs[-1][2] = bucket
+            else:
+                runs.append([name, bucket, bucket])
+        spans = ["all" if len(runs) == 1 else (a if a == b else f"{a}..{b}") for _, a, b in runs]
+        parts.append(f"{kind} " + " / ".join(f"{k} ({s})" for (k, _, _), s in zip(runs, spans, strict=True)))
+    return ", ".join(parts)
+
+
 def header_fields(report: Mapping[str, Any]) -> list[tuple[str, str]]:
     def value(key: str) -> str:
         node = get(report, key)
         if key == "hardware" and isinstance(node, Mapping):  # contention has its own line (contention_warning)
             node = {k: v for k, v in node.items() if k != "contention"}
+        if key == "workload" and isinstance(node, Mapping) and isinstance(node.get("engine"), Mapping):
+            # the kernels with their reasons fill pages: here just which kernel runs where (report.json has all)
+            engine = {k: kernel_summary(v) if k in ("kernels", "baseline_kernels") else v
+                      for k, v in node["engine"].items()}
+            node = {**node, "engine": engine}
         return fmt(node)
 
     return [(k, value(k)) for k in ("model", "baseline", "recipe", "hardware", "workload")]

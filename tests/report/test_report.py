@@ -401,3 +401,14 @@ def test_html_renders_in_headless_chromium(tmp_path):
     assert '<div class="warn" role="alert">' in dom.stdout and "<h2>Source vs artifact</h2>" in dom.stdout
     png = shot.read_bytes()
     assert png.startswith(PNG_SIG) and len(png) > 50_000, len(png)
+
+
+def test_report_md_names_kernels_in_one_line_not_their_reasons():
+    """report.json keeps every layer's kernel per bucket with its rule; the Markdown header says only which
+    kernel runs where (the reasons ran to pages)."""
+    from optcli.report.markdown import kernel_summary
+
+    pick = lambda k: {"kernel": k, "reason": "a long rule " * 40}  # noqa: E731
+    kernels = {"qkv": {"buckets": {"1": pick("q4-vnni"), "2-4": pick("q4-vnni")}},
+               "lm_head": {"buckets": {"1": pick("bf16-dpbf16"), "2-4": pick("bf16-dpbf16"), "5-16": pick("onednn-bf16")}}}
+    assert kernel_summary(kernels) == "qkv q4-vnni (all), lm_head bf16-dpbf16 (1..2-4) / onednn-bf16 (5-16)"
