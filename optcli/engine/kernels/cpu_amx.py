@@ -246,14 +246,7 @@ def unpack_fp8(packed: torch.Tensor) -> torch.Tensor:
 def fp8_gemm(a: torch.Tensor, packed: torch.Tensor, post_n: torch.Tensor, post_m: torch.Tensor | None,
              n: int) -> torch.Tensor:
     """bf16 a [M, K] @ W^T (W from `pack_fp8`, widened exactly) * post_m [M] * post_n [N] -> bf16 [M, N]."""
-    a = a.to(torch.bfloat16).contiguous()
-    m, k = a.shape
-    out = torch.empty(m, n, dtype=torch.bfloat16)
-    if m:
-        pm = None if post_m is None else post_m.float().contiguous()
-        library().amx_fp8_gemm(a.data_ptr(), m, k, packed.data_ptr(), n, post_n.data_ptr(),
-                               None if pm is None else pm.data_ptr(), out.data_ptr())
-    return out
+    return _fp8_call(library, "amx_fp8_gemm", a, packed, post_n, post_m, n)
 
 
 def vnni_bf16_gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -269,13 +262,20 @@ def vnni_bf16_gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def vnni_fp8_gemm(a: torch.Tensor, packed: torch.Tensor, post_n: torch.Tensor, post_m: torch.Tensor | None,
                   n: int) -> torch.Tensor:
     """`fp8_gemm` on AVX-512 BF16 dot products (no tiles), the same layout and numbers: N % 16 suffices."""
+    return _fp8_call(vnni_library, "vnni_fp8_gemm", a, packed, post_n, post_m, n)
+
+
+def _fp8_call(lib, name: str, a: torch.Tensor, packed: torch.Tensor, post_n: torch.Tensor, post_m: torch.Tensor | None,
+              n: int) -> torch.Tensor:
+    """The one calling convention of the two FP8 kernels (tiles, dot products): bf16 in, bf16 out; the
+    library (`lib()`, built on first use) is asked for `name` only when there are rows."""
     a = a.to(torch.bfloat16).contiguous()
     m, k = a.shape
     out = torch.empty(m, n, dtype=torch.bfloat16)
     if m:
         pm = None if post_m is None else post_m.float().contiguous()
-        vnni_library().vnni_fp8_gemm(a.data_ptr(), m, k, packed.data_ptr(), n, post_n.data_ptr(),
-                                     None if pm is None else pm.data_ptr(), out.data_ptr())
+        getattr(lib(), name)(a.data_ptr(), m, k, packed.data_ptr(), n, post_n.data_ptr(),
+                             None if pm is None else pm.data_ptr(), out.data_ptr())
     return out
 
 
