@@ -7,65 +7,51 @@ from typing import Annotated
 import typer
 
 from optcli.cli.app import app
-from optcli.cli.common import (
-    ENGINE,
-    DeviceOpt,
-    DtypeOpt,
-    EnforceEagerOpt,
-    GpuMemoryOpt,
-    LmHeadOpt,
-    MaxModelLenOpt,
-    MaxNumSeqsOpt,
-    engine_config,
-    guard,
-)
+from optcli.cli.common import guard
+from optcli.cli.flags import with_options
+from optcli.config import EngineConfig
 from optcli.errors import UsageError
 
 
 @app.command()
+@with_options(engine_config=EngineConfig)
 def serve(
     model: Annotated[str, typer.Argument(help="Model or artifact to serve.")],
+    engine_config: EngineConfig,
+    engine_config_given: dict,
     host: Annotated[str, typer.Option("--host", help="Interface to bind (loopback unless you say otherwise).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
     api_key: Annotated[str | None, typer.Option("--api-key", help="Require `Authorization: Bearer KEY` (all but /health).")] = None,
     engine: Annotated[str, typer.Option("--engine", help="builtin or vllm.")] = "builtin",
-    max_num_seqs: MaxNumSeqsOpt = ENGINE.max_num_seqs,
-    max_model_len: MaxModelLenOpt = None,
     max_waiting: Annotated[int, typer.Option("--max-waiting", min=0, help="Queued requests beyond which new ones get 429.")] = 256,
     served_model_name: Annotated[str | None, typer.Option("--served-model-name", help="Name clients use (default: MODEL).")] = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    enforce_eager: EnforceEagerOpt = False,
-    gpu_memory_utilization: GpuMemoryOpt = ENGINE.gpu_memory_utilization,
-    lm_head: LmHeadOpt = ENGINE.lm_head,
     tensor_parallel_size: Annotated[int, typer.Option("--tensor-parallel-size", min=1, help="vLLM only.")] = 1,
     pipeline_parallel_size: Annotated[int, typer.Option("--pipeline-parallel-size", min=1, help="vLLM only.")] = 1,
 ) -> None:
     """Serve MODEL behind an OpenAI-compatible HTTP API."""
     from optcli.checkpoints.resolve import resolve_model
+    from optcli.vllm.argv import VllmOptions
 
     name = served_model_name or model
+    vllm = VllmOptions(tensor_parallel_size, pipeline_parallel_size, engine_config_given["max_model_len"])
     with guard(False):
         if engine not in ("builtin", "vllm"):
             raise UsageError(f"--engine must be builtin or vllm (got '{engine}')")
         if api_key is not None and not api_key.strip():
             raise UsageError("--api-key is empty: give a key, or leave the option out to serve without one")
-        config = engine_config(device, dtype, max_num_seqs, max_model_len, enforce_eager, gpu_memory_utilization, lm_head)
         from optcli.serve.server import bind_listener
 
         sock = bind_listener(host, port)  # before anything loads: a port in use is exit 2 at once
         path = str(resolve_model(model).path)
         if engine == "vllm":
             sock.close()  # vLLM binds it itself
-            from optcli.serve.vllm import exec_vllm, vllm_command
+            from optcli.vllm.argv import exec_vllm, vllm_command
 
-            if lm_head != "dense":
+            if engine_config.lm_head != "dense":
                 raise UsageError("--lm-head int8 is a builtin-engine option; vLLM serves the checkpoint's head")
-            exec_vllm(vllm_command(path, host, port, name, api_key, max_num_seqs, max_model_len,
-                                   gpu_memory_utilization, tensor_parallel_size, pipeline_parallel_size, enforce_eager,
-                                   dtype=dtype))
-        if tensor_parallel_size > 1 or pipeline_parallel_size > 1:
+            exec_vllm(vllm_command(path, host, port, engine_config, vllm, served_model_name=name, api_key=api_key))
+        if vllm.parallel:
             raise UsageError("the builtin engine runs on one device; use --engine vllm for parallel serving")
         from optcli.serve.server import run_server
 
-        run_server(path, name, host, port, api_key, config, max_waiting, sock=sock)
+        run_server(path, name, host, port, api_key, engine_config, max_waiting, sock=sock)

@@ -105,6 +105,18 @@ def test_not_a_report_is_one_line(text: str, needle: str, tmp_path: Path) -> Non
         ProfileReport.load(path, "--baseline-report")
 
 
+def test_roi_refuses_a_bad_report_in_one_line(tmp_path: Path) -> None:
+    raw = json.loads((REFERENCE / "endpoint.json").read_text())
+    raw["latency_ms"]["e2e"]["p95"] = "slow"
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(raw))
+    result = subprocess.run([OPTCLI, "roi", "--report", str(path), "--gpu-hour-cost", "1"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert "field 'latency_ms.e2e.p95': expected a number" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 # --- profile writes the same fields as before -----------------------------------------------------------
 
 
