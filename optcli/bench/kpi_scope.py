@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from optcli.bench.kpi import Kpi
+from optcli.bench.kpi import Kpi, evaluate_kpis
 from optcli.bench.metrics import percentiles
 
 # key -> why a benchmark does not apply it (and what does)
@@ -106,3 +106,10 @@ def apply_to_report(report: dict, kpi: Kpi, online: dict) -> None:
     section["windows"] = windows
     section["checks"] += window_checks(kpi, windows)
     section["passed"] = all(c["passed"] for c in section["checks"])
+
+
+def evaluate_with_scope(report: dict, kpi: Kpi, online: dict) -> dict:
+    """`evaluate_kpis`, then the alert_window gates and the applied/production-only split: the report's `kpi`."""
+    report["kpi"] = evaluate_kpis(report, kpi)
+    apply_to_report(report, kpi, online)
+    return report["kpi"]
