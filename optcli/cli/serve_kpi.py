@@ -38,6 +38,12 @@ def _read_report(path: Path) -> dict:
     return report
 
 
+def baseline_tok_s(path: Path) -> float:
+    """A profile report's served output tok/s (the headline online level), else its offline figure."""
+    tp = _read_report(path)["throughput"]
+    return tp.get("online_output_tok_s") or tp["output_tok_s"]
+
+
 def kpi_options(kpi_file: Path | None, baseline_report: Path | None, gpu_hour_cost: float | None,
                 monthly_budget: float | None, eval_text: Path | None, engine: str):
     """The serve app's KpiOptions, or None without --kpi; every problem is a UsageError (exit 2)."""
