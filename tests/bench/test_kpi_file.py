@@ -90,3 +90,7 @@ def test_profile_accepts_the_articles_file_and_says_which_keys_it_applied(storie
     windowed = [c for c in kpi["checks"] if c["name"].endswith("(latency.alert_window)")]
     assert len(windowed) == 2 and all(c["value"] > 0 for c in windowed)
     assert "KPI cost.budget_alert: recorded, not applied (production-only" in result.stdout
+    for name in ("report.md", "report.html"):
+        text = (out / name).read_text()
+        assert "Recorded, not applied (production-only" in text and "accuracy.eval_frequency" in text
+        assert "alert_window 300 s: 1 window(s) of e2e latency" in text
