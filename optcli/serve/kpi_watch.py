@@ -5,7 +5,7 @@ Every finished request adds (start, end, TTFT, TPOT, tokens) to the window; a ti
 three gauges (`optcli:kpi_value`, `optcli:kpi_threshold`, `optcli:kpi_breached`, label `kpi`) and logs one
 line when a gate starts breaching and one when it recovers, never once per tick.
 
-Throughput is output tokens over the window's *busy* seconds (the union of its requests' lifetimes), so an
+Throughput is output tokens over the *busy* seconds of the window's requests (the union of their lifetimes), so an
 idle server is not reported as a slow one, and a window with no request has no figure (no breach).
 Cost budget share is what this process has cost since the month began (or since it started, if later):
 GPU-hour price x hours / monthly budget.
@@ -84,9 +84,11 @@ class KpiWatcher:
                                                                                                   strict=True)}}
         return out
 
-    def _busy_s(self, samples: list[tuple], now: float) -> float:
-        lo, busy, cursor = now - self.live.window_s, 0.0, -math.inf
-        for start, end in sorted((max(s[1], lo), s[0]) for s in samples):
+    @staticmethod
+    def _busy_s(samples: list[tuple]) -> float:
+        """The union of the window's requests' whole lifetimes (not clipped to the window: their tokens all count)."""
+        busy, cursor = 0.0, -math.inf
+        for start, end in sorted((s[1], s[0]) for s in samples):
             start = max(start, cursor)
             if end > start:
                 busy, cursor = busy + end - start, end
@@ -96,7 +98,7 @@ class KpiWatcher:
         now = self._clock() if now is None else now
         samples = self._window(now)
         latency = self.latency(samples)
-        busy = self._busy_s(samples, now)
+        busy = self._busy_s(samples)
         tok_s = sum(s[5] for s in samples) / busy if busy > 0 else None
         price = self.gpu_hour_cost
         figures: dict[str, float | None] = {}
