@@ -127,3 +127,28 @@ def test_every_command_has_a_page() -> None:
     table = README.read_text()
     unlisted = [name for name in names if f"(docs/commands/{name}.md)" not in table]
     assert not unlisted, f"README's command table does not link: {', '.join(unlisted)}"
+
+
+def test_changelog_keeps_a_changelog_form() -> None:
+    """[Unreleased] on top, then dated releases newest first; each kind of change once per version, one
+    line per entry; the newest release is the package's version."""
+    import tomllib
+
+    from optcli import __version__
+
+    text = (ROOT / "CHANGELOG.md").read_text()
+    versions = re.findall(r"^## \[([^\]]+)\](.*)$", text, flags=re.M)
+    assert versions[0] == ("Unreleased", "")
+    released = versions[1:]
+    assert released and all(re.fullmatch(r" - \d{4}-\d{2}-\d{2}", date) for _, date in released)
+    dates = [date for _, date in released]
+    assert dates == sorted(dates, reverse=True)
+    for section in re.split(r"^## ", text, flags=re.M)[1:]:
+        kinds = re.findall(r"^### (.+)$", section, flags=re.M)
+        assert len(kinds) == len(set(kinds)), f"a heading repeats in ## {section.splitlines()[0]}: {kinds}"
+        assert set(kinds) <= {"Added", "Changed", "Deprecated", "Removed", "Fixed", "Security"}
+    body = text.split("## [Unreleased]", 1)[1].splitlines()
+    continued = [line for line in body if line.startswith("  ")]
+    assert not continued, f"entries are one line each: {continued[:3]}"
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["project"]["version"] == released[0][0] == __version__
