@@ -152,3 +152,8 @@ def test_changelog_keeps_a_changelog_form() -> None:
     assert not continued, f"entries are one line each: {continued[:3]}"
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert pyproject["project"]["version"] == released[0][0] == __version__
+
+
+def test_the_roi_page_shows_the_example_script_as_it_is() -> None:
+    script = (ROOT / "examples" / "quantize_profile_roi.sh").read_text()
+    assert f"```bash\n{script}```" in (ROOT / "docs" / "commands" / "roi.md").read_text()
