@@ -16,7 +16,8 @@ from optcli.bench.args import Checked, ProfileArgs
 from optcli.bench.comparison import offline_online_notes, roofline
 from optcli.bench.contention import ContentionMonitor
 from optcli.bench.export import level_rows, write_export
-from optcli.bench.kpi import evaluate_kpis, latency_gates, slo_from_kpi
+from optcli.bench.kpi import latency_gates, slo_from_kpi
+from optcli.bench.kpi_scope import evaluate_with_scope
 from optcli.bench.report_build import add_accuracy, add_baseline, add_speed, new_report
 from optcli.bench.targets import Measured, Target, make_target
 from optcli.engine.loading.placement import resolve_device
@@ -49,8 +50,8 @@ def profile(args: ProfileArgs, progress=None) -> ProfileReport:
         # after both models ran: on a CPU the 1 GiB pass would otherwise sit in their peak RSS
         step("peak memory bandwidth")
         report.roofline = roofline(peak_bandwidth(args.config.device), report, baseline_figures)
-    if checked.kpi is not None:
-        report.kpi = evaluate_kpis(report, checked.kpi)
+    if checked.kpi is not None:  # + the alert_window's windows and the production-only keys
+        report.kpi = evaluate_with_scope(report, checked.kpi, measured.levels[-1][1])
     _write(report, args, measured, points, baseline_figures)
     if not report.kpi.passed:
         failed = [c.name for c in report.kpi.checks if not c.passed]

@@ -155,6 +155,9 @@ def _show_profile(report: ProfileReport, as_json: bool, out_dir: Path | None) ->
         base = "" if check.baseline is None else f", baseline {_fmt(check.baseline)}"
         value = kpi_value(check) if check.ci_low is not None else _fmt(check.value)
         out.print(f"[{style}]{'PASS' if check.passed else 'FAIL'}[/{style}] {escape(check.name)} (value {escape(value)}{base})")
+    for item in report.kpi.production_only or []:
+        out.print(f"KPI {escape(item['key'])}: recorded, not applied (production-only: {escape(item['why'])})",
+                  highlight=False, soft_wrap=True)
     if out_dir is not None:
         out.print(f"reports: {out_dir}/report.json, report.md, report.html")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -9,16 +11,33 @@ import typer
 from optcli.cli.app import app
 from optcli.cli.common import guard
 from optcli.cli.flags import with_options
-from optcli.config import EngineConfig
+from optcli.config import EngineConfig, option
 from optcli.errors import UsageError
 
 
+@dataclass(frozen=True)
+class KpiWatch:
+    """`serve --kpi FILE` and what its gates need (`cli/serve_kpi.py` checks them before the model loads)."""
+
+    kpi: Path | None = option(None, "--kpi", help=(
+        "KPI file (YAML) to watch live: gauges on /metrics, GET /kpi, a log line on breach and recovery."))
+    baseline_report: Path | None = option(None, "--baseline-report", help=(
+        "With --kpi: profile report.json whose throughput degradation_threshold compares with."))
+    gpu_hour_cost: float | None = option(None, "--gpu-hour-cost",
+                                         help="With --kpi: USD per GPU hour (cost gates, budget burn).")
+    monthly_budget: float | None = option(None, "--monthly-budget",
+                                          help="With --kpi: USD per month that cost.budget_alert is a share of.")
+    eval_text: Path | None = option(None, "--eval-text", help=(
+        "With --kpi: text the accuracy probe scores (default: the builtin corpus's held-out text)."))
+
+
 @app.command()
-@with_options(engine_config=EngineConfig)
+@with_options(engine_config=EngineConfig, watch=KpiWatch)
 def serve(
     model: Annotated[str, typer.Argument(help="Model or artifact to serve.")],
     engine_config: EngineConfig,
     engine_config_given: dict,
+    watch: KpiWatch,
     host: Annotated[str, typer.Option("--host", help="Interface to bind (loopback unless you say otherwise).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
     api_key: Annotated[str | None, typer.Option("--api-key", help="Require `Authorization: Bearer KEY` (all but /health).")] = None,
@@ -39,6 +58,10 @@ def serve(
             raise UsageError(f"--engine must be builtin or vllm (got '{engine}')")
         if api_key is not None and not api_key.strip():
             raise UsageError("--api-key is empty: give a key, or leave the option out to serve without one")
+        from optcli.cli.serve_kpi import kpi_options
+
+        kpi_watch = kpi_options(watch.kpi, watch.baseline_report, watch.gpu_hour_cost, watch.monthly_budget,
+                                watch.eval_text, engine)
         from optcli.serve.server import bind_listener
 
         sock = bind_listener(host, port)  # before anything loads: a port in use is exit 2 at once
@@ -54,4 +77,4 @@ def serve(
             raise UsageError("the builtin engine runs on one device; use --engine vllm for parallel serving")
         from optcli.serve.server import run_server
 
-        run_server(path, name, host, port, api_key, engine_config, max_waiting, sock=sock)
+        run_server(path, name, host, port, api_key, engine_config, max_waiting, sock=sock, kpi=kpi_watch)

@@ -21,6 +21,7 @@ from optcli.report.markdown import (
     head_line,
     header_fields,
     kpi_rows,
+    kpi_scope_lines,
     kpi_value,
     report_tables,
     roofline_line,
@@ -133,7 +134,7 @@ def _kpi(report: ProfileReport) -> list[str]:
     if rows:
         parts.append("<table><thead><tr><th>result</th><th>check</th><th>threshold</th><th>value</th><th>baseline</th></tr></thead>"
                      f"<tbody>{''.join(rows)}</tbody></table>")
-    return parts
+    return parts + [f"<p>{escape(line)}</p>" for line in kpi_scope_lines(report)]
 
 
 def _findings(report: ProfileReport) -> list[str]:

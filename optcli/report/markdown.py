@@ -273,6 +273,27 @@ def head_line(report: ProfileReport | Mapping[str, Any]) -> str | None:
     return text
 
 
+def kpi_scope_lines(report: ProfileReport | Mapping[str, Any]) -> list[str]:
+    """Which of the KPI file's keys the run applied, which it only recorded (production-only), and the
+    alert_window's windows (`optcli.bench.kpi_scope`); nothing for a report without them."""
+    kpi = ProfileReport.coerce(report).kpi
+    if kpi is None:
+        return []
+    lines = []
+    if kpi.applied:
+        lines.append(f"Applied: {', '.join(kpi.applied)}")
+    if kpi.production_only:
+        lines.append("Recorded, not applied (production-only, `serve --kpi` watches them): "
+                     + "; ".join(f"{p['key']} ({p['why']})" for p in kpi.production_only))
+    windows = kpi.windows
+    if windows:
+        worst = windows["worst"]
+        lines.append(f"alert_window {windows['window_s']:g} s: {len(windows['windows'])} window(s) of "
+                     f"{windows['metric']} latency, worst p95 {fmt(worst['p95'])} ms, p99 {fmt(worst['p99'])} ms"
+                     + (f" ({windows['note']})" if windows.get("note") else ""))
+    return lines
+
+
 def kpi_rows(report: ProfileReport | Mapping[str, Any]) -> list[KpiCheck]:
     kpi = ProfileReport.coerce(report).kpi
     return list(kpi.checks or []) if kpi is not None else []
@@ -364,6 +385,7 @@ def render_markdown(report: ProfileReport | Mapping[str, Any]) -> str:
             lines += ["", *_md_table(["", "check", "threshold", "value", "baseline"],
                            [["✅" if c.passed else "❌", fmt(c.name), fmt(c.threshold),
                              kpi_value(c), fmt(c.baseline)] for c in checks])]
+    lines += [line for scope in kpi_scope_lines(report) for line in ("", _cell(scope))]
     versions = report.versions
     if versions:
         lines += ["", f"<sub>versions: {_cell(fmt(versions))}</sub>"]

@@ -68,6 +68,7 @@ class Repeats(Section):
     resident: str | None = None
     warm_up: str | None = None
     prefix_cache: str | None = None
+    window: dict[str, Any] | None = None  # each repeat's timed window and the runs it took (`Workload.min_time_s`)
 
 
 class WorkloadEngine(Section):
@@ -148,6 +149,7 @@ class SloMaxRate(Section):
     requests_s: Num | None = None
     level: str | None = None
     e2e_p95_ms: Num | None = None
+    concurrency: Num | None = None  # requests in the server at that rate (Little's law): `roi --autoscale`'s target
 
 
 class Failures(Section):
@@ -235,6 +237,9 @@ class KpiCheck(Section):
 class Kpi(Section):
     passed: bool | None = None
     checks: list[KpiCheck] | None = None
+    applied: list[str] | None = None  # the KPI file's keys this run applied
+    production_only: list[dict[str, Any]] | None = None  # {key, why}: recorded, watched by `serve --kpi`
+    windows: dict[str, Any] | None = None  # latency.alert_window's per-window p95/p99 (bench/kpi_scope.py)
 
 
 class Figures(Section):
