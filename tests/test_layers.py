@@ -164,3 +164,18 @@ def test_the_cycle_finder_sees_a_circle():
     assert _find_cycle({"a": ["b"], "b": ["c"], "c": []}) is None
     typed = [t for t, _, top in _imports("optcli.engine.models.rotary") if top]  # ModelConfig, for annotations
     assert typed == ["optcli.engine.models.config"]
+
+
+def test_tests_share_helpers_not_each_other():
+    """Test modules take shared helpers from `tests/helpers.py`: none imports `conftest` (pytest's, loaded
+    by pytest alone) or another test module (which would run its module-level setup a second time)."""
+    bad = []
+    for path in sorted(PACKAGE.parent.joinpath("tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                last = name.split(".")[-1]
+                if name.split(".")[0] in ("conftest", "tests") or last.startswith("test_"):
+                    bad.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} imports {name}")
+    assert not bad, "tests importing conftest or other test modules:\n" + "\n".join(bad)
