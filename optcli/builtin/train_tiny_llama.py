@@ -1,4 +1,4 @@
-"""Train ``builtin:tiny-llama``: a small Llama fitted to optcli's own corpus (``corpus/``, heldout excluded).
+"""Train ``builtin:tiny-llama``: a small Llama fitted to optcli's own corpus (``calibration_data/``, heldout excluded).
 
 Why: the demo model must be a real language model. With random weights every quantization
 method "loses" nothing measurable (perplexity is ~vocab size before and after), so the demo
@@ -303,7 +303,7 @@ def train(out: Path, hp: dict) -> dict:
         ),
         hyperparameters=hp,
         data=dict(
-            source="optcli.calibration.calibration_documents() (corpus/*.txt except heldout.txt)",
+            source="optcli.calibration.calibration_documents() (calibration_data/*.txt except heldout.txt)",
             documents=len(docs),
             train_documents=len(train_docs),
             val_documents=len(val_docs),
