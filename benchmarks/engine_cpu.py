@@ -57,6 +57,7 @@ class Workload:
 
 FULL = Workload(8, 64, (16, 128), (8, 256), 4, (16, 48), 8, 2048, 5)
 QUICK = Workload(2, 8, (8, 32), (4, 24), 2, (8, 16), 4, 1024, 3)
+SMOKE = Workload(1, 3, (4, 12), (2, 6), 1, (4, 8), 2, 128, 1)  # a test of the script (tests/test_benchmarks_smoke.py)
 
 MODEL_SHAPE = dict(
     hidden_size=512,
@@ -318,6 +319,7 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke test: 2-layer model, 8 short requests (~1 min)")
+    ap.add_argument("--smoke", action="store_true", help="a test of this script: 1 layer, 3 tiny requests (seconds)")
     ap.add_argument("--skip-cb", action="store_true", help="skip transformers' continuous batching")
     ap.add_argument("--skip-static", action="store_true", help="skip padded static model.generate")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
@@ -329,13 +331,13 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-    wl = QUICK if args.quick else FULL
+    wl = SMOKE if args.smoke else QUICK if args.quick else FULL
     print(f"python {platform.python_version()}  torch {torch.__version__}  transformers {transformers.__version__}")
     print(
         f"threads: torch intra-op {torch.get_num_threads()}, interop {torch.get_num_interop_threads()}; "
         f"cpu: {platform.processor() or platform.machine()}"
     )
-    print(f"mode: {'quick' if args.quick else 'full'}  seed {args.seed}")
+    print(f"mode: {'smoke' if args.smoke else 'quick' if args.quick else 'full'}  seed {args.seed}")
 
     rng = random.Random(args.seed)
     prompts, outputs = make_requests(wl.num_requests, wl.prompt_range, wl.output_range, rng)

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import gc
 import inspect
-import json
 import math
 import platform
 import random
@@ -43,100 +42,15 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+from bench_model import FULL, PROMPT_ID_RANGE, TINY_PLAN, Plan, build_model
 
 TARGET_CB_RATIO = 10.0  # (a) ours / transformers generate_batch
 TARGET_ROOFLINE = 0.70  # ours batch-1 decode / (bandwidth / weight bytes)
 GATE_TOKENS = 8  # exit 1 if any prompt differs from transformers within its first this-many tokens
-PROMPT_ID_RANGE = (3, 1000)  # ids that exist in the builtin tokenizer (0-2 are <unk>, <s>, </s>)
-
-LLAMA_3_2_1B = dict(
-    num_hidden_layers=16,
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=64,
-    vocab_size=128256,
-    tie_word_embeddings=True,
-    rope_theta=500000.0,
-    max_position_embeddings=2048,
-    rms_norm_eps=1e-5,
-)
-TINY = dict(
-    LLAMA_3_2_1B,
-    num_hidden_layers=2,
-    hidden_size=128,
-    intermediate_size=512,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=32,
-    vocab_size=1024,
-)
-
-
-@dataclass
-class Plan:
-    name: str
-    shape: dict
-    dtype: str
-    requests: int  # (a)
-    prompt_range: tuple[int, int]  # (a), [lo, hi)
-    new_tokens: int  # (a)
-    hf_requests: int  # (a), transformers side
-    batch1_prompt: int  # (b) prompt length
-    batch1_new: int  # (b)
-    check_prompts: int
-    check_prompt_range: tuple[int, int]
-    check_new: int
-    warm_requests: int
-    warm_new_range: tuple[int, int]  # [lo, hi): varied, so batches shrink during warm-up
-    max_num_seqs: int
-    copy_bytes: int
-    copy_reps: int
-
-
-FULL = Plan(
-    "Llama-3.2-1B shape",
-    LLAMA_3_2_1B,
-    "bfloat16",
-    requests=256,
-    prompt_range=(64, 512),
-    new_tokens=128,
-    hf_requests=64,
-    batch1_prompt=128,
-    batch1_new=256,
-    check_prompts=8,
-    check_prompt_range=(16, 128),
-    check_new=32,
-    warm_requests=16,
-    warm_new_range=(2, 17),
-    max_num_seqs=256,
-    copy_bytes=1 << 30,
-    copy_reps=20,
-)
-TINY_PLAN = Plan(
-    "tiny (2 layers, hidden 128, vocab 1024)",
-    TINY,
-    "float32",
-    requests=8,
-    prompt_range=(8, 32),
-    new_tokens=16,
-    hf_requests=4,
-    batch1_prompt=16,
-    batch1_new=32,
-    check_prompts=8,
-    check_prompt_range=(4, 24),
-    check_new=16,
-    warm_requests=2,
-    warm_new_range=(2, 6),
-    max_num_seqs=8,
-    copy_bytes=64 << 20,
-    copy_reps=5,
-)
 
 T0 = time.perf_counter()
 
@@ -161,30 +75,6 @@ def prompts_of(n: int, length_range: tuple[int, int], rng: random.Random) -> lis
 
 
 # --- model -------------------------------------------------------------------------------------
-
-
-def build_model(out: Path, plan: Plan, device: str, seed: int):
-    """Seeded random Llama built on `device` in the plan's dtype, saved (safetensors) with the builtin
-    tokenizer. Returns the in-memory transformers model (the peer; same tensors as the saved ones)."""
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-    from optcli.checkpoints.resolve import resolve_model
-
-    tok_dir = resolve_model("builtin:tiny-llama").path
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tok_dir / name, out / name)
-    tok_cfg = json.loads((tok_dir / "config.json").read_text())
-    bos, eos = tok_cfg.get("bos_token_id", 1), tok_cfg.get("eos_token_id", 2)
-    config = LlamaConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=0, **plan.shape)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = LlamaForCausalLM._from_config(config, dtype=getattr(torch, plan.dtype)).eval()
-    model.save_pretrained(out, safe_serialization=True)
-    GenerationConfig(bos_token_id=bos, eos_token_id=eos).save_pretrained(out)
-    # The in-memory peer never stops on EOS (ours runs with ignore_eos): no eos in its generation config.
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
 
 
 def weight_bytes(model) -> int:
@@ -397,12 +287,12 @@ def measure_copy_bandwidth(device: str, nbytes: int, reps: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--quant" in argv:  # the quantized-formats check lives in its own script (issue 9)
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         from quant_check import main as quant_main
 
         return quant_main([a for a in argv if a != "--quant"])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="2-layer hidden-128 fp32 model, 8 short requests (CPU test)")
+    ap.add_argument("--smoke", action="store_true", help="--tiny with 2 requests of a few tokens (a test of this script)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--skip-hf", action="store_true", help="ours only: no equality check, no transformers timings")
     ap.add_argument("--requests", type=int, help="(a) request count (default 256; --tiny 8)")
@@ -416,7 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
+    args.tiny = args.tiny or args.smoke
     plan = replace(TINY_PLAN if args.tiny else FULL)
+    if args.smoke:
+        plan = replace(plan, requests=2, new_tokens=4, hf_requests=1, batch1_new=4, check_prompts=2,
+                       check_new=GATE_TOKENS, warm_requests=1, copy_bytes=8 << 20, copy_reps=2)
     for field_name, value in (
         ("requests", args.requests),
         ("new_tokens", args.new_tokens),

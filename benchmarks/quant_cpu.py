@@ -80,16 +80,15 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from bench_model import LLAMA_3_2_1B as SHAPE_1B
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import gpu_check  # noqa: E402  (a sibling script: the one definition of the benchmark shape)
-
-LLAMA_3_2_1B = dict(gpu_check.LLAMA_3_2_1B, initializer_range=0.02)  # the shape gpu_check.py measures
+LLAMA_3_2_1B = dict(SHAPE_1B, initializer_range=0.02)  # the shape gpu_check.py measures
 SMALL = dict(LLAMA_3_2_1B, num_hidden_layers=2, hidden_size=256, intermediate_size=1024,
              num_attention_heads=4, num_key_value_heads=1, vocab_size=1024)
 # --moe: a Qwen3-MoE model (every layer sparse, q/k norms per head, untied head) small enough that building it,
@@ -417,6 +416,7 @@ def load_format(fmt: str, path: Path, wl: Workload, seed: int, lm_head: str = "d
 
     log(f"{fmt}: loading {path}")
     blocks = wl.many_requests * -(-(wl.many_prompt + wl.many_new + 16) // 16) + 16  # the 64-request run, no more
+    blocks = max(blocks, -(-MAX_MODEL_LEN // 16))  # and one whole sequence (a --smoke workload is smaller)
     eng = Engine(str(path), device="cpu", enable_prefix_caching=False, max_model_len=MAX_MODEL_LEN, lm_head=lm_head,
                  num_kv_blocks=blocks)
     row = {
@@ -566,6 +566,8 @@ def check_targets(rows: list[dict], moe: bool = False, gbs: float | None = None)
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="smoke run: hidden 256, 2 layers, vocab 1024")
+    ap.add_argument("--smoke", action="store_true",
+                    help="a test of this script: --small with 1 layer, bf16 and W4A16, a few tokens, 1 repeat, a temporary workdir, no bandwidth probe")
     ap.add_argument("--moe", action="store_true",
                     help="a Qwen3-MoE shape instead (8 layers, hidden 1024, 32 experts top-4, expert intermediate "
                          "512, vocab 32000; with --small: 2 layers, hidden 256, 8 experts top-2, 128)")
@@ -585,6 +587,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="the engine's LM head for every format (int8: rounded per row at load)")
     ap.add_argument("--json", type=Path, default=None, help="also write every figure as JSON here")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.small, args.layers, args.repeats = True, args.layers or 1, 1
+        args.formats = args.formats or "bf16,w4a16"
     if args.formats is None:
         args.formats = ",".join(MOE_FORMATS if args.moe else FORMATS)
     args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
@@ -613,8 +618,9 @@ def main(argv: list[str] | None = None) -> int:
         shape["num_hidden_layers"] = args.layers
     if args.vocab is not None:
         shape["vocab_size"] = args.vocab
-    workdir = args.workdir or default_workdir(shape, args.small)
-    wl = Workload()
+    workdir = args.workdir or (Path(tempfile.mkdtemp(prefix="optcli-quant-cpu-")) if args.smoke
+                               else default_workdir(shape, args.small))
+    wl = Workload(b1_prompt=8, b1_new=4, many_requests=4, many_prompt=8, many_new=4) if args.smoke else Workload()
     log(f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
         f"{torch.get_num_threads()} threads, cpu {platform.processor() or platform.machine()}")
     total, active = param_counts(shape)
@@ -648,7 +654,8 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()
     from optcli.roi.hardware import measure_host_bandwidth
 
-    probe = measure_host_bandwidth()  # after the engines: the 1 GiB pass would otherwise sit beside them
+    # After the engines: the 1 GiB pass would otherwise sit beside them. Not in a smoke run (seconds of memory reads).
+    probe = {"gbs": None} if args.smoke else measure_host_bandwidth()
     bandwidth_shares(rows, probe["gbs"])
     print_tables(rows)
     targets = check_targets(rows, moe=args.moe, gbs=probe["gbs"])
@@ -659,6 +666,8 @@ def main(argv: list[str] | None = None) -> int:
             "formats": rows, "targets": targets, "read_probe": probe,
         }, indent=2, default=str))
         log(f"wrote {args.json}")
+    if args.smoke and args.workdir is None:
+        shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 

@@ -1,6 +1,6 @@
 """Helpers the test modules share, in one place: the read-only test data outside the repository, an ASGI
 app served in a thread, the `optcli` console script run in a subprocess, and the TinyStories prompts and
-transformers' greedy reference the engine tests compare against.
+transformers' greedy reference the engine tests compare against, and a cycle finder for import graphs.
 
 Importable as `helpers` because `tests/` is on `sys.path` (pyproject's `pythonpath`); fixtures stay in
 `conftest.py`. A test module imports this, never another test module or `conftest`.
@@ -87,3 +87,26 @@ def hf_greedy(model, prompts: list[list[int]], max_new: int, eos: int | None) ->
                              pad_token_id=0, attention_mask=torch.ones(1, len(p), dtype=torch.long))
         outs.append(ids[0, len(p):].tolist())
     return outs
+
+
+def find_cycle(graph: dict[str, list[str]]) -> list[str] | None:
+    """One import circle in `graph` (module -> modules it imports) as a path back to its start, or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in graph.get(node, ()):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for module in sorted(graph):
+        if module not in state and (cycle := visit(module)):
+            return cycle
+    return None

@@ -13,6 +13,7 @@ import ast
 from pathlib import Path
 
 import pytest
+from helpers import find_cycle
 
 PACKAGE = Path(__file__).resolve().parents[1] / "optcli"
 MAX_LINES = 400
@@ -111,33 +112,10 @@ def test_imports_follow_the_layer_order():
     assert not bad, "imports against the layer order:\n" + "\n".join(bad)
 
 
-def _find_cycle(graph: dict[str, list[str]]) -> list[str] | None:
-    """One import circle in `graph` (module -> modules it imports) as a path back to its start, or None."""
-    state: dict[str, int] = {}  # 1: on the current path, 2: done
-    stack: list[str] = []
-
-    def visit(node: str) -> list[str] | None:
-        state[node] = 1
-        stack.append(node)
-        for nxt in graph.get(node, ()):
-            if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
-            if nxt not in state and (cycle := visit(nxt)):
-                return cycle
-        stack.pop()
-        state[node] = 2
-        return None
-
-    for module in sorted(graph):
-        if module not in state and (cycle := visit(module)):
-            return cycle
-    return None
-
-
 def test_no_module_level_import_cycle():
     """Imports at module level, `if TYPE_CHECKING:` ones included, form no circle."""
     graph = {m: sorted({t for t, _, top in _imports(m) if top}) for m in MODULES}
-    if cycle := _find_cycle(graph):
+    if cycle := find_cycle(graph):
         pytest.fail("module-level import cycle: " + " -> ".join(cycle))
 
 
@@ -160,8 +138,8 @@ def test_the_checker_sees_a_violation():
 def test_the_cycle_finder_sees_a_circle():
     """The cycle check is not vacuous: a planted circle is found, a chain is not, and an import under
     `if TYPE_CHECKING:` counts as a module-level edge."""
-    assert _find_cycle({"a": ["b"], "b": ["c"], "c": ["a"]}) == ["a", "b", "c", "a"]
-    assert _find_cycle({"a": ["b"], "b": ["c"], "c": []}) is None
+    assert find_cycle({"a": ["b"], "b": ["c"], "c": ["a"]}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": ["b"], "b": ["c"], "c": []}) is None
     typed = [t for t, _, top in _imports("optcli.engine.models.rotary") if top]  # ModelConfig, for annotations
     assert typed == ["optcli.engine.models.config"]
 
