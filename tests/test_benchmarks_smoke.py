@@ -46,7 +46,8 @@ def _scripts() -> list[str]:
 
 
 def _run(name: str, tmp: Path) -> tuple[subprocess.CompletedProcess, float]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           "TMPDIR": str(tmp)}  # what a script leaves in its temporary directories goes with pytest's tmp_path
     start = time.monotonic()
     done = subprocess.run([sys.executable, str(BENCHMARKS / f"{name}.py"), "--smoke"], capture_output=True,
                           text=True, cwd=tmp, env=env, timeout=900)
