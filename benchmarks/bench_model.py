@@ -1,13 +1,15 @@
 """The benchmark model the GPU and quantization checks share (`gpu_check.py`, `quant_check.py`,
 `decode_ops.py`, `host_overhead.py`, `quant_cpu.py`): the Llama-3.2-1B shape and a tiny one, each
 script's workload plan around them, and a seeded random checkpoint built from a plan with the builtin
-tokenizer. A module the scripts import, so no script imports another.
+tokenizer; and the log and device-sync helpers. A module the scripts import, so no script imports another.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,3 +125,23 @@ def build_model(out: Path, plan: Plan, device: str, seed: int):
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model
+
+
+# --- helpers the scripts share -----------------------------------------------------------------
+
+T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def free_device_memory(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()

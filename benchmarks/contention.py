@@ -75,7 +75,7 @@ def timed(engine, prompts, outputs) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import engine_cpu
+    import engine_cpu_model as engine_cpu
     import torch
 
     from optcli.engine import Engine

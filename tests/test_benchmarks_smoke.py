@@ -22,7 +22,7 @@ from helpers import find_cycle
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
-LIBRARY_MODULES = {"bench_model"}  # imported by the scripts, not run
+MAX_LINES = 400  # as in optcli/ (tests/test_layers.py): a script that grows past it moves a concept to a module
 
 # What each script prints when its run got through to the end (a line of its final table or verdict).
 DONE = {
@@ -42,7 +42,8 @@ DONE = {
 
 
 def _scripts() -> list[str]:
-    return sorted(p.stem for p in BENCHMARKS.glob("*.py") if p.stem not in LIBRARY_MODULES)
+    """The runnable scripts; the other files are modules they import (bench_model.py, quant_cpu_report.py, ...)."""
+    return sorted(p.stem for p in BENCHMARKS.glob("*.py") if 'if __name__ == "__main__":' in p.read_text("utf-8"))
 
 
 def _run(name: str, tmp: Path) -> tuple[subprocess.CompletedProcess, float]:
@@ -85,3 +86,8 @@ def test_benchmarks_import_no_circle():
         graph[name] = sorted(found & names)
     assert find_cycle(graph) is None, find_cycle(graph)
     assert "bench_model" in graph["gpu_check"] and "bench_model" in graph["quant_check"]
+
+
+def test_no_benchmark_file_over_the_size_limit():
+    long = {p.name: n for p in BENCHMARKS.glob("*.py") if (n := len(p.read_text("utf-8").splitlines())) > MAX_LINES}
+    assert not long, f"benchmark files over {MAX_LINES} lines (split them by concept): {long}"
