@@ -9,19 +9,17 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+from helpers import OPTCLI, shared_data
 
 from optcli.errors import UsageError
 from optcli.schema import ProfileReport
 
 REFERENCE = Path(__file__).resolve().parents[1] / "data" / "reports"
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-OPTCLI = str(Path(sys.executable).parent / "optcli")
 KINDS = ("baseline_accuracy", "rate_sweep", "kpi", "endpoint", "vllm")
 SMALL = ["--requests", "4", "--prompt-len", "8:16", "--output-len", "6", "--concurrency", "2", "--device", "cpu"]
 LENIENT_KPI = ("min_output_tok_s: 0.001\np99_e2e_ms_max: 600000\nmax_kld_mean: 0.5\n"
@@ -171,9 +169,7 @@ def _vllm_run(model: Path, tmp_path: Path) -> dict:
 
 def _run(kind: str, model: Path, tmp_path: Path) -> dict:
     """The same command the reference report of `kind` was written by."""
-    sample = SHARED / "tinystories_train_sample.txt"
-    if not sample.is_file():
-        pytest.skip(f"test data {sample} is missing")
+    sample = shared_data("tinystories_train_sample.txt")
     eval_text = tmp_path / "eval.txt"
     eval_text.write_bytes(sample.read_bytes()[:4000])
     kpi = tmp_path / "kpi.yaml"
