@@ -33,6 +33,7 @@ from optcli.cli.common import (
     mib,
     out,
 )
+from optcli.cli.profile_blame import check_per_layer, run_per_layer
 from optcli.config import REQUEST_TIMEOUT_S
 from optcli.errors import KpiFailed, UsageError
 from optcli.report.markdown import (
@@ -93,6 +94,8 @@ def profile(
     lm_head: LmHeadOpt = ENGINE.lm_head,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
+    per_layer: Annotated[bool, typer.Option("--per-layer", help="Also rank the artifact's layers by the KLD each "
+                                            "causes alone (per_layer.json): which layers the accuracy loss comes from.")] = False,
 ) -> None:
     """Measure accuracy, throughput, latency under load and cost; gate on KPIs."""
     from optcli.bench.profile import profile as run_profile  # torch, transformers: only when profiling
@@ -133,6 +136,7 @@ def profile(
             api_key = os.environ.get("OPENAI_API_KEY", "").strip() or None
         if api_key is not None and not (api_key.isascii() and api_key.isprintable()):
             raise UsageError("--api-key (or OPENAI_API_KEY) holds characters an HTTP header cannot carry")
+        blame_against = check_per_layer(model, baseline, endpoint) if per_layer else None
         note = _Steps(not as_json and err.is_terminal)
         try:
             report = run_profile(model, baseline, eval_text, workload, kpi, gpu_hour_cost, out_dir, endpoint, config,
@@ -147,6 +151,8 @@ def profile(
             report, gate_failure = exc.report, exc
         finally:
             note.close()
+        if blame_against is not None:  # after the report, so a failed blame never costs the profile
+            report["per_layer"] = run_per_layer(model, blame_against, eval_text, out_dir, as_json)
     _show_profile(report, as_json, out_dir)
     if gate_failure is not None:
         fail(str(gate_failure), 3)
