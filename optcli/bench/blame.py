@@ -37,6 +37,11 @@ def blame_baseline(model: str, baseline: str | None) -> str:
     raise UsageError(f"--per-layer: {model} is not an optcli artifact; pass --baseline MODEL (its unquantized source)")
 
 
+def _same(theirs: torch.Tensor, ours: torch.Tensor) -> bool:
+    """Equal up to the artifact's 16-bit storage (an fp32 source saved as bf16 is not quantized)."""
+    return any(torch.equal(theirs.float(), ours.to(dtype).float()) for dtype in (ours.dtype, torch.bfloat16, torch.float16))
+
+
 def per_layer_blame(model: str, baseline: str, eval_text: Path | None = None, max_tokens: int = MAX_TOKENS) -> dict:
     """Rank the artifact's changed layers by the KLD each causes alone against the baseline."""
     from optcli.engine.loading.state_dict import load_dense_state_dict
@@ -47,7 +52,7 @@ def per_layer_blame(model: str, baseline: str, eval_text: Path | None = None, ma
     changed = {}
     for name, module in layers.items():
         theirs = artifact.get(f"{name}.weight")
-        if theirs is not None and theirs.shape == module.weight.shape and not torch.equal(theirs, module.weight.data):
+        if theirs is not None and theirs.shape == module.weight.shape and not _same(theirs, module.weight.data):
             changed[name] = theirs.to(module.weight.dtype)
     text = eval_text.read_text(encoding="utf-8") if eval_text is not None else heldout_text()
     ids = tokenizer(text, verbose=False).input_ids[:max_tokens]
