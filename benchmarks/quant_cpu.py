@@ -136,14 +136,20 @@ llmcompressor:
         scheme: W8A8
 """
 FORMATS = {"bf16": None, "w4a16": "w4a16-rtn", "w8a8": "w8a8-rtn", "fp8": "fp8-dynamic", "nf4": "nf4-bnb",
-           "int8-bnb": "int8-bnb"}
+           "int8-bnb": "int8-bnb", "mixed": "mixed-rtn"}
+DEFAULT_FORMATS = tuple(f for f in FORMATS if f != "mixed")  # mixed: only when asked (--formats ...,mixed)
+# --formats mixed: the layout `--recipe auto:4.5` gives a Llama-3.2-1B shape, W8A16 on the q/k/v and down_proj
+# of the first MIXED_W8_LAYERS layers (what a budget of 4.5 bits buys there: about 4.48 bits per weight) and
+# W4A16 g128 everywhere else, rounded to nearest (no calibration: speed depends on the layout, not on how
+# the integers were chosen). Random weights have no sensitivity to rank, hence the fixed allocation.
+MIXED_W8_LAYERS = 4
 MOE_FORMATS = ("bf16", "w4a16")  # the default under --moe; w8a8 and fp8 quantize the experts too
 # Formats refused under --moe, before anything is built: `optcli quantize` refuses them for a MoE model.
 MOE_REFUSED = {
     fmt: "`optcli quantize` refuses bitsandbytes recipes for a MoE model: bitsandbytes replaces nn.Linear modules "
          "only, and transformers holds the experts as fused 3-D parameters"
     for fmt in ("nf4", "int8-bnb")
-}
+} | {"mixed": "its fixed layout names a dense model's MLP projections"}
 
 # The targets of issue 32, against the source at its best path (the engine's rule-decided kernels: fp32 math
 # over bf16 weights for few-row steps, bf16 units for batched ones): (format, metric, minimum ratio).
@@ -261,8 +267,33 @@ def build_source(out: Path, shape: dict, seed: int) -> bool:
     return True
 
 
+def mixed_recipe(layers: int) -> str:
+    """The W4A16/W8A16 mixed recipe (`MIXED_W8_LAYERS`), one llm-compressor config group per scheme."""
+    import yaml
+
+    names = [f"model.layers.{i}.{m}" for i in range(layers) for m in
+             ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+              "mlp.up_proj", "mlp.down_proj")]
+    w8 = [n for n in names if int(n.split(".")[2]) < MIXED_W8_LAYERS and n.endswith(("q_proj", "k_proj", "v_proj",
+                                                                                    "down_proj"))]
+    groups = {"group_w4a16": {"targets": [n for n in names if n not in w8], "weights": {
+                  "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128}},
+              "group_w8a16": {"targets": w8, "weights": {
+                  "num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}}}
+    return yaml.safe_dump({"name": "mixed-rtn", "description": "W4A16 g128 with W8A16 q/k/v and down_proj in the "
+                           f"first {MIXED_W8_LAYERS} layers, round to nearest.", "backend": "llmcompressor",
+                           "scheme": "mixed", "ignore": ["lm_head"], "calibration": {"required": False},
+                           "llmcompressor": {"quant_stage": {"quant_modifiers": {
+                               "QuantizationModifier": {"config_groups": groups}}}}}, sort_keys=False)
+
+
 def recipe_path(workdir: Path, recipe: str) -> str:
-    """A builtin recipe's name, or the path of the W8A8 RTN recipe written into the workdir."""
+    """A builtin recipe's name, or the path of the W8A8 RTN (or mixed) recipe written into the workdir."""
+    if recipe == "mixed-rtn":
+        layers = json.loads((workdir / "bf16" / "config.json").read_text())["num_hidden_layers"]
+        path = workdir / "mixed-rtn.yaml"
+        path.write_text(mixed_recipe(layers))
+        return str(path)
     if recipe != "w8a8-rtn":
         return recipe
     path = workdir / "w8a8-rtn.yaml"
@@ -573,7 +604,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--vocab", type=int, default=None,
                     help="vocabulary size (default 128256, --moe 32000; --small: 1024)")
     ap.add_argument("--formats", default=None,
-                    help=f"subset of {','.join(FORMATS)} (default: all; --moe: {','.join(MOE_FORMATS)})")
+                    help=f"subset of {','.join(FORMATS)} (default: all but mixed; --moe: {','.join(MOE_FORMATS)})")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="checkpoint and artifacts (default $OPTCLI_CACHE/bench/llama-3.2-1b-shape..., "
                          "--moe: qwen3-moe-shape...)")
@@ -586,7 +617,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--json", type=Path, default=None, help="also write every figure as JSON here")
     args = ap.parse_args(argv)
     if args.formats is None:
-        args.formats = ",".join(MOE_FORMATS if args.moe else FORMATS)
+        args.formats = ",".join(MOE_FORMATS if args.moe else DEFAULT_FORMATS)
     args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     unknown = sorted(set(args.formats) - set(FORMATS))
     if unknown:
