@@ -159,13 +159,13 @@ def print_table(result: dict) -> None:
     rows = result["rows"]
     uniform = next((r for r in rows if r["recipe"] == "w4a16-gptq-all"), None)
     print(f"\n{result['model']} (held-out tokens: {result['eval_tokens']})")
-    print(f"{'recipe':<16}{'bits/w (linear)':>16}{'bits/w (all)':>14}{'KLD':>10}{'x uniform':>11}{'top-1':>8}")
+    print(f"{'recipe':<16}{'bits/w (linear)':>16}{'bits/w (all)':>14}{'KLD':>11}{'x uniform':>11}{'top-1':>8}")
     for r in rows:
         if "refused" in r:
             print(f"{r['recipe']:<16}  refused: {r['refused']}")
             continue
         rel = f"{r['kld'] / uniform['kld']:.2f}" if uniform and uniform.get("kld") else "n/a"
-        print(f"{r['recipe']:<16}{r['bits_per_weight']:>16.3f}{r['bits_per_weight_all']:>14.3f}{r['kld']:>10.4f}"
+        print(f"{r['recipe']:<16}{r['bits_per_weight']:>16.3f}{r['bits_per_weight_all']:>14.3f}{r['kld']:>11.3e}"
               f"{rel:>11}{r['top1']:>8.3f}")
     if result["engine_check"]:
         c = result["engine_check"]

@@ -5,8 +5,10 @@ log-probs on the calibration windows are computed once and kept; then, layer by 
 weight is swapped for its round-to-nearest value under a rung of the ladder (W4A16 g128, W8A16),
 the same batches run again, and the mean per-token KL(source || quantized) is recorded; the
 weight is put back before the next layer. Round-to-nearest is what "quantizing that layer alone"
-means here: GPTQ needs the other layers' inputs to compensate against, so it has no one-layer
-answer; the ranking it gives is checked against GPTQ's own per-layer loss in the tests' report.
+means here: GPTQ compensates each layer's rounding against its own inputs, which lowers every
+layer's cost but is far slower to repeat per layer, so the allocation ranks by round-to-nearest and
+the artifact is then made with GPTQ (tests/calibration/test_sensitivity.py checks the ranking against
+measurement: the top tenth of layers cost more together than the bottom half).
 
 The model is any causal LM whose Linear layers carry the weights (transformers' Llama family is
 what we run); it is left exactly as it was given.
