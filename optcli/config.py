@@ -14,6 +14,7 @@ from optcli.errors import UsageError
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 LM_HEADS = ("dense", "int8")
+SCHEDULER_POLICIES = ("continuous", "static")
 # How long `profile --endpoint` waits for a server's next byte (its response, or the next streamed chunk) before
 # a request fails: the openai SDK's default (600 s), so no request that a production client would have waited for
 # is counted as failed, while a server that never answers becomes one clear error instead of a hang.
@@ -46,6 +47,9 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # overrides kv_cache_bytes (tests)
     gpu_memory_utilization: float = 0.9  # share of the GPU the engine may take, weights included
     enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True  # False: a prompt is never cut across steps (scheduler.py)
+    scheduler_policy: str = "continuous"  # continuous | static: request-level batches run to completion
+    max_wait_ms: float = 50.0  # static: a batch closes at max_num_seqs requests or when its oldest waited this long
     attention_backend: str = "auto"  # auto | gather (CPU) | triton (GPU)
     enforce_eager: bool = False  # no CUDA graphs
     trust_remote_code: bool = False
@@ -59,6 +63,11 @@ class EngineConfig:
             raise UsageError("max_num_seqs and block_size must be >= 1")
         if self.lm_head not in LM_HEADS:
             raise UsageError(f"lm_head must be one of {', '.join(LM_HEADS)} (got '{self.lm_head}')")
+        if self.scheduler_policy not in SCHEDULER_POLICIES:
+            raise UsageError(f"scheduler_policy must be one of {', '.join(SCHEDULER_POLICIES)} "
+                             f"(got '{self.scheduler_policy}')")
+        if not self.max_wait_ms >= 0:
+            raise UsageError(f"max_wait_ms must be >= 0 (got {self.max_wait_ms})")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise UsageError(f"gpu_memory_utilization must be in (0, 1] (got {self.gpu_memory_utilization})")
 
