@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from optcli.config import LM_HEADS, EngineConfig, check_dtype
+from optcli.config import LM_HEADS, SCHEDULER_POLICIES, EngineConfig, check_dtype
 from optcli.errors import KpiFailed, UsageError
 
 out = Console()
@@ -26,19 +26,28 @@ MaxNumSeqsOpt = Annotated[int, typer.Option("--max-num-seqs", min=1, help="Seque
 MaxModelLenOpt = Annotated[int | None, typer.Option("--max-model-len", min=2, help=f"Context per sequence (default {ENGINE.max_model_len}, capped at the model's).")]
 EnforceEagerOpt = Annotated[bool, typer.Option("--enforce-eager", help="No CUDA graphs.")]
 GpuMemoryOpt = Annotated[float, typer.Option("--gpu-memory-utilization", min=0.05, max=1.0, help="Share of the GPU the engine may use.")]
+SchedulerPolicyOpt = Annotated[str, typer.Option("--scheduler-policy", help="continuous (iteration-level) or static: "
+                                              "batches of up to --max-num-seqs requests, closed after --max-wait-ms, "
+                                              "run to completion (request-level \"dynamic batching\").")]
+MaxWaitMsOpt = Annotated[float, typer.Option("--max-wait-ms", min=0, help="--scheduler-policy static: close a batch when "
+                                             "its oldest request has waited this long.")]
 LmHeadOpt = Annotated[str, typer.Option("--lm-head", help="dense | int8: round the LM head (and a tied embedding) to int8 per row at load.")]
 
 
 def engine_config(device: str, dtype: str, max_num_seqs: int, max_model_len: int | None, enforce_eager: bool,
-                   gpu_memory_utilization: float, lm_head: str = "dense") -> EngineConfig:
+                   gpu_memory_utilization: float, lm_head: str = "dense", scheduler_policy: str = "continuous",
+                   max_wait_ms: float = ENGINE.max_wait_ms) -> EngineConfig:
     check_dtype(dtype, "--dtype")
+    if scheduler_policy not in SCHEDULER_POLICIES:
+        raise UsageError(f"--scheduler-policy must be one of {', '.join(SCHEDULER_POLICIES)} (got '{scheduler_policy}')")
     if lm_head not in LM_HEADS:
         raise UsageError(f"--lm-head must be one of {', '.join(LM_HEADS)} (got '{lm_head}')")
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
         raise UsageError(f"--device must be auto, cpu or cuda (got '{device}')")
     return EngineConfig(device=device, dtype=dtype, max_num_seqs=max_num_seqs,
                         max_model_len=max_model_len or ENGINE.max_model_len, enforce_eager=enforce_eager,
-                        gpu_memory_utilization=gpu_memory_utilization, lm_head=lm_head)
+                        gpu_memory_utilization=gpu_memory_utilization, lm_head=lm_head,
+                        scheduler_policy=scheduler_policy, max_wait_ms=max_wait_ms)
 
 
 def fail(message: str, code: int, as_json: bool = False) -> None:

@@ -16,6 +16,8 @@ from optcli.cli.common import (
     LmHeadOpt,
     MaxModelLenOpt,
     MaxNumSeqsOpt,
+    MaxWaitMsOpt,
+    SchedulerPolicyOpt,
     engine_config,
     guard,
 )
@@ -38,6 +40,8 @@ def serve(
     enforce_eager: EnforceEagerOpt = False,
     gpu_memory_utilization: GpuMemoryOpt = ENGINE.gpu_memory_utilization,
     lm_head: LmHeadOpt = ENGINE.lm_head,
+    scheduler_policy: SchedulerPolicyOpt = ENGINE.scheduler_policy,
+    max_wait_ms: MaxWaitMsOpt = ENGINE.max_wait_ms,
     tensor_parallel_size: Annotated[int, typer.Option("--tensor-parallel-size", min=1, help="vLLM only.")] = 1,
     pipeline_parallel_size: Annotated[int, typer.Option("--pipeline-parallel-size", min=1, help="vLLM only.")] = 1,
 ) -> None:
@@ -50,7 +54,8 @@ def serve(
             raise UsageError(f"--engine must be builtin or vllm (got '{engine}')")
         if api_key is not None and not api_key.strip():
             raise UsageError("--api-key is empty: give a key, or leave the option out to serve without one")
-        config = engine_config(device, dtype, max_num_seqs, max_model_len, enforce_eager, gpu_memory_utilization, lm_head)
+        config = engine_config(device, dtype, max_num_seqs, max_model_len, enforce_eager, gpu_memory_utilization, lm_head,
+                               scheduler_policy, max_wait_ms)
         from optcli.serve.server import bind_listener
 
         sock = bind_listener(host, port)  # before anything loads: a port in use is exit 2 at once
