@@ -23,23 +23,23 @@ from optcli.report.html import render_html
 from optcli.report.markdown import render_markdown
 from optcli.util.fs import REPORT, atomic_directory, check_report_dir
 
-__all__ = ["check_out", "render_html", "render_markdown", "write_reports"]
+__all__ = ["check_out", "render_html", "render_markdown", "write_files", "write_reports"]
 
 FILES = ("report.json", "report.md", "report.html")
 
 
-def _write_file(path: Path, text: str) -> None:
-    path.write_text(text, encoding="utf-8")
+def _write_file(path: Path, text: str | bytes) -> None:
+    path.write_bytes(text.encode("utf-8") if isinstance(text, str) else text)
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
 
 
-def _replace_in_place(out_dir: Path, contents: dict[str, str]) -> None:
+def _replace_in_place(out_dir: Path, contents: Mapping[str, str | bytes]) -> None:
     for name, text in contents.items():
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out_dir)
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(text.encode("utf-8") if isinstance(text, str) else text)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, out_dir / name)
@@ -65,6 +65,13 @@ def write_reports(report: Mapping[str, Any], out_dir: str | Path, samples: Mappi
         "report.md": render_markdown(report),
         "report.html": render_html(report, samples=samples, sweep=sweep, baseline_report=baseline_report),
     }
+    write_files(out_dir, contents)
+    return {name.split(".")[1]: out_dir / name for name in FILES}
+
+
+def write_files(out_dir: Path, contents: Mapping[str, str | bytes]) -> None:
+    """Write rendered files into `out_dir` (checked by the caller): a new directory atomically, an existing
+    one file by file, each replaced whole (temp file + os.replace)."""
     if out_dir.is_dir():
         _replace_in_place(out_dir, contents)
     else:
@@ -76,4 +83,3 @@ def write_reports(report: Mapping[str, Any], out_dir: str | Path, samples: Mappi
             if not out_dir.is_dir():  # a file is in the way: that's the caller's to fix
                 raise
             _replace_in_place(out_dir, contents)  # created concurrently: fall back to per-file
-    return {name.split(".")[1]: out_dir / name for name in FILES}

@@ -1,0 +1,161 @@
+"""`optcli compare`: the flags, and the two tables in the terminal. The work is optcli.compare's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from optcli.bench.rates import plan_levels
+from optcli.bench.workload import DEFAULT_REPEATS, Workload, parse_output_len, parse_prompt_len
+from optcli.cli.app import app
+from optcli.cli.common import (
+    ENGINE,
+    DeviceOpt,
+    DtypeOpt,
+    EnforceEagerOpt,
+    GpuMemoryOpt,
+    MaxModelLenOpt,
+    MaxNumSeqsOpt,
+    MaxWaitMsOpt,
+    SchedulerPolicyOpt,
+    emit_json,
+    engine_config,
+    err,
+    fail,
+    guard,
+    out,
+)
+from optcli.errors import KpiFailed, UsageError
+
+
+@app.command()
+def compare(
+    model: Annotated[str | None, typer.Argument(help="Source model (HF directory, hub id or builtin:tiny-llama).")] = None,
+    recipes: Annotated[str | None, typer.Option("--recipes", help="Recipes to compare, comma-separated (optcli recipes list).")] = None,
+    optimizations: Annotated[bool, typer.Option("--optimizations", help="The serving-optimizations table instead: each optimization switched off in turn against the full engine.")] = False,
+    recipe: Annotated[str | None, typer.Option("--recipe", help="With --optimizations: the quantization recipe of its quantization row.")] = None,
+    kpi: Annotated[Path | None, typer.Option("--kpi", help="KPI gates (YAML) every candidate is checked against; none passing exits 3.")] = None,
+    objective: Annotated[str, typer.Option("--objective", help="How the best passing candidate is chosen: cost, latency, throughput or memory.")] = "cost",
+    tasks: Annotated[str | None, typer.Option("--tasks", help="lm-evaluation-harness tasks, comma-separated, for every candidate and the source.")] = None,
+    tasks_path: Annotated[Path | None, typer.Option("--tasks-path", help="Directory of local task YAMLs.")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="With --tasks: documents per task.")] = None,
+    num_fewshot: Annotated[int | None, typer.Option("--num-fewshot", min=0, help="With --tasks: few-shot examples.")] = None,
+    eval_text: Annotated[Path | None, typer.Option("--eval-text", help="Text for perplexity/KLD/top-1 (default: the builtin corpus's heldout.txt).")] = None,
+    gpu_hour_cost: Annotated[float | None, typer.Option("--gpu-hour-cost", help="USD per hour of the machine, for cost per 1K tokens.")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Directory for report.json/.md/.html, pareto.png, profiles/ and best/.")] = None,
+    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="Artifact cache (default: $OPTCLI_CACHE/compare, else ~/.cache/optcli/compare).")] = None,
+    clear_cache: Annotated[bool, typer.Option("--clear-cache", help="Remove the cached artifacts (alone: and exit).")] = False,
+    calibration: Annotated[Path | None, typer.Option("--calibration", help="Calibration set (optcli calibrate) for every recipe.")] = None,
+    requests: Annotated[int, typer.Option("--requests", min=1, help="Requests per phase and load level.")] = 32,
+    prompt_len: Annotated[str, typer.Option("--prompt-len", help="Prompt lengths, uniform in [A, B).")] = "16:64",
+    output_len: Annotated[str, typer.Option("--output-len", help="New tokens per request: N or A:B.")] = "32",
+    concurrency: Annotated[str | None, typer.Option("--concurrency", help="Requests in flight at most (online).")] = None,
+    rate: Annotated[str | None, typer.Option("--rate", help="Requests/s (online), Poisson arrivals.")] = None,
+    prefix_len: Annotated[int, typer.Option("--prefix-len", min=0, help="Shared-prefix tokens per prompt.")] = 0,
+    prefix_count: Annotated[int, typer.Option("--prefix-count", min=1, help="Distinct shared prefixes.")] = 1,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Interleaved timed repeats of each speed figure (95% intervals from 2).")] = DEFAULT_REPEATS,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    max_num_seqs: MaxNumSeqsOpt = ENGINE.max_num_seqs,
+    max_model_len: MaxModelLenOpt = None,
+    enforce_eager: EnforceEagerOpt = False,
+    gpu_memory_utilization: GpuMemoryOpt = ENGINE.gpu_memory_utilization,
+    scheduler_policy: SchedulerPolicyOpt = ENGINE.scheduler_policy,
+    max_wait_ms: MaxWaitMsOpt = ENGINE.max_wait_ms,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
+) -> None:
+    """Quantize each recipe, measure all against the source, pick the one to ship; or the optimizations table."""
+    from optcli.compare import cache
+
+    report, gate_failure = None, None
+    with guard(as_json):
+        if clear_cache:
+            root = cache_dir or cache.default_cache_dir()
+            removed = cache.clear(root)
+            err.print(f"removed {len(removed)} cached artifact(s) from {root}", highlight=False)
+            if model is None:
+                if as_json:
+                    emit_json({"cache_dir": str(root), "removed": [str(p) for p in removed]})
+                return
+        if model is None:
+            raise UsageError("missing MODEL (the source model to compare recipes on)")
+        if optimizations == bool(recipes):
+            raise UsageError("give --recipes R1,R2,... (the methods table) or --optimizations (the serving table)")
+        if recipe is not None and not optimizations:
+            raise UsageError("--recipe is the quantization row of --optimizations; the methods table takes --recipes")
+        levels, sweep_size, arrivals = plan_levels(rate, None, concurrency, requests)
+        if sweep_size:
+            raise UsageError("--rate sweep is profile's capacity plan; compare measures one load level")
+        workload = Workload(requests=requests, prompt_len=parse_prompt_len(prompt_len),
+                            output_len=parse_output_len(output_len), prefix_len=prefix_len,
+                            prefix_count=prefix_count, levels=levels, arrivals=arrivals, seed=seed, repeats=repeats)
+        config = engine_config(device, dtype, max_num_seqs, max_model_len, enforce_eager, gpu_memory_utilization,
+                               "dense", scheduler_policy, max_wait_ms)
+        step = _step(as_json)
+        if optimizations:
+            from optcli.compare.optimizations_run import compare_optimizations
+
+            report = compare_optimizations(model, workload, config, recipe, out_dir, cache_dir, calibration, seed,
+                                           step=step)
+        else:
+            from optcli.compare.run import CompareRequest
+            from optcli.compare.run import compare as run_compare
+
+            names = [r.strip() for r in recipes.split(",") if r.strip()]
+            req = CompareRequest(model, names, workload, config, kpi, objective, out_dir, eval_text, gpu_hour_cost,
+                                 [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
+                                 tasks_path, limit, num_fewshot, cache_dir, calibration, seed)
+            try:
+                report = run_compare(req, step)
+            except KpiFailed as exc:  # the report is complete and written: show it, then exit 3
+                report, gate_failure = exc.report, exc
+    _show(report, as_json, out_dir)
+    if gate_failure is not None:
+        fail(str(gate_failure), 3)
+
+
+def _step(as_json: bool):
+    show = not as_json and err.is_terminal
+
+    def step(message: str) -> None:
+        if show:
+            err.print(f"[dim]· {escape(message)}[/dim]")
+
+    return step
+
+
+def _show(report: dict, as_json: bool, out_dir: Path | None) -> None:
+    if as_json:
+        emit_json(report)
+        return
+    if report.get("kind") == "optimizations":
+        from optcli.compare.optimizations import optimization_cells
+
+        headers, rows = optimization_cells(report)
+        title = f"optcli compare --optimizations · {report['model']}"
+    else:
+        from optcli.compare.render import method_cells
+
+        headers, rows = method_cells(report)
+        title = f"optcli compare · {report['model']}"
+    table = Table(title=title)
+    for i, header in enumerate(headers):
+        table.add_column(header, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*(escape(cell) for cell in row))
+    out.print(table)
+    if report.get("kind") != "optimizations":
+        out.print(f"best by {report['objective']}: {report['best'] or 'none'}"
+                  + (f" -> {report['best_artifact']}" if report.get("best_artifact") else ""), highlight=False)
+        cache = report["cache"]
+        out.print(f"artifact cache {cache['dir']}: reused {len(cache['reused'])}, quantized {len(cache['quantized'])}",
+                  highlight=False)
+        for recipe, warning in (report.get("contention") or {}).items():
+            err.print(f"[yellow]warning ({escape(recipe)}): {escape(warning)}[/yellow]", highlight=False, soft_wrap=True)
+    if out_dir is not None:
+        out.print(f"reports: {out_dir}/report.json, report.md, report.html", highlight=False)
