@@ -70,53 +70,63 @@ def compare(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
 ) -> None:
     """Quantize each recipe, measure all against the source, pick the one to ship; or the optimizations table."""
-    from optcli.compare import cache
-
-    report, gate_failure = None, None
+    report, gate_failure, cleared = None, None, None
     with guard(as_json):
         if clear_cache:
-            root = cache_dir or cache.default_cache_dir()
-            removed = cache.clear(root)
-            err.print(f"removed {len(removed)} cached artifact(s) from {root}", highlight=False)
+            cleared = _clear(cache_dir)
+        if model is not None or not clear_cache:
             if model is None:
-                if as_json:
-                    emit_json({"cache_dir": str(root), "removed": [str(p) for p in removed]})
-                return
-        if model is None:
-            raise UsageError("missing MODEL (the source model to compare recipes on)")
-        if optimizations == bool(recipes):
-            raise UsageError("give --recipes R1,R2,... (the methods table) or --optimizations (the serving table)")
-        if recipe is not None and not optimizations:
-            raise UsageError("--recipe is the quantization row of --optimizations; the methods table takes --recipes")
-        levels, sweep_size, arrivals = plan_levels(rate, None, concurrency, requests)
-        if sweep_size:
-            raise UsageError("--rate sweep is profile's capacity plan; compare measures one load level")
-        workload = Workload(requests=requests, prompt_len=parse_prompt_len(prompt_len),
-                            output_len=parse_output_len(output_len), prefix_len=prefix_len,
-                            prefix_count=prefix_count, levels=levels, arrivals=arrivals, seed=seed, repeats=repeats)
-        config = engine_config(device, dtype, max_num_seqs, max_model_len, enforce_eager, gpu_memory_utilization,
-                               "dense", scheduler_policy, max_wait_ms)
-        step = _step(as_json)
-        if optimizations:
-            from optcli.compare.optimizations_run import compare_optimizations
+                raise UsageError("missing MODEL (the source model to compare recipes on)")
+            if optimizations == bool(recipes):
+                raise UsageError("give --recipes R1,R2,... (the methods table) or --optimizations (the serving table)")
+            if recipe is not None and not optimizations:
+                raise UsageError("--recipe is the quantization row of --optimizations; the methods table takes --recipes")
+            levels, sweep_size, arrivals = plan_levels(rate, None, concurrency, requests)
+            if sweep_size:
+                raise UsageError("--rate sweep is profile's capacity plan; compare measures one load level")
+            workload = Workload(requests=requests, prompt_len=parse_prompt_len(prompt_len),
+                                output_len=parse_output_len(output_len), prefix_len=prefix_len,
+                                prefix_count=prefix_count, levels=levels, arrivals=arrivals, seed=seed,
+                                repeats=repeats)
+            config = engine_config(device, dtype, max_num_seqs, max_model_len, enforce_eager, gpu_memory_utilization,
+                                   "dense", scheduler_policy, max_wait_ms)
+            step = _step(as_json)
+            if optimizations:
+                from optcli.compare.optimizations_run import compare_optimizations
 
-            report = compare_optimizations(model, workload, config, recipe, out_dir, cache_dir, calibration, seed,
-                                           step=step)
-        else:
-            from optcli.compare.run import CompareRequest
-            from optcli.compare.run import compare as run_compare
+                report = compare_optimizations(model, workload, config, recipe, out_dir, cache_dir, calibration, seed,
+                                               step=step)
+            else:
+                from optcli.compare.run import CompareRequest
+                from optcli.compare.run import compare as run_compare
 
-            names = [r.strip() for r in recipes.split(",") if r.strip()]
-            req = CompareRequest(model, names, workload, config, kpi, objective, out_dir, eval_text, gpu_hour_cost,
-                                 [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
-                                 tasks_path, limit, num_fewshot, cache_dir, calibration, seed)
-            try:
-                report = run_compare(req, step)
-            except KpiFailed as exc:  # the report is complete and written: show it, then exit 3
-                report, gate_failure = exc.report, exc
+                req = CompareRequest(model, _names(recipes), workload, config, kpi, objective, out_dir, eval_text,
+                                     gpu_hour_cost, _names(tasks) or None, tasks_path, limit, num_fewshot, cache_dir,
+                                     calibration, seed)
+                try:
+                    report = run_compare(req, step)
+                except KpiFailed as exc:  # the report is complete and written: show it, then exit 3
+                    report, gate_failure = exc.report, exc
+    if report is None:  # --clear-cache alone
+        if as_json:
+            emit_json(cleared)
+        return
     _show(report, as_json, out_dir)
     if gate_failure is not None:
         fail(str(gate_failure), 3)
+
+
+def _names(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def _clear(cache_dir: Path | None) -> dict:
+    from optcli.compare import cache
+
+    root = cache_dir or cache.default_cache_dir()
+    removed = cache.clear(root)
+    err.print(f"removed {len(removed)} cached artifact(s) from {root}", highlight=False)
+    return {"cache_dir": str(root), "removed": [str(p) for p in removed]}
 
 
 def _step(as_json: bool):
