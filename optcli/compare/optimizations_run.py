@@ -21,6 +21,12 @@ from optcli.quantize.recipes import load_recipe
 from optcli.roi.hardware import describe
 from optcli.util.env import library_versions
 
+NOTES = (
+    "static batching leaves a finished request's slot empty until its batch ends and spends no compute on pad "
+    "tokens, so continuous batching's measured gain is, if anything, understated",
+    "prefix caching is measured on a shared-prefix workload (every prompt starts with one of the prefixes); its "
+    "gain is mostly TTFT: the shared tokens are prefilled once",
+)
 METHOD = ("each row: the full engine against the same engine with that optimization switched off, the same "
           "workload, in interleaved repeats (ABBA, both engines resident, the same KV-cache bytes); reductions and "
           "increases are medians of the paired per-repeat ratios with 95% intervals (optcli/bench/stats.py); cost "
@@ -53,7 +59,7 @@ def compare_optimizations(model: str, workload: Workload, config: EngineConfig, 
         artifact = resolve_model(str(entry.path))
     rows = measure_optimizations(source, artifact, recipe, workload, config, step, kv_cache_dtype)
     report = {
-        "kind": "optimizations", "model": model, "rows": rows, "method": METHOD,
+        "kind": "optimizations", "model": model, "rows": rows, "method": METHOD, "notes": list(NOTES),
         "workload": {k: v for k, v in asdict(workload).items() if k not in ("dataset", "levels")}
         | {"headline": workload.headline().label},
         "engine": config.as_dict(), "hardware": describe(device),
