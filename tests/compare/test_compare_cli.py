@@ -108,9 +108,11 @@ def test_an_impossible_kpi_is_exit_3_naming_each_candidates_failing_gate(first, 
     assert result.returncode == 3, result.stderr
     report = json.loads(result.stdout)
     assert report["best"] is None and not (tmp_path / "out" / "best").exists()
-    message = result.stderr
-    for recipe in RECIPES.split(","):
-        assert f"{recipe}: min_output_tok_s" in message and "max_kld_mean" in message
+    line = result.stderr.strip().splitlines()[-1]
+    per_candidate = dict(part.split(": ", 1) for part in line.split("KPI gates: ", 1)[1].split("; "))
+    assert set(per_candidate) == set(RECIPES.split(","))
+    for gates in per_candidate.values():
+        assert "min_output_tok_s" in gates and "max_kld_mean" in gates and "value" in gates
     assert json.loads((tmp_path / "out" / "report.json").read_text())["best"] is None  # written before exit 3
 
 
