@@ -11,12 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from optcli import __version__
 from optcli.checkpoints.resolve import ModelSource, weight_hashes
 from optcli.config import cache_dir
+from optcli.errors import UsageError
 from optcli.quantize.recipes import load_recipe
 from optcli.util.fs import ARTIFACT
 
@@ -83,3 +85,26 @@ def clear(root: Path) -> list[Path]:
     for path in removed:
         shutil.rmtree(path)
     return removed
+
+
+def ensure(root: Path, source: ModelSource, model: str, recipe: str, calibration: Path | None, seed: int,
+           device: str, step) -> tuple[CacheEntry, float | None]:
+    """The cached artifact for `recipe`, quantized into the cache first when missing; returns the entry and
+    the seconds quantizing took (None when it was reused). Another run that fills the same entry meanwhile
+    (two CI jobs sharing a cache) is not an error: its artifact is the same one, and is used."""
+    from optcli.quantize.pipeline import quantize  # llm-compressor and friends: only when quantizing
+
+    entry = lookup(root, source, recipe, calibration, seed)
+    if entry.hit:
+        step(f"{recipe}: cached artifact {entry.path}")
+        return entry, None
+    step(f"quantizing {model} with {recipe} into the cache ({entry.path})")
+    started = time.perf_counter()
+    try:
+        quantize(model, recipe, entry.path, calibration, "cpu" if device == "cpu" else "auto", seed=seed)
+    except (FileExistsError, UsageError):
+        if not ARTIFACT.made(entry.path):
+            raise
+        step(f"{recipe}: another run cached it meanwhile; using {entry.path}")
+        return replace(entry, hit=True), None
+    return entry, round(time.perf_counter() - started, 1)

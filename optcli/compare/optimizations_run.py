@@ -16,7 +16,7 @@ from optcli.compare.output import check_compare_out, write_compare_reports
 from optcli.config import EngineConfig
 from optcli.engine.loading.placement import resolve_device
 from optcli.errors import UsageError
-from optcli.quantize.pipeline import quantize, refuse_quantized
+from optcli.quantize.pipeline import refuse_quantized
 from optcli.quantize.recipes import load_recipe
 from optcli.roi.hardware import describe
 from optcli.util.env import library_versions
@@ -51,11 +51,8 @@ def compare_optimizations(model: str, workload: Workload, config: EngineConfig, 
     config = config.with_options(device=device)
     artifact = None
     if recipe is not None:
-        entry = cache.lookup(Path(cache_dir) if cache_dir else cache.default_cache_dir(), source, recipe,
-                             calibration, seed)
-        if not entry.hit:
-            step(f"quantizing {model} with {recipe} into the cache ({entry.path})")
-            quantize(model, recipe, entry.path, calibration, "cpu" if device == "cpu" else "auto", seed=seed)
+        root = Path(cache_dir) if cache_dir else cache.default_cache_dir()
+        entry, _ = cache.ensure(root, source, model, recipe, calibration, seed, device, step)
         artifact = resolve_model(str(entry.path))
     rows = measure_optimizations(source, artifact, recipe, workload, config, step, kv_cache_dtype)
     report = {

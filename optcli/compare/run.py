@@ -29,7 +29,7 @@ from optcli.compare.table import OBJECTIVES, artifact_row, assign_best_for, choo
 from optcli.config import EngineConfig
 from optcli.engine.loading.placement import resolve_device
 from optcli.errors import KpiFailed, UsageError
-from optcli.quantize.pipeline import quantize, refuse_quantized
+from optcli.quantize.pipeline import refuse_quantized
 from optcli.quantize.recipes import load_recipe
 from optcli.util.env import library_versions
 
@@ -95,16 +95,11 @@ def compare(req: CompareRequest, step: Callable[[str], None] | None = None) -> d
     config = req.config.with_options(device=device)
     artifacts, hits, quantize_s = {}, [], {}
     for recipe in req.recipes:
-        entry = cache.lookup(root, source, recipe, req.calibration, req.seed)
-        if entry.hit:
-            step(f"{recipe}: cached artifact {entry.path}")
+        entry, seconds = cache.ensure(root, source, req.model, recipe, req.calibration, req.seed, device, step)
+        if seconds is None:
             hits.append(recipe)
         else:
-            step(f"quantizing {req.model} with {recipe} into the cache ({entry.path})")
-            t0 = time.perf_counter()
-            quantize(req.model, recipe, entry.path, req.calibration, "cpu" if device == "cpu" else "auto",
-                     seed=req.seed)
-            quantize_s[recipe] = round(time.perf_counter() - t0, 1)
+            quantize_s[recipe] = seconds
         artifacts[recipe] = entry.path
     measured_at = time.perf_counter()
     views = {}
