@@ -153,6 +153,8 @@ def _show(report: dict, as_json: bool, out_dir: Path | None) -> None:
 
         headers, rows = method_cells(report)
         title = f"optcli compare · {report['model']}"
+    keep = [i for i in range(len(headers)) if i == 0 or any(row[i] != "n/a" for row in rows)]  # no empty columns
+    headers, rows = [headers[i] for i in keep], [[row[i] for i in keep] for row in rows]
     table = Table(title=title)
     for i, header in enumerate(headers):
         table.add_column(header, justify="left" if i == 0 else "right")
