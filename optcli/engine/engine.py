@@ -33,6 +33,8 @@ from optcli.engine.sequence import Sequence, Status
 from optcli.engine.structured import Grammars
 from optcli.errors import UsageError
 
+STATIC_POLL_S = 0.002  # how long a step sleeps at most while a static batch waits to close
+
 
 class Engine:
     def __init__(self, model: str, config: EngineConfig | None = None, *, graph_capture=None, **options) -> None:
@@ -167,6 +169,10 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         if not batch.items:
+            # a static batch waiting to close: sleep a slice of the wait, then let the caller add requests
+            wait = self.scheduler.batch_wait_s()
+            if wait:
+                time.sleep(min(wait, STATIC_POLL_S))
             return []
         if self.threads is not None:
             self.threads.update()

@@ -115,6 +115,14 @@ class Scheduler:
         self.num_preemptions += preempted
         return ScheduledBatch(items, preempted)
 
+    def batch_wait_s(self) -> float:
+        """Static: seconds until the waiting requests' batch closes on its wait (0 when it is not waiting for
+        that: continuous, a batch running, nothing queued, or a full batch). Lets the engine sleep instead of
+        spinning, so a server's other threads get the time to queue the batch's last members."""
+        if self.policy != "static" or self.running or not self.waiting or len(self.waiting) >= self.max_num_seqs:
+            return 0.0
+        return max(0.0, self.waiting[0].queued_at + self.max_wait_s - self.clock())
+
     def _close_static_batch(self) -> None:
         """Close a batch when `max_num_seqs` are waiting or the oldest has waited `max_wait_ms`; its members
         go to `running` together (their tokens are scheduled by the running loop, within the budget)."""

@@ -48,6 +48,7 @@ def test_batch_closes_after_max_wait_only() -> None:
     clock.now = 0.049
     sched.add(seq([4, 5, 6], "b"))
     assert sched.schedule().items == []
+    assert abs(sched.batch_wait_s() - 0.001) < 1e-9  # the engine sleeps this long at most, not spins
     clock.now = 0.050  # the oldest has waited max_wait_ms: the batch closes with what is there
     assert [s.request_id for s, _ in sched.schedule().items] == ["a", "b"]
 
