@@ -125,3 +125,23 @@ def test_static_batches_run_to_completion_in_the_engine(engines) -> None:
         eng.step()
     assert not admitted_late
     assert {"first0", "late"} <= seen_together
+
+
+def test_without_chunked_prefill_a_prompt_is_never_cut(stories_dir) -> None:
+    """enable_chunked_prefill=False (the optimizations table's "chunked prefill off" row): every prompt is
+    prefilled in one step, whatever max_num_batched_tokens says, and greedy output is unchanged."""
+    base = dict(device="cpu", dtype="float32", max_num_seqs=4, num_kv_blocks=128, max_num_batched_tokens=8)
+    chunked = Engine(str(stories_dir), EngineConfig(**base))
+    whole = Engine(str(stories_dir), EngineConfig(**base, enable_chunked_prefill=False))
+    prompts = [[1 + (i * 11 + j * 5) % 400 for j in range(20 + 7 * i)] for i in range(4)]
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    cut = []
+    original = whole.runner.run
+
+    def spy(batch):
+        cut.extend(n for s, n in batch.items if s.num_computed_tokens == 0 and n < s.num_prompt_tokens)
+        return original(batch)
+
+    whole.runner.run = spy
+    assert [o.token_ids for o in whole.generate(prompts, params)] == [o.token_ids for o in chunked.generate(prompts, params)]
+    assert cut == [] and whole.scheduler.max_num_batched_tokens >= whole.max_model_len
