@@ -15,6 +15,7 @@ from optcli.errors import UsageError
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 LM_HEADS = ("dense", "int8")
+SCHEDULER_POLICIES = ("continuous", "static")
 # How long `profile --endpoint` waits for a server's next byte (its response, or the next streamed chunk) before
 # a request fails: the openai SDK's default (600 s), so no request that a production client would have waited for
 # is counted as failed, while a server that never answers becomes one clear error instead of a hang.
@@ -66,6 +67,14 @@ class EngineConfig:
                                            vllm="--gpu-memory-utilization",
                                            help="Share of the GPU the engine may use.")  # weights included
     enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True  # False: a prompt is never cut across steps (scheduler.py)
+    # continuous: iteration-level (a finished sequence's slot refills at the next step); static: request-level
+    # batches run to completion, the article's DynamicBatcher (scheduler.py)
+    scheduler_policy: str = option("continuous", "--scheduler-policy", help=(
+        "continuous (iteration-level) or static: batches of up to --max-num-seqs requests, closed after "
+        "--max-wait-ms, run to completion (request-level \"dynamic batching\")."))
+    max_wait_ms: float = option(50.0, "--max-wait-ms", min=0.0, help=(
+        "--scheduler-policy static: close a batch when its oldest request has waited this long."))
     attention_backend: str = "auto"  # auto | gather (CPU) | triton (GPU)
     enforce_eager: bool = option(False, "--enforce-eager", vllm="--enforce-eager", help="No CUDA graphs.")
     trust_remote_code: bool = False
@@ -83,6 +92,11 @@ class EngineConfig:
             raise UsageError("max_num_seqs and block_size must be >= 1")
         if self.lm_head not in LM_HEADS:
             raise UsageError(f"--lm-head must be one of {', '.join(LM_HEADS)} (got '{self.lm_head}')")
+        if self.scheduler_policy not in SCHEDULER_POLICIES:
+            raise UsageError(f"--scheduler-policy must be one of {', '.join(SCHEDULER_POLICIES)} "
+                             f"(got '{self.scheduler_policy}')")
+        if not self.max_wait_ms >= 0:
+            raise UsageError(f"--max-wait-ms must be >= 0 (got {self.max_wait_ms})")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise UsageError(f"gpu_memory_utilization must be in (0, 1] (got {self.gpu_memory_utilization})")
 

@@ -1,5 +1,5 @@
 """The package's shape stays one a newcomer can find their way in: imports flow one way
-(cli → bench/serve → kpi → roi/report → quantize → calibration → engine → engine.loading → models → quant
+(cli → compare → bench/serve → kpi → roi/report → quantize → calibration → engine → engine.loading → models → quant
 → attention → kernels → checkpoints → builtin → config/util → errors), there is no module-level import cycle, and no
 source file (Python or the C kernels) grows past ~400 lines.
 
@@ -23,6 +23,7 @@ MAX_LINES = 400
 RANKS = {
     "optcli.cli": 90,
     "optcli.builtin.train_tiny_llama": 90,  # a development script (retrains the demo model), not a library layer
+    "optcli.compare": 85,  # aggregates bench's profile reports and quantize's artifacts
     "optcli.bench": 80,
     "optcli.serve": 80,
     "optcli.kpi": 75,  # the KPIs as live thresholds and Prometheus rules: serve and bench both read them

@@ -291,22 +291,28 @@ class _Repeats:
 
 
 def measure_models(candidate, baseline, workload: Workload, slo, config: EngineConfig,
-                   step: Callable[[str], None]) -> tuple[ModelRun, ModelRun | None, dict]:
+                   step: Callable[[str], None],
+                   baseline_config: EngineConfig | None = None) -> tuple[ModelRun, ModelRun | None, dict]:
     """The candidate's (and, given, the baseline's) speed in `workload.repeats` interleaved repeats (module
-    docstring). Returns both runs and how they were scheduled (`workload.repeats` in the report)."""
+    docstring). Returns both runs and how they were scheduled (`workload.repeats` in the report).
+    `baseline_config`: the baseline's engine options when they differ from the candidate's (`compare
+    --optimizations`: the same model with one optimization switched off); the KV-cache size is still shared."""
     device = config.device
     repeats = max(1, workload.repeats)
     explicit_kv = config.kv_cache_bytes is not None or config.num_kv_blocks is not None
+    baseline_config = baseline_config or config
     if baseline is not None and device.startswith("cuda") and not explicit_kv:
         # the engine sizes its cache to a share of the whole GPU: half of it each, so the second model fits
         config = config.with_options(gpu_memory_utilization=config.gpu_memory_utilization / 2)
+        baseline_config = baseline_config.with_options(gpu_memory_utilization=config.gpu_memory_utilization)
     r = _Repeats(workload, slo, step)
     a = _Side(candidate, config, "candidate")
     r.load(a)
     sides = [a]
     resident = True
     if baseline is not None:
-        base_config = config if explicit_kv else config.with_options(kv_cache_bytes=a.engine.kv_cache_bytes)
+        base_config = (baseline_config if explicit_kv else
+                       baseline_config.with_options(kv_cache_bytes=a.engine.kv_cache_bytes))
         b = _Side(baseline, base_config, "baseline")
         resident = fits_beside(baseline.path, a.engine.kv_cache_bytes, device)
         if resident:

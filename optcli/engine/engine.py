@@ -33,6 +33,8 @@ from optcli.engine.sequence import Sequence, Status
 from optcli.engine.structured import Grammars
 from optcli.errors import UsageError
 
+STATIC_POLL_S = 0.002  # how long a step sleeps at most while a static batch waits to close
+
 
 class Engine:
     def __init__(self, model: str, config: EngineConfig | None = None, *, graph_capture=None, **options) -> None:
@@ -66,6 +68,8 @@ class Engine:
             self.model.rotary.build_table(self.max_model_len, self.model.dtype)
         build_metadata = build_triton_metadata if self.backend == "triton" else build_gather_metadata
         budget_tokens = config.max_num_batched_tokens or max(2048, max_num_seqs)
+        if not config.enable_chunked_prefill:  # every prompt the engine accepts fits one step whole
+            budget_tokens = max(budget_tokens, self.max_model_len)
         per_block = 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * self.model.dtype.itemsize
         if num_kv_blocks is None:
             wanted = max_num_seqs * -(-self.max_model_len // block_size)  # every sequence at full length
@@ -85,7 +89,8 @@ class Engine:
         self.kv_cache = torch.zeros(shape, dtype=self.model.dtype, device=device)
         self.kv_cache_bytes = self.kv_cache.numel() * self.kv_cache.element_size()
         self.blocks = BlockManager(num_kv_blocks, block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.blocks, max_num_seqs, budget_tokens)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, budget_tokens, config.scheduler_policy,
+                                   config.max_wait_ms, config.enable_chunked_prefill)
         caches = [(c[0], c[1]) for c in self.kv_cache]
         self.runner = ModelRunner(self.model, caches, block_size, device, build_metadata)
         # Not capturable: dynamic NTK reads positions on the host; MoE routing sizes each expert's GEMM from
@@ -164,6 +169,10 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         if not batch.items:
+            # a static batch waiting to close: sleep a slice of the wait, then let the caller add requests
+            wait = self.scheduler.batch_wait_s()
+            if wait:
+                time.sleep(min(wait, STATIC_POLL_S))
             return []
         if self.threads is not None:
             self.threads.update()

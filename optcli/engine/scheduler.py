@@ -1,20 +1,34 @@
-"""Iteration-level continuous batching: which sequences run this step, and how many tokens each.
+"""Which sequences run this step, and how many tokens each: continuous batching, or static batching.
 
-Each step first gives every running sequence its next token (a decode) or its next prefill chunk,
-oldest first, then admits waiting sequences while the token budget (`max_num_batched_tokens`) and
-`max_num_seqs` allow. A long prompt is cut into chunks, so it never stalls running decodes. When
-the cache runs out of blocks, the newest running sequence is preempted: its blocks are freed and
-it goes back to the front of the queue to be recomputed later (its full blocks stay in the prefix
-cache, so the recompute is often cheap).
+Continuous (the default, iteration-level): each step first gives every running sequence its next
+token (a decode) or its next prefill chunk, oldest first, then admits waiting sequences while the
+token budget (`max_num_batched_tokens`) and `max_num_seqs` allow. A long prompt is cut into chunks, so
+it never stalls running decodes. When the cache runs out of blocks, the newest running sequence is
+preempted: its blocks are freed and it goes back to the front of the queue to be recomputed later (its
+full blocks stay in the prefix cache, so the recompute is often cheap).
+
+Static (`scheduler_policy="static"`, the request-level "dynamic batching" of TF Serving / Triton and
+of the seed article's DynamicBatcher): a batch of up to `max_num_seqs` requests is closed when that
+many are waiting or when the oldest has waited `max_wait_ms`; it then runs to completion and nothing
+is admitted until its last member finishes. A finished member's slot stays empty until then (the
+padding of a static batch; we spend no compute on pad tokens, so static batching's measured cost is,
+if anything, flattered). A member preempted for want of blocks rejoins the queue for a later batch.
+
+`enable_chunked_prefill=False`: a prompt is admitted only when all of it fits this step's budget
+(never cut across steps), the budget being at least the longest prompt the engine accepts.
 """
 
 from __future__ import annotations
 
 import bisect
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from optcli.engine.kv_cache import BlockManager
 from optcli.engine.sequence import Sequence, Status
+
+POLICIES = ("continuous", "static")
 
 
 @dataclass
@@ -28,16 +42,24 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 policy: str = "continuous", max_wait_ms: float = 50.0, chunked_prefill: bool = True,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"scheduler policy must be one of {', '.join(POLICIES)} (got '{policy}')")
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.policy, self.max_wait_s, self.chunked_prefill, self.clock = policy, max_wait_ms / 1e3, chunked_prefill, clock
         self.waiting: list[Sequence] = []  # sorted by arrival
         self.running: list[Sequence] = []  # sorted by arrival
         self.num_preemptions = 0
+        self.num_static_batches = 0  # static batches closed so far (tests, stats)
 
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
+        if seq.queued_at is None:
+            seq.queued_at = self.clock()
         keys = [s.arrival for s in self.waiting]
         self.waiting.insert(bisect.bisect(keys, seq.arrival), seq)
 
@@ -45,6 +67,8 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch:
+        if self.policy == "static" and not self.running:
+            self._close_static_batch()
         budget = self.max_num_batched_tokens
         items: list[tuple[Sequence, int]] = []
         preempted = 0
@@ -60,22 +84,26 @@ class Scheduler:
                     break
             if seq.status != Status.RUNNING:
                 break
+            if not self.chunked_prefill and n < seq.num_tokens - seq.num_computed_tokens and items:
+                break  # a static member's whole prompt next step, not a chunk now
             self.blocks.allocate(seq, n)
             items.append((seq, n))
             budget -= n
             i += 1
-        # Admit new work only when nothing had to give way this step (no thrashing).
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+        # Admit new work only when nothing had to give way this step (no thrashing); a static batch admits
+        # nothing until it is done.
+        while (self.policy == "continuous" and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
+               and not preempted):
             seq = self.waiting[0]
             if not seq.block_table:
                 self.blocks.match_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self.chunked_prefill and n < seq.num_tokens - seq.num_computed_tokens and items:
+                self.blocks.free(seq)  # the whole prompt next step, not a chunk now
+                break
             if not self.blocks.can_allocate(seq, n):
                 if not self.running:  # nothing will ever free up: the cache is too small for it
-                    raise RuntimeError(
-                        f"request {seq.request_id} needs more KV-cache blocks than exist "
-                        f"({self.blocks.num_blocks} of {self.blocks.block_size} tokens)"
-                    )
+                    self._too_big(seq)
                 self.blocks.free(seq)
                 break
             self.waiting.pop(0)
@@ -86,6 +114,42 @@ class Scheduler:
             budget -= n
         self.num_preemptions += preempted
         return ScheduledBatch(items, preempted)
+
+    def batch_wait_s(self) -> float:
+        """Static: seconds until the waiting requests' batch closes on its wait (0 when it is not waiting for
+        that: continuous, a batch running, nothing queued, or a full batch). Lets the engine sleep instead of
+        spinning, so a server's other threads get the time to queue the batch's last members."""
+        if self.policy != "static" or self.running or not self.waiting or len(self.waiting) >= self.max_num_seqs:
+            return 0.0
+        return max(0.0, self.waiting[0].queued_at + self.max_wait_s - self.clock())
+
+    def _close_static_batch(self) -> None:
+        """Close a batch when `max_num_seqs` are waiting or the oldest has waited `max_wait_ms`; its members
+        go to `running` together (their tokens are scheduled by the running loop, within the budget)."""
+        if not self.waiting:
+            return
+        full = len(self.waiting) >= self.max_num_seqs
+        if not full and self.clock() - self.waiting[0].queued_at < self.max_wait_s:
+            return
+        members = self.waiting[: self.max_num_seqs]
+        first = members[0]
+        if not first.block_table:
+            self.blocks.match_prefix(first)
+        if not self.blocks.can_allocate(first, first.num_tokens - first.num_computed_tokens):
+            self._too_big(first)  # nothing runs, so the oldest alone cannot fit: no batch ever will
+        del self.waiting[: len(members)]
+        for seq in members:
+            if not seq.block_table:
+                self.blocks.match_prefix(seq)
+            seq.status = Status.RUNNING
+        self.running = members
+        self.num_static_batches += 1
+
+    def _too_big(self, seq: Sequence) -> None:
+        raise RuntimeError(
+            f"request {seq.request_id} needs more KV-cache blocks than exist "
+            f"({self.blocks.num_blocks} of {self.blocks.block_size} tokens)"
+        )
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

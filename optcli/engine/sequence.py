@@ -28,6 +28,7 @@ class Sequence:
     prompt: str | None = None
     generator: torch.Generator | None = None
     arrival: int = field(default_factory=lambda: next(_arrivals))  # fairness: oldest first
+    queued_at: float | None = None  # the scheduler's clock when first queued (static batching's wait)
     token_ids: list[int] = field(init=False)  # prompt + generated
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)

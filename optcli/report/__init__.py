@@ -22,18 +22,18 @@ from optcli.report.markdown import render_markdown
 from optcli.schema.report import ProfileReport
 from optcli.util.fs import REPORT, atomic_directory, atomic_write_text, check_report_dir
 
-__all__ = ["check_out", "render_html", "render_markdown", "write_reports"]
+__all__ = ["check_out", "render_html", "render_markdown", "write_files", "write_reports"]
 
 FILES = ("report.json", "report.md", "report.html")
 
 
-def _write_file(path: Path, text: str) -> None:
-    path.write_text(text, encoding="utf-8")
+def _write_file(path: Path, text: str | bytes) -> None:
+    path.write_bytes(text.encode("utf-8") if isinstance(text, str) else text)
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
 
 
-def _replace_in_place(out_dir: Path, contents: dict[str, str]) -> None:
+def _replace_in_place(out_dir: Path, contents: Mapping[str, str | bytes]) -> None:
     for name, text in contents.items():
         atomic_write_text(out_dir / name, text)
 
@@ -56,6 +56,13 @@ def write_reports(report: ProfileReport | Mapping[str, Any], out_dir: str | Path
         "report.md": render_markdown(report),
         "report.html": render_html(report, samples=samples, sweep=sweep, baseline_report=baseline_report),
     }
+    write_files(out_dir, contents)
+    return {name.split(".")[1]: out_dir / name for name in FILES}
+
+
+def write_files(out_dir: Path, contents: Mapping[str, str | bytes]) -> None:
+    """Write rendered files into `out_dir` (checked by the caller): a new directory atomically, an existing
+    one file by file, each replaced whole (temp file + os.replace)."""
     if out_dir.is_dir():
         _replace_in_place(out_dir, contents)
     else:
@@ -67,4 +74,3 @@ def write_reports(report: ProfileReport | Mapping[str, Any], out_dir: str | Path
             if not out_dir.is_dir():  # a file is in the way: that's the caller's to fix
                 raise
             _replace_in_place(out_dir, contents)  # created concurrently: fall back to per-file
-    return {name.split(".")[1]: out_dir / name for name in FILES}

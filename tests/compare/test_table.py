@@ -1,0 +1,42 @@
+"""The decision part of the methods table, on hand-made rows: the Pareto front, what each method is best
+for, and which candidate the objective picks among those that pass (never the source)."""
+
+from __future__ import annotations
+
+from optcli.compare.render import pareto_front
+from optcli.compare.table import assign_best_for, choose_best
+
+
+def row(method: str, load: float, batch1: float, kld: float, file_bytes: int, usd: float | None = None,
+        passed: bool | None = None, e2e: float = 1.0) -> dict:
+    def ratio(value: float) -> dict:
+        return {"ratio": value, "ci_low": None, "ci_high": None}
+
+    return {"method": method, "speedup": {"load": ratio(load), "batch1": ratio(batch1), "offline": ratio(load)},
+            "e2e_p50_ratio": ratio(e2e), "accuracy": {"kld_mean": kld},
+            "memory_reduction": {"file_bytes": file_bytes}, "usd_per_1k_tokens": usd, "best_for": [],
+            "kpi": None if passed is None else {"passed": passed}}
+
+
+def test_pareto_front_keeps_only_the_undominated() -> None:
+    points = [("source", 1.0, 1.0), ("fast", 1.6, 0.9), ("dominated", 1.2, 0.85), ("both", 1.6, 0.95)]
+    assert pareto_front(points) == {"source", "both"}
+
+
+def test_best_for_is_derived_from_the_figures() -> None:
+    rows = [row("source", 1.0, 1.0, 0.0, 100), row("a", 1.5, 0.9, 0.02, 40), row("b", 0.9, 1.3, 0.01, 30)]
+    assign_best_for(rows)
+    assert rows[0]["best_for"] == ["reference (exact accuracy)"]
+    assert rows[1]["best_for"] == ["highest throughput at load"]
+    assert rows[2]["best_for"] == ["lowest batch-1 latency", "smallest memory", "most accurate"]
+
+
+def test_the_objective_picks_among_passers_only() -> None:
+    rows = [row("source", 1.0, 1.0, 0.0, 100, passed=None), row("a", 1.5, 0.9, 0.02, 40, usd=0.2, passed=False),
+            row("b", 0.9, 1.3, 0.01, 30, usd=0.3, passed=True), row("c", 1.2, 1.0, 0.03, 50, usd=0.1, passed=True)]
+    assert choose_best(rows, "throughput")["method"] == "c"
+    assert choose_best(rows, "memory")["method"] == "b"
+    assert choose_best(rows, "cost")["method"] == "c"
+    for r in rows[1:]:
+        r["kpi"]["passed"] = False
+    assert choose_best(rows, "cost") is None
