@@ -197,9 +197,13 @@ def load_calibration_set(path: Path, tokenizer=None) -> CalibrationSet:
     return CalibrationSet([list(row) for row in data["input_ids"]], manifest)
 
 
+# windows per forward pass of --stats and --sensitivity: 8 x 512 tokens keeps a 1B model's activations small
+ANALYSIS_BATCH_SIZE = 8
+
+
 def calibrate(model_spec: str, source: str, out: Path, samples: int = 128, seq_len: int = 512, seed: int = 0, *,
               text_field: str | None = None, chat_template: bool = False, strict: bool = False, stats: bool = False,
-              force: bool = False, batch_size: int = 8, sensitivity: bool = False) -> tuple[CalibrationSet, dict | None]:
+              force: bool = False, sensitivity: bool = False) -> tuple[CalibrationSet, dict | None]:
     """`optcli calibrate`: every check before any work, then build, optionally measure outliers (`stats`) and
     per-layer sensitivity (`sensitivity`: DIR/sensitivity.json and .png), save atomically."""
     from transformers import AutoConfig, AutoTokenizer
@@ -217,13 +221,13 @@ def calibrate(model_spec: str, source: str, out: Path, samples: int = 128, seq_l
     report = sens = None
     loaded = load_model(model)[0] if stats or sensitivity else None
     if stats:
-        report = activation_stats(loaded, calib.input_ids, batch_size)
+        report = activation_stats(loaded, calib.input_ids, ANALYSIS_BATCH_SIZE)
         report["calibration_sha256"] = calib.manifest["sha256"]
     if sensitivity:  # weights hashed so `quantize --recipe auto:BITS --calibration DIR` can reuse it
         from optcli.calibration.sensitivity import measure_sensitivity
 
         sens = {"model": model.spec, "source_weights": weight_hashes(model.path),
                 "calibration_sha256": calib.manifest["sha256"],
-                **measure_sensitivity(loaded, calib.input_ids, batch_size=batch_size)}
+                **measure_sensitivity(loaded, calib.input_ids, batch_size=ANALYSIS_BATCH_SIZE)}
     save_calibration_set(calib, Path(out), report, force, sens)
     return calib, report

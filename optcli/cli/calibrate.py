@@ -10,36 +10,31 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from optcli.calibration.options import CalibrationOptions
 from optcli.cli.app import app
 from optcli.cli.common import emit_json, err, guard, out
+from optcli.cli.flags import with_options
 
 
 @app.command()
+@with_options(options=CalibrationOptions)
 def calibrate(
+    options: CalibrationOptions,
     model: Annotated[str, typer.Option("--model", help="Model whose tokenizer the set is built with.")],
     source: Annotated[str, typer.Option("--source", help="A .txt/.jsonl/.json/.parquet/.csv file, a directory, "
                                         "a save_to_disk directory, hf:NAME[:CONFIG][:SPLIT], builtin, or self.")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Calibration set directory to create.")],
-    samples: Annotated[int, typer.Option("--samples", min=1, help="Windows to pick.")] = 128,
-    seq_len: Annotated[int, typer.Option("--seq-len", min=8, help="Tokens per window.")] = 512,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    text_field: Annotated[str | None, typer.Option("--text-field", help="Row field holding the text (default: text).")] = None,
-    chat_template: Annotated[bool, typer.Option("--chat-template", help="Render OpenAI-style 'messages' rows with the model's chat template.")] = False,
-    strict: Annotated[bool, typer.Option("--strict", help="Exit 2 when the source has fewer windows than --samples.")] = False,
-    stats: Annotated[bool, typer.Option("--stats", help="Activation-outlier report per linear layer (stats.json) and a recipe suggestion.")] = False,
-    sensitivity: Annotated[bool, typer.Option("--sensitivity", help="Per-layer KLD of quantizing each layer alone "
-                                              "at W4A16 (sensitivity.json, sensitivity.png): what auto:BITS spends by.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as one JSON object.")] = False,
 ) -> None:
     """Build a reusable, hashed calibration set; with --stats, report activation outliers."""
     from optcli.calibration.dataset import calibrate as run_calibrate
 
     with guard(as_json):
-        calib, report = run_calibrate(model, source, out_dir, samples, seq_len, seed, text_field=text_field,
-                                      chat_template=chat_template, strict=strict, stats=stats, force=force,
-                                      sensitivity=sensitivity)
-    sens = json.loads((out_dir / "sensitivity.json").read_text()) if sensitivity else None
+        o = options
+        calib, report = run_calibrate(model, source, out_dir, o.samples, o.seq_len, o.seed, text_field=o.text_field,
+                                      chat_template=o.chat_template, strict=o.strict, stats=o.stats, force=o.force,
+                                      sensitivity=o.sensitivity)
+    sens = json.loads((out_dir / "sensitivity.json").read_text()) if options.sensitivity else None
     manifest = calib.manifest
     for warning in manifest["warnings"]:
         err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False, soft_wrap=True)

@@ -13,61 +13,49 @@ from optcli.bench.workload_flags import WorkloadFlags
 from optcli.cli.app import app
 from optcli.cli.common import emit_json, err, fail, guard, out
 from optcli.cli.flags import with_options
+from optcli.compare.options import CompareOptions
 from optcli.config import EngineConfig
 from optcli.errors import KpiFailed, UsageError
 
 
 @app.command()
-@with_options(workload=WorkloadFlags, config=EngineConfig)
+@with_options(options=CompareOptions, workload=WorkloadFlags, config=EngineConfig)
 def compare(
+    options: CompareOptions,
     workload: WorkloadFlags,
     config: EngineConfig,
     model: Annotated[str | None, typer.Argument(help="Source model (HF directory, hub id or builtin:tiny-llama).")] = None,
-    recipes: Annotated[str | None, typer.Option("--recipes", help="Recipes to compare, comma-separated (optcli recipes list, or auto:BITS).")] = None,
-    optimizations: Annotated[bool, typer.Option("--optimizations", help="The serving-optimizations table instead: each optimization switched off in turn against the full engine.")] = False,
-    recipe: Annotated[str | None, typer.Option("--recipe", help="With --optimizations: the quantization recipe of its quantization row.")] = None,
-    kpi: Annotated[Path | None, typer.Option("--kpi", help="KPI gates (YAML) every candidate is checked against; none passing exits 3.")] = None,
-    objective: Annotated[str, typer.Option("--objective", help="How the best passing candidate is chosen: cost, latency, throughput or memory.")] = "cost",
-    tasks: Annotated[str | None, typer.Option("--tasks", help="lm-evaluation-harness tasks, comma-separated, for every candidate and the source.")] = None,
-    tasks_path: Annotated[Path | None, typer.Option("--tasks-path", help="Directory of local task YAMLs.")] = None,
-    limit: Annotated[int | None, typer.Option("--limit", min=1, help="With --tasks: documents per task.")] = None,
-    num_fewshot: Annotated[int | None, typer.Option("--num-fewshot", min=0, help="With --tasks: few-shot examples.")] = None,
-    eval_text: Annotated[Path | None, typer.Option("--eval-text", help="Text for perplexity/KLD/top-1 (default: the builtin corpus's heldout.txt).")] = None,
-    gpu_hour_cost: Annotated[float | None, typer.Option("--gpu-hour-cost", help="USD per hour of the machine, for cost per 1K tokens.")] = None,
-    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Directory for report.json/.md/.html, pareto.png, profiles/ and best/.")] = None,
-    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="Artifact cache (default: $OPTCLI_CACHE/compare, else ~/.cache/optcli/compare).")] = None,
-    clear_cache: Annotated[bool, typer.Option("--clear-cache", help="Remove the cached artifacts (alone: and exit).")] = False,
-    calibration: Annotated[Path | None, typer.Option("--calibration", help="Calibration set (optcli calibrate) for every recipe.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
 ) -> None:
     """Quantize each recipe, measure all against the source, pick the one to ship; or the optimizations table."""
+    o = options
     report, gate_failure, cleared = None, None, None
     with guard(as_json):
-        if clear_cache:
-            cleared = _clear(cache_dir)
-        if model is not None or not clear_cache:
+        if o.clear_cache:
+            cleared = _clear(o.cache_dir)
+        if model is not None or not o.clear_cache:
             if model is None:
                 raise UsageError("missing MODEL (the source model to compare recipes on)")
-            if optimizations == bool(recipes):
+            if o.optimizations == bool(o.recipes):
                 raise UsageError("give --recipes R1,R2,... (the methods table) or --optimizations (the serving table)")
-            if recipe is not None and not optimizations:
+            if o.recipe is not None and not o.optimizations:
                 raise UsageError("--recipe is the quantization row of --optimizations; the methods table takes --recipes")
             load, _ = workload.build()
             if load.sweep_size:
                 raise UsageError("--rate sweep is profile's capacity plan; compare measures one load level")
             step = _step(as_json)
-            if optimizations:
+            if o.optimizations:
                 from optcli.compare.optimizations_run import compare_optimizations
 
-                report = compare_optimizations(model, load, config, recipe, out_dir, cache_dir, calibration, load.seed,
+                report = compare_optimizations(model, load, config, o.recipe, o.out, o.cache_dir, o.calibration, load.seed,
                                                step=step)
             else:
                 from optcli.compare.run import CompareRequest
                 from optcli.compare.run import compare as run_compare
 
-                req = CompareRequest(model, _names(recipes), load, config, kpi, objective, out_dir, eval_text,
-                                     gpu_hour_cost, _names(tasks) or None, tasks_path, limit, num_fewshot, cache_dir,
-                                     calibration, load.seed)
+                req = CompareRequest(model, _names(o.recipes), load, config, o.kpi, o.objective, o.out, o.eval_text,
+                                     o.gpu_hour_cost, _names(o.tasks) or None, o.tasks_path, o.limit, o.num_fewshot, o.cache_dir,
+                                     o.calibration, load.seed)
                 try:
                     report = run_compare(req, step)
                 except KpiFailed as exc:  # the report is complete and written: show it, then exit 3
@@ -76,7 +64,7 @@ def compare(
         if as_json:
             emit_json(cleared)
         return
-    _show(report, as_json, out_dir)
+    _show(report, as_json, o.out)
     if gate_failure is not None:
         fail(str(gate_failure), 3)
 
