@@ -14,6 +14,11 @@ from optcli.errors import UsageError
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 LM_HEADS = ("dense", "int8")
+# vLLM's names for the KV cache's storage: `auto` keeps the model dtype (or follows an artifact's calibrated
+# kv_cache_scheme), fp8 and fp8_e4m3 are the same E4M3 format, int8 is symmetric; both 8-bit kinds carry a scale
+# per layer and KV head (engine/attention/kv_quant.py).
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "fp8", "fp8_e4m3", "int8")
+KV_CACHE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "fp8": 1, "fp8_e4m3": 1, "int8": 1}
 # How long `profile --endpoint` waits for a server's next byte (its response, or the next streamed chunk) before
 # a request fails: the openai SDK's default (600 s), so no request that a production client would have waited for
 # is counted as failed, while a server that never answers becomes one clear error instead of a hang.
@@ -24,6 +29,16 @@ def check_dtype(value: str, name: str = "dtype") -> None:
     """The one dtype check, for the engine option and for every CLI flag that carries it (`name`)."""
     if value not in DTYPES:
         raise UsageError(f"{name} must be one of {', '.join(DTYPES)} (got '{value}')")
+
+
+def check_kv_cache_dtype(value: str, name: str = "kv_cache_dtype") -> None:
+    if value not in KV_CACHE_DTYPES:
+        raise UsageError(f"{name} must be one of {', '.join(KV_CACHE_DTYPES)} (got '{value}')")
+
+
+def kv_cache_element_bytes(kv_cache_dtype: str, model_dtype: str) -> int:
+    """Bytes one K or V element takes in the cache: `auto` stores the model dtype."""
+    return KV_CACHE_BYTES[model_dtype if kv_cache_dtype == "auto" else kv_cache_dtype]
 
 
 def cache_dir() -> Path:
@@ -52,9 +67,13 @@ class EngineConfig:
     dequantize: bool = False  # load a quantized checkpoint as dense weights
     quantization: str | None = None  # w4a16 | w8a8 | w8a16 | fp8: round a dense checkpoint at load
     lm_head: str = "dense"  # dense | int8: round the LM head (and a tied embedding) to int8 per row at load
+    # auto (the model dtype, or an artifact's calibrated kv_cache_scheme) | bfloat16 | float16 | fp8 | fp8_e4m3 | int8:
+    # the 8-bit kinds hold twice the tokens of a 16-bit cache in the same bytes, with a scale per layer and KV head
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         check_dtype(self.dtype)
+        check_kv_cache_dtype(self.kv_cache_dtype)
         if self.max_num_seqs < 1 or self.block_size < 1:
             raise UsageError("max_num_seqs and block_size must be >= 1")
         if self.lm_head not in LM_HEADS:

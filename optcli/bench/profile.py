@@ -14,6 +14,7 @@ from optcli.bench.accuracy import EngineLM, evaluate, evaluate_in_turn
 from optcli.bench.comparison import comparison, offline_online_notes, roofline
 from optcli.bench.contention import ContentionMonitor
 from optcli.bench.endpoint_accuracy import TOP_K
+from optcli.bench.engine_accuracy import kv_cache_is_quantized, measure_head_accuracy, measure_kv_accuracy
 from optcli.bench.export import check_export_path, level_rows, write_export
 from optcli.bench.kpi import evaluate_kpis, latency_gates, load_kpi, slo_from_kpi
 from optcli.bench.measure import free_device_memory
@@ -76,16 +77,6 @@ def transformers_accuracy(model_path: Path, baseline_path: Path, eval_text: str,
     baseline = AutoModelForCausalLM.from_pretrained(baseline_path, dtype=torch.float32, device_map=device).eval()
     ctx = min(256, getattr(model.config, "max_position_embeddings", 256))
     return evaluate(model, ids, baseline, ctx=ctx).as_dict()
-
-
-def measure_head_accuracy(model_path: Path, eval_text: str, config: EngineConfig) -> dict:
-    """What `config.lm_head` (int8) costs in accuracy: the engine with that head against the same model
-    with its dense head, on the same tokens through the same engine (so only the head differs)."""
-    rounded = Engine(str(model_path), config)
-    ids = rounded.tokenizer(eval_text, verbose=False).input_ids
-    ctx = min(256, rounded.max_model_len)
-    dense = Engine(str(model_path), config.with_options(lm_head="dense"))
-    return {"format": config.lm_head, **evaluate(EngineLM(rounded), ids, EngineLM(dense), ctx=ctx).as_dict()}
 
 
 def profile(
@@ -229,6 +220,9 @@ def profile(
         text = _eval_text(eval_text)
         # the rounded head against the dense one, both through the engine (the accuracy above is transformers')
         report["accuracy"]["lm_head"] = measure_head_accuracy(source.path, text, config)
+    if source is not None and not served and kv_cache_is_quantized(source.path, config):
+        step("accuracy cost of the 8-bit KV cache (decode and chunked prefill, against a bf16 cache)")
+        report["accuracy"]["kv_cache"] = measure_kv_accuracy(source.path, _eval_text(eval_text), config)
 
     if endpoint and (baseline or baseline_endpoint):
         step(f"accuracy of {endpoint} against the baseline (top-{TOP_K} log-probs)")

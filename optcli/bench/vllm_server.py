@@ -51,7 +51,7 @@ def vllm_server(model_path: str, served_name: str, config: EngineConfig, options
     port = _free_port()
     argv = vllm_command(model_path, "127.0.0.1", port, served_name, None, config.max_num_seqs, options.max_model_len,
                         config.gpu_memory_utilization, options.tensor_parallel_size, options.pipeline_parallel_size,
-                        config.enforce_eager, dtype=config.dtype)
+                        config.enforce_eager, dtype=config.dtype, kv_cache_dtype=config.kv_cache_dtype)
     log = tempfile.NamedTemporaryFile(prefix="optcli-vllm-", suffix=".log", delete=False)
     step(f"starting vllm serve {model_path} (tensor parallel {options.tensor_parallel_size}) on port {port}")
     # its own session: stopping it stops the workers it spawned too

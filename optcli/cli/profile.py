@@ -22,6 +22,7 @@ from optcli.cli.common import (
     DtypeOpt,
     EnforceEagerOpt,
     GpuMemoryOpt,
+    KvCacheDtypeOpt,
     LmHeadOpt,
     MaxModelLenOpt,
     MaxNumSeqsOpt,
@@ -91,6 +92,7 @@ def profile(
     enforce_eager: EnforceEagerOpt = False,
     gpu_memory_utilization: GpuMemoryOpt = ENGINE.gpu_memory_utilization,
     lm_head: LmHeadOpt = ENGINE.lm_head,
+    kv_cache_dtype: KvCacheDtypeOpt = ENGINE.kv_cache_dtype,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
 ) -> None:
@@ -126,7 +128,8 @@ def profile(
                             max_seconds=max_seconds, prompt_format=prompt_format, repeats=repeats)
         if engine != "vllm" and (tensor_parallel_size > 1 or pipeline_parallel_size > 1):
             raise UsageError("the builtin engine runs on one device; --tensor/--pipeline-parallel-size need --engine vllm")
-        config = engine_config(device, dtype, max_num_seqs, max_model_len, enforce_eager, gpu_memory_utilization, lm_head)
+        config = engine_config(device, dtype, max_num_seqs, max_model_len, enforce_eager, gpu_memory_utilization, lm_head,
+                               kv_cache_dtype)
         if api_key is not None and not api_key.strip():
             raise UsageError("--api-key is empty (leave it out to send none)")
         if endpoint and api_key is None:

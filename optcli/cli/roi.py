@@ -35,6 +35,7 @@ def roi(
     context_len: Annotated[int | None, typer.Option("--context-len", help="Tokens per sequence for the memory plan (default 2048).")] = None,
     output_len: Annotated[int | None, typer.Option("--output-len", help="Generated tokens per request for --estimate (default 256).")] = None,
     dtype: Annotated[str | None, typer.Option("--dtype", help="The dtype `serve --dtype` would get, for the KV cache in the plan (default: the report's, else auto).")] = None,
+    kv_cache_dtype: Annotated[str | None, typer.Option("--kv-cache-dtype", help="auto | bfloat16 | float16 | fp8 | fp8_e4m3 | int8: the KV cache `serve --kv-cache-dtype` would keep, for the plan (default: the report's, else auto: the serving dtype).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Cost per 1K tokens, savings, payback, replicas and autoscaling from a profile report or an estimate."""
@@ -43,7 +44,7 @@ def roi(
     options = RoiOptions(report, baseline_report, baseline_usd_per_1k_tokens, gpu, gpu_hour_cost, gpu_catalog,
                          requests_per_day, tokens_per_request, implementation_cost, target_rps, p95_slo_ms,
                          load_trace, min_replicas, max_replicas, estimate, recipe, batch_size, context_len, output_len,
-                         dtype=dtype)
+                         dtype=dtype, kv_cache_dtype=kv_cache_dtype)
     with guard(as_json):
         if plot is not None and load_trace is None:
             raise UsageError("--plot needs --load-trace")

@@ -13,6 +13,7 @@ from optcli.cli.common import (
     DtypeOpt,
     EnforceEagerOpt,
     GpuMemoryOpt,
+    KvCacheDtypeOpt,
     LmHeadOpt,
     MaxModelLenOpt,
     MaxNumSeqsOpt,
@@ -38,6 +39,7 @@ def serve(
     enforce_eager: EnforceEagerOpt = False,
     gpu_memory_utilization: GpuMemoryOpt = ENGINE.gpu_memory_utilization,
     lm_head: LmHeadOpt = ENGINE.lm_head,
+    kv_cache_dtype: KvCacheDtypeOpt = ENGINE.kv_cache_dtype,
     tensor_parallel_size: Annotated[int, typer.Option("--tensor-parallel-size", min=1, help="vLLM only.")] = 1,
     pipeline_parallel_size: Annotated[int, typer.Option("--pipeline-parallel-size", min=1, help="vLLM only.")] = 1,
 ) -> None:
@@ -50,7 +52,8 @@ def serve(
             raise UsageError(f"--engine must be builtin or vllm (got '{engine}')")
         if api_key is not None and not api_key.strip():
             raise UsageError("--api-key is empty: give a key, or leave the option out to serve without one")
-        config = engine_config(device, dtype, max_num_seqs, max_model_len, enforce_eager, gpu_memory_utilization, lm_head)
+        config = engine_config(device, dtype, max_num_seqs, max_model_len, enforce_eager, gpu_memory_utilization, lm_head,
+                               kv_cache_dtype)
         from optcli.serve.server import bind_listener
 
         sock = bind_listener(host, port)  # before anything loads: a port in use is exit 2 at once
@@ -63,7 +66,7 @@ def serve(
                 raise UsageError("--lm-head int8 is a builtin-engine option; vLLM serves the checkpoint's head")
             exec_vllm(vllm_command(path, host, port, name, api_key, max_num_seqs, max_model_len,
                                    gpu_memory_utilization, tensor_parallel_size, pipeline_parallel_size, enforce_eager,
-                                   dtype=dtype))
+                                   dtype=dtype, kv_cache_dtype=kv_cache_dtype))
         if tensor_parallel_size > 1 or pipeline_parallel_size > 1:
             raise UsageError("the builtin engine runs on one device; use --engine vllm for parallel serving")
         from optcli.serve.server import run_server

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from optcli.config import DTYPE_BYTES, EngineConfig, check_dtype
+from optcli.config import EngineConfig, check_dtype, check_kv_cache_dtype
 from optcli.errors import UsageError
 from optcli.roi import capacity, planner
 from optcli.roi.cost import cost_per_1k, usd_per_1k
@@ -73,6 +73,7 @@ class RoiOptions:
     context_len: int | None = None
     output_len: int | None = None
     dtype: str | None = None  # what `serve --dtype` would be given; default the report's, else auto
+    kv_cache_dtype: str | None = None  # what `serve --kv-cache-dtype` would be given; default the report's, else auto
 
 
 def _check(o: RoiOptions) -> None:
@@ -80,6 +81,8 @@ def _check(o: RoiOptions) -> None:
         raise UsageError("give exactly one of --report FILE (measured) or --estimate MODEL (roofline estimate)")
     if o.dtype is not None:
         check_dtype(o.dtype, "--dtype")
+    if o.kv_cache_dtype is not None:
+        check_kv_cache_dtype(o.kv_cache_dtype, "--kv-cache-dtype")
     if o.baseline_report is not None and o.baseline_usd_per_1k_tokens is not None:
         raise UsageError("give at most one of --baseline-report and --baseline-usd-per-1k-tokens")
     positive = {"--gpu-hour-cost": o.gpu_hour_cost, "--baseline-usd-per-1k-tokens": o.baseline_usd_per_1k_tokens,
@@ -176,7 +179,7 @@ def compute_roi(o: RoiOptions) -> dict:
                         (min(DEFAULT_OUTPUT_LEN, max(1, int(tpr) - 1)), "default"))
         prompt_len = max(1, int(tpr) - out_len)
         engine = _serving_config(o, None, inputs)
-        kv_bytes = DTYPE_BYTES[planner.serving_dtype(shape, engine)]
+        kv_bytes = planner.kv_element_bytes(shape, engine)
         est = planner.roofline(shape, scheme, gpu, batch, prompt_len, out_len, kv_dtype_bytes=kv_bytes)
         total_tok_s = _pick(inputs, "total_tok_s", (est["total_tok_s"], "estimate"))
         output_tok_s = _pick(inputs, "output_tok_s", (est["output_tok_s"], "estimate"))
@@ -280,9 +283,11 @@ def _plan(o: RoiOptions, report: dict | None, gpu: GpuSpec | None, detected: dic
 def _serving_config(o: RoiOptions, report: dict | None, inputs: dict) -> EngineConfig:
     """The engine `serve` would run on the GPU: the dtype asked for (flag, else the one the report's
     profile was asked to run in), with the engine's defaults for the rest, as `serve` has them."""
-    profiled = (((report or {}).get("workload") or {}).get("engine") or {}).get("dtype_requested")
-    dtype = _pick(inputs, "dtype", (o.dtype, "flag"), (profiled, "report"), ("auto", "default"))
-    return EngineConfig(device="cuda", dtype=dtype)
+    engine = ((report or {}).get("workload") or {}).get("engine") or {}
+    dtype = _pick(inputs, "dtype", (o.dtype, "flag"), (engine.get("dtype_requested"), "report"), ("auto", "default"))
+    kv_dtype = _pick(inputs, "kv_cache_dtype", (o.kv_cache_dtype, "flag"), (engine.get("kv_cache_dtype"), "report"),
+                     ("auto", "default"))
+    return EngineConfig(device="cuda", dtype=dtype, kv_cache_dtype=kv_dtype)
 
 
 def _capacity(o: RoiOptions, report: dict | None, points, hourly: float, inputs: dict) -> dict | None:

@@ -31,6 +31,7 @@ def vllm_command(
     enforce_eager: bool = False,
     executable: str | None = None,
     dtype: str = "auto",
+    kv_cache_dtype: str = "auto",
 ) -> list[str]:
     """argv for `vllm serve` with our options mapped onto its flags."""
     exe = executable or vllm_executable()
@@ -42,6 +43,7 @@ def vllm_command(
         "--max-model-len": max_model_len,
         "--gpu-memory-utilization": gpu_memory_utilization,
         "--dtype": None if dtype == "auto" else dtype,  # vLLM's own auto rule is ours on CUDA
+        "--kv-cache-dtype": None if kv_cache_dtype == "auto" else kv_cache_dtype,  # the same names as vLLM's
     }
     for flag, value in optional.items():
         if value is not None:
