@@ -73,8 +73,9 @@ def allocate(cfg, num_slots: int, kv_cache_dtype: str, model_dtype: torch.dtype,
     for layer, c in enumerate(tensor):
         if use_calibrated:
             k, v = calibrated.layer(layer, cfg.num_kv_heads)
-            scales = KVScales(k.to(device), v.to(device), calibrated=True, ready=True)
+            k, v = (s[:, None].expand(-1, cfg.head_dim).contiguous().to(device) for s in (k, v))
+            scales = KVScales(k, v, calibrated=True, ready=True)
         else:
-            scales = KVScales.unset(cfg.num_kv_heads, device)
+            scales = KVScales.unset(cfg.num_kv_heads, cfg.head_dim, device)
         caches.append(QuantKVCache(c[0], c[1], scales))
     return KVStorage(tensor, caches, kv_cache_dtype, "calibrated" if use_calibrated else "dynamic")

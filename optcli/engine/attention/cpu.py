@@ -131,8 +131,8 @@ def _attend(q, k_cache, v_cache, group: AttentionGroup, window: int | None, bloc
     values = as_bytes(v_cache).view(-1, block_size, kv_heads, dim).index_select(0, blocks).view(batch, -1, kv_heads, dim)
     if k_cache.dtype != q.dtype:  # an 8-bit (or other-dtype) cache: gathered at its own width, widened here
         keys, values = keys.view(k_cache.dtype).to(q.dtype), values.view(v_cache.dtype).to(q.dtype)
-    if scales is not None:  # K's per-head scale folds into the queries (q.(k*s) = (q*s).k), V's into the output
-        queries = queries * head_scale(scales.k, q.shape[1]).to(q.dtype)[None, :, None, None]
+    if scales is not None:  # K's scale folds into the queries (q.(k*s) = (q*s).k), V's into the output (kv_quant.py)
+        queries = queries * head_scale(scales.k, q.shape[1]).to(q.dtype)[None, :, None, :]
     mask = group.mask(window, block_size)
     if softcap is not None:
         out = _capped_attention(queries, keys.transpose(1, 2), values.transpose(1, 2), mask, scale, softcap)
@@ -140,7 +140,7 @@ def _attend(q, k_cache, v_cache, group: AttentionGroup, window: int | None, bloc
         out = F.scaled_dot_product_attention(queries, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask,
                                              enable_gqa=True, scale=scale)
     if scales is not None:
-        out = out * head_scale(scales.v, q.shape[1]).to(q.dtype)[None, :, None, None]
+        out = out * head_scale(scales.v, q.shape[1]).to(q.dtype)[None, :, None, :]
     return out.transpose(1, 2)  # [B, Q, H, D]
 
 

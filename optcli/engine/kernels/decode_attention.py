@@ -54,9 +54,9 @@ def _decode_split_kernel(
     )
     if UPCAST_DOT:
         q = q.to(tl.float32)
-    if KV_SCALED:  # an 8-bit cache: K's per-head scale folds into the score scale, V's into the output
-        qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head)
-        v_scale = tl.load(v_scale_ptr + kv_head)
+    if KV_SCALED:  # an 8-bit cache: K's scale [KV, D] folds into the queries, V's into the output (kv_quant.py)
+        q = (q.to(tl.float32) * tl.load(k_scale_ptr + kv_head * HEAD_DIM + d, mask=d_ok, other=0.0)[None, :]).to(q.dtype)
+        v_scale = tl.load(v_scale_ptr + kv_head * HEAD_DIM + d, mask=d_ok, other=0.0)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -75,7 +75,7 @@ def _decode_split_kernel(
         acc, m_i, l_i = online_softmax_step(s, v.to(q.dtype), acc, m_i, l_i, PRECISION)
 
     if KV_SCALED:
-        acc = acc * v_scale
+        acc = acc * v_scale[None, :]
     if DIRECT:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # empty context -> zeros
         tl.store(
@@ -143,7 +143,8 @@ def paged_decode_attention(
     kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Attention of q [B, H, D] (position context_lens[b]-1) over each sequence's paged K/V.
-    kv_scales: (k_scale, v_scale) [KV] fp32 of an 8-bit cache (K/V = stored values * scale).
+    kv_scales: (k_scale, v_scale) [KV, D] fp32, contiguous, of an 8-bit cache (K/V = stored values * scale; a K
+    shift needs no correction: the softmax ignores it).
 
     k_cache/v_cache: [slots, KV, D]; block_tables [B, max_blocks] int32; context_lens [B] int32
     (0 = padded row, output zeros). num_splits=None picks it from the longest context the block
@@ -226,4 +227,4 @@ def _dequantized(k_cache, v_cache, kv_scales):
     """An 8-bit cache in fp32 (the references' view of it), or the cache as it is."""
     if kv_scales is None:
         return k_cache, v_cache
-    return (k_cache.float() * kv_scales[0][:, None]), (v_cache.float() * kv_scales[1][:, None])
+    return k_cache.float() * kv_scales[0], v_cache.float() * kv_scales[1]

@@ -1,5 +1,6 @@
 """How an 8-bit KV cache rounds, in plain PyTorch: the statement the Triton store kernel matches exactly and the
-CPU path's store (engine/attention/kv_quant.py) runs. x ≈ q * scale, one scale per KV head."""
+CPU path's store (engine/attention/kv_quant.py) runs. x ≈ q * scale, with a scale per KV head and channel:
+[KV, D] (a per-tensor or per-head scale is that, repeated)."""
 
 from __future__ import annotations
 
@@ -14,18 +15,20 @@ def round_half_away(y: torch.Tensor) -> torch.Tensor:
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x [T, KV, D] -> dtype, dividing each head by scale [KV] (a 0 scale, i.e. an all-zero head, stores 0)."""
+    """x [T, KV, D] -> dtype: x / scale, scale [KV, D] or [KV]; a 0 scale (not set) divides by 1."""
     qmax = QMAX[dtype]
+    if scale.dim() == 1:
+        scale = scale[:, None]
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    y = (x.float() / safe[:, None]).clamp(-qmax, qmax)  # E4M3 has no inf: out of range would become NaN
+    y = (x.float() / safe).clamp(-qmax, qmax)  # E4M3 has no inf: out of range would become NaN
     if dtype == torch.int8:
         y = round_half_away(y)
     return y.to(dtype)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """q [..., KV, D] back to dtype with scale [KV]."""
-    return (q.float() * scale[:, None]).to(dtype)
+    """q [..., KV, D] back to dtype with scale [KV, D] or [KV]."""
+    return (q.float() * (scale[:, None] if scale.dim() == 1 else scale)).to(dtype)
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:

@@ -78,9 +78,9 @@ def _prefill_kernel(
     # Keys any row of this tile can see: (first row's pos - window, last row's pos].
     hi = first_pos + tl.minimum((local + 1) * BLOCK_Q, q_len)
     lo = tl.maximum(first_pos + local * BLOCK_Q - window + 1, 0)
-    if KV_SCALED:  # an 8-bit cache: K's per-head scale folds into the score scale, V's into the output
-        qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head)
-        v_scale = tl.load(v_scale_ptr + kv_head)
+    if KV_SCALED:  # an 8-bit cache: K's scale [KV, D] folds into the queries, V's into the output (kv_quant.py)
+        q = (q.to(tl.float32) * tl.load(k_scale_ptr + kv_head * HEAD_DIM + d, mask=d_ok, other=0.0)[None, :]).to(q.dtype)
+        v_scale = tl.load(v_scale_ptr + kv_head * HEAD_DIM + d, mask=d_ok, other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -100,7 +100,7 @@ def _prefill_kernel(
         acc, m_i, l_i = online_softmax_step(s, v.to(q.dtype), acc, m_i, l_i, PRECISION)
 
     if KV_SCALED:
-        acc = acc * v_scale
+        acc = acc * v_scale[None, :]
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(
         out_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :] * stride_od,
@@ -131,8 +131,8 @@ def paged_prefill_attention(
     sequence after this step, so sequence b's queries sit at positions context_lens[b] - q_len_b
     .. context_lens[b] - 1 and all their K/V are already cached. block_m (rows = query tokens x
     group heads) and block_n (keys) are tile sizes, powers of two >= 16. softcap: scores ->
-    softcap * tanh(scores / softcap) before the softmax (Gemma 2). kv_scales: (k_scale, v_scale) [KV] fp32
-    of an 8-bit cache (K/V = stored values * scale).
+    softcap * tanh(scores / softcap) before the softmax (Gemma 2). kv_scales: (k_scale, v_scale) [KV, D] fp32,
+    contiguous, of an 8-bit cache (K/V = stored values * scale).
     """
     num_tokens, num_heads, head_dim = q.shape
     kv_heads = k_cache.shape[1]
@@ -172,7 +172,7 @@ def paged_prefill_attention_reference(
 ) -> torch.Tensor:
     """Plain-PyTorch equivalent, one sequence at a time: gather its context, mask, softmax in fp32."""
     if kv_scales is not None:  # an 8-bit cache, read in fp32
-        k_cache, v_cache = k_cache.float() * kv_scales[0][:, None], v_cache.float() * kv_scales[1][:, None]
+        k_cache, v_cache = k_cache.float() * kv_scales[0], v_cache.float() * kv_scales[1]
     num_heads = q.shape[1]
     group = num_heads // k_cache.shape[1]
     out = torch.zeros_like(q)

@@ -55,8 +55,10 @@ def _store_kv_kernel(
     k = tl.load(k_ptr + t * stride_kt + heads * stride_kh + dims * stride_kd, mask=mask)
     v = tl.load(v_ptr + t * stride_vt + heads * stride_vh + dims * stride_vd, mask=mask)
     if QUANT:
-        k = _quantize(k, k_scale_ptr, heads, NUM_HEADS, QUANT)
-        v = _quantize(v, v_scale_ptr, heads, NUM_HEADS, QUANT)
+        at = heads * HEAD_DIM + dims  # scales: [KV, D], contiguous
+        lanes = (heads < NUM_HEADS) & (dims < HEAD_DIM)
+        k = _quantize(k.to(tl.float32), tl.load(k_scale_ptr + at, mask=lanes, other=1.0), QUANT)
+        v = _quantize(v.to(tl.float32), tl.load(v_scale_ptr + at, mask=lanes, other=1.0), QUANT)
     tl.store(
         k_cache_ptr + slot * stride_cs + heads * stride_ch + dims * stride_cd,
         k.to(k_cache_ptr.dtype.element_ty),
@@ -70,12 +72,11 @@ def _store_kv_kernel(
 
 
 @triton.jit
-def _quantize(x, scale_ptr, heads, NUM_HEADS: tl.constexpr, QUANT: tl.constexpr):
-    """x [BLOCK_H, BLOCK_D] / its head's scale, saturated (E4M3 has no inf); a 0 scale (an all-zero head) as 1."""
-    s = tl.load(scale_ptr + heads, mask=heads < NUM_HEADS, other=1.0)
+def _quantize(x, s, QUANT: tl.constexpr):
+    """x [BLOCK_H, BLOCK_D] fp32 / its scale s, saturated (E4M3 has no inf); a 0 scale (not set) as 1."""
     s = tl.where(s > 0, s, 1.0)
     qmax = 448.0 if QUANT == 1 else 127.0
-    y = tl.minimum(tl.maximum(x.to(tl.float32) / s, -qmax), qmax)
+    y = tl.minimum(tl.maximum(x / s, -qmax), qmax)
     if QUANT == 2:
         y = tl.where(y >= 0, y + 0.5, y - 0.5).to(tl.int32).to(tl.float32)  # the cast truncates toward zero
     return y
@@ -86,7 +87,7 @@ def store_kv(
     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> None:
     """Write k/v [T, KV, D] into k_cache/v_cache [slots, KV, D] at slot_mapping [T]; slots < 0 are skipped.
-    An 8-bit cache (float8_e4m3fn or int8) needs k_scale/v_scale [KV] fp32: each head is stored divided by its scale.
+    An 8-bit cache (float8_e4m3fn or int8) needs k_scale/v_scale [KV, D] fp32 (contiguous): stored as k / k_scale.
 
     k/v may be strided views (e.g. slices of a fused QKV projection); no copy is made.
     """
@@ -97,6 +98,8 @@ def store_kv(
     assert k_cache.shape[1:] == (num_heads, head_dim) and v_cache.shape == k_cache.shape
     quant = QUANT_KIND.get(k_cache.dtype, 0)
     assert (k_scale is not None) == bool(quant), "an 8-bit cache needs scales (and only it)"
+    if quant:
+        assert k_scale.shape == v_scale.shape == (num_heads, head_dim) and k_scale.is_contiguous() and v_scale.is_contiguous()
     _store_kv_kernel[(num_tokens,)](
         k,
         v,

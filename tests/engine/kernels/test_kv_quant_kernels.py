@@ -39,12 +39,12 @@ FORMATS = [torch.float8_e4m3fn, torch.int8]
 
 
 def quantized_cache(kv_heads: int, dim: int, fmt: torch.dtype, gen: torch.Generator):
-    """A cache of random K/V stored in `fmt` with per-head scales (heads of different magnitudes)."""
-    mags = torch.tensor([0.5, 3.0, 1.0, 8.0])[:kv_heads]
+    """A cache of random K/V stored in `fmt` with per-(head, channel) scales (of very different magnitudes)."""
+    mags = torch.tensor([0.5, 3.0, 1.0, 8.0])[:kv_heads, None] * torch.linspace(0.2, 4.0, dim)
     caches, scales = [], []
     for _ in range(2):
-        x = torch.randn(SLOTS, kv_heads, dim, generator=gen) * mags[:, None]
-        scale = x.abs().amax(dim=(0, 2)) / (448.0 if fmt == torch.float8_e4m3fn else 127.0)
+        x = torch.randn(SLOTS, kv_heads, dim, generator=gen) * mags
+        scale = x.abs().amax(dim=0) / (448.0 if fmt == torch.float8_e4m3fn else 127.0)
         caches.append(quantize(x, scale, fmt))
         scales.append(scale)
     return caches[0], caches[1], scales[0], scales[1]
@@ -72,7 +72,7 @@ def test_store_kv_quantizes_as_the_torch_statement(fmt: torch.dtype) -> None:
     slots = torch.tensor([5, -1, 17, 0, 63, -1, 30, 31, 2])
     qmax = 448.0 if fmt == torch.float8_e4m3fn else 127.0
     normal = [t for t in range(tokens) if t != 3]
-    k_scale, v_scale = (x[normal].abs().amax(dim=(0, 2)) / qmax for x in (k, v))
+    k_scale, v_scale = (x[normal].abs().amax(dim=0) / qmax for x in (k, v))  # per head and channel
     kc = torch.zeros(64, kv_heads, dim, dtype=fmt)
     vc = torch.zeros_like(kc)
     ref_k, ref_v = kc.clone(), vc.clone()
@@ -91,7 +91,7 @@ def test_store_kv_quantizes_as_the_torch_statement(fmt: torch.dtype) -> None:
     live = [t for t, s in enumerate(slots.tolist()) if s >= 0 and t != 3]
     back = dequantize(ref_k[slots[live]], k_scale, torch.float32)
     err = (back - k[live]).abs()
-    bound = k_scale[:, None] / 2 + 1e-6 if fmt == torch.int8 else k[live].abs() / 16 + k_scale[:, None] * 2**-9
+    bound = k_scale / 2 + 1e-5 if fmt == torch.int8 else k[live].abs() / 16 + k_scale * 2**-9 + 1e-5
     assert (err <= bound).all()
     assert ref_k[slots[3]].float().abs().max() == qmax
 
