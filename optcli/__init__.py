@@ -1,3 +1,3 @@
 """optcli: quantize, profile, serve and cost LLMs from one command line."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

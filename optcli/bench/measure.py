@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
@@ -28,6 +30,9 @@ from optcli.engine.async_engine import AsyncEngine
 from optcli.engine.kernels.tuning import chosen as gemm_choices
 from optcli.errors import UsageError
 from optcli.util.env import peak_memory_bytes
+
+T = TypeVar("T")
+MOST_RUNS_PER_WINDOW = 101
 
 
 def cold(engine) -> None:
@@ -63,6 +68,27 @@ def offline_run(engine, requests: list[tuple[list[int], int]]) -> dict:
             "requests_s": len(outs) / wall,
             "batch_efficiency": scheduled / steps / engine.max_num_seqs if steps else None,
             "preemptions": engine.scheduler.num_preemptions - preempted_before}
+
+
+def within_window(run: Callable[[], T], figure: Callable[[T], float | None],
+                  window_s: float) -> tuple[T | None, int]:
+    """`run()` repeated until `window_s` seconds have passed (`Workload.min_time_s`: why), an odd number of times (at least 3 unless the
+    first run alone fills the window), and the run whose `figure` is the median: (that run, runs made). A run
+    whose figure is None (not measurable) ends the window and is returned as it is."""
+    results: list[T] = []
+    start = time.perf_counter()
+    while True:
+        result = run()
+        if figure(result) is None:
+            return result, len(results) + 1
+        results.append(result)
+        elapsed = time.perf_counter() - start
+        if len(results) == 1 and elapsed >= window_s:
+            break
+        if len(results) >= MOST_RUNS_PER_WINDOW or (elapsed >= window_s and len(results) >= 3 and len(results) % 2):
+            break
+    ordered = sorted(results, key=figure)
+    return ordered[len(ordered) // 2], len(results)
 
 
 def engine_facts(engine) -> dict:

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
+import optcli.bench.measure as measure
 import optcli.bench.repeats as repeats
 from optcli.bench.comparison import offline_online_notes
 from optcli.bench.workload import Workload
@@ -73,8 +74,8 @@ def sources(stories_dir: Path):
 def test_both_models_interleave_abba_each_run_cold_and_off_the_main_thread(stories_dir: Path, monkeypatch) -> None:
     events = spy(monkeypatch)
     candidate, baseline = sources(stories_dir)
-    cand, base, schedule = repeats.measure_models(candidate, baseline, Workload(**WORKLOAD, repeats=3), None,
-                                                  EngineConfig(device="cpu"), lambda message: None)
+    cand, base, schedule = repeats.measure_models(candidate, baseline, Workload(**WORKLOAD, repeats=3, min_time_s=0.0),
+                                                  None, EngineConfig(device="cpu"), lambda message: None)
     assert schedule["repeats"] == 3 and schedule["order"] == "ABBA" and schedule["resident"] == "both"
     loads = [e["model"] for e in events if e["phase"] == "load"]
     assert loads == ["candidate", "baseline"]  # resident: loaded once each
@@ -103,6 +104,35 @@ def test_both_models_interleave_abba_each_run_cold_and_off_the_main_thread(stori
         assert len(run.samples["e2e"]) == 3 * WORKLOAD["requests"]
         intervals = run.intervals()["throughput.output_tok_s"]
         assert intervals["repeats"] == 3 and intervals["ci_low"] <= intervals["median"] <= intervals["ci_high"]
+
+
+def test_each_repeat_is_the_median_run_of_its_timed_window(monkeypatch) -> None:
+    """A run shorter than the window is repeated until the window has passed, an odd number of times (at least
+    3), and the median run kept; a run longer than the window runs once; an unmeasurable run ends it."""
+    clock = [0.0]
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: clock[0])
+
+    def runs(figures: list[float | None], seconds: float):
+        it = iter(figures)
+
+        def run():
+            clock[0] += seconds
+            return next(it)
+        return run
+
+    # 0.1 s runs in a 0.5 s window: 5 runs (the 5th reaches it), the median of 5
+    assert measure.within_window(runs([9.0, 1.0, 5.0, 7.0, 3.0, 100.0], 0.1), lambda x: x, 0.5) == (5.0, 5)
+    # 0.2 s runs: the window passes at the 3rd run; 3 is odd and >= 3
+    assert measure.within_window(runs([4.0, 8.0, 6.0, 1.0], 0.2), lambda x: x, 0.5) == (6.0, 3)
+    # 0.3 s runs: past the window at the 2nd run, but an even count: one more for a true median
+    assert measure.within_window(runs([2.0, 9.0, 4.0, 1.0], 0.3), lambda x: x, 0.5) == (4.0, 3)
+    # a run that fills the window alone (a real model's) runs once
+    assert measure.within_window(runs([42.0, 1.0], 0.6), lambda x: x, 0.5) == (42.0, 1)
+    # the median run is returned whole (its other figures belong to the same run)
+    dicts = [{"tok_s": v, "id": i} for i, v in enumerate([3.0, 1.0, 2.0])]
+    assert measure.within_window(runs(dicts, 0.2), lambda d: d["tok_s"], 0.5) == ({"tok_s": 2.0, "id": 2}, 3)
+    # a figure that cannot be measured (None) ends the window as it is
+    assert measure.within_window(runs([None, 5.0], 0.01), lambda x: x, 0.5) == (None, 1)
 
 
 def test_without_room_for_both_the_models_take_turns(stories_dir: Path, monkeypatch) -> None:
