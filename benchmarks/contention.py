@@ -75,7 +75,7 @@ def timed(engine, prompts, outputs) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import engine_cpu
+    import engine_cpu_model as engine_cpu
     import torch
 
     from optcli.engine import Engine
@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             return len(os.sched_getaffinity(0))
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="a test of this script: adaptive, 1 pair, 1 layer, 2 tiny requests")
     ap.add_argument("--modes", default=None, help="adaptive,pinned-N,... (default: adaptive,pinned-<usable cores>)")
     ap.add_argument("--repeats", type=int, default=3, help="quiet/busy pairs per mode")
     ap.add_argument("--requests", type=int, default=32)
@@ -96,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.modes, args.repeats, args.requests, args.max_output, args.layers = "adaptive", 1, 2, 10, 1
     cores = usable_cores()
     modes = (args.modes or f"adaptive,pinned-{cores}").split(",")
     rng = random.Random(args.seed)

@@ -42,6 +42,7 @@ from optcli.engine.quant.cpu_kernels import LinearSpec  # noqa: E402
 
 SHAPES = {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (16384, 2048), "down": (2048, 8192)}
 HEAD = {"lm_head": (128256, 2048)}
+SMOKE_SHAPES = {"qkv": (384, 256), "o": (256, 256), "gate_up": (1024, 256), "down": (256, 512)}  # --smoke
 # format -> (weight format of the rules, activation dtype, 16-bit compute allowed, W8A8/FP8 act_quant)
 FORMATS = {
     "bf16": ("bf16", torch.bfloat16, True, False),
@@ -99,7 +100,9 @@ def last_level_cache() -> int:
 
 
 @torch.inference_mode()
-def measure(fmt: str, rows: list[int], repeats: int, shapes: dict, seed: int) -> dict:
+def measure(fmt: str, rows: list[int], repeats: int, shapes: dict, seed: int, stream: bool = True) -> dict:
+    """Times of one pass over `shapes` per kernel and M; `stream`: in enough copies to stream the weights from
+    memory (else one copy: --smoke)."""
     wfmt, dtype, bf16_ok, act_quant = FORMATS[fmt]
     caps = cpu_caps.detect()
     names = list(dict.fromkeys(k.name for k in kernels_of(wfmt)))
@@ -108,7 +111,7 @@ def measure(fmt: str, rows: list[int], repeats: int, shapes: dict, seed: int) ->
         first = build(fmt, name, shapes, seed)
         if first is None:
             continue
-        copies = max(2, math.ceil(4 * last_level_cache() / max(weight_bytes(first), 1)))
+        copies = max(2, math.ceil(4 * last_level_cache() / max(weight_bytes(first), 1))) if stream else 1
         sets[name] = [first] + [build(fmt, name, shapes, seed + c) for c in range(1, copies)]
     gen = torch.Generator().manual_seed(seed)
     inputs = {m: {kind: (torch.randn(m, k, generator=gen) * 0.5).to(dtype) for kind, (n, k) in shapes.items()}
@@ -167,6 +170,8 @@ def report(result: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true",
+                    help="a test of this script: every format and kernel on small layers, M = 1 and 16, 1 round")
     ap.add_argument("--formats", default=",".join(FORMATS), help=f"subset of {','.join(FORMATS)}")
     ap.add_argument("--rows", default="1,4,16,64,256", help="batch sizes M (one per bucket)")
     ap.add_argument("--repeats", type=int, default=7, help="interleaved rounds")
@@ -175,17 +180,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.rows, args.repeats, args.lm_head = "1,16", 1, False
     if args.threads:
         torch.set_num_threads(args.threads)
     caps = cpu_caps.detect()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; CPU: {caps.describe()} (rules tier {caps.tier})")
     rows = [int(m) for m in args.rows.split(",")]
-    shapes = HEAD if args.lm_head else SHAPES
+    shapes = SMOKE_SHAPES if args.smoke else HEAD if args.lm_head else SHAPES
     results, flags = [], []
     for fmt in args.formats.split(","):
         if args.lm_head and FORMATS[fmt][0] != "bf16":
             continue
-        result = measure(fmt, rows, args.repeats, shapes, args.seed)
+        result = measure(fmt, rows, args.repeats, shapes, args.seed, stream=not args.smoke)
         flags += report(result)
         results.append(result)
     print("\nrules to revisit on this CPU:" if flags else "\nevery rule's pick is within 10% of the fastest, or "

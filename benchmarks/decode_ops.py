@@ -15,6 +15,7 @@ numbers as on a GPU; `benchmarks/gpu_check.py` measures what the launches cost t
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import tempfile
@@ -121,7 +122,7 @@ def decode_step_ops(engine, counter: OpCounter) -> tuple[Counter, Counter]:
 
 def count_both(device: str) -> list[tuple[str, Counter, Counter]]:
     """[(ops set name, layer-0 ops, step ops)] for TorchOps then FusedOps, on the tiny plan."""
-    import gpu_check
+    from bench_model import TINY_PLAN, build_model
 
     from optcli.engine import Engine
     from optcli.engine.models.layer_ops import FusedOps, TorchOps
@@ -131,7 +132,7 @@ def count_both(device: str) -> list[tuple[str, Counter, Counter]]:
     count_triton(counter)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        gpu_check.build_model(Path(tmp), gpu_check.TINY_PLAN, device, seed=0)
+        build_model(Path(tmp), TINY_PLAN, device, seed=0)
         for ops in (TorchOps, FusedOps):
             engine = Engine(tmp, device=device, dtype="bfloat16", max_num_seqs=4, max_model_len=128,
                             attention_backend="triton", enforce_eager=True, num_kv_blocks=32)
@@ -146,11 +147,14 @@ def count_both(device: str) -> list[tuple[str, Counter, Counter]]:
     return rows
 
 
-def main() -> int:
-    import gpu_check
+def main(argv: list[str] | None = None) -> int:
+    from bench_model import TINY_PLAN
 
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="a test of this script (the same run: it counts on the tiny model)")
+    ap.parse_args(argv)
     rows = count_both("cuda" if torch.cuda.is_available() else "cpu")
-    layers = gpu_check.TINY_PLAN.shape["num_hidden_layers"]
+    layers = TINY_PLAN.shape["num_hidden_layers"]
     print(f"device ops in one batch-1 decode step ({layers}-layer model, Triton attention)")
     print(f"{'layer ops':<10} {'per layer':>10} {'per step':>9}")
     for name, layer0, step in rows:

@@ -45,10 +45,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def find_guidellm(given: str | None) -> str:
+def find_guidellm(given: str | None, required: bool = True) -> str | None:
     for candidate in (given, shutil.which("guidellm"), str(ROOT / ".gvenv" / "bin" / "guidellm")):
         if candidate and Path(candidate).is_file():
             return candidate
+    if not required:
+        return None
     sys.exit("guidellm not found: pip install guidellm (in its own venv if its pins conflict with ours), "
              "then pass --guidellm PATH")
 
@@ -119,15 +121,22 @@ def run_optcli(url: str, streams: int, requests: int) -> dict:
             "completed": report["throughput"]["failures"]["total"] - report["throughput"]["failures"]["failed"]}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="a test of this script: one level of 4 requests, 2 in flight, "
+                        "a fast mock; without GuideLLM installed, says so and exits 0")
     parser.add_argument("--guidellm", help="the guidellm executable (default: on PATH, else .gvenv/bin/guidellm)")
     parser.add_argument("--levels", default="8:40,64:320", help="in-flight:requests pairs (default 8:40,64:320)")
     parser.add_argument("--ttft-ms", type=float, default=200.0)
     parser.add_argument("--itl-ms", type=float, default=20.0)
     parser.add_argument("--repeats", type=int, default=1, help="runs of each client per level (medians shown)")
     parser.add_argument("--hog", type=int, default=0, help="busy-loop processes running alongside")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.levels, args.ttft_ms, args.itl_ms, args.repeats, args.hog = "2:4", 5.0, 1.0, 1, 0
+        if find_guidellm(args.guidellm, required=False) is None:
+            print("skipped: guidellm is not installed (pip install guidellm, or pass --guidellm PATH)")
+            return
     guidellm = find_guidellm(args.guidellm)
     sys.path.insert(0, str(ROOT))
     from optcli.checkpoints.resolve import resolve_model

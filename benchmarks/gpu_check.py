@@ -33,9 +33,7 @@ Imports only optcli.engine (and what it imports), transformers and torch.
 from __future__ import annotations
 
 import argparse
-import gc
 import inspect
-import json
 import math
 import platform
 import random
@@ -43,148 +41,22 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+from bench_model import FULL, PROMPT_ID_RANGE, TINY_PLAN, Plan, build_model, free_device_memory, log, sync
+from hf_peer import hf_generate, hf_generate_batch
 
 TARGET_CB_RATIO = 10.0  # (a) ours / transformers generate_batch
 TARGET_ROOFLINE = 0.70  # ours batch-1 decode / (bandwidth / weight bytes)
 GATE_TOKENS = 8  # exit 1 if any prompt differs from transformers within its first this-many tokens
-PROMPT_ID_RANGE = (3, 1000)  # ids that exist in the builtin tokenizer (0-2 are <unk>, <s>, </s>)
-
-LLAMA_3_2_1B = dict(
-    num_hidden_layers=16,
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=64,
-    vocab_size=128256,
-    tie_word_embeddings=True,
-    rope_theta=500000.0,
-    max_position_embeddings=2048,
-    rms_norm_eps=1e-5,
-)
-TINY = dict(
-    LLAMA_3_2_1B,
-    num_hidden_layers=2,
-    hidden_size=128,
-    intermediate_size=512,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=32,
-    vocab_size=1024,
-)
-
-
-@dataclass
-class Plan:
-    name: str
-    shape: dict
-    dtype: str
-    requests: int  # (a)
-    prompt_range: tuple[int, int]  # (a), [lo, hi)
-    new_tokens: int  # (a)
-    hf_requests: int  # (a), transformers side
-    batch1_prompt: int  # (b) prompt length
-    batch1_new: int  # (b)
-    check_prompts: int
-    check_prompt_range: tuple[int, int]
-    check_new: int
-    warm_requests: int
-    warm_new_range: tuple[int, int]  # [lo, hi): varied, so batches shrink during warm-up
-    max_num_seqs: int
-    copy_bytes: int
-    copy_reps: int
-
-
-FULL = Plan(
-    "Llama-3.2-1B shape",
-    LLAMA_3_2_1B,
-    "bfloat16",
-    requests=256,
-    prompt_range=(64, 512),
-    new_tokens=128,
-    hf_requests=64,
-    batch1_prompt=128,
-    batch1_new=256,
-    check_prompts=8,
-    check_prompt_range=(16, 128),
-    check_new=32,
-    warm_requests=16,
-    warm_new_range=(2, 17),
-    max_num_seqs=256,
-    copy_bytes=1 << 30,
-    copy_reps=20,
-)
-TINY_PLAN = Plan(
-    "tiny (2 layers, hidden 128, vocab 1024)",
-    TINY,
-    "float32",
-    requests=8,
-    prompt_range=(8, 32),
-    new_tokens=16,
-    hf_requests=4,
-    batch1_prompt=16,
-    batch1_new=32,
-    check_prompts=8,
-    check_prompt_range=(4, 24),
-    check_new=16,
-    warm_requests=2,
-    warm_new_range=(2, 6),
-    max_num_seqs=8,
-    copy_bytes=64 << 20,
-    copy_reps=5,
-)
-
-T0 = time.perf_counter()
-
-
-def log(msg: str) -> None:
-    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def free_device_memory(device: str) -> None:
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-
 
 def prompts_of(n: int, length_range: tuple[int, int], rng: random.Random) -> list[list[int]]:
     return [[rng.randrange(*PROMPT_ID_RANGE) for _ in range(rng.randrange(*length_range))] for _ in range(n)]
 
 
 # --- model -------------------------------------------------------------------------------------
-
-
-def build_model(out: Path, plan: Plan, device: str, seed: int):
-    """Seeded random Llama built on `device` in the plan's dtype, saved (safetensors) with the builtin
-    tokenizer. Returns the in-memory transformers model (the peer; same tensors as the saved ones)."""
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-    from optcli.checkpoints.resolve import resolve_model
-
-    tok_dir = resolve_model("builtin:tiny-llama").path
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tok_dir / name, out / name)
-    tok_cfg = json.loads((tok_dir / "config.json").read_text())
-    bos, eos = tok_cfg.get("bos_token_id", 1), tok_cfg.get("eos_token_id", 2)
-    config = LlamaConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=0, **plan.shape)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = LlamaForCausalLM._from_config(config, dtype=getattr(torch, plan.dtype)).eval()
-    model.save_pretrained(out, safe_serialization=True)
-    GenerationConfig(bos_token_id=bos, eos_token_id=eos).save_pretrained(out)
-    # The in-memory peer never stops on EOS (ours runs with ignore_eos): no eos in its generation config.
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
 
 
 def weight_bytes(model) -> int:
@@ -231,114 +103,10 @@ def ours_generate(eng, device: str, prompts: list[list[int]], new_tokens: list[i
 # --- transformers ------------------------------------------------------------------------------
 
 
-def hf_generate(model, device: str, prompt: list[int], new_tokens: int, with_logits: bool = False):
-    """transformers `generate`, batch 1, greedy, EOS disabled. Returns (wall s, tokens, per-step logits or None)."""
-    ids = torch.tensor([prompt], device=device)
-    sync(device)
-    t0 = time.perf_counter()
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=new_tokens,
-        do_sample=False,
-        output_logits=with_logits,
-        return_dict_in_generate=with_logits,
-    )
-    sync(device)
-    wall = time.perf_counter() - t0
-    seq = out.sequences if with_logits else out
-    tokens = seq[0, len(prompt) :].tolist()
-    if len(tokens) != new_tokens:
-        raise RuntimeError(f"transformers generate returned {len(tokens)} tokens for {new_tokens}")
-    logits = [step[0].float().cpu() for step in out.logits] if with_logits else None
-    return wall, tokens, logits
 
 
-def hf_cb_config(device: str, num_requests: int, max_len: int):
-    """Defaults on the GPU (transformers sizes its cache from free memory); on CPU the cache is sized
-    explicitly, since transformers would otherwise take 90% of the host's RAM."""
-    from transformers import ContinuousBatchingConfig
-
-    if device.startswith("cuda"):
-        return ContinuousBatchingConfig()
-    block = 256
-    return ContinuousBatchingConfig(
-        block_size=block, num_blocks=num_requests * (math.ceil(max_len / block) + 1), max_batch_tokens=2048
-    )
 
 
-def hf_generate_batch(model, device: str, prompts, new_tokens: int, warm_prompts, warm_new: list[int]):
-    """transformers `generate_batch`, timed after a warm-up on the very manager it will use.
-
-    `generate_batch` sizes a fresh manager from its inputs (WorkloadHints: longest prompt,
-    max_new_tokens, request count; max_requests_per_batch = min(requests, 1024)) and, when one is
-    cached on the model, reuses that instead. So the warm-up builds a manager with the timed call's
-    own hints, warms it (`warmup()`: CUDA-graph capture where transformers uses graphs), runs the
-    warm-up requests through it and keeps it cached (`stop(keep_for_next_session=True)`); the timed
-    `generate_batch` then finds it warmed (skips `warmup()`), runs, and destroys it."""
-    from transformers import GenerationConfig
-    from transformers.generation.continuous_batching.utils import WorkloadHints
-
-    gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, eos_token_id=-1, pad_token_id=0)
-    longest = max(len(p) for p in prompts)
-    hints = WorkloadHints(max_prompt_length=longest, max_generated_length=new_tokens, num_requests=len(prompts))
-    cb_cfg = hf_cb_config(
-        device, max(len(prompts), len(warm_prompts)), max(longest, *map(len, warm_prompts)) + new_tokens
-    )
-    manager = model.init_continuous_batching(
-        generation_config=gen_cfg, continuous_batching_config=cb_cfg, workload_hints=hints
-    )
-    attn_in_cb = model.config._attn_implementation  # what CB switched to (stop() restores the original)
-    manager.warmup()
-    manager.start()
-    ok = False
-    try:
-        for k, (p, n) in enumerate(zip(warm_prompts, warm_new, strict=True)):
-            if manager.add_request(p, request_id=f"warm-{k}", max_new_tokens=n, eos_token_id=-1) is None:
-                raise RuntimeError("transformers CB refused a warm-up request")
-        done = 0
-        while done < len(warm_prompts):
-            res = manager.get_result(timeout=1)
-            if res is None:
-                if not manager.is_running():
-                    raise RuntimeError("transformers CB loop stopped during warm-up")
-                continue
-            if res.is_finished():
-                if res.error is not None:
-                    raise RuntimeError(f"transformers CB warm-up request failed: {res.error}")
-                done += 1
-        ok = True
-    finally:
-        manager.stop(block=True, timeout=60, keep_for_next_session=ok, hard_stop=not ok)
-        if not ok:
-            manager.destroy()
-    if getattr(model, "_cached_continuous_batching_manager", None) is not manager:
-        raise RuntimeError("the warmed-up transformers CB manager was not cached for generate_batch to reuse")
-    cfg = manager.continuous_batching_config
-    info = (
-        f"attn {attn_in_cb}, cuda graphs {cfg.use_cuda_graph}, async {cfg.use_async_batching}, "
-        f"blocks {cfg.num_blocks}x{cfg.block_size}, max_batch_tokens {cfg.max_batch_tokens}, "
-        f"max_requests_per_batch {cfg.max_requests_per_batch}"
-    )
-    try:
-        sync(device)
-        t0 = time.perf_counter()
-        results = model.generate_batch(prompts, generation_config=gen_cfg, max_new_tokens=new_tokens)
-        sync(device)
-        wall = time.perf_counter() - t0
-    finally:
-        model.destroy_cached_continuous_batching_manager()
-    # generate_batch logs failures and returns what finished: check every request came back whole.
-    outs = list(results.values())
-    if len(outs) != len(prompts) or any(o.error is not None for o in outs):
-        raise RuntimeError(f"transformers generate_batch returned {len(outs)} of {len(prompts)} requests (or errors)")
-    tokens = [list(o.generated_tokens) for o in outs]
-    if any(len(t) != new_tokens for t in tokens):
-        raise RuntimeError("transformers generate_batch returned a request of the wrong length")
-    # Each result carries its finish time (perf_counter, stamped once its last token is on the host):
-    # the call minus its teardown (stop(): thread join, gc.collect), which costs ~0.4 s per call.
-    to_last = max(o.lifespan[1] for o in outs) - t0
-    return wall, to_last, tokens, info
 
 
 # --- checks ------------------------------------------------------------------------------------
@@ -397,12 +165,12 @@ def measure_copy_bandwidth(device: str, nbytes: int, reps: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--quant" in argv:  # the quantized-formats check lives in its own script (issue 9)
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         from quant_check import main as quant_main
 
         return quant_main([a for a in argv if a != "--quant"])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="2-layer hidden-128 fp32 model, 8 short requests (CPU test)")
+    ap.add_argument("--smoke", action="store_true", help="--tiny with 2 requests of a few tokens (a test of this script)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--skip-hf", action="store_true", help="ours only: no equality check, no transformers timings")
     ap.add_argument("--requests", type=int, help="(a) request count (default 256; --tiny 8)")
@@ -416,7 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
+    args.tiny = args.tiny or args.smoke
     plan = replace(TINY_PLAN if args.tiny else FULL)
+    if args.smoke:
+        plan = replace(plan, requests=2, new_tokens=4, hf_requests=1, batch1_new=4, check_prompts=2,
+                       check_new=GATE_TOKENS, warm_requests=1, copy_bytes=8 << 20, copy_reps=2)
     for field_name, value in (
         ("requests", args.requests),
         ("new_tokens", args.new_tokens),

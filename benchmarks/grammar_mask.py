@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 24}, "age": {"type": "integer"},
           "tags": {"type": "array", "items": {"type": "string", "maxLength": 10}, "maxItems": 4}},
           "required": ["name", "age", "tags"], "additionalProperties": False}
-STEPS = 2000
+STEPS = [2000]  # mask steps per library and grammar (a list, so --smoke can lower it)
 
 
 def models(stories_dir: Path) -> dict[str, str]:
@@ -56,7 +56,7 @@ def _loop(vocab, fill, apply, accept, done, reset) -> str:
     gen = torch.Generator().manual_seed(0)
     times: dict[str, list[float]] = {"fill": [], "apply": [], "accept": []}
     docs = 0
-    for _ in range(STEPS):
+    for _ in range(STEPS[0]):
         logits = torch.randn(1, vocab, generator=gen)
         t0 = time.perf_counter()
         fill()
@@ -128,10 +128,10 @@ def libraries(paths: dict[str, str]) -> None:
                 print(f"  {name:12s} {kind:7s} {lib:11s} {line}", flush=True)
 
 
-def engine(name: str, path: str, repeats: int) -> None:
+def engine(name: str, path: str, repeats: int, new_tokens: int = 64) -> None:
     from optcli.engine import Engine, SamplingParams
 
-    print(f"part 2: our engine, {name}, 16 greedy requests x 64 tokens (best of {repeats}, interleaved)")
+    print(f"part 2: our engine, {name}, 16 greedy requests x {new_tokens} tokens (best of {repeats}, interleaved)")
     eng = Engine(path, dtype="float32", max_num_seqs=16, max_model_len=256)
     prompts = [f"Story {i}: once upon a time" for i in range(16)]
     fill_s = [0.0]
@@ -153,7 +153,7 @@ def engine(name: str, path: str, repeats: int) -> None:
         for label, schema in runs.items():
             steps, fill_before = eng.num_steps, fill_s[0]
             t = time.perf_counter()
-            outs = eng.generate(prompts, SamplingParams(max_tokens=64, ignore_eos=True, json_schema=schema))
+            outs = eng.generate(prompts, SamplingParams(max_tokens=new_tokens, ignore_eos=True, json_schema=schema))
             best[label] = min(best[label], (time.perf_counter() - t) / (eng.num_steps - steps))
             if schema is not None:
                 masked_tokens += sum(len(o.token_ids) for o in outs)
@@ -165,18 +165,22 @@ def engine(name: str, path: str, repeats: int) -> None:
           f"{per_token * 16 / best['plain'] * 100:.1f}% of a plain 16-sequence step")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="a test of this script: 50 mask steps, 8 tokens, 1 repeat")
     ap.add_argument("--stories-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    new_tokens = 64
+    if args.smoke:
+        STEPS[0], args.repeats, new_tokens = 50, 1, 8
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s)")
     paths = models(args.stories_dir)
     libraries(paths)
     for name, path in paths.items():
-        engine(name, path, args.repeats)
+        engine(name, path, args.repeats, new_tokens)
 
 
 if __name__ == "__main__":

@@ -73,15 +73,18 @@ def host_us_per_step(model_dir: str, batch: int, steps: int, profile: bool) -> f
 
 
 def main() -> int:
-    import gpu_check
+    from bench_model import TINY_PLAN, build_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="a test of this script: batches 1 and 4, 5 steps")
     parser.add_argument("--batches", default="1,64,256")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--profile", type=int, default=None, help="cProfile 20 steps at this batch size")
     args = parser.parse_args()
+    if args.smoke:
+        args.batches, args.steps = "1,4", 5
     with tempfile.TemporaryDirectory() as tmp:
-        gpu_check.build_model(Path(tmp), gpu_check.TINY_PLAN, "cpu", seed=0)
+        build_model(Path(tmp), TINY_PLAN, "cpu", seed=0)
         print(f"host time per decode step (graph stubbed), torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads")
         for batch in (int(b) for b in args.batches.split(",")):

@@ -330,6 +330,8 @@ def measure(path: Path, threads: int, seed: int, repeats: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="a test of this script: q4_0 of quant_cpu.py --small's "
+                    "checkpoint with --check; without llama-cpp-python (or that checkpoint), says so and exits 0")
     ap.add_argument("--model-dir", type=Path, default=None, help="HF Llama checkpoint (default: quant_cpu.py's)")
     ap.add_argument("--small", action="store_true", help="quant_cpu.py --small's checkpoint")
     ap.add_argument("--types", default=",".join(TYPES), help=f"subset of {','.join(TYPES)}")
@@ -340,6 +342,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.small, args.types, args.check, args.repeats = True, "bf16,q4_0", True, 1
+        try:
+            import gguf  # noqa: F401
+            import llama_cpp  # noqa: F401
+        except ImportError as e:
+            print(f"skipped: {e.name} is not installed (it runs in its own venv: see this script's docstring)")
+            return 0
+        if not (default_model_dir(True) / "config.json").is_file():
+            print("skipped: no checkpoint (run benchmarks/quant_cpu.py --small first)")
+            return 0
     import llama_cpp
 
     kinds = [k.strip() for k in args.types.split(",") if k.strip()]

@@ -311,9 +311,11 @@ def print_tables(gemm_rows: list[dict], engine_rows: list[dict], device_name: st
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="CPU, fp32, tiny shapes (a test of this script)")
+    parser.add_argument("--smoke", action="store_true", help="--tiny with 3 timing reps and 2 requests of 4 tokens")
     parser.add_argument("--json-out", type=Path, help="also write every figure as JSON here")
     parser.add_argument("--skip-engine", action="store_true")
     args = parser.parse_args(argv)
+    args.tiny = args.tiny or args.smoke
     device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
     if not args.tiny and device == "cpu":
         print("no CUDA device: use --tiny for the CPU version", file=sys.stderr)
@@ -322,14 +324,15 @@ def main(argv: list[str] | None = None) -> int:
     gemms, ms, reps = (TINY_GEMMS, [1, 16, 64], 30) if args.tiny else (LAYER_GEMMS, [1, 16, 64, 256, 1024], 100)
     args.requests, args.prompt_range, args.new_tokens = (8, (8, 32), 8) if args.tiny else (256, (64, 512), 128)
     args.batch1_prompt, args.batch1_new = (16, 16) if args.tiny else (128, 256)
+    if args.smoke:
+        reps, args.requests, args.new_tokens, args.batch1_new = 3, 2, 4, 4
     args.max_num_seqs = 8 if args.tiny else 256
     device_name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     log(f"device {device_name}, torch {torch.__version__}")
     gemm_rows = gemm_table(device, dtype, gemms, ms, reps)
     engine_rows = []
     if not args.skip_engine:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from gpu_check import FULL, TINY_PLAN, build_model
+        from bench_model import FULL, TINY_PLAN, build_model
 
         with tempfile.TemporaryDirectory(prefix="optcli-quant-check-") as tmp:
             del_me = build_model(Path(tmp), TINY_PLAN if args.tiny else FULL, device, seed=0)

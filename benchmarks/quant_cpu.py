@@ -78,63 +78,35 @@ import platform
 import random
 import shutil
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import gpu_check  # noqa: E402  (a sibling script: the one definition of the benchmark shape)
-
-LLAMA_3_2_1B = dict(gpu_check.LLAMA_3_2_1B, initializer_range=0.02)  # the shape gpu_check.py measures
-SMALL = dict(LLAMA_3_2_1B, num_hidden_layers=2, hidden_size=256, intermediate_size=1024,
-             num_attention_heads=4, num_key_value_heads=1, vocab_size=1024)
-# --moe: a Qwen3-MoE model (every layer sparse, q/k norms per head, untied head) small enough that building it,
-# quantizing it to W4A16 and running bf16 + W4A16 takes about a minute on a 2-core CPU with 24 GiB: 8 layers,
-# hidden 1024, 16 heads / 4 KV heads of 64, 32 experts of intermediate 512, top-4 renormalised, vocab 32000.
-# 489.4M parameters in all (0.98 GB bf16), 137.1M active per token (embeddings and head included). Every
-# linear's in_features (1024 and 512) is a multiple of W4A16's group size 128, so every expert quantizes.
-QWEN3_MOE = dict(
-    num_hidden_layers=8,
-    hidden_size=1024,
-    intermediate_size=2048,  # a dense MLP's width: unused, since no layer is in mlp_only_layers
-    moe_intermediate_size=512,
-    num_experts=32,
-    num_experts_per_tok=4,
-    norm_topk_prob=True,
-    num_attention_heads=16,
-    num_key_value_heads=4,
-    head_dim=64,
-    vocab_size=32000,
-    tie_word_embeddings=False,
-    max_position_embeddings=2048,
-    initializer_range=0.02,
+from quant_cpu_checkpoint import (
+    LLAMA_3_2_1B,
+    QWEN3_MOE,
+    SMALL,
+    SMALL_MOE,
+    build_source,
+    default_workdir,
+    log,
+    make_artifact,
+    param_counts,
 )
-# --small --moe: a smoke run of a minute or two; in_features 256 and 128 still divide by 128.
-SMALL_MOE = dict(QWEN3_MOE, num_hidden_layers=2, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
-                 num_experts=8, num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=1, vocab_size=1024)
+from quant_cpu_gemms import gemm_times, layer0_gemms
+from quant_cpu_report import (
+    METRICS,
+    bandwidth_shares,
+    check_targets,
+    print_tables,
+)
+
 PROMPT_ID_RANGE = (3, 1000)  # real tokens of the builtin tokenizer (1024 entries; 0-2 are special)
 MAX_MODEL_LEN = 512
 
-# format -> (recipe for `optcli quantize`, artifact directory); bf16 is the source checkpoint itself.
-W8A8_RTN_RECIPE = """\
-name: w8a8-rtn
-description: INT8 weights per channel by round to nearest, INT8 activations per token (dynamic). No calibration data.
-backend: llmcompressor
-scheme: W8A8
-ignore: [lm_head]
-calibration:
-  required: false
-llmcompressor:
-  quant_stage:
-    quant_modifiers:
-      QuantizationModifier:
-        targets: [Linear]
-        scheme: W8A8
-"""
 FORMATS = {"bf16": None, "w4a16": "w4a16-rtn", "w8a8": "w8a8-rtn", "fp8": "fp8-dynamic", "nf4": "nf4-bnb",
            "int8-bnb": "int8-bnb"}
 MOE_FORMATS = ("bf16", "w4a16")  # the default under --moe; w8a8 and fp8 quantize the experts too
@@ -145,32 +117,9 @@ MOE_REFUSED = {
     for fmt in ("nf4", "int8-bnb")
 }
 
-# The targets of issue 32, against the source at its best path (the engine's rule-decided kernels: fp32 math
-# over bf16 weights for few-row steps, bf16 units for batched ones): (format, metric, minimum ratio).
-# "At 64 requests" is read as 64-request decode, the phase weight bytes decide; prompt ratios are printed.
-TARGETS = [
-    ("w4a16", "b1_decode", 2.0),
-    ("w8a8", "b1_decode", 1.5),
-    ("fp8", "b1_decode", 1.0),
-    *((fmt, "many_decode", 1.2) for fmt in ("w4a16", "w8a8", "fp8")),
-]
-BANDWIDTH_TARGET = 0.8  # each format's batch-1 decode reads its weights at >= 80% of the read probe's GB/s
-# Under --moe the dense targets do not apply (see the docstring); the one claim: W4A16 experts make batch-1
-# decode faster than the bf16 source (a ratio strictly above 1.0).
-MOE_TARGETS = [("w4a16", "b1_decode", 1.0)]
-METRICS = {
-    "b1_prompt": "batch-1 prompt tok/s",
-    "b1_decode": "batch-1 decode tok/s",
-    "many_prompt": "64-req prompt tok/s",
-    "many_decode": "64-req decode tok/s",
-}
-GEMM_ROWS = (1, 16, 64)
-
-T0 = time.perf_counter()
 
 
-def log(msg: str) -> None:
-    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
+
 
 
 @dataclass
@@ -185,107 +134,18 @@ class Workload:
 # --- checkpoint and artifacts -------------------------------------------------------------------
 
 
-def is_moe(shape: dict) -> bool:
-    return "num_experts" in shape
 
 
-def default_workdir(shape: dict, small: bool) -> Path:
-    from optcli.config import cache_dir
-
-    full, family = (QWEN3_MOE, "qwen3-moe") if is_moe(shape) else (LLAMA_3_2_1B, "llama")
-    name = "qwen3-moe-shape" if is_moe(shape) else "llama-3.2-1b-shape"
-    if small:
-        name = f"{family}-small-h{shape['hidden_size']}"
-    if small or shape["num_hidden_layers"] != full["num_hidden_layers"] or shape["vocab_size"] != full["vocab_size"]:
-        name += f"-l{shape['num_hidden_layers']}-v{shape['vocab_size']}"
-    return cache_dir() / "bench" / name
 
 
-def model_classes(shape: dict):
-    """(config class, model class) of transformers for a shape: Qwen3-MoE when it has experts, else Llama."""
-    import transformers
-
-    if is_moe(shape):
-        return transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM
-    return transformers.LlamaConfig, transformers.LlamaForCausalLM
 
 
-def param_counts(shape: dict) -> tuple[int, int]:
-    """(total, active per token) parameters of a shape, embeddings and LM head included; equal when dense."""
-    h, layers, vocab = shape["hidden_size"], shape["num_hidden_layers"], shape["vocab_size"]
-    q = shape["num_attention_heads"] * shape["head_dim"]
-    kv = shape["num_key_value_heads"] * shape["head_dim"]
-    per_layer = 2 * h * q + 2 * h * kv + 2 * h  # q, o, k, v and the two norms
-    if is_moe(shape):
-        per_layer += 2 * shape["head_dim"]  # Qwen3's q/k norms per head
-        expert = 3 * h * shape["moe_intermediate_size"]
-        per_layer += shape["num_experts"] * (h + expert)  # router row and expert per expert
-        idle = layers * (shape["num_experts"] - shape["num_experts_per_tok"]) * expert
-    else:
-        per_layer += 3 * h * shape["intermediate_size"]
-        idle = 0
-    total = layers * per_layer + h + vocab * h * (1 if shape.get("tie_word_embeddings") else 2)
-    return total, total - idle
 
 
-def build_source(out: Path, shape: dict, seed: int) -> bool:
-    """The seeded random bf16 checkpoint plus the builtin tokenizer; False when a matching one is there."""
-    stamp = {"shape": shape, "seed": seed}
-    marker = out / "bench-shape.json"
-    if marker.is_file() and json.loads(marker.read_text()) == stamp:
-        return False
-    from transformers import GenerationConfig
-
-    from optcli.builtin import model_dir
-
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    tok_dir = model_dir("tiny-llama")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tok_dir / name, out / name)
-    tok_cfg = json.loads((tok_dir / "config.json").read_text())
-    bos, eos = tok_cfg.get("bos_token_id", 1), tok_cfg.get("eos_token_id", 2)
-    config_cls, model_cls = model_classes(shape)
-    config = config_cls(bos_token_id=bos, eos_token_id=eos, pad_token_id=0, **shape)
-    torch.manual_seed(seed)
-    model = model_cls._from_config(config, dtype=torch.bfloat16).eval()
-    model.save_pretrained(out, safe_serialization=True)
-    GenerationConfig(bos_token_id=bos, eos_token_id=eos).save_pretrained(out)
-    params = sum(p.numel() for p in model.parameters())
-    if params != param_counts(shape)[0]:
-        raise RuntimeError(f"{model_cls.__name__}: {params} parameters, param_counts() says {param_counts(shape)[0]}")
-    del model
-    gc.collect()
-    marker.write_text(json.dumps(stamp))  # written last: its presence means the checkpoint is complete
-    log(f"built {out} ({model_cls.__name__}): {params / 1e6:.1f}M parameters, bf16")
-    return True
 
 
-def recipe_path(workdir: Path, recipe: str) -> str:
-    """A builtin recipe's name, or the path of the W8A8 RTN recipe written into the workdir."""
-    if recipe != "w8a8-rtn":
-        return recipe
-    path = workdir / "w8a8-rtn.yaml"
-    path.write_text(W8A8_RTN_RECIPE)
-    return str(path)
 
 
-def make_artifact(workdir: Path, source: Path, recipe: str, rebuild: bool) -> Path:
-    """`optcli quantize` in a subprocess; an existing artifact (its manifest present) is reused."""
-    out = workdir / recipe
-    if (out / "optcli.json").is_file() and not rebuild:
-        log(f"reusing {out}")
-        return out
-    cmd = [sys.executable, "-m", "optcli.cli", "quantize", str(source), "--recipe", recipe_path(workdir, recipe),
-           "--out", str(out), "--device", "cpu", "--force", "--json"]
-    log(f"quantizing: {' '.join(cmd[1:])}")
-    start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.stderr.write(done.stderr[-4000:])
-        raise RuntimeError(f"optcli quantize --recipe {recipe} failed (exit {done.returncode})")
-    log(f"quantized {recipe} in {time.perf_counter() - start:.0f}s")
-    return out
 
 
 # --- engine throughput --------------------------------------------------------------------------
@@ -342,70 +202,17 @@ def engine_once(eng, wl: Workload, rng: random.Random) -> dict:
             "many_prompt": many["prompt_tok_s"], "many_decode": many["decode_tok_s"]}
 
 
-# t quantiles (0.975) for a 95% interval on the mean of n paired log-ratios, df = n - 1
-T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}
 
 
-def ratio_interval(values: list[float], base: list[float]) -> dict | None:
-    """The ratio of paired repeats (repeat r of a format against repeat r of the source, run back to back):
-    the geometric mean with a 95% t-interval on the mean log-ratio (None with fewer than 2 pairs: the
-    one ratio, no interval)."""
-    import math
-
-    pairs = [v / b for v, b in zip(values, base, strict=True) if v and b]
-    if not pairs:
-        return None
-    logs = [math.log(r) for r in pairs]
-    mean = sum(logs) / len(logs)
-    if len(logs) < 2:
-        return {"ratio": pairs[0], "ci_low": None, "ci_high": None, "pairs": pairs}
-    sd = statistics.stdev(logs)
-    half = T975.get(len(logs) - 1, 1.96) * sd / math.sqrt(len(logs))
-    return {"ratio": math.exp(mean), "ci_low": math.exp(mean - half), "ci_high": math.exp(mean + half), "pairs": pairs}
 
 
 # --- per-layer GEMMs ----------------------------------------------------------------------------
 
 
-def layer0_gemms(model) -> list[tuple[str, torch.nn.Module, int]]:
-    """(name, module, input width) of layer 0's matmuls: qkv, o and the MLP's gate_up and down, or in a MoE
-    layer (which has no gate_up_proj / down_proj) expert 0's. The widths come from the config, as a packed
-    quantized layer keeps no [out, in] weight to read them from."""
-    cfg, layer = model.cfg, model.layers[0]
-    attn = [("qkv_proj", layer.qkv_proj, cfg.hidden_size), ("o_proj", layer.o_proj, cfg.num_heads * cfg.head_dim)]
-    if layer.moe is not None:
-        return attn + [("expert 0 gate_up", layer.moe.gate_up[0], cfg.hidden_size),
-                       ("expert 0 down", layer.moe.down[0], cfg.moe.expert_intermediate_size)]
-    return attn + [("gate_up_proj", layer.gate_up_proj, cfg.hidden_size),
-                   ("down_proj", layer.down_proj, cfg.intermediate_size)]
 
 
-@torch.inference_mode()
-def best_us(module, x: torch.Tensor, reps: int = 5) -> float:
-    module(x)
-    module(x)  # warm-up: first calls pay for kernel selection and packing
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        module(x)
-        best = min(best, time.perf_counter() - start)
-    return best * 1e6
 
 
-def gemm_times(eng) -> dict:
-    """µs of layer 0's four matmuls (`layer0_gemms`) summed, by rows M, and of the LM head at M = 1."""
-    model, dtype = eng.model, getattr(torch, eng.config.dtype)
-    gen = torch.Generator().manual_seed(0)
-    out = {}
-    for m in GEMM_ROWS:
-        total = 0.0
-        for _, module, width in layer0_gemms(model):
-            x = (torch.randn(m, width, generator=gen) * 0.5).to(dtype)
-            total += best_us(module, x)
-        out[f"layer M={m}"] = total
-    x = (torch.randn(1, model.cfg.hidden_size, generator=gen) * 0.5).to(dtype)
-    out["lm_head M=1"] = best_us(model.lm_head, x)
-    return out
 
 
 # --- one format ---------------------------------------------------------------------------------
@@ -417,6 +224,7 @@ def load_format(fmt: str, path: Path, wl: Workload, seed: int, lm_head: str = "d
 
     log(f"{fmt}: loading {path}")
     blocks = wl.many_requests * -(-(wl.many_prompt + wl.many_new + 16) // 16) + 16  # the 64-request run, no more
+    blocks = max(blocks, -(-MAX_MODEL_LEN // 16))  # and one whole sequence (a --smoke workload is smaller)
     eng = Engine(str(path), device="cpu", enable_prefix_caching=False, max_model_len=MAX_MODEL_LEN, lm_head=lm_head,
                  num_kv_blocks=blocks)
     row = {
@@ -448,116 +256,14 @@ def summarize(row: dict) -> None:
 # --- report -------------------------------------------------------------------------------------
 
 
-def ratio(row: dict, base: dict | None, key: str) -> dict | None:
-    """The format's ratio to the source on `key` from paired repeats, with its 95% interval."""
-    if base is None or row.get(key) is None or not base.get(key):
-        return None
-    return ratio_interval(row["repeats"][key], base["repeats"][key])
 
 
-def fmt_ratio(r: dict | None) -> str:
-    if r is None:
-        return "n/a"
-    if r["ci_low"] is None:
-        return f"{r['ratio']:.2f}x"
-    return f"{r['ratio']:.2f}x [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
 
 
-def bandwidth_shares(rows: list[dict], gbs: float | None) -> None:
-    """Each format's batch-1 decode as weight-read bandwidth (weights_bytes x tok/s: every weight is read once a
-    token, a tied head once) against the read probe (`roi/hardware.measure_host_bandwidth`, as report.json's
-    roofline); each share from the median decode."""
-    for r in rows:
-        achieved = r["weights_bytes"] * r["b1_decode"] / 1e9 if r.get("b1_decode") else None
-        r["b1_read_gbs"] = achieved
-        r["b1_read_share"] = achieved / gbs if achieved and gbs else None
 
 
-def print_tables(rows: list[dict]) -> None:
-    base = next((r for r in rows if r["format"] == "bf16"), None)
-    head = "| format | weights MiB | " + " | ".join(METRICS.values()) + " |"
-    rule = "|---" * (2 + len(METRICS)) + "|"
-    print("\n## Engine throughput\n")
-    print(head)
-    print(rule)
-    for r in rows:
-        print(f"| {r['format']} | {r['weights_bytes'] / 2**20:.1f} | " + " | ".join(f"{r[k]:.1f}" for k in METRICS) + " |")
-    if base is not None:
-        print("\n## Ratio to the bf16 source at its best path (paired repeats: geometric mean [95% interval])\n")
-        print(head)
-        print(rule)
-        for r in rows:
-            cells = [fmt_ratio(ratio(r, base, k)) for k in METRICS]
-            print(f"| {r['format']} | {r['weights_bytes'] / base['weights_bytes']:.2f}x | " + " | ".join(cells) + " |")
-    if any(r.get("b1_read_share") for r in rows):
-        print("\n## Batch-1 decode weight reads against the read probe\n")
-        for r in rows:
-            if r.get("b1_read_gbs"):
-                print(f"- {r['format']}: {r['weights_bytes'] / 2**20:.0f} MiB x {r['b1_decode']:.2f} tok/s = "
-                      f"{r['b1_read_gbs']:.1f} GB/s, {r['b1_read_share']:.0%} of the probe")
-    print("\n## Kernels at batch 1 and at 64 rows (rules: optcli/engine/quant/cpu_choice.py)\n")
-    for r in rows:
-        cells = [f"{kind} {e['buckets']['1']['kernel']} / {e['buckets']['17-64']['kernel']}"
-                 for kind, e in r["kernels"].items()]
-        print(f"- {r['format']}: " + "; ".join(cells))
-    print("\n## Engine dtype and quantized layers\n")
-    for r in rows:
-        layers = ", ".join(f"{k}: {v}" for k, v in r["quantized_layers"].items()) or "none (dense)"
-        line = f"- {r['format']}: dtype {r['dtype']} ({r['dtype_reason']}); quantized layers {layers}"
-        if r["moe"]:
-            experts = ", ".join(f"{k}: {v}" for k, v in r["moe"]["expert_layers"].items())
-            line += (f"; expert layers {experts} ({r['moe']['moe_layers']} MoE layers x {r['moe']['num_experts']} "
-                     f"experts x gate_up/down, router gates {r['moe']['router_gates']})")
-        print(line)
-        if r["moe"] and r["format"] != "bf16" and "dense" in r["moe"]["expert_layers"]:
-            print(f"  WARNING: {r['format']} runs {r['moe']['expert_layers']['dense']} expert layers unquantized: its "
-                  "figures do not measure quantized experts")
-    print(f"\n## Layer-0 GEMMs ({' + '.join(rows[0]['gemm_modules'])}, summed) and lm_head, best-of-5 wall µs\n")
-    keys = list(rows[0]["gemm_us"])
-    print("| rows | " + " | ".join(r["format"] for r in rows) + " |")
-    print("|---" * (1 + len(rows)) + "|")
-    for k in keys:
-        cells = []
-        for r in rows:
-            us = r["gemm_us"][k]
-            x = f" ({base['gemm_us'][k] / us:.2f}x)" if base is not None and r is not base else ""
-            cells.append(f"{us:.0f}{x}")
-        print(f"| {k} | " + " | ".join(cells) + " |")
 
 
-def check_targets(rows: list[dict], moe: bool = False, gbs: float | None = None) -> list[dict]:
-    """PASS/MISS per target: the issue's dense ones (the ratio's geometric mean >= goal), or under --moe
-    MOE_TARGETS (ratio > goal); and each format's batch-1 weight-read share of the probe's bandwidth."""
-    by_format = {r["format"]: r for r in rows}
-    base = by_format.get("bf16")
-    results = []
-    for fmt, metric, goal in MOE_TARGETS if moe else TARGETS:
-        got = ratio(by_format[fmt], base, metric) if fmt in by_format else None
-        value = None if got is None else got["ratio"]
-        met = value is not None and (value > goal if moe else value >= goal)
-        status = "n/a" if value is None else "PASS" if met else "MISS"
-        results.append({"format": fmt, "metric": metric, "target": goal, "ratio": value, "status": status,
-                        "interval": None if got is None else [got["ci_low"], got["ci_high"]],
-                        "comparison": ">" if moe else ">="})
-    if not moe:
-        for r in rows:
-            share = r.get("b1_read_share")
-            results.append({"format": r["format"], "metric": "b1_read_share", "target": BANDWIDTH_TARGET,
-                            "ratio": share, "comparison": ">=", "interval": None,
-                            "status": "n/a" if share is None else "PASS" if share >= BANDWIDTH_TARGET else "MISS"})
-    if moe:
-        print("\n## MoE target (ratio to the bf16 source, this run; the dense Llama targets do not apply)\n")
-    else:
-        probe = "not measured" if gbs is None else f"{gbs:.1f} GB/s"
-        print(f"\n## Targets (ratio to the bf16 source at its best path, this run; read probe {probe})\n")
-    for t in results:
-        label = ("batch-1 decode weight reads / read probe" if t["metric"] == "b1_read_share"
-                 else METRICS[t["metric"]])
-        got = "not measured" if t["ratio"] is None else f"{t['ratio']:.2f}x"
-        if t["interval"] and t["interval"][0] is not None:
-            got += f" [{t['interval'][0]:.2f}, {t['interval'][1]:.2f}]"
-        print(f"- {t['status']:<4}  {t['format']} {label} {t['comparison']} {t['target']:.1f}x: {got}")
-    return results
 
 
 # --- main ---------------------------------------------------------------------------------------
@@ -566,6 +272,8 @@ def check_targets(rows: list[dict], moe: bool = False, gbs: float | None = None)
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="smoke run: hidden 256, 2 layers, vocab 1024")
+    ap.add_argument("--smoke", action="store_true",
+                    help="a test of this script: --small with 1 layer, bf16 and W4A16, a few tokens, 1 repeat, a temporary workdir, no bandwidth probe")
     ap.add_argument("--moe", action="store_true",
                     help="a Qwen3-MoE shape instead (8 layers, hidden 1024, 32 experts top-4, expert intermediate "
                          "512, vocab 32000; with --small: 2 layers, hidden 256, 8 experts top-2, 128)")
@@ -585,6 +293,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="the engine's LM head for every format (int8: rounded per row at load)")
     ap.add_argument("--json", type=Path, default=None, help="also write every figure as JSON here")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.small, args.layers, args.repeats = True, args.layers or 1, 1
+        args.formats = args.formats or "bf16,w4a16"
     if args.formats is None:
         args.formats = ",".join(MOE_FORMATS if args.moe else FORMATS)
     args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
@@ -613,8 +324,9 @@ def main(argv: list[str] | None = None) -> int:
         shape["num_hidden_layers"] = args.layers
     if args.vocab is not None:
         shape["vocab_size"] = args.vocab
-    workdir = args.workdir or default_workdir(shape, args.small)
-    wl = Workload()
+    workdir = args.workdir or (Path(tempfile.mkdtemp(prefix="optcli-quant-cpu-")) if args.smoke
+                               else default_workdir(shape, args.small))
+    wl = Workload(b1_prompt=8, b1_new=4, many_requests=4, many_prompt=8, many_new=4) if args.smoke else Workload()
     log(f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
         f"{torch.get_num_threads()} threads, cpu {platform.processor() or platform.machine()}")
     total, active = param_counts(shape)
@@ -648,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()
     from optcli.roi.hardware import measure_host_bandwidth
 
-    probe = measure_host_bandwidth()  # after the engines: the 1 GiB pass would otherwise sit beside them
+    # After the engines: the 1 GiB pass would otherwise sit beside them. Not in a smoke run (seconds of memory reads).
+    probe = {"gbs": None} if args.smoke else measure_host_bandwidth()
     bandwidth_shares(rows, probe["gbs"])
     print_tables(rows)
     targets = check_targets(rows, moe=args.moe, gbs=probe["gbs"])
@@ -659,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
             "formats": rows, "targets": targets, "read_probe": probe,
         }, indent=2, default=str))
         log(f"wrote {args.json}")
+    if args.smoke and args.workdir is None:
+        shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 

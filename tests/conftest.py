@@ -1,30 +1,13 @@
-"""Shared test helpers: locate the read-only test data that lives outside the repository."""
+"""Test-session setup (threads, Triton interpreter, cache) and the shared fixtures; helper functions live in
+`helpers.py`."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
-import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def shared_data(name: str) -> Path:
-    """Path of a file in ../shared/data; skip when missing locally, but fail under CI=true."""
-    path = SHARED_DATA / name
-    if not path.is_file():
-        msg = f"test data {path} is missing"
-        if os.environ.get("CI") == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return path
-
+from helpers import shared_data
 
 # Under pytest-xdist (`-n auto`, pyproject.toml) each worker has one core: one torch thread, and the CLI
 # processes a test starts inherit OMP_NUM_THREADS=1, so workers never fight over cores (OpenMP's
@@ -55,25 +38,3 @@ def stories_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("stories") / "stories260K"
     return convert_llama2c(shared_data("stories260K.bin"), shared_data("tok512.bin"), out)
-
-
-@contextlib.contextmanager
-def serve_in_thread(app) -> Iterator[str]:
-    """An ASGI app on a free 127.0.0.1 port in a daemon thread (uvicorn); yields its base URL."""
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "test server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)

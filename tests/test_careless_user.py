@@ -4,23 +4,20 @@ changed or lost. With --json, stdout carries the failure as one `{"error", "exit
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import struct
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import helpers
 import pytest
 
 from optcli.builtin import model_dir
 
-OPTCLI = str(Path(sys.executable).parent / "optcli")
-
-
-def optcli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([OPTCLI, *args], capture_output=True, text=True, timeout=300)
+optcli = functools.partial(helpers.optcli, timeout=300)
 
 
 def snapshot(*roots: Path) -> dict[str, object]:

@@ -13,6 +13,7 @@ import ast
 from pathlib import Path
 
 import pytest
+from helpers import find_cycle
 
 PACKAGE = Path(__file__).resolve().parents[1] / "optcli"
 MAX_LINES = 400
@@ -72,15 +73,15 @@ def _resolve(name: str) -> str:
 
 
 def _imports(module: str) -> list[tuple[str, int, bool]]:
-    """(imported optcli module, line, at module level) for every import in `module`."""
+    """(imported optcli module, line, at module level) for every import in `module`. "Module level" counts
+    an import under `if TYPE_CHECKING:` too: it runs only for a type checker, but a type checker (and a
+    reader) follows it like any other, so a circle through one is still a circle."""
     path = MODULES[module]
     tree = ast.parse(path.read_text(encoding="utf-8"))
     package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
     top_level = {id(node) for node in tree.body}
-    for node in tree.body:  # `if`/`try` blocks at module level run at import time too (not `if TYPE_CHECKING:`)
-        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
-            top_level.discard(id(node))
-        elif isinstance(node, (ast.If, ast.Try)):
+    for node in tree.body:  # `if`/`try` blocks at module level run at import time (or type-check time) too
+        if isinstance(node, (ast.If, ast.Try)):
             top_level.update(id(n) for n in ast.walk(node))
     found = []
     for node in ast.walk(tree):
@@ -113,25 +114,10 @@ def test_imports_follow_the_layer_order():
 
 
 def test_no_module_level_import_cycle():
+    """Imports at module level, `if TYPE_CHECKING:` ones included, form no circle."""
     graph = {m: sorted({t for t, _, top in _imports(m) if top}) for m in MODULES}
-    state: dict[str, int] = {}  # 1: on the current path, 2: done
-    stack: list[str] = []
-
-    def visit(node: str) -> list[str] | None:
-        state[node] = 1
-        stack.append(node)
-        for nxt in graph.get(node, ()):
-            if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
-            if nxt not in state and (cycle := visit(nxt)):
-                return cycle
-        stack.pop()
-        state[node] = 2
-        return None
-
-    for module in sorted(graph):
-        if module not in state and (cycle := visit(module)):
-            pytest.fail("module-level import cycle: " + " -> ".join(cycle))
+    if cycle := find_cycle(graph):
+        pytest.fail("module-level import cycle: " + " -> ".join(cycle))
 
 
 def test_no_module_over_the_size_limit():
@@ -148,3 +134,27 @@ def test_the_checker_sees_a_violation():
     assert RANKS[_room("optcli.engine.kernels.tuning")] < RANKS[_room("optcli.cli.app")]
     imports = _imports("optcli.cli")  # the cli package's __init__
     assert any(t == "optcli.cli.app" for t, _, top in imports if top)
+
+
+def test_the_cycle_finder_sees_a_circle():
+    """The cycle check is not vacuous: a planted circle is found, a chain is not, and an import under
+    `if TYPE_CHECKING:` counts as a module-level edge."""
+    assert find_cycle({"a": ["b"], "b": ["c"], "c": ["a"]}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": ["b"], "b": ["c"], "c": []}) is None
+    typed = [t for t, _, top in _imports("optcli.engine.models.rotary") if top]  # ModelConfig, for annotations
+    assert typed == ["optcli.engine.models.config"]
+
+
+def test_tests_share_helpers_not_each_other():
+    """Test modules take shared helpers from `tests/helpers.py`: none imports `conftest` (pytest's, loaded
+    by pytest alone) or another test module (which would run its module-level setup a second time)."""
+    bad = []
+    for path in sorted(PACKAGE.parent.joinpath("tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                last = name.split(".")[-1]
+                if name.split(".")[0] in ("conftest", "tests") or last.startswith("test_"):
+                    bad.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} imports {name}")
+    assert not bad, "tests importing conftest or other test modules:\n" + "\n".join(bad)

@@ -67,3 +67,16 @@ def test_installed_wheel_quantizes_the_builtin_model(installed: Path, tmp_path: 
     summary = json.loads(result.stdout)
     assert summary["recipe"] == "w4a16-rtn"
     assert (out / "optcli.json").is_file() and list(out.glob("*.safetensors"))
+
+
+def test_installed_wheel_carries_the_top_level_data(installed: Path, tmp_path: Path) -> None:
+    """recipes/ and calibration_data/ live at the top of the checkout; the wheel carries them inside the package."""
+    code = ("from optcli.builtin import calibration_data_dir, recipes_dir; "
+            "from optcli.calibration.corpus import calibration_files; "
+            "print(recipes_dir()); print(calibration_data_dir()); print(len(calibration_files()))")
+    result = _run(installed, "python", "-c", code, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    recipes, calibration, files = result.stdout.split()
+    for path in (recipes, calibration):
+        assert path.startswith(str(installed.parent)) and str(REPO) not in path
+    assert int(files) == 4

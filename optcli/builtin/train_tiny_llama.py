@@ -1,4 +1,4 @@
-"""Train ``builtin:tiny-llama``: a small Llama fitted to optcli's own corpus (``corpus/``, heldout excluded).
+"""Train ``builtin:tiny-llama``: a small Llama fitted to optcli's own corpus (``calibration_data/``, heldout excluded).
 
 Why: the demo model must be a real language model. With random weights every quantization
 method "loses" nothing measurable (perplexity is ~vocab size before and after), so the demo
@@ -169,46 +169,33 @@ def _add_hidden_dropout(model, p: float) -> list:
     return handles
 
 
-def train(out: Path, hp: dict) -> dict:
+def _split(tokenizer, hp: dict, gen) -> tuple[list[str], list[str], list[str], list[list[int]]]:
+    """(all documents, train, validation, train ids as <s> text </s>): a seeded split of the calibration set."""
     import torch
-    import torch.nn.functional as F
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from optcli.calibration.corpus import calibration_documents, heldout_text, split_documents
-
-    t0 = time.time()
-    torch.manual_seed(hp["seed"])
-    torch.set_num_threads(hp["threads"])
-    torch.use_deterministic_algorithms(True)
-
-    tokenizer = train_builtin_tokenizer()
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    from optcli.calibration.corpus import calibration_documents
 
     docs = list(calibration_documents())  # heldout.txt excluded
-    gen = torch.Generator().manual_seed(hp["seed"])
     order = torch.randperm(len(docs), generator=gen).tolist()
     n_val = max(1, round(hp["val_fraction"] * len(docs)))
     val_docs = [docs[i] for i in sorted(order[:n_val])]
     train_docs = [docs[i] for i in sorted(order[n_val:])]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     train_ids = [[bos] + tokenizer(d, add_special_tokens=False)["input_ids"] + [eos] for d in train_docs]
-    n_train_tokens = sum(map(len, train_ids))
+    return docs, train_docs, val_docs, train_ids
 
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=bos,
-        eos_token_id=eos,
-        pad_token_id=None,
-        hidden_act="silu",
-        attention_bias=False,
-        mlp_bias=False,
-        attention_dropout=hp["attention_dropout"],
-        initializer_range=0.02,
-        **TINY_LLAMA,
-    )
+
+def _new_model(tokenizer, hp: dict):
+    """A freshly initialized (global torch seed) demo-shape Llama in training mode, and AdamW over it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=None, hidden_act="silu",
+                         attention_bias=False, mlp_bias=False, attention_dropout=hp["attention_dropout"],
+                         initializer_range=0.02, **TINY_LLAMA)
     model = LlamaForCausalLM(config)
     model.train()
-    hooks = _add_hidden_dropout(model, hp["hidden_dropout"])
-
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
@@ -217,31 +204,40 @@ def train(out: Path, hp: dict) -> dict:
         betas=(hp["beta1"], hp["beta2"]),
         eps=1e-8,
     )
+    return model, opt
 
-    def lr_at(step: int) -> float:  # step is 0-based
-        if step < hp["warmup"]:
-            return hp["lr"] * (step + 1) / hp["warmup"]
-        progress = (step - hp["warmup"]) / max(1, hp["steps"] - hp["warmup"])
-        floor = hp["lr"] * hp["min_lr_ratio"]
-        return floor + (hp["lr"] - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
-    seq = hp["seq_len"]
+def _lr_at(step: int, hp: dict) -> float:  # step is 0-based: linear warm-up, then cosine to the floor
+    if step < hp["warmup"]:
+        return hp["lr"] * (step + 1) / hp["warmup"]
+    progress = (step - hp["warmup"]) / max(1, hp["steps"] - hp["warmup"])
+    floor = hp["lr"] * hp["min_lr_ratio"]
+    return floor + (hp["lr"] - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
-    def epoch_windows():
-        while True:
-            perm = torch.randperm(len(train_ids), generator=gen).tolist()
-            stream = [t for i in perm for t in train_ids[i]]
-            offset = int(torch.randint(0, seq, (1,), generator=gen))
-            wins = [stream[s : s + seq] for s in range(offset, len(stream) - seq + 1, seq)]
-            for j in torch.randperm(len(wins), generator=gen).tolist():
-                yield wins[j]
 
-    windows = epoch_windows()
-    history, best = [], None
+def _epoch_windows(train_ids: list[list[int]], seq: int, gen):
+    """Endless seq-token windows: each epoch the documents in a seeded order, cut from a seeded offset, shuffled."""
+    import torch
+
+    while True:
+        perm = torch.randperm(len(train_ids), generator=gen).tolist()
+        stream = [t for i in perm for t in train_ids[i]]
+        offset = int(torch.randint(0, seq, (1,), generator=gen))
+        wins = [stream[s : s + seq] for s in range(offset, len(stream) - seq + 1, seq)]
+        for j in torch.randperm(len(wins), generator=gen).tolist():
+            yield wins[j]
+
+
+def _fit(model, opt, windows, tokenizer, val_docs: list[str], hp: dict, t0: float) -> tuple[list, dict, dict]:
+    """The training loop: (history rows, the best validation row, that row's weights)."""
+    import torch
+    import torch.nn.functional as F
+
+    history, best, best_state = [], None, None
     running, running_n = 0.0, 0
     for step in range(hp["steps"]):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step)
+            group["lr"] = _lr_at(step, hp)
         x = torch.tensor([next(windows) for _ in range(hp["batch_size"])])
         logits = model(input_ids=x).logits
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), x[:, 1:].reshape(-1))
@@ -256,7 +252,7 @@ def train(out: Path, hp: dict) -> dict:
             val_ppl, _ = perplexity(model, tokenizer, val_docs)
             row = dict(
                 step=done,
-                lr=round(lr_at(step), 7),
+                lr=round(_lr_at(step, hp), 7),
                 train_loss=round(running / running_n, 4),
                 val_loss=round(math.log(val_ppl), 4),
                 val_ppl=round(val_ppl, 3),
@@ -268,22 +264,32 @@ def train(out: Path, hp: dict) -> dict:
             if best is None or row["val_loss"] < best["val_loss"]:
                 best = dict(row)
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    train_time = time.time() - t0
-    for h in hooks:
-        h.remove()
+    return history, best, best_state
 
-    # Save the best-validation weights in bfloat16, with dropout 0 in the config.
+
+def _save(model, best_state: dict, tokenizer, out: Path) -> None:
+    """The best-validation weights in bfloat16, with dropout 0 in the config, and the tokenizer."""
+    import torch
+    from transformers import GenerationConfig
+
     model.load_state_dict(best_state)
     model.eval()
     model.config.attention_dropout = 0.0
     model.to(torch.bfloat16)
     model.config.dtype = torch.bfloat16
-    model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=eos)
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
 
-    # Evaluate exactly what was saved: reloaded from disk, bf16 weights upcast to float32.
+
+def _evaluate_saved(out: Path, tokenizer, val_docs: list[str], train_ids: list[list[int]], config, hp: dict) -> dict:
+    """Exactly what was saved, reloaded from disk (bf16 weights upcast to float32), and a random model of its shape."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from optcli.calibration.corpus import heldout_text, split_documents
+
     saved = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32)
     saved.eval()
     heldout_docs = split_documents(heldout_text())
@@ -292,9 +298,50 @@ def train(out: Path, hp: dict) -> dict:
     train_nll, train_count = _windows_nll(saved, train_ids)
 
     torch.manual_seed(hp["seed"])
-    random_model = LlamaForCausalLM(LlamaConfig(**{**model.config.to_dict(), "dtype": "float32"}))
+    random_model = LlamaForCausalLM(LlamaConfig(**{**config.to_dict(), "dtype": "float32"}))
     random_model.to(torch.bfloat16).to(torch.float32)
     random_ppl, _ = perplexity(random_model, tokenizer, heldout_docs)
+    return dict(train_loss_saved_weights=round(train_nll / train_count, 4),
+                val_loss_saved_weights=round(math.log(val_ppl), 4),
+                val_ppl_saved_weights=round(val_ppl, 3),
+                heldout_ppl=round(heldout_ppl, 3),
+                heldout_tokens_scored=heldout_tokens,
+                random_init_heldout_ppl=round(random_ppl, 3))
+
+
+PERPLEXITY_METHOD = (
+    "exp(sum of next-token NLL / number of predicted tokens) over the documents of "
+    "optcli.calibration.heldout_text() (split_documents: blank-line separated); each document "
+    "tokenized on its own with add_special_tokens=True (<s> prepended, no </s>), cut into "
+    f"non-overlapping windows of up to {EVAL_WINDOW} tokens, every token after the first of a "
+    "window scored; model = the saved bf16 safetensors reloaded with "
+    "LlamaForCausalLM.from_pretrained(dtype=torch.float32) on CPU. The random-init figure uses "
+    "the same config, torch.manual_seed(seed), weights rounded to bf16, same method. Validation "
+    "figures use the same method on the validation documents."
+)
+
+
+def train(out: Path, hp: dict) -> dict:
+    import torch
+
+    t0 = time.time()
+    torch.manual_seed(hp["seed"])
+    torch.set_num_threads(hp["threads"])
+    torch.use_deterministic_algorithms(True)
+
+    tokenizer = train_builtin_tokenizer()
+    gen = torch.Generator().manual_seed(hp["seed"])
+    docs, train_docs, val_docs, train_ids = _split(tokenizer, hp, gen)
+    n_train_tokens = sum(map(len, train_ids))
+    model, opt = _new_model(tokenizer, hp)
+    hooks = _add_hidden_dropout(model, hp["hidden_dropout"])
+    seq = hp["seq_len"]
+    history, best, best_state = _fit(model, opt, _epoch_windows(train_ids, seq, gen), tokenizer, val_docs, hp, t0)
+    train_time = time.time() - t0
+    for h in hooks:
+        h.remove()
+    _save(model, best_state, tokenizer, out)
+    evaluated = _evaluate_saved(out, tokenizer, val_docs, train_ids, model.config, hp)
 
     report = dict(
         command=" ".join(
@@ -303,7 +350,7 @@ def train(out: Path, hp: dict) -> dict:
         ),
         hyperparameters=hp,
         data=dict(
-            source="optcli.calibration.calibration_documents() (corpus/*.txt except heldout.txt)",
+            source="optcli.calibration.calibration_documents() (calibration_data/*.txt except heldout.txt)",
             documents=len(docs),
             train_documents=len(train_docs),
             val_documents=len(val_docs),
@@ -315,22 +362,8 @@ def train(out: Path, hp: dict) -> dict:
         saved_step=best["step"],
         epochs_seen_at_saved_step=round(best["step"] * hp["batch_size"] * seq / n_train_tokens, 2),
         train_loss_at_saved_step_with_dropout=best["train_loss"],
-        train_loss_saved_weights=round(train_nll / train_count, 4),
-        val_loss_saved_weights=round(math.log(val_ppl), 4),
-        val_ppl_saved_weights=round(val_ppl, 3),
-        heldout_ppl=round(heldout_ppl, 3),
-        heldout_tokens_scored=heldout_tokens,
-        random_init_heldout_ppl=round(random_ppl, 3),
-        perplexity_method=(
-            "exp(sum of next-token NLL / number of predicted tokens) over the documents of "
-            "optcli.calibration.heldout_text() (split_documents: blank-line separated); each document "
-            "tokenized on its own with add_special_tokens=True (<s> prepended, no </s>), cut into "
-            f"non-overlapping windows of up to {EVAL_WINDOW} tokens, every token after the first of a "
-            "window scored; model = the saved bf16 safetensors reloaded with "
-            "LlamaForCausalLM.from_pretrained(dtype=torch.float32) on CPU. The random-init figure uses "
-            "the same config, torch.manual_seed(seed), weights rounded to bf16, same method. Validation "
-            "figures use the same method on the validation documents."
-        ),
+        **evaluated,
+        perplexity_method=PERPLEXITY_METHOD,
         history=history,
         train_time_s=round(train_time, 1),
         total_time_s=round(time.time() - t0, 1),

@@ -1,7 +1,7 @@
 """Calibration sources → documents, with a hash of what was read and the reason for every row dropped.
 
 A source is a file (.txt, .jsonl, .json, .parquet, .csv), a directory of such files, a
-`datasets.save_to_disk` directory, `hf:NAME[:CONFIG][:SPLIT]`, `builtin` (optcli/builtin/corpus/) or
+`datasets.save_to_disk` directory, `hf:NAME[:CONFIG][:SPLIT]`, `builtin` (calibration_data/) or
 `self` (text sampled from the model: data-free calibration). Documents are text, or token ids
 where the text never existed (`self`) or came from a chat template (already holds BOS).
 """
@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from optcli.calibration.corpus import CALIBRATION_DIR, HELDOUT_FILE, calibration_documents, read_documents
+from optcli.calibration.corpus import CALIBRATION_DIR, calibration_documents, calibration_files, read_documents
 from optcli.checkpoints.resolve import weight_hashes
 from optcli.engine import Engine, SamplingParams
 from optcli.errors import UsageError
@@ -236,9 +236,8 @@ def hub_documents(source: str, opts: RowOptions) -> Documents:
 
 def builtin_documents() -> Documents:
 
-    files = [p for p in sorted(CALIBRATION_DIR.glob("*.txt")) if p.name != HELDOUT_FILE]
     docs = list(calibration_documents())
-    return Documents(docs, "builtin (optcli/builtin/corpus/)", _files_sha256(CALIBRATION_DIR, files), len(docs))
+    return Documents(docs, "builtin (calibration_data/)", _files_sha256(CALIBRATION_DIR, calibration_files()), len(docs))
 
 
 def self_documents(model_path: Path, samples: int, seq_len: int, seed: int) -> Documents:

@@ -100,6 +100,85 @@ def _rows_tensor(rows: list[int], device) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long, device=device)
 
 
+def _check_ids(name: str, ids: list[int], vocab: int) -> None:
+    if any(not 0 <= t < vocab for t in ids):
+        raise ValueError(f"{name} token ids must be in [0, {vocab})")
+
+
+def _apply_token_mask(x: torch.Tensor, token_mask: tuple[list[int], torch.Tensor]) -> None:
+    rows, allowed = token_mask
+    if allowed.shape != (len(rows), x.shape[1]):
+        raise ValueError(f"token_mask must be [{len(rows)}, {x.shape[1]}] (got {tuple(allowed.shape)})")
+    r = _rows_tensor(list(rows), x.device)
+    x[r] = x[r].masked_fill(~allowed.to(x.device), -math.inf)
+
+
+def _apply_allowed_ids(x: torch.Tensor, params: list[SamplingParams], rows: list[int]) -> None:
+    vocab, device = x.shape[1], x.device
+    allowed = torch.zeros(len(rows), vocab, dtype=torch.bool, device=device)
+    rr, tt = [], []
+    for j, i in enumerate(rows):
+        ids = list(params[i].allowed_token_ids)
+        _check_ids("allowed_token_ids", ids, vocab)
+        rr.extend([j] * len(ids))
+        tt.extend(ids)
+    allowed[_rows_tensor(rr, device), _rows_tensor(tt, device)] = True
+    r = _rows_tensor(rows, device)
+    x[r] = x[r].masked_fill(~allowed, -math.inf)
+
+
+def _apply_min_tokens(x: torch.Tensor, params: list[SamplingParams], rows: list[int],
+                      eos_token_ids: tuple[int, ...] | list[int] | set[int]) -> None:
+    """EOS and stop tokens barred from `rows`, unless that would leave a row nothing to sample."""
+    vocab, device = x.shape[1], x.device
+    rr, tt = [], []
+    for j, i in enumerate(rows):
+        ids = [t for t in sorted({*eos_token_ids, *params[i].stop_token_ids}) if 0 <= t < vocab]
+        rr.extend([j] * len(ids))
+        tt.extend(ids)
+    if tt:
+        r = _rows_tensor(rows, device)
+        sub = x[r]
+        sub[_rows_tensor(rr, device), _rows_tensor(tt, device)] = -math.inf
+        keep = torch.isfinite(sub).any(dim=-1)  # something other than EOS / stop tokens is left
+        x[r] = torch.where(keep.unsqueeze(1), sub, x[r])
+
+
+def _apply_logit_bias(x: torch.Tensor, params: list[SamplingParams], rows: list[int]) -> None:
+    rr, tt, vv = [], [], []
+    for i in rows:
+        items = params[i].logit_bias.items()
+        _check_ids("logit_bias", [t for t, _ in items], x.shape[1])
+        for t, v in items:
+            rr.append(i)
+            tt.append(t)
+            vv.append(float(v))
+    x.index_put_((_rows_tensor(rr, x.device), _rows_tensor(tt, x.device)),
+                 torch.tensor(vv, dtype=torch.float32, device=x.device), accumulate=True)
+
+
+def _apply_penalties(x: torch.Tensor, params: list[SamplingParams], rows: list[int],
+                     histories: list[TokenHistory | None] | None) -> None:
+    """Repetition (scaled by sign), then frequency and presence penalties (subtracted), from each row's history."""
+    if histories is None or any(histories[i] is None for i in rows):
+        raise ValueError("penalties need each penalized row's TokenHistory")
+    device = x.device
+    r = _rows_tensor(rows, device)
+    sub = x[r]
+    hist = [histories[i] for i in rows]
+    rep = torch.tensor([params[i].repetition_penalty for i in rows], dtype=torch.float32, device=device)
+    if bool((rep != 1).any()):
+        seen = torch.stack([h.seen for h in hist]).to(device)
+        rep = rep.unsqueeze(1)
+        sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+    freq = torch.tensor([params[i].frequency_penalty for i in rows], dtype=torch.float32, device=device)
+    pres = torch.tensor([params[i].presence_penalty for i in rows], dtype=torch.float32, device=device)
+    if bool(((freq != 0) | (pres != 0)).any()):
+        counts = torch.stack([h.counts for h in hist]).to(device)
+        sub = sub - freq.unsqueeze(1) * counts - pres.unsqueeze(1) * (counts > 0).float()
+    x[r] = sub
+
+
 def process_logits(
     logits: torch.Tensor,
     params: list[SamplingParams],
@@ -114,9 +193,9 @@ def process_logits(
     `histories[i]` is needed for rows with penalties, `num_output_tokens[i]` for rows with min_tokens,
     `token_mask` = (rows, allowed [len(rows), V] bool) restricts those rows to their allowed tokens.
     min_tokens never empties a row: where the mask leaves only EOS / stop tokens, they stay allowed.
+    The steps run in this order (each one sees the previous ones' result): the grammar mask,
+    allowed_token_ids, min_tokens, logit_bias, penalties.
     """
-    batch, vocab = logits.shape
-    device = logits.device
     min_rows = [
         i for i, p in enumerate(params)
         if p.min_tokens > 0 and (num_output_tokens is None or num_output_tokens[i] < p.min_tokens)
@@ -128,72 +207,18 @@ def process_logits(
     if not (min_rows or bias_rows or allow_rows or pen_rows or has_mask):
         return None
     x = logits.float().clone() if logits.dtype == torch.float32 else logits.float()
-    neg_inf = -math.inf
-
-    def check_ids(name: str, ids: list[int]) -> None:
-        if any(not 0 <= t < vocab for t in ids):
-            raise ValueError(f"{name} token ids must be in [0, {vocab})")
-
     if has_mask:
-        rows, allowed = token_mask
-        if allowed.shape != (len(rows), vocab):
-            raise ValueError(f"token_mask must be [{len(rows)}, {vocab}] (got {tuple(allowed.shape)})")
-        r = _rows_tensor(list(rows), device)
-        x[r] = x[r].masked_fill(~allowed.to(device), neg_inf)
+        _apply_token_mask(x, token_mask)
     if allow_rows:
-        allowed = torch.zeros(len(allow_rows), vocab, dtype=torch.bool, device=device)
-        rr, tt = [], []
-        for j, i in enumerate(allow_rows):
-            ids = list(params[i].allowed_token_ids)
-            check_ids("allowed_token_ids", ids)
-            rr.extend([j] * len(ids))
-            tt.extend(ids)
-        allowed[_rows_tensor(rr, device), _rows_tensor(tt, device)] = True
-        r = _rows_tensor(allow_rows, device)
-        x[r] = x[r].masked_fill(~allowed, neg_inf)
+        _apply_allowed_ids(x, params, allow_rows)
     if min_rows:
         if num_output_tokens is None:
             raise ValueError("min_tokens needs num_output_tokens")
-        rr, tt = [], []
-        for j, i in enumerate(min_rows):
-            ids = sorted({*eos_token_ids, *params[i].stop_token_ids})
-            ids = [t for t in ids if 0 <= t < vocab]
-            rr.extend([j] * len(ids))
-            tt.extend(ids)
-        if tt:
-            r = _rows_tensor(min_rows, device)
-            sub = x[r]
-            sub[_rows_tensor(rr, device), _rows_tensor(tt, device)] = neg_inf
-            keep = torch.isfinite(sub).any(dim=-1)  # something other than EOS / stop tokens is left
-            x[r] = torch.where(keep.unsqueeze(1), sub, x[r])
+        _apply_min_tokens(x, params, min_rows, eos_token_ids)
     if bias_rows:
-        rr, tt, vv = [], [], []
-        for i in bias_rows:
-            items = params[i].logit_bias.items()
-            check_ids("logit_bias", [t for t, _ in items])
-            for t, v in items:
-                rr.append(i)
-                tt.append(t)
-                vv.append(float(v))
-        x.index_put_((_rows_tensor(rr, device), _rows_tensor(tt, device)),
-                     torch.tensor(vv, dtype=torch.float32, device=device), accumulate=True)
+        _apply_logit_bias(x, params, bias_rows)
     if pen_rows:
-        if histories is None or any(histories[i] is None for i in pen_rows):
-            raise ValueError("penalties need each penalized row's TokenHistory")
-        r = _rows_tensor(pen_rows, device)
-        sub = x[r]
-        hist = [histories[i] for i in pen_rows]
-        rep = torch.tensor([params[i].repetition_penalty for i in pen_rows], dtype=torch.float32, device=device)
-        if bool((rep != 1).any()):
-            seen = torch.stack([h.seen for h in hist]).to(device)
-            rep = rep.unsqueeze(1)
-            sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
-        freq = torch.tensor([params[i].frequency_penalty for i in pen_rows], dtype=torch.float32, device=device)
-        pres = torch.tensor([params[i].presence_penalty for i in pen_rows], dtype=torch.float32, device=device)
-        if bool(((freq != 0) | (pres != 0)).any()):
-            counts = torch.stack([h.counts for h in hist]).to(device)
-            sub = sub - freq.unsqueeze(1) * counts - pres.unsqueeze(1) * (counts > 0).float()
-        x[r] = sub
+        _apply_penalties(x, params, pen_rows, histories)
     return x
 
 

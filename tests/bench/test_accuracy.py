@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import shared_data
+from helpers import shared_data
 
 from optcli.bench.accuracy import evaluate, evaluate_in_turn
 from optcli.bench.profile import measure_accuracy

@@ -8,7 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
-from conftest import serve_in_thread
+from helpers import serve_in_thread
 from typer.testing import CliRunner
 
 from optcli.bench.dataset import load_dataset

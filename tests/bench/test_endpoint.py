@@ -7,9 +7,9 @@ import asyncio
 import json
 
 import pytest
-from conftest import serve_in_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from helpers import serve_in_thread
 from typer.testing import CliRunner
 
 from optcli.bench.load_generator import api_base_url

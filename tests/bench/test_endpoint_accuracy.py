@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import serve_in_thread, shared_data
+from helpers import serve_in_thread, shared_data
 from typer.testing import CliRunner
 
 from optcli.bench.endpoint_accuracy import topk_kld

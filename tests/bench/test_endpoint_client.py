@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import serve_in_thread
+from helpers import serve_in_thread
 from mock_servers import silent_server
 from rich.console import Console
 from typer.testing import CliRunner

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+from helpers import OPTCLI
 
 from optcli.bench.kpi import load_kpi
 from optcli.bench.kpi_scope import latency_windows, profile_scope, window_checks
 from optcli.bench.metrics import RequestTiming
 from optcli.errors import UsageError
 
-OPTCLI = str(Path(sys.executable).parent / "optcli")
 ARTICLE = """\
 latency:    {p95_threshold: 2000, p99_threshold: 3000, alert_window: 300}
 throughput: {minimum: 100, degradation_threshold: 0.8}

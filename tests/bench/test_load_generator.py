@@ -11,9 +11,9 @@ import socket
 import time
 
 import pytest
-from conftest import serve_in_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from helpers import serve_in_thread
 
 from optcli.bench.load_generator import engine_sender, openai_sender, run_load
 from optcli.bench.metrics import RequestTiming, percentiles, summarize

@@ -13,11 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import shared_data
+from helpers import optcli, shared_data
 
 from optcli.report.markdown import SUMMARY_FIELDS as SHOWN_FIELDS  # the rows the summaries show
 
-OPTCLI = str(Path(sys.executable).parent / "optcli")
 DESIGN_KEYS = {"model", "baseline", "recipe", "hardware", "workload", "throughput", "latency_ms", "memory", "accuracy",
                "batch_efficiency", "gpu_utilization", "cost", "kpi", "comparison", "roofline", "versions"}
 THROUGHPUT_FIELDS = {"throughput.output_tok_s", "throughput.online_output_tok_s", "throughput.total_tok_s",
@@ -26,10 +25,6 @@ SUMMARY_FIELDS = THROUGHPUT_FIELDS | {"latency_ms.ttft.p50", "latency_ms.ttft.p9
                                       "latency_ms.tpot.p50", "latency_ms.e2e.p50", "latency_ms.e2e.p95",
                                       "latency_ms.e2e.p99", "memory.weights_bytes"}
 SMALL = ["--requests", "4", "--prompt-len", "8:16", "--output-len", "6", "--concurrency", "2"]
-
-
-def optcli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([OPTCLI, *args], capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")

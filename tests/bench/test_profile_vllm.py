@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
-OPTCLI = str(Path(sys.executable).parent / "optcli")
+from helpers import OPTCLI
+
 SMALL = ["--requests", "4", "--prompt-len", "8:16", "--output-len", "4", "--concurrency", "2", "--json"]
 
 

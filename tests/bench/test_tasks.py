@@ -4,25 +4,22 @@ report.json / .md / .html and gated by `min_task_recovery`; unknown and hub-only
 
 from __future__ import annotations
 
+import functools
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
+import helpers
 import pytest
-from conftest import shared_data
+from helpers import shared_data
 
 from optcli.bench.kpi import evaluate_kpis, load_kpi
 
-OPTCLI = str(Path(sys.executable).parent / "optcli")
 SMALL = ["--requests", "2", "--prompt-len", "8:12", "--output-len", "2", "--concurrency", "1"]
-OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
-def optcli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([OPTCLI, *args], capture_output=True, text=True, timeout=900, env=OFFLINE)
+optcli = functools.partial(helpers.optcli, env=OFFLINE, timeout=900)
 
 
 @pytest.fixture(scope="module")

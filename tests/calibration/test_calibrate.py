@@ -4,24 +4,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import shared_data
+from helpers import optcli, shared_data
 from typer.testing import CliRunner
 
 from optcli.calibration.dataset import build_from_source, calibrate, load_calibration_set
 from optcli.errors import UsageError
-
-OPTCLI = str(Path(sys.executable).parent / "optcli")
-
-
-def optcli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([OPTCLI, *args], capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
 
 
 @pytest.fixture(scope="module")

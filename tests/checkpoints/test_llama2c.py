@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import shared_data
+from helpers import shared_data
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from optcli.bench.accuracy import evaluate

@@ -4,39 +4,17 @@ path (prefix-cache hits, tiny prefill chunks, preemption), logits, sampling, sto
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import shared_data
+from helpers import hf_greedy, story_prompts
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from optcli.engine import Engine, SamplingParams
 from optcli.errors import UsageError
 
 MAX_NEW = 24
-
-
-def story_prompts(tokenizer, n: int = 32, seed: int = 0) -> list[list[int]]:
-    """n prompts of 1..80 tokens cut from TinyStories text."""
-    text = shared_data("tinystories_train_sample.txt").read_text(encoding="utf-8")
-    rng = random.Random(seed)
-    prompts = []
-    for i in range(n):
-        start = rng.randrange(0, len(text) - 1000)
-        length = 1 + (i * 7919) % 80
-        prompts.append(tokenizer(text[start : start + 1000]).input_ids[:length])
-    return prompts
-
-
-def hf_greedy(model, prompts: list[list[int]], max_new: int, eos: int | None) -> list[list[int]]:
-    outs = []
-    for p in prompts:
-        ids = model.generate(torch.tensor([p]), max_new_tokens=max_new, do_sample=False, eos_token_id=eos,
-                             pad_token_id=0, attention_mask=torch.ones(1, len(p), dtype=torch.long))
-        outs.append(ids[0, len(p):].tolist())
-    return outs
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import shared_data
-from test_engine import hf_greedy, story_prompts
+from helpers import hf_greedy, shared_data, story_prompts
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from optcli.engine import Engine, SamplingParams

@@ -9,7 +9,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -17,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import OPTCLI, optcli
 
-OPTCLI = str(Path(sys.executable).parent / "optcli")
 ARTICLE = """\
 latency:    {p95_threshold: 2000, p99_threshold: 3000, alert_window: 300}
 throughput: {minimum: 100, degradation_threshold: 0.8}
@@ -39,7 +38,7 @@ def _binary(name: str) -> str:
 
 
 def _optcli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([OPTCLI, *args], capture_output=True, text=True, timeout=120)
+    return optcli(*args, timeout=120)
 
 
 def _free_port() -> int:

@@ -6,20 +6,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import shared_data
+from helpers import OPTCLI, optcli, shared_data
 
 from optcli.builtin import model_dir, recipes_dir
-
-OPTCLI = str(Path(sys.executable).parent / "optcli")
-
-
-def optcli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([OPTCLI, *args], capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
 def assert_usage_error(result: subprocess.CompletedProcess, *needles: str) -> None:

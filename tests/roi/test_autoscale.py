@@ -6,13 +6,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-
-OPTCLI = str(Path(sys.executable).parent / "optcli")
+from helpers import optcli
 
 
 def _point(label: str, rate: float, p95: float, mean: float) -> dict:
@@ -35,7 +33,7 @@ def _report(tmp_path: Path) -> Path:
 
 
 def _roi(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([OPTCLI, "roi", *args], capture_output=True, text=True, timeout=120)
+    return optcli("roi", *args, timeout=120)
 
 
 def _validator():

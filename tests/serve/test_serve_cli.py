@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
-OPTCLI = str(Path(sys.executable).parent / "optcli")
+from helpers import OPTCLI
 
 
 def test_engine_vllm_maps_options_onto_vllm_serve(tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ import json
 import re
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -15,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from helpers import OPTCLI
 
-OPTCLI = str(Path(sys.executable).parent / "optcli")
 # the article's KPIS with a p95 no request can meet, a 2 s window, and a probe every 50 requests
 KPI = """\
 latency:    {p95_threshold: 1, p99_threshold: 3000, alert_window: 2}

@@ -8,7 +8,7 @@ import json
 
 import httpx
 import pytest
-from conftest import serve_in_thread
+from helpers import serve_in_thread
 from transformers import AutoTokenizer
 
 from optcli.engine.async_engine import AsyncEngine

@@ -5,9 +5,9 @@ check triton_available() before calling the kernels. Each module also holds a pl
 reference of its kernel. TRITON_INTERPRET=1 must be set before this package is first imported for
 the kernels to run on the CPU interpreter: triton.jit picks interpreted vs compiled at decoration.
 
-The CPU rooms: `cpu_lowbit` (AVX2 C kernels) and `cpu_amx` (AMX C kernels) for the linear layers, built
-on first use (see their docstrings), each with a plain-PyTorch statement of what it computes; `cpu_caps`
-(the CPU's flags, which the kernel rules read) and `cpu_threads` (the thread count, from the free cores).
+The CPU rooms: `cpu_lowbit` (AVX2 C kernels) and `cpu_amx` (AMX and AVX-512 VNNI C kernels) for the linear
+layers, both built on first use by `cpu_build` (see their docstrings), each with a plain-PyTorch statement of what it computes; `cpu_caps`
+(the CPU's flags from `cpu_flags`, which the kernel rules read) and `cpu_threads` (the thread count, from the free cores).
 """
 
 from __future__ import annotations

@@ -13,54 +13,58 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
-import subprocess
 from pathlib import Path
 
 import torch
 
-from optcli.config import cache_dir
 from optcli.engine.kernels import quant_reference as ops
-from optcli.engine.kernels.cpu_lowbit import _compiler
+from optcli.engine.kernels.cpu_build import I64, CLibrary, P
+from optcli.engine.kernels.cpu_flags import cpu_flags
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_suffix(".c")  # the int8-tile kernels; FP8's and the shared header beside it
-SOURCES = (SOURCE, SOURCE.with_name("cpu_amx_fp8.c"), SOURCE.with_name("cpu_vnni.c"))
-HEADER = SOURCE.with_suffix(".h")
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mamx-tile", "-mamx-int8", "-mamx-bf16", "-fopenmp",
-         "-fPIC", "-shared", "-fno-math-errno")
-
-
+SOURCE = Path(__file__).with_suffix(".c")  # the int8-tile kernels; FP8's, VNNI's and the shared header beside it
 GEMV_ROWS = 4  # rows up to which the 4-bit product runs as VNNI dot products instead of on the tiles
 
-
-def _source_bytes() -> bytes:
-    return b"".join(p.read_bytes() for p in (*SOURCES, HEADER))
-
+_VOID = [
+    ("amx_quant_groups", [P, I64, I64, I64, P, P, P]),
+    ("amx_q4_gemm", [P, P, P, I64, I64, I64, P, P, P, I64, P, P]),
+    ("amx_q4_gemv", [P, P, P, I64, I64, I64, P, P, P, I64, P]),
+    ("amx_q4_linear", [P, I64, I64, I64, P, P, P, I64, I64, P]),
+    ("amx_q8_linear", [P, I64, I64, P, P, I64, P]),
+    ("amx_q8_gemm", [P, P, P, I64, I64, P, P, I64, P, P]),
+    ("amx_fp8_gemm", [P, I64, I64, P, I64, P, P, P]),
+    ("amx_fp8_round_rows", [P, I64, I64, P, P]),
+    ("vnni_q4_linear", [P, I64, I64, I64, P, P, P, I64, P]),
+    ("vnni_q8_linear", [P, I64, I64, P, P, P, I64, P]),
+    ("vnni_fp8_gemm", [P, I64, I64, P, I64, P, P, P]),
+    ("vnni_bf16_gemm", [P, I64, I64, P, I64, P]),
+]
+LIBRARY = CLibrary(
+    name="amx",
+    sources=(SOURCE, SOURCE.with_name("cpu_amx_fp8.c"), SOURCE.with_name("cpu_vnni.c")),
+    header=SOURCE.with_suffix(".h"),
+    flags=("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mamx-tile",
+           "-mamx-int8", "-mamx-bf16", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno"),
+    functions={**{name: (args, None) for name, args in _VOID}, "amx_init": ([], ctypes.c_int)},
+)
 
 VNNI_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni")
 
 
-def _cpu_flags() -> frozenset[str]:
-    from optcli.engine.kernels.cpu_caps import cpu_flags
-
-    return cpu_flags()
-
-
 def _cpu_has_amx() -> bool:
-    return {"amx_int8", "amx_bf16", "amx_tile", *VNNI_FLAGS} <= _cpu_flags()
+    return {"amx_int8", "amx_bf16", "amx_tile", *VNNI_FLAGS} <= cpu_flags()
 
 
 def _cpu_has_vnni512() -> bool:
-    return set(VNNI_FLAGS) <= _cpu_flags()
+    return set(VNNI_FLAGS) <= cpu_flags()
 
 
 @functools.cache
 def source_key() -> str:
-    return hashlib.sha256(_source_bytes()).hexdigest()[:8]
+    return LIBRARY.source_key()
 
 
 @functools.cache
@@ -86,42 +90,7 @@ def vnni_library() -> ctypes.CDLL | None:
 
 @functools.cache
 def _build() -> ctypes.CDLL | None:
-    cc = _compiler()
-    if cc is None:
-        return None
-    try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-        key = hashlib.sha256(_source_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
-        out = cache_dir() / "cpu-kernels" / f"amx-{key}.so"
-        if not out.exists():
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_suffix(f".{os.getpid()}.tmp")
-            subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", str(tmp)], check=True, capture_output=True, text=True,
-                           timeout=300)
-            tmp.replace(out)  # atomic: a concurrent process sees the whole library or none
-        lib = ctypes.CDLL(str(out))
-    except (OSError, subprocess.SubprocessError) as e:
-        log.warning("the AMX CPU kernels did not build (%s); other CPU paths are used", getattr(e, "stderr", "") or e)
-        return None
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.amx_init.restype = ctypes.c_int
-    lib.amx_quant_groups.argtypes = [p, i64, i64, i64, p, p, p]
-    lib.amx_q4_gemm.argtypes = [p, p, p, i64, i64, i64, p, p, p, i64, p, p]
-    lib.amx_q4_gemv.argtypes = [p, p, p, i64, i64, i64, p, p, p, i64, p]
-    lib.amx_q4_linear.argtypes = [p, i64, i64, i64, p, p, p, i64, i64, p]
-    lib.amx_q8_linear.argtypes = [p, i64, i64, p, p, i64, p]
-    lib.amx_q8_gemm.argtypes = [p, p, p, i64, i64, p, p, i64, p, p]
-    lib.amx_fp8_gemm.argtypes = [p, i64, i64, p, i64, p, p, p]
-    lib.amx_fp8_round_rows.argtypes = [p, i64, i64, p, p]
-    lib.vnni_q4_linear.argtypes = [p, i64, i64, i64, p, p, p, i64, p]
-    lib.vnni_q8_linear.argtypes = [p, i64, i64, p, p, p, i64, p]
-    lib.vnni_fp8_gemm.argtypes = [p, i64, i64, p, i64, p, p, p]
-    lib.vnni_bf16_gemm.argtypes = [p, i64, i64, p, i64, p]
-    for f in (lib.amx_quant_groups, lib.amx_q4_gemm, lib.amx_q4_gemv, lib.amx_q8_gemm, lib.amx_fp8_gemm,
-              lib.amx_fp8_round_rows, lib.amx_q4_linear, lib.amx_q8_linear, lib.vnni_q4_linear, lib.vnni_q8_linear,
-              lib.vnni_fp8_gemm, lib.vnni_bf16_gemm):
-        f.restype = None
-    return lib
+    return LIBRARY.build("the AMX CPU kernels")
 
 
 def q4_ok(n: int, k: int, group_size: int) -> bool:

@@ -4,7 +4,7 @@ path rule (the dtype in `engine/loading/placement.py`, each layer's kernel in `e
 Read from /proc/cpuinfo's flags (torch's `get_cpu_capability()` where there is no such file), never
 measured: the same machine gives the same answer in every run, busy or not. `lowbit`, `vnni_kernels` and
 `amx_kernels` say whether our own C kernels were built here (a compiler, and for AMX the kernel's grant of tile state);
-they are read from the build each call, so a test that disables a build is seen.
+they are read from the build each call, so a test that disables a build is seen. The flags themselves are `cpu_flags`'s.
 
 Tests build `CpuCaps(...)` by hand to ask the rules what an AVX2-only, an AVX-512 VNNI or an AMX CPU
 would run.
@@ -12,10 +12,9 @@ would run.
 
 from __future__ import annotations
 
-import functools
-import platform
 from dataclasses import dataclass, replace
-from pathlib import Path
+
+from optcli.engine.kernels.cpu_flags import cpu_flags  # re-exported: callers read the flags from here
 
 
 @dataclass(frozen=True)
@@ -52,25 +51,6 @@ class CpuCaps:
         built = [label for attr, label in (("lowbit", "our AVX2 kernels"), ("vnni_kernels", "our VNNI kernels"),
                                            ("amx_kernels", "our AMX kernels")) if getattr(self, attr)]
         return ", ".join(flags) + (f" ({' and '.join(built)} built)" if built else "")
-
-
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    import torch  # no /proc/cpuinfo: torch's own dispatch level is the best we know
-
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return frozenset()
-    level = torch.backends.cpu.get_cpu_capability()
-    flags = {"avx2", "fma", "f16c"} if level in ("AVX2", "AVX512") else set()
-    if level == "AVX512":
-        flags |= {"avx512f", "avx512bw", "avx512vl"}
-    return frozenset(flags)
 
 
 def flags_caps(flags: frozenset[str]) -> CpuCaps:

@@ -20,34 +20,41 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
 import os
 import platform
-import shutil
-import subprocess
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from optcli.config import cache_dir
-
-log = logging.getLogger(__name__)
+from optcli.engine.kernels.cpu_build import I64, CLibrary, P
 
 SOURCE = Path(__file__).with_suffix(".c")  # the integer kernels; the float ones and the shared header beside it
-SOURCES = (SOURCE, SOURCE.with_name("cpu_lowbit_float.c"))
-HEADER = SOURCE.with_suffix(".h")
-FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno")
 MAX_BLOCK = 256  # activation block of the q4 kernel: 8 chunks of 32 at most add up in int16 exactly
 
-
-def _source_bytes() -> bytes:
-    return b"".join(p.read_bytes() for p in (*SOURCES, HEADER))
-
-
-def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CC", "cc"))
+_VOID = [
+    ("lowbit_quant_blocks", [P, I64, I64, I64, P, P, P]),
+    ("lowbit_q4_gemm", [P, P, P, I64, I64, I64, P, P, P, I64, P]),
+    ("lowbit_q8_gemm", [P, P, I64, I64, P, P, I64, P]),
+    ("lowbit_nf4_gemm", [P, I64, I64, P, P, P, I64, I64, P]),
+    ("lowbit_nf4_dequant", [P, P, P, I64, I64, I64, P]),
+    ("lowbit_fp8_round_rows", [P, I64, I64, P, P]),
+    ("lowbit_bf16_gemm", [P, I64, I64, P, I64, P]),
+    ("lowbit_bf16_gemm_panels", [P, I64, I64, P, I64, P]),
+    ("lowbit_q4_linear", [P, I64, I64, I64, P, P, P, I64, P]),
+    ("lowbit_fp8_gemm", [P, I64, I64, P, I64, ctypes.c_float, ctypes.c_int, P]),
+    ("lowbit_fp8_widen", [P, I64, ctypes.c_float, P]),
+    ("lowbit_i8w_gemm", [P, I64, I64, P, I64, ctypes.c_int, P]),
+    ("lowbit_quant_rows_int8", [P, I64, I64, P, P]),
+    ("lowbit_q8_linear", [P, I64, I64, P, P, I64, P]),
+]
+LIBRARY = CLibrary(
+    name="lowbit",
+    sources=(SOURCE, SOURCE.with_name("cpu_lowbit_float.c")),
+    header=SOURCE.with_suffix(".h"),
+    flags=("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno"),
+    functions={**{name: (args, None) for name, args in _VOID}, "lowbit_read_probe": ([P, I64], I64)},
+)
 
 
 def _cpu_has_avx2() -> bool:
@@ -58,7 +65,7 @@ def _cpu_has_avx2() -> bool:
 @functools.cache
 def source_key() -> str:
     """A short hash of the kernels' C source (names the opt-in tuned choices made with this build of them)."""
-    return hashlib.sha256(_source_bytes()).hexdigest()[:8]
+    return LIBRARY.source_key()
 
 
 @functools.cache
@@ -66,48 +73,7 @@ def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None where they cannot be built here (then nothing offers them)."""
     if os.environ.get("OPTCLI_CPU_LOWBIT", "1") == "0" or not _cpu_has_avx2():
         return None
-    cc = _compiler()
-    if cc is None:
-        log.info("no C compiler: the AVX2 low-bit CPU kernels are not built")
-        return None
-    try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-        key = hashlib.sha256(_source_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
-        out = cache_dir() / "cpu-kernels" / f"lowbit-{key}.so"
-        if not out.exists():
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_suffix(f".{os.getpid()}.tmp")
-            subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", str(tmp)], check=True, capture_output=True, text=True,
-                           timeout=300)
-            tmp.replace(out)  # atomic: a concurrent process sees the whole library or none
-        lib = ctypes.CDLL(str(out))
-    except (OSError, subprocess.SubprocessError) as e:
-        detail = getattr(e, "stderr", "") or e
-        log.warning("the AVX2 low-bit CPU kernels did not build (%s); torch's CPU paths are used", detail)
-        return None
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.lowbit_quant_blocks.argtypes = [p, i64, i64, i64, p, p, p]
-    lib.lowbit_q4_gemm.argtypes = [p, p, p, i64, i64, i64, p, p, p, i64, p]
-    lib.lowbit_q8_gemm.argtypes = [p, p, i64, i64, p, p, i64, p]
-    lib.lowbit_nf4_gemm.argtypes = [p, i64, i64, p, p, p, i64, i64, p]
-    lib.lowbit_nf4_dequant.argtypes = [p, p, p, i64, i64, i64, p]
-    lib.lowbit_fp8_round_rows.argtypes = [p, i64, i64, p, p]
-    lib.lowbit_bf16_gemm.argtypes = [p, i64, i64, p, i64, p]
-    lib.lowbit_bf16_gemm_panels.argtypes = [p, i64, i64, p, i64, p]
-    lib.lowbit_q4_linear.argtypes = [p, i64, i64, i64, p, p, p, i64, p]
-    lib.lowbit_fp8_gemm.argtypes = [p, i64, i64, p, i64, ctypes.c_float, ctypes.c_int, p]
-    lib.lowbit_fp8_widen.argtypes = [p, i64, ctypes.c_float, p]
-    lib.lowbit_i8w_gemm.argtypes = [p, i64, i64, p, i64, ctypes.c_int, p]
-    lib.lowbit_quant_rows_int8.argtypes = [p, i64, i64, p, p]
-    lib.lowbit_q8_linear.argtypes = [p, i64, i64, p, p, i64, p]
-    lib.lowbit_read_probe.argtypes = [p, i64]
-    lib.lowbit_read_probe.restype = i64
-    for f in (lib.lowbit_quant_blocks, lib.lowbit_q4_gemm, lib.lowbit_q8_gemm, lib.lowbit_nf4_gemm,
-              lib.lowbit_nf4_dequant, lib.lowbit_fp8_round_rows, lib.lowbit_bf16_gemm, lib.lowbit_bf16_gemm_panels,
-              lib.lowbit_q4_linear, lib.lowbit_fp8_gemm, lib.lowbit_fp8_widen, lib.lowbit_i8w_gemm,
-              lib.lowbit_quant_rows_int8, lib.lowbit_q8_linear):
-        f.restype = None
-    return lib
+    return LIBRARY.build("the AVX2 low-bit CPU kernels")
 
 
 def q4_block(k: int, group_size: int) -> int | None:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from optcli.engine.models.llama import ModelConfig
+    from optcli.engine.models.config import ModelConfig
 
 
 class LayerRotary(nn.Module):

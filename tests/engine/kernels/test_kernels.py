@@ -351,6 +351,6 @@ build("prefill_attention", "_prefill_kernel", io, dict(tiles, BLOCK_M=64, BLOCK_
 def test_kernels_compile_for_sm90() -> None:
     """The interpreter accepts code the compiler rejects (and vice versa): lower the bf16 kernels
     through Triton's real pipeline down to an sm_90 cubin, which needs no GPU, only the bundled ptxas."""
-    from tests.engine.kernels.sm90_compile import compile_for_sm90
+    from sm90_compile import compile_for_sm90
 
     compile_for_sm90(COMPILE_SCRIPT, TRITON_DEFAULT_FP_FUSION="1")

@@ -234,7 +234,7 @@ for out, is_int in (("*i8", True), ("*fp8e4nv", False)):
 
 def test_quant_kernels_compile_for_sm90() -> None:
     """Lower the quantized-GEMM and fused elementwise kernels through Triton's real pipeline to an sm_90 cubin (no GPU needed)."""
-    from tests.engine.kernels.sm90_compile import compile_for_sm90
+    from sm90_compile import compile_for_sm90
 
     compile_for_sm90(COMPILE_SCRIPT)
 

@@ -176,7 +176,7 @@ def test_int8_activation_rounding_costs_little_on_a_trained_model(tmp_path, monk
     """W4A16 through the int8-activation kernel (AMX's or VNNI's where the CPU has them, else the AVX2 q4 x q8) against
     the same artifact dequantized, on real text (the builtin trained model, the shared stories text): the
     activations' int8 rounding per block must cost far less than the 4-bit weights themselves."""
-    from conftest import shared_data
+    from helpers import shared_data
     from transformers import AutoTokenizer
 
     from optcli.builtin import model_dir

@@ -17,12 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import shared_data
+from helpers import hf_greedy, shared_data, story_prompts
 from transformers import AutoModelForCausalLM
 
 from optcli.engine import Engine, SamplingParams
 from optcli.engine.quant.linear import QuantLinear
-from tests.engine.test_engine import hf_greedy, story_prompts
 
 
 @pytest.fixture(scope="module")
