@@ -2,7 +2,7 @@
 
 The acceptance benchmark of issue 35 ("a quantized KV cache"). One process, one CPU:
 
-1. The seeded random bf16 checkpoint of the Llama-3.2-1B shape that benchmarks/quant_cpu.py builds (16 layers,
+1. The seeded random bf16 checkpoint of the Llama-3.2-1B shape that quant_cpu_checkpoint.py builds (16 layers,
    hidden 2048, 32 heads / 8 KV heads of 64, vocab 128256, context 2048; 32 KiB of bf16 K/V per token), reused
    from `$OPTCLI_CACHE/bench/` when present. `--smoke`: quant_cpu.py's small shape (2 layers, hidden 256).
 2. One engine per cache dtype (`--dtypes`, default bfloat16,fp8,int8), all from that checkpoint, dtype auto,
@@ -44,9 +44,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import quant_cpu  # noqa: E402  (a sibling script: the benchmark shape and its checkpoint)
+import quant_cpu_checkpoint as checkpoint  # noqa: E402  (a sibling module: the benchmark shape and its checkpoint)
 
 BLOCK = 16
+PROMPT_ID_RANGE = (3, 1000)  # real tokens of the builtin tokenizer, as quant_cpu.py draws them
 T0 = time.perf_counter()
 
 
@@ -77,7 +78,7 @@ def timed(eng, prompts: list[list[int]], new_tokens: int) -> dict:
 
 
 def prompts(n: int, length: int, rng: random.Random) -> list[list[int]]:
-    return [[rng.randrange(*quant_cpu.PROMPT_ID_RANGE) for _ in range(length)] for _ in range(n)]
+    return [[rng.randrange(*PROMPT_ID_RANGE) for _ in range(length)] for _ in range(n)]
 
 
 def share_weights() -> None:
@@ -202,10 +203,10 @@ def main(argv=None) -> int:
     from optcli.engine.kv_storage import bytes_per_block
     from optcli.engine.models import ModelConfig
 
-    shape = quant_cpu.SMALL if args.smoke else quant_cpu.LLAMA_3_2_1B
-    workdir = args.workdir or quant_cpu.default_workdir(shape, args.smoke)
+    shape = checkpoint.SMALL if args.smoke else checkpoint.LLAMA_3_2_1B
+    workdir = args.workdir or checkpoint.default_workdir(shape, args.smoke)
     source = workdir / "bf16"
-    quant_cpu.build_source(source, shape, args.seed)
+    checkpoint.build_source(source, shape, args.seed)
     from transformers import AutoConfig
 
     cfg = ModelConfig.from_hf(AutoConfig.from_pretrained(source))
