@@ -6,9 +6,9 @@ The acceptance benchmark of issue 35 ("a quantized KV cache"). One process, one 
    hidden 2048, 32 heads / 8 KV heads of 64, vocab 128256, context 2048; 32 KiB of bf16 K/V per token), reused
    from `$OPTCLI_CACHE/bench/` when present. `--smoke`: quant_cpu.py's small shape (2 layers, hidden 256).
 2. One engine per cache dtype (`--dtypes`, default bfloat16,fp8,int8), all from that checkpoint, dtype auto,
-   side by side in this process, sharing one copy of the weights (`share_weights`). Every engine gets the same number of cache blocks, so the 8-bit engines get
-   half the bytes of the bf16 one (`kv_cache_bytes`): that is the "same sequences in half the memory" claim,
-   checked by the run itself (no preemption may happen).
+   side by side in this process, sharing one copy of the weights (`share_weights`). Every engine gets the
+   same number of cache blocks, so the 8-bit engines get half the bytes of the bf16 one (`kv_cache_bytes`):
+   that is the "same sequences in half the memory" claim, checked by the run itself (no preemption may happen).
 3. Each engine warmed up on both workloads, then `--repeats` interleaved repeats (each repeat runs every dtype
    back to back, in alternating order, so a busy moment of the shared machine hits them alike). Only decode is
    timed, and prefix caching keeps prefill (which the cache dtype does not change) from dominating a small CPU:
