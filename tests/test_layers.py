@@ -26,8 +26,10 @@ RANKS = {
     "optcli.bench": 80,
     "optcli.serve": 80,
     "optcli.kpi": 75,  # the KPIs as live thresholds and Prometheus rules: serve and bench both read them
+    "optcli.vllm": 75,  # the vLLM hand-off: used by bench (profile --engine vllm) and serve (--engine vllm)
     "optcli.roi": 70,
     "optcli.report": 70,
+    "optcli.schema": 65,  # report.json as types: written by bench, read by report, roi and compare
     "optcli.quantize": 60,
     "optcli.calibration": 50,
     "optcli.engine": 40,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from optcli.bench.stats import SLOWER, median_interval, ratio_interval, verdict
 from optcli.bench.workload import DECODE_NEW_TOKENS, DECODE_PROMPT_TOKENS, Workload
 from optcli.report.markdown import fmt_interval
+from optcli.schema.report import Figures, ProfileReport
 
 # (label, field in the report and in comparison.baseline, higher is better, where the figure was measured)
 COMPARISON_ROWS = (
@@ -30,12 +31,6 @@ COMPARISON_ROWS = (
 )
 
 
-def _at(node, field: str):
-    for key in field.split("."):
-        node = node.get(key) if isinstance(node, dict) else None
-    return node
-
-
 def _ratio(artifact: float | None, baseline: float | None) -> float | None:
     """artifact / baseline; None when either is unmeasured or the baseline is 0."""
     if artifact is None or baseline is None or baseline == 0:
@@ -52,7 +47,7 @@ def _where(kind: str, workload: Workload) -> str:
     return f"at {workload.headline().label} ({workload.requests} requests, online)"
 
 
-def comparison(report: dict, baseline: dict, workload: Workload,
+def comparison(report: ProfileReport | dict, baseline: Figures | dict, workload: Workload,
                runs: dict[str, list[dict]] | None = None) -> dict:
     """The source's figures (`baseline`), one row per figure of both (`field` is where the figure sits in
     the report and in `baseline`), and a warning per throughput figure where the artifact is slower.
@@ -61,10 +56,11 @@ def comparison(report: dict, baseline: dict, workload: Workload,
     source's, paired by repeat): each row gets the median ratio of the pairs with its 95% interval, each
     model's interval, and a verdict; a warning needs the verdict `slower`. Without `runs` (one measurement
     of each) the ratio is artifact / baseline, with no interval and no verdict, and any ratio below 1 warns."""
+    report, baseline = ProfileReport.coerce(report), Figures.model_validate(baseline)
     rows, warnings = [], []
-    name = report.get("recipe") or report["model"]
+    name = report.recipe or report.model
     for label, field, higher, kind in COMPARISON_ROWS:
-        b, a = _at(baseline, field), _at(report, field)
+        b, a = baseline.at(field), report.at(field)
         row = {"metric": label, "field": field, "baseline": b, "value": a, "artifact": a, "ratio": _ratio(a, b),
                "ci_low": None, "ci_high": None, "repeats": None, "verdict": None, "higher_is_better": higher}
         mine = [run.get(field) for run in runs["value"]] if runs else []
@@ -85,20 +81,21 @@ def comparison(report: dict, baseline: dict, workload: Workload,
         if higher and slower:
             what = label.split(" (")[0]
             warnings.append(f"{name}: {fmt_interval(row)} its source's {what} {_where(kind, workload)}")
-    baseline_figures = {k: baseline[k] for k in ("throughput", "latency_ms", "memory")}
+    figures = baseline.to_dict()
+    baseline_figures = {k: figures[k] for k in ("throughput", "latency_ms", "memory")}
     return {"baseline": baseline_figures, "rows": rows, "warnings": warnings,
             "method": "medians of interleaved repeats (ABBA order); ratio: median of the paired per-repeat "
                       "ratios; 95% intervals: Student's t on log values below 6 repeats, the sign-test "
                       "interval for the median from 6 (optcli/bench/stats.py)" if runs else "one measurement each"}
 
 
-def offline_online_notes(report: dict, candidate, baseline, workload: Workload) -> list[str]:
+def offline_online_notes(report: ProfileReport | dict, candidate, baseline, workload: Workload) -> list[str]:
     """Offline throughput sends every request at once, so for the same model it should be at least online
     throughput (a subset in flight); where its median is lower, a note says why: the offline batch did not
     fit the KV cache (preemption), the two are within noise (their intervals overlap), or the machine was
     busy; anything else is called what it is, a measurement bug to report."""
     notes = []
-    busy = ((report.get("hardware") or {}).get("contention") or {}).get("warning")
+    busy = ProfileReport.coerce(report).at("hardware.contention.warning")
     for who, run in (("the artifact", candidate), ("the source", baseline)):
         if run is None:
             continue
@@ -121,13 +118,13 @@ def offline_online_notes(report: dict, candidate, baseline, workload: Workload) 
     return notes
 
 
-def roofline(peak: dict, report: dict, baseline: dict | None) -> dict:
+def roofline(peak: dict, report: ProfileReport | dict, baseline: Figures | dict | None) -> dict:
     """Batch-1 decode reads every weight once per token, so weights_bytes x decode tok/s is the weight-read
     bandwidth it achieved; its share of the machine's peak says how far decode is from memory-bound."""
     gbs = peak["gbs"]
 
-    def side(figures: dict) -> dict:
-        decode_tok_s, weights_bytes = figures["throughput"]["decode_tok_s"], figures["memory"]["weights_bytes"]
+    def side(figures: Figures) -> dict:
+        decode_tok_s, weights_bytes = figures.throughput.decode_tok_s, figures.memory.weights_bytes
         achieved = decode_tok_s * weights_bytes / 1e9 if decode_tok_s and weights_bytes else None
         return {"decode_tok_s": decode_tok_s, "weights_bytes": weights_bytes, "achieved_gbs": achieved,
                 "share_of_peak": achieved / gbs if achieved is not None and gbs else None}
@@ -137,6 +134,6 @@ def roofline(peak: dict, report: dict, baseline: dict | None) -> dict:
         "peak_source": peak["source"],
         "method": f"batch 1, {DECODE_PROMPT_TOKENS}-token prompt, {DECODE_NEW_TOKENS} new tokens (ignore_eos) after "
                   "a warm-up; decode tok/s = tokens after the first / seconds after the first",
-        "artifact": side(report),
-        "baseline": side(baseline) if baseline is not None else None,
+        "artifact": side(ProfileReport.coerce(report)),
+        "baseline": side(Figures.model_validate(baseline)) if baseline is not None else None,
     }

@@ -1,6 +1,5 @@
-"""What the engine's own rounding costs in accuracy, each against the same model without it, through the same
-engine on the same tokens (so only that rounding differs): an int8 LM head against the dense one, and an 8-bit
-KV cache against a bf16 one.
+"""What an 8-bit KV cache costs in accuracy against a bf16 one, through the same engine and model on the same
+tokens (so only the cache differs; `targets/builtin.py` does the same for an int8 LM head).
 
 A KV cache's rounding shows only where K/V are read back from it, so its cost is scored twice: on decode steps
 (one token a step, every earlier position read from the cache) and on chunked prefill (chunks that attend to
@@ -21,16 +20,6 @@ KV_REFERENCE = "bfloat16"
 PREFILL_CHUNK = 32  # tokens a step in the chunked-prefill score: several chunks per window
 DECODE_TOKENS = 256  # positions scored one decode step at a time (a forward each, so kept short)
 PREFILL_TOKENS = 1024
-
-
-def measure_head_accuracy(model_path: Path, eval_text: str, config: EngineConfig) -> dict:
-    """What `config.lm_head` (int8) costs in accuracy: the engine with that head against the same model
-    with its dense head, on the same tokens through the same engine (so only the head differs)."""
-    rounded = Engine(str(model_path), config)
-    ids = rounded.tokenizer(eval_text, verbose=False).input_ids
-    ctx = min(256, rounded.max_model_len)
-    dense = Engine(str(model_path), config.with_options(lm_head="dense"))
-    return {"format": config.lm_head, **evaluate(EngineLM(rounded), ids, EngineLM(dense), ctx=ctx).as_dict()}
 
 
 def kv_cache_is_quantized(model_path: Path, config: EngineConfig) -> bool:

@@ -28,6 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from optcli.errors import UsageError
+from optcli.schema.report import ComparisonRow, ProfileReport, TaskRow
 
 # field -> (path into report.json, comparison, short metric name used in check names)
 _GATES: dict[str, tuple[tuple[str, ...], str, str]] = {
@@ -160,18 +161,14 @@ def load_kpi(path: str | Path) -> Kpi:
                          f"allowed fields: {_allowed()}") from None
 
 
-def _lookup(report: Any, keys: tuple[str, ...]) -> float | None:
-    node: Any = report
-    for key in keys:
-        if not isinstance(node, dict):
-            return None
-        node = node.get(key)
+def _lookup(report: ProfileReport, keys: tuple[str, ...]) -> float | None:
+    node = report.at(".".join(keys))
     if isinstance(node, bool) or not isinstance(node, int | float):
         return None
     return node
 
 
-def _baseline(report: dict, keys: tuple[str, ...]) -> float | None:
+def _baseline(report: ProfileReport, keys: tuple[str, ...]) -> float | None:
     """The baseline's figure at `keys` (the source measured in the same run: report.comparison.baseline)."""
     if keys[0] == "accuracy":
         return _lookup(report, ("accuracy", "baseline_ppl")) if keys[-1] == "ppl" else None
@@ -195,24 +192,25 @@ def _inverse(x: float | None) -> float | None:
     return 1 / x if x else None
 
 
-def _measured_ratio(report: dict, field: str, fallback: float | None) -> tuple[float | None, float | None, float | None]:
+def _measured_ratio(report: ProfileReport, field: str,
+                    fallback: float | None) -> tuple[float | None, float | None, float | None]:
     """(ratio, ci_low, ci_high) of the artifact against its baseline at `field`: the comparison row's median
     of paired repeats and its interval (the gate compares the median), else `fallback` with no interval."""
-    rows = (report.get("comparison") or {}).get("rows") or []
-    row = next((r for r in rows if isinstance(r, dict) and r.get("field") == field), None)
-    if row is None or row.get("ratio") is None:
+    rows: list[ComparisonRow] = (report.comparison.rows if report.comparison else None) or []
+    row = next((r for r in rows if r.field == field), None)
+    if row is None or row.ratio is None:
         return fallback, None, None
-    return row["ratio"], row.get("ci_low"), row.get("ci_high")
+    return row.ratio, row.ci_low, row.ci_high
 
 
-def _task_rows(report: dict) -> list[dict]:
-    tasks = (report.get("accuracy") or {}).get("tasks") or []
-    return [t for t in tasks if isinstance(t, dict)]
+def _task_rows(report: ProfileReport) -> list[TaskRow]:
+    return (report.accuracy.tasks if report.accuracy else None) or []
 
 
-def evaluate_kpis(report: dict[str, Any], kpi: Kpi) -> dict[str, Any]:
+def evaluate_kpis(report: ProfileReport | dict[str, Any], kpi: Kpi) -> dict[str, Any]:
     """One check per set gate (per task metric for task gates); a value the report could not measure
     (null) fails its check."""
+    report = ProfileReport.coerce(report)
     checks = []
     for field in _FLAT:
         threshold = getattr(kpi, field)
@@ -256,7 +254,7 @@ def evaluate_kpis(report: dict[str, Any], kpi: Kpi) -> dict[str, Any]:
     return {"passed": all(c["passed"] for c in checks), "checks": checks}
 
 
-def _accuracy_checks(report: dict, kpi: Kpi) -> list[dict]:
+def _accuracy_checks(report: ProfileReport, kpi: Kpi) -> list[dict]:
     acc = kpi.accuracy or _EMPTY["accuracy"]
     recovery = acc.min_task_recovery if acc.min_task_recovery is not None else kpi.min_task_recovery
     source = "accuracy.min_task_recovery" if acc.min_task_recovery is not None else "min_task_recovery"
@@ -266,9 +264,9 @@ def _accuracy_checks(report: dict, kpi: Kpi) -> list[dict]:
         drop = acc.acceptable_drop
         if tasks:
             for t in tasks:
-                value = None if t.get("candidate") is None or t.get("baseline") is None else t["baseline"] - t["candidate"]
-                checks.append(_check(f"{t['task']} {t['metric']} drop <= {drop:g} (accuracy.acceptable_drop)", drop,
-                                     value, t.get("baseline"), "<="))
+                value = None if t.candidate is None or t.baseline is None else t.baseline - t.candidate
+                checks.append(_check(f"{t.task} {t.metric} drop <= {drop:g} (accuracy.acceptable_drop)", drop,
+                                     value, t.baseline, "<="))
         else:  # no tasks run: the drop is perplexity's relative increase over the baseline's
             ratio = _lookup(report, ("accuracy", "ppl_ratio"))
             checks.append(_check(f"ppl increase (ppl / baseline's - 1) <= {drop:g} (accuracy.acceptable_drop)", drop,
@@ -277,8 +275,8 @@ def _accuracy_checks(report: dict, kpi: Kpi) -> list[dict]:
         if not tasks:  # a recovery gate with no task measured gates nothing: fail rather than pass
             checks.append(_check(f"task recovery >= {recovery:g} ({source}; no --tasks run)", recovery, None, None, ">="))
         for t in tasks:
-            checks.append(_check(f"{t['task']} {t['metric']} recovery >= {recovery:g} ({source})", recovery,
-                                 t.get("recovery"), t.get("baseline"), ">="))
+            checks.append(_check(f"{t.task} {t.metric} recovery >= {recovery:g} ({source})", recovery,
+                                 t.recovery, t.baseline, ">="))
     return checks
 
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from optcli.bench.kpi import Kpi, evaluate_kpis
 from optcli.bench.metrics import percentiles
+from optcli.schema.report import ProfileReport
 
 # key -> why a benchmark does not apply it (and what does)
 PRODUCTION_ONLY = {
@@ -94,22 +95,15 @@ def window_checks(kpi: Kpi, windows: dict[str, Any]) -> list[dict]:
     return checks
 
 
-def apply_to_report(report: dict, kpi: Kpi, online: dict) -> None:
-    """Add the alert_window checks, the per-window latencies and the applied/production-only split to
-    `report["kpi"]` (after `evaluate_kpis` filled it)."""
-    section = report["kpi"]
-    section.update(profile_scope(kpi))
+def evaluate_with_scope(report: ProfileReport | dict, kpi: Kpi, online: dict) -> dict:
+    """The report's `kpi` section: `evaluate_kpis`, the applied/production-only split and, with
+    `latency.alert_window`, the per-window latencies of the headline level (`online`) and their gates."""
+    section = evaluate_kpis(report, kpi) | profile_scope(kpi)
     latency = kpi.latency
     if latency is None or latency.alert_window is None:
-        return
+        return section
     windows = latency_windows(online, latency.metric, latency.alert_window)
     section["windows"] = windows
     section["checks"] += window_checks(kpi, windows)
     section["passed"] = all(c["passed"] for c in section["checks"])
-
-
-def evaluate_with_scope(report: dict, kpi: Kpi, online: dict) -> dict:
-    """`evaluate_kpis`, then the alert_window gates and the applied/production-only split: the report's `kpi`."""
-    report["kpi"] = evaluate_kpis(report, kpi)
-    apply_to_report(report, kpi, online)
-    return report["kpi"]
+    return section

@@ -18,6 +18,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
@@ -25,6 +26,20 @@ from optcli.bench.metrics import RequestTiming
 from optcli.bench.stream_client import RequestTimeout, StreamClient, json_events
 from optcli.config import REQUEST_TIMEOUT_S as DEFAULT_REQUEST_TIMEOUT_S
 from optcli.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Server:
+    """An OpenAI-compatible server to load: its base URL, the model name it serves, how to reach it."""
+
+    url: str
+    model: str
+    api_key: str | None = None  # sent as a bearer token
+    request_timeout: float | None = None  # s, the longest wait for the server's next byte
+
+    @property
+    def timeout_s(self) -> float:
+        return self.request_timeout or DEFAULT_REQUEST_TIMEOUT_S
 
 
 class Chat(tuple):
@@ -120,12 +135,7 @@ async def run_load(
     starts when it is sent (after waiting for a slot). `on_progress` gets {"done", "failed", "in_flight",
     "total", "oldest_s" (the longest a request in flight has waited, None when none is)} every
     `progress_interval_s`, from the event loop; a `send` with an `aclose()` is closed at the end."""
-    if rate is not None and rate <= 0:
-        raise ValueError(f"rate must be > 0 (got {rate})")
-    if concurrency is not None and concurrency < 1:
-        raise ValueError(f"concurrency must be >= 1 (got {concurrency})")
-    if arrivals not in ("poisson", "constant"):
-        raise ValueError(f"arrivals must be poisson or constant (got {arrivals!r})")
+    _check_schedule(rate, concurrency, arrivals)
     rng = random.Random(seed)
     slots = asyncio.Semaphore(concurrency) if concurrency else None
     # a text prompt's token count is the server's (PromptTotal); until it says, none is known
@@ -149,19 +159,11 @@ async def run_load(
             if deadline is None or time.perf_counter() < deadline:  # else never sent
                 await measure(timing, prompt, max_tokens)
 
-    async def report_progress() -> None:
-        while True:
-            await asyncio.sleep(progress_interval_s)
-            now = time.perf_counter()
-            ended = [t for t in timings if t.end is not None]
-            on_progress({"done": len(ended), "failed": sum(t.error is not None for t in ended),
-                         "in_flight": len(in_flight), "total": len(requests),
-                         "oldest_s": now - min(in_flight.values()) if in_flight else None})
-
     # Objects alive now (a loaded tokenizer, torch, transformers: millions) are left out of garbage collection
     # until the run ends: a full collection over them stalls the event loop for tens of ms, inside the spans.
     gc.freeze()
-    ticker = asyncio.create_task(report_progress()) if on_progress is not None else None
+    ticker = (asyncio.create_task(_report_progress(on_progress, progress_interval_s, timings, in_flight))
+              if on_progress is not None else None)
     tasks = []
     try:
         due = t0
@@ -185,6 +187,27 @@ async def run_load(
             await close()
         gc.unfreeze()
     return [t for t in timings if t.end is not None], time.perf_counter() - t0
+
+
+def _check_schedule(rate: float | None, concurrency: int | None, arrivals: str) -> None:
+    if rate is not None and rate <= 0:
+        raise ValueError(f"rate must be > 0 (got {rate})")
+    if concurrency is not None and concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1 (got {concurrency})")
+    if arrivals not in ("poisson", "constant"):
+        raise ValueError(f"arrivals must be poisson or constant (got {arrivals!r})")
+
+
+async def _report_progress(on_progress: Callable[[dict], None], interval_s: float, timings: list[RequestTiming],
+                           in_flight: dict[int, float]) -> None:
+    """`run_load`'s progress state every `interval_s`, until cancelled."""
+    while True:
+        await asyncio.sleep(interval_s)
+        now = time.perf_counter()
+        ended = [t for t in timings if t.end is not None]
+        on_progress({"done": len(ended), "failed": sum(t.error is not None for t in ended),
+                     "in_flight": len(in_flight), "total": len(timings),
+                     "oldest_s": now - min(in_flight.values()) if in_flight else None})
 
 
 async def _measure(send: Sender, timing: RequestTiming, prompt: Prompt, max_tokens: int) -> None:

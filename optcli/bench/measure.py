@@ -14,8 +14,8 @@ from typing import TypeVar
 import torch
 
 from optcli.bench.load_generator import (
-    DEFAULT_REQUEST_TIMEOUT_S,
     Chat,
+    Server,
     api_base_url,
     engine_sender,
     failure_summary,
@@ -23,7 +23,7 @@ from optcli.bench.load_generator import (
     run_load,
 )
 from optcli.bench.metrics import summarize
-from optcli.bench.rates import LoadLevel, excluded_count
+from optcli.bench.rates import LoadLevel
 from optcli.bench.workload import DECODE_NEW_TOKENS, DECODE_PROMPT_TOKENS, PREFILL_PROMPT_TOKENS, Workload
 from optcli.engine import SamplingParams
 from optcli.engine.async_engine import AsyncEngine
@@ -175,17 +175,15 @@ def prompt_tok_s(engine, length: int = PREFILL_PROMPT_TOKENS) -> float | None:
                 first = time.perf_counter()
     return None if first is None or first <= start else length / (first - start)
 
-def online_load(engine, endpoint: str | None, model: str | None, workload: Workload, level: LoadLevel, slo, vocab,
-                tokenizer=None, chat: bool = False, seed_offset: int = 1, api_key: str | None = None,
-                request_timeout: float | None = None, progress=None) -> dict:
-    """One online run at `level`; `tokenizer` given: text prompts (sized in its tokens), else token ids; `chat`:
+def online_load(engine, server: Server | None, workload: Workload, level: LoadLevel, slo, vocab, tokenizer=None,
+                chat: bool = False, seed_offset: int = 1, progress=None) -> dict:
+    """One online run at `level` against the in-process `engine`, or else `server`; `tokenizer` given: text prompts (sized in its tokens), else token ids; `chat`:
     a dataset's chat rows go to the endpoint as chat completions. The first `--warmup` and last `--cooldown`
     requests are sent but left out of the statistics. Every measured request failing is a failed run (exit 1,
     with the first error); some failing is reported. `seed_offset` >= 1: the prompts differ from the offline
-    phase's (offset 0) and from other levels', so they get no prefix-cache hits from those. An endpoint gets
+    phase's (offset 0) and from other levels', so they get no prefix-cache hits from those. A server gets its
     `api_key` as a bearer token and `request_timeout` s for each next byte; `progress(state)` gets
     `run_load`'s progress state (with `timeout_s`) twice a second."""
-    timeout = request_timeout or DEFAULT_REQUEST_TIMEOUT_S
     encoder = engine.tokenizer if engine is not None and tokenizer is None else None
     requests = workload.sample(vocab, seed_offset=seed_offset, tokenizer=tokenizer, encoder=encoder, chat=chat)
 
@@ -195,8 +193,9 @@ def online_load(engine, endpoint: str | None, model: str | None, workload: Workl
     async def go():
         args = (requests, level.rate, level.concurrency, workload.seed, _arrivals(level), workload.max_seconds)
         if engine is None:
-            on_progress = (lambda state: progress({**state, "timeout_s": timeout})) if progress else None
-            return await run_load(openai_sender(endpoint, model, api_key, timeout), *args, on_progress=on_progress)
+            on_progress = (lambda state: progress({**state, "timeout_s": server.timeout_s})) if progress else None
+            sender = openai_sender(server.url, server.model, server.api_key, server.timeout_s)
+            return await run_load(sender, *args, on_progress=on_progress)
         async_engine = AsyncEngine(engine)
         try:
             return await run_load(engine_sender(async_engine), *args)
@@ -205,19 +204,17 @@ def online_load(engine, endpoint: str | None, model: str | None, workload: Workl
 
     timings, wall = asyncio.run(go())
     sent = len(timings)
-    warm, cool = excluded_count(workload.warmup, sent), excluded_count(workload.cooldown, sent)
-    if warm + cool >= sent:
-        raise UsageError(f"--warmup and --cooldown leave none of the {sent} requests sent at {level.label} measured")
+    warm, cool = workload.measured_window(sent, f" sent at {level.label}")
     measured = timings[warm:sent - cool]
     if warm or cool:  # the statistics' window: from the first measured send to the last measured end
         wall = max(t.end for t in measured) - min(t.start for t in measured)
     failures = failure_summary(measured)
     if failures["failed"] == len(measured):
         route = "/chat/completions" if isinstance(requests[0][0], Chat) else "/completions"
-        where = f"{api_base_url(endpoint)}{route}" if endpoint else "the engine"
+        where = f"{api_base_url(server.url)}{route}" if server else "the engine"
         hint = ""
-        if endpoint and "HTTP 401" in (measured[0].error or ""):
-            hint = ": the server wants an API key (--api-key KEY, or OPENAI_API_KEY)" if not api_key else \
+        if server and "HTTP 401" in (measured[0].error or ""):
+            hint = ": the server wants an API key (--api-key KEY, or OPENAI_API_KEY)" if not server.api_key else \
                 ": it refused the API key given (--api-key / OPENAI_API_KEY)"
         raise RuntimeError(f"all {len(measured)} requests to {where} failed (first error: {measured[0].error}){hint}")
     summary = summarize(measured, wall, slo)

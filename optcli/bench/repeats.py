@@ -219,7 +219,7 @@ class _Repeats:
         engine = side.engine
         text_tok = engine.tokenizer if self.workload.prompt_format == "text" else None
         cold(engine)
-        return online_load(engine, None, None, self.workload, level, self.slo, vocab_range(engine), text_tok,
+        return online_load(engine, None, self.workload, level, self.slo, vocab_range(engine), text_tok,
                            seed_offset=order or self.headline_order)
 
     def windowed_online(self, side: _Side, order: int | None = None) -> dict:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from optcli.bench.rates import SYNCHRONOUS, THROUGHPUT, LoadLevel, sweep_rates
 from optcli.bench.workload import Workload
+from optcli.schema.report import LoadPoint, SloMaxRate
 
 # (metric, percentile, threshold ms) a level's latencies must meet
 LatencyGate = tuple[str, str, float]
@@ -28,7 +29,7 @@ def run_levels(workload: Workload, run_one: Callable[[LoadLevel, int], dict]) ->
             (THROUGHPUT, peak)]
 
 
-def level_point(level: LoadLevel, online: dict, gates: list[LatencyGate]) -> dict:
+def level_point(level: LoadLevel, online: dict, gates: list[LatencyGate]) -> LoadPoint:
     """One level as the report gives it: target and achieved rate, throughput, latency percentiles,
     failures, and against the SLO: whether its percentiles meet every latency gate (null without gates),
     the share of requests within the per-request thresholds (attainment) and their rate (goodput)."""
@@ -38,7 +39,7 @@ def level_point(level: LoadLevel, online: dict, gates: list[LatencyGate]) -> dic
         met = online["requests"]["failed"] == 0 and all(
             latency[metric][pct] is not None and latency[metric][pct] <= limit for metric, pct, limit in gates)
     goodput = online.get("goodput") or {}
-    return {
+    return LoadPoint.model_validate({
         **level.as_dict(),
         "achieved_rate_requests_s": online["achieved_rate_requests_s"],
         "requests_s": tp["requests_s"], "output_tok_s": tp["output_tok_s"], "total_tok_s": tp["total_tok_s"],
@@ -47,18 +48,18 @@ def level_point(level: LoadLevel, online: dict, gates: list[LatencyGate]) -> dic
         "requests": {**online["requests"], "sent": online["sent"], "excluded": online["excluded"]},
         "failures": online["failures"]["reasons"],
         "slo": {"met": met, "attainment": goodput.get("fraction"), "goodput_requests_s": goodput.get("requests_s")},
-    }
+    })
 
 
-def slo_max_rate(points: list[dict]) -> dict | None:
+def slo_max_rate(points: list[LoadPoint]) -> SloMaxRate | None:
     """The level with the highest achieved rate that meets the SLO: {requests_s, level, e2e_p95_ms,
     concurrency}; null when no gates were set or no level meets them."""
-    ok = [p for p in points if p["slo"]["met"] and p["achieved_rate_requests_s"] is not None]
+    ok = [p for p in points if p.slo.met and p.achieved_rate_requests_s is not None]
     if not ok:
         return None
-    best = max(ok, key=lambda p: p["achieved_rate_requests_s"])
-    e2e_mean = best["latency_ms"]["e2e"]["mean"]
+    best = max(ok, key=lambda p: p.achieved_rate_requests_s)
+    e2e_mean = best.latency_ms.e2e.mean
     # requests in the server at that rate (Little's law: rate x mean time in it): `roi --autoscale`'s target
-    concurrency = best["achieved_rate_requests_s"] * e2e_mean / 1000 if e2e_mean is not None else None
-    return {"requests_s": best["achieved_rate_requests_s"], "level": best["label"], "e2e_p95_ms": best["e2e_p95_ms"],
-            "concurrency": concurrency}
+    concurrency = best.achieved_rate_requests_s * e2e_mean / 1000 if e2e_mean is not None else None
+    return SloMaxRate(requests_s=best.achieved_rate_requests_s, level=best.label, e2e_p95_ms=best.e2e_p95_ms,
+                      concurrency=concurrency)

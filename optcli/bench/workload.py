@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 
 from optcli.bench.dataset import DatasetRow, LengthsFrom, output_lengths
 from optcli.bench.prompts import text_prompts, token_prompts
-from optcli.bench.rates import THROUGHPUT, LoadLevel
+from optcli.bench.rates import THROUGHPUT, LoadLevel, excluded_count
 from optcli.errors import UsageError
 
 # The batch-1 decode measurement (`measure.decode_tok_s`), stated in the roofline's method line.
@@ -19,6 +19,7 @@ DECODE_NEW_TOKENS = 32
 PREFILL_PROMPT_TOKENS = 128
 # Each speed figure of `profile` is measured this many times (source and artifact interleaved): `--repeats`.
 DEFAULT_REPEATS = 3
+PROMPT_FORMATS = ("tokens", "text")  # how prompts are sent: token ids, or text
 # A timed figure shorter than this is noise: the demo model's batch-1 decode of 32 tokens takes ~60 ms and its
 # 128-token prefill ~8 ms, so one descheduled slice (4 ms on Linux's CFS) moved a repeat by 5-50%, and with 3
 # repeats the ratio's interval spanned 0.53-1.90x on a quiet machine (README, 2026-12-06). Each repeat of a
@@ -63,6 +64,16 @@ class Workload:
         """The level whose latencies are the report's (and the one the baseline is measured at): the last
         one, and a sweep's throughput run (the one level of a sweep that does not depend on the model)."""
         return THROUGHPUT if self.sweep_size else self.load_levels()[-1]
+
+    def measured_window(self, sent: int, where: str = "") -> tuple[int, int]:
+        """(warm, cool): how many of a level's `sent` requests `--warmup` and `--cooldown` leave out of its
+        statistics. None left to measure is a UsageError: checked on `requests` before the run, and on what
+        a level really sent (fewer under --max-seconds) after it."""
+        warm, cool = excluded_count(self.warmup, sent), excluded_count(self.cooldown, sent)
+        fractions = self.warmup < 1 and self.cooldown < 1 and self.warmup + self.cooldown >= 1
+        if warm + cool >= sent or fractions:
+            raise UsageError(f"--warmup and --cooldown leave none of the {sent} requests{where} measured")
+        return warm, cool
 
     def only(self, level: LoadLevel) -> Workload:
         return replace(self, levels=(level,), sweep=(), sweep_size=0)

@@ -1,5 +1,6 @@
-"""What every command shares: the consoles, the engine options (`serve` and `profile` take the same
-ones, so what profile measures is what serve runs), the error-to-exit-code guard, --json output."""
+"""What every command shares: the consoles, the error-to-exit-code guard, --json output. (The engine options
+`serve` and `profile` share, so what profile measures is what serve runs, are generated from `EngineConfig`
+by `flags.py`.)"""
 
 from __future__ import annotations
 
@@ -7,44 +8,14 @@ import contextlib
 import json
 import os
 import sys
-from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from optcli.config import KV_CACHE_DTYPES, LM_HEADS, EngineConfig, check_dtype, check_kv_cache_dtype
 from optcli.errors import KpiFailed, UsageError
 
 out = Console()
 err = Console(stderr=True)
-
-ENGINE = EngineConfig()
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (CUDA: the checkpoint's, bf16 for fp32; CPU: bf16 where "
-                                       "it is native and measured faster, else fp32), bfloat16, float16 or float32.")]
-MaxNumSeqsOpt = Annotated[int, typer.Option("--max-num-seqs", min=1, help="Sequences in one batch at most.")]
-MaxModelLenOpt = Annotated[int | None, typer.Option("--max-model-len", min=2, help=f"Context per sequence (default {ENGINE.max_model_len}, capped at the model's).")]
-EnforceEagerOpt = Annotated[bool, typer.Option("--enforce-eager", help="No CUDA graphs.")]
-GpuMemoryOpt = Annotated[float, typer.Option("--gpu-memory-utilization", min=0.05, max=1.0, help="Share of the GPU the engine may use.")]
-KvCacheDtypeOpt = Annotated[str, typer.Option(
-    "--kv-cache-dtype", help=f"{' | '.join(KV_CACHE_DTYPES)}: the KV cache's storage. auto: the model dtype, or the "
-    "artifact's calibrated kv_cache_scheme; fp8 (= fp8_e4m3) and int8 hold twice the tokens of a 16-bit cache, "
-    "with a scale per layer and KV head (the artifact's, else set by the first K/V written).")]
-LmHeadOpt = Annotated[str, typer.Option("--lm-head", help="dense | int8: round the LM head (and a tied embedding) to int8 per row at load.")]
-
-
-def engine_config(device: str, dtype: str, max_num_seqs: int, max_model_len: int | None, enforce_eager: bool,
-                   gpu_memory_utilization: float, lm_head: str = "dense", kv_cache_dtype: str = "auto") -> EngineConfig:
-    check_dtype(dtype, "--dtype")
-    check_kv_cache_dtype(kv_cache_dtype, "--kv-cache-dtype")
-    if lm_head not in LM_HEADS:
-        raise UsageError(f"--lm-head must be one of {', '.join(LM_HEADS)} (got '{lm_head}')")
-    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
-        raise UsageError(f"--device must be auto, cpu or cuda (got '{device}')")
-    return EngineConfig(device=device, dtype=dtype, max_num_seqs=max_num_seqs,
-                        max_model_len=max_model_len or ENGINE.max_model_len, enforce_eager=enforce_eager,
-                        gpu_memory_utilization=gpu_memory_utilization, lm_head=lm_head, kv_cache_dtype=kv_cache_dtype)
-
 
 def fail(message: str, code: int, as_json: bool = False) -> None:
     """One line on stderr and exit `code`; with `as_json`, also the failure as the one JSON object on

@@ -6,14 +6,12 @@ a temporary sibling renamed into place, stale ones from killed runs swept), or, 
 already exists (it may hold other artifacts), each file is replaced with temp file + os.replace; the
 files replaced must be an earlier report's (util.fs's rule: only an optcli output of the same kind).
 
-report renders a finished report dict: it imports only errors and util (and matplotlib for plots).
+report renders a finished `ProfileReport`: it imports only schema, errors and util (and matplotlib for plots).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,8 @@ from typing import Any
 from optcli.errors import UsageError
 from optcli.report.html import render_html
 from optcli.report.markdown import render_markdown
-from optcli.util.fs import REPORT, atomic_directory, check_report_dir
+from optcli.schema.report import ProfileReport
+from optcli.util.fs import REPORT, atomic_directory, atomic_write_text, check_report_dir
 
 __all__ = ["check_out", "render_html", "render_markdown", "write_reports"]
 
@@ -36,16 +35,7 @@ def _write_file(path: Path, text: str) -> None:
 
 def _replace_in_place(out_dir: Path, contents: dict[str, str]) -> None:
     for name, text in contents.items():
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out_dir)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, out_dir / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(out_dir / name, text)
 
 
 def check_out(out_dir: str | Path) -> None:
@@ -54,14 +44,15 @@ def check_out(out_dir: str | Path) -> None:
     check_report_dir(Path(out_dir), REPORT, FILES)
 
 
-def write_reports(report: Mapping[str, Any], out_dir: str | Path, samples: Mapping[str, Any] | None = None,
-                  sweep: Sequence[Any] | None = None,
+def write_reports(report: ProfileReport | Mapping[str, Any], out_dir: str | Path,
+                  samples: Mapping[str, Any] | None = None, sweep: Sequence[Any] | None = None,
                   baseline_report: Mapping[str, Any] | None = None) -> dict[str, Path]:
     """Write report.json / report.md / report.html into out_dir; returns {"json"|"md"|"html": path}."""
     out_dir = Path(out_dir)
     check_out(out_dir)
+    report = ProfileReport.coerce(report)
     contents = {
-        "report.json": json.dumps(report, indent=2) + "\n",
+        "report.json": report.to_json(),
         "report.md": render_markdown(report),
         "report.html": render_html(report, samples=samples, sweep=sweep, baseline_report=baseline_report),
     }

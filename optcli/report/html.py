@@ -18,7 +18,6 @@ from optcli.report.markdown import (
     comparison_warnings,
     contention_warning,
     fmt,
-    get,
     head_line,
     header_fields,
     kpi_rows,
@@ -28,6 +27,7 @@ from optcli.report.markdown import (
     roofline_line,
     throughput_notes,
 )
+from optcli.schema.report import ProfileReport
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em;color:#222;max-width:1100px}
@@ -70,25 +70,40 @@ def _sweep_points(sweep: Any) -> list[tuple[int, float | None]]:
         if isinstance(item, Mapping) and item.get("mode") not in (None, "concurrent"):
             continue  # a rate level: in the load curves
         if isinstance(item, Mapping):
-            points.append((item.get("concurrency"), get(item, "output_tok_s") or get(item, "throughput", "output_tok_s")))
+            points.append((item.get("concurrency"), item.get("output_tok_s") or (item.get("throughput") or {}).get("output_tok_s")))
         elif isinstance(item, Sequence) and len(item) == 2:
             points.append((item[0], item[1]))
     return [(int(c), t) for c, t in points if isinstance(c, int | float)]
 
 
-def render_html(report: Mapping[str, Any], samples: Mapping[str, Any] | None = None,
+def render_html(report: ProfileReport | Mapping[str, Any], samples: Mapping[str, Any] | None = None,
                 sweep: Sequence[Any] | None = None, baseline_report: Mapping[str, Any] | None = None) -> str:
     """One HTML page with the same tables as the Markdown plus the plots whose data was given.
 
     samples: per-request latencies for `plots.latency_cdf`; sweep: concurrency sweep points;
     baseline_report: the baseline's report dict, for the baseline-vs-candidate bars.
     """
+    report = ProfileReport.coerce(report)
     head = header_fields(report)
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              f"<title>optcli profile: {escape(head[0][1])}</title><style>{_CSS}</style></head><body>",
              f"<h1>optcli profile: {escape(head[0][1])}</h1>", "<dl>"]
     parts += [f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in head]
     parts.append("</dl>")
+    parts += _callouts(report) + _kpi(report) + _findings(report)
+    for title, headers, rows in report_tables(report):
+        parts += [f"<h2>{escape(title)}</h2>", _table(headers, rows)]
+    for title, img in _figures(report, samples, sweep, baseline_report):
+        parts += [f"<h2>{escape(title)}</h2>", img]
+    if report.versions:
+        parts.append(f'<p class="na"><small>versions: {escape(fmt(report.versions))}</small></p>')
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def _callouts(report: ProfileReport) -> list[str]:
+    """The boxes a reader must see first: a busy machine, a slower artifact, offline below online."""
+    parts = []
     busy = contention_warning(report)
     if busy:
         parts.append(f'<div class="warn busy" role="alert"><strong>⚠ Busy machine:</strong> {escape(busy)}</div>')
@@ -100,27 +115,31 @@ def render_html(report: Mapping[str, Any], samples: Mapping[str, Any] | None = N
     if notes:
         items = "".join(f"<li>{escape(n)}</li>" for n in notes)
         parts.append(f'<div class="note"><strong>Offline below online</strong><ul>{items}</ul></div>')
+    return parts
 
+
+def _kpi(report: ProfileReport) -> list[str]:
     checks = kpi_rows(report)
-    passed = get(report, "kpi", "passed")
-    parts.append("<h2>KPI</h2>")
+    passed = report.kpi.passed if report.kpi is not None else None
+    parts = ["<h2>KPI</h2>"]
     if not checks and passed is None:
-        parts.append(f'<p class="na">{NA}</p>')
-    else:
-        verdict, cls = (NA, "na") if passed is None else (("passed", "pass") if passed else ("failed", "fail"))
-        note = "" if checks else " (no gates set)"
-        parts.append(f'<p>Overall: <strong class="{cls}">{verdict}</strong>{note}</p>')
-        rows = []
-        for c in checks:
-            ok = bool(c.get("passed"))
-            cells = [("✔ pass" if ok else "✘ fail"), fmt(c.get("name")), fmt(c.get("threshold")), kpi_value(c),
-                     fmt(c.get("baseline"))]
-            rows.append(f'<tr class="{"pass" if ok else "fail"}">' + "".join(_td(x, cls="") for x in cells) + "</tr>")
-        if rows:
-            parts.append("<table><thead><tr><th>result</th><th>check</th><th>threshold</th><th>value</th><th>baseline</th></tr></thead>"
-                         f"<tbody>{''.join(rows)}</tbody></table>")
-        parts += [f"<p>{escape(line)}</p>" for line in kpi_scope_lines(report)]
+        return parts + [f'<p class="na">{NA}</p>']
+    verdict, cls = (NA, "na") if passed is None else (("passed", "pass") if passed else ("failed", "fail"))
+    note = "" if checks else " (no gates set)"
+    parts.append(f'<p>Overall: <strong class="{cls}">{verdict}</strong>{note}</p>')
+    rows = []
+    for c in checks:
+        cells = [("✔ pass" if c.passed else "✘ fail"), fmt(c.name), fmt(c.threshold), kpi_value(c), fmt(c.baseline)]
+        rows.append(f'<tr class="{"pass" if c.passed else "fail"}">' + "".join(_td(x, cls="") for x in cells) + "</tr>")
+    if rows:
+        parts.append("<table><thead><tr><th>result</th><th>check</th><th>threshold</th><th>value</th><th>baseline</th></tr></thead>"
+                     f"<tbody>{''.join(rows)}</tbody></table>")
+    return parts + [f"<p>{escape(line)}</p>" for line in kpi_scope_lines(report)]
 
+
+def _findings(report: ProfileReport) -> list[str]:
+    """Source vs artifact (with how it was measured), the roofline and the LM head lines."""
+    parts = []
     comparison = comparison_table(report)
     if comparison is not None:
         title, headers, rows = comparison
@@ -134,15 +153,18 @@ def render_html(report: Mapping[str, Any], samples: Mapping[str, Any] | None = N
     head = head_line(report)
     if head is not None:
         parts.append(f'<p class="lm-head">{escape(head)}</p>')
-    for title, headers, rows in report_tables(report):
-        parts += [f"<h2>{escape(title)}</h2>", _table(headers, rows)]
+    return parts
 
+
+def _figures(report: ProfileReport, samples: Mapping[str, Any] | None, sweep: Sequence[Any] | None,
+             baseline_report: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+    """(title, embedded PNG) for each plot whose data was given."""
     figures = []
     if samples:
         figures.append(("Latency distribution", _img("latency CDF", plots.latency_cdf(samples))))
     if baseline_report is not None:
         figures.append(("Baseline vs candidate",
-                        _img("baseline vs candidate", plots.comparison_bars(report, baseline_report))))
+                        _img("baseline vs candidate", plots.comparison_bars(report.to_dict(), baseline_report))))
     levels = [p for p in sweep or [] if isinstance(p, Mapping) and p.get("achieved_rate_requests_s") is not None]
     if len(levels) > 1:
         figures.append(("Latency and goodput vs rate",
@@ -151,11 +173,4 @@ def render_html(report: Mapping[str, Any], samples: Mapping[str, Any] | None = N
     if points:
         figures.append(("Throughput vs concurrency",
                         _img("throughput vs concurrency", plots.throughput_vs_concurrency(points))))
-    for title, img in figures:
-        parts += [f"<h2>{escape(title)}</h2>", img]
-
-    versions = get(report, "versions")
-    if versions:
-        parts.append(f'<p class="na"><small>versions: {escape(fmt(versions))}</small></p>')
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
+    return figures

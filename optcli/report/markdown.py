@@ -9,17 +9,30 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from optcli.schema.report import (
+    Accuracy,
+    ComparisonRow,
+    Cost,
+    KpiCheck,
+    Latency,
+    LoadPoint,
+    Memory,
+    Percentiles,
+    ProfileReport,
+    Section,
+    Throughput,
+)
+
 NA = "n/a"
 LATENCY_METRICS = ("ttft", "tpot", "itl", "e2e")
 STATS = ("mean", "p50", "p95", "p99")
+MEMORY_FIELDS = ("weights_bytes", "peak_bytes", "kv_cache_bytes")
+ACCURACY_FIELDS = ("ppl", "baseline_ppl", "ppl_ratio", "kld_mean", "kld_p99", "top1_agreement")
 
 
-def get(report: Mapping[str, Any] | None, *keys: str) -> Any:
-    """Nested lookup that yields None for anything missing, so partial reports still render."""
-    node: Any = report
-    for key in keys:
-        node = node.get(key) if isinstance(node, Mapping) else None
-    return node
+def _stats(latency: Latency | None, metric: str) -> Percentiles:
+    """One latency metric's percentiles, empty (all n/a) where the report has none."""
+    return (latency.get(metric) if latency is not None else None) or Percentiles()
 
 
 def fmt(value: Any) -> str:
@@ -34,6 +47,8 @@ def fmt(value: Any) -> str:
         if value != value:  # NaN is as unmeasured as null
             return NA
         return f"{value:,.1f}" if abs(value) >= 1000 else f"{value:.4g}"
+    if isinstance(value, Section):
+        value = value.to_dict()
     if isinstance(value, Mapping):
         return ", ".join(f"{k}={fmt(v) if not isinstance(v, str) else v}" for k, v in value.items()) or NA
     return str(value)
@@ -43,8 +58,8 @@ def _number(value: Any) -> float | None:
     return None if isinstance(value, bool) or not isinstance(value, int | float) else float(value)
 
 
-def _memory_unit(report: Mapping[str, Any]) -> tuple[str, float]:
-    sizes = [_number(get(report, "memory", k)) for k in ("weights_bytes", "peak_bytes", "kv_cache_bytes")]
+def _memory_unit(memory: Memory) -> tuple[str, float]:
+    sizes = [_number(memory.get(k)) for k in MEMORY_FIELDS]
     biggest = max((s for s in sizes if s is not None), default=0.0)
     return ("GiB", 2.0**30) if biggest >= 2**30 else ("MiB", 2.0**20)
 
@@ -57,54 +72,50 @@ def _scaled(value: Any, scale: float) -> str:
 Table = tuple[str, list[str], list[list[str]]]  # (title, header cells, rows of cells)
 
 
-def report_tables(report: Mapping[str, Any]) -> list[Table]:
+def report_tables(report: ProfileReport | Mapping[str, Any]) -> list[Table]:
     """The report's sections as plain-text tables (title, headers with units, rows)."""
-    unit, scale = _memory_unit(report)
+    report = ProfileReport.coerce(report)
+    tp, memory = report.throughput or Throughput(), report.memory or Memory()
+    acc, cost = report.accuracy or Accuracy(), report.cost or Cost()
+    unit, scale = _memory_unit(memory)
     tables: list[Table] = [
         ("Throughput", ["output (tok/s)", "total (tok/s)", "requests (req/s)"],
-         [[fmt(get(report, "throughput", k)) for k in ("output_tok_s", "total_tok_s", "requests_s")]]),
+         [[fmt(tp.output_tok_s), fmt(tp.total_tok_s), fmt(tp.requests_s)]]),
         ("Latency", ["metric", *(f"{s} (ms)" for s in STATS)],
-         [[m, *(fmt(get(report, "latency_ms", m, s)) for s in STATS)] for m in LATENCY_METRICS]),
+         [[m, *(fmt(_stats(report.latency_ms, m).get(s)) for s in STATS)] for m in LATENCY_METRICS]),
         ("Memory", [f"weights ({unit})", f"peak ({unit})", f"KV cache ({unit})"],
-         [[_scaled(get(report, "memory", k), scale) for k in ("weights_bytes", "peak_bytes", "kv_cache_bytes")]]),
+         [[_scaled(memory.get(k), scale) for k in MEMORY_FIELDS]]),
         ("Accuracy", ["ppl", "baseline ppl", "ppl ratio", "KLD mean (nats)", "KLD p99 (nats)", "top-1 agreement"],
-         [[fmt(get(report, "accuracy", k))
-           for k in ("ppl", "baseline_ppl", "ppl_ratio", "kld_mean", "kld_p99", "top1_agreement")]]),
+         [[fmt(acc.get(k)) for k in ACCURACY_FIELDS]]),
         ("Efficiency and cost", ["batch efficiency", "GPU utilization", "cost (USD / 1k tokens, prompt + generated)",
                                  "cost (USD / 1k output tokens)"],
-         [[fmt(get(report, "batch_efficiency")), fmt(get(report, "gpu_utilization")),
-           fmt(get(report, "cost", "usd_per_1k_tokens")), fmt(get(report, "cost", "usd_per_1k_output_tokens"))]]),
+         [[fmt(report.batch_efficiency), fmt(report.gpu_utilization), fmt(cost.usd_per_1k_tokens),
+           fmt(cost.usd_per_1k_output_tokens)]]),
     ]
-    levels = get(report, "throughput", "sweep")
-    if isinstance(levels, list) and len(levels) > 1:
-        tables.append(load_levels_table(report, levels))
-    tasks = get(report, "accuracy", "tasks")
-    if isinstance(tasks, list) and tasks:
+    if tp.sweep is not None and len(tp.sweep) > 1:
+        tables.append(load_levels_table(report, tp.sweep))
+    if acc.tasks:
         tables.append(("Tasks (lm-evaluation-harness)", ["task", "metric", "candidate", "baseline", "recovery"],
-                       [[fmt(t.get("task")), fmt(t.get("metric")), fmt(t.get("candidate")), fmt(t.get("baseline")),
-                         fmt(t.get("recovery"))] for t in tasks if isinstance(t, Mapping)]))
+                       [[fmt(t.task), fmt(t.metric), fmt(t.candidate), fmt(t.baseline), fmt(t.recovery)]
+                        for t in acc.tasks]))
     return tables
 
 
-def load_levels_table(report: Mapping[str, Any], levels: list) -> Table:
+def load_levels_table(report: ProfileReport, levels: list[LoadPoint]) -> Table:
     """One row per load level (a sweep, rate or concurrency list): the curve saturation is read from."""
-    best = get(report, "throughput", "slo_max_rate")
-    title = "Load levels" + (f" (SLO-max-rate: {fmt(best.get('requests_s'))} req/s at {best.get('level')})"
-                             if isinstance(best, Mapping) else "")
+    best = report.throughput.slo_max_rate
+    title = "Load levels" + (f" (SLO-max-rate: {fmt(best.requests_s)} req/s at {best.level})" if best else "")
     rows = []
     for p in levels:
-        if not isinstance(p, Mapping):
-            continue
-        lat = p.get("latency_ms") or {}
-        slo = p.get("slo") or {}
-        met = slo.get("met")
-        rows.append([fmt(p.get("label", p.get("concurrency"))), fmt(p.get("achieved_rate_requests_s")),
-                     fmt(p.get("requests_s")), fmt(p.get("output_tok_s")),
-                     *(fmt(get(lat, m, s)) for m, s in (("ttft", "p50"), ("ttft", "p95"), ("tpot", "p50"),
-                                                         ("itl", "p95"), ("e2e", "p50"), ("e2e", "p95"), ("e2e", "p99"))),
-                     fmt((p.get("requests") or {}).get("failed")),
-                     NA if met is None else ("yes" if met else "no"), fmt(slo.get("attainment")),
-                     fmt(slo.get("goodput_requests_s"))])
+        slo, failed = p.slo, p.requests.failed if p.requests else None
+        met = slo.met if slo else None
+        rows.append([fmt(p.label if p.label is not None else p.concurrency), fmt(p.achieved_rate_requests_s),
+                     fmt(p.requests_s), fmt(p.output_tok_s),
+                     *(fmt(_stats(p.latency_ms, m).get(s)) for m, s in (
+                         ("ttft", "p50"), ("ttft", "p95"), ("tpot", "p50"), ("itl", "p95"), ("e2e", "p50"),
+                         ("e2e", "p95"), ("e2e", "p99"))),
+                     fmt(failed), NA if met is None else ("yes" if met else "no"),
+                     fmt(slo.attainment if slo else None), fmt(slo.goodput_requests_s if slo else None)])
     headers = ["level", "achieved (req/s)", "completed (req/s)", "output (tok/s)", "TTFT p50 (ms)", "TTFT p95 (ms)",
                "TPOT p50 (ms)", "ITL p95 (ms)", "E2E p50 (ms)", "E2E p95 (ms)", "E2E p99 (ms)", "failed",
                "SLO met", "SLO attainment", "goodput (req/s)"]
@@ -131,21 +142,26 @@ def _bound(number: float) -> str:
     return f"{number:.3f}" if text == "1.00" and number != 1 else text
 
 
-def fmt_interval(row: Mapping[str, Any]) -> str:
+def fmt_interval(row: ComparisonRow | Mapping[str, Any]) -> str:
     """A comparison row's ratio with its 95% interval: "1.22x [1.18, 1.26]"; the ratio alone without one."""
-    ratio = fmt_ratio(row.get("ratio"))
-    low, high = _number(row.get("ci_low")), _number(row.get("ci_high"))
+    row = row if isinstance(row, ComparisonRow) else ComparisonRow.model_validate(row)
+    ratio = fmt_ratio(row.ratio)
+    low, high = _number(row.ci_low), _number(row.ci_high)
     if ratio == NA or low is None or high is None:
         return ratio
     return f"{ratio} [{_bound(low)}, {_bound(high)}]"
 
 
-def comparison_caption(report: Mapping[str, Any]) -> str | None:
+def _rows(report: ProfileReport) -> list[ComparisonRow] | None:
+    return report.comparison.rows if report.comparison is not None else None
+
+
+def comparison_caption(report: ProfileReport | Mapping[str, Any]) -> str | None:
     """How the comparison's figures were taken, under its table: repeats, order, the interval."""
-    rows = get(report, "comparison", "rows")
-    if not isinstance(rows, list):
+    rows = _rows(ProfileReport.coerce(report))
+    if rows is None:
         return None
-    repeats = max((r.get("repeats") or 0 for r in rows if isinstance(r, Mapping)), default=0)
+    repeats = max((r.repeats or 0 for r in rows), default=0)
     if repeats >= 2:
         return (f"medians of {repeats} interleaved repeats (source and artifact alternating); ratio: the median of "
                 "the repeats' artifact / source pairs [95% confidence interval]; a verdict needs the whole interval "
@@ -155,14 +171,15 @@ def comparison_caption(report: Mapping[str, Any]) -> str | None:
     return "ratio = artifact / source"
 
 
-def comparison_table(report: Mapping[str, Any]) -> Table | None:
+def comparison_table(report: ProfileReport | Mapping[str, Any]) -> Table | None:
     """Source vs artifact, one row per summary figure with the artifact/source ratio, its 95% interval and
     the verdict in words; None without a baseline."""
-    rows = get(report, "comparison", "rows")
-    if not isinstance(rows, list):
+    rows = _rows(ProfileReport.coerce(report))
+    if rows is None:
         return None
-    by_field = {r.get("field"): r for r in rows if isinstance(r, Mapping)}
-    sizes = [_number(by_field.get("memory.weights_bytes", {}).get(k)) for k in ("baseline", "artifact")]
+    by_field = {r.field: r for r in rows}
+    weights = by_field.get("memory.weights_bytes") or ComparisonRow()
+    sizes = [_number(weights.baseline), _number(weights.artifact)]
     unit, scale = ("GiB", 2.0**30) if max((s for s in sizes if s is not None), default=0.0) >= 2**30 else ("MiB", 2.0**20)
     cells = []
     for field in SUMMARY_FIELDS:
@@ -170,36 +187,35 @@ def comparison_table(report: Mapping[str, Any]) -> Table | None:
         if row is None:
             continue
         if field == "memory.weights_bytes":
-            metric, values = f"weights ({unit})", [_scaled(row.get(k), scale) for k in ("baseline", "artifact")]
+            metric, values = f"weights ({unit})", [_scaled(row.baseline, scale), _scaled(row.artifact, scale)]
         else:
-            metric, values = str(row.get("metric")), [fmt(row.get(k)) for k in ("baseline", "artifact")]
-        verdict = row.get("verdict")
-        cells.append([metric, *values, fmt_interval(row), verdict if isinstance(verdict, str) else NA])
+            metric, values = str(row.metric), [fmt(row.baseline), fmt(row.artifact)]
+        cells.append([metric, *values, fmt_interval(row), row.verdict if row.verdict is not None else NA])
     return ("Source vs artifact", ["metric", "source", "artifact", "ratio [95% CI]", "verdict"], cells)
 
 
-def comparison_warnings(report: Mapping[str, Any]) -> list[str]:
+def comparison_warnings(report: ProfileReport | Mapping[str, Any]) -> list[str]:
     """Where the artifact is slower than its source (one line per throughput figure)."""
-    warnings = get(report, "comparison", "warnings")
-    return [str(w) for w in warnings] if isinstance(warnings, list) else []
+    comparison = ProfileReport.coerce(report).comparison
+    return list(comparison.warnings or []) if comparison is not None else []
 
 
-def contention_warning(report: Mapping[str, Any]) -> str | None:
+def contention_warning(report: ProfileReport | Mapping[str, Any]) -> str | None:
     """The sentence `hardware.contention.warning` holds when the machine was busy during the run."""
-    warning = get(report, "hardware", "contention", "warning")
-    return str(warning) if warning else None
+    return ProfileReport.coerce(report).at("hardware.contention.warning") or None
 
 
-def throughput_notes(report: Mapping[str, Any]) -> list[str]:
+def throughput_notes(report: ProfileReport | Mapping[str, Any]) -> list[str]:
     """Why offline throughput fell below online, where it did (`throughput.notes`)."""
-    notes = get(report, "throughput", "notes")
-    return [str(n) for n in notes] if isinstance(notes, list) else []
+    throughput = ProfileReport.coerce(report).throughput
+    return list(throughput.notes or []) if throughput is not None else []
 
 
-def kpi_value(check: Mapping[str, Any]) -> str:
+def kpi_value(check: KpiCheck | Mapping[str, Any]) -> str:
     """A check's value, with its 95% interval where the gate compares a ratio measured in repeats."""
-    value = fmt(check.get("value"))
-    low, high = _number(check.get("ci_low")), _number(check.get("ci_high"))
+    check = check if isinstance(check, KpiCheck) else KpiCheck.model_validate(check)
+    value = fmt(check.value)
+    low, high = _number(check.ci_low), _number(check.ci_high)
     return value if low is None or high is None else f"{value} [{low:.3g}, {high:.3g}]"
 
 
@@ -211,17 +227,18 @@ def _pct(share: float) -> str:
     return f"{share:.0%}" if share >= 0.1 else f"{share:.1%}"
 
 
-def roofline_line(report: Mapping[str, Any]) -> str | None:
+def roofline_line(report: ProfileReport | Mapping[str, Any]) -> str | None:
     """One line: batch-1 decode's achieved weight-read bandwidth, and its share of the machine's peak."""
-    roof = get(report, "roofline")
-    if not isinstance(roof, Mapping):
+    roof = ProfileReport.coerce(report).roofline
+    if roof is None:
         return None
-    peak = _number(roof.get("peak_bandwidth_gbs"))
-    source = str(roof.get("peak_source") or "")
+    peak = _number(roof.peak_bandwidth_gbs)
+    source = roof.peak_source or ""
     how = "measured" if source.startswith("measured") else source or NA
 
-    def side(name: str, key: str, with_peak: bool) -> str:
-        achieved, share = _number(get(roof, key, "achieved_gbs")), _number(get(roof, key, "share_of_peak"))
+    def side(name: str, figures, with_peak: bool) -> str:
+        achieved = _number(figures.achieved_gbs) if figures else None
+        share = _number(figures.share_of_peak) if figures else None
         text = f"{name} {NA}" if achieved is None else f"{name} {_gbs(achieved)} GB/s"
         if share is not None:
             text += f" = {_pct(share)}"
@@ -229,24 +246,26 @@ def roofline_line(report: Mapping[str, Any]) -> str | None:
             text += f" of {_gbs(peak)} GB/s peak ({how})" if peak is not None else f" (peak {NA}: {how})"
         return text
 
-    parts = [side("artifact", "artifact", True)]
-    if isinstance(roof.get("baseline"), Mapping):
-        parts.append(side("source", "baseline", False))
+    parts = [side("artifact", roof.artifact, True)]
+    if roof.baseline is not None:
+        parts.append(side("source", roof.baseline, False))
     return "roofline (batch-1 decode): " + "; ".join(parts)
 
 
-def head_line(report: Mapping[str, Any]) -> str | None:
+def head_line(report: ProfileReport | Mapping[str, Any]) -> str | None:
     """One line: what the LM head weighs and costs a decode step, and an int8 head's measured accuracy cost."""
-    nbytes, share = _number(get(report, "throughput", "lm_head", "bytes")), _number(get(report, "throughput", "lm_head", "share_of_weights"))
+    report = ProfileReport.coerce(report)
+    cost = report.throughput.lm_head if report.throughput is not None else None
+    nbytes = _number(cost.bytes) if cost is not None else None
     if nbytes is None:
         return None
-    ms = _number(get(report, "throughput", "lm_head", "ms_per_step_batch1"))
+    share, ms = _number(cost.share_of_weights), _number(cost.ms_per_step_batch1)
     text = f"LM head: {nbytes / 2**20:.1f} MiB"
     if share is not None:
         text += f" ({_pct(share)} of the weights)"
     if ms is not None:
         text += f", {ms:.2f} ms a decode step at batch 1"
-    head = get(report, "accuracy", "lm_head")
+    head = report.accuracy.lm_head if report.accuracy is not None else None
     if isinstance(head, Mapping):
         kld, top1 = _number(head.get("kld_mean")), _number(head.get("top1_agreement"))
         text += (f"; {head.get('format')} head vs dense: KLD {NA if kld is None else f'{kld:.4f}'}, "
@@ -254,17 +273,19 @@ def head_line(report: Mapping[str, Any]) -> str | None:
     return text
 
 
-def kpi_scope_lines(report: Mapping[str, Any]) -> list[str]:
+def kpi_scope_lines(report: ProfileReport | Mapping[str, Any]) -> list[str]:
     """Which of the KPI file's keys the run applied, which it only recorded (production-only), and the
     alert_window's windows (`optcli.bench.kpi_scope`); nothing for a report without them."""
+    kpi = ProfileReport.coerce(report).kpi
+    if kpi is None:
+        return []
     lines = []
-    applied, production = get(report, "kpi", "applied"), get(report, "kpi", "production_only")
-    if applied:
-        lines.append(f"Applied: {', '.join(applied)}")
-    if production:
+    if kpi.applied:
+        lines.append(f"Applied: {', '.join(kpi.applied)}")
+    if kpi.production_only:
         lines.append("Recorded, not applied (production-only, `serve --kpi` watches them): "
-                     + "; ".join(f"{p['key']} ({p['why']})" for p in production))
-    windows = get(report, "kpi", "windows")
+                     + "; ".join(f"{p['key']} ({p['why']})" for p in kpi.production_only))
+    windows = kpi.windows
     if windows:
         worst = windows["worst"]
         lines.append(f"alert_window {windows['window_s']:g} s: {len(windows['windows'])} window(s) of "
@@ -273,9 +294,9 @@ def kpi_scope_lines(report: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def kpi_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
-    checks = get(report, "kpi", "checks")
-    return [c for c in checks if isinstance(c, Mapping)] if isinstance(checks, list) else []
+def kpi_rows(report: ProfileReport | Mapping[str, Any]) -> list[KpiCheck]:
+    kpi = ProfileReport.coerce(report).kpi
+    return list(kpi.checks or []) if kpi is not None else []
 
 
 def kernel_summary(kernels: Any) -> Any:
@@ -300,19 +321,19 @@ def kernel_summary(kernels: Any) -> Any:
     return ", ".join(parts)
 
 
-def header_fields(report: Mapping[str, Any]) -> list[tuple[str, str]]:
-    def value(key: str) -> str:
-        node = get(report, key)
-        if key == "hardware" and isinstance(node, Mapping):  # contention has its own line (contention_warning)
-            node = {k: v for k, v in node.items() if k != "contention"}
-        if key == "workload" and isinstance(node, Mapping) and isinstance(node.get("engine"), Mapping):
-            # the kernels with their reasons fill pages: here just which kernel runs where (report.json has all)
-            engine = {k: kernel_summary(v) if k in ("kernels", "baseline_kernels") else v
-                      for k, v in node["engine"].items()}
-            node = {**node, "engine": engine}
-        return fmt(node)
-
-    return [(k, value(k)) for k in ("model", "baseline", "recipe", "hardware", "workload")]
+def header_fields(report: ProfileReport | Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(label, text) for the report's header: model, baseline, recipe, the machine and the workload."""
+    report = ProfileReport.coerce(report)
+    hardware = report.hardware.to_dict() if report.hardware is not None else None
+    if hardware is not None:  # contention has its own line (contention_warning)
+        hardware.pop("contention", None)
+    workload = report.workload.to_dict() if report.workload is not None else None
+    if workload is not None and isinstance(workload.get("engine"), Mapping):
+        # the kernels with their reasons fill pages: here just which kernel runs where (report.json has all)
+        workload["engine"] = {k: kernel_summary(v) if k in ("kernels", "baseline_kernels") else v
+                              for k, v in workload["engine"].items()}
+    return [("model", fmt(report.model)), ("baseline", fmt(report.baseline)), ("recipe", fmt(report.recipe)),
+            ("hardware", fmt(hardware)), ("workload", fmt(workload))]
 
 
 def _cell(text: str) -> str:
@@ -325,8 +346,9 @@ def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
-def render_markdown(report: Mapping[str, Any]) -> str:
+def render_markdown(report: ProfileReport | Mapping[str, Any]) -> str:
     """PR-sized Markdown: header line, one small table per section, then the KPI checks."""
+    report = ProfileReport.coerce(report)
     head = header_fields(report)
     lines = [f"## optcli profile: {_cell(head[0][1])}", ""]
     lines.append(" · ".join(f"**{k}** {_cell(v)}" for k, v in head))
@@ -352,7 +374,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     for title, headers, rows in report_tables(report):
         lines += ["", f"**{title}**", "", *_md_table(headers, rows)]
     checks = kpi_rows(report)
-    passed = get(report, "kpi", "passed")
+    passed = report.kpi.passed if report.kpi is not None else None
     lines += ["", "**KPI**", ""]
     if not checks and passed is None:
         lines.append(NA)
@@ -361,10 +383,10 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines.append(f"Overall: {verdict}" + ("" if checks else " (no gates set)"))
         if checks:
             lines += ["", *_md_table(["", "check", "threshold", "value", "baseline"],
-                           [["✅" if c.get("passed") else "❌", fmt(c.get("name")), fmt(c.get("threshold")),
-                             kpi_value(c), fmt(c.get("baseline"))] for c in checks])]
+                           [["✅" if c.passed else "❌", fmt(c.name), fmt(c.threshold),
+                             kpi_value(c), fmt(c.baseline)] for c in checks])]
     lines += [line for scope in kpi_scope_lines(report) for line in ("", _cell(scope))]
-    versions = get(report, "versions")
+    versions = report.versions
     if versions:
         lines += ["", f"<sub>versions: {_cell(fmt(versions))}</sub>"]
     return "\n".join(lines) + "\n"

@@ -8,12 +8,11 @@ hourly price) or an API price per 1K tokens. Every input is returned with where 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from optcli.config import EngineConfig, check_dtype, check_kv_cache_dtype
+from optcli.config import EngineConfig, check_dtype, check_kv_cache_dtype, option
 from optcli.errors import UsageError
 from optcli.roi import capacity, planner
 from optcli.roi.cost import cost_per_1k, usd_per_1k
@@ -26,6 +25,7 @@ from optcli.roi.hardware import (
     recommend_recipes,
     resolve_gpu,
 )
+from optcli.schema.report import Hardware, ProfileReport
 
 DEFAULT_REQUESTS_PER_DAY = 10_000  # the seed article's case
 DEFAULT_TOKENS_PER_REQUEST = 1_000
@@ -53,27 +53,41 @@ def recommendation(annual_savings_usd: float | None, months: float | None) -> st
 
 @dataclass
 class RoiOptions:
-    report: Path | None = None
-    baseline_report: Path | None = None
-    baseline_usd_per_1k_tokens: float | None = None
-    gpu: str | None = None
-    gpu_hour_cost: float | None = None
-    gpu_catalog: Path | None = None
-    requests_per_day: float | None = None
-    tokens_per_request: float | None = None
-    implementation_cost: float | None = None
-    target_rps: float | None = None
-    p95_slo_ms: float | None = None
-    load_trace: Path | None = None
-    min_replicas: int = 1
-    max_replicas: int = 10
-    estimate: str | None = None
-    recipe: str | None = None
-    batch_size: int | None = None
-    context_len: int | None = None
-    output_len: int | None = None
-    dtype: str | None = None  # what `serve --dtype` would be given; default the report's, else auto
-    kv_cache_dtype: str | None = None  # what `serve --kv-cache-dtype` would be given; default the report's, else auto
+    """What `optcli roi` is asked; each field declared with its flag and help (`cli/flags.py` makes the options)."""
+
+    report: Path | None = option(None, "--report", help="report.json from optcli profile (measured).")
+    estimate: str | None = option(None, "--estimate", help="MODEL (or config.json): roofline estimate instead of a report.")
+    baseline_report: Path | None = option(None, "--baseline-report", help="report.json of what you run today.")
+    baseline_usd_per_1k_tokens: float | None = option(None, "--baseline-usd-per-1k-tokens",
+                                                      help="Or today's API price per 1K tokens.")
+    gpu: str | None = option(None, "--gpu", help="GPU from the catalog (price, memory, bandwidth, FLOP/s).")
+    gpu_hour_cost: float | None = option(None, "--gpu-hour-cost",
+                                         help="USD per GPU hour (overrides report and catalog).")
+    gpu_catalog: Path | None = option(None, "--gpu-catalog", help="YAML merged over the packaged GPU catalog.")
+    requests_per_day: float | None = option(None, "--requests-per-day", help="Default 10,000.")
+    tokens_per_request: float | None = option(None, "--tokens-per-request", help=(
+        "Prompt + generated (default: the report's workload, else 1,000)."))
+    implementation_cost: float | None = option(None, "--implementation-cost",
+                                               help="One-off USD, for the payback period (default 0).")
+    target_rps: float | None = option(None, "--target-rps", help="Requests/s to plan replicas for.")
+    p95_slo_ms: float | None = option(None, "--p95-slo-ms", help="p95 end-to-end latency SLO.")
+    load_trace: Path | None = option(None, "--load-trace", help="CSV time,requests_per_s: replay autoscaling.")
+    min_replicas: int = option(1, "--min-replicas", help="Fewest replicas the autoscaling replay keeps.")
+    max_replicas: int = option(10, "--max-replicas", help="Most replicas the autoscaling replay starts.")
+    recipe: str | None = option(None, "--recipe", help=(
+        "Recipe for the memory plan/estimate (default: the report's, else bf16)."))
+    batch_size: int | None = option(None, "--batch-size", help="Concurrent sequences (estimate default 16).")
+    context_len: int | None = option(None, "--context-len", help=(
+        "Tokens per sequence for the memory plan (default 2048)."))
+    output_len: int | None = option(None, "--output-len", help=(
+        "Generated tokens per request for --estimate (default 256)."))
+    # what `serve --dtype` would be given; default the report's, else auto
+    dtype: str | None = option(None, "--dtype", help=(
+        "The dtype `serve --dtype` would get, for the KV cache in the plan (default: the report's, else auto)."))
+    # what `serve --kv-cache-dtype` would be given; default the report's, else auto
+    kv_cache_dtype: str | None = option(None, "--kv-cache-dtype", help=(
+        "auto | bfloat16 | float16 | fp8 | fp8_e4m3 | int8: the KV cache `serve --kv-cache-dtype` would keep, "
+        "for the plan (default: the report's, else auto: the serving dtype)."))
 
 
 def _check(o: RoiOptions) -> None:
@@ -100,16 +114,12 @@ def _check(o: RoiOptions) -> None:
         raise UsageError("--load-trace needs --p95-slo-ms (the policy scales up when p95 exceeds it)")
 
 
-def load_report(path: Path, flag: str = "--report") -> dict:
-    """A profile report.json with a positive `throughput.total_tok_s` (the field named when missing)."""
-    try:
-        report = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise UsageError(f"{flag} {path}: cannot read ({exc.strerror})") from None
-    except (ValueError, UnicodeDecodeError):
-        raise UsageError(f"{flag} {path}: not valid JSON") from None
-    tok_s = (report.get("throughput") or {}).get("total_tok_s") if isinstance(report, dict) else None
-    if not isinstance(tok_s, int | float) or isinstance(tok_s, bool) or not tok_s > 0:
+def load_report(path: Path, flag: str = "--report") -> ProfileReport:
+    """A profile report.json, validated whole (`ProfileReport.load`: a bad field is one line naming it), with
+    the one figure every cost needs: a positive `throughput.total_tok_s`."""
+    report = ProfileReport.load(Path(path), flag)
+    tok_s = report.throughput.total_tok_s if report.throughput is not None else None
+    if not isinstance(tok_s, int | float) or not tok_s > 0:
         raise UsageError(f"{flag} {path}: missing or non-positive field 'throughput.total_tok_s'")
     return report
 
@@ -121,27 +131,26 @@ def _pick(inputs: dict, name: str, *candidates: tuple[object, str]):
     return value
 
 
-def _gpu(choice: GpuChoice | None, report: dict | None,
+def _gpu(choice: GpuChoice | None, report: ProfileReport | None,
          catalog: dict[str, GpuSpec]) -> tuple[GpuSpec | None, dict | None]:
     """(catalog entry, detected device): the --gpu flag, else the report's CUDA device, else this machine's."""
     if choice is not None:
         return choice.spec, None
     if report is not None:
-        hw = report.get("hardware") or {}
-        if str(hw.get("device", "")).startswith("cuda"):
-            return match_catalog(str(hw.get("name", "")), hw.get("memory_bytes"), catalog), None
+        hw = report.hardware or Hardware()
+        if str(hw.device or "").startswith("cuda"):
+            return match_catalog(str(hw.name or ""), hw.memory_bytes, catalog), None
         return None, None
     detected = detect_gpu(catalog)
     return (catalog[detected["catalog"]] if detected and detected["catalog"] else None), detected
 
 
-def _workload_tokens(report: dict | None) -> float | None:
-    w = (report or {}).get("workload") or {}
-    try:
-        a, b = w["prompt_len"]
-        return (a + b - 1) / 2 + w["output_len"]  # prompts uniform in [a, b)
-    except (KeyError, TypeError, ValueError):
-        return None
+def _workload_tokens(report: ProfileReport | None) -> float | None:
+    w = report.workload if report is not None else None
+    if w is None or w.prompt_len is None or len(w.prompt_len) != 2 or not isinstance(w.output_len, int):
+        return None  # a dataset's or a range's lengths: no one figure per request
+    a, b = w.prompt_len
+    return (a + b - 1) / 2 + w.output_len  # prompts uniform in [a, b)
 
 
 def compute_roi(o: RoiOptions) -> dict:
@@ -157,7 +166,7 @@ def compute_roi(o: RoiOptions) -> dict:
     if choice is not None:  # what was typed and, where it was not an exact name, how it was resolved
         inputs["gpu"].update(requested=o.gpu, resolution=choice.note)
     hourly = _pick(inputs, "gpu_hour_cost_usd", (o.gpu_hour_cost, "flag"),
-                   (((report or {}).get("cost") or {}).get("gpu_hour_cost_usd"), "report"),
+                   (report.at("cost.gpu_hour_cost_usd") if report else None, "report"),
                    (gpu and gpu.hourly_usd, "catalog"))
     if hourly is None or not hourly > 0:
         raise UsageError(f"no GPU price: pass --gpu-hour-cost USD or --gpu NAME (known: {', '.join(catalog)})")
@@ -168,9 +177,9 @@ def compute_roi(o: RoiOptions) -> dict:
 
     plan, points = None, None
     if report is not None:
-        tp = report["throughput"]
-        total_tok_s = _pick(inputs, "total_tok_s", (tp["total_tok_s"], "report"))
-        output_tok_s = _pick(inputs, "output_tok_s", (tp.get("output_tok_s"), "report"))
+        tp = report.throughput
+        total_tok_s = _pick(inputs, "total_tok_s", (tp.total_tok_s, "report"))
+        output_tok_s = _pick(inputs, "output_tok_s", (tp.output_tok_s, "report"))
     else:
         recipe, scheme = planner.scheme_for(_pick(inputs, "recipe", (o.recipe, "flag"), ("bf16", "default")))
         shape = planner.model_shape(o.estimate)
@@ -212,26 +221,24 @@ def compute_roi(o: RoiOptions) -> dict:
     }
 
 
-def _warnings(report: dict | None, priced: GpuSpec | None, catalog: dict[str, GpuSpec]) -> list[str]:
+def _warnings(report: ProfileReport | None, priced: GpuSpec | None, catalog: dict[str, GpuSpec]) -> list[str]:
     """What a reader of the figures must know: a `--gpu` priced from throughput measured on another device (a
     CPU, or another GPU), and the report's own contention warning (measured on a busy machine)."""
     warnings = []
-    hw = (report or {}).get("hardware")
-    hw = hw if isinstance(hw, dict) else {}
+    hw = (report.hardware if report is not None else None) or Hardware()
     if report is not None and priced is not None:
-        device, name = str(hw.get("device") or ""), str(hw.get("name") or "an unrecorded device")
+        device, name = str(hw.device or ""), str(hw.name or "an unrecorded device")
         if not device.startswith("cuda"):
             where = f"a CPU ({name})" if device == "cpu" else f"{device or 'an unrecorded device'} ({name})"
             warnings.append(f"--gpu {priced.name} is priced from throughput measured on {where}: the costs assume a "
                             f"{priced.name} serves no faster than that; profile on a {priced.name} (or see "
                             f"--estimate's roofline) for its own figures")
-        elif match_catalog(name, hw.get("memory_bytes"), catalog) is not priced:
+        elif match_catalog(name, hw.memory_bytes, catalog) is not priced:
             warnings.append(f"--gpu {priced.name} is priced from throughput measured on {name}: the costs assume a "
                             f"{priced.name} serves as fast as that GPU did; profile on a {priced.name} for its own "
                             "figures")
-    contention = hw.get("contention")
-    if isinstance(contention, dict) and contention.get("warning"):
-        warnings.append(f"the report was measured on a busy machine: {contention['warning']}")
+    if hw.contention is not None and hw.contention.warning:
+        warnings.append(f"the report was measured on a busy machine: {hw.contention.warning}")
     return warnings
 
 
@@ -240,27 +247,28 @@ def _baseline_annual(o: RoiOptions, inputs: dict, hourly: float, rpd: float, tpr
         per_1k = _pick(inputs, "baseline_usd_per_1k_tokens", (o.baseline_usd_per_1k_tokens, "flag"))
     elif o.baseline_report is not None:
         base = load_report(o.baseline_report, "--baseline-report")
-        tok_s = _pick(inputs, "baseline_total_tok_s", (base["throughput"]["total_tok_s"], "report"))
+        tok_s = _pick(inputs, "baseline_total_tok_s", (base.throughput.total_tok_s, "report"))
         price = _pick(inputs, "baseline_gpu_hour_cost_usd",
-                      ((base.get("cost") or {}).get("gpu_hour_cost_usd"), "report"), (hourly, "same as candidate"))
+                      (base.at("cost.gpu_hour_cost_usd"), "report"), (hourly, "same as candidate"))
         per_1k = _pick(inputs, "baseline_usd_per_1k_tokens", (usd_per_1k(price, tok_s), "report"))
     else:
         return None
     return daily_cost(rpd, tpr, per_1k) * 365
 
 
-def _plan(o: RoiOptions, report: dict | None, gpu: GpuSpec | None, detected: dict | None, inputs: dict,
+def _plan(o: RoiOptions, report: ProfileReport | None, gpu: GpuSpec | None, detected: dict | None, inputs: dict,
           plan: dict | None) -> dict | None:
     """Memory plan and recipe advice where a model config and a GPU are known."""
     if gpu is None and detected is None:
         return plan
-    model = o.estimate or (report or {}).get("model")
-    batch = o.batch_size or ((report or {}).get("workload") or {}).get("concurrency")
+    model = o.estimate or (report.model if report else None)
+    batch = o.batch_size or (report.at("workload.concurrency") if report else None)
     cc = gpu.compute_capability if gpu else detected["compute_capability"]
     has_fp8 = bool(gpu.fp8_tflops) if gpu else True
     plan = {**(plan or {}), "gpu": gpu.name if gpu else detected["name"],
             "recommendations": recommend_recipes(cc, has_fp8, batch)}
-    recipe = _pick(inputs, "recipe", (o.recipe, "flag"), ((report or {}).get("recipe"), "report"), ("bf16", "default"))
+    recipe = _pick(inputs, "recipe", (o.recipe, "flag"), (report.recipe if report else None, "report"),
+                   ("bf16", "default"))
     local = o.estimate or str(model).startswith("builtin:") or Path(str(model)).exists()
     if not local:  # a report from another machine: its model is not here (and the hub is not asked)
         plan["memory"] = {"error": f"model config not available here: {model}"}
@@ -280,25 +288,26 @@ def _plan(o: RoiOptions, report: dict | None, gpu: GpuSpec | None, detected: dic
     return plan
 
 
-def _serving_config(o: RoiOptions, report: dict | None, inputs: dict) -> EngineConfig:
+def _serving_config(o: RoiOptions, report: ProfileReport | None, inputs: dict) -> EngineConfig:
     """The engine `serve` would run on the GPU: the dtype asked for (flag, else the one the report's
     profile was asked to run in), with the engine's defaults for the rest, as `serve` has them."""
-    engine = ((report or {}).get("workload") or {}).get("engine") or {}
-    dtype = _pick(inputs, "dtype", (o.dtype, "flag"), (engine.get("dtype_requested"), "report"), ("auto", "default"))
-    kv_dtype = _pick(inputs, "kv_cache_dtype", (o.kv_cache_dtype, "flag"), (engine.get("kv_cache_dtype"), "report"),
+    profiled = report.at("workload.engine.dtype_requested") if report else None
+    dtype = _pick(inputs, "dtype", (o.dtype, "flag"), (profiled, "report"), ("auto", "default"))
+    profiled_kv = report.at("workload.engine.kv_cache_dtype") if report else None
+    kv_dtype = _pick(inputs, "kv_cache_dtype", (o.kv_cache_dtype, "flag"), (profiled_kv, "report"),
                      ("auto", "default"))
     return EngineConfig(device="cuda", dtype=dtype, kv_cache_dtype=kv_dtype)
 
 
-def _capacity(o: RoiOptions, report: dict | None, points, hourly: float, inputs: dict) -> dict | None:
+def _capacity(o: RoiOptions, report: ProfileReport | None, points, hourly: float, inputs: dict) -> dict | None:
     if o.target_rps is None and o.load_trace is None:
         return None
     points = points or capacity.sweep_points(report)
-    measured = ((report or {}).get("throughput") or {}).get("slo_max_rate")
-    if o.p95_slo_ms is None and isinstance(measured, dict) and measured.get("requests_s"):
+    measured = report.at("throughput.slo_max_rate") if report else None
+    if o.p95_slo_ms is None and measured is not None and measured.requests_s:
         # the profile found the highest rate whose latencies met its KPI file's gates: plan from that
-        best = capacity.Point(None, measured["requests_s"], measured.get("e2e_p95_ms"))
-        source = f"report: profile's SLO-max-rate (its KPI latency gates met at {measured.get('level')})"
+        best = capacity.Point(None, measured.requests_s, measured.e2e_p95_ms)
+        source = f"report: profile's SLO-max-rate (its KPI latency gates met at {measured.level})"
     else:
         best = capacity.per_replica(points, o.p95_slo_ms)
         source = (f"report sweep: the highest-throughput level with p95 E2E <= {o.p95_slo_ms:g} ms"

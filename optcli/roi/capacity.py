@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 from optcli.errors import UsageError
+from optcli.schema.report import ProfileReport, Throughput, Workload
 from optcli.util.fs import check_out_file
 
 SCALE_UP_UTILIZATION = 0.8  # scale up by one when p95 > SLO and utilization above this
@@ -30,17 +31,15 @@ class Point:
     p95_ms: float
 
 
-def sweep_points(report: dict) -> list[Point]:
+def sweep_points(report: ProfileReport) -> list[Point]:
     """Latency-vs-concurrency points of a report; older reports give their one online run."""
-    tp, workload = report.get("throughput") or {}, report.get("workload") or {}
-    raw = tp.get("sweep")
-    fixed_len = workload.get("output_len")
-    if not raw and tp.get("online_output_tok_s") and isinstance(fixed_len, int) and fixed_len > 0:  # n tokens each
-        p95 = ((report.get("latency_ms") or {}).get("e2e") or {}).get("p95")
-        raw = [{"concurrency": workload.get("concurrency"), "e2e_p95_ms": p95,
-                "requests_s": tp["online_output_tok_s"] / workload["output_len"]}]
-    points = [Point(p.get("concurrency"), p["requests_s"], p["e2e_p95_ms"]) for p in raw or []
-              if isinstance(p.get("requests_s"), int | float) and isinstance(p.get("e2e_p95_ms"), int | float)]
+    tp = report.throughput or Throughput()
+    workload = report.workload or Workload()
+    raw = [(p.concurrency, p.requests_s, p.e2e_p95_ms) for p in tp.sweep or []]
+    fixed_len = workload.output_len
+    if not raw and tp.online_output_tok_s and isinstance(fixed_len, int) and fixed_len > 0:  # n tokens each
+        raw = [(workload.concurrency, tp.online_output_tok_s / fixed_len, report.at("latency_ms.e2e.p95"))]
+    points = [Point(c, rps, p95) for c, rps, p95 in raw if isinstance(rps, int | float) and isinstance(p95, int | float)]
     if not points:
         raise UsageError("report lacks 'throughput.sweep' (latency vs concurrency): rerun optcli profile with "
                          "--concurrency 1,4,16 for a capacity plan")

@@ -222,6 +222,21 @@ def _claim(path: Path) -> None:
     (path / OWNER_FILE).write_text(json.dumps(_identity(os.getpid())))
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace the file `path` with `text` in one step (a temporary in the same directory, flushed to disk,
+    then renamed over it): a reader or a killed run sees the old file or the new one, never half of it."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 @contextlib.contextmanager
 def scratch_directory(prefix: str) -> Iterator[Path]:
     """A private directory in the system's temporary directory for one run's spill files, removed when the

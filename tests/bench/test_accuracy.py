@@ -10,7 +10,7 @@ import torch
 from helpers import shared_data
 
 from optcli.bench.accuracy import evaluate, evaluate_in_turn
-from optcli.bench.profile import measure_accuracy
+from optcli.bench.targets.builtin import measure_accuracy
 from optcli.config import EngineConfig
 
 # Both sides in fp32 here, so the only differences are the kernels': the engine's paged attention and

@@ -12,7 +12,7 @@ from helpers import serve_in_thread, shared_data
 from typer.testing import CliRunner
 
 from optcli.bench.endpoint_accuracy import topk_kld
-from optcli.bench.profile import measure_accuracy
+from optcli.bench.targets.builtin import measure_accuracy
 from optcli.cli import app
 from optcli.config import EngineConfig
 from optcli.engine.async_engine import AsyncEngine

@@ -289,11 +289,14 @@ def test_json_stdout_is_one_object_from_the_installed_entry_point(tmp_path: Path
 
 def test_profile_sweep_feeds_the_capacity_plan(tmp_path: Path) -> None:
     """A real (tiny) profile run records latency vs concurrency under `throughput.sweep`, top-level keys unchanged."""
+    from optcli.bench.args import ProfileArgs
     from optcli.bench.profile import profile
     from optcli.bench.workload import Workload
+    from optcli.config import EngineConfig
 
     workload = Workload(requests=4, prompt_len=(8, 16), output_len=4, concurrency=2, sweep=(1,))
-    report = profile("builtin:tiny-llama", workload=workload, device="cpu", max_num_seqs=4)
+    config = EngineConfig(device="cpu", max_num_seqs=4)
+    report = profile(ProfileArgs("builtin:tiny-llama", workload=workload, config=config)).to_dict()
     assert "sweep" not in report and report["workload"]["concurrency_sweep"] == [1, 2]
     sweep = report["throughput"]["sweep"]
     assert [p["concurrency"] for p in sweep] == [1, 2]

@@ -13,20 +13,11 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import httpx
 
 from optcli.config import EngineConfig
-from optcli.util.vllm_argv import vllm_command
-
-
-@dataclass(frozen=True)
-class VllmOptions:
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    max_model_len: int | None = None  # None: vLLM's own (the model's context)
-    ready_timeout_s: float = 1800.0  # loading a large model and capturing its graphs takes minutes
+from optcli.vllm.argv import VllmOptions, vllm_command
 
 
 def _free_port() -> int:
@@ -49,9 +40,7 @@ def vllm_server(model_path: str, served_name: str, config: EngineConfig, options
     """Yields the base URL of a `vllm serve` of `model_path` under `served_name`; its output goes to a
     temporary log whose last lines are in the error when it exits before it is ready."""
     port = _free_port()
-    argv = vllm_command(model_path, "127.0.0.1", port, served_name, None, config.max_num_seqs, options.max_model_len,
-                        config.gpu_memory_utilization, options.tensor_parallel_size, options.pipeline_parallel_size,
-                        config.enforce_eager, dtype=config.dtype, kv_cache_dtype=config.kv_cache_dtype)
+    argv = vllm_command(model_path, "127.0.0.1", port, config, options, served_model_name=served_name)
     log = tempfile.NamedTemporaryFile(prefix="optcli-vllm-", suffix=".log", delete=False)
     step(f"starting vllm serve {model_path} (tensor parallel {options.tensor_parallel_size}) on port {port}")
     # its own session: stopping it stops the workers it spawned too
