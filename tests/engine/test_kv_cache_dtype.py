@@ -188,7 +188,7 @@ def test_an_unsupported_kv_cache_scheme_is_a_usage_error(stories_dir, tmp_path: 
 
 
 def test_engine_config_refuses_an_unknown_kv_cache_dtype() -> None:
-    with pytest.raises(UsageError, match="kv_cache_dtype must be one of auto, bfloat16, float16, fp8, fp8_e4m3, int8"):
+    with pytest.raises(UsageError, match="--kv-cache-dtype must be one of auto, bfloat16, float16, fp8, fp8_e4m3, int8"):
         EngineConfig(kv_cache_dtype="fp4")
 
 
