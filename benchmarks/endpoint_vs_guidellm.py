@@ -90,11 +90,12 @@ def hogs(n: int):
             proc.wait(10)
 
 
-def run_guidellm(guidellm: str, url: str, tokenizer: str, streams: int, requests: int, workdir: Path) -> dict:
+def run_guidellm(guidellm: str, url: str, tokenizer: str, streams: int, requests: int, workdir: Path,
+                 rampup: float) -> dict:
     out = workdir / f"guidellm-{streams}-{time.monotonic_ns()}.json"
     subprocess.run([guidellm, "run", "--backend", f"kind=openai_http,target={url},model=mock,"
                     "request_format=/v1/completions",
-                    "--profile", f"kind=concurrent,streams={streams}",
+                    "--profile", f"kind=concurrent,streams={streams},rampup_duration={rampup}",
                     "--constraint", f"kind=max_requests,count={requests}",
                     "--data", f"kind=synthetic_text,prompt_tokens={PROMPT_TOKENS},output_tokens={OUTPUT_TOKENS}",
                     "--tokenizer", f"kind=huggingface_auto,model={tokenizer}",
@@ -109,12 +110,12 @@ def run_guidellm(guidellm: str, url: str, tokenizer: str, streams: int, requests
             "completed": metrics["time_to_first_token_ms"]["successful"]["count"]}
 
 
-def run_optcli(url: str, streams: int, requests: int) -> dict:
+def run_optcli(url: str, streams: int, requests: int, rampup: float = 0.0) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run([sys.executable, "-m", "optcli.cli", "profile", "mock", "--endpoint", url,
                            "--requests", str(requests), "--concurrency", str(streams),
                            "--prompt-len", f"{PROMPT_TOKENS}:{PROMPT_TOKENS + 1}", "--output-len", str(OUTPUT_TOKENS),
-                           "--json"], check=True, capture_output=True, text=True, env=env)
+                           "--rampup", str(rampup), "--json"], check=True, capture_output=True, text=True, env=env)
     report = json.loads(proc.stdout)
     latency = report["latency_ms"]
     return {"ttft": latency["ttft"]["p50"], "itl": latency["itl"]["p50"], "tpot": latency["tpot"]["p50"],
@@ -131,6 +132,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--itl-ms", type=float, default=20.0)
     parser.add_argument("--repeats", type=int, default=1, help="runs of each client per level (medians shown)")
     parser.add_argument("--hog", type=int, default=0, help="busy-loop processes running alongside")
+    parser.add_argument("--rampup", type=float, default=0.0, help=(
+        "seconds over which both clients start their first requests (GuideLLM's rampup_duration, optcli's "
+        "--rampup): the same offered load. At 0 optcli sends a true burst, and GuideLLM's worker processes "
+        "happen to spread theirs over ~100 ms, which the mock meets faster"))
     args = parser.parse_args(argv)
     if args.smoke:
         args.levels, args.ttft_ms, args.itl_ms, args.repeats, args.hog = "2:4", 5.0, 1.0, 1, 0
@@ -145,15 +150,15 @@ def main(argv: list[str] | None = None) -> None:
     levels = [tuple(int(x) for x in level.split(":")) for level in args.levels.split(",")]
     print(f"mock: TTFT {args.ttft_ms:g} ms, ITL {args.itl_ms:g} ms; prompts {PROMPT_TOKENS} tokens, "
           f"{OUTPUT_TOKENS} out; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}; "
-          f"{args.hog} busy-loop process(es)")
+          f"{args.hog} busy-loop process(es); rampup {args.rampup:g} s")
     rows = []
     with tempfile.TemporaryDirectory() as tmp, mock_server(guidellm, args.ttft_ms, args.itl_ms) as url, hogs(args.hog):
         run_optcli(url, 2, 4)  # warm the caches (imports, tokenizer) outside the figures
         for streams, requests in levels:
             ours, theirs = [], []
             for _ in range(args.repeats):  # interleaved, so a busy moment hits both
-                theirs.append(run_guidellm(guidellm, url, tokenizer, streams, requests, Path(tmp)))
-                ours.append(run_optcli(url, streams, requests))
+                theirs.append(run_guidellm(guidellm, url, tokenizer, streams, requests, Path(tmp), args.rampup))
+                ours.append(run_optcli(url, streams, requests, args.rampup))
             rows.append((streams, requests, ours, theirs))
     print(f"\n{'in flight':>9} {'requests':>8} | {'TTFT p50 ms':>27} | {'ITL p50 ms':>27} | {'our TPOT':>8}")
     print(f"{'':>9} {'':>8} | {'GuideLLM':>8} {'optcli':>8} {'ratio':>9} | {'GuideLLM':>8} {'optcli':>8} "

@@ -108,14 +108,17 @@ PROMPT_ID_RANGE = (3, 1000)  # real tokens of the builtin tokenizer (1024 entrie
 MAX_MODEL_LEN = 512
 
 FORMATS = {"bf16": None, "w4a16": "w4a16-rtn", "w8a8": "w8a8-rtn", "fp8": "fp8-dynamic", "nf4": "nf4-bnb",
-           "int8-bnb": "int8-bnb"}
+           "int8-bnb": "int8-bnb", "mixed": "mixed-rtn"}
+# --formats ...,mixed (never by default): the layout `--recipe auto:4.5` gives the 1B shape, W8A16 q/k/v and
+# down_proj in the first layers, W4A16 g128 elsewhere (quant_cpu_checkpoint.mixed_recipe).
+DEFAULT_FORMATS = tuple(f for f in FORMATS if f != "mixed")
 MOE_FORMATS = ("bf16", "w4a16")  # the default under --moe; w8a8 and fp8 quantize the experts too
 # Formats refused under --moe, before anything is built: `optcli quantize` refuses them for a MoE model.
 MOE_REFUSED = {
     fmt: "`optcli quantize` refuses bitsandbytes recipes for a MoE model: bitsandbytes replaces nn.Linear modules "
          "only, and transformers holds the experts as fused 3-D parameters"
     for fmt in ("nf4", "int8-bnb")
-}
+} | {"mixed": "its fixed layout names a dense model's MLP projections"}
 
 
 
@@ -281,7 +284,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--vocab", type=int, default=None,
                     help="vocabulary size (default 128256, --moe 32000; --small: 1024)")
     ap.add_argument("--formats", default=None,
-                    help=f"subset of {','.join(FORMATS)} (default: all; --moe: {','.join(MOE_FORMATS)})")
+                    help=f"subset of {','.join(FORMATS)} (default: all but mixed; --moe: {','.join(MOE_FORMATS)})")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="checkpoint and artifacts (default $OPTCLI_CACHE/bench/llama-3.2-1b-shape..., "
                          "--moe: qwen3-moe-shape...)")
@@ -297,7 +300,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.small, args.layers, args.repeats = True, args.layers or 1, 1
         args.formats = args.formats or "bf16,w4a16"
     if args.formats is None:
-        args.formats = ",".join(MOE_FORMATS if args.moe else FORMATS)
+        args.formats = ",".join(MOE_FORMATS if args.moe else DEFAULT_FORMATS)
     args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     unknown = sorted(set(args.formats) - set(FORMATS))
     if unknown:

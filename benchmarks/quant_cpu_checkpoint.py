@@ -151,8 +151,37 @@ def build_source(out: Path, shape: dict, seed: int) -> bool:
     return True
 
 
+MIXED_W8_LAYERS = 4  # W8A16 q/k/v + down_proj in this many first layers: what auto:4.5 buys the 1B shape (~4.48 bits)
+
+
+def mixed_recipe(layers: int) -> str:
+    """W4A16 g128 with W8A16 q/k/v and down_proj in the first MIXED_W8_LAYERS layers, round to nearest (speed
+    depends on the layout, not on how the integers were chosen; random weights have no sensitivity to rank)."""
+    import yaml
+
+    names = [f"model.layers.{i}.{m}" for i in range(layers) for m in
+             ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+              "mlp.up_proj", "mlp.down_proj")]
+    w8 = [n for n in names if int(n.split(".")[2]) < MIXED_W8_LAYERS and n.endswith(("q_proj", "k_proj", "v_proj",
+                                                                                    "down_proj"))]
+    groups = {"group_w4a16": {"targets": [n for n in names if n not in w8], "weights": {
+                  "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128}},
+              "group_w8a16": {"targets": w8, "weights": {
+                  "num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}}}
+    return yaml.safe_dump({"name": "mixed-rtn", "description": "W4A16 g128 with W8A16 q/k/v and down_proj in the "
+                           f"first {MIXED_W8_LAYERS} layers, round to nearest.", "backend": "llmcompressor",
+                           "scheme": "mixed", "ignore": ["lm_head"], "calibration": {"required": False},
+                           "llmcompressor": {"quant_stage": {"quant_modifiers": {
+                               "QuantizationModifier": {"config_groups": groups}}}}}, sort_keys=False)
+
+
 def recipe_path(workdir: Path, recipe: str) -> str:
-    """A builtin recipe's name, or the path of the W8A8 RTN recipe written into the workdir."""
+    """A builtin recipe's name, or the path of the W8A8 RTN (or mixed) recipe written into the workdir."""
+    if recipe == "mixed-rtn":
+        layers = json.loads((workdir / "bf16" / "config.json").read_text())["num_hidden_layers"]
+        path = workdir / "mixed-rtn.yaml"
+        path.write_text(mixed_recipe(layers))
+        return str(path)
     if recipe != "w8a8-rtn":
         return recipe
     path = workdir / "w8a8-rtn.yaml"

@@ -127,6 +127,7 @@ async def run_load(
     max_seconds: float | None = None,
     on_progress: Callable[[dict], None] | None = None,
     progress_interval_s: float = 0.5,
+    rampup_s: float = 0.0,
 ) -> tuple[list[RequestTiming], float]:
     """Send (prompt, max_tokens) requests: at `rate` req/s when given (Poisson or `constant` arrivals, on a
     schedule fixed from the start, so a slow send does not lower the rate), else all at once; at most
@@ -134,7 +135,9 @@ async def run_load(
     the timings of the requests sent (in request order) and the wall time in seconds. A request's clock
     starts when it is sent (after waiting for a slot). `on_progress` gets {"done", "failed", "in_flight",
     "total", "oldest_s" (the longest a request in flight has waited, None when none is)} every
-    `progress_interval_s`, from the event loop; a `send` with an `aclose()` is closed at the end."""
+    `progress_interval_s`, from the event loop; a `send` with an `aclose()` is closed at the end. Without a
+    rate, `rampup_s` > 0 spreads the first `concurrency` (or all) starts evenly over that many seconds
+    (GuideLLM's rampup): a burst of 64 at once is a load pattern of its own, which some servers meet slower."""
     _check_schedule(rate, concurrency, arrivals)
     rng = random.Random(seed)
     slots = asyncio.Semaphore(concurrency) if concurrency else None
@@ -166,10 +169,11 @@ async def run_load(
               if on_progress is not None else None)
     tasks = []
     try:
-        due = t0
+        due, ramped = t0, concurrency or len(requests)
         for i, ((prompt, max_tokens), timing) in enumerate(zip(requests, timings, strict=True)):
-            if rate is not None and i > 0:
-                due += 1.0 / rate if arrivals == "constant" else rng.expovariate(rate)
+            if (rate is not None and i > 0) or (rate is None and rampup_s > 0 and 0 < i < ramped):
+                due = (t0 + rampup_s * i / ramped if rate is None else
+                       due + (1.0 / rate if arrivals == "constant" else rng.expovariate(rate)))
                 if deadline is not None and due >= deadline:
                     break
                 delay = due - time.perf_counter()

@@ -195,10 +195,10 @@ def online_load(engine, server: Server | None, workload: Workload, level: LoadLe
         if engine is None:
             on_progress = (lambda state: progress({**state, "timeout_s": server.timeout_s})) if progress else None
             sender = openai_sender(server.url, server.model, server.api_key, server.timeout_s)
-            return await run_load(sender, *args, on_progress=on_progress)
+            return await run_load(sender, *args, on_progress=on_progress, rampup_s=workload.rampup_s)
         async_engine = AsyncEngine(engine)
         try:
-            return await run_load(engine_sender(async_engine), *args)
+            return await run_load(engine_sender(async_engine), *args, rampup_s=workload.rampup_s)
         finally:
             async_engine.shutdown()
 

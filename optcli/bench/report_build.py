@@ -58,6 +58,7 @@ def _workload(args: ProfileArgs, target: Target) -> dict:
         "sweep_size": w.sweep_size or None,  # `--rate sweep`: GuideLLM's sweep of this many levels
         "arrivals": w.arrivals,
         "warmup": w.warmup, "cooldown": w.cooldown, "max_seconds": w.max_seconds,
+        "rampup_s": w.rampup_s,  # a level without a rate started its first requests over this many seconds
         # how the speed figures were repeated (`repeats.py`): the in-process engine's schedule, once run
         "repeats": {"repeats": 1, "order": None, "resident": None, "warm_up": None, "prefix_cache": None},
         "levels": None,  # each level's label, in the order run

@@ -50,6 +50,7 @@ class Workload:
     max_seconds: float | None = None  # no request of a level starts after this many seconds
     repeats: int = DEFAULT_REPEATS  # timed repeats of each speed figure, per model (`repeats.py`)
     min_time_s: float = DEFAULT_MIN_TIME_S  # each repeat's timed window (`measure.within_window`)
+    rampup_s: float = 0.0  # a level without a rate starts its first requests spread over this (`run_load`)
 
     def load_levels(self) -> tuple[LoadLevel, ...]:
         """The levels to run in order (a sweep's are decided as it runs: see `measure.run_levels`)."""

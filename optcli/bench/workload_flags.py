@@ -9,6 +9,7 @@ from pathlib import Path
 from optcli.bench.dataset import load_dataset
 from optcli.bench.rates import RATE_TYPES, parse_exclusion, plan_levels
 from optcli.bench.workload import (
+    DEFAULT_MIN_TIME_S,
     DEFAULT_REPEATS,
     PROMPT_FORMATS,
     Workload,
@@ -54,6 +55,12 @@ class WorkloadFlags:
     repeats: int = option(DEFAULT_REPEATS, "--repeats", min=1, help=(
         "Timed repeats of each speed figure, source and artifact interleaved (ABBA), after an untimed warm-up: "
         "medians with 95% intervals; 1: no interval, no verdict."))
+    min_time: float = option(DEFAULT_MIN_TIME_S, "--min-time", min=0.0, envvar="OPTCLI_MIN_TIME", help=(
+        "Seconds: a timed run shorter than this (offline, batch-1 decode and prompt, a burst level) is repeated "
+        "within each repeat until this much time has passed, and its median run kept (pyperf's --min-time)."))
+    rampup: float = option(0.0, "--rampup", min=0.0, help=(
+        "Seconds over which a level without --rate starts its first requests (up to its concurrency), "
+        "evenly spread, as GuideLLM's rampup; 0: all at once. Rate levels pace their own starts."))
     prompt_format: str | None = option(None, "--prompt-format", help=(
         "tokens or text: how prompts are sent (default: text to an --endpoint, token ids in process)."))
     seed: int = option(0, "--seed", help="Seed of the synthetic prompts and lengths.")
@@ -84,7 +91,11 @@ class WorkloadFlags:
                             levels=levels, sweep_size=sweep_size, arrivals=arrivals, seed=self.seed,
                             warmup=parse_exclusion(self.warmup, "--warmup"),
                             cooldown=parse_exclusion(self.cooldown, "--cooldown"),
-                            max_seconds=self.max_seconds, prompt_format=self.prompt_format, repeats=self.repeats)
+                            max_seconds=self.max_seconds, prompt_format=self.prompt_format, repeats=self.repeats,
+                            min_time_s=self.min_time, rampup_s=self.rampup)
+        if self.rampup and all(level.rate for level in workload.load_levels()) and not sweep_size:
+            raise UsageError("--rampup spreads the first requests of a level without a rate; every level here "
+                             "has --rate, which paces its own starts")
         workload.measured_window(requests)  # warm-up and cool-down leave some requests to measure
         if dataset is not None:
             workload.dataset = tuple(load_dataset(dataset))

@@ -19,7 +19,7 @@ from pathlib import Path
 from optcli import __version__
 from optcli.calibration.outliers import activation_stats
 from optcli.calibration.sources import Documents, RowOptions, read_source
-from optcli.checkpoints.resolve import load_model, resolve_model, tokenizer_fingerprint
+from optcli.checkpoints.resolve import load_model, resolve_model, tokenizer_fingerprint, weight_hashes
 from optcli.errors import UsageError
 from optcli.util.fs import CALIBRATION_SET, atomic_directory, check_out_dir
 
@@ -153,8 +153,10 @@ def build_from_source(tokenizer, source: str, samples: int, seq_len: int, seed: 
     return build_set(tokenizer, docs, samples, seq_len, seed, strict, extra)
 
 
-def save_calibration_set(calib: CalibrationSet, out: Path, stats: dict | None = None, force: bool = False) -> Path:
-    """Atomically: token ids as a `datasets` dataset in data/, manifest.json, and stats.json when given."""
+def save_calibration_set(calib: CalibrationSet, out: Path, stats: dict | None = None, force: bool = False,
+                         sensitivity: dict | None = None) -> Path:
+    """Atomically: token ids as a `datasets` dataset in data/, manifest.json, and stats.json and
+    sensitivity.json + sensitivity.png when given."""
     from datasets import Dataset
 
 
@@ -163,6 +165,11 @@ def save_calibration_set(calib: CalibrationSet, out: Path, stats: dict | None = 
         (tmp / "manifest.json").write_text(json.dumps(calib.manifest, indent=2))
         if stats is not None:
             (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
+        if sensitivity is not None:
+            from optcli.calibration.sensitivity_plot import plot_sensitivity
+
+            (tmp / "sensitivity.json").write_text(json.dumps(sensitivity, indent=2))
+            plot_sensitivity(sensitivity, tmp / "sensitivity.png", sensitivity.get("model", ""))
     return Path(out)
 
 
@@ -192,8 +199,9 @@ def load_calibration_set(path: Path, tokenizer=None) -> CalibrationSet:
 
 def calibrate(model_spec: str, source: str, out: Path, samples: int = 128, seq_len: int = 512, seed: int = 0, *,
               text_field: str | None = None, chat_template: bool = False, strict: bool = False, stats: bool = False,
-              force: bool = False, batch_size: int = 8) -> tuple[CalibrationSet, dict | None]:
-    """`optcli calibrate`: every check before any work, then build, optionally measure outliers, save atomically."""
+              force: bool = False, batch_size: int = 8, sensitivity: bool = False) -> tuple[CalibrationSet, dict | None]:
+    """`optcli calibrate`: every check before any work, then build, optionally measure outliers (`stats`) and
+    per-layer sensitivity (`sensitivity`: DIR/sensitivity.json and .png), save atomically."""
     from transformers import AutoConfig, AutoTokenizer
 
 
@@ -206,11 +214,16 @@ def calibrate(model_spec: str, source: str, out: Path, samples: int = 128, seq_l
     tokenizer = AutoTokenizer.from_pretrained(model.path)
     calib = build_from_source(tokenizer, source, samples, seq_len, seed, text_field=text_field,
                               chat_template=chat_template, model_path=model.path, strict=strict)
-    report = None
+    report = sens = None
+    loaded = load_model(model)[0] if stats or sensitivity else None
     if stats:
-
-        loaded, _ = load_model(model)
         report = activation_stats(loaded, calib.input_ids, batch_size)
         report["calibration_sha256"] = calib.manifest["sha256"]
-    save_calibration_set(calib, Path(out), report, force)
+    if sensitivity:  # weights hashed so `quantize --recipe auto:BITS --calibration DIR` can reuse it
+        from optcli.calibration.sensitivity import measure_sensitivity
+
+        sens = {"model": model.spec, "source_weights": weight_hashes(model.path),
+                "calibration_sha256": calib.manifest["sha256"],
+                **measure_sensitivity(loaded, calib.input_ids, batch_size=batch_size)}
+    save_calibration_set(calib, Path(out), report, force, sens)
     return calib, report

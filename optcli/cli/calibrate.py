@@ -1,7 +1,9 @@
-"""`optcli calibrate`: build a hashed calibration set; with --stats, the activation-outlier table."""
+"""`optcli calibrate`: build a hashed calibration set; with --stats, the activation-outlier table; with
+--sensitivity, the per-layer KLD ranking."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -25,6 +27,8 @@ def calibrate(
     chat_template: Annotated[bool, typer.Option("--chat-template", help="Render OpenAI-style 'messages' rows with the model's chat template.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 2 when the source has fewer windows than --samples.")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Activation-outlier report per linear layer (stats.json) and a recipe suggestion.")] = False,
+    sensitivity: Annotated[bool, typer.Option("--sensitivity", help="Per-layer KLD of quantizing each layer alone "
+                                              "at W4A16 (sensitivity.json, sensitivity.png): what auto:BITS spends by.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as one JSON object.")] = False,
 ) -> None:
@@ -33,7 +37,9 @@ def calibrate(
 
     with guard(as_json):
         calib, report = run_calibrate(model, source, out_dir, samples, seq_len, seed, text_field=text_field,
-                                      chat_template=chat_template, strict=strict, stats=stats, force=force)
+                                      chat_template=chat_template, strict=strict, stats=stats, force=force,
+                                      sensitivity=sensitivity)
+    sens = json.loads((out_dir / "sensitivity.json").read_text()) if sensitivity else None
     manifest = calib.manifest
     for warning in manifest["warnings"]:
         err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False, soft_wrap=True)
@@ -42,11 +48,41 @@ def calibrate(
         if report is not None:
             result["stats"] = {"file": str(out_dir / "stats.json"), "suggestion": report["suggestion"],
                                "worst": [{"layer": n, **report["layers"][n]} for n in report["worst"][:5]]}
+        if sens is not None:
+            result["sensitivity"] = sensitivity_summary(sens, out_dir)
         emit_json(result)
         return
     show_calibration(manifest, out_dir)
     if report is not None:
         show_outliers(report, out_dir)
+    if sens is not None:
+        show_sensitivity(sens, out_dir)
+
+
+def sensitivity_summary(sens: dict, out_dir: Path, rows: int = 5) -> dict:
+    keep = ("layer", "kld", "share", "rank")
+    return {"file": str(out_dir / "sensitivity.json"), "plot": str(out_dir / "sensitivity.png"),
+            "scheme": sens["scheme"], "tokens": sens["tokens"], "total_kld_alone": sens["total_kld_alone"],
+            "joint_kld": sens["joint_kld"], "top": [{k: r[k] for k in keep} for r in sens["layers"][:rows]]}
+
+
+def show_sensitivity(sens: dict, out_dir: Path, rows: int = 15) -> None:
+    """Ranked: the layers whose quantization alone costs the most KLD, with their share of the sum."""
+    layers = sens["layers"]
+    table = Table(title=f"per-layer sensitivity · {sens['scheme']} one layer at a time · top {min(rows, len(layers))} "
+                  f"of {len(layers)} ({sens['tokens']} tokens)")
+    table.add_column("#", justify="right")
+    table.add_column("layer", no_wrap=True)
+    table.add_column("KLD alone", justify="right")
+    table.add_column("share", justify="right")
+    table.add_column("cumulative", justify="right")
+    cumulative = 0.0
+    for row in layers[:rows]:
+        cumulative += row["share"]
+        table.add_row(str(row["rank"]), row["layer"], f"{row['kld']:.3g}", f"{row['share']:.1%}", f"{cumulative:.0%}")
+    out.print(table)
+    out.print(f"sum of the parts {sens['total_kld_alone']:.4g} nats · all layers at once {sens['joint_kld']:.4g} · "
+              f"{out_dir / 'sensitivity.json'} · {out_dir / 'sensitivity.png'}", soft_wrap=True)
 
 
 def show_calibration(manifest: dict, out_dir: Path) -> None:

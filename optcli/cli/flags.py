@@ -19,7 +19,7 @@ from optcli.cli.common import fail
 from optcli.errors import UsageError
 
 # Typer option settings a field's declaration may carry beside its flags and help
-_TYPER_KEYS = ("min", "max", "show_default")
+_TYPER_KEYS = ("min", "max", "show_default", "envvar")
 
 
 def declared(cls: type) -> list[dataclasses.Field]:

@@ -16,6 +16,7 @@ from optcli.bench.workload_flags import WorkloadFlags
 from optcli.cli.app import app
 from optcli.cli.common import emit_json, err, fail, guard, mib, out
 from optcli.cli.flags import with_options
+from optcli.cli.profile_blame import check_per_layer, run_per_layer
 from optcli.config import EngineConfig
 from optcli.errors import KpiFailed
 from optcli.report.markdown import (
@@ -43,6 +44,8 @@ def profile(
     config: EngineConfig,
     config_given: dict,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
+    per_layer: Annotated[bool, typer.Option("--per-layer", help="Also rank the artifact's layers by the KLD each "
+                                            "causes alone (per_layer.json): which layers the accuracy loss comes from.")] = False,
 ) -> None:
     """Measure accuracy, throughput, latency under load and cost; gate on KPIs."""
     from optcli.bench.profile import profile as run_profile  # torch, transformers: only when profiling
@@ -52,6 +55,7 @@ def profile(
         load, dataset = workload.build()
         target = replace(target, max_model_len=config_given["max_model_len"])  # vLLM's own unless given
         args = ProfileArgs(model, load, accuracy, target, outputs, config, dataset_path=dataset)
+        blame_against = check_per_layer(model, accuracy.baseline, target.endpoint) if per_layer else None
         note = _Steps(not as_json and err.is_terminal)
         try:
             report = run_profile(args, note)
@@ -59,6 +63,8 @@ def profile(
             report, gate_failure = exc.report, exc
         finally:
             note.close()
+        if blame_against is not None:  # after the report, so a failed blame never costs the profile
+            run_per_layer(model, blame_against, accuracy.eval_text, outputs.out, as_json)
     _show_profile(report, as_json, outputs.out)
     if gate_failure is not None:
         fail(str(gate_failure), 3)

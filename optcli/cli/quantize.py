@@ -43,6 +43,10 @@ def quantize(
         "peak_memory": manifest["memory"],
         "layers": count_decisions(manifest["layers"]),
     }
+    allocation = manifest.get("allocation")
+    if allocation is not None:  # auto:BITS
+        summary["allocation"] = {k: allocation[k] for k in ("budget_bits", "bits_per_weight", "bits_per_weight_all",
+                                                             "floor_bits", "layers_per_scheme", "recipe_file")}
     if as_json:
         emit_json(summary)
         return
@@ -53,6 +57,10 @@ def quantize(
     table.add_row("weights", f"{mib(before)} → {mib(after)} ({after / before:.0%})" if before else mib(after))
     table.add_row("duration", f"{summary['duration_s']:.1f} s on {summary['device']}")
     table.add_row("peak host memory", mib(summary["peak_memory"]["host_peak_rss_bytes"]))
+    if allocation is not None:
+        table.add_row("bits per weight", f"{allocation['bits_per_weight']:.3f} of {allocation['budget_bits']:g} "
+                      f"(linear layers; {allocation['bits_per_weight_all']:.3f} with the embeddings)")
+        table.add_row("recipe", str(Path(summary["artifact"]) / allocation["recipe_file"]))
     for decision, count in summary["layers"].items():
         table.add_row(f"layers: {decision}", str(count))
     out.print(table)
@@ -62,5 +70,6 @@ def count_decisions(layers: dict) -> dict[str, int]:
     counts: dict[str, int] = {}
     for layer in layers.values():
         key = str(layer.get("scheme", "?")).split(" (")[0]
+        key = f"{layer['precision']} {key}" if "precision" in layer else key  # auto:BITS: the rung, then the layout
         counts[key] = counts.get(key, 0) + 1
     return counts

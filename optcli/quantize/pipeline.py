@@ -42,6 +42,7 @@ class QuantizedModel:
     device: str
     layers: dict[str, Any]
     started: float = field(default_factory=time.perf_counter)
+    allocation: dict[str, Any] | None = None  # auto:BITS: the budget, the bits spent, the upgrades taken
 
 
 def apply_recipe(
@@ -79,6 +80,11 @@ def apply_recipe(
         else:
             calib = default_calibration_set(tokenizer, recipe.calibration.samples, recipe.calibration.seq_len, seed)
     layers: dict[str, Any] = {}
+    allocation = None
+    if recipe.budget_bits is not None:  # auto:BITS: a rung per layer first, then an ordinary GPTQ run
+        from optcli.quantize.mixed import plan_mixed
+
+        recipe, allocation, layers = plan_mixed(model, recipe, calib, calibration, source)
     if recipe.backend == "llmcompressor":
         from optcli.quantize.llmcompressor import quantize_llmcompressor
 
@@ -90,8 +96,12 @@ def apply_recipe(
             if progress is not None:
                 progress(min(done[0], total), total)
 
-        layers = quantize_llmcompressor(model, tokenizer, recipe, calib, layer_done)
-    return QuantizedModel(model, tokenizer, recipe, source, calib, device, layers, started)
+        done_layers = quantize_llmcompressor(model, tokenizer, recipe, calib, layer_done)
+        layers = {name: {**done_layers.get(name, {}), **layers.get(name, {})} for name in {*done_layers, *layers}}
+    for entry in layers.values() if allocation is not None else ():
+        entry.setdefault("scheme", "unquantized (auto: kept in bf16)")
+    return QuantizedModel(model, tokenizer, recipe, source, calib, device, dict(sorted(layers.items())), started,
+                          allocation)
 
 
 def refuse_quantized(path: Path) -> None:
@@ -149,6 +159,11 @@ def write_artifact(qm: QuantizedModel, directory: Path) -> dict[str, Any]:
         "layers": qm.layers,
         "versions": library_versions(),
     }
+    if qm.allocation is not None:
+        from optcli.quantize.mixed import recipe_yaml
+
+        manifest["allocation"] = qm.allocation
+        (directory / qm.allocation["recipe_file"]).write_text(recipe_yaml(qm.recipe))
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     return manifest
 

@@ -55,6 +55,9 @@ class Recipe(BaseModel):
     tunables: dict[str, Any] = Field(default_factory=dict)
     llmcompressor: dict[str, Any] | None = None
     bnb: BnbOptions | None = None
+    # `auto:BITS`: the average bits per weight to spend on the ladder W4A16 -> W8A16 -> bf16 (quantize/mixed.py);
+    # the allocation then replaces the llm-compressor block, per model.
+    budget_bits: float | None = Field(None, ge=4, le=16)
     notes: str = ""
     source: str = ""  # where the recipe was read from (filled in on load)
 
@@ -99,11 +102,16 @@ def resolve_recipe_path(name_or_path: str) -> Path:
         return candidate
     raise UsageError(
         f"unknown recipe '{name_or_path}' (built-in recipes: {', '.join(builtin_names())}; "
-        "or pass a path to a .yaml file)"
+        "or pass a path to a .yaml file, or auto:BITS for mixed precision)"
     )
 
 
 def load_recipe(name_or_path: str) -> Recipe:
+    """A shipped recipe by name, a YAML file, or `auto:BITS` (a mixed-precision budget, quantize/mixed.py)."""
+    if name_or_path.startswith("auto:"):
+        from optcli.quantize.mixed import auto_recipe
+
+        return auto_recipe(name_or_path)
     path = resolve_recipe_path(name_or_path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -117,6 +125,9 @@ def load_recipe(name_or_path: str) -> Recipe:
         raise UsageError(_format_error(path, exc)) from None
     if recipe.backend == "llmcompressor" and not recipe.llmcompressor:
         raise UsageError(f"{path}: field 'llmcompressor': required when backend is llmcompressor")
+    gptq = ((recipe.llmcompressor or {}).get("quant_stage") or {}).get("quant_modifiers") or {}
+    if recipe.budget_bits is not None and "GPTQModifier" not in gptq:
+        raise UsageError(f"{path}: field 'budget_bits': needs a GPTQModifier under llmcompressor.quant_stage.quant_modifiers")
     if recipe.backend == "bnb" and recipe.bnb is None:
         raise UsageError(f"{path}: field 'bnb': required when backend is bnb")
     return recipe

@@ -135,6 +135,19 @@ def test_each_repeat_is_the_median_run_of_its_timed_window(monkeypatch) -> None:
     assert measure.within_window(runs([None, 5.0], 0.01), lambda x: x, 0.5) == (None, 1)
 
 
+def test_a_profile_run_fills_each_timed_window_with_an_odd_number_of_runs(stories_dir: Path) -> None:
+    """The window through the real engine: stories260K's runs are milliseconds long, so every phase of every
+    repeat runs at least 3 times (an odd count: a true median), and the schedule says so."""
+    candidate, baseline = sources(stories_dir)
+    _, _, schedule = repeats.measure_models(candidate, baseline, Workload(**WORKLOAD, repeats=2, min_time_s=0.1),
+                                            None, EngineConfig(device="cpu"), lambda message: None)
+    window = schedule["window"]
+    assert window["min_s"] == 0.1 and set(window["runs"]) == {"candidate", "baseline"}
+    for side in window["runs"].values():
+        assert set(side) == {"offline", "decode", "prompt", "online"}
+        assert all(len(runs) == 2 and all(n >= 3 and n % 2 for n in runs) for runs in side.values()), side
+
+
 def test_without_room_for_both_the_models_take_turns(stories_dir: Path, monkeypatch) -> None:
     """Not resident together: one engine at a time, reloaded (and warmed up again) at its turn; ABBA order
     keeps it to one reload per repeat."""

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from optcli.bench.load_generator import run_load
 from optcli.bench.rates import SYNCHRONOUS, THROUGHPUT, LoadLevel, parse_exclusion, plan_levels, sweep_rates
+from optcli.bench.workload_flags import WorkloadFlags
 from optcli.cli import app
 from optcli.errors import UsageError
 
@@ -63,6 +64,27 @@ def test_constant_arrivals_keep_their_schedule_and_max_seconds_stops_sending() -
     assert 6 <= len(timings) <= 9 and wall < 0.5  # 40/s for 0.2 s: 8 sent, the rest never
     timings, _ = asyncio.run(run_load(send, [([1], 1)] * 100, concurrency=2, max_seconds=0.1))
     assert 10 <= len(timings) < 30 and all(t.ok for t in timings)  # the ones waiting for a slot are never sent
+
+
+def test_rampup_spreads_the_first_starts_of_a_level_without_a_rate() -> None:
+    """GuideLLM's rampup: 8 slots over 0.4 s start every 50 ms; the rest wait for a slot as before."""
+    async def send(prompt, max_tokens):
+        await asyncio.sleep(0.6)
+        yield 1
+
+    timings, _ = asyncio.run(run_load(send, [([1, 2], 1)] * 10, concurrency=8, rampup_s=0.4))
+    starts = sorted(t.start - timings[0].start for t in timings)
+    assert all(abs(s - i * 0.05) < 0.03 for i, s in enumerate(starts[:8]))  # one every 50 ms, from 0
+    assert all(s >= 0.55 for s in starts[8:])  # the 9th and 10th took the first freed slots
+    timings, _ = asyncio.run(run_load(send, [([1, 2], 1)] * 8, concurrency=8))
+    assert max(t.start for t in timings) - min(t.start for t in timings) < 0.03  # without it: all at once
+
+
+def test_rampup_needs_a_level_without_a_rate() -> None:
+    with pytest.raises(UsageError, match="--rampup"):
+        WorkloadFlags(rate="5", rampup=1.0).build()
+    assert WorkloadFlags(rate="sweep", rampup=1.0).build()[0].rampup_s == 1.0  # the sweep's throughput level
+    assert WorkloadFlags(concurrency="4", rampup=0.5).build()[0].rampup_s == 0.5
 
 
 def test_a_sweep_reports_every_level_and_the_slo_max_rate(stories_dir: Path, tmp_path: Path) -> None:

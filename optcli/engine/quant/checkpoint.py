@@ -69,6 +69,14 @@ def _native(fmt: str, scheme, local: dict[str, torch.Tensor]):
         return _int4(w, local, scale, strategy)
     if strategy not in ("channel", "tensor") or not w.symmetric or w.num_bits != 8:
         return None
+    if fmt == "pack-quantized" and w.type == "int" and not act_quant:
+        # llm-compressor packs weight-only 8-bit (W8A16) into int32 words too: unpack to the int8 rows
+        # Int8Weight keeps (per channel), so a mixed W4/W8 artifact runs each layer on its own kernel.
+        from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+        n, k = (int(d) for d in local["weight_shape"])
+        q = unpack_from_int32(local["weight_packed"], 8, torch.Size((n, k))).to(torch.int8)
+        return Int8Weight(q, scale.reshape(-1).expand(n).contiguous(), False)
     q = local["weight"]
     scales = scale.reshape(-1).expand(q.shape[0]).contiguous() if scale.numel() == 1 else scale.reshape(-1)
     if fmt == "int-quantized" and w.type == "int" and q.dtype == torch.int8:

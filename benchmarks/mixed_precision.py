@@ -1,0 +1,198 @@
+"""Mixed precision against uniform W4A16: KLD on held-out text against bits per weight (issue 37).
+
+For each model (stories260K from ../shared/data, converted once; builtin:tiny-llama):
+1. a calibration set from TinyStories characters 60k-160k, with `--sensitivity` (its report is reused by
+   every auto:BITS run, since it was measured on the same weights);
+2. uniform W4A16 GPTQ g128 twice: the shipped `w4a16-gptq` (a layer whose width leaves a ragged group stays
+   bf16) and the same recipe with `indivisible: channel` (every layer at 4 bits: the like-for-like floor);
+3. `auto:BITS` for each budget (a budget under the model's floor is refused, exit 2, and shown as such);
+4. each artifact reloaded in transformers and scored against the fp32 source on held-out text (TinyStories
+   characters 0-N, which calibration never sees): mean per-token KLD, top-1 agreement;
+5. for the first auto artifact: greedy top-1 of our engine on it against transformers on its dense twin
+   (the same rounded weights decompressed), and the kernels the engine runs.
+
+Bits per weight are counted as `auto` counts them (quantize/mixed.py): over the quantizable linear layers,
+scales included; `all` adds the embeddings (tied head counted once) at 16 bits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+
+def stories(workdir: Path) -> str:
+    from optcli.checkpoints.llama2c import convert_llama2c
+
+    out = workdir / "stories260K"
+    if not (out / "config.json").is_file():
+        convert_llama2c(DATA / "stories260K.bin", DATA / "tok512.bin", out)
+    return str(out)
+
+
+def uniform_bits(manifest: dict, sens: dict) -> tuple[float, float]:
+    from optcli.calibration.sensitivity import W4A16
+
+    rows = {r["layer"]: r for r in sens["layers"]}
+    total = spent = 0.0
+    for name, row in rows.items():
+        scheme = manifest["layers"].get(name, {}).get("scheme", "skipped")
+        bits = 16.0 if scheme.startswith(("skipped", "unquantized")) else W4A16.bits_per_weight(row["in_features"])
+        spent += bits * row["params"]
+        total += row["params"]
+    return spent / total, total
+
+
+def held_out_kld(artifact: Path, source, ids: list[int]) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from optcli.bench.accuracy import evaluate
+
+    model = AutoModelForCausalLM.from_pretrained(artifact, device_map="cpu").eval()
+    r = evaluate(model, ids, source, ctx=256)
+    return {"kld": r.kld_mean, "top1": r.top1_agreement, "ppl_ratio": r.ppl_ratio, "tokens": r.tokens_scored}
+
+
+def engine_check(artifact: Path, ids: list[int], workdir: Path) -> dict:
+    """Greedy top-1 of the engine on the artifact against transformers on its dense twin."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from optcli.engine import Engine
+    from optcli.engine.loading.state_dict import load_dense_state_dict
+    from optcli.engine.quant.layers import quant_summary
+
+    twin = workdir / f"{artifact.name}-twin"
+    shutil.rmtree(twin, ignore_errors=True)
+    twin.mkdir()
+    config = json.loads((artifact / "config.json").read_text())
+    config.pop("quantization_config")
+    save_file({k: v.contiguous() for k, v in load_dense_state_dict(artifact).items()}, twin / "model.safetensors")
+    (twin / "config.json").write_text(json.dumps(config))
+    hf = AutoModelForCausalLM.from_pretrained(twin, dtype=torch.float32).eval()
+    engine = Engine(str(artifact), device="cpu", max_model_len=512)
+    agree = total = 0
+    for start in range(0, min(len(ids), 8 * 128), 128):
+        window = ids[start : start + 128]
+        with torch.no_grad():
+            theirs = hf(torch.tensor([window])).logits[0]
+        agree += int((engine.score(window).argmax(-1) == theirs.argmax(-1)).sum())
+        total += len(window)
+    return {"top1_vs_dense_twin": agree / total, "tokens": total, "kernels": quant_summary(engine.model)}
+
+
+def run_model(spec: str, args, workdir: Path) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from optcli.calibration.dataset import calibrate
+    from optcli.errors import UsageError
+    from optcli.quantize.pipeline import apply_recipe, save_artifact
+    from optcli.quantize.recipes import load_recipe
+
+    name = Path(spec).name.replace("builtin:", "")
+    text = (DATA / "tinystories_train_sample.txt").read_text(encoding="utf-8")
+    calib_txt = workdir / "calib.txt"
+    calib_txt.write_text(text[60_000:160_000], encoding="utf-8")
+    calib_dir = workdir / f"{name}-calib"
+    t = time.perf_counter()
+    calibrate(spec, str(calib_txt), calib_dir, args.samples, args.seq_len, sensitivity=True, force=True)
+    sens = json.loads((calib_dir / "sensitivity.json").read_text())
+    print(f"[{name}] sensitivity: {time.perf_counter() - t:.0f}s, joint {sens['joint_kld']:.4g} "
+          f"sum {sens['total_kld_alone']:.4g}", file=sys.stderr)
+    import yaml
+
+    all_recipe = workdir / "w4a16-gptq-all.yaml"
+    base = load_recipe("w4a16-gptq").model_dump(exclude={"source", "budget_bits"})
+    all_recipe.write_text(yaml.safe_dump({**base, "name": "w4a16-gptq-all", "indivisible": "channel"}))
+    rows = []
+    source_model = None
+    ids: list[int] = []
+    for recipe in ["w4a16-gptq", str(all_recipe), *[f"auto:{b:g}" for b in args.budgets]]:
+        label = Path(recipe).stem if recipe.endswith(".yaml") else recipe
+        out = workdir / f"{name}-{label.replace(':', '-')}"
+        t = time.perf_counter()
+        try:
+            qm = apply_recipe(spec, recipe, calibration=calib_dir, device="cpu")
+        except UsageError as exc:
+            rows.append({"recipe": label, "refused": str(exc)})
+            print(f"[{name}] {label}: refused: {exc}", file=sys.stderr)
+            continue
+        shutil.rmtree(out, ignore_errors=True)
+        manifest = save_artifact(qm, out)
+        if source_model is None:
+            source_model = AutoModelForCausalLM.from_pretrained(qm.source.path, dtype=torch.float32).eval()
+            tokenizer = AutoTokenizer.from_pretrained(qm.source.path)
+            ids = tokenizer(text[: args.eval_chars], verbose=False).input_ids
+        if "allocation" in manifest:
+            bits, bits_all = manifest["allocation"]["bits_per_weight"], manifest["allocation"]["bits_per_weight_all"]
+        else:
+            bits, params = uniform_bits(manifest, sens)
+            other = manifest.get("allocation", {}).get("other_params") or _embedding_params(source_model)
+            bits_all = (bits * params + 16 * other) / (params + other)
+        row = {"recipe": label, "bits_per_weight": round(bits, 4), "bits_per_weight_all": round(bits_all, 4),
+               "quantize_s": round(time.perf_counter() - t, 1), "artifact": str(out),
+               **held_out_kld(out, source_model, ids)}
+        rows.append(row)
+        print(f"[{name}] {json.dumps(row)}", file=sys.stderr)
+    first_auto = next((r for r in rows if r["recipe"].startswith("auto:") and "artifact" in r), None)
+    check = engine_check(Path(first_auto["artifact"]), ids, workdir) if first_auto else None
+    return {"model": spec, "sensitivity_tokens": sens["tokens"], "eval_tokens": rows[0].get("tokens"), "rows": rows,
+            "engine_check": check, "engine_checked": first_auto and first_auto["recipe"]}
+
+
+def _embedding_params(model) -> int:
+    embedding = model.get_input_embeddings().weight
+    head = getattr(model.get_output_embeddings(), "weight", None)
+    return embedding.numel() + (head.numel() if head is not None and head is not embedding else 0)
+
+
+def print_table(result: dict) -> None:
+    rows = result["rows"]
+    uniform = next((r for r in rows if r["recipe"] == "w4a16-gptq-all"), None)
+    print(f"\n{result['model']} (held-out tokens: {result['eval_tokens']})")
+    print(f"{'recipe':<16}{'bits/w (linear)':>16}{'bits/w (all)':>14}{'KLD':>11}{'x uniform':>11}{'top-1':>8}")
+    for r in rows:
+        if "refused" in r:
+            print(f"{r['recipe']:<16}  refused: {r['refused']}")
+            continue
+        rel = f"{r['kld'] / uniform['kld']:.2f}" if uniform and uniform.get("kld") else "n/a"
+        print(f"{r['recipe']:<16}{r['bits_per_weight']:>16.3f}{r['bits_per_weight_all']:>14.3f}{r['kld']:>11.3e}"
+              f"{rel:>11}{r['top1']:>8.3f}")
+    if result["engine_check"]:
+        c = result["engine_check"]
+        print(f"engine on {result['engine_checked']}: top-1 vs dense twin {c['top1_vs_dense_twin']:.3f} over "
+              f"{c['tokens']} tokens; kernels {c['kernels']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="stories260K,builtin:tiny-llama")
+    ap.add_argument("--budgets", default="3.5,4,4.5,5,6", type=lambda s: [float(b) for b in s.split(",")])
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--eval-chars", type=int, default=20_000)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/optcli-mixed-bench"))
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for spec in args.models.split(","):
+        spec = stories(args.workdir) if spec == "stories260K" else spec
+        results.append(run_model(spec, args, args.workdir))
+        print_table(results[-1])
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
