@@ -16,6 +16,11 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 LM_HEADS = ("dense", "int8")
 SCHEDULER_POLICIES = ("continuous", "static")
+# vLLM's names for the KV cache's storage: `auto` keeps the model dtype (or follows an artifact's calibrated
+# kv_cache_scheme), fp8 and fp8_e4m3 are the same E4M3 format, int8 is symmetric; both 8-bit kinds carry scales
+# per layer, KV head and channel (engine/attention/kv_quant.py).
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "fp8", "fp8_e4m3", "int8")
+KV_CACHE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "fp8": 1, "fp8_e4m3": 1, "int8": 1}
 # How long `profile --endpoint` waits for a server's next byte (its response, or the next streamed chunk) before
 # a request fails: the openai SDK's default (600 s), so no request that a production client would have waited for
 # is counted as failed, while a server that never answers becomes one clear error instead of a hang.
@@ -26,6 +31,16 @@ def check_dtype(value: str, name: str = "dtype") -> None:
     """The one dtype check, for the engine option and for every CLI flag that carries it (`name`)."""
     if value not in DTYPES:
         raise UsageError(f"{name} must be one of {', '.join(DTYPES)} (got '{value}')")
+
+
+def check_kv_cache_dtype(value: str, name: str = "kv_cache_dtype") -> None:
+    if value not in KV_CACHE_DTYPES:
+        raise UsageError(f"{name} must be one of {', '.join(KV_CACHE_DTYPES)} (got '{value}')")
+
+
+def kv_cache_element_bytes(kv_cache_dtype: str, model_dtype: str) -> int:
+    """Bytes one K or V element takes in the cache: `auto` stores the model dtype."""
+    return KV_CACHE_BYTES[model_dtype if kv_cache_dtype == "auto" else kv_cache_dtype]
 
 
 DEVICES = ("auto", "cpu", "cuda")  # and cuda:N
@@ -82,10 +97,15 @@ class EngineConfig:
     quantization: str | None = None  # w4a16 | w8a8 | w8a16 | fp8: round a dense checkpoint at load
     lm_head: str = option("dense", "--lm-head", help=(
         "dense | int8: round the LM head (and a tied embedding) to int8 per row at load."))
+    kv_cache_dtype: str = option("auto", "--kv-cache-dtype", vllm="--kv-cache-dtype", help=(
+        "auto | bfloat16 | float16 | fp8 | fp8_e4m3 | int8: the KV cache's storage. auto: the model dtype, or the "
+        "artifact's calibrated kv_cache_scheme; fp8 (= fp8_e4m3) and int8 hold twice the tokens of a 16-bit cache, "
+        "with scales per layer, KV head and channel (the artifact's, else set by the first K/V written)."))
 
     def __post_init__(self) -> None:
         """Each option's check, in one place: flag names where a flag sets the option (exit 2, one line)."""
         check_dtype(self.dtype, "--dtype")
+        check_kv_cache_dtype(self.kv_cache_dtype, "--kv-cache-dtype")
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
             raise UsageError(f"--device must be auto, cpu or cuda (got '{self.device}')")
         if self.max_num_seqs < 1 or self.block_size < 1:

@@ -35,6 +35,7 @@ DONE = {
     "gpu_check": r"gpu_check on .*; model tiny",
     "grammar_mask": r"mask step inside the engine",
     "host_overhead": r"batch +4: +\d+ us/step",
+    "kv_cache_dtype": r"(PASS|MISS)  int8: 2x the tokens per byte",
     "llamacpp_peer": r"skipped: \w+ is not installed|skipped: no checkpoint|## llama\.cpp, batch 1",
     "quant_check": r"result: PASS",
     "quant_cpu": r"## Targets",

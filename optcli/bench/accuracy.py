@@ -65,14 +65,15 @@ class EngineLM:
     """The built-in engine seen as a causal LM by `evaluate`: logits of one [1, T] window through the
     engine's paged forward (`Engine.score`), so what is scored is what the engine serves."""
 
-    def __init__(self, engine) -> None:
+    def __init__(self, engine, chunk: int | None = None) -> None:
         self.engine = engine
+        self.chunk = chunk  # tokens a step (`Engine.score`): 1 scores decode steps, each reading the cache
 
     def parameters(self):
         yield torch.empty(0)  # windows are built on the CPU; score() takes a list of ids
 
     def __call__(self, ids: torch.Tensor) -> SimpleNamespace:
-        return SimpleNamespace(logits=self.engine.score(ids[0].tolist())[None])
+        return SimpleNamespace(logits=self.engine.score(ids[0].tolist(), self.chunk)[None])
 
 
 @torch.no_grad()

@@ -82,7 +82,7 @@ def add_accuracy(report: ProfileReport, acc: dict | None, backend: str | None = 
     """The accuracy figures (and `top_k` / `lm_head` where measured); `backend` names a served run's method."""
     if acc is None:
         return
-    report.accuracy = {k: acc.get(k) for k in ACCURACY_KEYS} | {k: acc[k] for k in ("top_k", "lm_head") if k in acc}
+    report.accuracy = {k: acc.get(k) for k in ACCURACY_KEYS} | {k: acc[k] for k in ("top_k", "lm_head", "kv_cache") if k in acc}
     if backend is not None:
         report.workload.accuracy_backend = backend.format(top_k=acc.get("top_k"))
 

@@ -48,7 +48,7 @@ def compare(
                 from optcli.compare.optimizations_run import compare_optimizations
 
                 report = compare_optimizations(model, load, config, o.recipe, o.out, o.cache_dir, o.calibration, load.seed,
-                                               step=step)
+                                               kv_cache_dtype=config.kv_cache_dtype, step=step)
             else:
                 from optcli.compare.run import CompareRequest
                 from optcli.compare.run import compare as run_compare

@@ -12,7 +12,7 @@ CPU; a KV-cache dtype while the engine has only one).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 from optcli.bench.repeats import ModelRun, measure_models
 from optcli.bench.stats import ratio_interval
@@ -36,11 +36,6 @@ class Toggle:
     shared_prefix: bool = False
 
 
-def kv_dtype_field() -> bool:
-    """Whether the engine has a KV-cache dtype option (added by another change; this row waits for it)."""
-    return "kv_cache_dtype" in {f.name for f in fields(EngineConfig)}
-
-
 def toggles(device: str, kv_cache_dtype: str | None) -> list[Toggle | dict]:
     """The rows in order; a dict is a row that cannot be measured here (with why)."""
     gpu = device.startswith("cuda")
@@ -57,13 +52,12 @@ def toggles(device: str, kv_cache_dtype: str | None) -> list[Toggle | dict]:
         rows.append(_unmeasured("CUDA graphs", "no GPU here: CUDA graphs capture GPU decode steps"))
     rows.append(_unmeasured("Triton kernels", "the engine has no GPU path without its Triton kernels to compare "
                             "against" if gpu else "no GPU here: the fused Triton kernels run on a GPU only"))
-    # HOOK (kv_cache_dtype): measured once EngineConfig has the field and the user names a dtype
-    if kv_dtype_field() and kv_cache_dtype not in (None, "auto"):
+    # the full engine runs the --kv-cache-dtype the user named; the row switches it back to the model's dtype
+    if kv_cache_dtype not in (None, "auto"):
         rows.append(Toggle(f"KV cache {kv_cache_dtype}", {"kv_cache_dtype": "auto"}, "KV cache in the model's dtype"))
-    elif kv_dtype_field():
-        rows.append(_unmeasured("KV-cache dtype", "pass --kv-cache-dtype to compare it against the model's dtype"))
     else:
-        rows.append(_unmeasured("KV-cache dtype", "the engine has one KV-cache dtype (no kv_cache_dtype option)"))
+        rows.append(_unmeasured("KV-cache dtype", "pass --kv-cache-dtype fp8 or int8 to compare it against the "
+                                "model's dtype"))
     return rows
 
 

@@ -11,6 +11,7 @@ import psutil
 import torch
 
 from optcli.config import EngineConfig
+from optcli.engine import kv_storage
 from optcli.engine.attention.cpu import build_gather_metadata
 from optcli.engine.attention.layout import StepLayout
 from optcli.engine.attention.triton import build_triton_metadata
@@ -70,7 +71,9 @@ class Engine:
         budget_tokens = config.max_num_batched_tokens or max(2048, max_num_seqs)
         if not config.enable_chunked_prefill:  # every prompt the engine accepts fits one step whole
             budget_tokens = max(budget_tokens, self.max_model_len)
-        per_block = 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * self.model.dtype.itemsize
+        calibrated = self.model.calibrated_kv
+        self.kv_cache_dtype = kv_dtype = kv_storage.resolve_kv_dtype(config.kv_cache_dtype, self.model.dtype, calibrated)
+        per_block = kv_storage.bytes_per_block(cfg, block_size, kv_dtype, self.model.dtype)
         if num_kv_blocks is None:
             wanted = max_num_seqs * -(-self.max_model_len // block_size)  # every sequence at full length
             if kv_cache_bytes is not None:
@@ -85,13 +88,12 @@ class Engine:
                 f"KV cache of {num_kv_blocks} blocks cannot hold one {self.max_model_len}-token sequence; "
                 "give it more memory or lower max_model_len"
             )
-        shape = (cfg.num_layers, 2, num_kv_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=self.model.dtype, device=device)
-        self.kv_cache_bytes = self.kv_cache.numel() * self.kv_cache.element_size()
+        self.kv = kv_storage.allocate(cfg, num_kv_blocks * block_size, kv_dtype, self.model.dtype, device, calibrated)
+        self.kv_cache, self.kv_cache_bytes = self.kv.tensor, self.kv.nbytes
         self.blocks = BlockManager(num_kv_blocks, block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, budget_tokens, config.scheduler_policy,
                                    config.max_wait_ms, config.enable_chunked_prefill)
-        caches = [(c[0], c[1]) for c in self.kv_cache]
+        caches = self.kv.caches
         self.runner = ModelRunner(self.model, caches, block_size, device, build_metadata)
         # Not capturable: dynamic NTK reads positions on the host; MoE routing sizes each expert's GEMM from
         # this step's routing (a graph would replay the capture's expert choice)
@@ -101,6 +103,7 @@ class Engine:
                 max_blocks = -(-self.max_model_len // block_size)
                 capture = graph_capture or cuda_capture()
                 self.runner.graphs = DecodeGraphs(self.model, caches, max_num_seqs, max_blocks, block_size, device, capture)
+                self.kv.reset_dynamic_scales()  # the capture's dummy K/V must not set them
         self.sampler = Sampler()
         self.vocab_size = cfg.vocab_size
         self.grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_token_ids)
@@ -306,18 +309,23 @@ class Engine:
         return int(total * utilization - peak)
 
     @torch.inference_mode()
-    def score(self, token_ids: list[int]) -> torch.Tensor:
-        """Logits [T, V] of every position of one sequence through the paged path (tests, accuracy)."""
+    def score(self, token_ids: list[int], chunk: int | None = None) -> torch.Tensor:
+        """Logits [T, V] of every position of one sequence through the paged path (tests, accuracy). `chunk`:
+        feed it that many tokens a step, so later steps read earlier K/V back from the cache (1: decode steps)."""
         if self.scheduler.has_work():
             raise RuntimeError("score() needs an idle engine")
         seq = Sequence("score", list(token_ids), SamplingParams(max_tokens=1, prompt_logprobs=0))
         self.blocks.allocate(seq, seq.num_tokens)
+        rows = []
         try:
-            out = self.runner.run(ScheduledBatch([(seq, seq.num_tokens)]))
+            while seq.num_computed_tokens < seq.num_tokens:
+                n = min(chunk or seq.num_tokens, seq.num_tokens - seq.num_computed_tokens)
+                out = self.runner.run(ScheduledBatch([(seq, n)]))
+                seq.num_computed_tokens += n
+                rows += [out.prompt_logits["score"][1]] if "score" in out.prompt_logits else []
         finally:
             self.blocks.free(seq)
-        head = out.prompt_logits["score"][1] if seq.num_tokens > 1 else out.sample_logits[:0]
-        return torch.cat([head.float(), out.sample_logits.float()])
+        return torch.cat([r.float() for r in rows] + [out.sample_logits.float()])
 
     def head_cost(self, reps: int = 5) -> dict:
         """What the LM head costs a decode token: its weight bytes (read once per step whatever the batch)
@@ -346,6 +354,7 @@ class Engine:
             "kv_block_size": b.block_size,
             "kv_cache_bytes": self.kv_cache_bytes,
             "kv_cache_usage": 1 - b.num_free_blocks / b.num_blocks,
+            "kv_cache": self.kv.describe(b.block_size),
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
             "num_preemptions": self.scheduler.num_preemptions,

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from optcli.config import DTYPE_BYTES, EngineConfig, check_dtype, option
+from optcli.config import EngineConfig, check_dtype, check_kv_cache_dtype, option
 from optcli.errors import UsageError
 from optcli.roi import capacity, planner
 from optcli.roi.cost import cost_per_1k, usd_per_1k
@@ -84,6 +84,10 @@ class RoiOptions:
     # what `serve --dtype` would be given; default the report's, else auto
     dtype: str | None = option(None, "--dtype", help=(
         "The dtype `serve --dtype` would get, for the KV cache in the plan (default: the report's, else auto)."))
+    # what `serve --kv-cache-dtype` would be given; default the report's, else auto
+    kv_cache_dtype: str | None = option(None, "--kv-cache-dtype", help=(
+        "auto | bfloat16 | float16 | fp8 | fp8_e4m3 | int8: the KV cache `serve --kv-cache-dtype` would keep, "
+        "for the plan (default: the report's, else auto: the serving dtype)."))
 
 
 def _check(o: RoiOptions) -> None:
@@ -91,6 +95,8 @@ def _check(o: RoiOptions) -> None:
         raise UsageError("give exactly one of --report FILE (measured) or --estimate MODEL (roofline estimate)")
     if o.dtype is not None:
         check_dtype(o.dtype, "--dtype")
+    if o.kv_cache_dtype is not None:
+        check_kv_cache_dtype(o.kv_cache_dtype, "--kv-cache-dtype")
     if o.baseline_report is not None and o.baseline_usd_per_1k_tokens is not None:
         raise UsageError("give at most one of --baseline-report and --baseline-usd-per-1k-tokens")
     positive = {"--gpu-hour-cost": o.gpu_hour_cost, "--baseline-usd-per-1k-tokens": o.baseline_usd_per_1k_tokens,
@@ -182,7 +188,7 @@ def compute_roi(o: RoiOptions) -> dict:
                         (min(DEFAULT_OUTPUT_LEN, max(1, int(tpr) - 1)), "default"))
         prompt_len = max(1, int(tpr) - out_len)
         engine = _serving_config(o, None, inputs)
-        kv_bytes = DTYPE_BYTES[planner.serving_dtype(shape, engine)]
+        kv_bytes = planner.kv_element_bytes(shape, engine)
         est = planner.roofline(shape, scheme, gpu, batch, prompt_len, out_len, kv_dtype_bytes=kv_bytes)
         total_tok_s = _pick(inputs, "total_tok_s", (est["total_tok_s"], "estimate"))
         output_tok_s = _pick(inputs, "output_tok_s", (est["output_tok_s"], "estimate"))
@@ -287,7 +293,10 @@ def _serving_config(o: RoiOptions, report: ProfileReport | None, inputs: dict) -
     profile was asked to run in), with the engine's defaults for the rest, as `serve` has them."""
     profiled = report.at("workload.engine.dtype_requested") if report else None
     dtype = _pick(inputs, "dtype", (o.dtype, "flag"), (profiled, "report"), ("auto", "default"))
-    return EngineConfig(device="cuda", dtype=dtype)
+    profiled_kv = report.at("workload.engine.kv_cache_dtype") if report else None
+    kv_dtype = _pick(inputs, "kv_cache_dtype", (o.kv_cache_dtype, "flag"), (profiled_kv, "report"),
+                     ("auto", "default"))
+    return EngineConfig(device="cuda", dtype=dtype, kv_cache_dtype=kv_dtype)
 
 
 def _capacity(o: RoiOptions, report: ProfileReport | None, points, hourly: float, inputs: dict) -> dict | None:

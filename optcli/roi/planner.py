@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from optcli.checkpoints.resolve import resolve_model
-from optcli.config import DTYPE_BYTES, EngineConfig, cuda_auto_dtype
+from optcli.config import EngineConfig, cuda_auto_dtype, kv_cache_element_bytes
 from optcli.errors import UsageError
 from optcli.quantize.recipes import load_recipe
 from optcli.roi.hardware import GpuSpec
@@ -205,8 +205,13 @@ def plan_for_engine(s: ModelShape, scheme: Scheme, memory_bytes: int, context_le
     """`plan_memory` with the KV dtype, page size and GPU share that `config` gives the engine."""
     dtype = serving_dtype(s, config)
     plan = plan_memory(s, scheme, memory_bytes, context_len, num_seqs, utilization=config.gpu_memory_utilization,
-                       kv_dtype_bytes=DTYPE_BYTES[dtype], block_size=config.block_size)
-    return {**plan, "dtype": dtype}
+                       kv_dtype_bytes=kv_element_bytes(s, config), block_size=config.block_size)
+    return {**plan, "dtype": dtype, "kv_cache_dtype": config.kv_cache_dtype}
+
+
+def kv_element_bytes(s: ModelShape, config: EngineConfig) -> int:
+    """Bytes of one cached K or V element as `serve` with `config` would store it (auto: the serving dtype)."""
+    return kv_cache_element_bytes(config.kv_cache_dtype, serving_dtype(s, config))
 
 
 def paged_tokens(context_len: int, block_size: int = BLOCK_SIZE) -> int:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from optcli.bench.accuracy import EngineLM, evaluate, evaluate_in_turn
 from optcli.bench.args import ProfileArgs
+from optcli.bench.engine_accuracy import kv_cache_is_quantized, measure_kv_accuracy
 from optcli.bench.eval_text import read_eval_text
 from optcli.bench.measure import free_device_memory
 from optcli.bench.repeats import measure_models
@@ -45,6 +46,10 @@ class BuiltinTarget:
             # the rounded head against the dense one, both through the engine (the accuracy above may be transformers')
             acc = (acc or dict.fromkeys(ACCURACY_KEYS)) | {
                 "lm_head": measure_head_accuracy(self.source.path, read_eval_text(eval_text), self.config)}
+        if kv_cache_is_quantized(self.source.path, self.config):
+            step("accuracy cost of the 8-bit KV cache (decode and chunked prefill, against a bf16 cache)")
+            acc = (acc or dict.fromkeys(ACCURACY_KEYS)) | {
+                "kv_cache": measure_kv_accuracy(self.source.path, read_eval_text(eval_text), self.config)}
         return acc
 
     def tasks(self, manager, step) -> list[dict]:

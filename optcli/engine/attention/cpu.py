@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from optcli.engine.attention.kv_quant import KVScales, as_bytes, head_scale, quant_scales, store_quantized
 from optcli.engine.attention.layout import StepLayout, block_table_tensor
 
 
@@ -120,20 +121,26 @@ def split_by_length(ctx_lens: list[int], max_groups: int = 3) -> list[list[int]]
 
 
 def _attend(q, k_cache, v_cache, group: AttentionGroup, window: int | None, block_size: int, scale: float | None,
-            softcap: float | None) -> torch.Tensor:
+            softcap: float | None, scales: KVScales | None = None) -> torch.Tensor:
     batch, n_blocks = group.block_table.shape
     kv_heads, dim = k_cache.shape[-2:]
     rows = q[: group.rows.numel()].view(*group.rows.shape, *q.shape[1:]) if group.dense else q[group.rows]
     queries = rows.transpose(1, 2)  # [B, H, Q, D]
     blocks = group.block_table.view(-1)  # index_select: ~40% faster than advanced indexing here
-    keys = k_cache.view(-1, block_size, kv_heads, dim).index_select(0, blocks).view(batch, -1, kv_heads, dim)
-    values = v_cache.view(-1, block_size, kv_heads, dim).index_select(0, blocks).view(batch, -1, kv_heads, dim)
+    keys = as_bytes(k_cache).view(-1, block_size, kv_heads, dim).index_select(0, blocks).view(batch, -1, kv_heads, dim)
+    values = as_bytes(v_cache).view(-1, block_size, kv_heads, dim).index_select(0, blocks).view(batch, -1, kv_heads, dim)
+    if k_cache.dtype != q.dtype:  # an 8-bit (or other-dtype) cache: gathered at its own width, widened here
+        keys, values = keys.view(k_cache.dtype).to(q.dtype), values.view(v_cache.dtype).to(q.dtype)
+    if scales is not None:  # K's scale folds into the queries (q.(k*s) = (q*s).k), V's into the output (kv_quant.py)
+        queries = queries * head_scale(scales.k, q.shape[1]).to(q.dtype)[None, :, None, :]
     mask = group.mask(window, block_size)
     if softcap is not None:
         out = _capped_attention(queries, keys.transpose(1, 2), values.transpose(1, 2), mask, scale, softcap)
     else:
         out = F.scaled_dot_product_attention(queries, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask,
                                              enable_gqa=True, scale=scale)
+    if scales is not None:
+        out = out * head_scale(scales.v, q.shape[1]).to(q.dtype)[None, :, None, :]
     return out.transpose(1, 2)  # [B, Q, H, D]
 
 
@@ -151,15 +158,22 @@ def _capped_attention(queries, keys, values, mask, scale: float | None, softcap:
 
 def paged_attention(q, k, v, kv_cache, meta: AttentionMetadata, window: int | None, scale: float | None = None,
                     softcap: float | None = None) -> torch.Tensor:
-    """q: [T, H, D], k/v: [T, KV, D]; kv_cache: (k_cache, v_cache), each [slots, KV, D]. `scale`: the
-    softmax scale (default head_dim ** -0.5); `softcap`: scores capped by tanh (Gemma 2)."""
-    k_cache, v_cache = kv_cache
-    k_cache.index_copy_(0, meta.slot_mapping, k)
-    v_cache.index_copy_(0, meta.slot_mapping, v)
+    """q: [T, H, D], k/v: [T, KV, D]; kv_cache: (k_cache, v_cache), each [slots, KV, D], or a QuantKVCache
+    (8-bit, with scales). `scale`: the softmax scale (default head_dim ** -0.5); `softcap`: scores capped by
+    tanh (Gemma 2). Every query reads K/V back from the cache, its own step's included, so a quantized
+    cache's rounding shows in prefill as in decode."""
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    scales = quant_scales(kv_cache)
+    if scales is not None:
+        store_quantized(k, v, k_cache, v_cache, meta.slot_mapping, scales)
+    else:
+        k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
     if len(meta.groups) == 1 and meta.groups[0].dense and meta.groups[0].rows.numel() == q.shape[0]:
-        return _attend(q, k_cache, v_cache, meta.groups[0], window, meta.block_size, scale, softcap).reshape(q.shape)
+        return _attend(q, k_cache, v_cache, meta.groups[0], window, meta.block_size, scale, softcap,
+                       scales).reshape(q.shape)
     out = torch.empty_like(q)
     for group in meta.groups:
-        result = _attend(q, k_cache, v_cache, group, window, meta.block_size, scale, softcap)
+        result = _attend(q, k_cache, v_cache, group, window, meta.block_size, scale, softcap, scales)
         out[group.rows[group.valid]] = result[group.valid]
     return out

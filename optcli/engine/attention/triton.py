@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from optcli.engine.attention.kv_quant import ensure_scales, quant_scales
 from optcli.engine.attention.layout import StepLayout, block_table_tensor
 from optcli.engine.kernels import paged_decode_attention, paged_prefill_attention, store_kv
 
@@ -26,23 +27,30 @@ class TritonMetadata:
 
     def attend(self, q, k, v, kv_cache, window: int | None, scale: float | None = None,
                softcap: float | None = None) -> torch.Tensor:
-        store_kv(k, v, kv_cache[0], kv_cache[1], self.slot_mapping)
+        scales = quant_scales(kv_cache)
+        if scales is not None:  # decided on the device, so a captured decode graph sets them on first replay too
+            ensure_scales(scales, k, v, kv_cache[0].dtype, live=self.slot_mapping >= 0, on_device=True)
+            store_kv(k, v, kv_cache[0], kv_cache[1], self.slot_mapping, scales.k, scales.v)
+        else:
+            store_kv(k, v, kv_cache[0], kv_cache[1], self.slot_mapping)
         return self.attend_cached(q, kv_cache, window, scale, softcap)
 
     def attend_cached(self, q, kv_cache, window: int | None, scale: float | None = None,
                       softcap: float | None = None) -> torch.Tensor:
         """Attention of q over the cache, this step's K/V already stored (e.g. by the fused RoPE kernel).
         `scale` defaults to head_dim ** -0.5; `softcap` caps scores at +-softcap by tanh (Gemma 2)."""
-        k_cache, v_cache = kv_cache
+        k_cache, v_cache = kv_cache[0], kv_cache[1]
+        scales = quant_scales(kv_cache)
+        kv_scales = (scales.k, scales.v) if scales is not None else None
         scale = scale if scale is not None else q.shape[-1] ** -0.5
         if self.query_start_loc is None:
             return paged_decode_attention(
                 q, k_cache, v_cache, self.block_tables, self.context_lens, self.block_size, scale, sliding_window=window,
-                softcap=softcap,
+                softcap=softcap, kv_scales=kv_scales,
             )
         return paged_prefill_attention(
             q, k_cache, v_cache, self.block_tables, self.query_start_loc, self.context_lens, self.block_size, scale,
-            sliding_window=window, softcap=softcap,
+            sliding_window=window, softcap=softcap, kv_scales=kv_scales,
         )
 
 

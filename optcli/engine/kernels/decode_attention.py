@@ -19,7 +19,7 @@ from .online_softmax import LOG2E, capped_log2, load_kv_tile, online_softmax_ste
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, mid_m_ptr, mid_l_ptr, mid_acc_ptr,
     qk_scale, softcap, window, num_splits,
     stride_qb, stride_qh, stride_qd,
@@ -29,6 +29,7 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DIRECT: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    KV_SCALED: tl.constexpr,
 ):  # fmt: skip
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -53,6 +54,9 @@ def _decode_split_kernel(
     )
     if UPCAST_DOT:
         q = q.to(tl.float32)
+    if KV_SCALED:  # an 8-bit cache: K's scale [KV, D] folds into the queries, V's into the output (kv_quant.py)
+        q = (q.to(tl.float32) * tl.load(k_scale_ptr + kv_head * HEAD_DIM + d, mask=d_ok, other=0.0)[None, :]).to(q.dtype)
+        v_scale = tl.load(v_scale_ptr + kv_head * HEAD_DIM + d, mask=d_ok, other=0.0)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -70,6 +74,8 @@ def _decode_split_kernel(
         s = tl.where(n_ok[None, :], s, float("-inf"))
         acc, m_i, l_i = online_softmax_step(s, v.to(q.dtype), acc, m_i, l_i, PRECISION)
 
+    if KV_SCALED:
+        acc = acc * v_scale[None, :]
     if DIRECT:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # empty context -> zeros
         tl.store(
@@ -134,8 +140,11 @@ def paged_decode_attention(
     *,
     softcap: float | None = None,
     block_n: int = 64,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Attention of q [B, H, D] (position context_lens[b]-1) over each sequence's paged K/V.
+    kv_scales: (k_scale, v_scale) [KV, D] fp32, contiguous, of an 8-bit cache (K/V = stored values * scale; a K
+    shift needs no correction: the softmax ignores it).
 
     k_cache/v_cache: [slots, KV, D]; block_tables [B, max_blocks] int32; context_lens [B] int32
     (0 = padded row, output zeros). num_splits=None picks it from the longest context the block
@@ -161,14 +170,15 @@ def paged_decode_attention(
         mid_m = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
         mid_l = torch.empty_like(mid_m)
         mid_acc = torch.empty(batch, num_heads, num_splits, block_d, dtype=torch.float32, device=q.device)
+    k_scale, v_scale = kv_scales if kv_scales is not None else (context_lens, context_lens)  # unused then
     _decode_split_kernel[(batch, kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens,
+        q, k_cache, v_cache, k_scale, v_scale, block_tables, context_lens,
         out, mid_m, mid_l, mid_acc,
         scale if softcap else scale * LOG2E, softcap or 0.0, sliding_window or 0, num_splits,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0), *out.stride(),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_G=max(triton.next_power_of_2(group), 16), BLOCK_N=max(block_n, 16),
-        BLOCK_D=block_d, DIRECT=direct, SOFTCAP=bool(softcap), **dot_args(q.dtype),
+        BLOCK_D=block_d, DIRECT=direct, SOFTCAP=bool(softcap), KV_SCALED=kv_scales is not None, **dot_args(q.dtype),
     )  # fmt: skip
     if not direct:
         _decode_reduce_kernel[(batch, num_heads)](
@@ -188,8 +198,10 @@ def paged_decode_attention_reference(
     scale: float,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Plain-PyTorch equivalent: gather each sequence's whole blocks, mask, softmax in fp32."""
+    k_cache, v_cache = _dequantized(k_cache, v_cache, kv_scales)
     batch, num_heads, head_dim = q.shape
     kv_heads = k_cache.shape[1]
     n_pos = block_tables.shape[1] * block_size
@@ -209,3 +221,10 @@ def paged_decode_attention_reference(
     scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # empty rows -> zeros
     return torch.einsum("bhn,bnhd->bhd", probs, values).to(q.dtype)
+
+
+def _dequantized(k_cache, v_cache, kv_scales):
+    """An 8-bit cache in fp32 (the references' view of it), or the cache as it is."""
+    if kv_scales is None:
+        return k_cache, v_cache
+    return k_cache.float() * kv_scales[0], v_cache.float() * kv_scales[1]

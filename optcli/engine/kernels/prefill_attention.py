@@ -37,7 +37,7 @@ def _find_sequence(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr, context_lens_ptr, out_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, query_start_loc_ptr, context_lens_ptr, out_ptr,
     qk_scale, softcap, window, num_seqs,
     stride_qt, stride_qh, stride_qd,
     stride_ks, stride_kh, stride_kd,
@@ -46,6 +46,7 @@ def _prefill_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    KV_SCALED: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -77,6 +78,9 @@ def _prefill_kernel(
     # Keys any row of this tile can see: (first row's pos - window, last row's pos].
     hi = first_pos + tl.minimum((local + 1) * BLOCK_Q, q_len)
     lo = tl.maximum(first_pos + local * BLOCK_Q - window + 1, 0)
+    if KV_SCALED:  # an 8-bit cache: K's scale [KV, D] folds into the queries, V's into the output (kv_quant.py)
+        q = (q.to(tl.float32) * tl.load(k_scale_ptr + kv_head * HEAD_DIM + d, mask=d_ok, other=0.0)[None, :]).to(q.dtype)
+        v_scale = tl.load(v_scale_ptr + kv_head * HEAD_DIM + d, mask=d_ok, other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -95,6 +99,8 @@ def _prefill_kernel(
         s = tl.where(visible, s, float("-inf"))
         acc, m_i, l_i = online_softmax_step(s, v.to(q.dtype), acc, m_i, l_i, PRECISION)
 
+    if KV_SCALED:
+        acc = acc * v_scale[None, :]
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(
         out_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :] * stride_od,
@@ -117,6 +123,7 @@ def paged_prefill_attention(
     softcap: float | None = None,
     block_m: int = 64,
     block_n: int = 64,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Causal attention of ragged new tokens q [T, H, D] over their sequences' paged K/V.
 
@@ -124,7 +131,8 @@ def paged_prefill_attention(
     sequence after this step, so sequence b's queries sit at positions context_lens[b] - q_len_b
     .. context_lens[b] - 1 and all their K/V are already cached. block_m (rows = query tokens x
     group heads) and block_n (keys) are tile sizes, powers of two >= 16. softcap: scores ->
-    softcap * tanh(scores / softcap) before the softmax (Gemma 2).
+    softcap * tanh(scores / softcap) before the softmax (Gemma 2). kv_scales: (k_scale, v_scale) [KV, D] fp32,
+    contiguous, of an 8-bit cache (K/V = stored values * scale).
     """
     num_tokens, num_heads, head_dim = q.shape
     kv_heads = k_cache.shape[1]
@@ -136,13 +144,15 @@ def paged_prefill_attention(
     group = num_heads // kv_heads
     block_m = max(block_m, triton.next_power_of_2(group), 16)
     block_q = block_m // group
+    k_scale, v_scale = kv_scales if kv_scales is not None else (context_lens, context_lens)  # unused then
     _prefill_kernel[(num_tokens // block_q + num_seqs, kv_heads)](
-        q, k_cache, v_cache, block_tables, query_start_loc, context_lens, out,
+        q, k_cache, v_cache, k_scale, v_scale, block_tables, query_start_loc, context_lens, out,
         scale if softcap else scale * LOG2E, softcap or 0.0, sliding_window or NO_WINDOW, num_seqs,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0), *out.stride(),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=max(block_n, 16),
-        BLOCK_D=max(triton.next_power_of_2(head_dim), 16), SOFTCAP=bool(softcap), **dot_args(q.dtype),
+        BLOCK_D=max(triton.next_power_of_2(head_dim), 16), SOFTCAP=bool(softcap),
+        KV_SCALED=kv_scales is not None, **dot_args(q.dtype),
     )  # fmt: skip
     return out
 
@@ -158,8 +168,11 @@ def paged_prefill_attention_reference(
     scale: float,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Plain-PyTorch equivalent, one sequence at a time: gather its context, mask, softmax in fp32."""
+    if kv_scales is not None:  # an 8-bit cache, read in fp32
+        k_cache, v_cache = k_cache.float() * kv_scales[0], v_cache.float() * kv_scales[1]
     num_heads = q.shape[1]
     group = num_heads // k_cache.shape[1]
     out = torch.zeros_like(q)

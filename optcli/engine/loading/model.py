@@ -6,6 +6,7 @@ import torch
 
 from optcli.checkpoints.resolve import resolve_model
 from optcli.config import EngineConfig
+from optcli.engine.loading.kv_scales import read_calibrated_kv
 from optcli.engine.loading.placement import checkpoint_dtype_of, resolve_device, resolve_dtype
 from optcli.engine.loading.state_dict import load_state_dict, text_decoder_weights
 from optcli.engine.models import SUPPORTED_ARCHITECTURES, TEXT_DECODERS, LlamaForCausalLM, ModelConfig
@@ -48,6 +49,7 @@ def load_engine_model(spec: str, config: EngineConfig):
     compute_dtypes = (torch.bfloat16,) if chosen_by_us and device == "cpu" else ()
     model.load_hf_state_dict(state, compute_dtypes, config.lm_head)
     model.eval()
+    model.calibrated_kv = read_calibrated_kv(path)  # llm-compressor's KV scales, or None (engine/kv_storage.py)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
     eos: set[int] = set()
     try:

@@ -88,7 +88,7 @@ class FusedOps:
         (no separate store_kv launch); then attention reads them from the cache."""
         from optcli.engine.kernels.fused_elementwise import rotary_
 
-        if not isinstance(meta, TritonMetadata):
+        if not isinstance(meta, TritonMetadata) or len(kv_cache) > 2:  # an 8-bit cache quantizes in store_kv
             q, k = cls.rotary(q, k, cos, sin)
             return meta.attend(q, k, v, kv_cache, window, scale, softcap)
         rotary_(q, k, cos, sin, store=(v, kv_cache[0], kv_cache[1], meta.slot_mapping))

@@ -334,10 +334,13 @@ def test_prefill_half(dtype: torch.dtype) -> None:
 # The body of a tests/engine/kernels/sm90_compile.py script: build() and bf come from its prelude.
 COMPILE_SCRIPT = """
 io = dict(q_ptr=bf, k_cache_ptr=bf, v_cache_ptr=bf, out_ptr=bf, block_tables_ptr="*i32", context_lens_ptr="*i32",
-          qk_scale="fp32", mid_m_ptr="*fp32", mid_l_ptr="*fp32", mid_acc_ptr="*fp32", query_start_loc_ptr="*i32")
-tiles = dict(GROUP=4, HEAD_DIM=80, BLOCK_SIZE=16, BLOCK_N=64, BLOCK_D=128, PRECISION="tf32", UPCAST_DOT=False)
-build("store_kv", "_store_kv_kernel", dict(k_ptr=bf, v_ptr=bf, k_cache_ptr=bf, v_cache_ptr=bf, slot_ptr="*i64"),
-      dict(NUM_HEADS=8, HEAD_DIM=80, BLOCK_H=8, BLOCK_D=128))
+          qk_scale="fp32", mid_m_ptr="*fp32", mid_l_ptr="*fp32", mid_acc_ptr="*fp32", query_start_loc_ptr="*i32",
+          k_scale_ptr="*fp32", v_scale_ptr="*fp32")
+tiles = dict(GROUP=4, HEAD_DIM=80, BLOCK_SIZE=16, BLOCK_N=64, BLOCK_D=128, PRECISION="tf32", UPCAST_DOT=False,
+             KV_SCALED=False)
+build("store_kv", "_store_kv_kernel", dict(k_ptr=bf, v_ptr=bf, k_cache_ptr=bf, v_cache_ptr=bf, slot_ptr="*i64",
+                                           k_scale_ptr="*fp32", v_scale_ptr="*fp32"),
+      dict(NUM_HEADS=8, HEAD_DIM=80, BLOCK_H=8, BLOCK_D=128, QUANT=0))
 for direct in (True, False):
     build("decode_attention", "_decode_split_kernel", io, dict(tiles, BLOCK_G=16, DIRECT=direct))
 build("decode_attention", "_decode_reduce_kernel", io, dict(HEAD_DIM=80, BLOCK_S=4, BLOCK_D=128))
