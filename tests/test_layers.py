@@ -1,5 +1,5 @@
 """The package's shape stays one a newcomer can find their way in: imports flow one way
-(cli → bench/serve → roi/report → quantize → calibration → engine → engine.loading → models → quant
+(cli → bench/serve → kpi → roi/report → quantize → calibration → engine → engine.loading → models → quant
 → attention → kernels → checkpoints → builtin → config/util → errors), there is no module-level import cycle, and no
 source file (Python or the C kernels) grows past ~400 lines.
 
@@ -24,6 +24,7 @@ RANKS = {
     "optcli.builtin.train_tiny_llama": 90,  # a development script (retrains the demo model), not a library layer
     "optcli.bench": 80,
     "optcli.serve": 80,
+    "optcli.kpi": 75,  # the KPIs as live thresholds and Prometheus rules: serve and bench both read them
     "optcli.roi": 70,
     "optcli.report": 70,
     "optcli.quantize": 60,

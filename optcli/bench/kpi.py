@@ -10,6 +10,10 @@ Two shapes, which may be mixed in one file:
       cost:       {maximum: 0.01, increase_threshold: 1.2}              # USD/1K tokens; <= 1.2 x baseline's
       accuracy:   {acceptable_drop: 0.02, min_task_recovery: 0.95}      # fractions
 
+and the article's production keys (`latency.alert_window` s, `cost.budget_alert` share of a monthly
+budget, `accuracy.eval_frequency` requests): validated here, applied or recorded as production-only
+by `kpi_scope.py` (profile) and watched live by `optcli.serve.kpi_watch` (serve).
+
 A gate must never pass on missing data, so a figure the report could not measure (null) fails its
 check. The file is validated strictly (extra="forbid") because a typo'd gate silently gating nothing
 is worse than an error. Every check names its threshold, its value and the baseline's value.
@@ -21,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from optcli.errors import UsageError
 
@@ -64,6 +68,7 @@ class LatencyGates(_Gates):
     p50_threshold: float | None = None
     p95_threshold: float | None = None
     p99_threshold: float | None = None
+    alert_window: float | None = Field(None, gt=0)  # s: the window p95/p99 are taken over (production key)
 
 
 class ThroughputGates(_Gates):
@@ -74,11 +79,13 @@ class ThroughputGates(_Gates):
 class CostGates(_Gates):
     maximum: float | None = None  # USD per 1K tokens (needs --gpu-hour-cost)
     increase_threshold: float | None = None  # cost per token / the baseline's, at most this
+    budget_alert: float | None = Field(None, gt=0, le=1)  # share of the monthly budget spent: alert (production)
 
 
 class AccuracyGates(_Gates):
     acceptable_drop: float | None = None  # per task metric: baseline - candidate; without tasks: ppl increase
     min_task_recovery: float | None = None  # per task metric: candidate / baseline
+    eval_frequency: int | None = Field(None, ge=1)  # requests between live accuracy probes (production)
 
 
 class Kpi(_Gates):

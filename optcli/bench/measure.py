@@ -32,12 +32,6 @@ from optcli.errors import UsageError
 from optcli.util.env import peak_memory_bytes
 
 T = TypeVar("T")
-# A timed figure shorter than this is noise: the demo model's batch-1 decode of 32 tokens takes ~60 ms and its
-# 128-token prefill ~8 ms, so one descheduled slice (4 ms on Linux's CFS) moved a repeat by 5-50%, and with 3
-# repeats the ratio's interval spanned 0.53-1.90x on a quiet machine (README, 2026-12-06). `within_window`
-# repeats such a run until this much time has passed and keeps the median run; a run longer than the window
-# (any real model's) runs once, as before.
-MIN_TIMED_WINDOW_S = 0.5
 MOST_RUNS_PER_WINDOW = 101
 
 
@@ -77,11 +71,10 @@ def offline_run(engine, requests: list[tuple[list[int], int]]) -> dict:
 
 
 def within_window(run: Callable[[], T], figure: Callable[[T], float | None],
-                  window_s: float | None = None) -> tuple[T | None, int]:
-    """`run()` repeated until `window_s` seconds have passed, an odd number of times (at least 3 unless the
+                  window_s: float) -> tuple[T | None, int]:
+    """`run()` repeated until `window_s` seconds have passed (`Workload.min_time_s`: why), an odd number of times (at least 3 unless the
     first run alone fills the window), and the run whose `figure` is the median: (that run, runs made). A run
     whose figure is None (not measurable) ends the window and is returned as it is."""
-    window_s = MIN_TIMED_WINDOW_S if window_s is None else window_s
     results: list[T] = []
     start = time.perf_counter()
     while True:

@@ -15,7 +15,8 @@ from optcli.bench.comparison import comparison, offline_online_notes, roofline
 from optcli.bench.contention import ContentionMonitor
 from optcli.bench.endpoint_accuracy import TOP_K
 from optcli.bench.export import check_export_path, level_rows, write_export
-from optcli.bench.kpi import evaluate_kpis, latency_gates, load_kpi, slo_from_kpi
+from optcli.bench.kpi import latency_gates, load_kpi, slo_from_kpi
+from optcli.bench.kpi_scope import evaluate_with_scope
 from optcli.bench.measure import free_device_memory
 from optcli.bench.repeats import measure_models
 from optcli.bench.served import endpoint_levels, measure_endpoint_accuracy, measure_vllm
@@ -355,7 +356,7 @@ def profile(
         step("peak memory bandwidth")
         report["roofline"] = roofline(peak_bandwidth(device), report, baseline_report)
     if kpi is not None:
-        report["kpi"] = evaluate_kpis(report, kpi)
+        report["kpi"] = evaluate_with_scope(report, kpi, levels[-1][1])  # + alert_window, production-only keys
     if export is not None:
         write_export(Path(export), per_request)
         report["workload"]["export"] = {"path": str(export), "rows": len(per_request)}

@@ -39,7 +39,6 @@ from pathlib import Path
 import torch
 
 from optcli.bench.measure import (
-    MIN_TIMED_WINDOW_S,
     cold,
     decode_tok_s,
     engine_facts,
@@ -227,7 +226,7 @@ class _Repeats:
         """The headline level's online run, repeated within the timed window (`measure.within_window`): a
         burst of the demo's 16 requests lasts ~0.3 s; a paced level outlasts the window and runs once."""
         summary, runs = within_window(lambda: self.online(side, self.headline, order),
-                                      lambda s: s["throughput"]["output_tok_s"])
+                                      lambda s: s["throughput"]["output_tok_s"], self.workload.min_time_s)
         side.window_runs["online"].append(runs)
         return summary
 
@@ -236,7 +235,8 @@ class _Repeats:
         of = f" (repeat {repeat + 1}/{self.workload.repeats})"
         if phase == "offline":
             self.step(f"offline throughput of {side.source.spec}: {len(side.requests)} requests{of}")
-            result, runs = within_window(lambda: offline_run(engine, side.requests), lambda r: r["output_tok_s"])
+            result, runs = within_window(lambda: offline_run(engine, side.requests), lambda r: r["output_tok_s"],
+                                         self.workload.min_time_s)
             side.window_runs["offline"].append(runs)
             for key in ("output_tok_s", "total_tok_s", "requests_s"):
                 figures[f"throughput.{key}"] = result[key]
@@ -244,11 +244,13 @@ class _Repeats:
             side.preemptions += result["preemptions"]
         elif phase == "decode":
             self.step(f"batch-1 decode of {side.source.spec}{of}")
-            figures["throughput.decode_tok_s"], runs = within_window(lambda: decode_tok_s(engine), _same)
+            figures["throughput.decode_tok_s"], runs = within_window(lambda: decode_tok_s(engine), _same,
+                                                                        self.workload.min_time_s)
             side.window_runs["decode"].append(runs)
         elif phase == "prompt":
             self.step(f"batch-1 prompt of {side.source.spec}{of}")
-            figures["throughput.prompt_tok_s"], runs = within_window(lambda: prompt_tok_s(engine), _same)
+            figures["throughput.prompt_tok_s"], runs = within_window(lambda: prompt_tok_s(engine), _same,
+                                                                        self.workload.min_time_s)
             side.window_runs["prompt"].append(runs)
         else:
             if side.role == "candidate" and repeat == 0:  # every level once: the capacity plan
@@ -335,7 +337,7 @@ def measure_models(candidate, baseline, workload: Workload, slo, config: EngineC
                 "warm_up": "untimed, per load: each power-of-two batch size and step token count, then every phase once",
                 "prefix_cache": "reset before every run",
                 # each phase's repeat is the median run of as many as fill the window (the headline level online)
-                "window": {"min_s": MIN_TIMED_WINDOW_S,
+                "window": {"min_s": workload.min_time_s,
                            "runs": {side.role: side.window_runs for side in sides}}}
     return runs[0], (runs[1] if len(runs) > 1 else None), schedule
 

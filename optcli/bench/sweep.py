@@ -51,10 +51,14 @@ def level_point(level: LoadLevel, online: dict, gates: list[LatencyGate]) -> dic
 
 
 def slo_max_rate(points: list[dict]) -> dict | None:
-    """The level with the highest achieved rate that meets the SLO: {requests_s, label}; null when no
-    gates were set or no level meets them."""
+    """The level with the highest achieved rate that meets the SLO: {requests_s, level, e2e_p95_ms,
+    concurrency}; null when no gates were set or no level meets them."""
     ok = [p for p in points if p["slo"]["met"] and p["achieved_rate_requests_s"] is not None]
     if not ok:
         return None
     best = max(ok, key=lambda p: p["achieved_rate_requests_s"])
-    return {"requests_s": best["achieved_rate_requests_s"], "level": best["label"], "e2e_p95_ms": best["e2e_p95_ms"]}
+    e2e_mean = best["latency_ms"]["e2e"]["mean"]
+    # requests in the server at that rate (Little's law: rate x mean time in it): `roi --autoscale`'s target
+    concurrency = best["achieved_rate_requests_s"] * e2e_mean / 1000 if e2e_mean is not None else None
+    return {"requests_s": best["achieved_rate_requests_s"], "level": best["label"], "e2e_p95_ms": best["e2e_p95_ms"],
+            "concurrency": concurrency}

@@ -19,6 +19,12 @@ DECODE_NEW_TOKENS = 32
 PREFILL_PROMPT_TOKENS = 128
 # Each speed figure of `profile` is measured this many times (source and artifact interleaved): `--repeats`.
 DEFAULT_REPEATS = 3
+# A timed figure shorter than this is noise: the demo model's batch-1 decode of 32 tokens takes ~60 ms and its
+# 128-token prefill ~8 ms, so one descheduled slice (4 ms on Linux's CFS) moved a repeat by 5-50%, and with 3
+# repeats the ratio's interval spanned 0.53-1.90x on a quiet machine (README, 2026-12-06). Each repeat of a
+# shorter run is the median of as many runs as fill this window (`measure.within_window`; pyperf's
+# `--min-time` does the same for its loops): `--min-time`.
+DEFAULT_MIN_TIME_S = 0.5
 
 
 @dataclass
@@ -42,6 +48,7 @@ class Workload:
     cooldown: float = 0.0  # ... and at its end
     max_seconds: float | None = None  # no request of a level starts after this many seconds
     repeats: int = DEFAULT_REPEATS  # timed repeats of each speed figure, per model (`repeats.py`)
+    min_time_s: float = DEFAULT_MIN_TIME_S  # each repeat's timed window (`measure.within_window`)
 
     def load_levels(self) -> tuple[LoadLevel, ...]:
         """The levels to run in order (a sweep's are decided as it runs: see `measure.run_levels`)."""

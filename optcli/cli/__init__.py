@@ -13,7 +13,7 @@ from __future__ import annotations
 
 # Importing a command module registers its command; this order is the order `optcli --help` lists them.
 # isort: off
-from optcli.cli import quantize, profile, serve, roi, recipes, calibrate  # noqa: F401
+from optcli.cli import quantize, profile, serve, roi, recipes, calibrate, kpi  # noqa: F401
 # isort: on
 import sys
 

@@ -250,5 +250,8 @@ def _show_profile(report: dict, as_json: bool, out_dir: Path | None) -> None:
         base = "" if check.get("baseline") is None else f", baseline {fmt(check['baseline'])}"
         value = kpi_value(check) if check.get("ci_low") is not None else fmt(check["value"])
         out.print(f"[{style}]{'PASS' if check['passed'] else 'FAIL'}[/{style}] {escape(check['name'])} (value {escape(value)}{base})")
+    for item in report["kpi"].get("production_only") or []:
+        out.print(f"KPI {escape(item['key'])}: recorded, not applied (production-only: {escape(item['why'])})",
+                  highlight=False, soft_wrap=True)
     if out_dir is not None:
         out.print(f"reports: {out_dir}/report.json, report.md, report.html")

@@ -35,6 +35,10 @@ def roi(
     context_len: Annotated[int | None, typer.Option("--context-len", help="Tokens per sequence for the memory plan (default 2048).")] = None,
     output_len: Annotated[int | None, typer.Option("--output-len", help="Generated tokens per request for --estimate (default 256).")] = None,
     dtype: Annotated[str | None, typer.Option("--dtype", help="The dtype `serve --dtype` would get, for the KV cache in the plan (default: the report's, else auto).")] = None,
+    autoscale: Annotated[str | None, typer.Option("--autoscale", help="keda or hpa: write an autoscaler from the report's sweep (with --out).")] = None,
+    scaler_out: Annotated[Path | None, typer.Option("--out", help="With --autoscale: the YAML file to write.")] = None,
+    serving_engine: Annotated[str | None, typer.Option("--serving-engine", help="With --autoscale: whose metrics the scaler reads, builtin or vllm (default: the report's engine).")] = None,
+    prometheus_url: Annotated[str, typer.Option("--prometheus-url", help="With --autoscale keda: the Prometheus KEDA queries.")] = "http://prometheus.monitoring.svc:9090",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Cost per 1K tokens, savings, payback, replicas and autoscaling from a profile report or an estimate."""
@@ -47,11 +51,20 @@ def roi(
     with guard(as_json):
         if plot is not None and load_trace is None:
             raise UsageError("--plot needs --load-trace")
+        if autoscale is not None or scaler_out is not None or serving_engine is not None:
+            from optcli.cli.roi_autoscale import check_autoscale
+
+            check_autoscale(autoscale, scaler_out, report, serving_engine)
         if plot is not None:
             from optcli.roi.capacity import check_plot_path
 
             check_plot_path(plot)  # before the table: a plot that cannot be written is exit 2 with nothing printed
         result = compute_roi(options)
+        if autoscale is not None:
+            from optcli.cli.roi_autoscale import write_autoscaler
+
+            result["autoscale"] = write_autoscaler(autoscale, scaler_out, report, result, options, serving_engine,
+                                                   prometheus_url)
         if plot is not None:
             from optcli.roi.capacity import plot as plot_replay
 
@@ -62,4 +75,8 @@ def roi(
     from optcli.roi.render import render_roi, render_warnings
 
     render_roi(result, out, plot)
+    if autoscale is not None:
+        from optcli.cli.roi_autoscale import print_autoscaler
+
+        print_autoscaler(result["autoscale"], out)
     render_warnings(result, err)

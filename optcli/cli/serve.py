@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -40,6 +41,11 @@ def serve(
     lm_head: LmHeadOpt = ENGINE.lm_head,
     tensor_parallel_size: Annotated[int, typer.Option("--tensor-parallel-size", min=1, help="vLLM only.")] = 1,
     pipeline_parallel_size: Annotated[int, typer.Option("--pipeline-parallel-size", min=1, help="vLLM only.")] = 1,
+    kpi: Annotated[Path | None, typer.Option("--kpi", help="KPI file (YAML) to watch live: gauges on /metrics, GET /kpi, a log line on breach and recovery.")] = None,
+    baseline_report: Annotated[Path | None, typer.Option("--baseline-report", help="With --kpi: profile report.json whose throughput degradation_threshold compares with.")] = None,
+    gpu_hour_cost: Annotated[float | None, typer.Option("--gpu-hour-cost", help="With --kpi: USD per GPU hour (cost gates, budget burn).")] = None,
+    monthly_budget: Annotated[float | None, typer.Option("--monthly-budget", help="With --kpi: USD per month that cost.budget_alert is a share of.")] = None,
+    eval_text: Annotated[Path | None, typer.Option("--eval-text", help="With --kpi: text the accuracy probe scores (default: the builtin corpus's held-out text).")] = None,
 ) -> None:
     """Serve MODEL behind an OpenAI-compatible HTTP API."""
     from optcli.checkpoints.resolve import resolve_model
@@ -50,6 +56,9 @@ def serve(
             raise UsageError(f"--engine must be builtin or vllm (got '{engine}')")
         if api_key is not None and not api_key.strip():
             raise UsageError("--api-key is empty: give a key, or leave the option out to serve without one")
+        from optcli.cli.serve_kpi import kpi_options
+
+        kpi_watch = kpi_options(kpi, baseline_report, gpu_hour_cost, monthly_budget, eval_text, engine)
         config = engine_config(device, dtype, max_num_seqs, max_model_len, enforce_eager, gpu_memory_utilization, lm_head)
         from optcli.serve.server import bind_listener
 
@@ -68,4 +77,4 @@ def serve(
             raise UsageError("the builtin engine runs on one device; use --engine vllm for parallel serving")
         from optcli.serve.server import run_server
 
-        run_server(path, name, host, port, api_key, config, max_waiting, sock=sock)
+        run_server(path, name, host, port, api_key, config, max_waiting, sock=sock, kpi=kpi_watch)

@@ -22,6 +22,7 @@ from optcli.report.markdown import (
     head_line,
     header_fields,
     kpi_rows,
+    kpi_scope_lines,
     kpi_value,
     report_tables,
     roofline_line,
@@ -118,6 +119,7 @@ def render_html(report: Mapping[str, Any], samples: Mapping[str, Any] | None = N
         if rows:
             parts.append("<table><thead><tr><th>result</th><th>check</th><th>threshold</th><th>value</th><th>baseline</th></tr></thead>"
                          f"<tbody>{''.join(rows)}</tbody></table>")
+        parts += [f"<p>{escape(line)}</p>" for line in kpi_scope_lines(report)]
 
     comparison = comparison_table(report)
     if comparison is not None:

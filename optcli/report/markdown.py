@@ -254,6 +254,25 @@ def head_line(report: Mapping[str, Any]) -> str | None:
     return text
 
 
+def kpi_scope_lines(report: Mapping[str, Any]) -> list[str]:
+    """Which of the KPI file's keys the run applied, which it only recorded (production-only), and the
+    alert_window's windows (`optcli.bench.kpi_scope`); nothing for a report without them."""
+    lines = []
+    applied, production = get(report, "kpi", "applied"), get(report, "kpi", "production_only")
+    if applied:
+        lines.append(f"Applied: {', '.join(applied)}")
+    if production:
+        lines.append("Recorded, not applied (production-only, `serve --kpi` watches them): "
+                     + "; ".join(f"{p['key']} ({p['why']})" for p in production))
+    windows = get(report, "kpi", "windows")
+    if windows:
+        worst = windows["worst"]
+        lines.append(f"alert_window {windows['window_s']:g} s: {len(windows['windows'])} window(s) of "
+                     f"{windows['metric']} latency, worst p95 {fmt(worst['p95'])} ms, p99 {fmt(worst['p99'])} ms"
+                     + (f" ({windows['note']})" if windows.get("note") else ""))
+    return lines
+
+
 def kpi_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
     checks = get(report, "kpi", "checks")
     return [c for c in checks if isinstance(c, Mapping)] if isinstance(checks, list) else []
@@ -344,6 +363,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             lines += ["", *_md_table(["", "check", "threshold", "value", "baseline"],
                            [["✅" if c.get("passed") else "❌", fmt(c.get("name")), fmt(c.get("threshold")),
                              kpi_value(c), fmt(c.get("baseline"))] for c in checks])]
+    lines += [line for scope in kpi_scope_lines(report) for line in ("", _cell(scope))]
     versions = get(report, "versions")
     if versions:
         lines += ["", f"<sub>versions: {_cell(fmt(versions))}</sub>"]

@@ -1,6 +1,7 @@
 """`create_app(async_engine, served_model_name)`: an OpenAI-compatible FastAPI app around `AsyncEngine`.
 
-Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics.
+Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics,
+GET /kpi (with `kpi`: the live KPI gates, `serve --kpi`).
 Models without a chat template get a fallback prompt: one "<role>: <content>\\n" line per message,
 then "assistant:" (a warning is logged once, at app creation).
 """
@@ -15,6 +16,7 @@ from optcli.engine.async_engine import AsyncEngine
 from optcli.serve import routes_admin, routes_chat, routes_completions
 from optcli.serve.admission import Admission
 from optcli.serve.api_errors import APIError, error_body, install_error_handlers
+from optcli.serve.kpi_monitor import KpiMonitor, KpiOptions
 from optcli.serve.metrics import ServerMetrics
 from optcli.serve.state import ServeState
 
@@ -30,6 +32,7 @@ def create_app(
     max_waiting: int = 256,
     max_request_bytes: int = 1_000_000,
     request_timeout_s: float = 600,
+    kpi: KpiOptions | None = None,
 ) -> FastAPI:
     if api_key is not None and not api_key.strip():
         raise ValueError("api_key is empty: pass a key, or None to serve without one")
@@ -44,7 +47,10 @@ def create_app(
         metrics=ServerMetrics(served_model_name),
         admission=Admission(getattr(engine, "max_num_seqs", 0) + max_waiting), has_template=has_template,
     )
-    app = FastAPI(title="optcli", docs_url=None, redoc_url=None, openapi_url="/openapi.json")  # schema, no UI
+    if kpi is not None:
+        state.kpi = KpiMonitor(kpi, async_engine, state.metrics.registry, served_model_name)
+    app = FastAPI(title="optcli", docs_url=None, redoc_url=None, openapi_url="/openapi.json",  # schema, no UI
+                  lifespan=(lambda _app: state.kpi.running()) if state.kpi is not None else None)
     install_error_handlers(app)
     for module in (routes_admin, routes_completions, routes_chat):
         app.include_router(module.router)

@@ -1,4 +1,4 @@
-"""GET /health, GET /metrics and GET /v1/models."""
+"""GET /health, GET /metrics, GET /kpi and GET /v1/models."""
 
 from __future__ import annotations
 
@@ -25,7 +25,19 @@ async def metrics_endpoint(request: Request) -> Response:
     state = serve_state(request)
     check_auth(state, request)
     state.metrics.refresh(state.async_engine.stats())
+    if state.kpi is not None:
+        state.kpi.watcher.evaluate()  # the scrape sees the window as of now
     return Response(state.metrics.render(), media_type=state.metrics.content_type)
+
+
+@router.get("/kpi")
+async def kpi_endpoint(request: Request) -> JSONResponse:
+    """The live KPI gates (`serve --kpi`): each figure over the alert window, its threshold, breached or not."""
+    state = serve_state(request)
+    check_auth(state, request)
+    if state.kpi is None:
+        return JSONResponse(error_body(404, "no KPI file: start the server with --kpi FILE"), status_code=404)
+    return JSONResponse(state.kpi.snapshot())
 
 
 @router.get("/v1/models")

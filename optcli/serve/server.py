@@ -75,8 +75,10 @@ def run_server(
     max_waiting: int,
     graceful_timeout_s: int = 30,
     sock: socket.socket | None = None,
+    kpi=None,
 ) -> None:
-    """Load the model and serve it; `sock` is a listener from `bind_listener` (bound here when None)."""
+    """Load the model and serve it; `sock` is a listener from `bind_listener` (bound here when None); `kpi`
+    (`optcli.serve.kpi_monitor.KpiOptions`) watches a KPI file live."""
     import uvicorn
 
     from optcli.engine import Engine
@@ -87,7 +89,7 @@ def run_server(
     engine = Engine(model_path, config)
     log.warning("serving %s on %s in %s (%s)", served_model_name, engine.device, engine.config.dtype, engine.dtype_reason)
     async_engine = AsyncEngine(engine)
-    app = create_app(async_engine, served_model_name, api_key=api_key, max_waiting=max_waiting)
+    app = create_app(async_engine, served_model_name, api_key=api_key, max_waiting=max_waiting, kpi=kpi)
     try:
         config = uvicorn.Config(app, host=host, port=port, log_level="warning",
                                 timeout_graceful_shutdown=graceful_timeout_s)

@@ -9,6 +9,7 @@ from fastapi import Request
 
 from optcli.engine.async_engine import AsyncEngine
 from optcli.serve.admission import Admission
+from optcli.serve.kpi_monitor import KpiMonitor
 from optcli.serve.metrics import ServerMetrics
 
 
@@ -22,6 +23,7 @@ class ServeState:
     metrics: ServerMetrics
     admission: Admission
     has_template: bool
+    kpi: KpiMonitor | None = None  # serve --kpi: live KPI gates and the accuracy probe
 
     @property
     def tokenizer(self):

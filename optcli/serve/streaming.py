@@ -62,14 +62,17 @@ async def run_one(state: ServeState, prompt_ids: list[int], params: SamplingPara
         raise APIError(503, "engine is not running")
     metrics = state.metrics
     start = last = time.monotonic()
-    first = True
+    first, ttft = True, None
     async for out in state.async_engine.generate(prompt_ids, params, rid):
         now = time.monotonic()
         if out.new_token_ids:
             (metrics.first_token if first else metrics.inter_token)(now - last)
+            ttft = now - start if first else ttft
             first, last = False, now
         if out.finished:
             metrics.finished(len(prompt_ids), len(out.token_ids), out.finish_reason, now - start)
+            if state.kpi is not None and out.finish_reason in ("stop", "length"):
+                state.kpi.finished(start, now, ttft, len(out.token_ids))
         yield out
 
 

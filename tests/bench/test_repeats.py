@@ -72,11 +72,10 @@ def sources(stories_dir: Path):
 
 
 def test_both_models_interleave_abba_each_run_cold_and_off_the_main_thread(stories_dir: Path, monkeypatch) -> None:
-    monkeypatch.setattr(measure, "MIN_TIMED_WINDOW_S", 0.0)  # one run per repeat: the order below is the repeats'
     events = spy(monkeypatch)
     candidate, baseline = sources(stories_dir)
-    cand, base, schedule = repeats.measure_models(candidate, baseline, Workload(**WORKLOAD, repeats=3), None,
-                                                  EngineConfig(device="cpu"), lambda message: None)
+    cand, base, schedule = repeats.measure_models(candidate, baseline, Workload(**WORKLOAD, repeats=3, min_time_s=0.0),
+                                                  None, EngineConfig(device="cpu"), lambda message: None)
     assert schedule["repeats"] == 3 and schedule["order"] == "ABBA" and schedule["resident"] == "both"
     loads = [e["model"] for e in events if e["phase"] == "load"]
     assert loads == ["candidate", "baseline"]  # resident: loaded once each

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from optcli.bench.load_generator import run_load
@@ -96,6 +97,16 @@ def test_a_sweep_reports_every_level_and_the_slo_max_rate(stories_dir: Path, tmp
     capacity = json.loads(result.stdout)["capacity"]
     assert capacity["per_replica_rps"] == best["requests_s"] and capacity["replicas"] == 3
     assert capacity["source"].startswith("report")
+    # the chain profile --rate sweep -> roi --autoscale: the scaler's target is the report's requests in flight at
+    # the SLO-max-rate (achieved rate x mean E2E latency)
+    level = next(p for p in points if p["label"] == best["level"])
+    assert best["concurrency"] == pytest.approx(level["achieved_rate_requests_s"] * level["latency_ms"]["e2e"]["mean"] / 1000)
+    scaler = tmp_path / "scaler.yaml"
+    result = CliRunner().invoke(app, ["roi", "--report", str(report_path), "--gpu-hour-cost", "2", "--autoscale", "keda",
+                                      "--out", str(scaler)])
+    assert result.exit_code == 0, result.output
+    threshold = yaml.safe_load(scaler.read_text())["spec"]["triggers"][0]["metadata"]["threshold"]
+    assert float(threshold) == round(best["concurrency"], 3) > 0
 
 
 def test_a_level_over_the_slo_is_not_the_max_rate(stories_dir: Path, tmp_path: Path) -> None:
