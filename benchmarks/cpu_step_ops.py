@@ -71,7 +71,10 @@ def sdpa_cases() -> dict[str, dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--smoke", action="store_true", help="a test of this script: one repeat")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.repeats = 1
     torch.set_num_threads(1)
     cases = sdpa_cases()
     times: dict[str, dict[str, list[float]]] = {name: {v: [] for v in VARIANTS if v in c} for name, c in cases.items()}

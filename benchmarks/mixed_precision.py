@@ -21,6 +21,7 @@ import argparse
 import json
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -182,7 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-chars", type=int, default=20_000)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/optcli-mixed-bench"))
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--smoke", action="store_true", help=(
+        "a test of this script: the demo model, one budget, a few short calibration windows"))
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.models, args.budgets, args.samples, args.seq_len, args.eval_chars = "builtin:tiny-llama", [5.0], 4, 64, 2000
+        args.workdir = Path(tempfile.mkdtemp(prefix="optcli-mixed-smoke-"))
     args.workdir.mkdir(parents=True, exist_ok=True)
     results = []
     for spec in args.models.split(","):
