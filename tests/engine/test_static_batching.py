@@ -87,9 +87,9 @@ def test_continuous_admits_mid_batch_for_contrast() -> None:
 
 
 def test_unknown_policy_is_refused() -> None:
-    with pytest.raises(UsageError, match="scheduler_policy"):
+    with pytest.raises(UsageError, match="scheduler-policy"):
         EngineConfig(scheduler_policy="dynamic")
-    with pytest.raises(UsageError, match="max_wait_ms"):
+    with pytest.raises(UsageError, match="max-wait-ms"):
         EngineConfig(max_wait_ms=-1)
 
 

@@ -152,6 +152,6 @@ for cache, quant in (("*fp8e4nv", 1), ("*i8", 2)):
 
 
 def test_quantized_cache_kernels_compile_for_sm90() -> None:
-    from tests.engine.kernels.sm90_compile import compile_for_sm90
+    from sm90_compile import compile_for_sm90
 
     compile_for_sm90(COMPILE_SCRIPT, TRITON_DEFAULT_FP_FUSION="1")
