@@ -4,13 +4,11 @@
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
+from helpers import serve_in_thread
 
 from optcli.engine.async_engine import AsyncEngine
 from optcli.engine.engine import Engine
@@ -21,20 +19,8 @@ from optcli.serve.app import create_app
 def server(stories_dir):
     engine = Engine(str(stories_dir), dtype="float32", max_num_seqs=32)
     aengine = AsyncEngine(engine)
-    app = create_app(aengine, "stories", max_waiting=64)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield {"engine": engine, "aengine": aengine, "base": f"http://127.0.0.1:{port}"}
-    srv.should_exit = True
-    thread.join(10)
+    with serve_in_thread(create_app(aengine, "stories", max_waiting=64)) as base:
+        yield {"engine": engine, "aengine": aengine, "base": base}
     aengine.shutdown(10)
 
 
