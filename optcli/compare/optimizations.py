@@ -18,6 +18,7 @@ from optcli.bench.repeats import ModelRun, measure_models
 from optcli.bench.stats import ratio_interval
 from optcli.bench.workload import Workload
 from optcli.config import EngineConfig
+from optcli.report.markdown import NA, fmt_interval
 
 SHARED_PREFIX_TOKENS = 128  # the prefix-caching row's system prompt when the workload has none
 LATENCIES = {"e2e_p50": "latency_ms.e2e.p50", "e2e_p95": "latency_ms.e2e.p95",
@@ -151,11 +152,7 @@ def _share(cell: dict | None) -> str:
 
 
 def _times(cell: dict | None) -> str:
-    if cell is None or cell.get("ratio") is None:
-        return "n/a"
-    if cell.get("ci_low") is None:
-        return f"{cell['ratio']:.2f}x"
-    return f"{cell['ratio']:.2f}x [{cell['ci_low']:.2f}, {cell['ci_high']:.2f}]"
+    return NA if cell is None else fmt_interval(cell)
 
 
 def optimization_cells(report: dict) -> tuple[list[str], list[list[str]]]:
