@@ -18,8 +18,8 @@ For each model (stories260K from ../shared/data, converted once; builtin:tiny-ll
    at <= 4.5 bits per weight, auto:5 closer still.
 
 Bits per weight are counted as `auto` counts them (quantize/mixed.py), for uniform and auto alike: over
-the quantizable linear layers, as stored (integers, bf16 scales, packed zero points); `all` adds the
-embeddings (tied head counted once) at 16 bits.
+the quantizable linear layers, as stored (integers, bf16 scales, packed zero points, the int32 words'
+padding: the artifact's bytes); `all` adds the embeddings (tied head counted once) at 16 bits.
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ def uniform_bits(manifest: dict, sens: dict, rung_name: str = "W4A16") -> tuple[
     for name, row in rows.items():
         scheme = manifest["layers"].get(name, {}).get("scheme", "skipped")
         kept = scheme.startswith(("skipped", "unquantized"))
-        bits = 16.0 if kept else RUNGS[rung_name].bits_per_weight(row["in_features"])
-        spent += bits * row["params"]
+        rung = RUNGS["BF16" if kept else rung_name]
+        spent += rung.stored_bits(row["params"] // row["in_features"], row["in_features"])
         total += row["params"]
     return spent / total, total
 

@@ -58,6 +58,18 @@ class Rung:
         per_group = SCALE_BITS + (0 if self.symmetric else self.bits)
         return self.bits + per_group / self.group_for(in_features)
 
+    def stored_bits(self, out_features: int, in_features: int) -> int:
+        """The layer's bits as compressed-tensors stores them (`pack-quantized`): each row's integers packed
+        into whole int32 words, a bf16 scale per group and row, and the zero points packed 32 bits at a time
+        down the rows. Differs from `bits_per_weight` only by the words' padding (stories260K's 172-wide
+        rows: 22 words for 172 nibbles)."""
+        if self.bits >= 16:
+            return self.bits * out_features * in_features
+        groups = in_features // self.group_for(in_features)
+        words = -(-in_features * self.bits // 32) * out_features
+        zero_points = 0 if self.symmetric else -(-out_features * self.bits // 32) * groups
+        return 32 * (words + zero_points) + SCALE_BITS * out_features * groups
+
     def layout(self, in_features: int) -> str:
         if self.bits >= 16:
             return "bf16"

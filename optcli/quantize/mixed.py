@@ -15,7 +15,8 @@ and every matmul keeps its own kernel.
 
 The budget counts bits per weight over the quantizable linear layers (the decoder's q/k/v/o and MLP
 projections), as stored: the integers plus each group's bf16 scale and packed zero point (W4A16 g128 =
-4 + 16/128 = 4.125, zero point g32 = 4 + 20/32 = 4.625, W8A16 = 8 + 16/in_features, bf16 = 16). The
+4 + 16/128 = 4.125, zero point g32 = 4 + 20/32 = 4.625, W8A16 = 8 + 16/in_features, bf16 = 16), and the
+padding of the int32 words they are packed in (`Rung.stored_bits`: the artifact's bytes, exactly). The
 embeddings and the output head are kept in bf16 by every recipe, so they are reported beside it
 (`bits_per_weight_all`: every weight of the model, the tied head counted once, as stored) rather than
 spent from it: counted in, they would put the floor of a small model above 5 bits.
@@ -101,7 +102,7 @@ def allocate(report: dict, budget: float) -> Allocation:
     params = sum(r["params"] for r in report["layers"])
 
     def bits(unit: str, level: int) -> float:
-        return sum(r["params"] * LADDER[level].bits_per_weight(r["in_features"]) for r in units[unit])
+        return sum(LADDER[level].stored_bits(r["params"] // r["in_features"], r["in_features"]) for r in units[unit])
 
     def kld(unit: str, level: int) -> float:
         return sum(r["kld_by_scheme"][LADDER[level].name] for r in units[unit])
@@ -249,10 +250,10 @@ def plan_mixed(model, recipe: Recipe, calib, calibration: Path | None, source) -
         "bits_per_weight": round(allocation.bits_per_weight, 4),
         "floor_bits": round(allocation.floor_bits, 4),
         "bits_per_weight_all": round(all_bits, 4),
-        "counted": "budget: bits per weight over the quantizable linear layers as stored, bf16 scales and packed "
-                   "zero points included (W4A16 g128 4.125, 4-bit zero point group g 4 + 20/g, W8A16 8 + "
-                   "16/in_features, bf16 16); bits_per_weight_all adds the embeddings and an untied head at 16 bits "
-                   "(a tied head is the embedding, counted once)",
+        "counted": "budget: bits per weight over the quantizable linear layers as stored, bf16 scales, packed "
+                   "zero points and the int32 packing's padding included (W4A16 g128 4.125, 4-bit zero point group g "
+                   "4 + 20/g, W8A16 8 + 16/in_features, bf16 16, before padding); bits_per_weight_all adds the "
+                   "embeddings and an untied head at 16 bits (a tied head is the embedding, counted once)",
         "quantizable_params": allocation.params,
         "other_params": outside,
         "layers_per_scheme": counts,

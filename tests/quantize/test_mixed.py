@@ -94,6 +94,10 @@ def test_concentrated_sensitivity_spends_the_bits_on_8_bits_for_one_layer() -> N
 def test_rungs_count_scales_and_zero_points_and_fit_ragged_widths() -> None:
     assert W4A16.bits_per_weight(4096) == 4.125 and W4A16_G32_ZP.bits_per_weight(4096) == 4 + 20 / 32
     assert W4A16.bits_per_weight(64) == 4.25  # narrower than a group: one scale per row
+    # as stored: 172 nibbles a row take 22 int32 words; zero points go 8 to a word down the rows
+    assert W4A16.stored_bits(64, 172) == 64 * 22 * 32 + 64 * 16
+    assert W4A16_G32_ZP.stored_bits(172, 64) == 172 * 8 * 32 + 22 * 32 * 2 + 172 * 2 * 16
+    assert W4A16_G32_ZP.stored_bits(4096, 4096) == 4096 * 4096 * W4A16_G32_ZP.bits_per_weight(4096)
     # stories260K's 172-wide down_proj: the next divisor of the width above the group, else per row
     assert [r.group_for(172) for r in (W4A16, W4A16_G64_ZP, W4A16_G32_ZP)] == [172, 86, 43]
     bits = [r.bits_per_weight(w) for w in (64, 172, 768) for r in LADDER]
@@ -146,6 +150,12 @@ def test_mixed_artifact_records_choices_and_rerunnable_recipe(mixed_artifact: Pa
     assert "W8A16" in alloc["layers_per_scheme"] and len(alloc["layers_per_scheme"]) >= 2
     for name, entry in manifest["layers"].items():
         assert entry["precision"] in RUNGS and entry["reason"].startswith(entry["precision"]), name
+    from safetensors import safe_open
+
+    with safe_open(mixed_artifact / "model.safetensors", "pt") as f:  # the bits counted are the bytes stored
+        stored = sum(f.get_tensor(k).nbytes for k in f.keys()
+                     if k.rsplit(".", 1)[0] in manifest["layers"] and not k.endswith("weight_shape"))
+    assert 8 * stored == pytest.approx(alloc["bits_per_weight"] * alloc["quantizable_params"], rel=1e-4)
     recipe = load_recipe(str(mixed_artifact / "recipe.yaml"))  # the same allocation, rerunnable or editable
     groups = recipe.llmcompressor["quant_stage"]["quant_modifiers"]["GPTQModifier"]["config_groups"]
     chosen = {n for n, e in manifest["layers"].items() if e["precision"] == "W8A16"}
