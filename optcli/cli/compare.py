@@ -110,7 +110,7 @@ def _show(report: dict, as_json: bool, out_dir: Path | None) -> None:
     headers, rows = [headers[i] for i in keep], [[row[i] for i in keep] for row in rows]
     table = Table(title=title)
     for i, header in enumerate(headers):
-        table.add_column(header, justify="left" if i == 0 or header == "best for" else "right")
+        table.add_column(header, justify="left" if i == 0 or header in ("best for", "switched off", "workload") else "right")
     for row in rows:
         table.add_row(*(escape(cell) for cell in row))
     print_table(table)
