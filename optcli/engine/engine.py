@@ -358,6 +358,7 @@ class Engine:
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
             "num_preemptions": self.scheduler.num_preemptions,
+            "static_pad_rows": self.scheduler.num_pad_rows,  # static batching: finished members recomputed as padding
             "prefix_cache_hit_rate": b.prefix_hits / b.prefix_queries if b.prefix_queries else 0.0,
             "num_steps": self.num_steps,
             "batch_efficiency": self.num_scheduled_seqs / self.num_steps / self.max_num_seqs if self.num_steps else None,
