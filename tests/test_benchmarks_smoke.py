@@ -41,7 +41,7 @@ DONE = {
     "llamacpp_peer": r"skipped: \w+ is not installed|skipped: no checkpoint|## llama\.cpp, batch 1",
     "quant_check": r"result: PASS",
     "quant_cpu": r"## Targets",
-    "thread_rule": r"hidden +128 +offline 16 +1 thread +[\d,]+ tok/s",
+    "thread_rule": r"hidden +128 vocab +1024 .*offline 16 +1 thread +[\d,]+ tok/s",
 }
 
 

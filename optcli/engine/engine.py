@@ -24,7 +24,7 @@ from optcli.engine.loading.model import load_engine_model
 from optcli.engine.models import moe_summary
 from optcli.engine.models.layer_ops import FusedOps
 from optcli.engine.outputs import RequestOutput, select_best
-from optcli.engine.quant.cpu_choice import kernel_table, tuning_enabled
+from optcli.engine.quant.cpu_choice import kernel_table, mean_matmul_size, tuning_enabled
 from optcli.engine.quant.layers import quant_summary
 from optcli.engine.runner import ModelRunner
 from optcli.engine.sampler import Sampler, TokenHistory, make_generator, token_logprobs
@@ -58,7 +58,7 @@ class Engine:
         # each CPU layer kind's kernel per batch-size bucket, and why (quant/cpu_choice.py); {} on a GPU
         self.kernels = kernel_table(self.model)
         # CPU threads: the cores free of other work, re-sampled as the engine steps (kernels/cpu_threads.py)
-        self.threads = ThreadGovernor(hidden_size=cfg.hidden_size) if device == "cpu" else None
+        self.threads = ThreadGovernor(mean_matmul=mean_matmul_size(self.model)) if device == "cpu" else None
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.config = config = config.with_options(max_model_len=self.max_model_len)
         self.max_num_seqs = max_num_seqs

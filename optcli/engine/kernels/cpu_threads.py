@@ -16,9 +16,9 @@ started (or since this module's import: the model's load); the first sample sets
 none to start from; after that the count moves only when two samples in a row agree, so one busy moment does not flip it back and forth.
 `OPTCLI_CPU_THREADS=N` pins the count (no sampling). The kernel paths never depend on it: they follow from the CPU's flags (`cpu_caps.py`).
 
-The ceiling also follows the model's width (`width_ceiling`): on a narrow model every parallel region is a
-few microseconds of work, about what waking a second thread and the barrier cost, so one thread is faster
-even on a quiet machine. That rule also keeps a narrow model on the same thread count quiet or busy, so its
+The ceiling also follows the model's size (`width_ceiling`, from the mean weight elements of its matmuls):
+on a small model every parallel region is a few microseconds of work, about what waking a second thread
+and the barrier cost, so one thread is faster even on a quiet machine. That rule also keeps a small model on the same thread count quiet or busy, so its
 figures do not change path with the machine's load.
 """
 
@@ -98,16 +98,20 @@ class CpuShare:
         return {"others_cores": others, "steal_cores": (now[2] - last[2]) / wall, "seconds": wall}
 
 
-# The narrowest hidden size at which a second thread pays, measured by `benchmarks/thread_rule.py`
-# (2026-12-06, 2-core AMD EPYC Zen 5, quiet, 4-layer random Llamas, bf16; ratio 2 threads / 1 thread):
-SPLIT_MIN_HIDDEN = 1024
+# The smallest mean matmul (weight elements n x k per parallel region) at which a second thread pays, measured
+# by `benchmarks/thread_rule.py` (2026-12-06, 2-core AMD EPYC Zen 5, bf16; 2 threads / 1 thread, batch-1 decode
+# and 16-request offline): 0.22M (the demo model's shape) 0.90x [0.79, 1.10] and 1.06x [0.99, 1.14], nothing
+# measurable; 0.43M 0.96x and 1.13x; 0.68M and up 1.2-1.7x on both. Below the line one thread loses nothing
+# measurable, takes the same path quiet or busy, and leaves the other core to the rest of the machine.
+SPLIT_MIN_ELEMENTS = 300_000
 
 
-def width_ceiling(hidden_size: int | None, cores: int) -> tuple[int, str]:
-    """The thread ceiling for a model of this hidden size on `cores` usable cores, and why."""
-    if cores > 1 and hidden_size is not None and hidden_size < SPLIT_MIN_HIDDEN:
-        return 1, (f"1 thread: hidden size {hidden_size} < {SPLIT_MIN_HIDDEN}, too narrow for a second thread to pay "
-                   "(benchmarks/thread_rule.py)")
+def width_ceiling(mean_matmul: float | None, cores: int) -> tuple[int, str]:
+    """The thread ceiling for a model whose matmuls hold `mean_matmul` weight elements on average (None: not
+    known) on `cores` usable cores, and why."""
+    if cores > 1 and mean_matmul is not None and mean_matmul < SPLIT_MIN_ELEMENTS:
+        return 1, (f"1 thread: its matmuls average {mean_matmul / 1e6:.2f}M weights, under the "
+                   f"{SPLIT_MIN_ELEMENTS / 1e6:.2f}M where a second thread pays (benchmarks/thread_rule.py)")
     return cores, f"{cores} thread(s): the usable cores (affinity, cgroup quota), fewer while other processes are busy"
 
 
@@ -124,12 +128,12 @@ class ThreadGovernor:
     """Sets torch's (and so our kernels') OpenMP thread count to the cores free of other work. Its ceiling:
     `max_threads`, else the usable cores, capped by a thread count the user set in torch before."""
 
-    def __init__(self, max_threads: int | None = None, interval: float = 0.25, hidden_size: int | None = None) -> None:
+    def __init__(self, max_threads: int | None = None, interval: float = 0.25, mean_matmul: float | None = None) -> None:
         pinned = os.environ.get("OPTCLI_CPU_THREADS")
         self.pinned = int(pinned) if pinned and pinned.isdigit() and int(pinned) > 0 else None
         current = torch.get_num_threads()
         users = None if _LAST_SET == [current] else current  # a count we set ourselves is no user's ceiling
-        width, self.reason = width_ceiling(hidden_size, min(usable_cores(), users or usable_cores()))
+        width, self.reason = width_ceiling(mean_matmul, min(usable_cores(), users or usable_cores()))
         if self.pinned or max_threads:
             self.reason = f"{self.pinned} thread(s): OPTCLI_CPU_THREADS" if self.pinned else f"{max_threads} thread(s) asked"
         self.max_threads = self.pinned or max_threads or width

@@ -288,3 +288,12 @@ def kernel_table(model) -> dict[str, dict]:
             table[key] = {"format": spec.fmt, "layout": plan.layout, "layers": len(same),
                           "buckets": same[0].plan_table()}
     return table
+
+
+def mean_matmul_size(model) -> float | None:
+    """The mean weight elements (n x k) of the CPU-planned matmuls, the LM head included: how much work one
+    of a step's parallel regions holds (the thread rule's input, `kernels/cpu_threads.width_ceiling`). By
+    shape, not bytes, so a source and its quantized artifact get the same thread ceiling. None if no layer
+    is CPU-planned."""
+    sizes = [m.cpu_spec.n * m.cpu_spec.k for m in model.modules() if isinstance(m, CpuPaths) and m.plan is not None]
+    return sum(sizes) / len(sizes) if sizes else None

@@ -233,28 +233,40 @@ def test_threads_follow_the_free_cores(monkeypatch) -> None:
         torch.set_num_threads(before)
 
 
-def test_a_narrow_model_computes_on_one_thread_quiet_or_busy(monkeypatch) -> None:
-    """The width rule (benchmarks/thread_rule.py): below SPLIT_MIN_HIDDEN one thread, whatever the load."""
-    narrow, wide = cpu_threads.SPLIT_MIN_HIDDEN // 2, cpu_threads.SPLIT_MIN_HIDDEN
-    assert cpu_threads.width_ceiling(narrow, 2)[0] == 1 and "too narrow" in cpu_threads.width_ceiling(narrow, 2)[1]
-    assert cpu_threads.width_ceiling(wide, 2)[0] == 2 and cpu_threads.width_ceiling(None, 4)[0] == 4
-    assert cpu_threads.width_ceiling(narrow, 1)[0] == 1
+def test_a_small_model_computes_on_one_thread_quiet_or_busy(monkeypatch) -> None:
+    """The size rule (benchmarks/thread_rule.py): matmuls under SPLIT_MIN_ELEMENTS on average, one thread,
+    whatever the load; the user's pin wins."""
+    small, large = cpu_threads.SPLIT_MIN_ELEMENTS / 2, cpu_threads.SPLIT_MIN_ELEMENTS * 2
+    assert cpu_threads.width_ceiling(small, 2)[0] == 1 and "under the" in cpu_threads.width_ceiling(small, 2)[1]
+    assert cpu_threads.width_ceiling(large, 2)[0] == 2 and cpu_threads.width_ceiling(None, 4)[0] == 4
+    assert cpu_threads.width_ceiling(small, 1)[0] == 1
     monkeypatch.delenv("OPTCLI_CPU_THREADS", raising=False)
     monkeypatch.setattr(cpu_threads, "usable_cores", lambda: 2)
     before = torch.get_num_threads()
     try:
         for others in (0.0, 1.0):  # a quiet and a busy start: the same ceiling and count
             monkeypatch.setattr(cpu_threads.BOOT, "sample", lambda o=others: {"others_cores": o, "seconds": 2.0})
-            gov = ThreadGovernor(hidden_size=narrow)
-            assert (gov.max_threads, gov.threads) == (1, 1) and "too narrow" in gov.stats()["reason"]
+            gov = ThreadGovernor(mean_matmul=small)
+            assert (gov.max_threads, gov.threads) == (1, 1) and "under the" in gov.stats()["reason"]
         monkeypatch.setattr(cpu_threads.BOOT, "sample", lambda: {"others_cores": 0.0, "seconds": 2.0})
         torch.set_num_threads(2)
         cpu_threads._LAST_SET[:] = [2]  # a count the governor set: no user's ceiling
-        assert ThreadGovernor(hidden_size=wide).threads == 2
+        assert ThreadGovernor(mean_matmul=large).threads == 2
         monkeypatch.setenv("OPTCLI_CPU_THREADS", "2")
-        assert ThreadGovernor(hidden_size=narrow).threads == 2  # the user's pin wins over the rule
+        assert ThreadGovernor(mean_matmul=small).threads == 2  # the user's pin wins over the rule
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_source_and_its_artifact_get_the_same_thread_ceiling(tmp_path) -> None:
+    """By shape, not bytes: the demo model and its 4-bit artifact measure the same mean matmul."""
+    from optcli.engine import Engine
+    from optcli.engine.quant.cpu_choice import mean_matmul_size
+
+    quantized = Engine("builtin:tiny-llama", device="cpu", quantization="w4a16")
+    dense = Engine("builtin:tiny-llama", device="cpu")
+    assert quantized.quantized_layers and mean_matmul_size(quantized.model) == mean_matmul_size(dense.model)
+    assert quantized.thread_rule() == dense.thread_rule()
 
 
 def test_cgroup_quota_caps_the_threads(tmp_path) -> None:
