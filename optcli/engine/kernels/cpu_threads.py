@@ -133,7 +133,9 @@ class ThreadGovernor:
         self.pinned = int(pinned) if pinned and pinned.isdigit() and int(pinned) > 0 else None
         current = torch.get_num_threads()
         users = None if _LAST_SET == [current] else current  # a count we set ourselves is no user's ceiling
-        width, self.reason = width_ceiling(mean_matmul, min(usable_cores(), users or usable_cores()))
+        width, self.reason = width_ceiling(mean_matmul, usable_cores())
+        if users is not None and users < width:
+            width, self.reason = users, f"{users} thread(s): torch's thread count, set before the engine started"
         if self.pinned or max_threads:
             self.reason = f"{self.pinned} thread(s): OPTCLI_CPU_THREADS" if self.pinned else f"{max_threads} thread(s) asked"
         self.max_threads = self.pinned or max_threads or width
