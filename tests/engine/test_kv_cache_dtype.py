@@ -204,3 +204,27 @@ def test_accuracy_against_a_bf16_cache_where_the_cache_is_read(stories_dir, kv_d
     assert report["bytes_per_token"] * 2 == report["reference_bytes_per_token"]
     for part in ("decode", "chunked_prefill"):
         assert report[part]["kld_mean"] < 0.1 and report[part]["top1_agreement"] > 0.8, (part, report[part])
+
+
+@pytest.mark.parametrize("kv_dtype", FORMATS)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])  # float32: what an AVX2-only CPU's `auto` runs
+def test_the_cpu_kernel_read_of_an_8bit_cache_is_torchs_read(stories_dir, monkeypatch, kv_dtype: str,
+                                                             dtype: str) -> None:
+    """Decode steps and prefill chunks over an 8-bit cache give the same logits, bit for bit, whether its blocks
+    are gathered and widened by our AVX2 kernel (`kernels/cpu_kv_read.py`) or by torch's index_select and cast."""
+    from optcli.engine.kernels import cpu_kv_read, cpu_lowbit
+
+    if cpu_lowbit.library() is None:
+        pytest.skip("the AVX2 kernels are not built here")
+    eng = Engine(str(stories_dir), device="cpu", dtype=dtype, kv_cache_dtype=kv_dtype, max_model_len=128,
+                 block_size=4)
+    ids = AutoTokenizer.from_pretrained(stories_dir)(heldout_text()[:400], verbose=False).input_ids[:70]
+    calls = []
+    kernel = cpu_kv_read.gather_widen
+    monkeypatch.setattr(cpu_kv_read, "gather_widen", lambda *a: calls.append(a) or kernel(*a))
+    with_kernel = [eng.score(ids, chunk=c) for c in (1, 16)]
+    assert calls and all(c[0].dtype == eng.kv.caches[0][0].dtype for c in calls)
+    monkeypatch.setattr(cpu_kv_read, "gather_widen", lambda *a: None)  # torch's ops
+    without = [eng.score(ids, chunk=c) for c in (1, 16)]
+    for a, b in zip(with_kernel, without, strict=True):
+        assert torch.equal(a, b)
