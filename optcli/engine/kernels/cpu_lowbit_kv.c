@@ -25,24 +25,27 @@ INLINE uint16_t fp8_bf16_scalar(uint8_t c, uint16_t nan_bits, int nan_signed) {
     return sign | (mag < 8 ? FP8_SUB[mag] : (uint16_t)((mag << 4) + 0x3C00));
 }
 
-/* 16 E4M3 codes -> 16 bf16 bit patterns (NaN as `nan`, with the code's sign where `nan_signed`). */
-INLINE __m256i fp8_bf16x16(const uint8_t *p, __m256i nan, int nan_signed) {
-    const __m256i u = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
-    const __m256i mag = _mm256_and_si256(u, _mm256_set1_epi16(0x7F));
-    const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(u, _mm256_set1_epi16(0x80)), 8);
-    const __m256i normal = _mm256_add_epi16(_mm256_slli_epi16(mag, 4), _mm256_set1_epi16(0x3C00));
-    /* pshufb: each lane's low byte indexes the table (mag & 15; only mag < 8 is kept), its high byte 0x80 -> 0 */
+/* 32 E4M3 codes -> their bf16 bit patterns as high and low bytes, in 8-bit lanes (NaN as nan_hi:nan_lo; the
+ * code's sign ORed into nan_hi where `nan_signed`). A normal code's high byte is 0x3C + (mag >> 4) and its low
+ * byte (mag << 4) & 0xF0 (the 16-bit form above, split); subnormals from the byte tables by pshufb. */
+INLINE void fp8_bf16x32(const uint8_t *p, __m256i nan_hi, __m256i nan_lo, int nan_signed, __m256i *hi, __m256i *lo) {
     const __m256i lo_t = _mm256_setr_epi8(0x00, 0x00, (char)0x80, (char)0xC0, 0x00, 0x20, 0x40, 0x60, 0, 0, 0, 0, 0,
                                           0, 0, 0, 0x00, 0x00, (char)0x80, (char)0xC0, 0x00, 0x20, 0x40, 0x60, 0, 0, 0,
                                           0, 0, 0, 0, 0);
     const __m256i hi_t = _mm256_setr_epi8(0x00, 0x3B, 0x3B, 0x3B, 0x3C, 0x3C, 0x3C, 0x3C, 0, 0, 0, 0, 0, 0, 0, 0, 0x00,
                                           0x3B, 0x3B, 0x3B, 0x3C, 0x3C, 0x3C, 0x3C, 0, 0, 0, 0, 0, 0, 0, 0);
-    const __m256i ctrl = _mm256_or_si256(mag, _mm256_set1_epi16((short)0x8000));
-    const __m256i sub = _mm256_or_si256(_mm256_shuffle_epi8(lo_t, ctrl), _mm256_slli_epi16(_mm256_shuffle_epi8(hi_t, ctrl), 8));
-    const __m256i is_sub = _mm256_cmpgt_epi16(_mm256_set1_epi16(8), mag);
-    __m256i bits = _mm256_or_si256(_mm256_blendv_epi8(normal, sub, is_sub), sign);
-    const __m256i is_nan = _mm256_cmpeq_epi16(mag, _mm256_set1_epi16(0x7F));
-    return _mm256_blendv_epi8(bits, nan_signed ? _mm256_or_si256(nan, sign) : nan, is_nan);
+    const __m256i c = _mm256_loadu_si256((const __m256i *)p);
+    const __m256i mag = _mm256_and_si256(c, _mm256_set1_epi8(0x7F));
+    const __m256i sign = _mm256_and_si256(c, _mm256_set1_epi8((char)0x80));
+    const __m256i h_norm = _mm256_add_epi8(_mm256_and_si256(_mm256_srli_epi16(mag, 4), _mm256_set1_epi8(0x0F)),
+                                           _mm256_set1_epi8(0x3C));
+    const __m256i l_norm = _mm256_and_si256(_mm256_slli_epi16(mag, 4), _mm256_set1_epi8((char)0xF0));
+    const __m256i is_sub = _mm256_cmpgt_epi8(_mm256_set1_epi8(8), mag); /* mag <= 127: a signed compare is right */
+    const __m256i is_nan = _mm256_cmpeq_epi8(mag, _mm256_set1_epi8(0x7F));
+    const __m256i h = _mm256_or_si256(_mm256_blendv_epi8(h_norm, _mm256_shuffle_epi8(hi_t, mag), is_sub), sign);
+    const __m256i l = _mm256_blendv_epi8(l_norm, _mm256_shuffle_epi8(lo_t, mag), is_sub);
+    *hi = _mm256_blendv_epi8(h, nan_signed ? _mm256_or_si256(nan_hi, sign) : nan_hi, is_nan);
+    *lo = _mm256_blendv_epi8(l, nan_lo, is_nan);
 }
 
 /* 16 int8 -> 16 bf16 bit patterns (through fp32: exact, then the top halves packed in order). */
@@ -54,46 +57,63 @@ INLINE __m256i i8_bf16x16(const int8_t *p) {
     return _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8);
 }
 
-/* n codes of one block -> bf16 (out16) or fp32 (out32, when out16 is NULL). */
-INLINE void widen_block(const uint8_t *src, int64_t n, int kind, uint16_t *out16, float *out32) {
-    /* fp32 NaN: sign | 0x7FF00000, i.e. the 16-bit pattern sign | 0x7FF0 shifted up */
-    const __m256i nan = _mm256_set1_epi16(out16 ? 0x7FC0 : 0x7FF0);
-    const int nan_signed = out16 == NULL;
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        if (kind == KV_INT8 && out32) {
-            const __m128i b = _mm_loadu_si128((const __m128i *)(src + i));
-            _mm256_storeu_ps(out32 + i, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)));
-            _mm256_storeu_ps(out32 + i + 8, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))));
-            continue;
-        }
-        const __m256i h = kind == KV_FP8 ? fp8_bf16x16(src + i, nan, nan_signed) : i8_bf16x16((const int8_t *)src + i);
-        if (out16) {
-            _mm256_storeu_si256((__m256i *)(out16 + i), h);
-        } else {
-            _mm256_storeu_si256((__m256i *)(out32 + i), _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(h)), 16));
-            _mm256_storeu_si256((__m256i *)(out32 + i + 8),
-                                _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(h, 1)), 16));
-        }
-    }
+INLINE void fp8_scalar_tail(const uint8_t *src, int64_t i, int64_t n, uint16_t *out16, float *out32) {
     for (; i < n; i++) {
-        if (kind == KV_INT8) {
-            const float f = (float)((const int8_t *)src)[i];
-            if (out16) {
-                uint32_t bits;
-                __builtin_memcpy(&bits, &f, 4);
-                out16[i] = (uint16_t)(bits >> 16);
-            } else {
-                out32[i] = f;
-            }
-            continue;
-        }
-        const uint16_t h = fp8_bf16_scalar(src[i], out16 ? 0x7FC0 : 0x7FF0, nan_signed);
+        const uint16_t h = fp8_bf16_scalar(src[i], out16 ? 0x7FC0 : 0x7FF0, out16 == NULL);
         if (out16) {
             out16[i] = h;
         } else {
             const uint32_t bits = (uint32_t)h << 16;
             __builtin_memcpy(out32 + i, &bits, 4);
+        }
+    }
+}
+
+/* n E4M3 codes -> bf16 (out16) or fp32 (out32, when out16 is NULL; fp32 NaN: sign | 0x7FF00000). */
+static void fp8_block(const uint8_t *src, int64_t n, uint16_t *out16, float *out32) {
+    const __m256i nan_hi = _mm256_set1_epi8(0x7F), nan_lo = _mm256_set1_epi8(out16 ? (char)0xC0 : (char)0xF0);
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m256i hi, lo;
+        fp8_bf16x32(src + i, nan_hi, nan_lo, out16 == NULL, &hi, &lo);
+        const __m256i a = _mm256_unpacklo_epi8(lo, hi), b = _mm256_unpackhi_epi8(lo, hi); /* codes 0-7|16-23, 8-15|24-31 */
+        const __m256i w0 = _mm256_permute2x128_si256(a, b, 0x20), w1 = _mm256_permute2x128_si256(a, b, 0x31);
+        if (out16) {
+            _mm256_storeu_si256((__m256i *)(out16 + i), w0);
+            _mm256_storeu_si256((__m256i *)(out16 + i + 16), w1);
+        } else {
+            const __m256i *w[2] = {&w0, &w1};
+            for (int k = 0; k < 2; k++) {
+                float *o = out32 + i + 16 * k;
+                _mm256_storeu_si256((__m256i *)o, _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(*w[k])), 16));
+                _mm256_storeu_si256((__m256i *)(o + 8),
+                                    _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(*w[k], 1)), 16));
+            }
+        }
+    }
+    fp8_scalar_tail(src, i, n, out16, out32);
+}
+
+/* n int8 codes -> bf16 (out16) or fp32 (out32, when out16 is NULL). */
+static void int8_block(const int8_t *src, int64_t n, uint16_t *out16, float *out32) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        if (out16) {
+            _mm256_storeu_si256((__m256i *)(out16 + i), i8_bf16x16(src + i));
+        } else {
+            const __m128i b = _mm_loadu_si128((const __m128i *)(src + i));
+            _mm256_storeu_ps(out32 + i, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)));
+            _mm256_storeu_ps(out32 + i + 8, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))));
+        }
+    }
+    for (; i < n; i++) {
+        const float f = (float)src[i];
+        if (out16) {
+            uint32_t bits;
+            __builtin_memcpy(&bits, &f, 4);
+            out16[i] = (uint16_t)(bits >> 16);
+        } else {
+            out32[i] = f;
         }
     }
 }
@@ -105,9 +125,11 @@ void lowbit_kv_gather(const uint8_t *cache, int64_t block_elems, const int64_t *
 #pragma omp parallel for schedule(dynamic, chunk_of(nblocks, 4)) if (nblocks * block_elems >= (1 << 16))
     for (int64_t j = 0; j < nblocks; j++) {
         const uint8_t *src = cache + blocks[j] * block_elems;
-        if (out_fp32)
-            widen_block(src, block_elems, kind, NULL, (float *)out + j * block_elems);
+        uint16_t *o16 = out_fp32 ? NULL : (uint16_t *)out + j * block_elems;
+        float *o32 = out_fp32 ? (float *)out + j * block_elems : NULL;
+        if (kind == KV_FP8)
+            fp8_block(src, block_elems, o16, o32);
         else
-            widen_block(src, block_elems, kind, (uint16_t *)out + j * block_elems, NULL);
+            int8_block((const int8_t *)src, block_elems, o16, o32);
     }
 }

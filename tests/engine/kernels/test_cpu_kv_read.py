@@ -24,8 +24,8 @@ def torch_read(cache: torch.Tensor, blocks: torch.Tensor, block_size: int, out: 
 @needs_kernel
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("out", list(OUTS))
-# blocks of 8 codes (the scalar tail only), 16 (one vector), 24 (a vector and a tail) and 64
-@pytest.mark.parametrize(("block_size", "dim"), [(1, 8), (2, 8), (3, 8), (4, 16)])
+# blocks of 8 codes (a scalar tail only), 16, 24 (int8: a vector and a tail), 32 (fp8: one vector), 40 (and a tail), 64
+@pytest.mark.parametrize(("block_size", "dim"), [(1, 8), (2, 8), (3, 8), (4, 8), (5, 8), (4, 16)])
 def test_every_code_widens_bit_for_bit_as_torch(fmt, out, block_size: int, dim: int) -> None:
     codes = torch.arange(256, dtype=torch.uint8)
     per_block = block_size * dim
