@@ -13,11 +13,11 @@ k_d) and V's into the output (the softmax weights sum over tokens, not channels)
 widen the 8-bit values and the store does the rest. Measured on stories260K (int8): per-pair K scales took KLD
 against a bf16 cache from 0.012 to 0.009; per-channel V scales and centring K (its mean is not stationary under
 RoPE) did not help, nor would finer scales help FP8 (3 mantissa bits: ~2.6% error per element at any scale).
-What would: K's error is almost all of the cost (V alone: KLD 0.001), and stories260K's slowest RoPE pair carries
-a large mean (|mean| 7-18 against a std of 2-4) that rotates 0.001 rad a token, so a fixed (softmax-invariant)
-shift cannot remove it. Subtracting the pre-RoPE mean c before rotation and adding rope(c) back at read time
-(simulated: int8 KLD 0.004-0.006 / top-1 0.953-0.959, FP8 scaled per pair 0.006 / 0.960-0.973) meets KLD <= 0.01 and top-1
->= 0.95; it needs a per-position term in both attention paths and is not built.
+What would: K's error is almost all of the cost (V alone: KLD 0.001), and stories260K's slowest RoPE pair carries a
+large mean (|mean| 7-18 against a std of 2-4) that rotates 0.001 rad a token, so a fixed (softmax-invariant) shift
+cannot remove it. Subtracting the pre-RoPE mean c before rotation and adding rope(c) back at read time (simulated:
+int8 KLD 0.004-0.006 / top-1 0.953-0.959, FP8 scaled per pair 0.006 / 0.960-0.973) meets KLD <= 0.01 and top-1 >=
+0.95; it needs a per-position term in both attention paths and is not built.
 """
 
 from __future__ import annotations
