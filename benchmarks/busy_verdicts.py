@@ -3,8 +3,8 @@
 Issue 32's check, as a user would run it: quantize the demo model once, then run the README's
 `optcli profile ART` several times, each with a fresh cache (so nothing a run learnt can decide the
 next), alternating quiet runs with runs beside one busy-loop process (`python3 -c "while True: pass"`).
-For each run it prints the dtype and the kernel paths (a digest of `workload.engine.kernels` and
-`baseline_kernels`), each comparison row's ratio [95% interval] and verdict, the contention warning,
+For each run it prints the dtype and the kernel paths (a digest of `workload.engine.kernels`,
+`baseline_kernels` and the thread ceiling `cpu_threads`), each comparison row's ratio [95% interval] and verdict, the contention warning,
 and whether offline >= online output tok/s for both models. At the end: whether every run took the same
 paths and gave the same verdicts, and each busy median ratio against the quiet median (issue 32 asks
 for +-25%).
@@ -64,7 +64,9 @@ def one_run(art: Path, out: Path, busy: bool, args: argparse.Namespace) -> dict:
     return {
         "busy": busy, "wall_s": wall,
         "dtype": (eng.get("dtype"), eng.get("baseline_dtype")),
-        "paths": digest([eng.get("kernels"), eng.get("baseline_kernels"), eng.get("dtype_reason")]),
+        "paths": digest([eng.get("kernels"), eng.get("baseline_kernels"), eng.get("dtype_reason"),
+                         eng.get("cpu_threads")]),
+        "threads": (eng.get("cpu_threads") or {}).get("ceiling"),
         "rows": {m: (rows[m]["ratio"], rows[m].get("ci_low"), rows[m].get("ci_high"), rows[m].get("verdict"))
                  for m in ROWS if m in rows},
         "warning": (report["hardware"].get("contention") or {}).get("warning"),
@@ -101,11 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(run)
         cells = "  ".join(f"{m.split(' (')[1][:-1]} {r:.2f}x [{lo:.2f}, {hi:.2f}] {v}" for m, (r, lo, hi, v)
                           in run["rows"].items() if r is not None and lo is not None)
-        print(f"{kind:5} {run['wall_s']:5.0f}s dtype {run['dtype']} paths {run['paths']} busy_share "
+        print(f"{kind:5} {run['wall_s']:5.0f}s dtype {run['dtype']} paths {run['paths']} threads {run['threads']} busy_share "
               f"{run['busy_share']} offline>=online {run['offline_ge_online']}\n      {cells}\n      warning: "
               f"{run['warning']}", flush=True)
     same_paths = len({r["paths"] for r in runs}) == 1 and len({r["dtype"] for r in runs}) == 1
-    print(f"\nsame dtype and kernel paths in all {len(runs)} runs: {same_paths}")
+    print(f"\nsame dtype, kernel paths and thread ceiling in all {len(runs)} runs: {same_paths}")
     quiet = [r for r in runs if not r["busy"]]
     for m in ROWS:
         verdicts = [r["rows"].get(m, (None,) * 4)[3] for r in runs]

@@ -64,7 +64,7 @@ is a multiple of 128, W4A16's group size, so every expert quantizes. What change
     python benchmarks/quant_cpu.py                      # the 1B shape (tens of minutes on a small CPU; memory
                                                         # for all four engines at once: ~8 GB)
     python benchmarks/quant_cpu.py --small              # smoke run: hidden 256, 2 layers, vocab 1024
-    python benchmarks/quant_cpu.py --formats bf16,w4a16 --json out.json
+    python benchmarks/quant_cpu.py --formats bf16,w4a16 --hog --json out.json   # beside one busy loop
     python benchmarks/quant_cpu.py --moe                # Qwen3-MoE shape, bf16 + W4A16 (about a minute)
     python benchmarks/quant_cpu.py --small --moe        # MoE smoke run
 """
@@ -78,6 +78,7 @@ import platform
 import random
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -294,6 +295,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0, help="seed for the weights and the prompts")
     ap.add_argument("--lm-head", default="dense", choices=("dense", "int8"),
                     help="the engine's LM head for every format (int8: rounded per row at load)")
+    ap.add_argument("--hog", action="store_true",
+                    help="time the repeats beside one busy-loop process (python -c 'while True: pass'); "
+                         "checks the busy target (W4A16 batch-1 decode >= 1.5x) instead of the quiet ones")
     ap.add_argument("--json", type=Path, default=None, help="also write every figure as JSON here")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -349,11 +353,23 @@ def main(argv: list[str] | None = None) -> int:
              for fmt, recipe in FORMATS.items() if fmt in args.formats}
     loaded = [load_format(fmt, path, wl, args.seed, args.lm_head) for fmt, path in paths.items()]
     rng = random.Random(args.seed + 1)
-    for repeat in range(args.repeats):  # interleaved: each repeat runs every format back to back
-        for eng, row in loaded:
-            for k, v in engine_once(eng, wl, rng).items():
-                row["repeats"][k].append(v)
-        log(f"repeat {repeat + 1}/{args.repeats} done")
+    from optcli.engine.kernels.cpu_threads import CpuShare
+
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.hog else None
+    share = CpuShare()
+    try:
+        for repeat in range(args.repeats):  # interleaved: each repeat runs every format back to back
+            for eng, row in loaded:
+                for k, v in engine_once(eng, wl, rng).items():
+                    row["repeats"][k].append(v)
+            log(f"repeat {repeat + 1}/{args.repeats} done")
+    finally:
+        contention = share.sample()
+        if hog is not None:
+            hog.kill()
+            hog.wait()
+    others = None if contention is None else round(contention["others_cores"], 2)
+    log(f"other processes used {others} cores on average while timing" + (" (one busy loop: --hog)" if hog else ""))
     rows = []
     for eng, row in loaded:
         summarize(row)
@@ -367,12 +383,12 @@ def main(argv: list[str] | None = None) -> int:
     probe = {"gbs": None} if args.smoke else measure_host_bandwidth()
     bandwidth_shares(rows, probe["gbs"])
     print_tables(rows)
-    targets = check_targets(rows, moe=args.moe, gbs=probe["gbs"])
+    targets = check_targets(rows, moe=args.moe, gbs=probe["gbs"], hog=args.hog)
     if args.json:
         args.json.write_text(json.dumps({
             "shape": shape, "moe": args.moe, "parameters": {"total": total, "active": active}, "workload": asdict(wl), "repeats": args.repeats, "threads": torch.get_num_threads(),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-            "formats": rows, "targets": targets, "read_probe": probe,
+            "formats": rows, "targets": targets, "read_probe": probe, "hog": args.hog, "others_cores": others,
         }, indent=2, default=str))
         log(f"wrote {args.json}")
     if args.smoke and args.workdir is None:

@@ -16,6 +16,9 @@ TARGETS = [
 ]
 
 
+# With one core taken by a busy loop (`--hog`): W4A16 keeps most of its batch-1 lead (issue 32).
+HOG_TARGETS = [("w4a16", "b1_decode", 1.5)]
+
 BANDWIDTH_TARGET = 0.8  # each format's batch-1 decode reads its weights at >= 80% of the read probe's GB/s
 
 
@@ -131,13 +134,14 @@ def print_tables(rows: list[dict]) -> None:
         print(f"| {k} | " + " | ".join(cells) + " |")
 
 
-def check_targets(rows: list[dict], moe: bool = False, gbs: float | None = None) -> list[dict]:
+def check_targets(rows: list[dict], moe: bool = False, gbs: float | None = None, hog: bool = False) -> list[dict]:
     """PASS/MISS per target: the issue's dense ones (the ratio's geometric mean >= goal), or under --moe
-    MOE_TARGETS (ratio > goal); and each format's batch-1 weight-read share of the probe's bandwidth."""
+    MOE_TARGETS (ratio > goal), or beside a busy loop HOG_TARGETS; and (quiet, dense) each format's batch-1
+    weight-read share of the probe's bandwidth."""
     by_format = {r["format"]: r for r in rows}
     base = by_format.get("bf16")
     results = []
-    for fmt, metric, goal in MOE_TARGETS if moe else TARGETS:
+    for fmt, metric, goal in MOE_TARGETS if moe else HOG_TARGETS if hog else TARGETS:
         got = ratio(by_format[fmt], base, metric) if fmt in by_format else None
         value = None if got is None else got["ratio"]
         met = value is not None and (value > goal if moe else value >= goal)
@@ -145,13 +149,15 @@ def check_targets(rows: list[dict], moe: bool = False, gbs: float | None = None)
         results.append({"format": fmt, "metric": metric, "target": goal, "ratio": value, "status": status,
                         "interval": None if got is None else [got["ci_low"], got["ci_high"]],
                         "comparison": ">" if moe else ">="})
-    if not moe:
+    if not moe and not hog:
         for r in rows:
             share = r.get("b1_read_share")
             results.append({"format": r["format"], "metric": "b1_read_share", "target": BANDWIDTH_TARGET,
                             "ratio": share, "comparison": ">=", "interval": None,
                             "status": "n/a" if share is None else "PASS" if share >= BANDWIDTH_TARGET else "MISS"})
-    if moe:
+    if hog:
+        print("\n## Target beside one busy-loop process (ratio to the bf16 source, same run)\n")
+    elif moe:
         print("\n## MoE target (ratio to the bf16 source, this run; the dense Llama targets do not apply)\n")
     else:
         probe = "not measured" if gbs is None else f"{gbs:.1f} GB/s"

@@ -26,7 +26,7 @@ MAX_LINES = 400  # as in optcli/ (tests/test_layers.py): a script that grows pas
 
 # What each script prints when its run got through to the end (a line of its final table or verdict).
 DONE = {
-    "busy_verdicts": r"same dtype and kernel paths in all 1 runs",
+    "busy_verdicts": r"same dtype, kernel paths and thread ceiling in all 1 runs",
     "contention": r"\| adaptive \| [\d.]+",
     "cpu_paths": r"every rule's pick|rules to revisit",
     "cpu_step_ops": r"argmax \[64, \d+\] +\d+",
@@ -41,6 +41,7 @@ DONE = {
     "llamacpp_peer": r"skipped: \w+ is not installed|skipped: no checkpoint|## llama\.cpp, batch 1",
     "quant_check": r"result: PASS",
     "quant_cpu": r"## Targets",
+    "thread_rule": r"hidden +128 +offline 16 +1 thread +[\d,]+ tok/s",
 }
 
 

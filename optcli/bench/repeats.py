@@ -175,7 +175,8 @@ class _Repeats:
             side.facts = engine_facts(engine)
             # the dtype and each layer kind's kernel per batch-size bucket, with their reasons (rules, not timings)
             side.options = {**engine.config.as_dict(), "dtype_reason": engine.dtype_reason,
-                            "kernels": engine.kernel_paths(), "kv_cache": engine.kv.describe(engine.block_size)}
+                            "kernels": engine.kernel_paths(), "kv_cache": engine.kv.describe(engine.block_size),
+                            "cpu_threads": engine.thread_rule()}
 
     def release(self, side: _Side) -> None:
         side.engine = None

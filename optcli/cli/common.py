@@ -17,6 +17,19 @@ from optcli.errors import KpiFailed, UsageError
 out = Console()
 err = Console(stderr=True)
 
+
+def print_table(table) -> None:
+    """A table on stdout; piped or redirected (a CI log, a file), at its natural width instead of rich's
+    80-column default, so no cell is folded or cut with an ellipsis."""
+    if out.is_terminal:
+        out.print(table)
+        return
+    from rich.measure import Measurement
+
+    natural = Measurement.get(out, out.options.update(width=1000), table).maximum
+    Console(width=max(out.width, natural)).print(table)  # print(width=) is capped at the console's width
+
+
 def fail(message: str, code: int, as_json: bool = False) -> None:
     """One line on stderr and exit `code`; with `as_json`, also the failure as the one JSON object on
     stdout (`{"error", "exit_code"}`), so a script reading stdout always gets an object to parse."""

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from optcli.bench.workload_flags import WorkloadFlags
 from optcli.cli.app import app
-from optcli.cli.common import emit_json, err, fail, guard, out
+from optcli.cli.common import emit_json, err, fail, guard, out, print_table
 from optcli.cli.flags import with_options
 from optcli.compare.options import CompareOptions
 from optcli.config import EngineConfig
@@ -110,13 +110,17 @@ def _show(report: dict, as_json: bool, out_dir: Path | None) -> None:
     headers, rows = [headers[i] for i in keep], [[row[i] for i in keep] for row in rows]
     table = Table(title=title)
     for i, header in enumerate(headers):
-        table.add_column(header, justify="left" if i == 0 else "right")
+        table.add_column(header, justify="left" if i == 0 or header in ("best for", "switched off", "workload") else "right")
     for row in rows:
         table.add_row(*(escape(cell) for cell in row))
-    out.print(table)
+    print_table(table)
     if report.get("kind") != "optimizations":
         out.print(f"best by {report['objective']}: {report['best'] or 'none'}"
                   + (f" -> {report['best_artifact']}" if report.get("best_artifact") else ""), highlight=False)
+        from optcli.compare.render import method_notes
+
+        for note in method_notes(report):
+            out.print(f"[dim]{escape(note)}[/dim]", highlight=False, soft_wrap=True)
         cache = report["cache"]
         out.print(f"artifact cache {cache['dir']}: reused {len(cache['reused'])}, quantized {len(cache['quantized'])}",
                   highlight=False)

@@ -139,8 +139,9 @@ def measure_optimizations(source, artifact, recipe: str | None, workload: Worklo
     return rows
 
 
-OPT_HEADERS = ["optimization", "switched off", "workload", "E2E p50 -", "E2E p95 -", "TTFT p50 -", "TTFT p95 -",
-               "throughput (at load)", "throughput (offline)", "cost -"]
+OPT_HEADERS = ["optimization", "switched off", "workload", "E2E p50 reduction", "E2E p95 reduction",
+               "TTFT p50 reduction", "TTFT p95 reduction", "throughput increase (at load)",
+               "throughput increase (offline)", "cost reduction"]
 
 
 def _share(cell: dict | None) -> str:

@@ -22,8 +22,9 @@ from optcli.roi.hardware import describe
 from optcli.util.env import library_versions
 
 NOTES = (
-    "static batching leaves a finished request's slot empty until its batch ends and spends no compute on pad "
-    "tokens, so continuous batching's measured gain is, if anything, understated",
+    "static batching keeps a finished request in its batch as padding until the batch ends (each decode step "
+    "computes a row for it, as a padded batch does); prompts are not padded to the batch's longest, so "
+    "continuous batching's measured gain is, if anything, understated",
     "prefix caching is measured on a shared-prefix workload (every prompt starts with one of the prefixes); its "
     "gain is mostly TTFT: the shared tokens are prefilled once",
 )

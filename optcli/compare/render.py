@@ -12,7 +12,8 @@ from typing import Any
 from optcli.report.markdown import NA, fmt_interval
 
 METHOD_HEADERS = ["method", "bits/weight", "ppl change", "KLD mean", "top-1", "tasks (recovery)",
-                  "speedup batch 1", "speedup at load", "weights -", "USD/1K tok", "best for", "KPI"]
+                  "speedup batch 1", "speedup at load", "weights reduction", "peak memory reduction", "USD/1K tok",
+                  "best for", "KPI"]
 
 
 def _num(value: Any, spec: str) -> str:
@@ -46,9 +47,22 @@ def method_cells(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]
             row["method"] + chosen, _num(row["bits_per_weight"], ".2f"), _pct(acc["ppl_change"]),
             _num(acc["kld_mean"], ".4f"), _num(acc["top1_agreement"], ".3f"), _tasks(acc.get("tasks")),
             fmt_interval(row["speedup"]["batch1"]), fmt_interval(row["speedup"]["load"]),
-            NA if mem["weights"] is None else f"{mem['weights']:.0%}", _num(row["usd_per_1k_tokens"], ".5f"),
+            NA if mem["weights"] is None else f"{mem['weights']:.0%}",
+            NA if mem.get("peak") is None else f"{mem['peak']:.0%}", _num(row["usd_per_1k_tokens"], ".5f"),
             "; ".join(row["best_for"]) or "-", _kpi(row["kpi"])])
     return METHOD_HEADERS, rows
+
+
+def method_notes(report: Mapping[str, Any]) -> list[str]:
+    """What a reader of the methods table must know to read it: why a column is n/a, what ranked `best`."""
+    notes = []
+    candidates = report["rows"][1:]
+    whys = {r["memory_reduction"].get("peak_why") for r in candidates if r["memory_reduction"].get("peak") is None}
+    notes += [f"peak memory reduction n/a: {why}" for why in sorted(w for w in whys if w)]
+    if report.get("objective") == "cost" and all(r["usd_per_1k_tokens"] is None for r in candidates):
+        notes.append("best by cost without --gpu-hour-cost: the highest offline throughput against the source "
+                     "(at a fixed price, cost per token is 1 / throughput)")
+    return notes
 
 
 def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
@@ -114,7 +128,7 @@ def render_markdown(report: Mapping[str, Any], cells) -> str:
     lines += [markdown_table(*cells), ""]
     if report.get("best") is not None or report.get("objective"):
         lines += [f"best by {report.get('objective')}: **{report.get('best') or 'none'}**", ""]
-    for note in report.get("notes") or []:
+    for note in report["notes"] if "notes" in report else method_notes(report):
         lines.append(f"- {note}")
     lines += ["", f"How measured: {report.get('method', '')}", ""]
     return "\n".join(lines)
@@ -124,7 +138,7 @@ def render_html(report: Mapping[str, Any], cells, png: bytes | None) -> str:
     md_title = "optimizations" if report.get("kind") == "optimizations" else "quantization methods"
     img = "" if png is None else (
         f'<img alt="Pareto plot" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">')
-    notes = "".join(f"<li>{escape(n)}</li>" for n in report.get("notes") or [])
+    notes = "".join(f"<li>{escape(n)}</li>" for n in (report["notes"] if "notes" in report else method_notes(report)))
     best = (f"<p>best by {escape(str(report.get('objective')))}: <b>{escape(str(report.get('best') or 'none'))}</b></p>"
             if report.get("objective") else "")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>optcli compare</title><style>"

@@ -140,10 +140,27 @@ def _winner(rows: list[dict], what: str, highest: bool) -> dict | None:
     return (max if highest else min)(scored, key=lambda item: item[1])[0]
 
 
+def _speed_pool(rows: list[dict], what: str) -> list[dict]:
+    """Who may claim a speed: an artifact whose ratio's interval lies above 1 (measurably faster than the
+    source; a ratio without an interval counts as measured), or the source when every artifact is
+    measurably slower. A median inside the noise claims nothing."""
+    def low(r: dict) -> float | None:
+        return r["speedup"][what].get("ci_low")
+
+    def high(r: dict) -> float | None:
+        return r["speedup"][what].get("ci_high")
+
+    faster = [r for r in rows[1:] if low(r) is None or low(r) > 1.0]
+    if faster:
+        return faster
+    return rows[:1] if all(high(r) is not None and high(r) < 1.0 for r in rows[1:]) else []
+
+
 def assign_best_for(rows: list[dict]) -> None:
     """Each method's strengths, from the measured figures (the source competes on speed and size; accuracy
     is its by definition, so "most accurate" goes to the closest artifact)."""
-    claims = (("lowest batch-1 latency", rows, "batch1", True), ("highest throughput at load", rows, "load", True),
+    claims = (("lowest batch-1 latency", _speed_pool(rows, "batch1"), "batch1", True),
+              ("highest throughput at load", _speed_pool(rows, "load"), "load", True),
               ("smallest memory", rows, "memory", False), ("most accurate", rows[1:], "kld", False),
               ("lowest cost per token", rows, "cost", False))
     for label, pool, what, highest in claims:

@@ -58,7 +58,7 @@ class Engine:
         # each CPU layer kind's kernel per batch-size bucket, and why (quant/cpu_choice.py); {} on a GPU
         self.kernels = kernel_table(self.model)
         # CPU threads: the cores free of other work, re-sampled as the engine steps (kernels/cpu_threads.py)
-        self.threads = ThreadGovernor() if device == "cpu" else None
+        self.threads = ThreadGovernor(hidden_size=cfg.hidden_size) if device == "cpu" else None
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.config = config = config.with_options(max_model_len=self.max_model_len)
         self.max_num_seqs = max_num_seqs
@@ -358,6 +358,7 @@ class Engine:
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
             "num_preemptions": self.scheduler.num_preemptions,
+            "static_pad_rows": self.scheduler.num_pad_rows,  # static batching: finished members recomputed as padding
             "prefix_cache_hit_rate": b.prefix_hits / b.prefix_queries if b.prefix_queries else 0.0,
             "num_steps": self.num_steps,
             "batch_efficiency": self.num_scheduled_seqs / self.num_steps / self.max_num_seqs if self.num_steps else None,
@@ -368,6 +369,11 @@ class Engine:
             "kernels": self.kernel_paths(),
             "cpu_threads": None if self.threads is None else self.threads.stats(),
         }
+
+    def thread_rule(self) -> dict | None:
+        """The CPU thread ceiling and why (`kernels/cpu_threads.py`: the model's width, the usable cores, or the
+        user's pin); the count under it follows the free cores as the engine steps. None on a GPU."""
+        return None if self.threads is None else {"ceiling": self.threads.max_threads, "reason": self.threads.reason}
 
     def kernel_paths(self) -> dict:
         """For each CPU layer kind (qkv, o, gate_up, down, lm_head, ...) and batch-size bucket: the kernel

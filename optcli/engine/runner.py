@@ -66,10 +66,21 @@ class ModelRunner:
                 lo, hi = max(start, len(seq.prompt_logprobs)), min(start + n, seq.num_prompt_tokens - 1)
                 if lo < hi:
                     prompt_rows[seq.request_id] = (lo, list(range(first_row + lo - start, first_row + hi - start)))
+        sampled = len(sample_rows)
+        for seq in batch.pads:  # a static batch's finished member: its last position again, logits discarded
+            last = seq.num_computed_tokens - 1
+            sample_rows.append(len(input_ids))
+            layout.rows.append(range(len(input_ids), len(input_ids) + 1))
+            input_ids.append(seq.token_ids[last])
+            positions.append(last)
+            layout.slots.append(seq.block_table[last // bs] * bs + last % bs)
+            layout.query_pos.append([last])
+            layout.ctx_lens.append(last + 1)
+            layout.block_tables.append(seq.block_table)
         dev = self.device
         if self.graphs is not None and layout.is_decode and not prompt_rows and self.graphs.fits(len(input_ids)):
             logits = self.graphs.run(input_ids, positions, layout)
-            return StepOutput(sample_seqs, logits, {})
+            return StepOutput(sample_seqs, logits[:sampled], {})
         meta = self.backend(layout, dev)
         hidden = self.model(
             torch.tensor(input_ids, dtype=torch.long, device=dev),
@@ -77,7 +88,7 @@ class ModelRunner:
             self.kv_caches,
             meta,
         )
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, dtype=torch.long, device=dev)])
+        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, dtype=torch.long, device=dev)])[:sampled]
         prompt_logits = {
             rid: (first, self.model.compute_logits(hidden[torch.tensor(rows, dtype=torch.long, device=dev)]))
             for rid, (first, rows) in prompt_rows.items()

@@ -10,9 +10,13 @@ full blocks stay in the prefix cache, so the recompute is often cheap).
 Static (`scheduler_policy="static"`, the request-level "dynamic batching" of TF Serving / Triton and
 of the seed article's DynamicBatcher): a batch of up to `max_num_seqs` requests is closed when that
 many are waiting or when the oldest has waited `max_wait_ms`; it then runs to completion and nothing
-is admitted until its last member finishes. A finished member's slot stays empty until then (the
-padding of a static batch; we spend no compute on pad tokens, so static batching's measured cost is,
-if anything, flattered). A member preempted for want of blocks rejoins the queue for a later batch.
+is admitted until its last member finishes. A finished member stays in the batch as padding until then,
+as in a padded batch tensor: each decode step recomputes its last position (a pad row: same token, same
+position and context, so the K/V it writes are those values again) and its logits are discarded, so static
+batching pays for its empty slots as a padded batch does. (Prompts are not padded to the batch's longest:
+a prefill costs what its own tokens cost.) Pads hold their blocks; when a member needs blocks that are
+not free, the pads give theirs up first. A member preempted for want of blocks rejoins the queue for a
+later batch; an aborted member leaves at once.
 
 `enable_chunked_prefill=False`: a prompt is admitted only when all of it fits this step's budget
 (never cut across steps), the budget being at least the longest prompt the engine accepts.
@@ -23,7 +27,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from optcli.engine.kv_cache import BlockManager
 from optcli.engine.sequence import Sequence, Status
@@ -35,6 +39,7 @@ POLICIES = ("continuous", "static")
 class ScheduledBatch:
     items: list[tuple[Sequence, int]]  # (sequence, tokens to compute this step)
     num_preempted: int = 0
+    pads: list[Sequence] = field(default_factory=list)  # finished static members, recomputed as padding
 
     @property
     def num_tokens(self) -> int:
@@ -55,6 +60,8 @@ class Scheduler:
         self.running: list[Sequence] = []  # sorted by arrival
         self.num_preemptions = 0
         self.num_static_batches = 0  # static batches closed so far (tests, stats)
+        self.padding: list[Sequence] = []  # the running static batch's finished members (pad rows)
+        self.num_pad_rows = 0  # pad rows computed so far (stats)
 
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
@@ -76,6 +83,8 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.blocks.can_allocate(seq, n) and self.padding:
+                self.blocks.free(self.padding.pop())  # a pad's blocks before a member's progress
             while not self.blocks.can_allocate(seq, n):
                 victim = self.running[-1]  # newest first: the oldest keep their progress
                 self._preempt(victim)
@@ -113,7 +122,9 @@ class Scheduler:
             items.append((seq, n))
             budget -= n
         self.num_preemptions += preempted
-        return ScheduledBatch(items, preempted)
+        pads = list(self.padding) if items and all(n == 1 for _, n in items) else []  # decode steps only
+        self.num_pad_rows += len(pads)
+        return ScheduledBatch(items, preempted, pads)
 
     def batch_wait_s(self) -> float:
         """Static: seconds until the waiting requests' batch closes on its wait (0 when it is not waiting for
@@ -151,18 +162,34 @@ class Scheduler:
             f"({self.blocks.num_blocks} of {self.blocks.block_size} tokens)"
         )
 
+    def _release_padding(self) -> None:
+        for done in self.padding:
+            self.blocks.free(done)
+        self.padding.clear()
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.free(seq)
+        if not self.running:  # the static batch is over (its last member waits for a later one)
+            self._release_padding()
         seq.num_preemptions += 1
         self.add(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """Retire a sequence (finished or aborted) wherever it is and release its blocks."""
+        """Retire a sequence (finished or aborted) wherever it is and release its blocks; a static batch's
+        finished member stays as padding (its blocks kept) until the batch's last member finishes."""
+        pad = self.policy == "static" and reason != "abort" and seq in self.running and len(self.running) > 1
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.blocks.free(seq)
+        if seq in self.padding:
+            self.padding.remove(seq)
+        if pad:
+            self.padding.append(seq)
+        else:
+            self.blocks.free(seq)
+        if not self.running:  # the batch is done: its padding goes
+            self._release_padding()
         seq.status = Status.FINISHED
         seq.finish_reason = reason

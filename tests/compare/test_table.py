@@ -31,6 +31,24 @@ def test_best_for_is_derived_from_the_figures() -> None:
     assert rows[2]["best_for"] == ["lowest batch-1 latency", "smallest memory", "most accurate"]
 
 
+def test_a_speed_inside_the_noise_claims_nothing() -> None:
+    rows = [row("source", 1.0, 1.0, 0.0, 100), row("a", 1.5, 1.08, 0.02, 40), row("b", 1.2, 1.05, 0.01, 30)]
+    rows[0]["speedup"]["batch1"] = {"ratio": 1.0, "ci_low": None, "ci_high": None}
+    rows[1]["speedup"]["batch1"].update(ci_low=0.35, ci_high=3.54)  # the highest median, but not measurably faster
+    rows[2]["speedup"]["batch1"].update(ci_low=1.04, ci_high=1.07)
+    rows[1]["speedup"]["load"].update(ci_low=0.9, ci_high=2.0)
+    rows[2]["speedup"]["load"].update(ci_low=0.8, ci_high=1.1)
+    assign_best_for(rows)
+    assert "lowest batch-1 latency" in rows[2]["best_for"] and "lowest batch-1 latency" not in rows[1]["best_for"]
+    assert not any("highest throughput at load" in r["best_for"] for r in rows)  # nobody measurably faster
+    for r in rows[1:]:
+        r["speedup"]["load"].update(ci_low=0.5, ci_high=0.8)
+        r["best_for"] = []
+    rows[0]["best_for"] = []
+    assign_best_for(rows)
+    assert "highest throughput at load" in rows[0]["best_for"]  # every artifact measurably slower
+
+
 def test_the_objective_picks_among_passers_only() -> None:
     rows = [row("source", 1.0, 1.0, 0.0, 100, passed=None), row("a", 1.5, 0.9, 0.02, 40, usd=0.2, passed=False),
             row("b", 0.9, 1.3, 0.01, 30, usd=0.3, passed=True), row("c", 1.2, 1.0, 0.03, 50, usd=0.1, passed=True)]

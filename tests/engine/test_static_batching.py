@@ -109,6 +109,33 @@ def test_static_output_equals_continuous_greedy(engines) -> None:
     assert engines["static"].scheduler.num_static_batches >= 3  # 10 requests, batches of at most 4
 
 
+def test_a_static_batch_computes_its_finished_members_as_padding(engines) -> None:
+    """A padded batch: after a member finishes, every decode step still computes a row for it (its last
+    position again), until the batch's longest member is done; then its blocks are free again."""
+    eng = engines["static"]
+    rows = []
+    original = eng.runner.run
+
+    def spy(batch):
+        rows.append((len(batch.items), len(batch.pads)))
+        return original(batch)
+
+    eng.runner.run = spy
+    free = eng.blocks.num_free_blocks
+    pads_before = eng.scheduler.num_pad_rows
+    try:
+        lengths = (2, 3, 9)
+        outs = eng.generate([[7, 8, 9 + i] for i in range(3)],
+                            [SamplingParams(max_tokens=n, ignore_eos=True) for n in lengths])
+    finally:
+        eng.runner.run = original
+    assert [len(o.token_ids) for o in outs] == list(lengths)
+    decodes = rows[1:]  # after the batch's prefill step
+    assert all(items + pads == 3 for items, pads in decodes)  # every member or its pad, every step
+    assert sum(p for _, p in decodes) == eng.scheduler.num_pad_rows - pads_before == (9 - 2) + (9 - 3)
+    assert not eng.scheduler.padding and eng.blocks.num_free_blocks == free
+
+
 def test_static_batches_run_to_completion_in_the_engine(engines) -> None:
     eng = engines["static"]
     for i in range(4):

@@ -15,6 +15,11 @@ process's own (`os.times()`) is what the others used. A governor starts from the
 started (or since this module's import: the model's load); the first sample sets the count when there was
 none to start from; after that the count moves only when two samples in a row agree, so one busy moment does not flip it back and forth.
 `OPTCLI_CPU_THREADS=N` pins the count (no sampling). The kernel paths never depend on it: they follow from the CPU's flags (`cpu_caps.py`).
+
+The ceiling also follows the model's width (`width_ceiling`): on a narrow model every parallel region is a
+few microseconds of work, about what waking a second thread and the barrier cost, so one thread is faster
+even on a quiet machine. That rule also keeps a narrow model on the same thread count quiet or busy, so its
+figures do not change path with the machine's load.
 """
 
 from __future__ import annotations
@@ -93,6 +98,19 @@ class CpuShare:
         return {"others_cores": others, "steal_cores": (now[2] - last[2]) / wall, "seconds": wall}
 
 
+# The narrowest hidden size at which a second thread pays, measured by `benchmarks/thread_rule.py`
+# (2026-12-06, 2-core AMD EPYC Zen 5, quiet, 4-layer random Llamas, bf16; ratio 2 threads / 1 thread):
+SPLIT_MIN_HIDDEN = 1024
+
+
+def width_ceiling(hidden_size: int | None, cores: int) -> tuple[int, str]:
+    """The thread ceiling for a model of this hidden size on `cores` usable cores, and why."""
+    if cores > 1 and hidden_size is not None and hidden_size < SPLIT_MIN_HIDDEN:
+        return 1, (f"1 thread: hidden size {hidden_size} < {SPLIT_MIN_HIDDEN}, too narrow for a second thread to pay "
+                   "(benchmarks/thread_rule.py)")
+    return cores, f"{cores} thread(s): the usable cores (affinity, cgroup quota), fewer while other processes are busy"
+
+
 BOOT = CpuShare()  # since this module's import (before a model loads): a governor's first sample at once
 _LAST_SET: list[int] = []  # the thread count a governor set last (so a later one tells it from the user's)
 
@@ -106,12 +124,15 @@ class ThreadGovernor:
     """Sets torch's (and so our kernels') OpenMP thread count to the cores free of other work. Its ceiling:
     `max_threads`, else the usable cores, capped by a thread count the user set in torch before."""
 
-    def __init__(self, max_threads: int | None = None, interval: float = 0.25) -> None:
+    def __init__(self, max_threads: int | None = None, interval: float = 0.25, hidden_size: int | None = None) -> None:
         pinned = os.environ.get("OPTCLI_CPU_THREADS")
         self.pinned = int(pinned) if pinned and pinned.isdigit() and int(pinned) > 0 else None
         current = torch.get_num_threads()
         users = None if _LAST_SET == [current] else current  # a count we set ourselves is no user's ceiling
-        self.max_threads = self.pinned or max_threads or min(usable_cores(), users or usable_cores())
+        width, self.reason = width_ceiling(hidden_size, min(usable_cores(), users or usable_cores()))
+        if self.pinned or max_threads:
+            self.reason = f"{self.pinned} thread(s): OPTCLI_CPU_THREADS" if self.pinned else f"{max_threads} thread(s) asked"
+        self.max_threads = self.pinned or max_threads or width
         self.interval = interval
         self.threads = self.max_threads
         self.changes = 0
@@ -157,4 +178,4 @@ class ThreadGovernor:
 
     def stats(self) -> dict:
         return {"max": self.max_threads, "current": self.threads, "changes": self.changes,
-                "pinned": self.pinned is not None, "others_cores": self.others_cores}
+                "pinned": self.pinned is not None, "others_cores": self.others_cores, "reason": self.reason}

@@ -227,7 +227,32 @@ def test_threads_follow_the_free_cores(monkeypatch) -> None:
         assert [gov.update() for _ in range(5)] == [1, 1, 1, 1, 2]
         assert torch.get_num_threads() == 2 and gov.stats()["changes"] == 2
         monkeypatch.setenv("OPTCLI_CPU_THREADS", "1")
-        assert ThreadGovernor().stats() == {"max": 1, "current": 1, "changes": 0, "pinned": True, "others_cores": None}
+        assert ThreadGovernor().stats() == {"max": 1, "current": 1, "changes": 0, "pinned": True, "others_cores": None,
+                                           "reason": "1 thread(s): OPTCLI_CPU_THREADS"}
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_narrow_model_computes_on_one_thread_quiet_or_busy(monkeypatch) -> None:
+    """The width rule (benchmarks/thread_rule.py): below SPLIT_MIN_HIDDEN one thread, whatever the load."""
+    narrow, wide = cpu_threads.SPLIT_MIN_HIDDEN // 2, cpu_threads.SPLIT_MIN_HIDDEN
+    assert cpu_threads.width_ceiling(narrow, 2)[0] == 1 and "too narrow" in cpu_threads.width_ceiling(narrow, 2)[1]
+    assert cpu_threads.width_ceiling(wide, 2)[0] == 2 and cpu_threads.width_ceiling(None, 4)[0] == 4
+    assert cpu_threads.width_ceiling(narrow, 1)[0] == 1
+    monkeypatch.delenv("OPTCLI_CPU_THREADS", raising=False)
+    monkeypatch.setattr(cpu_threads, "usable_cores", lambda: 2)
+    before = torch.get_num_threads()
+    try:
+        for others in (0.0, 1.0):  # a quiet and a busy start: the same ceiling and count
+            monkeypatch.setattr(cpu_threads.BOOT, "sample", lambda o=others: {"others_cores": o, "seconds": 2.0})
+            gov = ThreadGovernor(hidden_size=narrow)
+            assert (gov.max_threads, gov.threads) == (1, 1) and "too narrow" in gov.stats()["reason"]
+        monkeypatch.setattr(cpu_threads.BOOT, "sample", lambda: {"others_cores": 0.0, "seconds": 2.0})
+        torch.set_num_threads(2)
+        cpu_threads._LAST_SET[:] = [2]  # a count the governor set: no user's ceiling
+        assert ThreadGovernor(hidden_size=wide).threads == 2
+        monkeypatch.setenv("OPTCLI_CPU_THREADS", "2")
+        assert ThreadGovernor(hidden_size=narrow).threads == 2  # the user's pin wins over the rule
     finally:
         torch.set_num_threads(before)
 
