@@ -27,11 +27,13 @@ def gather_widen(cache: torch.Tensor, blocks: torch.Tensor, block_size: int,
     in out_dtype; None where the kernel does not apply."""
     if cache.device.type != "cpu" or not available(cache.dtype, out_dtype) or not cache.is_contiguous():
         return None
-    blocks = blocks.to(torch.int64).contiguous()
+    if blocks.dtype != torch.int64 or not blocks.is_contiguous():
+        blocks = blocks.to(torch.int64).contiguous()
     block_elems = block_size * cache[0].numel()
-    if blocks.numel() and not 0 <= int(blocks.min()) <= int(blocks.max()) < cache.shape[0] // block_size:
-        raise IndexError("a block index outside the cache")
     out = torch.empty(blocks.numel() * block_size, *cache.shape[1:], dtype=out_dtype)
-    cpu_lowbit.library().lowbit_kv_gather(cache.data_ptr(), block_elems, blocks.data_ptr(), blocks.numel(),
-                                          KINDS[cache.dtype], OUT_FP32[out_dtype], out.data_ptr())
+    status = cpu_lowbit.library().lowbit_kv_gather(cache.data_ptr(), block_elems, cache.shape[0] // block_size,
+                                                   blocks.data_ptr(), blocks.numel(), KINDS[cache.dtype],
+                                                   OUT_FP32[out_dtype], out.data_ptr())
+    if status != 0:  # checked in C before anything is written
+        raise IndexError("a block index outside the cache")
     return out

@@ -47,14 +47,14 @@ _VOID = [
     ("lowbit_i8w_gemm", [P, I64, I64, P, I64, ctypes.c_int, P]),
     ("lowbit_quant_rows_int8", [P, I64, I64, P, P]),
     ("lowbit_q8_linear", [P, I64, I64, P, P, I64, P]),
-    ("lowbit_kv_gather", [P, I64, P, I64, ctypes.c_int, ctypes.c_int, P]),
 ]
 LIBRARY = CLibrary(
     name="lowbit",
     sources=(SOURCE, SOURCE.with_name("cpu_lowbit_float.c"), SOURCE.with_name("cpu_lowbit_kv.c")),
     header=SOURCE.with_suffix(".h"),
     flags=("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno"),
-    functions={**{name: (args, None) for name, args in _VOID}, "lowbit_read_probe": ([P, I64], I64)},
+    functions={**{name: (args, None) for name, args in _VOID}, "lowbit_read_probe": ([P, I64], I64),
+               "lowbit_kv_gather": ([P, I64, I64, P, I64, ctypes.c_int, ctypes.c_int, P], I64)},
 )
 
 

@@ -118,10 +118,13 @@ static void int8_block(const int8_t *src, int64_t n, uint16_t *out16, float *out
     }
 }
 
-/* out[j] = widened cache[blocks[j]] for j < nblocks; a block is block_elems one-byte codes. out_fp32: float
- * output, else bf16. */
-void lowbit_kv_gather(const uint8_t *cache, int64_t block_elems, const int64_t *blocks, int64_t nblocks, int kind,
-                      int out_fp32, void *out) {
+/* out[j] = widened cache[blocks[j]] for j < nblocks; a block is block_elems one-byte codes and the cache holds
+ * cache_blocks of them. out_fp32: float output, else bf16. Returns -1, writing nothing, if a block index is
+ * outside the cache (checked here: a Python-side min/max cost more than this whole call on a small model). */
+int64_t lowbit_kv_gather(const uint8_t *cache, int64_t block_elems, int64_t cache_blocks, const int64_t *blocks,
+                         int64_t nblocks, int kind, int out_fp32, void *out) {
+    for (int64_t j = 0; j < nblocks; j++)
+        if (blocks[j] < 0 || blocks[j] >= cache_blocks) return -1;
 #pragma omp parallel for schedule(dynamic, chunk_of(nblocks, 4)) if (nblocks * block_elems >= (1 << 16))
     for (int64_t j = 0; j < nblocks; j++) {
         const uint8_t *src = cache + blocks[j] * block_elems;
@@ -132,4 +135,5 @@ void lowbit_kv_gather(const uint8_t *cache, int64_t block_elems, const int64_t *
         else
             int8_block((const int8_t *)src, block_elems, o16, o32);
     }
+    return 0;
 }

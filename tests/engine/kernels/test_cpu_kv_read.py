@@ -63,5 +63,6 @@ def test_declines_without_the_build_or_for_a_dtype_it_does_not_write(monkeypatch
 @needs_kernel
 def test_a_block_outside_the_cache_is_refused() -> None:
     cache = torch.zeros(32, 2, 8, dtype=torch.int8)
-    with pytest.raises(IndexError):
-        cpu_kv_read.gather_widen(cache, torch.tensor([0, 2]), 16, torch.bfloat16)
+    for bad in ([0, 2], [1, -1]):  # the cache holds blocks 0 and 1
+        with pytest.raises(IndexError):
+            cpu_kv_read.gather_widen(cache, torch.tensor(bad), 16, torch.bfloat16)
