@@ -1,5 +1,5 @@
-"""The AVX2 CPU kernels of `cpu_lowbit.c` (low-bit GEMMs, bf16-weight GEMMs, FP8 activation rounding),
-compiled once per machine and called through ctypes.
+"""The AVX2 CPU kernels of `cpu_lowbit.c` (low-bit GEMMs, bf16-weight GEMMs, FP8 activation rounding; the 8-bit KV
+cache's read, `cpu_lowbit_kv.c`, called by `cpu_kv_read.py`), compiled once per machine and called through ctypes.
 
 No maintained library gives an exact low-bit GEMM on an AVX2 CPU without VNNI, or an fp32 GEMM on
 bf16-held weights (see the C file's header), so these are ours: compiled with the system's C compiler (`$CC`, else `cc`) on first use
