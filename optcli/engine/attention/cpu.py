@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from optcli.engine.attention.kv_quant import KVScales, as_bytes, head_scale, quant_scales, store_quantized
 from optcli.engine.attention.layout import StepLayout, block_table_tensor
-from optcli.engine.kernels import cpu_kv_read
+from optcli.engine.kernels import cpu_kv8
 
 
 @dataclass
@@ -163,7 +163,7 @@ def _gather(cache: torch.Tensor, block_table: torch.Tensor, block_size: int, dty
     values, bit for bit)."""
     blocks = block_table.view(-1)
     if cache.dtype != dtype:
-        widened = cpu_kv_read.gather_widen(cache, blocks, block_size, dtype)
+        widened = cpu_kv8.gather_widen(cache, blocks, block_size, dtype)
         if widened is not None:
             return widened
     # index_select: ~40% faster than advanced indexing here

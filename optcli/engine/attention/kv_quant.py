@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from optcli.engine.kernels import cpu_kv8
 from optcli.engine.kernels.kv_rounding import QMAX, as_bytes, quantize
 
 STORAGE = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "int8": torch.int8}
@@ -124,6 +125,8 @@ def store_quantized(k, v, k_cache, v_cache, slots: torch.Tensor, scales: KVScale
     """The CPU path's store: quantize this step's K/V rows into their slots (all slots are live here)."""
     dtype = k_cache.dtype
     ensure_scales(scales, k, v, dtype)
+    if cpu_kv8.store(k, k_cache, slots, scales.k) and cpu_kv8.store(v, v_cache, slots, scales.v):
+        return  # our AVX2 kernel, code for code the statement below
     as_bytes(k_cache).index_copy_(0, slots, as_bytes(quantize(k, scales.k, dtype)))
     as_bytes(v_cache).index_copy_(0, slots, as_bytes(quantize(v, scales.v, dtype)))
 

@@ -1,5 +1,6 @@
-/* The 8-bit KV cache's read on CPU (engine/attention/cpu.py): a sequence group's cache blocks gathered and
- * widened to the attention's dtype (bf16 or fp32) in one pass, bit for bit what torch's cast gives.
+/* The 8-bit KV cache's read and store on CPU (engine/attention/cpu.py, kv_quant.py; called by cpu_kv8.py): a
+ * sequence group's cache blocks gathered and widened to the attention's dtype (bf16 or fp32) in one pass, bit for
+ * bit what torch's cast gives; and a step's K/V rows quantized into their slots, code for code kv_rounding.py.
  *
  * Why: torch widens float8_e4m3fn with scalar code, ~4.5x the time of its int8 widening (1 thread, 16.7M
  * elements: 64 ms against 14), which made an FP8 cache's batch-1 decode slower than a bf16 cache's. Here the
@@ -11,6 +12,8 @@
  * subnormals m * 2^-9 are bf16 normals: a 16-entry byte table (pshufb). 0x7F / 0xFF are NaN: torch gives bf16
  * 0x7FC0 for both (the sign dropped) and fp32 sign | 0x7FF00000, reproduced here. int8 widens through fp32 (every
  * int8 value is exact in bf16). */
+
+#include <math.h>
 
 #include "cpu_lowbit.h"
 
@@ -134,6 +137,67 @@ int64_t lowbit_kv_gather(const uint8_t *cache, int64_t block_elems, int64_t cach
             fp8_block(src, block_elems, o16, o32);
         else
             int8_block((const int8_t *)src, block_elems, o16, o32);
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- the store ------------------------------------ */
+
+/* fp32 -> E4M3 (saturating, round to nearest even): torch's own scalar conversion (c10's
+ * fp8e4m3fn_from_fp32_value, torch 2.13), step for step, so the codes are the ones `.to(float8_e4m3fn)` gives. */
+INLINE uint8_t fp8_from_f32(float f) {
+    uint32_t bits;
+    __builtin_memcpy(&bits, &f, 4);
+    const uint32_t sign = bits & 0x80000000u;
+    bits ^= sign;
+    uint8_t result;
+    if (bits >= (1087u << 20)) {
+        result = bits > 0x7F800000u ? 0x7F : 0x7E;
+    } else if (bits < (121u << 23)) { /* below 2^-6: a subnormal, rounded by an fp32 add at the 2^-9 grid */
+        const uint32_t denorm = 141u << 23;
+        float a, d;
+        __builtin_memcpy(&a, &bits, 4);
+        __builtin_memcpy(&d, &denorm, 4);
+        a += d;
+        __builtin_memcpy(&bits, &a, 4);
+        result = (uint8_t)(bits - denorm);
+    } else {
+        const uint32_t odd = (bits >> 20) & 1;
+        bits += ((uint32_t)(7 - 127) << 23) + 0x7FFFF + odd;
+        result = (uint8_t)(bits >> 20);
+        if (result == 0x7F) result = 0x7E;
+    }
+    return result | (uint8_t)(sign >> 24);
+}
+
+/* x [T, row] (bf16 where x_bf16, else fp32) quantized with scale [row] into cache rows slots[t] (of row codes;
+ * the cache holds cache_slots rows): kv_rounding.quantize step for step (x / scale, a 0 scale read as 1, clamped
+ * to +-qmax; int8 rounded half away from zero). Returns -1, writing nothing, if a slot is outside the cache. */
+int64_t lowbit_kv_store(const void *x, int x_bf16, int64_t T, int64_t row, const float *scale, const int64_t *slots,
+                        int64_t cache_slots, int kind, uint8_t *cache) {
+    for (int64_t t = 0; t < T; t++)
+        if (slots[t] < 0 || slots[t] >= cache_slots) return -1;
+    const float qmax = kind == KV_FP8 ? 448.f : 127.f;
+#pragma omp parallel for schedule(dynamic, chunk_of(T, 16)) if (T * row >= (1 << 16))
+    for (int64_t t = 0; t < T; t++) {
+        uint8_t *dst = cache + slots[t] * row;
+        for (int64_t i = 0; i < row; i++) {
+            float v;
+            if (x_bf16) {
+                const uint32_t bits = (uint32_t)((const uint16_t *)x)[t * row + i] << 16;
+                __builtin_memcpy(&v, &bits, 4);
+            } else {
+                v = ((const float *)x)[t * row + i];
+            }
+            float y = v / (scale[i] > 0.f ? scale[i] : 1.f);
+            y = y < -qmax ? -qmax : (y > qmax ? qmax : y); /* NaN stays NaN, as torch's clamp */
+            if (kind == KV_FP8) {
+                dst[i] = fp8_from_f32(y);
+            } else {
+                const float sg = (float)((y > 0.f) - (y < 0.f));
+                dst[i] = (uint8_t)(int8_t)truncf(y + 0.5f * sg);
+            }
+        }
     }
     return 0;
 }
