@@ -110,8 +110,8 @@ MAX_MODEL_LEN = 512
 
 FORMATS = {"bf16": None, "w4a16": "w4a16-rtn", "w8a8": "w8a8-rtn", "fp8": "fp8-dynamic", "nf4": "nf4-bnb",
            "int8-bnb": "int8-bnb", "mixed": "mixed-rtn"}
-# --formats ...,mixed (never by default): the layout `--recipe auto:4.5` gives the 1B shape, W8A16 q/k/v and
-# down_proj in the first layers, W4A16 g128 elsewhere (quant_cpu_checkpoint.mixed_recipe).
+# --formats ...,mixed (never by default): the kind of layout `--recipe auto:4.5` gives a model whose widths divide
+# 128, W8A16 q/k/v in the first layers, 4-bit zero point groups 128/64/32 elsewhere (quant_cpu_checkpoint.mixed_recipe).
 DEFAULT_FORMATS = tuple(f for f in FORMATS if f != "mixed")
 MOE_FORMATS = ("bf16", "w4a16")  # the default under --moe; w8a8 and fp8 quantize the experts too
 # Formats refused under --moe, before anything is built: `optcli quantize` refuses them for a MoE model.

@@ -151,26 +151,34 @@ def build_source(out: Path, shape: dict, seed: int) -> bool:
     return True
 
 
-MIXED_W8_LAYERS = 4  # W8A16 q/k/v + down_proj in this many first layers: what auto:4.5 buys the 1B shape (~4.48 bits)
+MIXED_W8_LAYERS = 2  # W8A16 q/k/v in this many first layers (where tiny-llama's auto:4.5 put its 8-bit layers)
 
 
 def mixed_recipe(layers: int) -> str:
-    """W4A16 g128 with W8A16 q/k/v and down_proj in the first MIXED_W8_LAYERS layers, round to nearest (speed
-    depends on the layout, not on how the integers were chosen; random weights have no sensitivity to rank)."""
+    """The kind of layout `--recipe auto:4.5` gives a model whose widths divide 128 (tiny-llama's: 14 layers
+    at 4-bit zero point group 32, 5 at group 64, 6 at group 128, 3 at W8A16): W8A16 q/k/v in the first
+    MIXED_W8_LAYERS layers, otherwise attention at zero point g128, gate/up at zero point g64, down_proj at
+    zero point g32 (~4.43 bits per weight on the 1B shape). Round to nearest: speed depends on the layout,
+    not on how the integers were chosen, and random weights have no sensitivity to rank."""
     import yaml
+
+    def zp(group: int) -> dict:
+        return {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": group}
 
     names = [f"model.layers.{i}.{m}" for i in range(layers) for m in
              ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
               "mlp.up_proj", "mlp.down_proj")]
-    w8 = [n for n in names if int(n.split(".")[2]) < MIXED_W8_LAYERS and n.endswith(("q_proj", "k_proj", "v_proj",
-                                                                                    "down_proj"))]
-    groups = {"group_w4a16": {"targets": [n for n in names if n not in w8], "weights": {
-                  "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128}},
-              "group_w8a16": {"targets": w8, "weights": {
-                  "num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}}}
-    return yaml.safe_dump({"name": "mixed-rtn", "description": "W4A16 g128 with W8A16 q/k/v and down_proj in the "
-                           f"first {MIXED_W8_LAYERS} layers, round to nearest.", "backend": "llmcompressor",
-                           "scheme": "mixed", "ignore": ["lm_head"], "calibration": {"required": False},
+    w8 = [n for n in names if int(n.split(".")[2]) < MIXED_W8_LAYERS and n.endswith(("q_proj", "k_proj", "v_proj"))]
+    rest = [n for n in names if n not in w8]
+    groups = {"group_w8a16": {"targets": w8, "weights": {"num_bits": 8, "type": "int", "symmetric": True,
+                                                         "strategy": "channel"}},
+              "group_zp128": {"targets": [n for n in rest if "self_attn" in n], "weights": zp(128)},
+              "group_zp64": {"targets": [n for n in rest if n.endswith(("gate_proj", "up_proj"))], "weights": zp(64)},
+              "group_zp32": {"targets": [n for n in rest if n.endswith("down_proj")], "weights": zp(32)}}
+    return yaml.safe_dump({"name": "mixed-rtn", "description": "auto:4.5's kind of layout: W8A16 q/k/v in the first "
+                           f"{MIXED_W8_LAYERS} layers, 4-bit zero point groups 128/64/32 elsewhere, round to nearest.",
+                           "backend": "llmcompressor", "scheme": "mixed", "ignore": ["lm_head"],
+                           "calibration": {"required": False},
                            "llmcompressor": {"quant_stage": {"quant_modifiers": {
                                "QuantizationModifier": {"config_groups": groups}}}}}, sort_keys=False)
 

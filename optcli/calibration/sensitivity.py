@@ -2,13 +2,15 @@
 
 `optcli calibrate --sensitivity` and `quantize --recipe auto:BITS` both start here. The source's
 log-probs on the calibration windows are computed once and kept; then, layer by layer, the layer's
-weight is swapped for its round-to-nearest value under a rung of the ladder (W4A16 g128, W8A16),
-the same batches run again, and the mean per-token KL(source || quantized) is recorded; the
-weight is put back before the next layer. Round-to-nearest is what "quantizing that layer alone"
-means here: GPTQ compensates each layer's rounding against its own inputs, which lowers every
-layer's cost but is far slower to repeat per layer, so the allocation ranks by round-to-nearest and
-the artifact is then made with GPTQ (tests/calibration/test_sensitivity.py checks the ranking against
-measurement: the top tenth of layers cost more together than the bottom half).
+weight is swapped for its round-to-nearest value under a rung of the ladder (`LADDER`: W4A16 g128,
+4-bit with zero points and finer groups, W8A16), the same batches run again, and the mean per-token
+KL(source || quantized) is recorded; the weight is put back before the next layer. Round-to-nearest is
+what "quantizing that layer alone" means here: GPTQ compensates each layer's rounding against its own
+inputs, which lowers every layer's cost but is far slower to repeat per layer, so the allocation ranks by
+round-to-nearest and the artifact is then made with GPTQ (tests/calibration/test_sensitivity.py checks
+the ranking against measurement: the top tenth of layers cost more together than the bottom half).
+Ranking by GPTQ instead (each layer's weight from a uniform GPTQ run at each rung, swapped in alone) was
+tried on stories260K: it cost five GPTQ runs and gave an allocation no better on held-out text.
 
 The model is any causal LM whose Linear layers carry the weights (transformers' Llama family is
 what we run); it is left exactly as it was given.
@@ -32,43 +34,101 @@ MAX_TOKENS = 8192  # calibration tokens the measurement reads at most: enough to
 @dataclass(frozen=True)
 class Rung:
     """One step of the precision ladder: `bits` per weight, `group` input channels per scale (None: a
-    scale per output row). A layer whose width is not a multiple of the group takes one scale per row."""
+    scale per output row), `symmetric` or with a zero point per group."""
 
     name: str
     bits: int
     group: int | None
+    symmetric: bool = True
+    observer: str = "minmax"  # llm-compressor's: "mse" searches a clipped range per group
 
     def group_for(self, in_features: int) -> int:
-        return self.group if self.group and in_features % self.group == 0 else in_features
+        """The group this rung gives a layer `in_features` wide: its own where it divides the width, else
+        the smallest divisor of the width above it (stories260K's 172-wide MLP: 43 for group 32, 86 for
+        64), else one scale per row."""
+        if not self.group or in_features <= self.group:
+            return in_features
+        return next(g for g in range(self.group, in_features + 1) if in_features % g == 0)
 
     def bits_per_weight(self, in_features: int) -> float:
-        """Storage per weight with its share of the scales: 4 + 16/128 = 4.125 for W4A16 g128."""
+        """Storage per weight with its share of the scales (and zero points): 4 + 16/128 = 4.125 for
+        W4A16 g128; a zero point adds `bits` per group (compressed-tensors packs them like the weights)."""
         if self.bits >= 16:
             return float(self.bits)
-        return self.bits + SCALE_BITS / self.group_for(in_features)
+        per_group = SCALE_BITS + (0 if self.symmetric else self.bits)
+        return self.bits + per_group / self.group_for(in_features)
+
+    def stored_bits(self, out_features: int, in_features: int) -> int:
+        """The layer's bits as compressed-tensors stores them (`pack-quantized`): each row's integers packed
+        into whole int32 words, a bf16 scale per group and row, and the zero points packed 32 bits at a time
+        down the rows. Differs from `bits_per_weight` only by the words' padding (stories260K's 172-wide
+        rows: 22 words for 172 nibbles)."""
+        if self.bits >= 16:
+            return self.bits * out_features * in_features
+        groups = in_features // self.group_for(in_features)
+        words = -(-in_features * self.bits // 32) * out_features
+        zero_points = 0 if self.symmetric else -(-out_features * self.bits // 32) * groups
+        return 32 * (words + zero_points) + SCALE_BITS * out_features * groups
 
     def layout(self, in_features: int) -> str:
         if self.bits >= 16:
             return "bf16"
         group = self.group_for(in_features)
-        return "per channel" if group == in_features else f"group {group}"
+        return ("per channel" if group == in_features else f"group {group}") + ("" if self.symmetric else ", zero point")
 
     def fake_quantize(self, weight: torch.Tensor) -> torch.Tensor:
-        """The layer's weight after round-to-nearest in this rung's format, back in float (symmetric,
-        as the compressed-tensors W4A16/W8A16 presets store it)."""
+        """The layer's weight after round-to-nearest in this rung's format, back in float (the scales as
+        this rung's observer picks them)."""
         if self.bits >= 16:
             return weight
+        group = self.group_for(weight.shape[1])
+        if self.bits == 4 and self.observer == "mse":
+            return clipped_rtn4(weight, group, self.symmetric).to(weight.dtype)
         if self.bits == 4:
-            return Int4Weight.rtn(weight, self.group_for(weight.shape[1])).dequantize().to(weight.dtype)
-        if self.bits == 8:
+            return Int4Weight.rtn(weight, group, self.symmetric).dequantize().to(weight.dtype)
+        if self.bits == 8 and self.symmetric:
             return Int8Weight.rtn(weight, act_quant=False).dequantize().to(weight.dtype)
-        raise ValueError(f"no round-to-nearest for {self.bits}-bit weights")
+        raise ValueError(f"no round-to-nearest for rung {self.name}")
 
 
+def clipped_rtn4(weight: torch.Tensor, group: int, symmetric: bool, max_shrink: float = 0.2,
+                 steps: int = 20, norm: float = 2.4) -> torch.Tensor:
+    """4-bit round-to-nearest with each group's range shrunk by the factor (1 down to 1 - max_shrink) that
+    minimises sum |error|^norm: what llm-compressor's "mse" observer does (same defaults), in float."""
+    n, k = weight.shape
+    w = weight.float().reshape(n, k // group, group)
+    lo, hi = w.amin(-1, keepdim=True).clamp_max(0), w.amax(-1, keepdim=True).clamp_min(0)
+    best = best_err = None
+    for step in range(steps + 1):
+        shrink = 1 - max_shrink * step / steps
+        if symmetric:
+            scale = (torch.maximum(-lo, hi) * shrink / 7.5).clamp_min(1e-8)
+            out = (w / scale).round().clamp(-8, 7) * scale
+        else:
+            scale = ((hi - lo) * shrink / 15).clamp_min(1e-8)
+            zero = (-8 - lo * shrink / scale).round().clamp(-8, 7)
+            out = ((w / scale).round() + zero).clamp(-8, 7).sub(zero) * scale
+        err = (out - w).abs().pow(norm).sum(-1, keepdim=True)
+        if best is None:
+            best, best_err = out, err
+        else:
+            better = err < best_err
+            best, best_err = torch.where(better, out, best), torch.minimum(err, best_err)
+    return best.reshape(n, k)
+
+
+# The ladder, cheapest first (bits per weight never fall going up, whatever a layer's width). Between
+# W4A16 and W8A16 sit 4-bit rungs with a zero point and finer groups: on a model whose sensitivity is
+# flat, a few more bits for every layer buy more than 8 bits for a few (stories260K, held-out KLD of
+# GPTQ with every layer at one rung: W4A16 0.100, zero point 0.081, zero point + group 32 0.066).
+# All of them run on the engine's int4 kernels; group 32 on torch's (the others need groups of 64).
 W4A16 = Rung("W4A16", 4, 128)
+W4A16_ZP = Rung("W4A16-ZP", 4, 128, symmetric=False, observer="mse")
+W4A16_G64_ZP = Rung("W4A16-G64-ZP", 4, 64, symmetric=False, observer="mse")
+W4A16_G32_ZP = Rung("W4A16-G32-ZP", 4, 32, symmetric=False, observer="mse")
 W8A16 = Rung("W8A16", 8, None)
 BF16 = Rung("BF16", 16, None)
-LADDER = (W4A16, W8A16, BF16)  # cheapest first; the last rung is the source precision (costs no KLD)
+LADDER = (W4A16, W4A16_ZP, W4A16_G64_ZP, W4A16_G32_ZP, W8A16, BF16)  # the last rung is the source precision
 RUNGS = {r.name: r for r in LADDER}
 
 
@@ -189,14 +249,14 @@ def swapped_klds(probe: KldProbe, candidates: Iterable[tuple[str, str, Callable[
     return out
 
 
-def measure_sensitivity(model, windows: list[list[int]], rungs: tuple[Rung, ...] = (W4A16, W8A16), *,
+def measure_sensitivity(model, windows: list[list[int]], rungs: tuple[Rung, ...] = LADDER[:-1], *,
                         batch_size: int = 8, max_tokens: int = MAX_TOKENS, measure_all: bool = False,
                         progress: Callable[[int, int], None] | None = None) -> dict:
     """The sensitivity report: every quantizable layer ranked by the KLD of quantizing it alone with the
     first rung (and its share of the sum), with each rung's KLD kept for the mixed-precision allocation.
 
-    The finer rungs are estimated unless `measure_all`: KLD is second order in a small weight error, so a
-    layer's KLD at W8A16 is its measured W4A16 KLD times the ratio of the two roundings' squared error on
+    The other rungs are estimated unless `measure_all`: KLD is second order in a small weight error, so a
+    layer's KLD at a rung is its measured W4A16 KLD times the ratio of the two roundings' squared error on
     that layer's own weight (checked against measurement in the tests: within 2x where it matters)."""
     probe = KldProbe(model, batches(windows, batch_size, max_tokens))
     layers = quantizable_layers(model)
@@ -236,8 +296,13 @@ def measure_sensitivity(model, windows: list[list[int]], rungs: tuple[Rung, ...]
     }
 
 
+RATIO_ROWS = 512  # rows the error ratio reads at most: a 1B model's 8192-row MLP weight costs 10 s per rung whole
+
+
 def _error_ratio(weight: torch.Tensor, fine: Rung, coarse: Rung) -> float:
-    w = weight.float()
+    """Squared rounding error of `fine` over `coarse` on this weight, from evenly spaced rows when it is large
+    (rows are rounded independently, so a sample of them estimates the whole)."""
+    w = weight[:: max(1, weight.shape[0] // RATIO_ROWS)].float()
     coarse_err = (coarse.fake_quantize(w) - w).pow(2).sum().item()
     return (fine.fake_quantize(w) - w).pow(2).sum().item() / coarse_err if coarse_err > 0 else 0.0
 

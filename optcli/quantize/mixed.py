@@ -1,20 +1,25 @@
 """Mixed precision under a bit budget: `--recipe auto:BITS`.
 
-Each quantizable layer gets a rung of the ladder W4A16 g128 -> W8A16 -> bf16 (`calibration/sensitivity.py`).
-Everything starts at W4A16; then, greedily, the upgrade that saves the most KLD per extra bit is
-taken while the average stays within the budget. KLD saved is the sensitivity report's "KLD of that
-layer alone", summed over the layers that move together (KLD is close to additive for small errors;
-the report's `joint_kld` says how close on the model at hand).
+Each quantizable layer gets a rung of the ladder (`calibration/sensitivity.py` LADDER, cheapest first):
+W4A16 g128 -> 4-bit with a zero point per group (g128, g64, g32; scales by llm-compressor's "mse"
+observer) -> W8A16 -> bf16. Everything starts at W4A16; then, greedily, the upgrade (to any rung above,
+so a layer may skip rungs) that saves the most KLD per extra bit is taken while the average stays within
+the budget. KLD saved is the sensitivity report's "KLD of that layer alone", summed over the layers that
+move together (KLD is close to additive for small errors; the report's `joint_kld` says how close on the
+model at hand). The 4-bit rungs between W4A16 and W8A16 matter where sensitivity is flat (stories260K):
+there a few more bits for every layer buy more than 8 bits for a few.
 
 Layers move in the engine's fused groups: q/k/v run as one matmul and gate/up as another, and a fused
 matmul whose parts differ in format falls back to a dense weight, so a group always shares one rung
 and every matmul keeps its own kernel.
 
 The budget counts bits per weight over the quantizable linear layers (the decoder's q/k/v/o and MLP
-projections), with each format's scales included (W4A16 g128 = 4.125, W8A16 = 8 + 16/in_features,
-bf16 = 16). The embeddings and the output head are kept in bf16 by every recipe, so they are reported
-beside it (`bits_per_weight_all`: every weight of the model, the tied head counted once, as stored)
-rather than spent from it: counted in, they would put the floor of a small model above 5 bits.
+projections), as stored: the integers plus each group's bf16 scale and packed zero point (W4A16 g128 =
+4 + 16/128 = 4.125, zero point g32 = 4 + 20/32 = 4.625, W8A16 = 8 + 16/in_features, bf16 = 16), and the
+padding of the int32 words they are packed in (`Rung.stored_bits`: the artifact's bytes, exactly). The
+embeddings and the output head are kept in bf16 by every recipe, so they are reported beside it
+(`bits_per_weight_all`: every weight of the model, the tied head counted once, as stored) rather than
+spent from it: counted in, they would put the floor of a small model above 5 bits.
 
 The result is an ordinary recipe with one llm-compressor config group per rung, written next to the
 artifact as `recipe.yaml` so the same allocation can be rerun or edited.
@@ -49,8 +54,8 @@ def parse_budget(name: str) -> float | None:
     except ValueError:
         raise UsageError(f"recipe '{name}': BITS must be a number of bits per weight, e.g. auto:4.5") from None
     if not (math.isfinite(bits) and MIN_BITS <= bits <= MAX_BITS):
-        raise UsageError(f"recipe '{name}': BITS must be from {MIN_BITS:g} to {MAX_BITS:g} (the ladder W4A16 g128 "
-                         "-> W8A16 -> bf16 spends 4.125 to 16 bits per weight)")
+        raise UsageError(f"recipe '{name}': BITS must be from {MIN_BITS:g} to {MAX_BITS:g} (the ladder from W4A16 "
+                         "g128 to bf16 spends 4.125 to 16 bits per weight)")
     return bits
 
 
@@ -60,8 +65,8 @@ def auto_recipe(name: str) -> Recipe:
     base = load_recipe(BASE_RECIPE)
     return base.model_copy(update={
         "name": f"{AUTO}{bits:g}",
-        "description": f"Mixed precision within {bits:g} bits per weight: each layer W4A16 g128, W8A16 or bf16, "
-                       "chosen by KLD saved per extra bit (GPTQ rounding).",
+        "description": f"Mixed precision within {bits:g} bits per weight: each layer W4A16 g128, 4-bit with zero "
+                       "points and finer groups, W8A16 or bf16, chosen by KLD saved per extra bit (GPTQ rounding).",
         "scheme": "mixed",
         "indivisible": "channel",  # a ragged layer's alternative to W4A16 per channel is a rung up, chosen here
         "budget_bits": bits,
@@ -97,7 +102,7 @@ def allocate(report: dict, budget: float) -> Allocation:
     params = sum(r["params"] for r in report["layers"])
 
     def bits(unit: str, level: int) -> float:
-        return sum(r["params"] * LADDER[level].bits_per_weight(r["in_features"]) for r in units[unit])
+        return sum(LADDER[level].stored_bits(r["params"] // r["in_features"], r["in_features"]) for r in units[unit])
 
     def kld(unit: str, level: int) -> float:
         return sum(r["kld_by_scheme"][LADDER[level].name] for r in units[unit])
@@ -115,8 +120,11 @@ def allocate(report: dict, budget: float) -> Allocation:
             for up in range(at + 1, len(LADDER)):
                 extra = bits(unit, up) - bits(unit, at)
                 saved = kld(unit, at) - kld(unit, up)
-                if spent + extra <= limit and saved > 0 and (best is None or saved / extra > best[0]):
-                    best = (saved / extra, unit, up, extra, saved)
+                if spent + extra > limit or saved <= 0:
+                    continue
+                ratio = saved / extra if extra > 0 else math.inf  # a rung no dearer for this width: free
+                if best is None or ratio > best[0]:
+                    best = (ratio, unit, up, extra, saved)
         if best is None:
             break
         ratio, unit, up, extra, saved = best
@@ -154,25 +162,36 @@ def _explain(units: dict[str, list[dict]], level: dict[str, int], steps: list[di
     return choice, reasons
 
 
-def weight_args(rung) -> dict[str, Any]:
-    """The rung as compressed-tensors quantization args (symmetric int, as the W4A16/W8A16 presets)."""
-    if rung.group:
-        return {"num_bits": rung.bits, "type": "int", "symmetric": True, "strategy": "group", "group_size": rung.group}
-    return {"num_bits": rung.bits, "type": "int", "symmetric": True, "strategy": "channel"}
+def weight_args(rung, in_features: int) -> dict[str, Any]:
+    """The rung as compressed-tensors quantization args for a layer this wide: its group, or one scale per
+    row where the width takes no group of it."""
+    args = {"num_bits": rung.bits, "type": "int", "symmetric": rung.symmetric}
+    if rung.observer != "minmax":
+        args["observer"] = rung.observer
+    group = rung.group_for(in_features)
+    if group < in_features:
+        return {**args, "strategy": "group", "group_size": group}
+    return {**args, "strategy": "channel"}
 
 
-def concrete_recipe(recipe: Recipe, allocation: Allocation) -> Recipe:
-    """The auto recipe with its allocation: one GPTQ config group per rung, bf16 layers ignored."""
-    from optcli.calibration.sensitivity import LADDER
+def concrete_recipe(recipe: Recipe, allocation: Allocation, widths: dict[str, int]) -> Recipe:
+    """The auto recipe with its allocation: one GPTQ config group per rung (and per group size where a
+    width takes another), bf16 layers ignored."""
+    from optcli.calibration.sensitivity import LADDER, RUNGS
 
     base = dict(recipe.llmcompressor["quant_stage"]["quant_modifiers"]["GPTQModifier"])
     for key in ("targets", "scheme", "config_groups"):
         base.pop(key, None)
-    groups = {}
-    for rung in LADDER:
-        names = sorted(n for n, c in allocation.choice.items() if c == rung.name)
-        if names and rung.bits < 16:
-            groups[f"group_{rung.name.lower()}"] = {"targets": names, "weights": weight_args(rung)}
+    groups: dict[str, dict] = {}
+    for name, rung_name in sorted(allocation.choice.items()):
+        rung = RUNGS[rung_name]
+        if rung.bits >= 16:
+            continue
+        args = weight_args(rung, widths[name])
+        key = f"group_{rung.name.lower().replace('-', '_')}"
+        if args.get("group_size", None) != rung.group:
+            key += f"_{args.get('group_size', 'channel')}"
+        groups.setdefault(key, {"targets": [], "weights": args})["targets"].append(name)
     kept = sorted(n for n, c in allocation.choice.items() if LADDER[-1].name == c)
     update: dict[str, Any] = {"budget_bits": None, "ignore": sorted(set(recipe.ignore) | set(kept)),
                               "description": f"{recipe.description} Allocation for the budget of "
@@ -194,6 +213,8 @@ def recipe_yaml(recipe: Recipe) -> str:
 
 def reuse_sensitivity(calibration: Path | None, source_hashes: dict, scheme: str) -> dict | None:
     """A `calibrate --sensitivity` report in the calibration set, when it was measured on these weights."""
+    from optcli.calibration.sensitivity import RUNGS
+
     path = Path(calibration) / SENSITIVITY_FILE if calibration is not None else None
     if path is None or not path.is_file():
         return None
@@ -202,7 +223,8 @@ def reuse_sensitivity(calibration: Path | None, source_hashes: dict, scheme: str
     except (OSError, ValueError):
         return None
     ok = report.get("source_weights") == source_hashes and report.get("scheme") == scheme
-    return report if ok and "W8A16" in report["layers"][0]["kld_by_scheme"] else None
+    # a report from before a rung joined the ladder is measured again
+    return report if ok and set(RUNGS) <= set(report["layers"][0]["kld_by_scheme"]) else None
 
 
 def plan_mixed(model, recipe: Recipe, calib, calibration: Path | None, source) -> tuple[Recipe, dict, dict]:
@@ -217,7 +239,7 @@ def plan_mixed(model, recipe: Recipe, calib, calibration: Path | None, source) -
     if report is None:
         report = measure_sensitivity(model, calib.input_ids)
     allocation = allocate(report, recipe.budget_bits)
-    concrete = concrete_recipe(recipe, allocation)
+    concrete = concrete_recipe(recipe, allocation, {r["layer"]: r["in_features"] for r in report["layers"]})
     outside = _outside_weights(model)
     all_bits = (allocation.bits_per_weight * allocation.params + 16 * outside) / (allocation.params + outside)
     counts: dict[str, int] = {}
@@ -228,9 +250,10 @@ def plan_mixed(model, recipe: Recipe, calib, calibration: Path | None, source) -
         "bits_per_weight": round(allocation.bits_per_weight, 4),
         "floor_bits": round(allocation.floor_bits, 4),
         "bits_per_weight_all": round(all_bits, 4),
-        "counted": "budget: bits per weight over the quantizable linear layers, scales included (W4A16 g128 4.125, "
-                   "W8A16 8 + 16/in_features, bf16 16); bits_per_weight_all adds the embeddings and an untied head "
-                   "at 16 bits (a tied head is the embedding, counted once)",
+        "counted": "budget: bits per weight over the quantizable linear layers as stored, bf16 scales, packed "
+                   "zero points and the int32 packing's padding included (W4A16 g128 4.125, 4-bit zero point group g "
+                   "4 + 20/g, W8A16 8 + 16/in_features, bf16 16, before padding); bits_per_weight_all adds the "
+                   "embeddings and an untied head at 16 bits (a tied head is the embedding, counted once)",
         "quantizable_params": allocation.params,
         "other_params": outside,
         "layers_per_scheme": counts,

@@ -55,7 +55,7 @@ class Recipe(BaseModel):
     tunables: dict[str, Any] = Field(default_factory=dict)
     llmcompressor: dict[str, Any] | None = None
     bnb: BnbOptions | None = None
-    # `auto:BITS`: the average bits per weight to spend on the ladder W4A16 -> W8A16 -> bf16 (quantize/mixed.py);
+    # `auto:BITS`: the average bits per weight to spend on the ladder W4A16 ... bf16 (quantize/mixed.py);
     # the allocation then replaces the llm-compressor block, per model.
     budget_bits: float | None = Field(None, ge=4, le=16)
     notes: str = ""

@@ -1,5 +1,5 @@
-"""Per-layer sensitivity: the ranking matches what quantizing the ranked layers really costs, the W8A16
-estimate is close to measurement, and `calibrate --sensitivity` writes the table, the JSON and the plot."""
+"""Per-layer sensitivity: the ranking matches what quantizing the ranked layers really costs, the other
+rungs' estimates are close to measurement, and `calibrate --sensitivity` writes the table, the JSON and the plot."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from optcli.calibration.sensitivity import W4A16, W8A16, KldProbe, batches, measure_sensitivity
+from optcli.calibration.sensitivity import LADDER, W4A16, KldProbe, batches, clipped_rtn4, measure_sensitivity
+from optcli.engine.quant.weights import Int4Weight
 
 OPTCLI = str(Path(sys.executable).parent / "optcli")
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -91,17 +92,32 @@ def test_block_shortcut_scores_like_the_full_model(tiny) -> None:
         layer.weight.data.copy_(saved)
 
 
-def test_w8_estimate_is_close_to_measurement(stories_dir: Path) -> None:
+def test_rung_estimates_are_close_to_measurement(stories_dir: Path) -> None:
     from optcli.checkpoints.resolve import load_model, resolve_model
 
     model, tokenizer = load_model(resolve_model(str(stories_dir)))
     windows = story_windows(tokenizer, 60_000, 4)
     estimated = measure_sensitivity(model, windows, max_tokens=256)
     measured = {r["layer"]: r for r in measure_sensitivity(model, windows, max_tokens=256, measure_all=True)["layers"]}
-    assert estimated["estimated"] == [W8A16.name]
+    assert estimated["estimated"] == [r.name for r in LADDER[1:-1]]
     for row in estimated["layers"][:10]:  # the layers an allocation would upgrade first
-        ratio = row["kld_by_scheme"]["W8A16"] / measured[row["layer"]]["kld_by_scheme"]["W8A16"]
-        assert 0.5 < ratio < 2.0, (row["layer"], ratio)
+        for rung in LADDER[1:-1]:
+            ratio = row["kld_by_scheme"][rung.name] / measured[row["layer"]]["kld_by_scheme"][rung.name]
+            assert 0.5 < ratio < 2.0, (row["layer"], rung.name, ratio)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_clipped_rounding_never_loses_to_min_max(symmetric: bool) -> None:
+    """The "mse" observer's search includes the full range, so its error is never above min-max's; with no
+    shrinking allowed it is min-max (the engine's own round-to-nearest)."""
+    weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    weight[0, 0] = 12.0  # an outlier: clipping pays off in its group
+    plain = Int4Weight.rtn(weight, 32, symmetric).dequantize()
+    clipped = clipped_rtn4(weight, 32, symmetric)
+    err = (clipped - weight).abs().pow(2.4).reshape(64, 8, 32).sum(-1)
+    assert (err <= (plain - weight).abs().pow(2.4).reshape(64, 8, 32).sum(-1) + 1e-5).all()
+    assert (clipped - weight).pow(2).sum() < (plain - weight).pow(2).sum()
+    torch.testing.assert_close(clipped_rtn4(weight, 32, symmetric, max_shrink=0.0), plain, atol=1e-6, rtol=0)
 
 
 def test_calibrate_sensitivity_writes_table_json_and_plot(tmp_path: Path, stories_dir: Path) -> None:

@@ -207,7 +207,10 @@ class Int4PackDequant(CpuKernel):
     def can_implement(cls, spec, caps):
         from optcli.engine.quant.linear import int4pack_blocks
 
-        return _both(_int4pack_shape(spec), _need(int4pack_blocks(spec.n) is not None, "torch's layout unknown"))
+        shape = _int4pack_shape(spec)
+        if not shape[0]:  # torch's packing itself refuses N % 16 != 0: no probe then
+            return shape
+        return _need(int4pack_blocks(spec.n) is not None, "torch's layout unknown")
 
 
 class Q4Nibbles(CpuKernel):

@@ -276,3 +276,14 @@ def test_a_busy_process_is_seen_as_others_cpu() -> None:
         hog.kill()
         hog.wait()
     assert seen is not None and seen["others_cores"] >= 0.5, seen
+
+
+@pytest.mark.parametrize("group", [32, 43])
+def test_int4_rows_not_a_multiple_of_16_get_a_kernel(group: int) -> None:
+    """stories260K's gate/up (172 rows, 344 fused) at group 32, and its 172-wide down_proj at group 43
+    (mixed precision's finer rungs): no kernel of torch's int4 layout takes them, and asking must not
+    crash torch's packing (it once did: the layout probe ran before the shape check)."""
+    weight = Int4Weight.rtn(torch.randn(172, 172 if group == 43 else 64), group, symmetric=False)
+    layer = Int4Linear(weight, compute_dtypes=(torch.float32,))
+    x = torch.randn(3, weight.shape[1])
+    torch.testing.assert_close(layer(x), x @ weight.dequantize().t(), atol=1e-3, rtol=1e-3)
