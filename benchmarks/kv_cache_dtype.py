@@ -97,6 +97,18 @@ def share_weights() -> None:
     core.load_engine_model = once
 
 
+def memory_needed(source: Path, cfg, blocks: int, bf16_block: int, dtypes: list[str], args) -> int:
+    """What the run holds at once: one copy of the weights (shared), every engine's cache (half the bf16 bytes
+    for an 8-bit one), and the widest step's workspace: the batch's gathered K and V in bf16 for one layer,
+    plus the prefill's fp32 scores, with 2x slack for the allocator."""
+    weights = sum(f.stat().st_size for f in source.glob("*.safetensors"))
+    caches = sum(blocks * bf16_block // (1 if d == "bfloat16" else 2) for d in dtypes)
+    per_token_layer = bf16_block // BLOCK // cfg.num_layers  # K and V, bf16
+    gathered = args.batch * args.batch_context * per_token_layer
+    scores = 4 * args.batch * cfg.num_heads * OWN * args.batch_context
+    return weights + caches + 2 * (gathered + scores) + (1 << 30)  # + the interpreter, torch and tokenizer
+
+
 def load(path: Path, dtype: str, args, blocks: int, bf16_block_bytes: int):
     """An engine whose cache has `blocks` blocks: bytes = blocks x its own block size (half for 8-bit)."""
     from optcli.engine import Engine
@@ -213,6 +225,16 @@ def main(argv=None) -> int:
     blocks = args.batch * -(-args.batch_context // BLOCK) + -(-args.context // BLOCK)
     bf16_block = bytes_per_block(cfg, BLOCK, "bfloat16", torch.bfloat16)
     dtypes = args.dtypes.split(",")
+    need = memory_needed(source, cfg, blocks, bf16_block, dtypes, args)
+    import psutil
+
+    free = psutil.virtual_memory().available
+    log(f"memory: ~{need / 2**30:.1f} GiB needed (weights once, {len(dtypes)} caches, workspace), "
+        f"{free / 2**30:.1f} GiB available")
+    if need > free:
+        print(f"error: this run needs ~{need / 2**30:.1f} GiB and {free / 2**30:.1f} GiB is available; "
+              "run fewer --dtypes or a smaller --batch / --batch-context", file=sys.stderr)
+        return 2
     share_weights()
     engines, caches = {}, {}
     rng = random.Random(args.seed)
@@ -229,6 +251,9 @@ def main(argv=None) -> int:
                 results[dtype].append(run_once(engines[dtype], args, random.Random(args.seed), fresh))
                 log(f"repeat {i + 1} {dtype}: {results[dtype][-1]}")
     contention = monitor.result()
+    import resource
+
+    log(f"peak resident memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
     rows = summarize(results, caches, args)
     checks = report(rows, args, contention)
     if args.json:

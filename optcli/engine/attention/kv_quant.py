@@ -13,6 +13,11 @@ k_d) and V's into the output (the softmax weights sum over tokens, not channels)
 widen the 8-bit values and the store does the rest. Measured on stories260K (int8): per-pair K scales took KLD
 against a bf16 cache from 0.012 to 0.009; per-channel V scales and centring K (its mean is not stationary under
 RoPE) did not help, nor would finer scales help FP8 (3 mantissa bits: ~2.6% error per element at any scale).
+What would: K's error is almost all of the cost (V alone: KLD 0.001), and stories260K's slowest RoPE pair carries a
+large mean (|mean| 7-18 against a std of 2-4) that rotates 0.001 rad a token, so a fixed (softmax-invariant) shift
+cannot remove it. Subtracting the pre-RoPE mean c before rotation and adding rope(c) back at read time (simulated:
+int8 KLD 0.004-0.006 / top-1 0.953-0.959, FP8 scaled per pair 0.006 / 0.960-0.973) meets KLD <= 0.01 and top-1 >=
+0.95; it needs a per-position term in both attention paths and is not built.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from optcli.engine.kernels import cpu_kv8
 from optcli.engine.kernels.kv_rounding import QMAX, as_bytes, quantize
 
 STORAGE = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "int8": torch.int8}
@@ -119,6 +125,8 @@ def store_quantized(k, v, k_cache, v_cache, slots: torch.Tensor, scales: KVScale
     """The CPU path's store: quantize this step's K/V rows into their slots (all slots are live here)."""
     dtype = k_cache.dtype
     ensure_scales(scales, k, v, dtype)
+    if cpu_kv8.store(k, k_cache, slots, scales.k) and cpu_kv8.store(v, v_cache, slots, scales.v):
+        return  # our AVX2 kernel, code for code the statement below
     as_bytes(k_cache).index_copy_(0, slots, as_bytes(quantize(k, scales.k, dtype)))
     as_bytes(v_cache).index_copy_(0, slots, as_bytes(quantize(v, scales.v, dtype)))
 

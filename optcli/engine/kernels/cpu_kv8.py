@@ -1,0 +1,62 @@
+"""An 8-bit KV cache's CPU store and read by our AVX2 kernels (`cpu_lowbit_kv.c`, part of the library `cpu_lowbit`
+builds), each code for code what torch's ops give:
+
+- `gather_widen`: a group's blocks gathered and widened to bf16 / fp32 in one pass (`index_select` then `.to`).
+  torch widens float8_e4m3fn with scalar code (~4.5x its int8 widening), which made an FP8 cache's CPU decode
+  0.4x a bf16 cache's.
+- `store`: this step's K or V rows quantized into their slots (`kv_rounding.quantize`, then `index_copy_`) in
+  one call instead of ~10 torch ops.
+
+Each returns None / False where its kernel does not apply (no AVX2 build here, a dtype it does not handle); the
+caller then runs torch's ops, which compute the same bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from optcli.engine.kernels import cpu_lowbit
+
+KINDS = {torch.float8_e4m3fn: 1, torch.int8: 2}  # the C file's KV_FP8 / KV_INT8
+OUT_FP32 = {torch.bfloat16: 0, torch.float32: 1}
+
+
+def available(cache_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
+    return cache_dtype in KINDS and out_dtype in OUT_FP32 and cpu_lowbit.library() is not None
+
+
+def gather_widen(cache: torch.Tensor, blocks: torch.Tensor, block_size: int,
+                 out_dtype: torch.dtype) -> torch.Tensor | None:
+    """cache [slots, ...] (8-bit, contiguous, on CPU), blocks [n] int64 block indices -> [n * block_size, ...]
+    in out_dtype; None where the kernel does not apply."""
+    if cache.device.type != "cpu" or not available(cache.dtype, out_dtype) or not cache.is_contiguous():
+        return None
+    if blocks.dtype != torch.int64 or not blocks.is_contiguous():
+        blocks = blocks.to(torch.int64).contiguous()
+    block_elems = block_size * cache[0].numel()
+    out = torch.empty(blocks.numel() * block_size, *cache.shape[1:], dtype=out_dtype)
+    status = cpu_lowbit.library().lowbit_kv_gather(cache.data_ptr(), block_elems, cache.shape[0] // block_size,
+                                                   blocks.data_ptr(), blocks.numel(), KINDS[cache.dtype],
+                                                   OUT_FP32[out_dtype], out.data_ptr())
+    if status != 0:  # checked in C before anything is written
+        raise IndexError("a block index outside the cache")
+    return out
+
+
+def store(x: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Quantize x [T, KV, D] (bf16 or fp32) with scale [KV, D] into the 8-bit cache rows `slots`, code for code
+    `kv_rounding.quantize` (one call instead of its ~10 torch ops per tensor: at one decode token a layer, those
+    cost an 8-bit cache 20-30 us a layer against bf16's 4). False, writing nothing, where the kernel does not
+    apply (the caller then runs the torch statement)."""
+    if (x.device.type != "cpu" or x.dtype not in OUT_FP32 or cache.dtype not in KINDS or not cache.is_contiguous()
+            or cpu_lowbit.library() is None or scale.shape != cache.shape[1:] or scale.dtype != torch.float32):
+        return False
+    x, scale = x.contiguous(), scale.contiguous()
+    if slots.dtype != torch.int64 or not slots.is_contiguous():
+        slots = slots.to(torch.int64).contiguous()
+    status = cpu_lowbit.library().lowbit_kv_store(x.data_ptr(), int(x.dtype == torch.bfloat16), x.shape[0],
+                                                  scale.numel(), scale.data_ptr(), slots.data_ptr(), cache.shape[0],
+                                                  KINDS[cache.dtype], cache.data_ptr())
+    if status != 0:  # checked in C before anything is written
+        raise IndexError("a slot outside the cache")
+    return True
