@@ -1,12 +1,12 @@
 """How many threads should a model this size compute with? 1 against all usable cores, by matmul size.
 
-The measurement behind `engine/kernels/cpu_threads.py`'s thread rule. A CPU engine step is a chain of
-parallel regions (one per matmul, and torch's ops above its grain size); every region ends at a barrier.
-On a small model a region's work is a few microseconds, about what waking a second thread and the
-barrier cost, so a second thread only adds waiting; on a large one the matmuls are long enough to split.
-The rule's input is the mean weight elements (n x k) of the model's CPU-planned matmuls, the LM head
-included (`engine/quant/cpu_choice.mean_matmul_size`), so a large vocabulary counts too. This script finds
-the crossover on the machine it runs on.
+One of the measurements behind `engine/kernels/cpu_threads.py`'s thread rule (SPLIT_MIN_ELEMENTS says what
+it found and why the rule keeps toy models on one thread anyway). A CPU engine step is a chain of parallel
+regions (one per matmul, and torch's ops above its grain size); every region ends at a barrier, so on a
+small model a second thread buys less. The rule's input is the mean weight elements (n x k) of the model's
+CPU-planned matmuls, the LM head included (`engine/quant/cpu_choice.mean_matmul_size`), so a large
+vocabulary counts too. Run it quiet: beside any other busy process two pinned threads collapse (the
+engine's governor would drop to one).
 
 For each shape in `--shapes` (HIDDENxVOCAB) it builds a seeded random Llama (intermediate = 3 x hidden
 rounded to 128, hidden/64 heads, up to 4 KV heads: `shape()`; `--layers` layers; untied head) in a temp

@@ -14,7 +14,7 @@ from rich.text import Text
 from optcli.bench.args import AccuracyArgs, OutputArgs, ProfileArgs, TargetArgs
 from optcli.bench.workload_flags import WorkloadFlags
 from optcli.cli.app import app
-from optcli.cli.common import emit_json, err, fail, guard, mib, out
+from optcli.cli.common import emit_json, err, fail, guard, mib, out, print_table
 from optcli.cli.flags import with_options
 from optcli.cli.profile_blame import check_per_layer, run_per_layer
 from optcli.config import EngineConfig
@@ -145,7 +145,7 @@ def _show_profile(report: ProfileReport, as_json: bool, out_dir: Path | None) ->
     if as_json:
         emit_json(report.to_dict())
         return
-    out.print(_summary(report))
+    print_table(_summary(report))
     comparison = comparison_table(report)  # the source measured the same way in this run: ratios are the point
     if comparison is not None:
         title, headers, rows = comparison
@@ -154,7 +154,7 @@ def _show_profile(report: ProfileReport, as_json: bool, out_dir: Path | None) ->
             side.add_column(header, justify="left" if i == 0 else "right")
         for row in rows:
             side.add_row(*(escape(cell) for cell in row))
-        out.print(side)
+        print_table(side)
     _show_notes(report)
     for check in report.kpi.checks or []:
         style = "green" if check.passed else "red"

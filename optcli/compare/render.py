@@ -12,7 +12,7 @@ from typing import Any
 from optcli.report.markdown import NA, fmt_interval
 
 METHOD_HEADERS = ["method", "bits/weight", "ppl change", "KLD mean", "top-1", "tasks (recovery)",
-                  "speedup batch 1", "speedup at load", "weights reduction", "peak memory reduction", "USD/1K tok",
+                  "speedup batch 1", "speedup at load", "speedup offline", "weights reduction", "peak memory reduction", "USD/1K tok",
                   "best for", "KPI"]
 
 
@@ -47,6 +47,7 @@ def method_cells(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]
             row["method"] + chosen, _num(row["bits_per_weight"], ".2f"), _pct(acc["ppl_change"]),
             _num(acc["kld_mean"], ".4f"), _num(acc["top1_agreement"], ".3f"), _tasks(acc.get("tasks")),
             fmt_interval(row["speedup"]["batch1"]), fmt_interval(row["speedup"]["load"]),
+            fmt_interval(row["speedup"]["offline"]),
             NA if mem["weights"] is None else f"{mem['weights']:.0%}",
             NA if mem.get("peak") is None else f"{mem['peak']:.0%}", _num(row["usd_per_1k_tokens"], ".5f"),
             "; ".join(row["best_for"]) or "-", _kpi(row["kpi"])])

@@ -237,7 +237,7 @@ def test_a_small_model_computes_on_one_thread_quiet_or_busy(monkeypatch) -> None
     """The size rule (benchmarks/thread_rule.py): matmuls under SPLIT_MIN_ELEMENTS on average, one thread,
     whatever the load; the user's pin wins."""
     small, large = cpu_threads.SPLIT_MIN_ELEMENTS / 2, cpu_threads.SPLIT_MIN_ELEMENTS * 2
-    assert cpu_threads.width_ceiling(small, 2)[0] == 1 and "under the" in cpu_threads.width_ceiling(small, 2)[1]
+    assert cpu_threads.width_ceiling(small, 2)[0] == 1 and "quiet or busy" in cpu_threads.width_ceiling(small, 2)[1]
     assert cpu_threads.width_ceiling(large, 2)[0] == 2 and cpu_threads.width_ceiling(None, 4)[0] == 4
     assert cpu_threads.width_ceiling(small, 1)[0] == 1
     monkeypatch.delenv("OPTCLI_CPU_THREADS", raising=False)
@@ -247,7 +247,7 @@ def test_a_small_model_computes_on_one_thread_quiet_or_busy(monkeypatch) -> None
         for others in (0.0, 1.0):  # a quiet and a busy start: the same ceiling and count
             monkeypatch.setattr(cpu_threads.BOOT, "sample", lambda o=others: {"others_cores": o, "seconds": 2.0})
             gov = ThreadGovernor(mean_matmul=small)
-            assert (gov.max_threads, gov.threads) == (1, 1) and "under the" in gov.stats()["reason"]
+            assert (gov.max_threads, gov.threads) == (1, 1) and "quiet or busy" in gov.stats()["reason"]
         monkeypatch.setattr(cpu_threads.BOOT, "sample", lambda: {"others_cores": 0.0, "seconds": 2.0})
         torch.set_num_threads(2)
         cpu_threads._LAST_SET[:] = [2]  # a count the governor set: no user's ceiling
