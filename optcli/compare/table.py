@@ -165,9 +165,21 @@ def assign_best_for(rows: list[dict]) -> None:
               ("lowest cost per token", rows, "cost", False))
     for label, pool, what, highest in claims:
         winner = _winner(pool, what, highest)
-        if winner is not None:
-            winner["best_for"].append(label)
+        if winner is None:
+            continue
+        tied = _tied(pool, winner, what) if what in ("batch1", "load") else []
+        for row in [winner, *tied]:
+            row["best_for"].append(f"{label} (tied within intervals)" if tied else label)
     rows[0]["best_for"].insert(0, "reference (exact accuracy)")
+
+
+def _tied(pool: list[dict], winner: dict, what: str) -> list[dict]:
+    """The other rows whose speed interval reaches the winner's: the data cannot order them, so the claim
+    is theirs too (and the label says so), instead of going to whichever median came out on top this run."""
+    low = winner["speedup"][what].get("ci_low")
+    if low is None:
+        return []
+    return [r for r in pool if r is not winner and (r["speedup"][what].get("ci_high") or 0) >= low]
 
 
 def objective_score(row: dict, objective: str) -> float | None:

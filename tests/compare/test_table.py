@@ -39,7 +39,7 @@ def test_a_speed_inside_the_noise_claims_nothing() -> None:
     rows[1]["speedup"]["load"].update(ci_low=0.9, ci_high=2.0)
     rows[2]["speedup"]["load"].update(ci_low=0.8, ci_high=1.1)
     assign_best_for(rows)
-    assert "lowest batch-1 latency" in rows[2]["best_for"] and "lowest batch-1 latency" not in rows[1]["best_for"]
+    assert rows[2]["best_for"][0] == "lowest batch-1 latency" and not any("batch-1" in c for c in rows[1]["best_for"])
     assert not any("highest throughput at load" in r["best_for"] for r in rows)  # nobody measurably faster
     for r in rows[1:]:
         r["speedup"]["load"].update(ci_low=0.5, ci_high=0.8)
@@ -47,6 +47,17 @@ def test_a_speed_inside_the_noise_claims_nothing() -> None:
     rows[0]["best_for"] = []
     assign_best_for(rows)
     assert "highest throughput at load" in rows[0]["best_for"]  # every artifact measurably slower
+
+
+def test_speeds_the_intervals_cannot_order_share_the_claim() -> None:
+    rows = [row("source", 1.0, 1.0, 0.0, 100), row("a", 1.2, 1.07, 0.02, 40), row("b", 1.2, 1.05, 0.01, 30),
+            row("c", 1.2, 1.03, 0.03, 50)]
+    for r, (lo, hi) in zip(rows[1:], [(1.05, 1.07), (1.02, 1.10), (1.01, 1.04)], strict=True):
+        r["speedup"]["batch1"].update(ci_low=lo, ci_high=hi)
+    assign_best_for(rows)
+    tied = "lowest batch-1 latency (tied within intervals)"
+    assert tied in rows[1]["best_for"] and tied in rows[2]["best_for"]  # b's interval reaches a's
+    assert not any("batch-1" in c for c in rows[3]["best_for"])  # c's tops out below a's lower bound
 
 
 def test_the_objective_picks_among_passers_only() -> None:
