@@ -98,20 +98,15 @@ def held_out_kld(artifact: Path, source, ids: list[int]) -> dict:
 
 def engine_check(artifact: Path, ids: list[int], workdir: Path) -> dict:
     """Greedy top-1 of the engine on the artifact against transformers on its dense twin."""
-    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
     from optcli.engine import Engine
-    from optcli.engine.loading.state_dict import load_dense_state_dict
+    from optcli.engine.loading.state_dict import save_dense_twin
     from optcli.engine.quant.layers import quant_summary
 
     twin = workdir / f"{artifact.name}-twin"
     shutil.rmtree(twin, ignore_errors=True)
-    twin.mkdir()
-    config = json.loads((artifact / "config.json").read_text())
-    config.pop("quantization_config")
-    save_file({k: v.contiguous() for k, v in load_dense_state_dict(artifact).items()}, twin / "model.safetensors")
-    (twin / "config.json").write_text(json.dumps(config))
+    save_dense_twin(artifact, twin)
     hf = AutoModelForCausalLM.from_pretrained(twin, dtype=torch.float32).eval()
     engine = Engine(str(artifact), device="cpu", max_model_len=512)
     agree = total = 0

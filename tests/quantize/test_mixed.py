@@ -163,19 +163,13 @@ def test_mixed_artifact_records_choices_and_rerunnable_recipe(mixed_artifact: Pa
 
 
 def test_engine_runs_each_layer_on_its_own_kernel(mixed_artifact: Path, tmp_path: Path) -> None:
-    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from optcli.engine import Engine
-    from optcli.engine.loading.state_dict import load_dense_state_dict
+    from optcli.engine.loading.state_dict import save_dense_twin
     from optcli.engine.quant.layers import quant_summary
 
-    twin = tmp_path / "twin"
-    twin.mkdir()
-    config = json.loads((mixed_artifact / "config.json").read_text())
-    config.pop("quantization_config")
-    save_file({k: v.contiguous() for k, v in load_dense_state_dict(mixed_artifact).items()}, twin / "model.safetensors")
-    (twin / "config.json").write_text(json.dumps(config))
+    twin = save_dense_twin(mixed_artifact, tmp_path / "twin")
     hf = AutoModelForCausalLM.from_pretrained(twin, dtype=torch.float32).eval()
     engine = Engine(str(mixed_artifact), device="cpu", max_model_len=256)
     kinds = {key.split("/")[0] for key in quant_summary(engine.model)}

@@ -30,6 +30,20 @@ def load_dense_state_dict(model_dir: str | Path, dtype: torch.dtype = torch.floa
     return load_state_dict(model_dir, dtype, keep_quantized=False)
 
 
+def save_dense_twin(model_dir: str | Path, out: str | Path) -> Path:
+    """The artifact's dequantized twin: its dense fp32 weights (`load_dense_state_dict`) and its config without
+    `quantization_config`, written to `out` (created) as a plain checkpoint transformers loads. Returns `out`."""
+    from safetensors.torch import save_file
+
+    model_dir, out = Path(model_dir), Path(out)
+    out.mkdir(parents=True)
+    config = json.loads((model_dir / "config.json").read_text())
+    config.pop("quantization_config", None)
+    save_file({k: v.contiguous() for k, v in load_dense_state_dict(model_dir).items()}, out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
 def load_state_dict(model_dir: str | Path, dtype: torch.dtype | None = torch.float32,
                     keep_quantized: bool = True) -> dict:
     """Like `load_dense_state_dict`, but a weight the engine has a kernel for stays quantized: its
