@@ -1,7 +1,7 @@
 """The benchmark model the GPU and quantization checks share (`gpu_check.py`, `quant_check.py`,
-`decode_ops.py`, `host_overhead.py`, `quant_cpu.py`): the Llama-3.2-1B shape and a tiny one, each
-script's workload plan around them, and a seeded random checkpoint built from a plan with the builtin
-tokenizer; and the log and device-sync helpers. A module the scripts import, so no script imports another.
+`decode_ops.py`, `host_overhead.py`, `quant_cpu.py`, `kv_cache_dtype.py`): the Llama-3.2-1B shape and a tiny
+one, each script's workload plan around them, and a seeded random checkpoint built from a plan with the builtin
+tokenizer; the log and device-sync helpers; and `timed_steps`, a run of requests timed step by step. A module the scripts import, so no script imports another.
 """
 
 from __future__ import annotations
@@ -145,3 +145,37 @@ def free_device_memory(device: str) -> None:
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
+
+
+def timed_steps(eng, prompts: list[list[int]], new_tokens: int) -> dict:
+    """Run the prompts to completion through `eng.step()` (EOS ignored) and time it: until every request has
+    its first token, and the steps after. Prompt tok/s = prompt tokens / time to the last first token; decode
+    tok/s = tokens of the steps after that / the time after it (None when there were none); `tokens`: all."""
+    from optcli.engine import SamplingParams
+
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    for p in prompts:
+        eng.add_request(p, params)
+    firsts: set[str] = set()
+    t_first = None
+    total = after_first = 0  # after_first: tokens of the steps after every request had its first one
+    while eng.has_unfinished():
+        outs = eng.step()
+        now = time.perf_counter()
+        total += len(outs)
+        if t_first is not None:
+            after_first += len(outs)
+            continue
+        firsts.update(o.request_id for o in outs)
+        if len(firsts) == len(prompts):
+            t_first = now
+    end = time.perf_counter()
+    return {
+        "prompt_tok_s": sum(map(len, prompts)) / (t_first - start),
+        "decode_tok_s": after_first / (end - t_first) if after_first else None,
+        "ttft_s": t_first - start,
+        "decode_tokens": after_first,
+        "tokens": total,
+        "wall_s": end - start,
+    }

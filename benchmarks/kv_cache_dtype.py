@@ -45,6 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quant_cpu_checkpoint as checkpoint  # noqa: E402  (a sibling module: the benchmark shape and its checkpoint)
+from bench_model import timed_steps  # noqa: E402
 
 BLOCK = 16
 PROMPT_ID_RANGE = (3, 1000)  # real tokens of the builtin tokenizer, as quant_cpu.py draws them
@@ -53,28 +54,6 @@ T0 = time.perf_counter()
 
 def log(msg: str) -> None:
     print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
-
-
-def timed(eng, prompts: list[list[int]], new_tokens: int) -> dict:
-    """Run the prompts to completion; decode tok/s after every request had its first token."""
-    from optcli.engine import SamplingParams
-
-    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
-    for p in prompts:
-        eng.add_request(p, params)
-    firsts: set[str] = set()
-    t_first = None
-    after = 0
-    while eng.has_unfinished():
-        outs = eng.step()
-        now = time.perf_counter()
-        if t_first is not None:
-            after += len(outs)
-            continue
-        firsts.update(o.request_id for o in outs)
-        if len(firsts) == len(prompts):
-            t_first = now
-    return {"decode_tok_s": after / (time.perf_counter() - t_first) if after else None}
 
 
 def prompts(n: int, length: int, rng: random.Random) -> list[list[int]]:
@@ -127,11 +106,11 @@ OWN = 16  # tokens of its own at the end of each batch prompt
 
 def run_once(eng, args, fixed: random.Random, rng: random.Random) -> dict:
     """One timed batch-1 run and one batch run; `fixed` draws the same prompts each time, `rng` fresh tails."""
-    b1 = timed(eng, prompts(1, args.context - args.new, fixed), args.new)
+    b1 = timed_steps(eng, prompts(1, args.context - args.new, fixed), args.new)
     common = prompts(1, args.batch_context - args.batch_new - OWN, fixed)[0]
-    timed(eng, [common + [3]], 1)  # its blocks cached first: requests admitted together share nothing yet
+    timed_steps(eng, [common + [3]], 1)  # its blocks cached first: requests admitted together share nothing yet
     before = eng.scheduler.num_preemptions
-    many = timed(eng, [common + p for p in prompts(args.batch, OWN, rng)], args.batch_new)
+    many = timed_steps(eng, [common + p for p in prompts(args.batch, OWN, rng)], args.batch_new)
     return {"b1_decode": b1["decode_tok_s"], "batch_decode": many["decode_tok_s"],
             "preemptions": eng.scheduler.num_preemptions - before}
 

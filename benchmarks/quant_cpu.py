@@ -81,11 +81,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from bench_model import timed_steps
 from quant_cpu_checkpoint import (
     LLAMA_3_2_1B,
     QWEN3_MOE,
@@ -122,10 +122,6 @@ MOE_REFUSED = {
 } | {"mixed": "its fixed layout names a dense model's MLP projections"}
 
 
-
-
-
-
 @dataclass
 class Workload:
     b1_prompt: int = 64
@@ -133,23 +129,6 @@ class Workload:
     many_requests: int = 64
     many_prompt: int = 64
     many_new: int = 16
-
-
-# --- checkpoint and artifacts -------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # --- engine throughput --------------------------------------------------------------------------
@@ -160,36 +139,11 @@ def random_prompts(n: int, length: int, rng: random.Random) -> list[list[int]]:
 
 
 def timed_run(eng, prompts: list[list[int]], new_tokens: int) -> dict:
-    """Drive `eng.step()` and time it: until every request has its first token, and the rest."""
-    from optcli.engine import SamplingParams
-
-    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
-    start = time.perf_counter()
-    for p in prompts:
-        eng.add_request(p, params)
-    firsts: set[str] = set()
-    t_first = None
-    total = after_first = 0  # after_first: tokens of the steps after every request had its first one
-    while eng.has_unfinished():
-        outs = eng.step()
-        now = time.perf_counter()
-        total += len(outs)
-        if t_first is not None:
-            after_first += len(outs)
-            continue
-        firsts.update(o.request_id for o in outs)
-        if len(firsts) == len(prompts):
-            t_first = now
-    end = time.perf_counter()
-    if total != len(prompts) * new_tokens:
-        raise RuntimeError(f"{total} tokens generated, {len(prompts)} x {new_tokens} requested")
-    return {
-        "prompt_tok_s": sum(map(len, prompts)) / (t_first - start),
-        "decode_tok_s": after_first / (end - t_first) if after_first else None,
-        "ttft_s": t_first - start,
-        "decode_tokens": after_first,
-        "wall_s": end - start,
-    }
+    """`bench_model.timed_steps`, checked: every request produced all its tokens."""
+    run = timed_steps(eng, prompts, new_tokens)
+    if run["tokens"] != len(prompts) * new_tokens:
+        raise RuntimeError(f"{run['tokens']} tokens generated, {len(prompts)} x {new_tokens} requested")
+    return run
 
 
 def warm_up(eng, wl: Workload, rng: random.Random) -> None:
@@ -204,22 +158,6 @@ def engine_once(eng, wl: Workload, rng: random.Random) -> dict:
     many = timed_run(eng, random_prompts(wl.many_requests, wl.many_prompt, rng), wl.many_new)
     return {"b1_prompt": b1["prompt_tok_s"], "b1_decode": b1["decode_tok_s"],
             "many_prompt": many["prompt_tok_s"], "many_decode": many["decode_tok_s"]}
-
-
-
-
-
-
-# --- per-layer GEMMs ----------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-# --- one format ---------------------------------------------------------------------------------
 
 
 def load_format(fmt: str, path: Path, wl: Workload, seed: int, lm_head: str = "dense"):
@@ -258,16 +196,6 @@ def summarize(row: dict) -> None:
 
 
 # --- report -------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
 
 
 # --- main ---------------------------------------------------------------------------------------
