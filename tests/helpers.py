@@ -25,14 +25,18 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 OPTCLI = str(Path(sys.executable).parent / "optcli")  # the console script of the interpreter running the tests
 
 
+def missing(msg: str) -> None:
+    """Something a test needs is not here: skip locally, but fail under CI=true (CI installs everything)."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
 def shared_data(name: str) -> Path:
     """Path of a file in ../shared/data; skip when missing locally, but fail under CI=true."""
     path = SHARED_DATA / name
     if not path.is_file():
-        msg = f"test data {path} is missing"
-        if os.environ.get("CI") == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
+        missing(f"test data {path} is missing")
     return path
 
 

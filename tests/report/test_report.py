@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from helpers import missing
 
 from optcli.bench.kpi import evaluate_kpis, load_kpi, slo_from_kpi
 from optcli.errors import UsageError
@@ -368,10 +369,7 @@ def test_write_reports_writes_three_files_and_json_round_trips(tmp_path):
 
 def chromium_or_skip() -> Path:
     if not CHROMIUM.exists():
-        msg = f"{CHROMIUM} is not installed (apt-get install -y chromium)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
+        missing(f"{CHROMIUM} is not installed (apt-get install -y chromium)")
     return CHROMIUM
 
 
