@@ -16,7 +16,7 @@ started (or since this module's import: the model's load); the first sample sets
 none to start from; after that the count moves only when two samples in a row agree, so one busy moment does not flip it back and forth.
 `OPTCLI_CPU_THREADS=N` pins the count (no sampling). The kernel paths never depend on it: they follow from the CPU's flags (`cpu_caps.py`).
 
-The ceiling also follows the model's size (`width_ceiling`, from the mean weight elements of its matmuls):
+The ceiling also follows the model's size (`size_ceiling`, from the mean weight elements of its matmuls):
 a toy model keeps one thread, quiet or busy, so its figures take the same path whatever the machine's load
 (why, with the figures: `SPLIT_MIN_ELEMENTS`).
 """
@@ -109,7 +109,7 @@ class CpuShare:
 SPLIT_MIN_ELEMENTS = 300_000
 
 
-def width_ceiling(mean_matmul: float | None, cores: int) -> tuple[int, str]:
+def size_ceiling(mean_matmul: float | None, cores: int) -> tuple[int, str]:
     """The thread ceiling for a model whose matmuls hold `mean_matmul` weight elements on average (None: not
     known) on `cores` usable cores, and why."""
     if cores > 1 and mean_matmul is not None and mean_matmul < SPLIT_MIN_ELEMENTS:
@@ -130,19 +130,20 @@ def _set_threads(n: int) -> None:
 
 class ThreadGovernor:
     """Sets torch's (and so our kernels') OpenMP thread count to the cores free of other work. Its ceiling:
-    `max_threads`, else the usable cores, capped by a thread count the user set in torch before."""
+    `OPTCLI_CPU_THREADS` or `max_threads`, else `size_ceiling` over the usable cores, capped by a thread count
+    the user set in torch before."""
 
     def __init__(self, max_threads: int | None = None, interval: float = 0.25, mean_matmul: float | None = None) -> None:
         pinned = os.environ.get("OPTCLI_CPU_THREADS")
         self.pinned = int(pinned) if pinned and pinned.isdigit() and int(pinned) > 0 else None
         current = torch.get_num_threads()
         users = None if _LAST_SET == [current] else current  # a count we set ourselves is no user's ceiling
-        width, self.reason = width_ceiling(mean_matmul, usable_cores())
-        if users is not None and users < width:
-            width, self.reason = users, f"{users} thread(s): torch's thread count, set before the engine started"
+        ceiling, self.reason = size_ceiling(mean_matmul, usable_cores())
+        if users is not None and users < ceiling:
+            ceiling, self.reason = users, f"{users} thread(s): torch's thread count, set before the engine started"
         if self.pinned or max_threads:
             self.reason = f"{self.pinned} thread(s): OPTCLI_CPU_THREADS" if self.pinned else f"{max_threads} thread(s) asked"
-        self.max_threads = self.pinned or max_threads or width
+        self.max_threads = self.pinned or max_threads or ceiling
         self.interval = interval
         self.threads = self.max_threads
         self.changes = 0

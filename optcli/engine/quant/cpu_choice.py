@@ -292,7 +292,7 @@ def kernel_table(model) -> dict[str, dict]:
 
 def mean_matmul_size(model) -> float | None:
     """The mean weight elements (n x k) of the CPU-planned matmuls, the LM head included: how much work one
-    of a step's parallel regions holds (the thread rule's input, `kernels/cpu_threads.width_ceiling`). By
+    of a step's parallel regions holds (the thread rule's input, `kernels/cpu_threads.size_ceiling`). By
     shape, not bytes, so a source and its quantized artifact get the same thread ceiling. None if no layer
     is CPU-planned."""
     sizes = [m.cpu_spec.n * m.cpu_spec.k for m in model.modules() if isinstance(m, CpuPaths) and m.plan is not None]

@@ -237,9 +237,9 @@ def test_a_small_model_computes_on_one_thread_quiet_or_busy(monkeypatch) -> None
     """The size rule (benchmarks/thread_rule.py): matmuls under SPLIT_MIN_ELEMENTS on average, one thread,
     whatever the load; the user's pin wins."""
     small, large = cpu_threads.SPLIT_MIN_ELEMENTS / 2, cpu_threads.SPLIT_MIN_ELEMENTS * 2
-    assert cpu_threads.width_ceiling(small, 2)[0] == 1 and "quiet or busy" in cpu_threads.width_ceiling(small, 2)[1]
-    assert cpu_threads.width_ceiling(large, 2)[0] == 2 and cpu_threads.width_ceiling(None, 4)[0] == 4
-    assert cpu_threads.width_ceiling(small, 1)[0] == 1
+    assert cpu_threads.size_ceiling(small, 2)[0] == 1 and "quiet or busy" in cpu_threads.size_ceiling(small, 2)[1]
+    assert cpu_threads.size_ceiling(large, 2)[0] == 2 and cpu_threads.size_ceiling(None, 4)[0] == 4
+    assert cpu_threads.size_ceiling(small, 1)[0] == 1
     monkeypatch.delenv("OPTCLI_CPU_THREADS", raising=False)
     monkeypatch.setattr(cpu_threads, "usable_cores", lambda: 2)
     before = torch.get_num_threads()
