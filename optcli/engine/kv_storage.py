@@ -79,3 +79,13 @@ def allocate(cfg, num_slots: int, kv_cache_dtype: str, model_dtype: torch.dtype,
             scales = KVScales.unset(cfg.num_kv_heads, cfg.head_dim, device)
         caches.append(QuantKVCache(c[0], c[1], scales))
     return KVStorage(tensor, caches, kv_cache_dtype, "calibrated" if use_calibrated else "dynamic")
+
+
+def attach_rope(storage: KVStorage, rotary, rope_kinds: list[str] | None) -> None:
+    """Give each 8-bit layer its RoPE table (positions -> cos, sin), which turns on centring K before RoPE
+    (attention/kv_centre.py). Not for dynamic NTK, whose cos/sin depend on the batch, so a key's rotation
+    at read time could differ from the one it was stored with."""
+    for layer, scales in enumerate(storage.scales):
+        kind = rope_kinds[layer] if rope_kinds else None
+        table = rotary.tables[rotary.kinds.index(kind)]
+        scales.rope = table if table.rope_type != "dynamic" else None

@@ -38,7 +38,9 @@ def copy_scales(src: Engine, dst: Engine) -> None:
     for a, b in zip(src.kv.scales, dst.kv.scales, strict=True):
         b.k.copy_(a.k)
         b.v.copy_(a.v)
+        b.centre.copy_(a.centre)  # and the centre K is stored around (kv_centre.py)
         b.calibrated = b.ready = True
+        b.centre_ready, b.table = a.centre_ready, None
 
 
 @pytest.mark.parametrize("fmt", [torch.float8_e4m3fn, torch.int8])
@@ -104,6 +106,9 @@ def test_triton_path_over_a_quantized_cache_matches_the_cpu_path(kv_dtype: str) 
     got = [o.token_ids for o in triton.generate(prompts, params)]
     assert all(bool((s.k > 0).all()) for s in triton.kv.scales)  # set on the device by the first write
     gather = Engine("builtin:tiny-llama", device="cpu", **options)
+    assert all(s.rope is None for s in triton.kv.scales) and all(s.rope is not None for s in gather.kv.scales)
+    for s in gather.kv.scales:
+        s.rope = None  # the Triton kernels do not centre K yet (attention/kv_centre.py): the CPU path's plain read
     copy_scales(triton, gather)
     assert got == [o.token_ids for o in gather.generate(prompts, params)]
     if kv_dtype == "fp8" and not torch.cuda.is_available():

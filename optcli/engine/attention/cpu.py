@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from optcli.engine.attention.kv_centre import centre_table
 from optcli.engine.attention.kv_quant import KVScales, as_bytes, head_scale, quant_scales, store_quantized
 from optcli.engine.attention.layout import StepLayout, block_table_tensor
 from optcli.engine.kernels import cpu_kv8
@@ -137,6 +138,9 @@ def _attend(q, k_cache, v_cache, group: AttentionGroup, window: int | None, bloc
     queries = rows.transpose(1, 2)  # [B, H, Q, D]
     keys, values = (_gather(c, group.block_table, block_size, q.dtype).view(batch, -1, kv_heads, dim)
                     for c in (k_cache, v_cache))
+    centre = centre_table(scales, keys.shape[1], q.dtype) if scales is not None else None
+    if centre is not None:  # K was stored centred: rope_p(c) back, in code units (kv_centre.py)
+        keys += centre
     if scales is not None:  # K's scale folds into the queries (q.(k*s) = (q*s).k), V's into the output (kv_quant.py)
         queries = queries * head_scale(scales.k, q.shape[1]).to(q.dtype)[None, :, None, :]
     mask = group.mask(window, block_size)

@@ -13,15 +13,16 @@ k_d) and V's into the output (the softmax weights sum over tokens, not channels)
 widen the 8-bit values and the store does the rest. Measured on stories260K (int8): per-pair K scales took KLD
 against a bf16 cache from 0.012 to 0.009; per-channel V scales and centring K (its mean is not stationary under
 RoPE) did not help, nor would finer scales help FP8 (3 mantissa bits: ~2.6% error per element at any scale).
-What would: K's error is almost all of the cost (V alone: KLD 0.001), and stories260K's slowest RoPE pair carries a
+What does: K's error is almost all of the cost (V alone: KLD 0.001), and stories260K's slowest RoPE pair carries a
 large mean (|mean| 7-18 against a std of 2-4) that rotates 0.001 rad a token, so a fixed (softmax-invariant) shift
-cannot remove it. Subtracting the pre-RoPE mean c before rotation and adding rope(c) back at read time (simulated:
-int8 KLD 0.004-0.006 / top-1 0.953-0.959, FP8 scaled per pair 0.006 / 0.960-0.973) meets KLD <= 0.01 and top-1 >=
-0.95; it needs a per-position term in both attention paths and is not built.
+cannot remove it; subtracting the pre-RoPE mean before rotation and adding it back rotated at read time does
+(kv_centre.py, on the CPU path): int8 0.0108 / 0.941 -> ~0.004 / 0.97, FP8 0.029 / 0.902 -> ~0.006 / 0.96
+(decode KLD / top-1 against a bf16 cache), with K then scaled per pair for both formats.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,12 @@ STORAGE = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "int8": 
 # tiny-llama): per head 1.25x 0.0103 / 0.0105; per pair 1.25x 0.0075 / 0.0182 (clips); this rule 0.0079 / 0.0099.
 HEADROOM = {torch.float8_e4m3fn: 4.0, torch.int8: 1.25}
 PAIR_HEADROOM = {torch.int8: (1.5, 0.75)}  # K: (x the pair's amax, at least x the head's amax)
+# With K centred (kv_centre.py), K per pair for both formats: once the mean is gone, a pair's range is what is left
+# and the first write bounds it well, so int8 takes 2x room with no head floor, FP8 2x with half its head's amax
+# as a floor. Chosen on stories260K and tiny-llama, engine dtype bf16 and fp32, decode / chunked-prefill top-1
+# against a bf16 cache (worst of the eight): int8 1.5x + 0.75 floor 0.937, 2x 0.971, 3x 0.948; FP8 2x 0.949,
+# 2x + 0.5 floor 0.957, 3x 0.951.
+CENTRED_PAIR_HEADROOM = {torch.int8: (2.0, 0.0), torch.float8_e4m3fn: (2.0, 0.5)}
 
 
 def storage_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
@@ -56,12 +63,22 @@ def is_quantized_dtype(dtype: torch.dtype) -> bool:
 class KVScales:
     """One layer's scales [KV, D] fp32 for K and V. `calibrated`: read from the artifact;
     else dynamic, set by the layer's first write (0 = not set yet). `ready` is the host's copy of "set", so the
-    CPU path checks it once; the Triton path decides on the device (CUDA graphs)."""
+    CPU path checks it once; the Triton path decides on the device (CUDA graphs). `centre` [KV, D] fp32: the
+    pre-RoPE mean key subtracted before quantizing (kv_centre.py), used where `rope` (the layer's
+    positions -> (cos, sin)) is attached; set by the first write even with calibrated scales."""
 
     k: torch.Tensor
     v: torch.Tensor
     calibrated: bool = False
     ready: bool = False
+    centre: torch.Tensor | None = None
+    centre_ready: bool = False
+    rope: Callable | None = None
+    table: torch.Tensor | None = None  # the read's rope_p(c) / k scale by position (kv_centre.centre_table)
+
+    def __post_init__(self) -> None:
+        if self.centre is None:
+            self.centre = torch.zeros_like(self.k)
 
     @classmethod
     def unset(cls, kv_heads: int, head_dim: int, device) -> KVScales:
@@ -69,8 +86,11 @@ class KVScales:
         return cls(zeros, zeros.clone())
 
     def reset(self) -> None:
-        """Forget dynamic scales in place (CUDA graphs keep pointing at the same tensors): after a warm-up or
-        graph capture wrote dummy K/V, the first real write sets them."""
+        """Forget dynamic scales and the centre in place (CUDA graphs keep pointing at the same tensors): after
+        a warm-up or graph capture wrote dummy K/V, the first real write sets them."""
+        self.centre.zero_()
+        self.centre_ready = False
+        self.table = None
         if not self.calibrated:
             self.k.zero_()
             self.v.zero_()
@@ -89,7 +109,7 @@ def quant_scales(kv_cache) -> KVScales | None:
     return kv_cache[2] if len(kv_cache) > 2 else None
 
 
-def _first_write(x: torch.Tensor, live: torch.Tensor | None, dtype: torch.dtype, pairs: bool):
+def _first_write(x: torch.Tensor, live: torch.Tensor | None, dtype: torch.dtype, pairs: bool, centred: bool = False):
     """Scale [KV, D] from x [T, KV, D] (rows where `live` is False, i.e. padding, ignored). `pairs` (K, int8): per
     RoPE pair (channels d and d + D/2), from the pair's norm, which rotation by position does not change, so the
     first tokens bound the later ones (a single channel's range moves with the position); else per head."""
@@ -98,9 +118,10 @@ def _first_write(x: torch.Tensor, live: torch.Tensor | None, dtype: torch.dtype,
         x = x * live[:, None, None]
     head = x.abs().amax(dim=(0, 2)).clamp_min(1e-6)[:, None].expand(-1, x.shape[-1])  # [KV, D]
     half = x.shape[-1] // 2
-    if not (pairs and dtype in PAIR_HEADROOM and x.shape[-1] % 2 == 0):
+    rules = CENTRED_PAIR_HEADROOM if centred else PAIR_HEADROOM
+    if not (pairs and dtype in rules and x.shape[-1] % 2 == 0):
         return head * (HEADROOM[dtype] / QMAX[dtype])
-    pair_room, head_room = PAIR_HEADROOM[dtype]
+    pair_room, head_room = rules[dtype]
     norm = torch.sqrt(x[..., :half] ** 2 + x[..., half:] ** 2).amax(dim=0)  # [KV, D/2]
     return torch.maximum(torch.cat([norm, norm], dim=-1) * pair_room, head * head_room) / QMAX[dtype]
 
@@ -111,7 +132,8 @@ def ensure_scales(scales: KVScales, k: torch.Tensor, v: torch.Tensor, dtype: tor
     (no host sync, so a CUDA graph can capture it); else once, by the host flag."""
     if scales.calibrated or k.shape[0] == 0 or (scales.ready and not on_device):
         return
-    k_scale, v_scale = _first_write(k, live, dtype, pairs=True), _first_write(v, live, dtype, pairs=False)
+    k_scale = _first_write(k, live, dtype, pairs=True, centred=scales.centre_ready)
+    v_scale = _first_write(v, live, dtype, pairs=False)
     unset = scales.k[:1, :1] == 0  # [1, 1]: all of a layer's scales are set together
     if live is not None:
         unset = unset & live.any()  # an all-padding step (a graph replay's filler) sets nothing

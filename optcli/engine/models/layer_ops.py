@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from optcli.engine.attention.kv_centre import centre_keys, ensure_centre
+from optcli.engine.attention.kv_quant import quant_scales
 from optcli.engine.attention.triton import TritonMetadata
 
 
@@ -46,9 +48,13 @@ class TorchOps:
     @classmethod
     def rotary_attend(cls, q, k, v, cos, sin, kv_cache, meta, window: int | None, scale: float | None = None,
                       softcap: float | None = None) -> torch.Tensor:
-        """RoPE on q and k, then attention through the step's metadata (which stores K/V first)."""
+        """RoPE on q and k, then attention through the step's metadata (which stores K/V first). An 8-bit
+        cache with a centre stores rope(k) - rope(c) (attention/kv_centre.py)."""
+        scales = quant_scales(kv_cache)
+        if scales is not None:
+            ensure_centre(scales, k)  # from the pre-RoPE keys, on the layer's first write
         q, k = cls.rotary(q, k, cos, sin)
-        return meta.attend(q, k, v, kv_cache, window, scale, softcap)
+        return meta.attend(q, centre_keys(scales, k, cos, sin), v, kv_cache, window, scale, softcap)
 
     @staticmethod
     def silu_mul(gate_up: torch.Tensor, quant: torch.dtype | None = None) -> torch.Tensor:

@@ -1,0 +1,64 @@
+"""Centring K before RoPE for an 8-bit KV cache: store rope_p(k - c) quantized, add rope_p(c) back at read.
+
+Why: K's rounding is almost all of an 8-bit cache's accuracy cost, and a model's slowest RoPE pair can carry a
+mean far above its spread (stories260K: |mean| 7-18 against a std of 2-4) on exactly the channels the queries
+weight most. The mean rotates with the position, so a fixed (softmax-invariant) shift after RoPE cannot remove it;
+subtracting the pre-RoPE mean c before rotation (rope is linear: rope_p(k) - rope_p(c) = rope_p(k - c)) removes it
+at every position, and the read adds rope_p(c) back exactly. Measured on stories260K against a bf16 cache: see
+kv_quant.py.
+
+c is one layer's mean pre-RoPE key [KV, D] over its first write (like dynamic scales, fixed once set, so every
+block is read with the centre that wrote it); an artifact's calibrated scales do not carry one, so it is computed
+at first write there too. Centring is on where the engine attached the layer's RoPE table to its KVScales
+(`rope`: positions -> (cos, sin), the same cos/sin the layer rotates with); off (c unused) otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as models/layer_ops.apply_rotary (half-split layout), which imports from this package."""
+    half = x.shape[-1] // 2
+    return x * cos[:, None, :] + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin[:, None, :]
+
+
+def ensure_centre(scales, k: torch.Tensor) -> None:
+    """Set the layer's centre from this write's pre-RoPE keys k [T, KV, D] if it is not set yet (host flag)."""
+    if scales.rope is None or scales.centre_ready or k.shape[0] == 0:
+        return
+    scales.centre.copy_(k.detach().float().mean(dim=0))
+    scales.centre_ready = True
+    scales.table = None
+
+
+def rotated_centre(scales, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """rope_p(c) at a step's positions: [T, KV, D], from the layer's own cos/sin [T, D]."""
+    c = scales.centre.to(dtype)[None].expand(cos.shape[0], -1, -1)
+    return _rotate(c, cos, sin)
+
+
+def centre_keys(scales, k_rot: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The post-RoPE keys the cache stores: rope_p(k) - rope_p(c) (k_rot unchanged where centring is off)."""
+    if scales is None or scales.rope is None or not scales.centre_ready:
+        return k_rot
+    return k_rot - rotated_centre(scales, cos.float(), sin.float(), torch.float32).to(k_rot.dtype)
+
+
+def centre_table(scales, length: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """rope_p(c) / k_scale for key positions 0..length-1: [length, KV, D] in `dtype`, in the cache's code units
+    (K's scale folds into the queries, so the read adds this to the widened codes). Built once per layer and
+    grown by doubling; None where centring is off."""
+    if scales.rope is None or not scales.centre_ready:
+        return None
+    table = scales.table
+    if table is None or table.shape[0] < length or table.dtype != dtype:
+        size = max(length, 2 * table.shape[0] if table is not None else 0)
+        cos, sin = scales.rope(torch.arange(size, device=scales.centre.device))
+        # rounded as the layer's own cos/sin (the model casts them to the activation dtype), so the read adds
+        # back exactly what the store took away
+        rot = rotated_centre(scales, cos.to(dtype).float(), sin.to(dtype).float(), torch.float32)
+        safe = torch.where(scales.k > 0, scales.k, torch.ones_like(scales.k))  # 0 = unset scale, read as 1
+        table = scales.table = (rot / safe).to(dtype)
+    return table[:length]
