@@ -136,11 +136,10 @@ def _attend(q, k_cache, v_cache, group: AttentionGroup, window: int | None, bloc
     kv_heads, dim = k_cache.shape[-2:]
     rows = q[: group.rows.numel()].view(*group.rows.shape, *q.shape[1:]) if group.dense else q[group.rows]
     queries = rows.transpose(1, 2)  # [B, H, Q, D]
-    keys, values = (_gather(c, group.block_table, block_size, q.dtype).view(batch, -1, kv_heads, dim)
-                    for c in (k_cache, v_cache))
-    centre = centre_table(scales, keys.shape[1], q.dtype) if scales is not None else None
-    if centre is not None:  # K was stored centred: rope_p(c) back, in code units (kv_centre.py)
-        keys += centre
+    # K stored centred: rope_p(c) added back per key position, in code units (kv_centre.py)
+    centre = centre_table(scales, n_blocks * block_size, q.dtype) if scales is not None else None
+    keys = _gather(k_cache, group.block_table, block_size, q.dtype, centre).view(batch, -1, kv_heads, dim)
+    values = _gather(v_cache, group.block_table, block_size, q.dtype).view(batch, -1, kv_heads, dim)
     if scales is not None:  # K's scale folds into the queries (q.(k*s) = (q*s).k), V's into the output (kv_quant.py)
         queries = queries * head_scale(scales.k, q.shape[1]).to(q.dtype)[None, :, None, :]
     mask = group.mask(window, block_size)
@@ -160,19 +159,24 @@ def _attend(q, k_cache, v_cache, group: AttentionGroup, window: int | None, bloc
     return out.transpose(1, 2)  # [B, Q, H, D]
 
 
-def _gather(cache: torch.Tensor, block_table: torch.Tensor, block_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """The group's cache blocks in order, in `dtype`: [B * N * block_size, KV, D]. An 8-bit cache is gathered
-    and widened in one pass by our AVX2 kernel where it is built (torch's float8 widening is scalar code: an
-    FP8 cache's decode was 0.4x a bf16 one's), else gathered at its own width and widened by torch (the same
-    values, bit for bit)."""
+def _gather(cache: torch.Tensor, block_table: torch.Tensor, block_size: int, dtype: torch.dtype,
+            add: torch.Tensor | None = None) -> torch.Tensor:
+    """The group's cache blocks in order, in `dtype`: [B * N * block_size, KV, D], plus `add` [N * block_size,
+    KV, D] on each sequence's rows if given. An 8-bit cache is gathered, widened and added to in one pass by our
+    AVX2 kernel where it is built (torch's float8 widening is scalar code: an FP8 cache's decode was 0.4x a bf16
+    one's; a separate add cost an 8-bit cache ~7% of a batch-1 decode at 2k context), else gathered at its own
+    width, widened and added to by torch (the same values, bit for bit)."""
     blocks = block_table.view(-1)
     if cache.dtype != dtype:
-        widened = cpu_kv8.gather_widen(cache, blocks, block_size, dtype)
+        widened = cpu_kv8.gather_widen(cache, blocks, block_size, dtype, add)
         if widened is not None:
             return widened
     # index_select: ~40% faster than advanced indexing here
     out = as_bytes(cache).view(-1, block_size, *cache.shape[1:]).index_select(0, blocks)
-    return out.view(cache.dtype).to(dtype) if cache.dtype != dtype else out
+    out = out.view(cache.dtype).to(dtype) if cache.dtype != dtype else out
+    if add is not None:
+        out.view(block_table.shape[0], -1, *cache.shape[1:]).add_(add)
+    return out
 
 
 def _capped_attention(queries, keys, values, mask, scale: float | None, softcap: float) -> torch.Tensor:

@@ -26,10 +26,15 @@ def available(cache_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
 
 
 def gather_widen(cache: torch.Tensor, blocks: torch.Tensor, block_size: int,
-                 out_dtype: torch.dtype) -> torch.Tensor | None:
+                 out_dtype: torch.dtype, add: torch.Tensor | None = None) -> torch.Tensor | None:
     """cache [slots, ...] (8-bit, contiguous, on CPU), blocks [n] int64 block indices -> [n * block_size, ...]
-    in out_dtype; None where the kernel does not apply."""
+    in out_dtype; None where the kernel does not apply. `add` [per_seq * block_size, ...] in out_dtype: added to
+    each sequence's rows (blocks are [sequences, per_seq] in order), as torch's `+=` in out_dtype rounds."""
     if cache.device.type != "cpu" or not available(cache.dtype, out_dtype) or not cache.is_contiguous():
+        return None
+    if add is not None and (add.dtype != out_dtype or not add.is_contiguous() or add.device.type != "cpu"
+                            or add.shape[1:] != cache.shape[1:] or add.shape[0] % block_size
+                            or blocks.numel() % (add.shape[0] // block_size)):
         return None
     if blocks.dtype != torch.int64 or not blocks.is_contiguous():
         blocks = blocks.to(torch.int64).contiguous()
@@ -37,7 +42,9 @@ def gather_widen(cache: torch.Tensor, blocks: torch.Tensor, block_size: int,
     out = torch.empty(blocks.numel() * block_size, *cache.shape[1:], dtype=out_dtype)
     status = cpu_lowbit.library().lowbit_kv_gather(cache.data_ptr(), block_elems, cache.shape[0] // block_size,
                                                    blocks.data_ptr(), blocks.numel(), KINDS[cache.dtype],
-                                                   OUT_FP32[out_dtype], out.data_ptr())
+                                                   OUT_FP32[out_dtype], out.data_ptr(),
+                                                   add.data_ptr() if add is not None else None,
+                                                   add.shape[0] // block_size if add is not None else 1)
     if status != 0:  # checked in C before anything is written
         raise IndexError("a block index outside the cache")
     return out

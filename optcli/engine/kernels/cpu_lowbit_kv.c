@@ -121,11 +121,47 @@ static void int8_block(const int8_t *src, int64_t n, uint16_t *out16, float *out
     }
 }
 
+/* bf16 (bits) + bf16 -> bf16, rounded to nearest even through fp32: what torch's bf16 `+=` gives (NaN as torch's
+ * 0x7FC0). 8 at a time, scalar tail. */
+INLINE __m256 bf16x8_f32(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+INLINE uint16_t bf16_rne(float f) {
+    uint32_t bits;
+    __builtin_memcpy(&bits, &f, 4);
+    if (f != f) return 0x7FC0;
+    return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+static void add_bf16(uint16_t *out, const uint16_t *add, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 sum = _mm256_add_ps(bf16x8_f32(out + i), bf16x8_f32(add + i));
+        const __m256i bits = _mm256_castps_si256(sum);
+        const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+        __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), odd), 16);
+        r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(sum, sum, _CMP_UNORD_Q)));
+        const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+        _mm_storeu_si128((__m128i *)(out + i), packed);
+    }
+    for (; i < n; i++) {
+        const uint32_t a = (uint32_t)out[i] << 16, b = (uint32_t)add[i] << 16;
+        float fa, fb;
+        __builtin_memcpy(&fa, &a, 4);
+        __builtin_memcpy(&fb, &b, 4);
+        out[i] = bf16_rne(fa + fb);
+    }
+}
+
 /* out[j] = widened cache[blocks[j]] for j < nblocks; a block is block_elems one-byte codes and the cache holds
- * cache_blocks of them. out_fp32: float output, else bf16. Returns -1, writing nothing, if a block index is
+ * cache_blocks of them. out_fp32: float output, else bf16. `add` (or NULL): rows in the output's dtype added to
+ * each sequence's blocks, the table of block j being add + (j % per_seq) * block_elems (the blocks are
+ * [sequences, per_seq] in order, so this is the key position's row: an 8-bit cache's centre, kv_centre.py),
+ * with the rounding of torch's `+=` in that dtype. Returns -1, writing nothing, if a block index is
  * outside the cache (checked here: a Python-side min/max cost more than this whole call on a small model). */
 int64_t lowbit_kv_gather(const uint8_t *cache, int64_t block_elems, int64_t cache_blocks, const int64_t *blocks,
-                         int64_t nblocks, int kind, int out_fp32, void *out) {
+                         int64_t nblocks, int kind, int out_fp32, void *out, const void *add, int64_t per_seq) {
     for (int64_t j = 0; j < nblocks; j++)
         if (blocks[j] < 0 || blocks[j] >= cache_blocks) return -1;
 #pragma omp parallel for schedule(dynamic, chunk_of(nblocks, 4)) if (nblocks * block_elems >= (1 << 16))
@@ -137,6 +173,14 @@ int64_t lowbit_kv_gather(const uint8_t *cache, int64_t block_elems, int64_t cach
             fp8_block(src, block_elems, o16, o32);
         else
             int8_block((const int8_t *)src, block_elems, o16, o32);
+        if (add == NULL) continue;
+        const int64_t row = (j % per_seq) * block_elems;
+        if (o16) {
+            add_bf16(o16, (const uint16_t *)add + row, block_elems);
+        } else {
+            const float *a = (const float *)add + row;
+            for (int64_t i = 0; i < block_elems; i++) o32[i] += a[i];
+        }
     }
     return 0;
 }
