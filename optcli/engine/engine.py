@@ -90,8 +90,7 @@ class Engine:
             )
         self.kv = kv_storage.allocate(cfg, num_kv_blocks * block_size, kv_dtype, self.model.dtype, device, calibrated)
         self.kv_cache, self.kv_cache_bytes = self.kv.tensor, self.kv.nbytes
-        if self.backend != "triton":  # centring K: the CPU path reads it back; the Triton kernels do not yet
-            kv_storage.attach_rope(self.kv, self.model.rotary, cfg.rope_kinds)
+        kv_storage.attach_rope(self.kv, self.model.rotary, cfg.rope_kinds, need_table=self.backend == "triton")
         self.blocks = BlockManager(num_kv_blocks, block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, budget_tokens, config.scheduler_policy,
                                    config.max_wait_ms, config.enable_chunked_prefill)

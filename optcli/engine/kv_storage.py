@@ -81,11 +81,13 @@ def allocate(cfg, num_slots: int, kv_cache_dtype: str, model_dtype: torch.dtype,
     return KVStorage(tensor, caches, kv_cache_dtype, "calibrated" if use_calibrated else "dynamic")
 
 
-def attach_rope(storage: KVStorage, rotary, rope_kinds: list[str] | None) -> None:
-    """Give each 8-bit layer its RoPE table (positions -> cos, sin), which turns on centring K before RoPE
-    (attention/kv_centre.py). Not for dynamic NTK, whose cos/sin depend on the batch, so a key's rotation
-    at read time could differ from the one it was stored with."""
+def attach_rope(storage: KVStorage, rotary, rope_kinds: list[str] | None, need_table: bool = False) -> None:
+    """Give each 8-bit layer its RoPE (positions -> cos, sin), which turns on centring K before RoPE
+    (attention/kv_centre.py). Not for dynamic NTK, whose cos/sin depend on the batch, so a key's rotation at read
+    time could differ from the one it was stored with. `need_table`: the Triton kernels read the precomputed
+    cos|sin table (RotaryEmbedding.build_table); a layer without one is not centred."""
     for layer, scales in enumerate(storage.scales):
         kind = rope_kinds[layer] if rope_kinds else None
-        table = rotary.tables[rotary.kinds.index(kind)]
-        scales.rope = table if table.rope_type != "dynamic" else None
+        rope = rotary.tables[rotary.kinds.index(kind)]
+        usable = rope.rope_type != "dynamic" and (rope.table is not None or not need_table)
+        scales.rope = rope if usable else None

@@ -40,7 +40,8 @@ def copy_scales(src: Engine, dst: Engine) -> None:
         b.v.copy_(a.v)
         b.centre.copy_(a.centre)  # and the centre K is stored around (kv_centre.py)
         b.calibrated = b.ready = True
-        b.centre_ready, b.table = a.centre_ready, None
+        b.centre_set.copy_(a.centre_set)
+        b.centre_ready, b.table = bool(a.centre_set == 1), None  # set on the host or on the device
 
 
 @pytest.mark.parametrize("fmt", [torch.float8_e4m3fn, torch.int8])
@@ -106,9 +107,8 @@ def test_triton_path_over_a_quantized_cache_matches_the_cpu_path(kv_dtype: str) 
     got = [o.token_ids for o in triton.generate(prompts, params)]
     assert all(bool((s.k > 0).all()) for s in triton.kv.scales)  # set on the device by the first write
     gather = Engine("builtin:tiny-llama", device="cpu", **options)
-    assert all(s.rope is None for s in triton.kv.scales) and all(s.rope is not None for s in gather.kv.scales)
-    for s in gather.kv.scales:
-        s.rope = None  # the Triton kernels do not centre K yet (attention/kv_centre.py): the CPU path's plain read
+    assert all(s.rope is not None for s in triton.kv.scales + gather.kv.scales)  # both centre K (kv_centre.py)
+    assert all(bool(s.centre_set == 1) and bool(s.centre.abs().max() > 0) for s in triton.kv.scales)
     copy_scales(triton, gather)
     assert got == [o.token_ids for o in gather.generate(prompts, params)]
     if kv_dtype == "fp8" and not torch.cuda.is_available():
@@ -133,8 +133,10 @@ def test_dynamic_scales_are_set_by_the_first_real_write_not_by_a_graph_capture()
     engine = Engine("builtin:tiny-llama", dtype="float32", kv_cache_dtype="int8", max_num_seqs=2, max_model_len=64,
                     attention_backend="triton", graph_capture=capture)
     assert calls and all(bool((s.k == 0).all()) for s in engine.kv.scales)  # the capture's dummy K/V forgotten
+    assert all(bool(s.centre_set == 0) and bool((s.centre == 0).all()) for s in engine.kv.scales)  # and the centre
     engine.generate([[1, 5, 9, 13]], SamplingParams(max_tokens=3))
     assert all(bool((s.k > 0).all()) for s in engine.kv.scales)
+    assert all(bool(s.centre_set == 1) and bool(s.centre.abs().max() > 0) for s in engine.kv.scales)
 
 
 def kv_artifact(stories_dir: Path, out: Path, scheme: dict, per_head: bool) -> dict[int, tuple[torch.Tensor, ...]]:

@@ -24,13 +24,25 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos[:, None, :] + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin[:, None, :]
 
 
-def ensure_centre(scales, k: torch.Tensor) -> None:
-    """Set the layer's centre from this write's pre-RoPE keys k [T, KV, D] if it is not set yet (host flag)."""
-    if scales.rope is None or scales.centre_ready or k.shape[0] == 0:
+def ensure_centre(scales, k: torch.Tensor, live: torch.Tensor | None = None, on_device: bool = False) -> None:
+    """Set the layer's centre from this write's pre-RoPE keys k [T, KV, D] (rows where `live` is False, i.e.
+    padding, ignored) if it is not set yet. `on_device`: decided on the device by `centre_set` (no host sync, so
+    a CUDA graph can capture it, as kv_quant.ensure_scales); else once, by the host flag."""
+    if scales.rope is None or k.shape[0] == 0 or (scales.centre_ready and not on_device):
         return
-    scales.centre.copy_(k.detach().float().mean(dim=0))
-    scales.centre_ready = True
-    scales.table = None
+    x = k.detach().float()
+    if not on_device:
+        scales.centre.copy_(x.mean(dim=0))
+        scales.centre_set.fill_(1.0)
+        scales.centre_ready, scales.table = True, None
+        return
+    weight = live.float() if live is not None else torch.ones(x.shape[0], device=x.device)
+    mean = (x * weight[:, None, None]).sum(dim=0) / weight.sum().clamp_min(1.0)
+    unset = scales.centre_set == 0  # [1]
+    if live is not None:
+        unset = unset & live.any()  # an all-padding step (a graph replay's filler) sets nothing
+    scales.centre.copy_(torch.where(unset, mean, scales.centre))
+    scales.centre_set.copy_(torch.where(unset, torch.ones_like(scales.centre_set), scales.centre_set))
 
 
 def rotated_centre(scales, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -39,9 +51,11 @@ def rotated_centre(scales, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dt
     return _rotate(c, cos, sin)
 
 
-def centre_keys(scales, k_rot: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The post-RoPE keys the cache stores: rope_p(k) - rope_p(c) (k_rot unchanged where centring is off)."""
-    if scales is None or scales.rope is None or not scales.centre_ready:
+def centre_keys(scales, k_rot: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                on_device: bool = False) -> torch.Tensor:
+    """The post-RoPE keys the cache stores: rope_p(k) - rope_p(c) (k_rot unchanged where centring is off).
+    `on_device`: subtract whatever the centre holds (0 until set, and set before this by ensure_centre)."""
+    if scales is None or scales.rope is None or not (scales.centre_ready or on_device):
         return k_rot
     return k_rot - rotated_centre(scales, cos.float(), sin.float(), torch.float32).to(k_rot.dtype)
 

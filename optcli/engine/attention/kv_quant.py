@@ -75,10 +75,13 @@ class KVScales:
     centre_ready: bool = False
     rope: Callable | None = None
     table: torch.Tensor | None = None  # the read's rope_p(c) / k scale by position (kv_centre.centre_table)
+    centre_set: torch.Tensor | None = None  # [1] fp32, 1 once the centre is set: the device's copy of centre_ready
 
     def __post_init__(self) -> None:
         if self.centre is None:
             self.centre = torch.zeros_like(self.k)
+        if self.centre_set is None:
+            self.centre_set = torch.zeros(1, dtype=torch.float32, device=self.k.device)
 
     @classmethod
     def unset(cls, kv_heads: int, head_dim: int, device) -> KVScales:
@@ -89,6 +92,7 @@ class KVScales:
         """Forget dynamic scales and the centre in place (CUDA graphs keep pointing at the same tensors): after
         a warm-up or graph capture wrote dummy K/V, the first real write sets them."""
         self.centre.zero_()
+        self.centre_set.zero_()
         self.centre_ready = False
         self.table = None
         if not self.calibrated:
@@ -132,7 +136,8 @@ def ensure_scales(scales: KVScales, k: torch.Tensor, v: torch.Tensor, dtype: tor
     (no host sync, so a CUDA graph can capture it); else once, by the host flag."""
     if scales.calibrated or k.shape[0] == 0 or (scales.ready and not on_device):
         return
-    k_scale = _first_write(k, live, dtype, pairs=True, centred=scales.centre_ready)
+    centred = scales.centre_ready or (on_device and scales.rope is not None)
+    k_scale = _first_write(k, live, dtype, pairs=True, centred=centred)
     v_scale = _first_write(v, live, dtype, pairs=False)
     unset = scales.k[:1, :1] == 0  # [1, 1]: all of a layer's scales are set together
     if live is not None:

@@ -42,15 +42,16 @@ class TritonMetadata:
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         scales = quant_scales(kv_cache)
         kv_scales = (scales.k, scales.v) if scales is not None else None
+        kv_centre = (scales.centre, scales.rope.table) if scales is not None and scales.rope is not None else None
         scale = scale if scale is not None else q.shape[-1] ** -0.5
         if self.query_start_loc is None:
             return paged_decode_attention(
                 q, k_cache, v_cache, self.block_tables, self.context_lens, self.block_size, scale, sliding_window=window,
-                softcap=softcap, kv_scales=kv_scales,
+                softcap=softcap, kv_scales=kv_scales, kv_centre=kv_centre,
             )
         return paged_prefill_attention(
             q, k_cache, v_cache, self.block_tables, self.query_start_loc, self.context_lens, self.block_size, scale,
-            sliding_window=window, softcap=softcap, kv_scales=kv_scales,
+            sliding_window=window, softcap=softcap, kv_scales=kv_scales, kv_centre=kv_centre,
         )
 
 

@@ -14,22 +14,22 @@ import triton
 import triton.language as tl
 
 from ._utils import dot_args
-from .online_softmax import LOG2E, capped_log2, load_kv_tile, online_softmax_step
+from .online_softmax import LOG2E, add_centre, capped_log2, centre_coeffs, load_kv_tile, online_softmax_step
 
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, context_lens_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, centre_ptr, rope_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, mid_m_ptr, mid_l_ptr, mid_acc_ptr,
     qk_scale, softcap, window, num_splits,
     stride_qb, stride_qh, stride_qd,
     stride_ks, stride_kh, stride_kd,
     stride_vs, stride_vh, stride_vd,
-    stride_bt, stride_ob, stride_oh, stride_od,
+    stride_bt, stride_rope, stride_ob, stride_oh, stride_od,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DIRECT: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    KV_SCALED: tl.constexpr,
+    KV_SCALED: tl.constexpr, CENTRED: tl.constexpr,
 ):  # fmt: skip
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -57,6 +57,8 @@ def _decode_split_kernel(
     if KV_SCALED:  # an 8-bit cache: K's scale [KV, D] folds into the queries, V's into the output (kv_quant.py)
         q = (q.to(tl.float32) * tl.load(k_scale_ptr + kv_head * HEAD_DIM + d, mask=d_ok, other=0.0)[None, :]).to(q.dtype)
         v_scale = tl.load(v_scale_ptr + kv_head * HEAD_DIM + d, mask=d_ok, other=0.0)
+    if CENTRED:  # K stored as rope_p(k - c): rope_p(c) added back to each key tile (attention/kv_centre.py)
+        centre_a, centre_b = centre_coeffs(centre_ptr, k_scale_ptr, kv_head, d, d_ok, HEAD_DIM)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -68,6 +70,8 @@ def _decode_split_kernel(
             k_cache_ptr, v_cache_ptr, table, kv_head, n, n_ok, d, d_ok,
             stride_ks, stride_kh, stride_kd, stride_vs, stride_vh, stride_vd, BLOCK_SIZE,
         )  # fmt: skip
+        if CENTRED:
+            k = add_centre(k, rope_ptr, stride_rope, n, n_ok, d, d_ok, centre_a, centre_b, HEAD_DIM)
         s = tl.dot(q, k.to(q.dtype), input_precision=PRECISION) * qk_scale
         if SOFTCAP:  # qk_scale is then in natural units
             s = capped_log2(s, softcap)
@@ -141,10 +145,12 @@ def paged_decode_attention(
     softcap: float | None = None,
     block_n: int = 64,
     kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+    kv_centre: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Attention of q [B, H, D] (position context_lens[b]-1) over each sequence's paged K/V.
     kv_scales: (k_scale, v_scale) [KV, D] fp32, contiguous, of an 8-bit cache (K/V = stored values * scale; a K
-    shift needs no correction: the softmax ignores it).
+    shift needs no correction: the softmax ignores it). kv_centre: (c [KV, D] fp32, cos|sin table [positions,
+    2 * D]) where K was stored centred before RoPE: key p = (stored + rope_p(c) / scale) * scale.
 
     k_cache/v_cache: [slots, KV, D]; block_tables [B, max_blocks] int32; context_lens [B] int32
     (0 = padded row, output zeros). num_splits=None picks it from the longest context the block
@@ -171,14 +177,16 @@ def paged_decode_attention(
         mid_l = torch.empty_like(mid_m)
         mid_acc = torch.empty(batch, num_heads, num_splits, block_d, dtype=torch.float32, device=q.device)
     k_scale, v_scale = kv_scales if kv_scales is not None else (context_lens, context_lens)  # unused then
+    centre, rope = kv_centre if kv_centre is not None else (context_lens, context_lens)  # unused then
+    assert kv_centre is None or (kv_scales is not None and rope.stride(1) == 1 and rope.shape[1] == 2 * head_dim)
     _decode_split_kernel[(batch, kv_heads, num_splits)](
-        q, k_cache, v_cache, k_scale, v_scale, block_tables, context_lens,
+        q, k_cache, v_cache, k_scale, v_scale, centre, rope, block_tables, context_lens,
         out, mid_m, mid_l, mid_acc,
         scale if softcap else scale * LOG2E, softcap or 0.0, sliding_window or 0, num_splits,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0), *out.stride(),
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0), rope.stride(0), *out.stride(),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_G=max(triton.next_power_of_2(group), 16), BLOCK_N=max(block_n, 16),
-        BLOCK_D=block_d, DIRECT=direct, SOFTCAP=bool(softcap), KV_SCALED=kv_scales is not None, **dot_args(q.dtype),
+        BLOCK_D=block_d, DIRECT=direct, SOFTCAP=bool(softcap), KV_SCALED=kv_scales is not None, CENTRED=kv_centre is not None, **dot_args(q.dtype),
     )  # fmt: skip
     if not direct:
         _decode_reduce_kernel[(batch, num_heads)](

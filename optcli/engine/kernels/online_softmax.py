@@ -37,6 +37,31 @@ def load_kv_tile(
 
 
 @triton.jit
+def centre_coeffs(centre_ptr, k_scale_ptr, kv_head, d, d_ok, HEAD_DIM: tl.constexpr):
+    """An 8-bit cache's K centre (attention/kv_centre.py) in code units as (a, b) [BLOCK_D] fp32, so that
+    rope_p(c)_d / s_d = a_d cos_p,d + b_d sin_p,d: RoPE's half-split rotate_half pairs channel d with d + D/2
+    (negated in the first half). A 0 (unset) scale reads as 1, as the store's."""
+    half = HEAD_DIM // 2
+    partner = tl.where(d < half, d + half, d - half)
+    s = tl.load(k_scale_ptr + kv_head * HEAD_DIM + d, mask=d_ok, other=1.0)
+    s = tl.where(s > 0, s, 1.0)
+    c = tl.load(centre_ptr + kv_head * HEAD_DIM + d, mask=d_ok, other=0.0)
+    c_partner = tl.load(centre_ptr + kv_head * HEAD_DIM + partner, mask=d_ok, other=0.0)
+    return c / s, tl.where(d < half, -c_partner, c_partner) / s
+
+
+@triton.jit
+def add_centre(k, rope_ptr, stride_rope, n, n_ok, d, d_ok, a, b, HEAD_DIM: tl.constexpr):
+    """K tile [BLOCK_D, BLOCK_N] of codes plus rope_p(c) / s at key positions n, in fp32; the layer's cos|sin
+    table rows [max_len, 2 * HEAD_DIM] are the ones its RoPE rotated with."""
+    at = rope_ptr + n[None, :].to(tl.int64) * stride_rope + d[:, None]
+    ok = d_ok[:, None] & n_ok[None, :]
+    cos = tl.load(at, mask=ok, other=0.0).to(tl.float32)
+    sin = tl.load(at + HEAD_DIM, mask=ok, other=0.0).to(tl.float32)
+    return k.to(tl.float32) + a[:, None] * cos + b[:, None] * sin
+
+
+@triton.jit
 def online_softmax_step(s, v, acc, m_i, l_i, PRECISION: tl.constexpr):
     """Fold masked log2-unit scores s [M, N] and values v [N, D] into the state; returns (acc, m, l)."""
     m_new = tl.maximum(m_i, tl.max(s, 1))

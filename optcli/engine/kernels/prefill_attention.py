@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ._utils import dot_args
-from .online_softmax import LOG2E, capped_log2, load_kv_tile, online_softmax_step
+from .online_softmax import LOG2E, add_centre, capped_log2, centre_coeffs, load_kv_tile, online_softmax_step
 
 NO_WINDOW = 1 << 30
 
@@ -37,16 +37,16 @@ def _find_sequence(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, query_start_loc_ptr, context_lens_ptr, out_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, centre_ptr, rope_ptr, block_tables_ptr, query_start_loc_ptr, context_lens_ptr, out_ptr,
     qk_scale, softcap, window, num_seqs,
     stride_qt, stride_qh, stride_qd,
     stride_ks, stride_kh, stride_kd,
     stride_vs, stride_vh, stride_vd,
-    stride_bt, stride_ot, stride_oh, stride_od,
+    stride_bt, stride_rope, stride_ot, stride_oh, stride_od,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    KV_SCALED: tl.constexpr,
+    KV_SCALED: tl.constexpr, CENTRED: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -81,6 +81,8 @@ def _prefill_kernel(
     if KV_SCALED:  # an 8-bit cache: K's scale [KV, D] folds into the queries, V's into the output (kv_quant.py)
         q = (q.to(tl.float32) * tl.load(k_scale_ptr + kv_head * HEAD_DIM + d, mask=d_ok, other=0.0)[None, :]).to(q.dtype)
         v_scale = tl.load(v_scale_ptr + kv_head * HEAD_DIM + d, mask=d_ok, other=0.0)
+    if CENTRED:  # K stored as rope_p(k - c): rope_p(c) added back to each key tile (attention/kv_centre.py)
+        centre_a, centre_b = centre_coeffs(centre_ptr, k_scale_ptr, kv_head, d, d_ok, HEAD_DIM)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -92,6 +94,8 @@ def _prefill_kernel(
             k_cache_ptr, v_cache_ptr, table, kv_head, n, n_ok, d, d_ok,
             stride_ks, stride_kh, stride_kd, stride_vs, stride_vh, stride_vd, BLOCK_SIZE,
         )  # fmt: skip
+        if CENTRED:
+            k = add_centre(k, rope_ptr, stride_rope, n, n_ok, d, d_ok, centre_a, centre_b, HEAD_DIM)
         s = tl.dot(q, k.to(q.dtype), input_precision=PRECISION) * qk_scale
         if SOFTCAP:  # qk_scale is then in natural units
             s = capped_log2(s, softcap)
@@ -124,6 +128,7 @@ def paged_prefill_attention(
     block_m: int = 64,
     block_n: int = 64,
     kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+    kv_centre: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Causal attention of ragged new tokens q [T, H, D] over their sequences' paged K/V.
 
@@ -132,7 +137,8 @@ def paged_prefill_attention(
     .. context_lens[b] - 1 and all their K/V are already cached. block_m (rows = query tokens x
     group heads) and block_n (keys) are tile sizes, powers of two >= 16. softcap: scores ->
     softcap * tanh(scores / softcap) before the softmax (Gemma 2). kv_scales: (k_scale, v_scale) [KV, D] fp32,
-    contiguous, of an 8-bit cache (K/V = stored values * scale).
+    contiguous, of an 8-bit cache (K/V = stored values * scale). kv_centre: (c [KV, D] fp32, cos|sin table
+    [positions, 2 * D]) where K was stored centred before RoPE: key p = (stored + rope_p(c) / scale) * scale.
     """
     num_tokens, num_heads, head_dim = q.shape
     kv_heads = k_cache.shape[1]
@@ -145,14 +151,16 @@ def paged_prefill_attention(
     block_m = max(block_m, triton.next_power_of_2(group), 16)
     block_q = block_m // group
     k_scale, v_scale = kv_scales if kv_scales is not None else (context_lens, context_lens)  # unused then
+    centre, rope = kv_centre if kv_centre is not None else (context_lens, context_lens)  # unused then
+    assert kv_centre is None or (kv_scales is not None and rope.stride(1) == 1 and rope.shape[1] == 2 * head_dim)
     _prefill_kernel[(num_tokens // block_q + num_seqs, kv_heads)](
-        q, k_cache, v_cache, k_scale, v_scale, block_tables, query_start_loc, context_lens, out,
+        q, k_cache, v_cache, k_scale, v_scale, centre, rope, block_tables, query_start_loc, context_lens, out,
         scale if softcap else scale * LOG2E, softcap or 0.0, sliding_window or NO_WINDOW, num_seqs,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0), *out.stride(),
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0), rope.stride(0), *out.stride(),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=max(block_n, 16),
         BLOCK_D=max(triton.next_power_of_2(head_dim), 16), SOFTCAP=bool(softcap),
-        KV_SCALED=kv_scales is not None, **dot_args(q.dtype),
+        KV_SCALED=kv_scales is not None, CENTRED=kv_centre is not None, **dot_args(q.dtype),
     )  # fmt: skip
     return out
 

@@ -50,11 +50,9 @@ class TorchOps:
                       softcap: float | None = None) -> torch.Tensor:
         """RoPE on q and k, then attention through the step's metadata (which stores K/V first). An 8-bit
         cache with a centre stores rope(k) - rope(c) (attention/kv_centre.py)."""
-        scales = quant_scales(kv_cache)
-        if scales is not None:
-            ensure_centre(scales, k)  # from the pre-RoPE keys, on the layer's first write
+        centred = _centre_first(k, kv_cache, meta)
         q, k = cls.rotary(q, k, cos, sin)
-        return meta.attend(q, centre_keys(scales, k, cos, sin), v, kv_cache, window, scale, softcap)
+        return meta.attend(q, centred(k, cos, sin), v, kv_cache, window, scale, softcap)
 
     @staticmethod
     def silu_mul(gate_up: torch.Tensor, quant: torch.dtype | None = None) -> torch.Tensor:
@@ -95,8 +93,9 @@ class FusedOps:
         from optcli.engine.kernels.fused_elementwise import rotary_
 
         if not isinstance(meta, TritonMetadata) or len(kv_cache) > 2:  # an 8-bit cache quantizes in store_kv
+            centred = _centre_first(k, kv_cache, meta)  # before the in-place rotation
             q, k = cls.rotary(q, k, cos, sin)
-            return meta.attend(q, k, v, kv_cache, window, scale, softcap)
+            return meta.attend(q, centred(k, cos, sin), v, kv_cache, window, scale, softcap)
         rotary_(q, k, cos, sin, store=(v, kv_cache[0], kv_cache[1], meta.slot_mapping))
         return meta.attend_cached(q, kv_cache, window, scale, softcap)
 
@@ -111,6 +110,18 @@ class FusedOps:
         from optcli.engine.kernels.fused_elementwise import silu_mul
 
         return silu_mul(gate_up, quant=quant, act=act)
+
+
+def _centre_first(k: torch.Tensor, kv_cache, meta):
+    """For an 8-bit cache that centres K (attention/kv_centre.py): set the layer's centre from the pre-RoPE keys
+    k on its first write, and return the function that centres the rotated keys for the store (identity
+    otherwise). With Triton metadata both are decided on the device (CUDA graphs)."""
+    scales = quant_scales(kv_cache)
+    if scales is None or scales.rope is None:
+        return lambda k_rot, cos, sin: k_rot
+    on_device = isinstance(meta, TritonMetadata)
+    ensure_centre(scales, k, live=meta.slot_mapping >= 0 if on_device else None, on_device=on_device)
+    return lambda k_rot, cos, sin: centre_keys(scales, k_rot, cos, sin, on_device)
 
 
 def adjacent_heads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:

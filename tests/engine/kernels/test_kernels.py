@@ -335,9 +335,9 @@ def test_prefill_half(dtype: torch.dtype) -> None:
 COMPILE_SCRIPT = """
 io = dict(q_ptr=bf, k_cache_ptr=bf, v_cache_ptr=bf, out_ptr=bf, block_tables_ptr="*i32", context_lens_ptr="*i32",
           qk_scale="fp32", mid_m_ptr="*fp32", mid_l_ptr="*fp32", mid_acc_ptr="*fp32", query_start_loc_ptr="*i32",
-          k_scale_ptr="*fp32", v_scale_ptr="*fp32")
+          k_scale_ptr="*fp32", v_scale_ptr="*fp32", centre_ptr="*fp32", rope_ptr=bf)
 tiles = dict(GROUP=4, HEAD_DIM=80, BLOCK_SIZE=16, BLOCK_N=64, BLOCK_D=128, PRECISION="tf32", UPCAST_DOT=False,
-             KV_SCALED=False)
+             KV_SCALED=False, CENTRED=False)
 build("store_kv", "_store_kv_kernel", dict(k_ptr=bf, v_ptr=bf, k_cache_ptr=bf, v_cache_ptr=bf, slot_ptr="*i64",
                                            k_scale_ptr="*fp32", v_scale_ptr="*fp32"),
       dict(NUM_HEADS=8, HEAD_DIM=80, BLOCK_H=8, BLOCK_D=128, QUANT=0))

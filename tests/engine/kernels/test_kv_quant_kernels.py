@@ -135,12 +135,71 @@ def test_prefill_over_a_quantized_cache(fmt) -> None:
     torch.testing.assert_close(out, ref, atol=8e-4, rtol=1e-4)
 
 
+def centred_keys(dense_k: torch.Tensor, table: torch.Tensor, ctx_lens: list[int], gen: torch.Generator):
+    """A K centre c [KV, D] and a cos|sin table [positions, 2D] for a cache stored centred (rope_p(k - c)), and
+    the dense keys it stands for: each sequence's key at position p gets rope_p(c) back (the blocks of
+    `table_for` are distinct, so every slot has one position)."""
+    kv_heads, dim = dense_k.shape[1:]
+    centre = torch.randn(kv_heads, dim, generator=gen) * 4
+    positions = torch.arange(max(ctx_lens) + 1).float()
+    emb = positions[:, None] * 1e4 ** (-torch.arange(0, dim, 2).float() / dim)[None]
+    cos, sin = torch.cat([emb, emb], -1).cos(), torch.cat([emb, emb], -1).sin()
+    half = dim // 2
+    rotated = centre[None] * cos[:, None] + torch.cat([-centre[:, half:], centre[:, :half]], -1)[None] * sin[:, None]
+    keys = dense_k.clone()
+    for b, ctx in enumerate(ctx_lens):
+        pos = torch.arange(ctx)
+        keys[table[b].long()[pos // BLOCK] * BLOCK + pos % BLOCK] += rotated[pos]
+    return centre, torch.cat([cos, sin], -1), keys
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_over_a_centred_cache(fmt, num_splits: int) -> None:
+    """K stored centred before RoPE (attention/kv_centre.py): the kernel adds rope_p(c) back per key position."""
+    gen = torch.Generator().manual_seed(4)
+    heads, kv_heads, dim, ctx = 4, 2, 32, [1, 16, 37, 0, 23]
+    kc, vc, ks, vs = quantized_cache(kv_heads, dim, fmt, gen)
+    table, lens = table_for(ctx, gen), torch.tensor(ctx, dtype=torch.int32)
+    q = torch.randn(len(ctx), heads, dim, generator=gen)
+    centre, rope, dense_k = centred_keys(dequantize(kc, ks, torch.float32), table, ctx, gen)
+    args = [t.to(DEVICE) for t in (q, kc, vc, table, lens)]
+    out = paged_decode_attention(*args, BLOCK, SCALE, None, num_splits, block_n=16,
+                                 kv_scales=(ks.to(DEVICE), vs.to(DEVICE)),
+                                 kv_centre=(centre.to(DEVICE), rope.to(DEVICE))).cpu()
+    ref = paged_decode_attention_reference(q, dense_k, dequantize(vc, vs, torch.float32), table, lens, BLOCK, SCALE)
+    torch.testing.assert_close(out, ref, atol=8e-4, rtol=1e-4)
+    plain = paged_decode_attention_reference(q, kc, vc, table, lens, BLOCK, SCALE, kv_scales=(ks, vs))
+    assert (plain - ref).abs().max() > 0.05  # the centre matters: not adding it back is far off
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_prefill_over_a_centred_cache(fmt) -> None:
+    gen = torch.Generator().manual_seed(5)
+    heads, kv_heads, dim = 6, 2, 32
+    seqs = [(11, 11), (37, 26), (9, 1), (8, 8)]
+    kc, vc, ks, vs = quantized_cache(kv_heads, dim, fmt, gen)
+    ctx = [c for c, _ in seqs]
+    table = table_for(ctx, gen)
+    starts = torch.tensor([0] + torch.cumsum(torch.tensor([n for _, n in seqs]), 0).tolist(), dtype=torch.int32)
+    lens = torch.tensor(ctx, dtype=torch.int32)
+    q = torch.randn(int(starts[-1]), heads, dim, generator=gen)
+    centre, rope, dense_k = centred_keys(dequantize(kc, ks, torch.float32), table, ctx, gen)
+    args = [t.to(DEVICE) for t in (q, kc, vc, table, starts, lens)]
+    out = paged_prefill_attention(*args, BLOCK, SCALE, None, block_m=16, block_n=16,
+                                  kv_scales=(ks.to(DEVICE), vs.to(DEVICE)),
+                                  kv_centre=(centre.to(DEVICE), rope.to(DEVICE))).cpu()
+    ref = paged_prefill_attention_reference(q, dense_k, dequantize(vc, vs, torch.float32), table, starts, lens,
+                                            BLOCK, SCALE)
+    torch.testing.assert_close(out, ref, atol=8e-4, rtol=1e-4)
+
+
 COMPILE_SCRIPT = """
 io = dict(q_ptr=bf, out_ptr=bf, block_tables_ptr="*i32", context_lens_ptr="*i32", qk_scale="fp32",
           mid_m_ptr="*fp32", mid_l_ptr="*fp32", mid_acc_ptr="*fp32", query_start_loc_ptr="*i32",
-          k_scale_ptr="*fp32", v_scale_ptr="*fp32")
+          k_scale_ptr="*fp32", v_scale_ptr="*fp32", centre_ptr="*fp32", rope_ptr=bf)
 tiles = dict(GROUP=4, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_N=64, BLOCK_D=128, PRECISION="tf32", UPCAST_DOT=False,
-             KV_SCALED=True)
+             KV_SCALED=True, CENTRED=True)
 for cache, quant in (("*fp8e4nv", 1), ("*i8", 2)):
     kv = dict(io, k_cache_ptr=cache, v_cache_ptr=cache)
     build("store_kv", "_store_kv_kernel", dict(kv, k_ptr=bf, v_ptr=bf, slot_ptr="*i64"),
