@@ -11,6 +11,13 @@ c is one layer's mean pre-RoPE key [KV, D] over its first write (like dynamic sc
 block is read with the centre that wrote it); an artifact's calibrated scales do not carry one, so it is computed
 at first write there too. Centring is on where the engine attached the layer's RoPE table to its KVScales
 (`rope`: positions -> (cos, sin), the same cos/sin the layer rotates with); off (c unused) otherwise.
+
+The read: the CPU path adds a per-layer table rope_p(c) / k_scale [positions, KV, D] (in code units, since K's
+scale folds into the queries) to the widened keys, in the same pass as the gather (cpu_kv8.gather_widen: a
+separate add cost ~7% of a batch-1 decode at 2k context); the Triton kernels add a_d cos_p,d + b_d sin_p,d to
+each key tile from the layer's cos|sin table (kernels/online_softmax.py: centre_coeffs, add_centre), so their
+memory does not grow with the context. The CPU table is built on first read and grown by doubling: at 2k context
+on the Llama-3.2-1B shape, 2 MiB a layer in bf16.
 """
 
 from __future__ import annotations

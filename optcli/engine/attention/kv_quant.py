@@ -16,7 +16,7 @@ RoPE) did not help, nor would finer scales help FP8 (3 mantissa bits: ~2.6% erro
 What does: K's error is almost all of the cost (V alone: KLD 0.001), and stories260K's slowest RoPE pair carries a
 large mean (|mean| 7-18 against a std of 2-4) that rotates 0.001 rad a token, so a fixed (softmax-invariant) shift
 cannot remove it; subtracting the pre-RoPE mean before rotation and adding it back rotated at read time does
-(kv_centre.py, on the CPU path): int8 0.0108 / 0.941 -> ~0.004 / 0.97, FP8 0.029 / 0.902 -> ~0.006 / 0.96
+(kv_centre.py, both attention paths): int8 0.0108 / 0.941 -> ~0.004 / 0.97, FP8 0.029 / 0.902 -> ~0.006 / 0.96
 (decode KLD / top-1 against a bf16 cache), with K then scaled per pair for both formats.
 """
 
