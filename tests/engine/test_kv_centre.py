@@ -12,7 +12,7 @@ from optcli.calibration.corpus import heldout_text
 from optcli.checkpoints.resolve import resolve_model
 from optcli.config import EngineConfig
 from optcli.engine import Engine
-from optcli.engine.attention.kv_centre import centre_keys, centre_table, ensure_centre
+from optcli.engine.attention.kv_centre import centre_keys, centre_read, ensure_centre
 from optcli.engine.attention.kv_quant import KVScales, ensure_scales
 from optcli.engine.kernels.kv_rounding import quantize
 
@@ -55,9 +55,10 @@ def store_and_read(scales: KVScales, k_pre: torch.Tensor, fmt: torch.dtype) -> t
     stored = centre_keys(scales, rotate(k_pre, cos, sin), cos, sin)
     ensure_scales(scales, stored, stored, fmt)
     codes = quantize(stored, scales.k, fmt).float()
-    table = centre_table(scales, 1000 + T, torch.float32)
-    if table is not None:
-        codes = codes + table[pos]
+    read = centre_read(scales, 1000 + T, torch.float32)
+    if read is not None:
+        rows, coef = read
+        codes = codes + (coef[0] * rows[pos, None, :D] + coef[1] * rows[pos, None, D:])
     return codes * scales.k
 
 
@@ -91,16 +92,18 @@ def test_a_zero_centre_is_the_uncentred_path_exactly() -> None:
     cos, sin = scales.rope(pos)
     k_rot = rotate(keys_with_a_mean(), cos, sin).bfloat16()
     assert torch.equal(centre_keys(scales, k_rot, cos.bfloat16(), sin.bfloat16()), k_rot)
-    assert torch.equal(centre_table(scales, 64, torch.bfloat16), torch.zeros(64, KV, D, dtype=torch.bfloat16))
+    rows, coef = centre_read(scales, 64, torch.bfloat16)
+    assert rows.shape[0] >= 64 and torch.equal(coef, torch.zeros(2, KV, D))
 
 
 def test_reset_forgets_the_centre_even_with_calibrated_scales() -> None:
     scales = KVScales(torch.ones(KV, D), torch.ones(KV, D), calibrated=True, ready=True)
     scales.rope = rope_table()
     ensure_centre(scales, keys_with_a_mean())
-    assert scales.centre_ready and centre_table(scales, 8, torch.float32) is not None
+    assert scales.centre_ready and centre_read(scales, 8, torch.float32) is not None and scales.coef is not None
     scales.reset()  # a warm-up / CUDA-graph capture wrote dummy K/V
-    assert not scales.centre_ready and scales.table is None and bool((scales.centre == 0).all())
+    assert not scales.centre_ready and scales.coef is None and bool((scales.centre == 0).all())
+    assert bool(scales.centre_set == 0) and centre_read(scales, 8, torch.float32) is None
     assert torch.equal(scales.k, torch.ones(KV, D))  # calibrated scales stay
 
 
@@ -146,22 +149,29 @@ def test_an_8bit_cache_meets_the_accuracy_bar_against_a_bf16_cache(request, mode
 
 @pytest.mark.parametrize("fmt", FORMATS.values())
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
-def test_the_cpu_kernel_adds_the_centre_table_as_torch_does(fmt, out_dtype) -> None:
-    """Our AVX2 gather with the centre table (kernels/cpu_kv8.py) gives the bytes of torch's gather, widening and
-    `+=` in the output dtype (rounding ties included), for blocks of several sequences read out of order."""
+def test_the_cpu_kernel_adds_the_centre_back_as_torch_does(fmt, out_dtype, monkeypatch) -> None:
+    """Our AVX2 gather with a centred K (kernels/cpu_kv8.py) gives the bytes of the torch fallback (gather, widen,
+    then code + (a cos + b sin) in fp32, rounded), for blocks of several sequences read out of order, head dims
+    that exercise the vector body and the scalar tail."""
+    from optcli.engine.attention import cpu
     from optcli.engine.kernels import cpu_kv8, cpu_lowbit
 
     if cpu_lowbit.library() is None:
         pytest.skip("the AVX2 kernels are not built here")
     gen = torch.Generator().manual_seed(1)
-    block, kv, dim, n_blocks = 4, 3, 12, 10  # 144-code blocks: vector body and scalar tail
-    codes = (torch.randn(n_blocks * block, kv, dim, generator=gen) * 40).clamp(-127, 127)
-    cache = codes.round().to(torch.int8) if fmt == torch.int8 else codes.to(fmt)
-    table = torch.cat([torch.randn(3 * block, kv, dim, generator=gen) * 100,
-                       torch.full((block, kv, dim), 200.0)]).to(out_dtype)  # code + 200: ties past 256
-    blocks = torch.tensor([[7, 2, 2, 9], [0, 5, 3, 1]])  # 2 sequences of 4 blocks
-    got = cpu_kv8.gather_widen(cache, blocks.view(-1), block, out_dtype, table)
-    want = cache.view(-1, block, kv, dim)[blocks.view(-1)].to(out_dtype).view(2, -1, kv, dim)
-    want += table
-    bits = torch.int16 if out_dtype == torch.bfloat16 else torch.int32
-    assert got is not None and torch.equal(got.view(bits), want.reshape(got.shape).view(bits))
+    calls, kernel = [], cpu_kv8.gather_widen
+    for kv, dim in ((3, 12), (2, 64)):
+        block, n_blocks = 4, 10
+        codes = (torch.randn(n_blocks * block, kv, dim, generator=gen) * 40).clamp(-127, 127)
+        cache = codes.round().to(torch.int8) if fmt == torch.int8 else codes.to(fmt)
+        rows = torch.randn(5 * block, 2 * dim, generator=gen)
+        coef = torch.randn(2, kv, dim, generator=gen) * 60  # sums past 256: bf16 rounding ties
+        table = torch.tensor([[7, 2, 2, 9], [0, 5, 3, 1]])  # 2 sequences of 4 blocks
+        monkeypatch.setattr(cpu_kv8, "gather_widen", lambda *a: calls.append(1) or kernel(*a))
+        got = cpu._gather(cache, table, block, out_dtype, (rows, coef))
+        monkeypatch.setattr(cpu_kv8, "gather_widen", lambda *a: None)  # torch's ops
+        want = cpu._gather(cache, table, block, out_dtype, (rows, coef))
+        bits = torch.int16 if out_dtype == torch.bfloat16 else torch.int32
+        assert calls and torch.equal(got.view(bits), want.reshape(got.shape).view(bits))
+        plain = cpu._gather(cache, table, block, out_dtype).reshape(got.shape)
+        assert (got.float() - plain.float()).abs().max() > 1  # the centre was added

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from optcli.engine.attention.kv_centre import centre_table
+from optcli.engine.attention.kv_centre import centre_read
 from optcli.engine.attention.kv_quant import KVScales, as_bytes, head_scale, quant_scales, store_quantized
 from optcli.engine.attention.layout import StepLayout, block_table_tensor
 from optcli.engine.kernels import cpu_kv8
@@ -137,7 +137,7 @@ def _attend(q, k_cache, v_cache, group: AttentionGroup, window: int | None, bloc
     rows = q[: group.rows.numel()].view(*group.rows.shape, *q.shape[1:]) if group.dense else q[group.rows]
     queries = rows.transpose(1, 2)  # [B, H, Q, D]
     # K stored centred: rope_p(c) added back per key position, in code units (kv_centre.py)
-    centre = centre_table(scales, n_blocks * block_size, q.dtype) if scales is not None else None
+    centre = centre_read(scales, n_blocks * block_size, q.dtype) if scales is not None else None
     keys = _gather(k_cache, group.block_table, block_size, q.dtype, centre).view(batch, -1, kv_heads, dim)
     values = _gather(v_cache, group.block_table, block_size, q.dtype).view(batch, -1, kv_heads, dim)
     if scales is not None:  # K's scale folds into the queries (q.(k*s) = (q*s).k), V's into the output (kv_quant.py)
@@ -160,23 +160,27 @@ def _attend(q, k_cache, v_cache, group: AttentionGroup, window: int | None, bloc
 
 
 def _gather(cache: torch.Tensor, block_table: torch.Tensor, block_size: int, dtype: torch.dtype,
-            add: torch.Tensor | None = None) -> torch.Tensor:
-    """The group's cache blocks in order, in `dtype`: [B * N * block_size, KV, D], plus `add` [N * block_size,
-    KV, D] on each sequence's rows if given. An 8-bit cache is gathered, widened and added to in one pass by our
-    AVX2 kernel where it is built (torch's float8 widening is scalar code: an FP8 cache's decode was 0.4x a bf16
-    one's; a separate add cost an 8-bit cache ~7% of a batch-1 decode at 2k context), else gathered at its own
-    width, widened and added to by torch (the same values, bit for bit)."""
+            centre: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The group's cache blocks in order, in `dtype`: [B * N * block_size, KV, D]; with `centre` (cos|sin rows,
+    coefficients: kv_centre.centre_read), a centred K's rope_p(c) / scale added back at each key's position. An
+    8-bit cache is gathered, widened and corrected in one pass by our AVX2 kernel where it is built (torch's
+    float8 widening is scalar code: an FP8 cache's decode was 0.4x a bf16 one's), else gathered at its own
+    width and widened and corrected by torch (the same values, bit for bit)."""
     blocks = block_table.view(-1)
     if cache.dtype != dtype:
-        widened = cpu_kv8.gather_widen(cache, blocks, block_size, dtype, add)
+        widened = cpu_kv8.gather_widen(cache, blocks, block_size, dtype, centre, block_table.shape[1])
         if widened is not None:
             return widened
     # index_select: ~40% faster than advanced indexing here
     out = as_bytes(cache).view(-1, block_size, *cache.shape[1:]).index_select(0, blocks)
     out = out.view(cache.dtype).to(dtype) if cache.dtype != dtype else out
-    if add is not None:
-        out.view(block_table.shape[0], -1, *cache.shape[1:]).add_(add)
-    return out
+    if centre is None:
+        return out
+    rows, coef = centre
+    positions, dim = block_table.shape[1] * block_size, cache.shape[-1]
+    shift = coef[0] * rows[:positions, None, :dim] + coef[1] * rows[:positions, None, dim:]  # [P, KV, D] fp32
+    widened = out.view(block_table.shape[0], positions, *cache.shape[1:]).float() + shift
+    return widened.to(dtype).view(out.shape)
 
 
 def _capped_attention(queries, keys, values, mask, scale: float | None, softcap: float) -> torch.Tensor:

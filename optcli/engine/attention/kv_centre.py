@@ -12,15 +12,17 @@ block is read with the centre that wrote it); an artifact's calibrated scales do
 at first write there too. Centring is on where the engine attached the layer's RoPE table to its KVScales
 (`rope`: positions -> (cos, sin), the same cos/sin the layer rotates with); off (c unused) otherwise.
 
-The read: the CPU path adds a per-layer table rope_p(c) / k_scale [positions, KV, D] (in code units, since K's
-scale folds into the queries) to the widened keys, in the same pass as the gather (cpu_kv8.gather_widen: a
-separate add cost ~7% of a batch-1 decode at 2k context); the Triton kernels add a_d cos_p,d + b_d sin_p,d to
-each key tile from the layer's cos|sin table (kernels/online_softmax.py: centre_coeffs, add_centre), so their
-memory does not grow with the context. The CPU table is built on first read and grown by doubling: at 2k context
-on the Llama-3.2-1B shape, 2 MiB a layer in bf16.
+The read: the CPU path adds rope_p(c) / k_scale (in code units, since K's scale folds into the queries) to the
+widened keys in the same pass as the gather (cpu_kv8.gather_widen), computed there from two [KV, D] coefficients
+and the cos|sin rows shared by all layers (a per-layer table of rope_p(c) by position was as many bytes as a bf16
+K at 2k context and cost a batch-1 decode ~4%); the Triton kernels do the same per key tile from the layer's
+cos|sin table (kernels/online_softmax.py: centre_coeffs, add_centre), so neither path's memory grows per layer
+with the context.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 
@@ -41,7 +43,7 @@ def ensure_centre(scales, k: torch.Tensor, live: torch.Tensor | None = None, on_
     if not on_device:
         scales.centre.copy_(x.mean(dim=0))
         scales.centre_set.fill_(1.0)
-        scales.centre_ready, scales.table = True, None
+        scales.centre_ready, scales.coef = True, None
         return
     weight = live.float() if live is not None else torch.ones(x.shape[0], device=x.device)
     mean = (x * weight[:, None, None]).sum(dim=0) / weight.sum().clamp_min(1.0)
@@ -67,19 +69,32 @@ def centre_keys(scales, k_rot: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     return k_rot - rotated_centre(scales, cos.float(), sin.float(), torch.float32).to(k_rot.dtype)
 
 
-def centre_table(scales, length: int, dtype: torch.dtype) -> torch.Tensor | None:
-    """rope_p(c) / k_scale for key positions 0..length-1: [length, KV, D] in `dtype`, in the cache's code units
-    (K's scale folds into the queries, so the read adds this to the widened codes). Built once per layer and
-    grown by doubling; None where centring is off."""
+def centre_read(scales, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """What the CPU read needs to add rope_p(c) / k_scale back for key positions 0..length-1, in code units (K's
+    scale folds into the queries): (cos|sin rows [>= length, 2D] fp32, rounded as the layer's own cos/sin, shared
+    by the layers of one RoPE kind; coef [2, KV, D] fp32: (a, b) with rope_p(c)_d / s_d = a_d cos_p,d +
+    b_d sin_p,d). None where centring is off."""
     if scales.rope is None or not scales.centre_ready:
         return None
-    table = scales.table
-    if table is None or table.shape[0] < length or table.dtype != dtype:
-        size = max(length, 2 * table.shape[0] if table is not None else 0)
-        cos, sin = scales.rope(torch.arange(size, device=scales.centre.device))
-        # rounded as the layer's own cos/sin (the model casts them to the activation dtype), so the read adds
-        # back exactly what the store took away
-        rot = rotated_centre(scales, cos.to(dtype).float(), sin.to(dtype).float(), torch.float32)
+    if scales.coef is None:
         safe = torch.where(scales.k > 0, scales.k, torch.ones_like(scales.k))  # 0 = unset scale, read as 1
-        table = scales.table = (rot / safe).to(dtype)
-    return table[:length]
+        half = scales.centre.shape[-1] // 2
+        partner = torch.cat((-scales.centre[:, half:], scales.centre[:, :half]), dim=-1)  # rotate_half(c)
+        scales.coef = torch.stack([scales.centre / safe, partner / safe]).contiguous()
+    return rope_rows(scales.rope, length, dtype), scales.coef
+
+
+_ROWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # rope -> {dtype: rows}
+
+
+def rope_rows(rope, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """cos|sin [>= length, 2D] fp32 of `rope` at positions 0.., rounded to `dtype` first (the model casts its
+    cos/sin to the activation dtype, so the read adds back exactly what the store took away). Built once per
+    RoPE kind and grown by doubling: at 2k context and head dim 64, 1 MiB for all layers."""
+    by_dtype = _ROWS.setdefault(rope, {})
+    rows = by_dtype.get(dtype)
+    if rows is None or rows.shape[0] < length:
+        size = max(length, 2 * rows.shape[0] if rows is not None else 0)
+        cos, sin = rope(torch.arange(size))
+        rows = by_dtype[dtype] = torch.cat([cos.to(dtype).float(), sin.to(dtype).float()], dim=-1).contiguous()
+    return rows

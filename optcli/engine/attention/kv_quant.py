@@ -74,7 +74,7 @@ class KVScales:
     centre: torch.Tensor | None = None
     centre_ready: bool = False
     rope: Callable | None = None
-    table: torch.Tensor | None = None  # the read's rope_p(c) / k scale by position (kv_centre.centre_table)
+    coef: torch.Tensor | None = None  # [2, KV, D]: the CPU read's rope_p(c) / k scale coefficients (kv_centre.py)
     centre_set: torch.Tensor | None = None  # [1] fp32, 1 once the centre is set: the device's copy of centre_ready
 
     def __post_init__(self) -> None:
@@ -94,7 +94,7 @@ class KVScales:
         self.centre.zero_()
         self.centre_set.zero_()
         self.centre_ready = False
-        self.table = None
+        self.coef = None
         if not self.calibrated:
             self.k.zero_()
             self.v.zero_()

@@ -25,26 +25,31 @@ def available(cache_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
     return cache_dtype in KINDS and out_dtype in OUT_FP32 and cpu_lowbit.library() is not None
 
 
-def gather_widen(cache: torch.Tensor, blocks: torch.Tensor, block_size: int,
-                 out_dtype: torch.dtype, add: torch.Tensor | None = None) -> torch.Tensor | None:
-    """cache [slots, ...] (8-bit, contiguous, on CPU), blocks [n] int64 block indices -> [n * block_size, ...]
-    in out_dtype; None where the kernel does not apply. `add` [per_seq * block_size, ...] in out_dtype: added to
-    each sequence's rows (blocks are [sequences, per_seq] in order), as torch's `+=` in out_dtype rounds."""
+def gather_widen(cache: torch.Tensor, blocks: torch.Tensor, block_size: int, out_dtype: torch.dtype,
+                 centre: tuple[torch.Tensor, torch.Tensor] | None = None, per_seq: int = 1) -> torch.Tensor | None:
+    """cache [slots, KV, D] (8-bit, contiguous, on CPU), blocks [n] int64 block indices -> [n * block_size, KV, D]
+    in out_dtype; None where the kernel does not apply. `centre` (a centred K, attention/kv_centre.py): (cos|sin
+    rows [>= per_seq * block_size, 2D] fp32, coef [2, KV, D] fp32), the blocks being [sequences, per_seq] in
+    order: code + (a * cos + b * sin) at each key's position, rounded to out_dtype."""
     if cache.device.type != "cpu" or not available(cache.dtype, out_dtype) or not cache.is_contiguous():
         return None
-    if add is not None and (add.dtype != out_dtype or not add.is_contiguous() or add.device.type != "cpu"
-                            or add.shape[1:] != cache.shape[1:] or add.shape[0] % block_size
-                            or blocks.numel() % (add.shape[0] // block_size)):
-        return None
+    kv, dim = cache.shape[1], cache.shape[2]
+    if centre is not None:
+        rows, coef = centre
+        if (rows.dtype != torch.float32 or coef.dtype != torch.float32 or not rows.is_contiguous()
+                or not coef.is_contiguous() or rows.shape[1] != 2 * dim or coef.shape != (2, kv, dim)
+                or rows.shape[0] < per_seq * block_size or blocks.numel() % per_seq):
+            return None
     if blocks.dtype != torch.int64 or not blocks.is_contiguous():
         blocks = blocks.to(torch.int64).contiguous()
     block_elems = block_size * cache[0].numel()
     out = torch.empty(blocks.numel() * block_size, *cache.shape[1:], dtype=out_dtype)
+    rows, coef = centre if centre is not None else (None, None)
     status = cpu_lowbit.library().lowbit_kv_gather(cache.data_ptr(), block_elems, cache.shape[0] // block_size,
                                                    blocks.data_ptr(), blocks.numel(), KINDS[cache.dtype],
                                                    OUT_FP32[out_dtype], out.data_ptr(),
-                                                   add.data_ptr() if add is not None else None,
-                                                   add.shape[0] // block_size if add is not None else 1)
+                                                   rows.data_ptr() if rows is not None else None,
+                                                   coef.data_ptr() if coef is not None else None, per_seq, kv, dim)
     if status != 0:  # checked in C before anything is written
         raise IndexError("a block index outside the cache")
     return out

@@ -121,49 +121,82 @@ static void int8_block(const int8_t *src, int64_t n, uint16_t *out16, float *out
     }
 }
 
-/* bf16 (bits) + bf16 -> bf16, rounded to nearest even through fp32: what torch's bf16 `+=` gives (NaN as torch's
- * 0x7FC0). 8 at a time, scalar tail. */
-INLINE __m256 bf16x8_f32(const uint16_t *p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+/* A centred K (engine/attention/kv_centre.py): rope_p(c) / scale added back to the widened codes of each key,
+ * computed here from the layer's coefficients (a, b) [KV, D] and the shared cos|sin rows [positions, 2D] (fp32)
+ * rather than read from a per-layer table, which at 2k context was as many bytes as a bf16 K and cost a batch-1
+ * decode ~4%. out = code + (a * cos + b * sin) in fp32, in that order and unfused (NOFUSE: gcc would contract
+ * the multiplies into FMAs), then rounded to nearest even to bf16 (NaN as torch's 0x7FC0): the torch fallback's
+ * op sequence, bit for bit. */
+#define NOFUSE(v) __asm__("" : "+x"(v))
+
+INLINE __m128i f32x8_bf16(__m256 v) {
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), odd), 16);
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
 }
 
-INLINE uint16_t bf16_rne(float f) {
+INLINE uint16_t f32_bf16(float f) {
     uint32_t bits;
     __builtin_memcpy(&bits, &f, 4);
     if (f != f) return 0x7FC0;
     return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
 }
 
-static void add_bf16(uint16_t *out, const uint16_t *add, int64_t n) {
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        const __m256 sum = _mm256_add_ps(bf16x8_f32(out + i), bf16x8_f32(add + i));
-        const __m256i bits = _mm256_castps_si256(sum);
-        const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-        __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), odd), 16);
-        r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(sum, sum, _CMP_UNORD_Q)));
-        const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-        _mm_storeu_si128((__m128i *)(out + i), packed);
-    }
-    for (; i < n; i++) {
-        const uint32_t a = (uint32_t)out[i] << 16, b = (uint32_t)add[i] << 16;
-        float fa, fb;
-        __builtin_memcpy(&fa, &a, 4);
-        __builtin_memcpy(&fb, &b, 4);
-        out[i] = bf16_rne(fa + fb);
+/* One widened block (bs rows of kv x dim, bf16 in o16 or fp32 in o32) whose first row is key position p0. */
+static void add_centre(uint16_t *o16, float *o32, int64_t bs, int64_t kv, int64_t dim, int64_t p0, const float *cs,
+                       const float *a, const float *b) {
+    for (int64_t r = 0; r < bs; r++) {
+        const float *cos = cs + (p0 + r) * 2 * dim, *sin = cos + dim;
+        for (int64_t h = 0; h < kv; h++) {
+            const int64_t at = (r * kv + h) * dim;
+            const float *ah = a + h * dim, *bh = b + h * dim;
+            int64_t d = 0;
+            for (; d + 8 <= dim; d += 8) {
+                __m256 x = _mm256_mul_ps(_mm256_loadu_ps(ah + d), _mm256_loadu_ps(cos + d));
+                NOFUSE(x);
+                __m256 y = _mm256_mul_ps(_mm256_loadu_ps(bh + d), _mm256_loadu_ps(sin + d));
+                NOFUSE(y);
+                const __m256 t = _mm256_add_ps(x, y);
+                if (o16) {
+                    const __m256 k = _mm256_castsi256_ps(_mm256_slli_epi32(
+                        _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(o16 + at + d))), 16));
+                    _mm_storeu_si128((__m128i *)(o16 + at + d), f32x8_bf16(_mm256_add_ps(k, t)));
+                } else {
+                    _mm256_storeu_ps(o32 + at + d, _mm256_add_ps(_mm256_loadu_ps(o32 + at + d), t));
+                }
+            }
+            for (; d < dim; d++) {
+                float x = ah[d] * cos[d];
+                NOFUSE(x);
+                float y = bh[d] * sin[d];
+                NOFUSE(y);
+                const float t = x + y;
+                if (o16) {
+                    const uint32_t bits = (uint32_t)o16[at + d] << 16;
+                    float k;
+                    __builtin_memcpy(&k, &bits, 4);
+                    o16[at + d] = f32_bf16(k + t);
+                } else {
+                    o32[at + d] += t;
+                }
+            }
+        }
     }
 }
 
 /* out[j] = widened cache[blocks[j]] for j < nblocks; a block is block_elems one-byte codes and the cache holds
- * cache_blocks of them. out_fp32: float output, else bf16. `add` (or NULL): rows in the output's dtype added to
- * each sequence's blocks, the table of block j being add + (j % per_seq) * block_elems (the blocks are
- * [sequences, per_seq] in order, so this is the key position's row: an 8-bit cache's centre, kv_centre.py),
- * with the rounding of torch's `+=` in that dtype. Returns -1, writing nothing, if a block index is
- * outside the cache (checked here: a Python-side min/max cost more than this whole call on a small model). */
+ * cache_blocks of them. out_fp32: float output, else bf16. `cs` (or NULL): a centred K's read (add_centre above),
+ * with coef = (a, b) [2, kv, dim] and the blocks [sequences, per_seq] in order, so block j's first key position
+ * is (j % per_seq) * (block_elems / (kv * dim)). Returns -1, writing nothing, if a block index is outside the
+ * cache (checked here: a Python-side min/max cost more than this whole call on a small model). */
 int64_t lowbit_kv_gather(const uint8_t *cache, int64_t block_elems, int64_t cache_blocks, const int64_t *blocks,
-                         int64_t nblocks, int kind, int out_fp32, void *out, const void *add, int64_t per_seq) {
+                         int64_t nblocks, int kind, int out_fp32, void *out, const float *cs, const float *coef,
+                         int64_t per_seq, int64_t kv, int64_t dim) {
     for (int64_t j = 0; j < nblocks; j++)
         if (blocks[j] < 0 || blocks[j] >= cache_blocks) return -1;
+    const int64_t bs = cs ? block_elems / (kv * dim) : 0;
 #pragma omp parallel for schedule(dynamic, chunk_of(nblocks, 4)) if (nblocks * block_elems >= (1 << 16))
     for (int64_t j = 0; j < nblocks; j++) {
         const uint8_t *src = cache + blocks[j] * block_elems;
@@ -173,14 +206,7 @@ int64_t lowbit_kv_gather(const uint8_t *cache, int64_t block_elems, int64_t cach
             fp8_block(src, block_elems, o16, o32);
         else
             int8_block((const int8_t *)src, block_elems, o16, o32);
-        if (add == NULL) continue;
-        const int64_t row = (j % per_seq) * block_elems;
-        if (o16) {
-            add_bf16(o16, (const uint16_t *)add + row, block_elems);
-        } else {
-            const float *a = (const float *)add + row;
-            for (int64_t i = 0; i < block_elems; i++) o32[i] += a[i];
-        }
+        if (cs) add_centre(o16, o32, bs, kv, dim, (j % per_seq) * bs, cs, coef, coef + kv * dim);
     }
     return 0;
 }
