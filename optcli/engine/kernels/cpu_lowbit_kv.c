@@ -123,30 +123,26 @@ static void int8_block(const int8_t *src, int64_t n, uint16_t *out16, float *out
 
 /* A centred K (engine/attention/kv_centre.py): rope_p(c) / scale added back to the widened codes of each key,
  * computed here from the layer's coefficients (a, b) [KV, D] and the shared cos|sin rows [positions, 2D] (fp32)
- * rather than read from a per-layer table, which at 2k context was as many bytes as a bf16 K and cost a batch-1
- * decode ~4%. out = code + (a * cos + b * sin) in fp32, in that order and unfused (NOFUSE: gcc would contract
- * the multiplies into FMAs), then rounded to nearest even to bf16 (NaN as torch's 0x7FC0): the torch fallback's
- * op sequence, bit for bit. */
-#define NOFUSE(v) __asm__("" : "+x"(v))
-
-INLINE __m128i f32x8_bf16(__m256 v) {
+ * rather than read from a per-layer table (as many bytes as one sequence's bf16 K: at batch 1 it ate the memory
+ * the 8-bit cache saves). out = fma(a, cos, fma(b, sin, code)) in fp32, rounded to nearest even to bf16; an int8
+ * code is widened in the same step. Not bit for bit the torch fallback (two roundings fewer): within an ulp. */
+INLINE __m128i f32x8_bf16(__m256 v) { /* NaN stays NaN: a quiet NaN's payload is above the rounding bits */
     const __m256i bits = _mm256_castps_si256(v);
     const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), odd), 16);
-    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), odd), 16);
     return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
 }
 
 INLINE uint16_t f32_bf16(float f) {
     uint32_t bits;
     __builtin_memcpy(&bits, &f, 4);
-    if (f != f) return 0x7FC0;
     return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
 }
 
-/* One widened block (bs rows of kv x dim, bf16 in o16 or fp32 in o32) whose first row is key position p0. */
-static void add_centre(uint16_t *o16, float *o32, int64_t bs, int64_t kv, int64_t dim, int64_t p0, const float *cs,
-                       const float *a, const float *b) {
+/* One block (bs rows of kv x dim) whose first row is key position p0: int8 codes `i8` (or, when NULL, the block
+ * already widened in place in o16 / o32), written back widened with the centre added. */
+static void add_centre(const int8_t *i8, uint16_t *o16, float *o32, int64_t bs, int64_t kv, int64_t dim, int64_t p0,
+                       const float *cs, const float *a, const float *b) {
     for (int64_t r = 0; r < bs; r++) {
         const float *cos = cs + (p0 + r) * 2 * dim, *sin = cos + dim;
         for (int64_t h = 0; h < kv; h++) {
@@ -154,33 +150,36 @@ static void add_centre(uint16_t *o16, float *o32, int64_t bs, int64_t kv, int64_
             const float *ah = a + h * dim, *bh = b + h * dim;
             int64_t d = 0;
             for (; d + 8 <= dim; d += 8) {
-                __m256 x = _mm256_mul_ps(_mm256_loadu_ps(ah + d), _mm256_loadu_ps(cos + d));
-                NOFUSE(x);
-                __m256 y = _mm256_mul_ps(_mm256_loadu_ps(bh + d), _mm256_loadu_ps(sin + d));
-                NOFUSE(y);
-                const __m256 t = _mm256_add_ps(x, y);
-                if (o16) {
-                    const __m256 k = _mm256_castsi256_ps(_mm256_slli_epi32(
+                __m256 k;
+                if (i8)
+                    k = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(i8 + at + d))));
+                else if (o16)
+                    k = _mm256_castsi256_ps(_mm256_slli_epi32(
                         _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(o16 + at + d))), 16));
-                    _mm_storeu_si128((__m128i *)(o16 + at + d), f32x8_bf16(_mm256_add_ps(k, t)));
-                } else {
-                    _mm256_storeu_ps(o32 + at + d, _mm256_add_ps(_mm256_loadu_ps(o32 + at + d), t));
-                }
+                else
+                    k = _mm256_loadu_ps(o32 + at + d);
+                k = _mm256_fmadd_ps(_mm256_loadu_ps(bh + d), _mm256_loadu_ps(sin + d), k);
+                k = _mm256_fmadd_ps(_mm256_loadu_ps(ah + d), _mm256_loadu_ps(cos + d), k);
+                if (o16)
+                    _mm_storeu_si128((__m128i *)(o16 + at + d), f32x8_bf16(k));
+                else
+                    _mm256_storeu_ps(o32 + at + d, k);
             }
             for (; d < dim; d++) {
-                float x = ah[d] * cos[d];
-                NOFUSE(x);
-                float y = bh[d] * sin[d];
-                NOFUSE(y);
-                const float t = x + y;
-                if (o16) {
+                float k;
+                if (i8) {
+                    k = (float)i8[at + d];
+                } else if (o16) {
                     const uint32_t bits = (uint32_t)o16[at + d] << 16;
-                    float k;
                     __builtin_memcpy(&k, &bits, 4);
-                    o16[at + d] = f32_bf16(k + t);
                 } else {
-                    o32[at + d] += t;
+                    k = o32[at + d];
                 }
+                k = fmaf(ah[d], cos[d], fmaf(bh[d], sin[d], k));
+                if (o16)
+                    o16[at + d] = f32_bf16(k);
+                else
+                    o32[at + d] = k;
             }
         }
     }
@@ -202,11 +201,15 @@ int64_t lowbit_kv_gather(const uint8_t *cache, int64_t block_elems, int64_t cach
         const uint8_t *src = cache + blocks[j] * block_elems;
         uint16_t *o16 = out_fp32 ? NULL : (uint16_t *)out + j * block_elems;
         float *o32 = out_fp32 ? (float *)out + j * block_elems : NULL;
+        if (cs && kind != KV_FP8) { /* int8: widened and corrected in one step */
+            add_centre((const int8_t *)src, o16, o32, bs, kv, dim, (j % per_seq) * bs, cs, coef, coef + kv * dim);
+            continue;
+        }
         if (kind == KV_FP8)
             fp8_block(src, block_elems, o16, o32);
         else
             int8_block((const int8_t *)src, block_elems, o16, o32);
-        if (cs) add_centre(o16, o32, bs, kv, dim, (j % per_seq) * bs, cs, coef, coef + kv * dim);
+        if (cs) add_centre(NULL, o16, o32, bs, kv, dim, (j % per_seq) * bs, cs, coef, coef + kv * dim);
     }
     return 0;
 }
