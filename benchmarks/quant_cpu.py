@@ -27,7 +27,8 @@ The acceptance benchmark of the issue "quantization must buy speed". One process
    gate_up_proj, down_proj), called on random inputs of M = 1, 16, 64 rows, best of a few calls,
    microseconds summed over the four; and `engine.model.lm_head` at M = 1.
 5. The machine's read bandwidth: `roi.hardware.measure_host_bandwidth` (a multi-threaded read probe, the one
-   report.json's roofline uses), after the engines are dropped.
+   report.json's roofline uses), once after every repeat's runs: each repeat's batch-1 decode is set against
+   its own repeat's probe (a shared host's bandwidth drifts over minutes).
 
 It prints the throughput table (medians of the repeats), the ratios to the bf16 source (the geometric mean
 of the paired repeats with a 95% t-interval on the log-ratios), each format's batch-1 decode as weight-read
@@ -282,15 +283,20 @@ def main(argv: list[str] | None = None) -> int:
     loaded = [load_format(fmt, path, wl, args.seed, args.lm_head) for fmt, path in paths.items()]
     rng = random.Random(args.seed + 1)
     from optcli.engine.kernels.cpu_threads import CpuShare
+    from optcli.roi.hardware import measure_host_bandwidth
 
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.hog else None
     share = CpuShare()
+    probes: list[float | None] = []
     try:
         for repeat in range(args.repeats):  # interleaved: each repeat runs every format back to back
             for eng, row in loaded:
                 for k, v in engine_once(eng, wl, rng).items():
                     row["repeats"][k].append(v)
-            log(f"repeat {repeat + 1}/{args.repeats} done")
+            # the read probe in every repeat too: this host's bandwidth drifted from 47 to 77 GB/s within an hour,
+            # so a share of a probe taken minutes apart from the decode it divides says little (not in a smoke run)
+            probes.append(None if args.smoke else measure_host_bandwidth(fresh=True)["gbs"])
+            log(f"repeat {repeat + 1}/{args.repeats} done" + (f", read probe {probes[-1]:.1f} GB/s" if probes[-1] else ""))
     finally:
         contention = share.sample()
         if hog is not None:
@@ -305,11 +311,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
     del loaded, eng
     gc.collect()
-    from optcli.roi.hardware import measure_host_bandwidth
-
-    # After the engines: the 1 GiB pass would otherwise sit beside them. Not in a smoke run (seconds of memory reads).
-    probe = {"gbs": None} if args.smoke else measure_host_bandwidth()
-    bandwidth_shares(rows, probe["gbs"])
+    gbs = [g for g in probes if g]
+    probe = {"gbs": statistics.median(gbs) if gbs else None, "per_repeat_gbs": probes,
+             "source": "read probe (roi.hardware.measure_host_bandwidth) after each repeat's runs"}
+    bandwidth_shares(rows, probes)
     print_tables(rows)
     targets = check_targets(rows, moe=args.moe, gbs=probe["gbs"], hog=args.hog)
     if args.json:

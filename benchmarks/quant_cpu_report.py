@@ -72,14 +72,17 @@ def fmt_ratio(r: dict | None) -> str:
     return f"{r['ratio']:.2f}x [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
 
 
-def bandwidth_shares(rows: list[dict], gbs: float | None) -> None:
+def bandwidth_shares(rows: list[dict], probes: list[float | None]) -> None:
     """Each format's batch-1 decode as weight-read bandwidth (weights_bytes x tok/s: every weight is read once a
     token, a tied head once) against the read probe (`roi/hardware.measure_host_bandwidth`, as report.json's
-    roofline); each share from the median decode."""
+    roofline) taken in the same repeat: `b1_read_share` is the median of the per-repeat shares, with their
+    range; `b1_read_gbs` from the median decode."""
     for r in rows:
-        achieved = r["weights_bytes"] * r["b1_decode"] / 1e9 if r.get("b1_decode") else None
-        r["b1_read_gbs"] = achieved
-        r["b1_read_share"] = achieved / gbs if achieved and gbs else None
+        decodes = r["repeats"]["b1_decode"]
+        shares = [r["weights_bytes"] * d / 1e9 / g for d, g in zip(decodes, probes, strict=True) if d and g]
+        r["b1_read_gbs"] = r["weights_bytes"] * r["b1_decode"] / 1e9 if r.get("b1_decode") else None
+        r["b1_read_shares"] = shares
+        r["b1_read_share"] = statistics.median(shares) if shares else None
 
 
 def print_tables(rows: list[dict]) -> None:
@@ -102,8 +105,9 @@ def print_tables(rows: list[dict]) -> None:
         print("\n## Batch-1 decode weight reads against the read probe\n")
         for r in rows:
             if r.get("b1_read_gbs"):
+                spread = f" (repeats {min(r['b1_read_shares']):.0%}-{max(r['b1_read_shares']):.0%})"
                 print(f"- {r['format']}: {r['weights_bytes'] / 2**20:.0f} MiB x {r['b1_decode']:.2f} tok/s = "
-                      f"{r['b1_read_gbs']:.1f} GB/s, {r['b1_read_share']:.0%} of the probe")
+                      f"{r['b1_read_gbs']:.1f} GB/s; {r['b1_read_share']:.0%} of the same repeat's probe{spread}")
     print("\n## Kernels at batch 1 and at 64 rows (rules: optcli/engine/quant/cpu_choice.py)\n")
     for r in rows:
         cells = [f"{kind} {e['buckets']['1']['kernel']} / {e['buckets']['17-64']['kernel']}"
@@ -160,7 +164,7 @@ def check_targets(rows: list[dict], moe: bool = False, gbs: float | None = None,
     elif moe:
         print("\n## MoE target (ratio to the bf16 source, this run; the dense Llama targets do not apply)\n")
     else:
-        probe = "not measured" if gbs is None else f"{gbs:.1f} GB/s"
+        probe = "not measured" if gbs is None else f"{gbs:.1f} GB/s, the median of the repeats'"
         print(f"\n## Targets (ratio to the bf16 source at its best path, this run; read probe {probe})\n")
     for t in results:
         label = ("batch-1 decode weight reads / read probe" if t["metric"] == "b1_read_share"

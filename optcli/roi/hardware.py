@@ -51,7 +51,7 @@ def _cpu_name() -> str:
 _BANDWIDTH: dict[tuple[int, int], dict] = {}  # measured host bandwidth, once per process and thread count
 
 
-def measure_host_bandwidth(nbytes: int = 2**30, repeats: int = 5) -> dict:
+def measure_host_bandwidth(nbytes: int = 2**30, repeats: int = 5, fresh: bool = False) -> dict:
     """Peak host memory read bandwidth, for the batch-1 decode roofline (`bench/comparison.roofline`) and
     `benchmarks/quant_cpu.py`'s weight-read efficiency: both use this one probe.
 
@@ -61,15 +61,16 @@ def measure_host_bandwidth(nbytes: int = 2**30, repeats: int = 5) -> dict:
     is our kernels' probe (`lowbit_read_probe` in `cpu_lowbit_float.c`: four 32-byte load streams per
     thread, dynamic 1 MiB chunks, on every usable core: affinity and cgroup quota, `engine/kernels/cpu_threads`);
     where those kernels are not built, `torch.sum` over fp32 (which also adds, so it can read lower).
-    Measured once per process (per thread count); `gbs` is None when there is not enough free memory to
-    measure honestly. Returns {"gbs", "source", "threads"}."""
+    Measured once per process (per thread count; `fresh`: measured again, for a benchmark that interleaves the
+    probe with its own runs, since a shared host's bandwidth drifts over minutes); `gbs` is None when there is
+    not enough free memory to measure honestly. Returns {"gbs", "source", "threads"}."""
     import torch
 
     from optcli.engine.kernels.cpu_threads import usable_cores
 
     threads = usable_cores()
     key = (nbytes, threads)
-    if key in _BANDWIDTH:
+    if key in _BANDWIDTH and not fresh:
         return _BANDWIDTH[key]
     before = torch.get_num_threads()
     torch.set_num_threads(threads)  # every usable core, whatever the engine's governor chose last

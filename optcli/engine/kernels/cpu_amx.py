@@ -98,6 +98,12 @@ def q4_ok(n: int, k: int, group_size: int) -> bool:
     return n % 32 == 0 and k % 64 == 0 and group_size % 64 == 0 and k % group_size == 0
 
 
+def vnni_q4_ok(n: int, k: int, group_size: int) -> bool:
+    """Shapes the VNNI-only 4-bit kernel takes: blocks of 16 columns, 64-input chunks (pack_q4), groups of
+    whole 4-input rows in fours (its one-row form sums four rows a step): 16, 32, 64, ... inputs."""
+    return n % 16 == 0 and k % 64 == 0 and group_size % 16 == 0 and k % group_size == 0
+
+
 def _vnni_rows(q: torch.Tensor) -> torch.Tensor:
     """[N, K] -> [N/16, K/64, 16, 64]: per block of 16 columns and chunk of 64 inputs, row r holds inputs
     4r..4r+3 of the 16 columns (byte 4n + i = W[n, 4r + i])."""
@@ -114,6 +120,13 @@ def pack_q4(q: torch.Tensor) -> torch.Tensor:
 def pack_q8(w: torch.Tensor) -> torch.Tensor:
     """int8 [N, K] -> int8 [N/16, K/64, 16, 64] VNNI rows."""
     return _vnni_rows(w.to(torch.int8)).contiguous()
+
+
+def vnni_block_scales(scales: torch.Tensor) -> torch.Tensor:
+    """Per-group scales (or zero points) [N, K/G] -> fp32 [N/16, K/G, 16], the VNNI kernels' block-major order:
+    each block of 16 columns reads its groups' values from one contiguous run (cpu_vnni.c)."""
+    n, groups = scales.shape
+    return scales.float().reshape(n // 16, 16, groups).transpose(1, 2).contiguous()
 
 
 def quantize_groups(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -142,15 +155,16 @@ def q4_gemm(x: torch.Tensor, packed: torch.Tensor, scales_t: torch.Tensor, zeros
     return out
 
 
-def vnni_q4_gemm(x: torch.Tensor, packed: torch.Tensor, scales_t: torch.Tensor, zeros_t: torch.Tensor | None,
+def vnni_q4_gemm(x: torch.Tensor, packed: torch.Tensor, scales_b: torch.Tensor, zeros_b: torch.Tensor | None,
                  group_size: int, n: int) -> torch.Tensor:
-    """`q4_gemm` on AVX-512 VNNI dot products at every M (no tiles): the same layout and result."""
+    """`q4_gemm` on AVX-512 VNNI dot products at every M (no tiles): the same packed weights and result, the
+    scales and zero points block-major (`vnni_block_scales`)."""
     x = x.contiguous()
     m, k = x.shape
     out = torch.empty(m, n, dtype=torch.bfloat16)
     if m:
-        vnni_library().vnni_q4_linear(x.data_ptr(), m, k, group_size, packed.data_ptr(), scales_t.data_ptr(),
-                                      None if zeros_t is None else zeros_t.data_ptr(), n, out.data_ptr())
+        vnni_library().vnni_q4_linear(x.data_ptr(), m, k, group_size, packed.data_ptr(), scales_b.data_ptr(),
+                                      None if zeros_b is None else zeros_b.data_ptr(), n, out.data_ptr())
     return out
 
 

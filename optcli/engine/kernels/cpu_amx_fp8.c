@@ -151,15 +151,80 @@ INLINE void bf16_dot_tile(const int R, const int U, const uint16_t *a, int64_t K
     }
 }
 
+/* bf16_dot_tile on two widened blocks at once (wbuf, then the next block's K * 16 values): each activation
+ * broadcast feeds two vdpbf16ps, so a tile of 8 rows loads ten vectors for sixteen dot products where one
+ * block loads nine for eight (loads bounded it at 64 rows). Same R, U and order of sums per column as
+ * bf16_dot_tile: the same result, bit for bit. One 1B layer's four GEMMs, 1 thread, 2-core Zen 5, interleaved:
+ * 1.2x at M=16, 1.35x at 64, 1.45x at 256 (at 64, 20.0 ms against oneDNN's bf16 GEMM's 20.3). */
+INLINE void bf16_dot_tile2(const int R, const int U, const uint16_t *a, int64_t K, const uint16_t *wbuf,
+                           __m512 *acc0, __m512 *acc1) {
+    __m512 s[4][8][2];
+    for (int u = 0; u < U; u++)
+        for (int m = 0; m < R; m++) s[u][m][0] = s[u][m][1] = _mm512_setzero_ps();
+    for (int64_t r = 0; r < K / 2; r += U) {
+        for (int u = 0; u < U; u++) {
+            const __m512bh w0 = (__m512bh)_mm512_loadu_si512((const void *)(wbuf + (r + u) * 32));
+            const __m512bh w1 = (__m512bh)_mm512_loadu_si512((const void *)(wbuf + K * 16 + (r + u) * 32));
+            for (int m = 0; m < R; m++) {
+                int32_t pair;
+                memcpy(&pair, a + m * K + 2 * (r + u), 4);
+                const __m512bh x = (__m512bh)_mm512_set1_epi32(pair);
+                s[u][m][0] = _mm512_dpbf16_ps(s[u][m][0], x, w0);
+                s[u][m][1] = _mm512_dpbf16_ps(s[u][m][1], x, w1);
+            }
+        }
+    }
+    for (int m = 0; m < R; m++) {
+        acc0[m] = s[0][m][0];
+        acc1[m] = s[0][m][1];
+        for (int u = 1; u < U; u++) {
+            acc0[m] = _mm512_add_ps(acc0[m], s[u][m][0]);
+            acc1[m] = _mm512_add_ps(acc1[m], s[u][m][1]);
+        }
+    }
+}
+
+static inline void fp8_store_rows(const __m512 *acc, int64_t R, int64_t m0, const float *post_m, __m512 pn,
+                                  int64_t N, int64_t blk, uint16_t *out16) {
+    for (int64_t m = 0; m < R; m++) {
+        const __m512 y = _mm512_mul_ps(_mm512_mul_ps(acc[m], _mm512_set1_ps(post_m ? post_m[m0 + m] : 1.f)), pn);
+        _mm256_storeu_si256((__m256i *)(out16 + (m0 + m) * N + blk * 16), (__m256i)_mm512_cvtneps_pbh(y));
+    }
+}
+
 /* y [M, N] bf16 = post_m[m] (1 when NULL) * post_n[n] * (a [M, K] bf16 @ W^T), W from pack_fp8; K % 32, N % 16. */
 void vnni_fp8_gemm(const uint16_t *a, int64_t M, int64_t K, const uint8_t *packed, int64_t N, const float *post_n,
                    const float *post_m, uint16_t *out16) {
     ensure_lut();
+    const int64_t pairs = M > 8 ? N / 32 : 0; /* more than one row tile: blocks two at a time (bf16_dot_tile2) */
 #pragma omp parallel
     {
-        uint16_t *buf = aligned_alloc(64, (size_t)K * 32);
-#pragma omp for schedule(dynamic, chunk_of(N / 16, 2))
-        for (int64_t blk = 0; blk < N / 16; blk++) {
+        uint16_t *buf = aligned_alloc(64, (size_t)K * 64);
+#pragma omp for schedule(dynamic, chunk_of(pairs, 1))
+        for (int64_t pair = 0; pair < pairs; pair++) {
+            const int64_t blk = 2 * pair;
+            widen_fp8_panel(packed, K, blk, buf);
+            const __m512 pn0 = _mm512_loadu_ps(post_n + blk * 16), pn1 = _mm512_loadu_ps(post_n + blk * 16 + 16);
+            for (int64_t m0 = 0; m0 < M; m0 += 8) {
+                const int64_t R = M - m0 < 8 ? M - m0 : 8;
+                const uint16_t *am = a + m0 * K;
+                __m512 acc0[8], acc1[8];
+                switch (R) { /* bf16_dot_tile's R and U */
+                case 1: bf16_dot_tile2(1, 4, am, K, buf, acc0, acc1); break;
+                case 2: bf16_dot_tile2(2, 4, am, K, buf, acc0, acc1); break;
+                case 3: bf16_dot_tile2(3, 2, am, K, buf, acc0, acc1); break;
+                case 4: bf16_dot_tile2(4, 2, am, K, buf, acc0, acc1); break;
+                case 5: bf16_dot_tile2(5, 1, am, K, buf, acc0, acc1); break;
+                case 6: bf16_dot_tile2(6, 1, am, K, buf, acc0, acc1); break;
+                case 7: bf16_dot_tile2(7, 1, am, K, buf, acc0, acc1); break;
+                default: bf16_dot_tile2(8, 1, am, K, buf, acc0, acc1); break;
+                }
+                fp8_store_rows(acc0, R, m0, post_m, pn0, N, blk, out16);
+                fp8_store_rows(acc1, R, m0, post_m, pn1, N, blk + 1, out16);
+            }
+        }
+#pragma omp for schedule(dynamic, chunk_of(N / 16 - 2 * pairs, 2))
+        for (int64_t blk = 2 * pairs; blk < N / 16; blk++) {
             const uint8_t *src = M <= 8 ? packed + blk * K * 16 : NULL; /* one row tile: no buffer round trip */
             if (!src) widen_fp8_block(packed, K, blk, buf);
             const __m512 pn = _mm512_loadu_ps(post_n + blk * 16);

@@ -145,14 +145,15 @@ class Q4Amx(CpuKernel):
 
 
 class Q4Vnni(CpuKernel):
-    name, fmt, layout, method = "q4-vnni", "int4", "amx-q4", "_q4_vnni"
-    what = "AVX-512 VNNI dot products on AMX's 4-bit layout, activations rounded to int8 per group, every M"
+    name, fmt, layout, method = "q4-vnni", "int4", "vnni-q4", "_q4_vnni"
+    what = ("AVX-512 VNNI dot products on AMX's 4-bit weight layout (scales block-major), activations rounded to "
+            "int8 per group, every M")
 
     @classmethod
     def can_implement(cls, spec, caps):
         return _both(_need(caps.vnni_kernels, "no AVX-512 VNNI + BF16 (or our VNNI kernels are not built here)"),
                      _need(spec.bf16_ok, "rounds activations to int8: only under --dtype auto"),
-                     _need(cpu_amx.q4_ok(spec.n, spec.k, spec.group_size), "shape: N % 32, K % 64, group % 64"))
+                     _need(cpu_amx.vnni_q4_ok(spec.n, spec.k, spec.group_size), "shape: N % 16, K % 64, group % 16"))
 
 
 class Q4q8Avx2(CpuKernel):

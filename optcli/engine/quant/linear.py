@@ -106,11 +106,15 @@ class Int4Linear(QuantLinear):
             self.register_buffer("zeros", None if w.zeros is None else w.zeros.t().contiguous().to(device, dtype))
         elif layout == "amx-q4":
             # one layout (AMX's B tiles, 4 bits a weight): measured 4.5x torch's bf16 GEMM at 1 row (VNNI dot
-            # products), 2.2x at 64 and 1.1-1.4x at 256-2048 on a 2048 -> 16384 layer (Xeon, 2 cores); also
-            # the VNNI-only kernel's (q4-vnni) on a CPU without tiles
+            # products), 2.2x at 64 and 1.1-1.4x at 256-2048 on a 2048 -> 16384 layer (Xeon, 2 cores)
             self.register_buffer("qweight", cpu_amx.pack_q4(w.q))
             self.register_buffer("scales_t", w.scales.t().contiguous().float())
             self.register_buffer("zeros_t", None if w.zeros is None else w.zeros.t().contiguous().float())
+        elif layout == "vnni-q4":
+            # the same packed weights on a CPU with VNNI but no tiles (q4-vnni), scales block-major (cpu_vnni.c)
+            self.register_buffer("qweight", cpu_amx.pack_q4(w.q))
+            self.register_buffer("scales_b", cpu_amx.vnni_block_scales(w.scales))
+            self.register_buffer("zeros_b", None if w.zeros is None else cpu_amx.vnni_block_scales(w.zeros))
         elif layout == "lowbit-q4":
             # our AVX2 kernel's layout only (one copy of the weight). block_*: one value per activation block
             # and column, grouped by blocks of 8 columns ([N/8, K/block, 8], `cpu_lowbit.pack_columns`)
@@ -155,8 +159,8 @@ class Int4Linear(QuantLinear):
         return y.to(x.dtype)
 
     def _q4_vnni(self, x: torch.Tensor) -> torch.Tensor:
-        """The same product on AVX-512 VNNI dot products (Zen 4/5: no tiles), same layout."""
-        y = cpu_amx.vnni_q4_gemm(x.to(torch.bfloat16), self.qweight, self.scales_t, self.zeros_t, self.group_size,
+        """The same product on AVX-512 VNNI dot products (Zen 4/5: no tiles), scales block-major."""
+        y = cpu_amx.vnni_q4_gemm(x.to(torch.bfloat16), self.qweight, self.scales_b, self.zeros_b, self.group_size,
                                  self.out_features)
         return y.to(x.dtype)
 

@@ -228,7 +228,8 @@ def test_amx_q4_layer_matches_its_statement_and_the_reference(monkeypatch, symme
 @pytest.mark.skipif(cpu_amx.vnni_library() is None, reason="no AVX-512 VNNI + BF16 CPU here")
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize(("m", "n", "k", "group"), [(1, 64, 128, 64), (2, 96, 256, 128), (5, 32, 512, 128),
-                                                    (19, 128, 1024, 256), (70, 64, 256, 64)])
+                                                    (19, 128, 1024, 256), (70, 64, 256, 64), (1, 48, 128, 32),
+                                                    (7, 80, 192, 16), (1, 16, 64, 64)])
 def test_vnni_q4_layer_matches_its_statement_and_the_reference(monkeypatch, symmetric, m, n, k, group) -> None:
     """W4A16 on AVX-512 VNNI alone (no tiles; every M, row tiles of 8 with a partial last one): AMX's layout and
     `reference_q4_gemm`'s numbers (int8 activations per row and group, exact integer sums) to bf16 rounding."""
