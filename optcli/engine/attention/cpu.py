@@ -165,7 +165,8 @@ def _gather(cache: torch.Tensor, block_table: torch.Tensor, block_size: int, dty
     coefficients: kv_centre.centre_read), a centred K's rope_p(c) / scale added back at each key's position. An
     8-bit cache is gathered, widened and corrected in one pass by our AVX2 kernel where it is built (torch's
     float8 widening is scalar code: an FP8 cache's decode was 0.4x a bf16 one's), else gathered at its own
-    width and widened and corrected by torch (the same values, bit for bit)."""
+    width and widened and corrected by torch (the same values, bit for bit; with a centre within an ulp, the
+    kernel fusing its multiply-adds)."""
     blocks = block_table.view(-1)
     if cache.dtype != dtype:
         widened = cpu_kv8.gather_widen(cache, blocks, block_size, dtype, centre, block_table.shape[1])

@@ -16,8 +16,8 @@ RoPE) did not help, nor would finer scales help FP8 (3 mantissa bits: ~2.6% erro
 What does: K's error is almost all of the cost (V alone: KLD 0.001), and stories260K's slowest RoPE pair carries a
 large mean (|mean| 7-18 against a std of 2-4) that rotates 0.001 rad a token, so a fixed (softmax-invariant) shift
 cannot remove it; subtracting the pre-RoPE mean before rotation and adding it back rotated at read time does
-(kv_centre.py, both attention paths): int8 0.0108 / 0.941 -> ~0.004 / 0.97, FP8 0.029 / 0.902 -> ~0.006 / 0.96
-(decode KLD / top-1 against a bf16 cache), with K then scaled per pair for both formats.
+(kv_centre.py, both attention paths): int8 0.0108 / 0.945 -> 0.0052 / 0.961, FP8 0.029 / 0.906 -> 0.0056 / 0.961
+(decode KLD / top-1 against a bf16 cache, bf16 engine), with K then scaled per pair for both formats.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ PAIR_HEADROOM = {torch.int8: (1.5, 0.75)}  # K: (x the pair's amax, at least x t
 # bf16 and fp32, decode and chunked-prefill KLD / top-1 against a bf16 cache (worst of the eight; tiny-llama's
 # decode KLD): int8 2x 0.0046 / 0.953 (0.0034), 2.5x 0.0069 / 0.959 (0.0004), 3x 0.0096 / 0.948; FP8 2x + 0.75
 # floor 0.0064 / 0.952 (0.0031), 2.5x + 0.75 0.0064 / 0.953 (0.0007), 3x + 0.75 0.0067 / 0.940. 2x likely clips later
-# keys of tiny-llama, we think (8x its KLD); the top-1 margins are a few tokens of 255 (stories260K's near-ties).
+# keys of tiny-llama (8x its KLD); the top-1 margins are a few tokens of 255 (stories260K's near-ties).
 CENTRED_PAIR_HEADROOM = {torch.int8: (2.5, 0.0), torch.float8_e4m3fn: (2.5, 0.75)}
 
 
