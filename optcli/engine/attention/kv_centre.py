@@ -17,7 +17,7 @@ widened keys in the same pass as the gather (cpu_kv8.gather_widen), computed the
 and the cos|sin rows shared by all layers (a per-layer table of rope_p(c) by position was as many bytes as one
 sequence's bf16 K: at batch 1 it ate what the 8-bit cache saves); the Triton kernels do the same per key tile from
 the layer's cos|sin table (kernels/online_softmax.py: centre_coeffs, add_centre), so neither path's memory grows
-per layer with the context. The price on CPU: 2 multiply-adds per cached K element, 3-5% of a batch-1 decode at
+per layer with the context. The price on CPU: 2 multiply-adds per cached K element, 1-3% of a batch-1 decode at
 2k context on the Llama-3.2-1B shape (benchmarks/kv_cache_dtype.py, 1 thread).
 """
 
