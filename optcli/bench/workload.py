@@ -18,7 +18,10 @@ DECODE_NEW_TOKENS = 32
 # The batch-1 prompt (prefill) measurement (`measure.prompt_tok_s`): one prompt this long (or the context less 1).
 PREFILL_PROMPT_TOKENS = 128
 # Each speed figure of `profile` is measured this many times (source and artifact interleaved): `--repeats`.
-DEFAULT_REPEATS = 3
+# 5, not 3: the interval's t factor is 4.30 at 3 repeats and 2.78 at 5, and at 3 the README main job's batch-1
+# decode (a 4-7% gain) read [1.00, 1.09] "no measurable difference" in one of three runs beside a busy loop and
+# "faster" in the other four (benchmarks/busy_verdicts.py, 2026-12-06 21:48 UTC): a verdict a CI gate cannot trust.
+DEFAULT_REPEATS = 5
 PROMPT_FORMATS = ("tokens", "text")  # how prompts are sent: token ids, or text
 # A timed figure shorter than this is noise: the demo model's batch-1 decode of 32 tokens takes ~60 ms and its
 # 128-token prefill ~8 ms, so one descheduled slice (4 ms on Linux's CFS) moved a repeat by 5-50%, and with 3

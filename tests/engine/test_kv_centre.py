@@ -181,3 +181,32 @@ def test_the_cpu_kernel_adds_the_centre_back_as_torch_does(fmt, out_dtype, monke
             assert (got.float() == want).float().mean() > 0.9  # mostly the same value, not just close
         plain = cpu._gather(cache, table, block, out_dtype).reshape(got.shape)
         assert (got.float() - plain.float()).abs().max() > 1  # the centre was added
+
+
+@pytest.mark.parametrize("fmt", FORMATS.values())
+def test_the_avx512_correction_is_the_avx2_one_bit_for_bit(fmt) -> None:
+    """Where the CPU has AVX-512, a centred K's bf16 read adds the centre 16 lanes at a time (cpu_lowbit_kv.c
+    add_centre16): the same multiply-adds in the same order and the same rounding as the AVX2 form, so the same
+    bits; head dims that are not a multiple of 16 stay on the AVX2 form."""
+    from optcli.engine.kernels import cpu_kv8, cpu_lowbit
+    from optcli.engine.kernels.cpu_flags import cpu_flags
+
+    lib = cpu_lowbit.library()
+    if lib is None or not {"avx512f", "avx512bw", "avx512vl"} <= cpu_flags():
+        pytest.skip("no AVX-512 (or the AVX2 kernels are not built) here")
+    gen = torch.Generator().manual_seed(2)
+    for kv, dim in ((2, 64), (3, 32), (2, 48)):
+        block, n_blocks = 16, 8
+        codes = (torch.randn(n_blocks * block, kv, dim, generator=gen) * 40).clamp(-127, 127)
+        cache = codes.round().to(torch.int8) if fmt == torch.int8 else codes.to(fmt)
+        rows = torch.randn(4 * block, 2 * dim, generator=gen)
+        coef = torch.randn(2, kv, dim, generator=gen) * 60
+        blocks = torch.tensor([3, 0, 6, 1, 7, 2, 5, 4])  # 2 sequences of 4 blocks
+        try:
+            lib.lowbit_kv_wide(0)
+            narrow = cpu_kv8.gather_widen(cache, blocks, block, torch.bfloat16, (rows, coef), 4)
+            lib.lowbit_kv_wide(1)
+            wide = cpu_kv8.gather_widen(cache, blocks, block, torch.bfloat16, (rows, coef), 4)
+        finally:
+            lib.lowbit_kv_wide(-1)  # back to the CPU's flags
+        assert torch.equal(wide.view(torch.int16), narrow.view(torch.int16))
