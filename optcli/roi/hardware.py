@@ -56,7 +56,8 @@ def measure_host_bandwidth(nbytes: int = 2**30, repeats: int = 5, fresh: bool = 
     `benchmarks/quant_cpu.py`'s weight-read efficiency: both use this one probe.
 
     How: a buffer of `nbytes` (1 GiB; 512 MiB when less than 4x that is available; far bigger than any CPU
-    cache), every page written first, read once to warm up, then `repeats` more times; GB/s = bytes read /
+    cache) on 2 MiB pages where the OS allows (`util/huge_pages.py`, as the engine places its CPU weights),
+    every page written first, read once to warm up, then `repeats` more times; GB/s = bytes read /
     seconds of the fastest pass (1e9 bytes/s), since a shared machine only ever slows a pass down. The read
     is our kernels' probe (`lowbit_read_probe` in `cpu_lowbit_float.c`: four 32-byte load streams per
     thread, dynamic 1 MiB chunks, on every usable core: affinity and cgroup quota, `engine/kernels/cpu_threads`);
@@ -85,6 +86,7 @@ def _measure(nbytes: int, repeats: int, key: tuple[int, int]) -> dict:
     import torch
 
     from optcli.engine.kernels import cpu_lowbit
+    from optcli.util.huge_pages import huge_empty
 
     threads = key[1]
     size = nbytes
@@ -96,7 +98,7 @@ def _measure(nbytes: int, repeats: int, key: tuple[int, int]) -> dict:
     if available < 4 * size:
         result = {"gbs": None, "source": f"not measured: {available >> 20} MiB free is too little for a bandwidth pass"}
     elif cpu_lowbit.library() is not None:
-        data = torch.ones(size, dtype=torch.uint8)
+        data = huge_empty(size).fill_(1)  # on huge pages where the OS allows, as the engine's weights
         best = min(cpu_lowbit.read_seconds(data) for _ in range(repeats + 1))
         del data
         result = {"gbs": size / best / 1e9, "source": f"measured: read probe over {label}, {threads} thread{plural}"}
