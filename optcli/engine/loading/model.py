@@ -49,6 +49,7 @@ def load_engine_model(spec: str, config: EngineConfig):
     # With dtype auto on a CPU, quantized layers may compute in bf16 (quant/linear.py says why)
     compute_dtypes = (torch.bfloat16,) if chosen_by_us and device == "cpu" else ()
     model.load_hf_state_dict(state, compute_dtypes, config.lm_head)
+    del state  # the checkpoint's own copies, before placement below copies tensor by tensor
     model.eval()
     if device == "cpu":  # decode streams every weight once a step: 2 MiB pages spare a page walk every 4 KiB
         place_weights(model)
