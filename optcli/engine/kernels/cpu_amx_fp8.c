@@ -184,6 +184,21 @@ INLINE void bf16_dot_tile2(const int R, const int U, const uint16_t *a, int64_t 
     }
 }
 
+/* The row tiles' R (1-8, a compile-time constant in each arm, so every sum stays in a register) and the U that
+ * goes with it, for bf16_dot_tile and bf16_dot_tile2 alike: the two give the same bits only with the same U.
+ * TILE(R, U) is the call, written at the call site. */
+#define FP8_BY_ROWS(R, TILE)                                                                                       \
+    switch (R) {                                                                                                   \
+    case 1: TILE(1, 4); break;                                                                                     \
+    case 2: TILE(2, 4); break;                                                                                     \
+    case 3: TILE(3, 2); break;                                                                                     \
+    case 4: TILE(4, 2); break;                                                                                     \
+    case 5: TILE(5, 1); break;                                                                                     \
+    case 6: TILE(6, 1); break;                                                                                     \
+    case 7: TILE(7, 1); break;                                                                                     \
+    default: TILE(8, 1); break;                                                                                    \
+    }
+
 static inline void fp8_store_rows(const __m512 *acc, int64_t R, int64_t m0, const float *post_m, __m512 pn,
                                   int64_t N, int64_t blk, uint16_t *out16) {
     for (int64_t m = 0; m < R; m++) {
@@ -209,16 +224,9 @@ void vnni_fp8_gemm(const uint16_t *a, int64_t M, int64_t K, const uint8_t *packe
                 const int64_t R = M - m0 < 8 ? M - m0 : 8;
                 const uint16_t *am = a + m0 * K;
                 __m512 acc0[8], acc1[8];
-                switch (R) { /* bf16_dot_tile's R and U */
-                case 1: bf16_dot_tile2(1, 4, am, K, buf, acc0, acc1); break;
-                case 2: bf16_dot_tile2(2, 4, am, K, buf, acc0, acc1); break;
-                case 3: bf16_dot_tile2(3, 2, am, K, buf, acc0, acc1); break;
-                case 4: bf16_dot_tile2(4, 2, am, K, buf, acc0, acc1); break;
-                case 5: bf16_dot_tile2(5, 1, am, K, buf, acc0, acc1); break;
-                case 6: bf16_dot_tile2(6, 1, am, K, buf, acc0, acc1); break;
-                case 7: bf16_dot_tile2(7, 1, am, K, buf, acc0, acc1); break;
-                default: bf16_dot_tile2(8, 1, am, K, buf, acc0, acc1); break;
-                }
+#define TILE2(r, u) bf16_dot_tile2(r, u, am, K, buf, acc0, acc1)
+                FP8_BY_ROWS(R, TILE2)
+#undef TILE2
                 fp8_store_rows(acc0, R, m0, post_m, pn0, N, blk, out16);
                 fp8_store_rows(acc1, R, m0, post_m, pn1, N, blk + 1, out16);
             }
@@ -232,20 +240,10 @@ void vnni_fp8_gemm(const uint16_t *a, int64_t M, int64_t K, const uint8_t *packe
                 const int64_t R = M - m0 < 8 ? M - m0 : 8;
                 const uint16_t *am = a + m0 * K;
                 __m512 acc[8];
-                switch (R) { /* constant R and U: every sum in a register */
-                case 1: bf16_dot_tile(1, 4, am, K, buf, src, acc); break;
-                case 2: bf16_dot_tile(2, 4, am, K, buf, src, acc); break;
-                case 3: bf16_dot_tile(3, 2, am, K, buf, src, acc); break;
-                case 4: bf16_dot_tile(4, 2, am, K, buf, src, acc); break;
-                case 5: bf16_dot_tile(5, 1, am, K, buf, src, acc); break;
-                case 6: bf16_dot_tile(6, 1, am, K, buf, src, acc); break;
-                case 7: bf16_dot_tile(7, 1, am, K, buf, src, acc); break;
-                default: bf16_dot_tile(8, 1, am, K, buf, src, acc); break;
-                }
-                for (int m = 0; m < R; m++) {
-                    const __m512 y = _mm512_mul_ps(_mm512_mul_ps(acc[m], _mm512_set1_ps(post_m ? post_m[m0 + m] : 1.f)), pn);
-                    _mm256_storeu_si256((__m256i *)(out16 + (m0 + m) * N + blk * 16), (__m256i)_mm512_cvtneps_pbh(y));
-                }
+#define TILE1(r, u) bf16_dot_tile(r, u, am, K, buf, src, acc)
+                FP8_BY_ROWS(R, TILE1)
+#undef TILE1
+                fp8_store_rows(acc, R, m0, post_m, pn, N, blk, out16);
             }
         }
         free(buf);
