@@ -27,11 +27,7 @@ import weakref
 
 import torch
 
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE as models/layer_ops.apply_rotary (half-split layout), which imports from this package."""
-    half = x.shape[-1] // 2
-    return x * cos[:, None, :] + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin[:, None, :]
+from optcli.engine.attention.rope import apply_rotary, rotate_half
 
 
 def ensure_centre(scales, k: torch.Tensor, live: torch.Tensor | None = None, on_device: bool = False) -> None:
@@ -58,7 +54,7 @@ def ensure_centre(scales, k: torch.Tensor, live: torch.Tensor | None = None, on_
 def rotated_centre(scales, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """rope_p(c) at a step's positions: [T, KV, D], from the layer's own cos/sin [T, D]."""
     c = scales.centre.to(dtype)[None].expand(cos.shape[0], -1, -1)
-    return _rotate(c, cos, sin)
+    return apply_rotary(c, cos, sin)
 
 
 def centre_keys(scales, k_rot: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -79,8 +75,7 @@ def centre_read(scales, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, 
         return None
     if scales.coef is None:
         safe = torch.where(scales.k > 0, scales.k, torch.ones_like(scales.k))  # 0 = unset scale, read as 1
-        half = scales.centre.shape[-1] // 2
-        partner = torch.cat((-scales.centre[:, half:], scales.centre[:, :half]), dim=-1)  # rotate_half(c)
+        partner = rotate_half(scales.centre)
         scales.coef = torch.stack([scales.centre / safe, partner / safe]).contiguous()
     return rope_rows(scales.rope, length, dtype), scales.coef
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from optcli.engine.attention.kv_centre import centre_keys, ensure_centre
 from optcli.engine.attention.kv_quant import quant_scales
+from optcli.engine.attention.rope import apply_rotary
 from optcli.engine.attention.triton import TritonMetadata
 
 
@@ -134,10 +135,3 @@ def adjacent_heads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
     if k.data_ptr() != q.data_ptr() + q.shape[1] * q.shape[2] * q.element_size():
         return None
     return q.as_strided((q.shape[0], q.shape[1] + k.shape[1], q.shape[2]), q.stride())
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]; cos/sin: [T, head_dim] (half-split layout, as transformers)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]

@@ -1,6 +1,6 @@
 """Rotary position embedding tables (cos, sin) for the positions of a step, from transformers' own RoPE
 parameter functions, so every rope type it supports (default, linear, llama3, yarn, dynamic NTK, longrope, ...)
-gives its values. Applying them is a layer op (`layer_ops.py`). Gemma 3 gives each layer type its own
+gives its values. Applying them is a layer op (`layer_ops.py`, through `attention/rope.py`). Gemma 3 gives each layer type its own
 parameters (local layers a smaller theta): `LayerRotary` holds one table set per kind.
 """
 
