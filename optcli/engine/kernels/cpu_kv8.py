@@ -34,17 +34,16 @@ def gather_widen(cache: torch.Tensor, blocks: torch.Tensor, block_size: int, out
     if cache.device.type != "cpu" or not available(cache.dtype, out_dtype) or not cache.is_contiguous():
         return None
     kv, dim = cache.shape[1], cache.shape[2]
-    if centre is not None:
-        rows, coef = centre
-        if (rows.dtype != torch.float32 or coef.dtype != torch.float32 or not rows.is_contiguous()
-                or not coef.is_contiguous() or rows.shape[1] != 2 * dim or coef.shape != (2, kv, dim)
-                or rows.shape[0] < per_seq * block_size or blocks.numel() % per_seq):
-            return None
+    rows, coef = centre if centre is not None else (None, None)
+    if centre is not None and (
+            rows.dtype != torch.float32 or coef.dtype != torch.float32 or not rows.is_contiguous()
+            or not coef.is_contiguous() or rows.shape[1] != 2 * dim or coef.shape != (2, kv, dim)
+            or rows.shape[0] < per_seq * block_size or blocks.numel() % per_seq):
+        return None
     if blocks.dtype != torch.int64 or not blocks.is_contiguous():
         blocks = blocks.to(torch.int64).contiguous()
     block_elems = block_size * cache[0].numel()
     out = torch.empty(blocks.numel() * block_size, *cache.shape[1:], dtype=out_dtype)
-    rows, coef = centre if centre is not None else (None, None)
     status = cpu_lowbit.library().lowbit_kv_gather(cache.data_ptr(), block_elems, cache.shape[0] // block_size,
                                                    blocks.data_ptr(), blocks.numel(), KINDS[cache.dtype],
                                                    OUT_FP32[out_dtype], out.data_ptr(),
