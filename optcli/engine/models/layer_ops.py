@@ -113,13 +113,17 @@ class FusedOps:
         return silu_mul(gate_up, quant=quant, act=act)
 
 
+def _uncentred(k_rot: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return k_rot
+
+
 def _centre_first(k: torch.Tensor, kv_cache, meta):
     """For an 8-bit cache that centres K (attention/kv_centre.py): set the layer's centre from the pre-RoPE keys
     k on its first write, and return the function that centres the rotated keys for the store (identity
     otherwise). With Triton metadata both are decided on the device (CUDA graphs)."""
     scales = quant_scales(kv_cache)
     if scales is None or scales.rope is None:
-        return lambda k_rot, cos, sin: k_rot
+        return _uncentred
     on_device = isinstance(meta, TritonMetadata)
     ensure_centre(scales, k, live=meta.slot_mapping >= 0 if on_device else None, on_device=on_device)
     return lambda k_rot, cos, sin: centre_keys(scales, k_rot, cos, sin, on_device)
