@@ -1,5 +1,6 @@
 """Attention over the paged KV cache, CPU path: scatter new K/V into their slots, gather each
-sequence's context by whole blocks, and run SDPA.
+sequence's context by whole blocks, and run SDPA; decode steps over an 8-bit cache instead read the codes where
+they lie (`cpu_kv8.decode_attention`), with no widened copy of the context.
 
 Sequences are attended in groups padded to the group's longest context: decodes (one query token)
 are split into up to three groups of similar length, prefill chunks form their own group,
@@ -138,6 +139,10 @@ def _attend(q, k_cache, v_cache, group: AttentionGroup, window: int | None, bloc
     queries = rows.transpose(1, 2)  # [B, H, Q, D]
     # K stored centred: rope_p(c) added back per key position, in code units (kv_centre.py)
     centre = centre_read(scales, n_blocks * block_size, q.dtype) if scales is not None else None
+    if scales is not None and softcap is None and queries.shape[2] == 1:
+        out = _decode_8bit(queries[:, :, 0], k_cache, v_cache, group, window, block_size, scale, scales, centre)
+        if out is not None:
+            return out
     keys = _gather(k_cache, group.block_table, block_size, q.dtype, centre).view(batch, -1, kv_heads, dim)
     values = _gather(v_cache, group.block_table, block_size, q.dtype).view(batch, -1, kv_heads, dim)
     if scales is not None:  # K's scale folds into the queries (q.(k*s) = (q*s).k), V's into the output (kv_quant.py)
@@ -157,6 +162,22 @@ def _attend(q, k_cache, v_cache, group: AttentionGroup, window: int | None, bloc
     if scales is not None:
         out = out * head_scale(scales.v, q.shape[1]).to(q.dtype)[None, :, None, :]
     return out.transpose(1, 2)  # [B, Q, H, D]
+
+
+def _decode_8bit(queries, k_cache, v_cache, group: AttentionGroup, window: int | None, block_size: int,
+                 scale: float | None, scales: KVScales, centre) -> torch.Tensor | None:
+    """One query a sequence over an 8-bit cache: our kernel reads the codes where they lie, in fp32, rather than
+    gathering a widened bf16 copy of the whole context for SDPA to read back (at 2,048 tokens that copy moved more
+    bytes than the 8-bit cache saved: benchmarks/kv_cache_dtype.py). [B, 1, H, D] in q's dtype, or None where the
+    kernel does not apply."""
+    heads, dim = queries.shape[1], queries.shape[2]
+    q = queries * head_scale(scales.k, heads).to(queries.dtype)[None]  # K's scale folded in, rounded as the SDPA path
+    out = cpu_kv8.decode_attention(q, k_cache, v_cache, group.block_table, block_size, group.query_pos[:, 0],
+                                   group.ctx_len, window, scale if scale is not None else dim ** -0.5, centre,
+                                   round_bf16=queries.dtype == torch.bfloat16)
+    if out is None:
+        return None
+    return out.to(queries.dtype)[:, None] * head_scale(scales.v, heads).to(queries.dtype)[None, None]
 
 
 def _gather(cache: torch.Tensor, block_table: torch.Tensor, block_size: int, dtype: torch.dtype,

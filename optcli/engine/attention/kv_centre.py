@@ -12,13 +12,13 @@ block is read with the centre that wrote it); an artifact's calibrated scales do
 at first write there too. Centring is on where the engine attached the layer's RoPE table to its KVScales
 (`rope`: positions -> (cos, sin), the same cos/sin the layer rotates with); off (c unused) otherwise.
 
-The read: the CPU path adds rope_p(c) / k_scale (in code units, since K's scale folds into the queries) to the
-widened keys in the same pass as the gather (cpu_kv8.gather_widen), computed there from two [KV, D] coefficients
-and the cos|sin rows shared by all layers (a per-layer table of rope_p(c) by position was as many bytes as one
-sequence's bf16 K: at batch 1 it ate what the 8-bit cache saves); the Triton kernels do the same per key tile from
-the layer's cos|sin table (kernels/online_softmax.py: centre_coeffs, add_centre), so neither path's memory grows
-per layer with the context. The price on CPU: 2 multiply-adds per cached K element, 1-3% of a batch-1 decode at
-2k context on the Llama-3.2-1B shape (benchmarks/kv_cache_dtype.py, 1 thread).
+The read: the CPU path adds rope_p(c) / k_scale (in code units, since K's scale folds into the queries) to each
+key as it reads it, in a decode step's attention kernel (cpu_kv8.decode_attention) or a prefill chunk's gather
+(cpu_kv8.gather_widen), computed there from two [KV, D] coefficients and the cos|sin rows shared by all layers
+(a per-layer table of rope_p(c) by position was as many bytes as one sequence's bf16 K: at batch 1 it ate the
+memory the 8-bit cache saves); the Triton kernels do the same per key tile from the layer's cos|sin table
+(kernels/online_softmax.py: centre_coeffs, add_centre), so neither path's memory grows per layer with the
+context. The price on CPU: 2 multiply-adds per cached K element in the kernel's register pass.
 """
 
 from __future__ import annotations

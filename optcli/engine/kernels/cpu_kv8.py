@@ -4,6 +4,9 @@ builds), each code for code what torch's ops give:
 - `gather_widen`: a group's blocks gathered and widened to bf16 / fp32 in one pass (`index_select` then `.to`).
   torch widens float8_e4m3fn with scalar code (~4.5x its int8 widening), which made an FP8 cache's CPU decode
   0.4x a bf16 cache's.
+- `decode_attention`: decode attention (one query a sequence) read straight from the 8-bit blocks, in fp32, with
+  no widened copy of the context (which `gather_widen` writes and SDPA reads back: at 2k context that copy was
+  twice the bytes the 8-bit cache saved).
 - `store`: this step's K or V rows quantized into their slots (`kv_rounding.quantize`, then `index_copy_`) in
   one call instead of ~10 torch ops.
 
@@ -71,3 +74,42 @@ def store(x: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, scale: torc
     if status != 0:  # checked in C before anything is written
         raise IndexError("a slot outside the cache")
     return True
+
+
+def decode_attention(queries: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                     block_size: int, query_pos: torch.Tensor, ctx_len: torch.Tensor, window: int | None, scale: float,
+                     centre: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     round_bf16: bool = False) -> torch.Tensor | None:
+    """queries [B, H, D] (in code units: K's scale folded in), 8-bit caches [slots, KV, D], block_table [B, N],
+    query_pos / ctx_len [B] -> [B, H, D] fp32 in V's code units: softmax(scale * q.k) over the keys at positions
+    max(0, pos + 1 - window) .. min(pos, ctx_len - 1), times V. `centre` as gather_widen's (rows covering the
+    keys' positions). `round_bf16`: the centred keys and the softmax weights rounded to bf16 where SDPA over a
+    widened bf16 copy would round them (the sums stay fp32), so the result differs from the gather path's only by
+    the order of its sums. None where the kernel does not apply (the caller then gathers and runs SDPA)."""
+    if (queries.device.type != "cpu" or k_cache.dtype not in KINDS or v_cache.dtype != k_cache.dtype
+            or cpu_lowbit.library() is None or not (k_cache.is_contiguous() and v_cache.is_contiguous())):
+        return None
+    batch, heads, dim = queries.shape
+    kv = k_cache.shape[1]
+    n_blocks = block_table.shape[1]
+    rows, coef = centre if centre is not None else (None, None)
+    if centre is not None and (rows.dtype != torch.float32 or coef.dtype != torch.float32 or not rows.is_contiguous()
+                               or not coef.is_contiguous() or rows.shape[1] != 2 * dim or coef.shape != (2, kv, dim)
+                               or rows.shape[0] < n_blocks * block_size):
+        return None
+    q = queries.float().contiguous()
+    table = block_table.to(torch.int64).contiguous()
+    pos, lens = query_pos.to(torch.int64).contiguous(), ctx_len.to(torch.int64).contiguous()
+    out = torch.empty(batch, heads, dim, dtype=torch.float32)
+    status = cpu_lowbit.library().lowbit_kv_decode(
+        q.data_ptr(), batch, heads, kv, dim, k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[0] // block_size,
+        block_size, KINDS[k_cache.dtype], table.data_ptr(), n_blocks, pos.data_ptr(), lens.data_ptr(), window or 0,
+        scale, rows.data_ptr() if rows is not None else None, coef.data_ptr() if coef is not None else None,
+        int(round_bf16), out.data_ptr())
+    if status == -2:  # a shape the kernel does not take: checked before anything is read
+        return None
+    if status == -1:
+        raise IndexError("a block index outside the cache")
+    if status != 0:
+        raise MemoryError("decode attention: no memory for the scores")
+    return out

@@ -56,7 +56,9 @@ LIBRARY = CLibrary(
     functions={**{name: (args, None) for name, args in _VOID}, "lowbit_read_probe": ([P, I64], I64),
                "lowbit_kv_gather": ([P, I64, I64, P, I64, ctypes.c_int, ctypes.c_int, P, P, P, I64, I64, I64], I64),
                "lowbit_kv_store": ([P, ctypes.c_int, I64, I64, P, P, I64, ctypes.c_int, P], I64),
-               "lowbit_kv_wide": ([ctypes.c_int], None)},
+               "lowbit_kv_wide": ([ctypes.c_int], None),
+               "lowbit_kv_decode": ([P, I64, I64, I64, I64, P, P, I64, I64, ctypes.c_int, P, I64, P, P, I64,
+                                     ctypes.c_float, P, P, ctypes.c_int, P], I64)},
 )
 
 
