@@ -5,8 +5,8 @@ builds), each code for code what torch's ops give:
   torch widens float8_e4m3fn with scalar code (~4.5x its int8 widening), which made an FP8 cache's CPU decode
   0.4x a bf16 cache's.
 - `decode_attention`: decode attention (one query a sequence) read straight from the 8-bit blocks, in fp32, with
-  no widened copy of the context (which `gather_widen` writes and SDPA reads back: at 2k context that copy was
-  twice the bytes the 8-bit cache saved).
+  no widened copy of the context (which `gather_widen` writes and SDPA reads back: four times the bytes the
+  8-bit cache saves).
 - `store`: this step's K or V rows quantized into their slots (`kv_rounding.quantize`, then `index_copy_`) in
   one call instead of ~10 torch ops.
 

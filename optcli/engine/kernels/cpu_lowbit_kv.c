@@ -620,7 +620,7 @@ AVX512 static void decode_task16(const DecodeTask *t) {
 #undef DECODE16_SHAPES
 
 /* Decode attention (one query a sequence) read straight from an 8-bit paged cache, with no widened copy of the
- * context: for sequence b and KV head h, its G = H / kv query heads' scores against keys lo..hi-1 (lo = hi - window
+ * context: for sequence b and KV head h, its G = H / kv query heads' scores against keys lo..hi-1 (lo = qpos + 1 - window
  * where a sliding window applies, hi = min(qpos + 1, ctx_len)), softmax, and the values' weighted sum, all in fp32.
  * q [B, H, dim] fp32 is in code units (K's scale folded in by the caller); `scale` is the softmax scale; out
  * [B, H, dim] fp32 is in V's code units (the caller applies V's scale). table [B, N] block indices, a key at
@@ -646,7 +646,7 @@ int64_t lowbit_kv_decode(const float *q, int64_t B, int64_t H, int64_t kv, int64
     for (int64_t task = 0; task < B * kv; task++) {
         const int64_t b = task / kv, h = task % kv;
         int64_t hi = qpos[b] + 1 < ctx_len[b] ? qpos[b] + 1 : ctx_len[b];
-        const int64_t lo = window > 0 && hi - window > 0 ? hi - window : 0;
+        const int64_t lo = window > 0 && qpos[b] + 1 - window > 0 ? qpos[b] + 1 - window : 0; /* as the SDPA mask */
         if (hi < lo) hi = lo;
         float *o = out + (b * H + h * G) * dim;
         if (hi == lo) {

@@ -25,7 +25,7 @@ def reference(q, k_cache, v_cache, table, block_size, pos, lens, window, scale, 
     heads, kv = q.shape[1], k_cache.shape[1]
     for b in range(q.shape[0]):
         hi = min(int(pos[b]) + 1, int(lens[b]))
-        lo = max(0, hi - window) if window else 0
+        lo = max(0, int(pos[b]) + 1 - window) if window else 0  # SDPA's mask: t > pos - window
         t = torch.arange(lo, hi)
         slots = table[b, t // block_size] * block_size + t % block_size
         k = k_cache[slots].double()
@@ -86,13 +86,15 @@ def test_matches_a_float64_statement(form, fmt, heads, kv, dim, centred, window)
 
 
 @needs_kernel
-def test_a_query_before_the_context_end_sees_only_earlier_keys(form) -> None:
+@pytest.mark.parametrize("window", [None, 4])
+def test_a_query_before_the_context_end_sees_only_earlier_keys(form, window) -> None:
     gen = torch.Generator().manual_seed(1)
     k_cache, v_cache = codes(torch.int8, (32, 1, 16), gen), codes(torch.int8, (32, 1, 16), gen)
     table = torch.arange(8)[None]
     q = torch.randn(1, 2, 16, generator=gen)
-    got = cpu_kv8.decode_attention(q, k_cache, v_cache, table, 4, torch.tensor([9]), torch.tensor([30]), None, 0.3)
-    want = reference(q, k_cache, v_cache, table, 4, torch.tensor([9]), torch.tensor([30]), None, 0.3, None)
+    pos, lens = torch.tensor([9]), torch.tensor([30])
+    got = cpu_kv8.decode_attention(q, k_cache, v_cache, table, 4, pos, lens, window, 0.3)
+    want = reference(q, k_cache, v_cache, table, 4, pos, lens, window, 0.3, None)
     assert torch.allclose(got.double(), want, rtol=2e-5, atol=1e-4)
 
 
@@ -127,3 +129,46 @@ def test_rounds_centred_keys_and_weights_to_bf16_where_asked(form, fmt) -> None:
     rounded, exact = reference(*args, round_bf16=True), reference(*args)
     assert torch.allclose(got.double(), rounded, rtol=2e-5, atol=2e-5 * rounded.abs().max().item())
     assert not torch.allclose(got.double(), exact, rtol=2e-5, atol=2e-5 * exact.abs().max().item())
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt", [torch.float8_e4m3fn, torch.int8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_attention_path_gives_what_its_gather_and_sdpa_give(monkeypatch, fmt, dtype) -> None:
+    """The engine's CPU attention on a decode step over a centred 8-bit cache (scales, centre and GQA groups as
+    the layers set them): the kernel's output against the same step with the kernel declined (gather + SDPA)."""
+    from optcli.engine.attention import cpu as attention
+    from optcli.engine.attention.kv_quant import KVScales, QuantKVCache
+    from optcli.engine.attention.layout import StepLayout
+
+    gen = torch.Generator().manual_seed(3)
+    kv, heads, dim, bs, ctx = 2, 8, 64, 16, 100
+    inv = 1e4 ** (-torch.arange(0, dim, 2).float() / dim)
+
+    def rope(pos):
+        emb = pos[:, None].float() * inv[None]
+        emb = torch.cat([emb, emb], dim=-1)
+        return emb.cos(), emb.sin()
+
+    scales = KVScales.unset(kv, dim, "cpu")
+    scales.rope, scales.centre, scales.centre_ready = rope, torch.randn(kv, dim, generator=gen), True
+    cache = QuantKVCache(torch.zeros(160, kv, dim, dtype=fmt), torch.zeros(160, kv, dim, dtype=fmt), scales)
+    table = [3, 0, 7, 5, 9, 1, 2]  # 7 blocks of 16 for 100 positions, out of order
+    slots = [table[p // bs] * bs + p % bs for p in range(ctx)]
+    prefill = StepLayout(slots=slots[:-1], rows=[range(ctx - 1)], query_pos=[list(range(ctx - 1))],
+                         ctx_lens=[ctx - 1], block_tables=[table], block_size=bs)
+    k, v = torch.randn(ctx, kv, dim, generator=gen).to(dtype), torch.randn(ctx, kv, dim, generator=gen).to(dtype)
+    q = torch.randn(ctx, heads, dim, generator=gen).to(dtype)
+    attention.paged_attention(q[:-1], k[:-1], v[:-1], cache, attention.build_gather_metadata(prefill, "cpu"), None)
+    decode = StepLayout(slots=slots[-1:], rows=[range(1)], query_pos=[[ctx - 1]], ctx_lens=[ctx],
+                        block_tables=[table], block_size=bs)
+    meta = attention.build_gather_metadata(decode, "cpu")
+    kernel, ran = cpu_kv8.decode_attention, []
+    monkeypatch.setattr(attention.cpu_kv8, "decode_attention", lambda *a, **kw: ran.append(kernel(*a, **kw)) or ran[-1])
+    fused = attention.paged_attention(q[-1:], k[-1:], v[-1:], cache, meta, None)
+    assert len(ran) == 1 and ran[0] is not None  # the kernel, not the fallback, gave `fused`
+    monkeypatch.setattr(attention.cpu_kv8, "decode_attention", lambda *a, **kw: None)
+    gathered = attention.paged_attention(q[-1:], k[-1:], v[-1:], cache, meta, None)
+    assert fused.dtype == gathered.dtype == dtype and fused.shape == gathered.shape
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    assert torch.allclose(fused.float(), gathered.float(), rtol=tol, atol=tol * gathered.abs().max().item())
