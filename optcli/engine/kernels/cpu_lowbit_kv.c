@@ -389,8 +389,7 @@ INLINE void widen_row(const uint8_t *src, int kind, int64_t dim, float *dst, con
 #define DECODE_MAX_DIM 256
 #define DECODE_MAX_GROUP 16
 
-/* What one (sequence, KV head) task reads: its G query heads (fp32, times the softmax scale and the read unit's
- * inverse), its keys lo..hi-1 through the block table, the centre coefficients in read units, and where its G
+/* What one (sequence, KV head) task reads: its G query heads (fp32, times the read unit's inverse), its keys lo..hi-1 through the block table, the centre coefficients in read units, and where its G
  * output rows go. */
 typedef struct {
     const float *q;     /* [G, dim] */
@@ -401,6 +400,7 @@ typedef struct {
     const float *cs, *a, *b; /* centre: cos|sin rows, coefficients (NULL: not centred) */
     float unit;              /* a V code read in read units times this is the code */
     int round_bf16;          /* round the centred keys and the softmax weights to bf16, as the SDPA path does */
+    float scale;             /* the softmax scale, applied to the dot products */
     float *sc;               /* [G, stride] scores, then weights */
     int64_t stride;
     float *out; /* [G, dim] */
@@ -432,11 +432,14 @@ INLINE void next_rows(const DecodeTask *t, const uint8_t *cache, RowWalk *w, int
     }
 }
 
-/* Softmax of each head's n scores in place (padding to `stride` given weight 0); returns nothing, writes 1 / sum
- * of each head into inv. */
-static void softmax_rows(float *sc, int64_t G, int64_t n, int64_t stride, float *inv, int round) {
+/* Softmax of each head's n dot products in place, scaled first (as SDPA scales q.k, not q: the same roundings),
+ * the padding to `stride` given weight 0; writes 1 / sum of each head into inv. */
+static void softmax_rows(float *sc, int64_t G, int64_t n, int64_t stride, float scale, float *inv, int round) {
+    const __m256 sv = _mm256_set1_ps(scale);
     for (int64_t g = 0; g < G; g++) {
-        float *s = sc + g * stride, mx = s[0];
+        float *s = sc + g * stride;
+        for (int64_t i = 0; i + 8 <= stride; i += 8) _mm256_storeu_ps(s + i, _mm256_mul_ps(_mm256_loadu_ps(s + i), sv));
+        float mx = s[0];
         for (int64_t i = 1; i < n; i++) mx = s[i] > mx ? s[i] : mx;
         for (int64_t i = n; i < stride; i++) s[i] = -INFINITY;
         const __m256 mv = _mm256_set1_ps(mx);
@@ -477,7 +480,7 @@ static void decode_task8(const DecodeTask *t) {
         }
     }
     float inv[DECODE_MAX_GROUP];
-    softmax_rows(t->sc, G, n, t->stride, inv, t->round_bf16);
+    softmax_rows(t->sc, G, n, t->stride, t->scale, inv, t->round_bf16);
     float acc_o[DECODE_MAX_GROUP * DECODE_MAX_DIM] __attribute__((aligned(32)));
     for (int64_t i = 0; i < G * dim; i++) acc_o[i] = 0.f;
     walk = row_walk(t);
@@ -571,7 +574,7 @@ AVX512_INLINE void decode_task16_body(const DecodeTask *t, const int64_t G, cons
         for (int64_t g = 0; g < G; g++) _mm512_storeu_ps(t->sc + g * t->stride + (t0 - t->lo), sum16x16(part[g]));
     }
     float inv[DECODE_MAX_GROUP];
-    softmax_rows(t->sc, G, n, t->stride, inv, t->round_bf16);
+    softmax_rows(t->sc, G, n, t->stride, t->scale, inv, t->round_bf16);
     __m512 acc[DECODE_MAX_GROUP * DECODE_MAX_DIM / 16];
     for (int64_t i = 0; i < G * C; i++) acc[i] = _mm512_setzero_ps();
     walk = row_walk(t);
@@ -662,13 +665,13 @@ int64_t lowbit_kv_decode(const float *q, int64_t B, int64_t H, int64_t kv, int64
         }
         float qs[DECODE_MAX_GROUP * DECODE_MAX_DIM] __attribute__((aligned(64)));
         float ca[DECODE_MAX_DIM], cb[DECODE_MAX_DIM];
-        for (int64_t i = 0; i < G * dim; i++) qs[i] = q[(b * H + h * G) * dim + i] * scale * unit;
+        for (int64_t i = 0; i < G * dim; i++) qs[i] = q[(b * H + h * G) * dim + i] * unit; /* exact: a power of 2 */
         if (cs)
             for (int64_t d = 0; d < dim; d++)
                 ca[d] = coef[h * dim + d] / unit, cb[d] = coef[(kv + h) * dim + d] / unit;
         const DecodeTask t = {.q = qs, .tab = table + b * N, .k = k_cache + h * dim, .v = v_cache + h * dim,
                               .bs = bs, .row_stride = kv * dim, .lo = lo, .hi = hi, .G = G, .dim = dim,
-                              .kind = kind, .cs = cs, .a = cs ? ca : NULL, .b = cs ? cb : NULL, .unit = unit, .round_bf16 = round_bf16,
+                              .kind = kind, .cs = cs, .a = cs ? ca : NULL, .b = cs ? cb : NULL, .unit = unit, .round_bf16 = round_bf16, .scale = scale,
                               .sc = sc, .stride = stride, .out = o};
         if (wide)
             decode_task16(&t);
