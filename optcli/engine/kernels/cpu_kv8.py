@@ -1,5 +1,5 @@
-"""An 8-bit KV cache's CPU store and read by our AVX2 kernels (`cpu_lowbit_kv.c`, part of the library `cpu_lowbit`
-builds), each code for code what torch's ops give:
+"""An 8-bit KV cache's CPU store and read by our AVX2 kernels (`cpu_lowbit_kv.c`, `cpu_lowbit_kv_decode.c`, part of
+the library `cpu_lowbit` builds), each code for code what torch's ops give:
 
 - `gather_widen`: a group's blocks gathered and widened to bf16 / fp32 in one pass (`index_select` then `.to`).
   torch widens float8_e4m3fn with scalar code (~4.5x its int8 widening), which made an FP8 cache's CPU decode

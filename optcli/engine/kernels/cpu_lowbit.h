@@ -40,3 +40,8 @@ INLINE int32_t hsum_epi32(__m256i v) {
     s = _mm_hadd_epi32(s, s);
     return _mm_cvtsi128_si32(s);
 }
+
+/* The 8-bit KV cache's code kinds (as cpu_lowbit_float.c's W_FP8 / W_INT8), shared by its store and gather
+ * (cpu_lowbit_kv.c) and its decode attention (cpu_lowbit_kv_decode.c); and whether their AVX-512 forms run. */
+enum { KV_FP8 = 1, KV_INT8 = 2 };
+int lowbit_kv_use_wide(void);
