@@ -28,6 +28,17 @@ def available(cache_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
     return cache_dtype in KINDS and out_dtype in OUT_FP32 and cpu_lowbit.library() is not None
 
 
+def _centre_fits(centre: tuple[torch.Tensor, torch.Tensor] | None, kv: int, dim: int, positions: int) -> bool:
+    """Whether a centred K's (cos|sin rows, coef) is in the form the C kernels read: fp32, contiguous, rows [>=
+    positions, 2D], coef [2, KV, D]; True for no centre."""
+    if centre is None:
+        return True
+    rows, coef = centre
+    return (rows.dtype == torch.float32 and coef.dtype == torch.float32 and rows.is_contiguous()
+            and coef.is_contiguous() and rows.shape[1] == 2 * dim and coef.shape == (2, kv, dim)
+            and rows.shape[0] >= positions)
+
+
 def gather_widen(cache: torch.Tensor, blocks: torch.Tensor, block_size: int, out_dtype: torch.dtype,
                  centre: tuple[torch.Tensor, torch.Tensor] | None = None, per_seq: int = 1) -> torch.Tensor | None:
     """cache [slots, KV, D] (8-bit, contiguous, on CPU), blocks [n] int64 block indices -> [n * block_size, KV, D]
@@ -37,12 +48,9 @@ def gather_widen(cache: torch.Tensor, blocks: torch.Tensor, block_size: int, out
     if cache.device.type != "cpu" or not available(cache.dtype, out_dtype) or not cache.is_contiguous():
         return None
     kv, dim = cache.shape[1], cache.shape[2]
-    rows, coef = centre if centre is not None else (None, None)
-    if centre is not None and (
-            rows.dtype != torch.float32 or coef.dtype != torch.float32 or not rows.is_contiguous()
-            or not coef.is_contiguous() or rows.shape[1] != 2 * dim or coef.shape != (2, kv, dim)
-            or rows.shape[0] < per_seq * block_size or blocks.numel() % per_seq):
+    if not _centre_fits(centre, kv, dim, per_seq * block_size) or (centre is not None and blocks.numel() % per_seq):
         return None
+    rows, coef = centre if centre is not None else (None, None)
     if blocks.dtype != torch.int64 or not blocks.is_contiguous():
         blocks = blocks.to(torch.int64).contiguous()
     block_elems = block_size * cache[0].numel()
@@ -92,11 +100,9 @@ def decode_attention(queries: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     batch, heads, dim = queries.shape
     kv = k_cache.shape[1]
     n_blocks = block_table.shape[1]
-    rows, coef = centre if centre is not None else (None, None)
-    if centre is not None and (rows.dtype != torch.float32 or coef.dtype != torch.float32 or not rows.is_contiguous()
-                               or not coef.is_contiguous() or rows.shape[1] != 2 * dim or coef.shape != (2, kv, dim)
-                               or rows.shape[0] < n_blocks * block_size):
+    if not _centre_fits(centre, kv, dim, n_blocks * block_size):
         return None
+    rows, coef = centre if centre is not None else (None, None)
     q = queries.float().contiguous()
     table = block_table.to(torch.int64).contiguous()
     pos, lens = query_pos.to(torch.int64).contiguous(), ctx_len.to(torch.int64).contiguous()

@@ -41,6 +41,19 @@ INLINE int32_t hsum_epi32(__m256i v) {
     return _mm_cvtsi128_si32(s);
 }
 
+/* One-byte values widened exactly to fp32, 8 at a time: the float GEMMs' weights (cpu_lowbit_float.c) and the 8-bit
+ * KV cache's codes (cpu_lowbit_kv_decode.c). E4M3 reads as its value times 2^-8: the byte moved into fp16 bits as
+ * s 0 eeee mmm 0000000 (exponent biases 7 and 15; E4M3 subnormals land on fp16 subnormals, which vcvtph2ps
+ * converts exactly); callers multiply by 256 where it matters, exactly. E4M3's NaN (0x7F, 0xFF) reads as 480. */
+INLINE __m256 fp8_load8(const uint8_t *p) {
+    const __m128i b = _mm_slli_epi16(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)p)), 8);
+    return _mm256_cvtph_ps(_mm_and_si128(_mm_srai_epi16(b, 1), _mm_set1_epi16((short)0xBFFF)));
+}
+
+INLINE __m256 i8_load8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
 /* The 8-bit KV cache's code kinds (as cpu_lowbit_float.c's W_FP8 / W_INT8), shared by its store and gather
  * (cpu_lowbit_kv.c) and its decode attention (cpu_lowbit_kv_decode.c); and whether their AVX-512 forms run. */
 enum { KV_FP8 = 1, KV_INT8 = 2 };

@@ -20,10 +20,6 @@ INLINE float bf16_scalar(uint16_t v) {
     return f;
 }
 
-INLINE __m256 fp8_load8(const uint8_t *p) { /* 8 E4M3 bytes -> their values times 2^-8 (see below) */
-    const __m128i b = _mm_slli_epi16(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)p)), 8);
-    return _mm256_cvtph_ps(_mm_and_si128(_mm_srai_epi16(b, 1), _mm_set1_epi16((short)0xBFFF)));
-}
 
 INLINE float fp8_scalar(uint8_t v) {
     const __m128i h = _mm_and_si128(_mm_srai_epi16(_mm_cvtsi32_si128((int)v << 8), 1), _mm_set1_epi16((short)0xBFFF));
@@ -31,12 +27,9 @@ INLINE float fp8_scalar(uint8_t v) {
 }
 
 /* The weight element types the float kernels below widen in registers (exactly: every bf16, E4M3 and
- * int8 value is an fp32 value; E4M3 read times 2^-8, see fp8_load8). */
+ * int8 value is an fp32 value; E4M3 read times 2^-8, see fp8_load8 in cpu_lowbit.h). */
 enum { W_BF16 = 0, W_FP8 = 1, W_INT8 = 2 };
 
-INLINE __m256 i8_load8(const int8_t *p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-}
 
 INLINE __m256 widen8(const void *w, const int kind, int64_t i) {
     return kind == W_FP8    ? fp8_load8((const uint8_t *)w + i)

@@ -7,8 +7,6 @@
 
 #include "cpu_lowbit.h"
 
-/* ---------------------------------------------------------------- decode attention ----------------------------- */
-
 /* e^x for x <= 0 (a softmax's scores after the max is taken off), 8 lanes: Cephes' expf (x = n ln2 + r, a degree-6
  * polynomial in r, 2^n put into the exponent field), within 2 ulp of expf; below -87.3 it returns 0 (2^-126 and
  * less, as a score 87 below the max is to a softmax). */
@@ -40,17 +38,6 @@ INLINE __m256 hsum8x8(const __m256 v[8]) {
     return _mm256_add_ps(lo, hi);
 }
 
-/* One cached row of `dim` codes (a key or a value of one KV head) widened to fp32 in "read units": an int8 code as
- * itself, an E4M3 code as its value times 2^-8 (moved into fp16 bits as s 0 eeee mmm 0000000, which vcvtph2ps
- * widens exactly, subnormals included: cpu_lowbit_float.c's fp8_load8; the caller multiplies by 256 where it
- * matters, exactly). A centred key (cs non-NULL) gets a * cos_p + b * sin_p added (coefficients in read units),
- * in fp32 and not rounded: nothing on this path is bf16. E4M3's NaN codes read as 480 * 2^-8: the store saturates,
- * so the cache never holds them from finite keys. */
-INLINE __m256 kv_fp8x8(const uint8_t *p) {
-    const __m128i b = _mm_slli_epi16(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)p)), 8);
-    return _mm256_cvtph_ps(_mm_and_si128(_mm_srai_epi16(b, 1), _mm_set1_epi16((short)0xBFFF)));
-}
-
 INLINE __m256 round_bf16x8(__m256 v) { /* to the nearest bf16, ties to even, kept in fp32 (as f32x8_bf16) */
     const __m256i bits = _mm256_castps_si256(v);
     const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
@@ -58,11 +45,14 @@ INLINE __m256 round_bf16x8(__m256 v) { /* to the nearest bf16, ties to even, kep
     return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32((int)0xFFFF0000u)));
 }
 
+/* One cached row of `dim` codes (a key or a value of one KV head) widened to fp32 in "read units": an int8 code as
+ * itself, an E4M3 code as its value times 2^-8 (fp8_load8, cpu_lowbit.h). A centred key (cs non-NULL) gets
+ * a * cos_p + b * sin_p added (coefficients in read units) in fp32, then rounded to bf16 where `round`. E4M3's NaN
+ * codes read as 480 * 2^-8: the store saturates, so the cache never holds them from finite keys. */
 INLINE void widen_row(const uint8_t *src, int kind, int64_t dim, float *dst, const float *cs, int64_t p,
                       const float *a, const float *b, int round) {
     for (int64_t d = 0; d < dim; d += 8) {
-        __m256 k = kind == KV_FP8 ? kv_fp8x8(src + d)
-                                  : _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(src + d))));
+        __m256 k = kind == KV_FP8 ? fp8_load8(src + d) : i8_load8((const int8_t *)src + d);
         if (cs) {
             const float *cos = cs + p * 2 * dim, *sin = cos + dim;
             k = _mm256_fmadd_ps(_mm256_loadu_ps(b + d), _mm256_loadu_ps(sin + d), k);
@@ -76,8 +66,9 @@ INLINE void widen_row(const uint8_t *src, int kind, int64_t dim, float *dst, con
 #define DECODE_MAX_DIM 256
 #define DECODE_MAX_GROUP 16
 
-/* What one (sequence, KV head) task reads: its G query heads (fp32, times the read unit's inverse), its keys lo..hi-1 through the block table, the centre coefficients in read units, and where its G
- * output rows go. */
+/* What one (sequence, KV head) task reads: its G query heads (fp32, times the read unit's inverse), its keys
+ * lo..hi-1 through the block table (k and v point at its KV head's first row), the centre coefficients in read
+ * units, and where its G output rows go. */
 typedef struct {
     const float *q;     /* [G, dim] */
     const int64_t *tab; /* the sequence's block table */
@@ -106,13 +97,12 @@ INLINE RowWalk row_walk(const DecodeTask *t) {
     return (RowWalk){t->lo / t->bs, t->lo % t->bs, ahead / t->bs, ahead % t->bs, t->hi - ahead};
 }
 
-INLINE void next_rows(const DecodeTask *t, const uint8_t *cache, RowWalk *w, int64_t m, const uint8_t **rows,
-                      int64_t head_at) {
+INLINE void next_rows(const DecodeTask *t, const uint8_t *cache, RowWalk *w, int64_t m, const uint8_t **rows) {
     for (int64_t j = 0; j < m; j++) {
-        rows[j] = cache + (t->tab[w->blk] * t->bs + w->off) * t->row_stride + head_at;
+        rows[j] = cache + (t->tab[w->blk] * t->bs + w->off) * t->row_stride;
         if (++w->off == t->bs) w->off = 0, ++w->blk;
         if (w->ahead_left-- > 0) {
-            _mm_prefetch((const char *)cache + (t->tab[w->ahead_blk] * t->bs + w->ahead_off) * t->row_stride + head_at,
+            _mm_prefetch((const char *)cache + (t->tab[w->ahead_blk] * t->bs + w->ahead_off) * t->row_stride,
                          _MM_HINT_T0);
             if (++w->ahead_off == t->bs) w->ahead_off = 0, ++w->ahead_blk;
         }
@@ -143,13 +133,13 @@ static void softmax_rows(float *sc, int64_t G, int64_t n, int64_t stride, float 
 /* AVX2 form: keys eight at a time, widened into an L1 buffer, each head's eight dot products summed across lanes
  * together (hsum8x8); values eight at a time into per-head accumulators. */
 static void decode_task8(const DecodeTask *t) {
-    const int64_t G = t->G, dim = t->dim, n = t->hi - t->lo, head_at = 0;
+    const int64_t G = t->G, dim = t->dim, n = t->hi - t->lo;
     float rows[8 * DECODE_MAX_DIM] __attribute__((aligned(32)));
     const uint8_t *src[8];
     RowWalk walk = row_walk(t);
     for (int64_t t0 = t->lo; t0 < t->hi; t0 += 8) {
         const int64_t m = t->hi - t0 < 8 ? t->hi - t0 : 8;
-        next_rows(t, t->k, &walk, m, src, head_at);
+        next_rows(t, t->k, &walk, m, src);
         for (int64_t j = 0; j < 8; j++) {
             if (j < m)
                 widen_row(src[j], t->kind, dim, rows + j * dim, t->cs, t0 + j, t->a, t->b, t->round_bf16);
@@ -173,7 +163,7 @@ static void decode_task8(const DecodeTask *t) {
     walk = row_walk(t);
     for (int64_t t0 = t->lo; t0 < t->hi; t0 += 8) {
         const int64_t m = t->hi - t0 < 8 ? t->hi - t0 : 8;
-        next_rows(t, t->v, &walk, m, src, head_at);
+        next_rows(t, t->v, &walk, m, src);
         for (int64_t j = 0; j < m; j++) widen_row(src[j], t->kind, dim, rows + j * dim, NULL, 0, NULL, NULL, 0);
         for (int64_t g = 0; g < G; g++) {
             const float *p = t->sc + g * t->stride + (t0 - t->lo);
@@ -232,7 +222,7 @@ AVX512_INLINE void decode_task16_body(const DecodeTask *t, const int64_t G, cons
     RowWalk walk = row_walk(t);
     for (int64_t t0 = t->lo; t0 < t->hi; t0 += 16) {
         const int64_t m = t->hi - t0 < 16 ? t->hi - t0 : 16;
-        next_rows(t, t->k, &walk, m, src, 0);
+        next_rows(t, t->k, &walk, m, src);
         for (int64_t j = 0; j < m; j++) {
             __m512 s[DECODE_MAX_GROUP];
 #pragma GCC unroll 16
@@ -268,7 +258,7 @@ AVX512_INLINE void decode_task16_body(const DecodeTask *t, const int64_t G, cons
     walk = row_walk(t);
     for (int64_t t0 = t->lo; t0 < t->hi; t0 += 16) {
         const int64_t m = t->hi - t0 < 16 ? t->hi - t0 : 16;
-        next_rows(t, t->v, &walk, m, src, 0);
+        next_rows(t, t->v, &walk, m, src);
         const float *p = t->sc + (t0 - t->lo);
         for (int64_t j = 0; j < m; j++) {
             __m512 w[DECODE_MAX_GROUP];
@@ -359,8 +349,8 @@ int64_t lowbit_kv_decode(const float *q, int64_t B, int64_t H, int64_t kv, int64
                 ca[d] = coef[h * dim + d] / unit, cb[d] = coef[(kv + h) * dim + d] / unit;
         const DecodeTask t = {.q = qs, .tab = table + b * N, .k = k_cache + h * dim, .v = v_cache + h * dim,
                               .bs = bs, .row_stride = kv * dim, .lo = lo, .hi = hi, .G = G, .dim = dim,
-                              .kind = kind, .cs = cs, .a = cs ? ca : NULL, .b = cs ? cb : NULL, .unit = unit, .round_bf16 = round_bf16, .scale = scale,
-                              .sc = sc, .stride = stride, .out = o};
+                              .kind = kind, .cs = cs, .a = cs ? ca : NULL, .b = cs ? cb : NULL, .unit = unit,
+                              .round_bf16 = round_bf16, .scale = scale, .sc = sc, .stride = stride, .out = o};
         if (wide)
             decode_task16(&t);
         else
