@@ -8,18 +8,16 @@
  * (one request's output would depend on the others in the batch), and nothing runs fp32 math on
  * bf16-held weights without first widening the whole matrix.
  *
- * The two integer kernels keep every integer sum exact:
- *  - q4: 4-bit weights u in 0..15 (the signed value + 8), activations int8 in -127..127 with one scale
- *    per row and block of B inputs (llama.cpp's q4_0 x q8_0 idea). _mm256_maddubs_epi16 takes u as its
- *    unsigned operand: a pair sums to at most 15 * 127 * 2 = 3810, so 8 chunks of 32 (B <= 256) add up
- *    in int16 without overflow. sum((u - 8) * a) = sum(u * a) - 8 * sum(a), the second term per block.
- *  - q8: int8 weights and int8 activations (W8A8's own per-token quantization, done by the caller)
- *    widened to int16 and multiplied with _mm256_madd_epi16 (exact for every int8 value, -128 too).
+ * The q4 kernel keeps every integer sum exact (as the q8 one, cpu_lowbit_q8.c): 4-bit weights u in 0..15
+ * (the signed value + 8), activations int8 in -127..127 with one scale per row and block of B inputs
+ * (llama.cpp's q4_0 x q8_0 idea). _mm256_maddubs_epi16 takes u as its unsigned operand: a pair sums to at
+ * most 15 * 127 * 2 = 3810, so 8 chunks of 32 (B <= 256) add up in int16 without overflow.
+ * sum((u - 8) * a) = sum(u * a) - 8 * sum(a), the second term per block.
  *
  * Work split: blocks of weight columns across OpenMP threads (torch's own OpenMP runtime, which the
  * process has loaded already); rows in tiles (MT) so a tile's activations stay in L2 while the
  * weights stream. The q4 weights are pre-interleaved 8 columns per 64-input chunk (one stream per
- * thread); the q8 kernel widens a block of NC columns to int16 once per row tile.
+ * thread).
  */
 #include "cpu_lowbit.h"
 
@@ -119,144 +117,6 @@ void lowbit_q4_gemm(const int8_t *qa, const float *sa, const int32_t *asum, int6
                        zzt ? zzt + c0 * nb : 0, out + m * N + c0);
         }
     }
-}
-
-/* ---------------------------------------------------------------- q8 x q8 ------------------------- */
-
-/* One R x C tile over the whole K: exact int32 dot products, then (acc * xs) * ws as the reference
- * (`ops.int8_scaled_mm`) computes them. w16, a16: int16 copies (stride K). */
-INLINE void q8_tile(const int R, const int C, const int16_t *w16, const int16_t *a16, int64_t K, const float *xs,
-                    const float *ws, float *out, int64_t ldo) {
-    __m256i acc[4][NC];
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_si256();
-    for (int64_t j = 0; j < K; j += 16) {
-        __m256i w[NC];
-        for (int c = 0; c < C; c++) w[c] = _mm256_loadu_si256((const __m256i *)(w16 + c * K + j));
-        for (int r = 0; r < R; r++) {
-            const __m256i a = _mm256_loadu_si256((const __m256i *)(a16 + r * K + j));
-            for (int c = 0; c < C; c++) acc[r][c] = _mm256_add_epi32(acc[r][c], _mm256_madd_epi16(w[c], a));
-        }
-    }
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++) out[r * ldo + c] = ((float)hsum_epi32(acc[r][c]) * xs[r]) * ws[c];
-}
-
-/* Few activation rows: each weight row streamed once, start to end (one stream per thread, prefetched),
- * widened to int16 in registers and dotted with each of the R rows while it is in L1. Measured on a
- * 2048 -> 16384 GEMV: 1.13 ms against 1.83 for the tiled form, whose NC rows at stride K are NC
- * concurrent streams per thread that the memory system served at 18 GB/s. */
-INLINE void q8_rows(const int64_t R, const int8_t *w, const int16_t *a16, int64_t K, const float *xs, float ws,
-                    float *out, int64_t ldo) {
-    for (int64_t r = 0; r < R; r++) {
-        const int16_t *a = a16 + r * K;
-        __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
-        int64_t j = 0;
-        for (; j + 32 <= K; j += 32) {
-            if (r == 0 && (j & 63) == 0) _mm_prefetch((const char *)(w + j + ROW_PREFETCH), _MM_HINT_T0);
-            const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + j)));
-            const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + j + 16)));
-            s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)(a + j))));
-            s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(a + j + 16))));
-        }
-        if (j < K) /* K % 16 == 0: one last 16 */
-            s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + j))),
-                                                        _mm256_loadu_si256((const __m256i *)(a + j))));
-        out[r * ldo] = ((float)hsum_epi32(_mm256_add_epi32(s0, s1)) * xs[r]) * ws;
-    }
-}
-
-#define Q8_FEW_ROWS 4 /* at most this many rows take q8_rows */
-
-#define Q8_TILE(R, C) q8_tile(R, C, w16, a16 + (m0 - t0) * K, K, xs + m0, ws + c0, out + m0 * N + c0, N)
-
-/* y [M, N] = (xq @ wq^T) * xs [M] * ws [N]; xq int8 [M, K], wq int8 [N, K], K % 16 == 0. */
-void lowbit_q8_gemm(const int8_t *xq, const float *xs, int64_t M, int64_t K, const int8_t *wq, const float *ws,
-                    int64_t N, float *out) {
-    const int64_t nblocks = (N + NC - 1) / NC;
-    int16_t *a16 = (int16_t *)malloc((size_t)(MT * K * 2));
-    if (M <= Q8_FEW_ROWS) {
-        for (int64_t i = 0; i < M * K; i++) a16[i] = xq[i];
-#pragma omp parallel for schedule(dynamic, chunk_of(N, 32))
-        for (int64_t n = 0; n < N; n++) q8_rows(M, wq + n * K, a16, K, xs, ws[n], out + n, N);
-        free(a16);
-        return;
-    }
-#pragma omp parallel
-    {
-        int16_t *w16 = (int16_t *)malloc((size_t)(NC * K * 2));
-        for (int64_t t0 = 0; t0 < M; t0 += MT) {
-            const int64_t t1 = t0 + MT < M ? t0 + MT : M;
-#pragma omp for schedule(dynamic, chunk_of((t1 - t0) * K, 4096))
-            for (int64_t i = 0; i < (t1 - t0) * K; i++) a16[i] = xq[t0 * K + i];
-#pragma omp for schedule(dynamic, chunk_of(nblocks, 4))
-            for (int64_t blk = 0; blk < nblocks; blk++) {
-                const int64_t c0 = blk * NC;
-                const int C = N - c0 < NC ? (int)(N - c0) : NC;
-                for (int c = 0; c < C; c++)
-                    for (int64_t j = 0; j < K; j += 16)
-                        _mm256_storeu_si256((__m256i *)(w16 + c * K + j),
-                                            _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wq + (c0 + c) * K + j))));
-                int64_t m0 = t0;
-                if (C == NC) {
-                    for (; m0 + 4 <= t1; m0 += 4) Q8_TILE(4, NC);
-                    for (; m0 + 2 <= t1; m0 += 2) Q8_TILE(2, NC);
-                    for (; m0 < t1; m0++) Q8_TILE(1, NC);
-                } else {
-                    for (; m0 < t1; m0++)
-                        for (int c = 0; c < C; c++)
-                            q8_tile(1, 1, w16 + c * K, a16 + (m0 - t0) * K, K, xs + m0, ws + c0 + c,
-                                    out + m0 * N + c0 + c, N);
-                }
-            }
-        }
-        free(w16);
-    }
-    free(a16);
-}
-
-/* W8A8's per-token activation quantization, bit for bit `ops.quantize_per_token(x, torch.int8)`
- * (compressed-tensors' rule): scale = max(absmax / 127.5, 1e-12), q = clamp(round_half_even(x / scale),
- * -128, 127). A true division, as torch's, not a multiply by the reciprocal. */
-void lowbit_quant_rows_int8(const float *x, int64_t M, int64_t K, int8_t *q, float *scales) {
-    const __m256 sign = _mm256_set1_ps(-0.f), lo = _mm256_set1_ps(-128.f), hi = _mm256_set1_ps(127.f);
-#pragma omp parallel for schedule(dynamic, chunk_of(M, 1)) if (M * K >= (1 << 16))
-    for (int64_t m = 0; m < M; m++) {
-        const float *xr = x + m * K;
-        __m256 vmax = _mm256_setzero_ps();
-        int64_t j = 0;
-        for (; j + 8 <= K; j += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(xr + j)));
-        float lanes[8], amax = 0.f;
-        _mm256_storeu_ps(lanes, vmax);
-        for (int i = 0; i < 8; i++) amax = lanes[i] > amax ? lanes[i] : amax;
-        for (; j < K; j++) amax = __builtin_fabsf(xr[j]) > amax ? __builtin_fabsf(xr[j]) : amax;
-        float s = amax / 127.5f;
-        s = s < 1e-12f ? 1e-12f : s;
-        scales[m] = s;
-        const __m256 vs = _mm256_set1_ps(s);
-        int8_t *qr = q + m * K;
-        for (j = 0; j + 8 <= K; j += 8) {
-            __m256 y = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(xr + j), vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            const __m256i v = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(y, lo), hi));
-            const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-            _mm_storel_epi64((__m128i *)(qr + j), _mm_packs_epi16(w16, w16));
-        }
-        for (; j < K; j++) {
-            float y = __builtin_nearbyintf(xr[j] / s);
-            y = y < -128.f ? -128.f : y > 127.f ? 127.f : y;
-            qr[j] = (int8_t)y;
-        }
-    }
-}
-
-/* One call per W8A8 layer: the activations quantized per token, then the exact int8 GEMM. */
-void lowbit_q8_linear(const float *x, int64_t M, int64_t K, const int8_t *wq, const float *ws, int64_t N, float *out) {
-    int8_t *xq = (int8_t *)malloc((size_t)(M * K));
-    float *xs = (float *)malloc((size_t)M * sizeof(float));
-    lowbit_quant_rows_int8(x, M, K, xq, xs);
-    lowbit_q8_gemm(xq, xs, M, K, wq, ws, N, out);
-    free(xq);
-    free(xs);
 }
 
 /* ---------------------------------------------------------------- nf4 (bitsandbytes) ------------- */

@@ -16,7 +16,6 @@ static inline int64_t chunk_of(int64_t n, int64_t min) {
     return c > min ? c : min;
 }
 
-#define NC 4   /* weight columns (output features) per block */
 #define MT 64  /* activation rows per tile */
 /* Software prefetch distances (bytes ahead in a thread's weight stream). At one row every kernel here
  * is a weight read, and on the project's Zen 2 the hardware prefetcher alone left the q4 GEMV at 23

@@ -51,7 +51,7 @@ _VOID = [
 ]
 LIBRARY = CLibrary(
     name="lowbit",
-    sources=(SOURCE, SOURCE.with_name("cpu_lowbit_float.c"), SOURCE.with_name("cpu_lowbit_kv.c"),
+    sources=(SOURCE, SOURCE.with_name("cpu_lowbit_q8.c"), SOURCE.with_name("cpu_lowbit_float.c"), SOURCE.with_name("cpu_lowbit_kv.c"),
              SOURCE.with_name("cpu_lowbit_kv_decode.c")),
     header=SOURCE.with_suffix(".h"),
     flags=("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno"),

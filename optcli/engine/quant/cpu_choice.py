@@ -126,8 +126,10 @@ RULES: dict[str, tuple[Rule, ...]] = {
     "int8": (
         Rule(64, (Q8Amx, Q8Vnni, Q8q8Avx2, IntMm, Int8PackBf16, I8wDot, I8wPanels, Int8PackFp32, Int8Dequant),
              "AMX's int8 tiles (~3x bf16 at M = 1-64); else AVX-512 VNNI dot products on the same layout (Zen 5: "
-             "1.0x our AVX2 int8 kernel at M=1, 1.6x at 4, 3.7x at 16, 3.9x at 64); else our exact AVX2 int8 kernel "
-             "(AVX2 EPYC: 1.1 ms at M=1 against 3.0 for torch's int8 weight kernel, 241 for _int_mm without VNNI)"),
+             "1.0x our AVX2 int8 kernel at M=1, 1.6x at 4, 3.7x at 16, 3.9x at 64, against its earlier tiled form); "
+             "else our exact AVX2 int8 kernel "
+             "(AVX2 EPYC: 1.1 ms at M=1 against 3.0 for torch's int8 weight kernel, 241 for _int_mm without VNNI; "
+             "Zen 3: 1.9x / 1.9x / 1.7x the bf16 source's fp32 panels at M = 8 / 16 / 64)"),
         Rule(None, (Q8Amx, Q8Vnni, IntMm, Q8q8Avx2, Int8PackBf16, I8wPanels, Int8PackFp32, Int8Dequant),
              "prompt-sized batches: tiles, or VNNI (ours, or oneDNN's _int_mm: within 15% of each other at M=256 on "
              "Zen 5), else our AVX2 int8 kernel"),

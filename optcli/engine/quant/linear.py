@@ -296,7 +296,7 @@ class Int8Linear(QuantLinear):
         return ops.int8_scaled_mm(xq, xs, self.qweight, self.scales, x.dtype)
 
     def _q8q8(self, x: torch.Tensor) -> torch.Tensor:
-        """Our AVX2 kernels (`kernels/cpu_lowbit.c`), one call: the same per-token quantization, int32
+        """Our AVX2 kernels (`kernels/cpu_lowbit_q8.c`), one call: the same per-token quantization, int32
         sums and scaling as `_int_mm`'s path, bit for bit."""
         return cpu_lowbit.q8_linear(x, self.qweight, self.scales).to(x.dtype)
 

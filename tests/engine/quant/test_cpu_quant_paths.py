@@ -148,7 +148,9 @@ def test_avx2_kernel_layouts_and_exact_int8_sums() -> None:
     assert cpu_lowbit.q4_block(4096, 4096) == 256 and cpu_lowbit.q4_block(256, 128) == 128
     # every int8 value, -128 included, on both sides: bit for bit the int32 reference
     g = torch.Generator().manual_seed(1)
-    for m, k, n in ((1, 16, 1), (3, 80, 6), (4, 4096, 5), (5, 48, 9), (67, 256, 20)):  # M <= 4: one row a stream
+    # M <= 4: one row a stream; more: panels of 16 columns x 512 inputs (a last partial panel of inputs at
+    # K = 1040, rows past the last tile of 6, columns past the last panel)
+    for m, k, n in ((1, 16, 1), (3, 80, 6), (4, 4096, 5), (5, 48, 9), (67, 256, 20), (13, 1040, 35), (64, 2048, 48)):
         xq = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
         wq = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
         xq[0, :] = -128
