@@ -25,8 +25,8 @@ class Fp8Linear(QuantLinear):
     GEMM). On an AVX2 CPU our kernels (`kernels/cpu_lowbit.c`) keep the weight as its E4M3 bytes and
     widen them exactly in registers, fp32 math, activations rounded to FP8 per token first (the
     scheme's numerics): one byte a weight. Measured on a 2048 -> 16384 GEMM against the bf16 weight
-    kernels: 1.2x at 1-8 rows, 0.82x at 16, 0.92x at 64, 1.0x at 256 (`fp8-dot` / `fp8-panels` /
-    `widen-onednn` by batch size: `cpu_choice.py`'s rule). Without them every E4M3 value is exact in fp16, so the weight is widened once to
+    kernels: 1.2x at 1-8 rows, 0.82x at 16, 0.92x at 64, 1.0x at 256 (`fp8-dot` / `fp8-panels` by batch
+    size: `cpu_choice.py`'s rule). Without them every E4M3 value is exact in fp16, so the weight is widened once to
     fp16 for FBGEMM's fp16-weight GEMM (2 bytes a weight); without FBGEMM, `_scaled_mm`.
 
     On a CPU with AMX (`kernels/cpu_amx.c`) the E4M3 bytes are widened exactly to bf16 a panel at a time and
