@@ -145,8 +145,6 @@ static void q8_gemm_panels(const int16_t *a16, const float *xs, int64_t M, int64
     }
 }
 
-
-
 /* y [M, N] = (xq @ wq^T) * xs [M] * ws [N]; xq int8 [M, K], wq int8 [N, K], K % 16 == 0. Measured on the
  * Llama-3.2-1B layer's four GEMMs (AVX2 Zen 3, 2 threads, 7 interleaved rounds, 2026-12-07; the current form
  * against the others: benchmarks/cpu_paths.py --formats int8,bf16):
