@@ -1,6 +1,6 @@
-"""The AVX2 CPU kernels of `cpu_lowbit.c` (low-bit GEMMs, bf16-weight GEMMs, FP8 activation rounding; the 8-bit KV
-cache's store and read, `cpu_lowbit_kv.c` and `cpu_lowbit_kv_decode.c`, called by `cpu_kv8.py`), compiled once per
-machine and called through ctypes.
+"""The AVX2 CPU kernels of `cpu_lowbit.c` and `cpu_lowbit_q8.c` (low-bit GEMMs), `cpu_lowbit_float.c` (bf16-weight
+GEMMs, FP8 activation rounding) and the 8-bit KV cache's store and read (`cpu_lowbit_kv.c` and
+`cpu_lowbit_kv_decode.c`, called by `cpu_kv8.py`), compiled once per machine and called through ctypes.
 
 No maintained library gives an exact low-bit GEMM on an AVX2 CPU without VNNI, or an fp32 GEMM on
 bf16-held weights (see the C file's header), so these are ours: compiled with the system's C compiler (`$CC`, else `cc`) on first use
@@ -51,8 +51,8 @@ _VOID = [
 ]
 LIBRARY = CLibrary(
     name="lowbit",
-    sources=(SOURCE, SOURCE.with_name("cpu_lowbit_q8.c"), SOURCE.with_name("cpu_lowbit_float.c"), SOURCE.with_name("cpu_lowbit_kv.c"),
-             SOURCE.with_name("cpu_lowbit_kv_decode.c")),
+    sources=(SOURCE, *(SOURCE.with_name(name) for name in ("cpu_lowbit_q8.c", "cpu_lowbit_float.c", "cpu_lowbit_kv.c",
+                                                              "cpu_lowbit_kv_decode.c"))),
     header=SOURCE.with_suffix(".h"),
     flags=("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno"),
     functions={**{name: (args, None) for name, args in _VOID}, "lowbit_read_probe": ([P, I64], I64),

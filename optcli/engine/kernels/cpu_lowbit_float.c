@@ -212,7 +212,7 @@ INLINE void panel_tile(const int R, const float *x, int64_t K, const float *buf,
 }
 
 /* 16 weight rows (stride K) x kc inputs -> buf [kc][16] fp32: 8 x 8 blocks widened and transposed in
- * registers (unpack / shuffle / lane permute), a scalar loop for the last kc % 8 inputs; `kind`: the
+ * registers (`transpose8_store16`), a scalar loop for the last kc % 8 inputs; `kind`: the
  * weight's element type (W_BF16, W_FP8, W_INT8). */
 INLINE void pack_panel(const void *w, const int kind, int64_t K, int64_t kc, float *buf) {
     const int64_t kc8 = kc & ~(int64_t)7;
@@ -220,23 +220,7 @@ INLINE void pack_panel(const void *w, const int kind, int64_t K, int64_t kc, flo
         for (int64_t kk = 0; kk < kc8; kk += 8) {
             __m256 r[8];
             for (int i = 0; i < 8; i++) r[i] = widen8(w, kind, (8 * g + i) * K + kk);
-            const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-            const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-            const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-            const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-            const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-            const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-            const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-            const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-            float *o = buf + kk * 16 + 8 * g;
-            _mm256_store_ps(o + 0 * 16, _mm256_permute2f128_ps(s0, s4, 0x20));
-            _mm256_store_ps(o + 1 * 16, _mm256_permute2f128_ps(s1, s5, 0x20));
-            _mm256_store_ps(o + 2 * 16, _mm256_permute2f128_ps(s2, s6, 0x20));
-            _mm256_store_ps(o + 3 * 16, _mm256_permute2f128_ps(s3, s7, 0x20));
-            _mm256_store_ps(o + 4 * 16, _mm256_permute2f128_ps(s0, s4, 0x31));
-            _mm256_store_ps(o + 5 * 16, _mm256_permute2f128_ps(s1, s5, 0x31));
-            _mm256_store_ps(o + 6 * 16, _mm256_permute2f128_ps(s2, s6, 0x31));
-            _mm256_store_ps(o + 7 * 16, _mm256_permute2f128_ps(s3, s7, 0x31));
+            transpose8_store16(r, buf + kk * 16 + 8 * g);
         }
     }
     for (int c = 0; c < 16; c++)

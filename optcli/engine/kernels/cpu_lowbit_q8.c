@@ -49,30 +49,14 @@ INLINE void q8_rows(const int64_t R, const int8_t *w, const int16_t *a16, int64_
 
 /* 16 weight rows (stride K) x kc inputs (kc % 16 == 0) -> buf [kc / 2][16] int32: lane c of pair p holds
  * (w[c][2p], w[c][2p + 1]) as two int16. Per 8 rows x 16 inputs: widened to int16 (8 pairs of 32 bits a row),
- * then an 8 x 8 transpose of those 32-bit pairs (unpack / shuffle / lane permute, in the float domain). */
+ * then an 8 x 8 transpose of those 32-bit pairs in the float domain (`transpose8_store16`). */
 INLINE void q8_pack_panel(const int8_t *w, int64_t K, int64_t kc, int32_t *buf) {
     for (int g = 0; g < 2; g++) {
         for (int64_t kk = 0; kk < kc; kk += 16) {
             __m256 r[8];
             for (int i = 0; i < 8; i++)
                 r[i] = _mm256_castsi256_ps(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + (8 * g + i) * K + kk))));
-            const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-            const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-            const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-            const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-            const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-            const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-            const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-            const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-            float *o = (float *)buf + (kk / 2) * 16 + 8 * g;
-            _mm256_store_ps(o + 0 * 16, _mm256_permute2f128_ps(s0, s4, 0x20));
-            _mm256_store_ps(o + 1 * 16, _mm256_permute2f128_ps(s1, s5, 0x20));
-            _mm256_store_ps(o + 2 * 16, _mm256_permute2f128_ps(s2, s6, 0x20));
-            _mm256_store_ps(o + 3 * 16, _mm256_permute2f128_ps(s3, s7, 0x20));
-            _mm256_store_ps(o + 4 * 16, _mm256_permute2f128_ps(s0, s4, 0x31));
-            _mm256_store_ps(o + 5 * 16, _mm256_permute2f128_ps(s1, s5, 0x31));
-            _mm256_store_ps(o + 6 * 16, _mm256_permute2f128_ps(s2, s6, 0x31));
-            _mm256_store_ps(o + 7 * 16, _mm256_permute2f128_ps(s3, s7, 0x31));
+            transpose8_store16(r, (float *)buf + (kk / 2) * 16 + 8 * g);
         }
     }
 }
