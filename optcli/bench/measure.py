@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import torch
@@ -72,23 +72,50 @@ def offline_run(engine, requests: list[tuple[list[int], int]]) -> dict:
 
 def within_window(run: Callable[[], T], figure: Callable[[T], float | None],
                   window_s: float) -> tuple[T | None, int]:
-    """`run()` repeated until `window_s` seconds have passed (`Workload.min_time_s`: why), an odd number of times (at least 3 unless the
-    first run alone fills the window), and the run whose `figure` is the median: (that run, runs made). A run
-    whose figure is None (not measurable) ends the window and is returned as it is."""
-    results: list[T] = []
+    """`run()` repeated until `window_s` seconds have passed (`Workload.min_time_s`: why), an odd number of times (at least
+    3 unless the first run alone fills the window), and the run whose `figure` is the median: (that run, runs made).
+    A run whose figure is None (not measurable) ends the window: the median of the runs before it is kept, or
+    that run as it is when none came before."""
+    (result,), runs = within_shared_window([run], figure, window_s)
+    return result, runs
+
+
+def within_shared_window(runs: Sequence[Callable[[], T]], figure: Callable[[T], float | None],
+                         window_s: float) -> tuple[list[T | None], int]:
+    """Several models' runs of one phase interleaved run by run within one timed window of `window_s` seconds
+    each: A B, B A, A B, ... (the order reversed every round, so neither model always runs first), until each
+    has had its share of the window and an odd number of runs (at least 3 unless the first round alone fills
+    it). Each model's kept run is its median by `figure`: ([one per model], runs each). Interleaved this finely,
+    a disturbance of the host (another job's burst, a neighbour on the same memory bus) that lasts a second
+    lands on both models' runs, where two back-to-back windows put it on one: on a noisy 2-core Zen 3 the
+    README main job's ratios read [0.88, 1.56] that way on a quiet machine (benchmarks/busy_verdicts.py,
+    2026-12-07). A run whose figure is None (not measurable) ends the window with its round; a model with no
+    measured run keeps that run as it is."""
+    results: list[list[T]] = [[] for _ in runs]
+    unmeasurable: dict[int, T] = {}  # by model: its unmeasurable run
+    window = window_s * len(runs)
     start = time.perf_counter()
+    rounds = 0
     while True:
-        result = run()
-        if figure(result) is None:
-            return result, len(results) + 1
-        results.append(result)
+        for i in (range(len(runs)) if rounds % 2 == 0 else reversed(range(len(runs)))):
+            result = runs[i]()
+            if figure(result) is None:
+                unmeasurable[i] = result
+            else:
+                results[i].append(result)
+        rounds += 1
         elapsed = time.perf_counter() - start
-        if len(results) == 1 and elapsed >= window_s:
+        if unmeasurable or (rounds == 1 and elapsed >= window):
             break
-        if len(results) >= MOST_RUNS_PER_WINDOW or (elapsed >= window_s and len(results) >= 3 and len(results) % 2):
+        if rounds >= MOST_RUNS_PER_WINDOW or (elapsed >= window and rounds >= 3 and rounds % 2):
             break
-    ordered = sorted(results, key=figure)
-    return ordered[len(ordered) // 2], len(results)
+    return [_median_run(r, figure) if r else unmeasurable.get(i) for i, r in enumerate(results)], rounds
+
+
+def _median_run(results: list[T], figure: Callable[[T], float | None]) -> T | None:
+    if not results:
+        return None
+    return sorted(results, key=figure)[len(results) // 2]
 
 
 def engine_facts(engine) -> dict:

@@ -7,10 +7,12 @@
    compilation, the first call of each batch-size bucket, allocator growth) are paid there, not in a timed
    window.
 3. `workload.repeats` timed repeats of each phase (offline, batch-1 decode, batch-1 prompt, online at the
-   headline level), source and artifact alternating ABBA-style: repeat 1 runs A then B, repeat 2 B then A,
+   headline level), source and artifact alternating ABBA-style: repeat 1 starts with A, repeat 2 with B,
    and so on, phase by phase, so a drift over time (another job starting, a clock ramping) lands on both
-   and the paired ratio of repeat i cancels it. Every timed run starts from a cold prefix cache with the
-   same prompts, so the repeats measure the same work.
+   and the paired ratio of repeat i cancels it. Resident together, the two models share each phase's timed
+   window, alternating run by run inside it (A B B A A B ..., `measure.within_shared_window`), and each
+   keeps its median run: a disturbance that lasts a second hits both sides of the pair. Every timed run
+   starts from a cold prefix cache with the same prompts, so the repeats measure the same work.
 4. Every run steps the engine on a thread of its own, as `serve` does (AsyncEngine's engine thread) and as
    the online phase always did. Offline and batch-1 used to run on the main thread, which is not the
    path a served model takes and, on a busy CPU, a much slower one: the main thread's OpenMP team
@@ -30,7 +32,6 @@ other load levels (a concurrency list, a sweep) are its capacity plan: they run 
 
 from __future__ import annotations
 
-import statistics
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,51 +50,17 @@ from optcli.bench.measure import (
     online_load,
     prompt_tok_s,
     vocab_range,
+    within_shared_window,
     within_window,
 )
+from optcli.bench.model_run import LATENCY_FIELDS, ModelRun, median, merge_summaries
 from optcli.bench.rates import THROUGHPUT, LoadLevel
-from optcli.bench.stats import median_interval
 from optcli.bench.sweep import run_levels
 from optcli.bench.workload import DECODE_PROMPT_TOKENS, PREFILL_PROMPT_TOKENS, Workload
 from optcli.config import EngineConfig
 from optcli.engine import Engine, SamplingParams
 
 PHASES = ("offline", "decode", "prompt", "online")
-LATENCY_FIELDS = tuple(f"latency_ms.{m}.{s}" for m in ("ttft", "tpot", "itl", "e2e") for s in ("mean", "p50", "p95", "p99"))
-# every figure measured once per repeat, by its place in the report
-FIGURES = ("throughput.output_tok_s", "throughput.total_tok_s", "throughput.requests_s", "throughput.decode_tok_s",
-           "throughput.prompt_tok_s", "throughput.online_output_tok_s", *LATENCY_FIELDS)
-
-
-@dataclass
-class ModelRun:
-    """Everything the repeats measured for one model (its engine is dropped by then)."""
-
-    engine_options: dict  # the resolved engine options (`EngineConfig.as_dict()`) and dtype_reason
-    throughput: dict  # medians of the offline figures, plus the engine's kernel paths and LM head cost
-    batch_efficiency: float | None
-    memory: dict
-    decode_tok_s: float | None  # median of the repeats
-    prompt_tok_s: float | None
-    online: dict  # the headline level's summary: medians over the repeats, samples of all of them
-    samples: dict[str, list[float]]
-    levels: list[tuple[LoadLevel, dict]]  # every level's summary, the headline last (its merged summary)
-    runs: list[dict[str, float | None]]  # each repeat's figures, by report field (FIGURES)
-    offline_preemptions: int = 0  # sequences preempted in the timed offline runs, all repeats
-
-    def figure_runs(self, name: str) -> list[float | None]:
-        return [run.get(name) for run in self.runs]
-
-    def intervals(self) -> dict[str, dict]:
-        """Each figure's median and 95% interval over the repeats (`stats.median_interval`)."""
-        out = {}
-        for name in FIGURES:
-            interval = median_interval(self.figure_runs(name))
-            out[name] = {"median": None if interval is None else interval.median,
-                         "ci_low": None if interval is None else interval.low,
-                         "ci_high": None if interval is None else interval.high,
-                         "repeats": 0 if interval is None else interval.n}
-        return out
 
 
 def on_own_thread(fn: Callable, *args):
@@ -117,18 +84,6 @@ def on_own_thread(fn: Callable, *args):
 
 def _same(value):
     return value
-
-
-def median(values) -> float | None:
-    """The median over repeats as `stats.py` takes it (on the log scale: with an even count, the geometric
-    mean of the middle two), so a figure and its interval agree; a figure that can be 0 (a hit rate, a
-    goodput fraction) takes the plain median."""
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    if all(v > 0 for v in values):
-        return median_interval(values).median
-    return statistics.median(values)
 
 
 @dataclass
@@ -223,54 +178,93 @@ class _Repeats:
         return online_load(engine, None, self.workload, level, self.slo, vocab_range(engine), text_tok,
                            seed_offset=order or self.headline_order)
 
-    def windowed_online(self, side: _Side, order: int | None = None) -> dict:
-        """The headline level's online run, repeated within the timed window (`measure.within_window`): a
-        burst of the demo's 16 requests lasts ~0.3 s; a paced level outlasts the window and runs once."""
-        summary, runs = within_window(lambda: self.online(side, self.headline, order),
-                                      lambda s: s["throughput"]["output_tok_s"], self.workload.min_time_s)
-        side.window_runs["online"].append(runs)
-        return summary
-
-    def run(self, side: _Side, phase: str, repeat: int) -> None:
+    def timed(self, side: _Side, phase: str, repeat: int) -> tuple[Callable[[], object], Callable, Callable]:
+        """One phase of one model as three parts: a timed run, the figure its window's median is taken by, and
+        what records the kept run as repeat `repeat`'s figures."""
         engine, figures = side.engine, side.runs[repeat]
-        of = f" (repeat {repeat + 1}/{self.workload.repeats})"
         if phase == "offline":
-            self.step(f"offline throughput of {side.source.spec}: {len(side.requests)} requests{of}")
-            result, runs = within_window(lambda: offline_run(engine, side.requests), lambda r: r["output_tok_s"],
-                                         self.workload.min_time_s)
-            side.window_runs["offline"].append(runs)
-            for key in ("output_tok_s", "total_tok_s", "requests_s"):
-                figures[f"throughput.{key}"] = result[key]
-            side.efficiency.append(result["batch_efficiency"])
-            side.preemptions += result["preemptions"]
-        elif phase == "decode":
-            self.step(f"batch-1 decode of {side.source.spec}{of}")
-            figures["throughput.decode_tok_s"], runs = within_window(lambda: decode_tok_s(engine), _same,
-                                                                        self.workload.min_time_s)
-            side.window_runs["decode"].append(runs)
-        elif phase == "prompt":
-            self.step(f"batch-1 prompt of {side.source.spec}{of}")
-            figures["throughput.prompt_tok_s"], runs = within_window(lambda: prompt_tok_s(engine), _same,
-                                                                        self.workload.min_time_s)
-            side.window_runs["prompt"].append(runs)
-        else:
-            if side.role == "candidate" and repeat == 0:  # every level once: the capacity plan
-                def run_one(level: LoadLevel, order: int) -> dict:
-                    self.step(f"online latency of {side.source.spec}: {level.label}{of}")
-                    if level == self.headline:
-                        return self.windowed_online(side, order)
-                    return self.online(side, level, order)
+            def keep_offline(result: dict) -> None:
+                for key in ("output_tok_s", "total_tok_s", "requests_s"):
+                    figures[f"throughput.{key}"] = result[key]
+                side.efficiency.append(result["batch_efficiency"])
+                side.preemptions += result["preemptions"]
+            return lambda: offline_run(engine, side.requests), lambda r: r["output_tok_s"], keep_offline
+        if phase in ("decode", "prompt"):
+            measure = decode_tok_s if phase == "decode" else prompt_tok_s
 
-                side.levels = run_levels(self.workload, run_one)
-                summary = side.levels[-1][1]
-            else:
-                self.step(f"online latency of {side.source.spec}: {self.headline.label}{of}")
-                summary = self.windowed_online(side)
+            def keep_rate(value: float | None) -> None:
+                figures[f"throughput.{phase}_tok_s"] = value
+            return lambda: measure(engine), _same, keep_rate
+
+        def keep_online(summary: dict) -> None:
             side.online_runs.append(summary)
             figures["throughput.online_output_tok_s"] = summary["throughput"]["output_tok_s"]
             for name in LATENCY_FIELDS:
                 _, metric, stat = name.split(".")
                 figures[name] = summary["latency_ms"][metric][stat]
+        return (lambda: self.online(side, self.headline), lambda s: s["throughput"]["output_tok_s"], keep_online)
+
+    def describe(self, phase: str, names: str, repeat: int) -> str:
+        of = f" (repeat {repeat + 1}/{self.workload.repeats})"
+        if phase == "offline":
+            return f"offline throughput of {names}: {self.workload.requests} requests{of}"
+        if phase in ("decode", "prompt"):
+            return f"batch-1 {phase} of {names}{of}"
+        return f"online latency of {names}: {self.headline.label}{of}"
+
+    def run(self, side: _Side, phase: str, repeat: int) -> None:
+        """One model's phase alone in its timed window (`measure.within_window`): a model measured without a
+        peer, or one of two not resident together."""
+        if phase == "online" and side.role == "candidate" and repeat == 0 and self.plan_levels():
+            runs = self.plan(side, headline_in_window=True)
+            side.window_runs["online"].append(runs)
+            self.timed(side, phase, repeat)[2](side.levels[-1][1])
+            return
+        self.step(self.describe(phase, side.source.spec, repeat))
+        run, figure, keep = self.timed(side, phase, repeat)
+        result, runs = within_window(run, figure, self.workload.min_time_s)
+        side.window_runs[phase].append(runs)
+        keep(result)
+
+    def run_together(self, sides: list[_Side], phase: str, repeat: int) -> None:
+        """Both models' phase in one timed window, interleaved run by run (`measure.within_shared_window`), so
+        the pair that makes this repeat's ratio ran under the same second of the machine's load. Before the
+        first repeat's online phase the candidate runs its other load levels once (`plan`)."""
+        if phase == "online" and repeat == 0 and self.plan_levels():
+            for side in sides:
+                if side.role == "candidate":
+                    self.plan(side, headline_in_window=False)
+        self.step(self.describe(phase, " and ".join(s.source.spec for s in sides) + ", interleaved", repeat))
+        parts = [self.timed(side, phase, repeat) for side in sides]
+        kept, runs = within_shared_window([run for run, _, _ in parts], parts[0][1], self.workload.min_time_s)
+        for side, (_, _, keep), result in zip(sides, parts, kept, strict=True):
+            side.window_runs[phase].append(runs)
+            keep(result)
+
+    # --- the candidate's capacity plan -------------------------------------------------------------
+    def plan_levels(self) -> bool:
+        """Whether the workload has load levels beyond the headline (a concurrency list, a sweep)."""
+        return bool(self.workload.sweep_size) or len(self.workload.load_levels()) > 1
+
+    def plan(self, side: _Side, headline_in_window: bool) -> int:
+        """Every load level once, in rising load (`sweep.run_levels`), the headline last: the candidate's
+        capacity plan. Its headline level runs in a timed window when it is also this repeat's headline figure
+        (a model measured alone); otherwise once, as a point of the curve, and the headline figure comes from
+        the shared window. Returns the headline's runs."""
+        headline_runs = 1
+
+        def run_one(level: LoadLevel, order: int) -> dict:
+            nonlocal headline_runs
+            self.step(f"online latency of {side.source.spec}: {level.label} (capacity plan)")
+            if level == self.headline and headline_in_window:
+                summary, headline_runs = within_window(lambda: self.online(side, level, order),
+                                                       lambda s: s["throughput"]["output_tok_s"],
+                                                       self.workload.min_time_s)
+                return summary
+            return self.online(side, level, order)
+
+        side.levels = run_levels(self.workload, run_one)
+        return headline_runs
 
     def result(self, side: _Side) -> ModelRun:
         n = len(side.runs)
@@ -323,10 +317,12 @@ def measure_models(candidate, baseline, workload: Workload, slo, config: EngineC
         side.runs = [{} for _ in range(repeats)]
     for i in range(repeats):
         order = sides if i % 2 == 0 else sides[::-1]
-        if resident:  # phase by phase: the two runs of a pair are seconds apart
+        if resident and len(sides) == 2:  # phase by phase, both models' runs interleaved in one window
             for phase in PHASES:
-                for side in order:
-                    on_own_thread(r.run, side, phase, i)
+                on_own_thread(r.run_together, order, phase, i)
+        elif resident:
+            for phase in PHASES:
+                on_own_thread(r.run, sides[0], phase, i)
         else:  # model by model: ABBA keeps the reloads to one per repeat
             for side in order:
                 if side.engine is None:
@@ -343,8 +339,10 @@ def measure_models(candidate, baseline, workload: Workload, slo, config: EngineC
                 "resident": "both" if resident and len(sides) == 2 else "one at a time" if len(sides) == 2 else "one",
                 "warm_up": "untimed, per load: each power-of-two batch size and step token count, then every phase once",
                 "prefix_cache": "reset before every run",
-                # each phase's repeat is the median run of as many as fill the window (the headline level online)
+                # each phase's repeat is the median run of as many as fill the window (the headline level online);
+                # two resident models share it, alternating run by run
                 "window": {"min_s": workload.min_time_s,
+                           "shared": resident and len(sides) == 2,
                            "runs": {side.role: side.window_runs for side in sides}}}
     return runs[0], (runs[1] if len(runs) > 1 else None), schedule
 
@@ -362,31 +360,3 @@ def fits_beside(path: Path, kv_cache_bytes: int, device: str) -> bool:
 
         free = psutil.virtual_memory().available
     return need <= free
-
-
-def merge_summaries(summaries: list[dict]) -> dict:
-    """One online summary from several repeats of a level: each figure the median over the repeats, the
-    latency samples of all of them (the CDF plots), the failures of all of them (`failures`: failed of total
-    over the repeats); the request counts of one run (`requests`, `sent`, `excluded`: each repeat sends the
-    same requests) and the first repeat's requests themselves (`timings`, `measured`: what --export writes)."""
-    if len(summaries) == 1:
-        return summaries[0]
-    first = summaries[0]
-    merged = dict(first)
-    merged["latency_ms"] = {m: {s: median(x["latency_ms"][m][s] for x in summaries) for s in stats}
-                            for m, stats in first["latency_ms"].items()}
-    merged["throughput"] = {k: median(x["throughput"][k] for x in summaries) for k in first["throughput"]}
-    if first.get("goodput") is not None:
-        merged["goodput"] = {k: median((x.get("goodput") or {}).get(k) for x in summaries) for k in first["goodput"]}
-    for key in ("achieved_rate_requests_s", "prefix_cache_hit_rate"):
-        merged[key] = median(x.get(key) for x in summaries)
-    reasons: dict[str, int] = {}
-    for x in summaries:
-        for reason in x["failures"]["reasons"]:
-            reasons[reason["error"]] = reasons.get(reason["error"], 0) + reason["count"]
-    merged["failures"] = {"failed": sum(x["failures"]["failed"] for x in summaries),
-                          "total": sum(x["failures"]["total"] for x in summaries),
-                          "reasons": [{"error": e, "count": c} for e, c in sorted(reasons.items(), key=lambda i: -i[1])]}
-    merged["samples"] = {k: [v for x in summaries for v in x["samples"][k]] for k in first["samples"]}
-    merged["repeats"] = len(summaries)
-    return merged

@@ -14,7 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from optcli.bench.repeats import ModelRun, measure_models
+from optcli.bench.model_run import ModelRun
+from optcli.bench.repeats import measure_models
 from optcli.bench.stats import ratio_interval
 from optcli.bench.workload import Workload
 from optcli.config import EngineConfig

@@ -29,7 +29,8 @@ def log_median(values) -> float:
 def spy(monkeypatch) -> list[dict]:
     """Record each timed and warm-up run: which model, phase, thread, and prefix-cache hits during it."""
     events: list[dict] = []
-    ctx = threading.local()  # the model (and whether warming up) of the run on this thread
+    roles: dict[int, str] = {}  # id(engine) -> the model it runs
+    ctx = threading.local()  # whether the run on this thread is a warm-up
 
     def wrap(name: str, phase: str):
         real = getattr(repeats, name)
@@ -37,7 +38,7 @@ def spy(monkeypatch) -> list[dict]:
         def timed(engine, *args, **kwargs):
             hits = engine.blocks.prefix_hits
             result = real(engine, *args, **kwargs)
-            events.append({"model": ctx.role, "phase": phase, "warm": ctx.warm,
+            events.append({"model": roles[id(engine)], "phase": phase, "warm": ctx.warm,
                            "main": threading.current_thread() is threading.main_thread(),
                            "hits": engine.blocks.prefix_hits - hits})
             return result
@@ -50,18 +51,27 @@ def spy(monkeypatch) -> list[dict]:
     def tagged(method: str, warm: bool):
         real = getattr(repeats._Repeats, method)
 
-        def run(self, side, *args):
-            ctx.role, ctx.warm = side.role, warm
-            return real(self, side, *args)
+        def run(self, *args):
+            ctx.warm = warm
+            return real(self, *args)
         monkeypatch.setattr(repeats._Repeats, method, run)
 
     tagged("warm_up", True)
     tagged("run", False)
+    tagged("run_together", False)
     real_load = repeats._Repeats.load
 
     def load(self, side):
         events.append({"model": side.role, "phase": "load"})
+        real_engine = repeats.Engine
+
+        def engine(*args, **kwargs):
+            made = real_engine(*args, **kwargs)
+            roles[id(made)] = side.role
+            return made
+        monkeypatch.setattr(repeats, "Engine", engine)
         real_load(self, side)
+        monkeypatch.setattr(repeats, "Engine", real_engine)
     monkeypatch.setattr(repeats._Repeats, "load", load)
     return events
 
@@ -135,6 +145,45 @@ def test_each_repeat_is_the_median_run_of_its_timed_window(monkeypatch) -> None:
     assert measure.within_window(runs([None, 5.0], 0.01), lambda x: x, 0.5) == (None, 1)
 
 
+def test_two_models_share_a_window_run_by_run(monkeypatch) -> None:
+    """Resident together, source and artifact alternate inside one window (A B, B A, ...) until each has had its
+    share of it and an odd number of runs; each keeps its own median run, and an unmeasurable run ends the
+    window with its round."""
+    clock, calls = [0.0], []
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: clock[0])
+
+    def runs(name: str, figures: list[float | None], seconds: float):
+        it = iter(figures)
+
+        def run():
+            clock[0] += seconds
+            calls.append(name)
+            return next(it)
+        return run
+
+    # 0.125 s runs, a 0.5 s window each (1 s together): 5 rounds, each model's median of 5
+    kept, rounds = measure.within_shared_window(
+        [runs("a", [9.0, 1.0, 5.0, 7.0, 3.0, 0.0], 0.125), runs("b", [2.0, 8.0, 4.0, 6.0, 0.5, 0.0], 0.125)],
+        lambda x: x, 0.5)
+    assert (kept, rounds) == ([5.0, 4.0], 5)
+    assert "".join(calls) == "abbaabbaab"
+    # past the shared window at an even round count: one more round for a true median
+    calls.clear()
+    kept, rounds = measure.within_shared_window(
+        [runs("a", [1.0, 2.0, 3.0, 4.0], 0.3), runs("b", [4.0, 3.0, 2.0, 1.0], 0.3)], lambda x: x, 0.5)
+    assert (kept, rounds, "".join(calls)) == ([2.0, 3.0], 3, "abbaab")
+    # a round that fills the window alone (a real model's runs) is the only one
+    kept, rounds = measure.within_shared_window([runs("a", [7.0], 0.6), runs("b", [3.0], 0.6)], lambda x: x, 0.5)
+    assert (kept, rounds) == ([7.0, 3.0], 1)
+    # an unmeasurable figure ends the window after its round: the other model keeps its median so far
+    kept, rounds = measure.within_shared_window(
+        [runs("a", [2.0, 3.0, 1.0], 0.01), runs("b", [5.0, None, 9.0], 0.01)], lambda x: x, 0.5)
+    assert (kept, rounds) == ([3.0, 5.0], 2)
+    kept, rounds = measure.within_shared_window(
+        [runs("a", [None], 0.01), runs("b", [4.0], 0.01)], lambda x: x, 0.5)
+    assert (kept, rounds) == ([None, 4.0], 1)
+
+
 def test_a_profile_run_fills_each_timed_window_with_an_odd_number_of_runs(stories_dir: Path) -> None:
     """The window through the real engine: stories260K's runs are milliseconds long, so every phase of every
     repeat runs at least 3 times (an odd count: a true median), and the schedule says so. The window is half a
@@ -144,10 +193,11 @@ def test_a_profile_run_fills_each_timed_window_with_an_odd_number_of_runs(storie
     _, _, schedule = repeats.measure_models(candidate, baseline, Workload(**WORKLOAD, repeats=2, min_time_s=0.5),
                                             None, EngineConfig(device="cpu"), lambda message: None)
     window = schedule["window"]
-    assert window["min_s"] == 0.5 and set(window["runs"]) == {"candidate", "baseline"}
+    assert window["min_s"] == 0.5 and window["shared"] and set(window["runs"]) == {"candidate", "baseline"}
     for side in window["runs"].values():
         assert set(side) == {"offline", "decode", "prompt", "online"}
         assert all(len(runs) == 2 and all(n >= 3 and n % 2 for n in runs) for runs in side.values()), side
+    assert window["runs"]["candidate"] == window["runs"]["baseline"]  # one shared window: as many runs each
 
 
 def test_without_room_for_both_the_models_take_turns(stories_dir: Path, monkeypatch) -> None:

@@ -244,7 +244,10 @@ def top1_against_twin(engine: Engine, artifact: Path, twin: Path) -> float:
 
 @pytest.mark.parametrize(("family", "recipe", "kind", "min_top1"), [
     ("mixtral", "w4a16-rtn", "int4/", 0.95), ("qwen3-moe", "w4a16-rtn", "int4/", 0.95),
-    ("qwen2-moe", "w4a16-rtn", "int4/", 0.95), ("mixtral", "w8a8-int8", "int8/", 0.95),
+    ("qwen2-moe", "w4a16-rtn", "int4/", 0.95),
+    # int8 activations per token here, none in the dense twin: 0.952 calibrated in bf16, 0.939-0.946 in fp32 (the
+    # same KLD against the source on stories260K, test_quantize_quality.py); the 8-bit bar there is 0.93 too
+    ("mixtral", "w8a8-int8", "int8/", 0.93),
     # FP8 activations (per token, e4m3: 3 mantissa bits) here and none in transformers' dense twin: 0.87 measured
     ("mixtral", "fp8-dynamic", "fp8/", 0.8),
 ])

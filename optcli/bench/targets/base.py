@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from optcli.bench.repeats import ModelRun
+from optcli.bench.model_run import ModelRun
 from optcli.bench.workload import Workload
 
 
