@@ -1,7 +1,7 @@
 """Every CPU kernel of every weight format at each batch-size bucket: the measurements the rules in
 `optcli/engine/quant/cpu_choice.py` are written from, and a check of what those rules pick here.
 
-For each format (a bf16 weight in a bf16 model and in an fp32 model, W4A16, W8A8, FP8) it builds the four
+For each format (a bf16 weight in a bf16 model and in an fp32 model, W4A16, W8A8, FP8, NF4) it builds the four
 linear layers of one Llama-3.2-1B decoder layer (qkv 2048 -> 3072, o 2048 -> 2048, gate_up 2048 -> 16384,
 down 8192 -> 2048) from seeded random weights, once per weight layout (`OPTCLI_CPU_KERNEL` forces the
 kernel, and with it the layout, at construction), in enough copies that one pass reads more than 4x the
@@ -50,6 +50,7 @@ FORMATS = {
     "int4": ("int4", torch.bfloat16, True, False),
     "int8": ("int8", torch.bfloat16, True, True),
     "fp8": ("fp8", torch.bfloat16, True, True),
+    "nf4": ("nf4", torch.float32, False, False),  # bitsandbytes NF4 (blocks of 64), run in fp32 as the engine does
 }
 
 
@@ -69,6 +70,8 @@ def build(fmt: str, name: str, shapes: dict, seed: int) -> dict | None:
             if wfmt == "bf16":
                 layer = Dense(k, n).to(dtype)
                 layer.load(w.bfloat16())
+            elif wfmt == "nf4":
+                layer = nf4_layer(w, dtype)
             else:
                 weight = (Int4Weight.rtn(w, 128) if wfmt == "int4" else Int8Weight.rtn(w, act_quant=True)
                           if wfmt == "int8" else Fp8Weight.rtn(w, act_quant=True))
@@ -79,6 +82,18 @@ def build(fmt: str, name: str, shapes: dict, seed: int) -> dict | None:
     finally:
         os.environ.pop("OPTCLI_CPU_KERNEL", None)
     return layers
+
+
+def nf4_layer(w: torch.Tensor, dtype: torch.dtype):
+    """`w` quantized by bitsandbytes to NF4 (blocks of 64, its default), as `nf4-bnb` artifacts hold it."""
+    from bitsandbytes.functional import quantize_4bit
+
+    from optcli.engine.quant.bnb_linear import BnbNf4Linear
+    from optcli.engine.quant.weights import BnbNf4Weight
+
+    n, k = w.shape
+    packed, state = quantize_4bit(w, blocksize=64, quant_type="nf4")
+    return BnbNf4Linear(BnbNf4Weight(packed, state.absmax.float(), state.code.float(), 64, "nf4", n, k), dtype=dtype)
 
 
 def weight_bytes(layers: dict) -> int:
@@ -137,7 +152,8 @@ def measure(fmt: str, rows: list[int], repeats: int, shapes: dict, seed: int, st
                         layer.paths[name](inputs[m][kind])
                 times[m][name].append((time.perf_counter() - start) / len(copies) * 1e3)
     n, k = next(iter(shapes.values()))
-    rule = {m: cpu_choice.plan_for(LinearSpec(wfmt, n, k, dtype, bf16_ok, 128, act_quant), caps).kernel(m).name
+    group = 64 if wfmt == "nf4" else 128  # bitsandbytes' blocks; W4A16's groups
+    rule = {m: cpu_choice.plan_for(LinearSpec(wfmt, n, k, dtype, bf16_ok, group, act_quant), caps).kernel(m).name
             for m in rows}
     return {"format": fmt, "times_ms": {m: {name: t for name, t in ts.items() if t} for m, ts in times.items()},
             "skipped": {m: sorted(s) for m, s in skip.items()}, "rule": rule,

@@ -33,6 +33,7 @@ from optcli.util.env import peak_memory_bytes
 
 T = TypeVar("T")
 MOST_RUNS_PER_WINDOW = 101
+ONE_RUN_FROM = 3  # a first round that lasts this many windows is the window's only one (`within_shared_window`)
 
 
 def cold(engine) -> None:
@@ -73,7 +74,7 @@ def offline_run(engine, requests: list[tuple[list[int], int]]) -> dict:
 def within_window(run: Callable[[], T], figure: Callable[[T], float | None],
                   window_s: float) -> tuple[T | None, int]:
     """`run()` repeated until `window_s` seconds have passed (`Workload.min_time_s`: why), an odd number of times (at least
-    3 unless the first run alone fills the window), and the run whose `figure` is the median: (that run, runs made).
+    3 unless the first run alone lasts 3 windows), and the run whose `figure` is the median: (that run, runs made).
     A run whose figure is None (not measurable) ends the window: the median of the runs before it is kept, or
     that run as it is when none came before."""
     (result,), runs = within_shared_window([run], figure, window_s)
@@ -83,14 +84,20 @@ def within_window(run: Callable[[], T], figure: Callable[[T], float | None],
 def within_shared_window(runs: Sequence[Callable[[], T]], figure: Callable[[T], float | None],
                          window_s: float) -> tuple[list[T | None], int]:
     """Several models' runs of one phase interleaved run by run within one timed window of `window_s` seconds
-    each: A B, B A, A B, ... (the order reversed every round, so neither model always runs first), until each
-    has had its share of the window and an odd number of runs (at least 3 unless the first round alone fills
-    it). Each model's kept run is its median by `figure`: ([one per model], runs each). Interleaved this finely,
-    a disturbance of the host (another job's burst, a neighbour on the same memory bus) that lasts a second
-    lands on both models' runs, where two back-to-back windows put it on one: on a noisy 2-core Zen 3 the
-    README main job's ratios read [0.88, 1.56] that way on a quiet machine (benchmarks/busy_verdicts.py,
-    2026-12-07). A run whose figure is None (not measurable) ends the window with its round; a model with no
-    measured run keeps that run as it is."""
+    each: A B, B A, A B, ... (the order reversed every round, so neither model always runs first). Each model's
+    kept run is its median by `figure`: ([one per model], rounds).
+
+    Interleaved this finely, a disturbance of the host (another job's burst, a neighbour on the same memory
+    bus) that lasts a second lands on both models' runs, where two back-to-back windows put it on one: on a
+    noisy 2-core Zen 3 the README main job's ratios read [0.88, 1.56] that way on a quiet machine
+    (benchmarks/busy_verdicts.py, 2026-12-07).
+
+    Rounds go on until each model has had its share of the window and an odd number of runs: at least 3
+    unless the first round alone lasts `ONE_RUN_FROM` windows (a real model's run, seconds or minutes long,
+    runs once). Runs about a window long get a median of 3: the demo model's online burst (~0.5 s a run)
+    used to take 1 run a window, and its ratio's interval read [0.88, 1.46] in such runs and [1.11, 1.16]
+    in one whose windows held 3 (busy_verdicts.py, 2026-12-07). A run whose figure is None (not
+    measurable) ends the window with its round; a model with no measured run keeps that run as it is."""
     results: list[list[T]] = [[] for _ in runs]
     unmeasurable: dict[int, T] = {}  # by model: its unmeasurable run
     window = window_s * len(runs)
@@ -105,7 +112,7 @@ def within_shared_window(runs: Sequence[Callable[[], T]], figure: Callable[[T], 
                 results[i].append(result)
         rounds += 1
         elapsed = time.perf_counter() - start
-        if unmeasurable or (rounds == 1 and elapsed >= window):
+        if unmeasurable or (rounds == 1 and elapsed >= ONE_RUN_FROM * window):
             break
         if rounds >= MOST_RUNS_PER_WINDOW or (elapsed >= window and rounds >= 3 and rounds % 2):
             break

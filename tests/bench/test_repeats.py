@@ -136,8 +136,10 @@ def test_each_repeat_is_the_median_run_of_its_timed_window(monkeypatch) -> None:
     assert measure.within_window(runs([4.0, 8.0, 6.0, 1.0], 0.2), lambda x: x, 0.5) == (6.0, 3)
     # 0.3 s runs: past the window at the 2nd run, but an even count: one more for a true median
     assert measure.within_window(runs([2.0, 9.0, 4.0, 1.0], 0.3), lambda x: x, 0.5) == (4.0, 3)
-    # a run that fills the window alone (a real model's) runs once
-    assert measure.within_window(runs([42.0, 1.0], 0.6), lambda x: x, 0.5) == (42.0, 1)
+    # a run that lasts 3 windows alone (a real model's) runs once
+    assert measure.within_window(runs([42.0, 1.0], 2.0), lambda x: x, 0.5) == (42.0, 1)
+    # one about a window long still gets a median of 3
+    assert measure.within_window(runs([8.0, 2.0, 5.0, 1.0], 0.6), lambda x: x, 0.5) == (5.0, 3)
     # the median run is returned whole (its other figures belong to the same run)
     dicts = [{"tok_s": v, "id": i} for i, v in enumerate([3.0, 1.0, 2.0])]
     assert measure.within_window(runs(dicts, 0.2), lambda d: d["tok_s"], 0.5) == ({"tok_s": 2.0, "id": 2}, 3)
@@ -172,9 +174,12 @@ def test_two_models_share_a_window_run_by_run(monkeypatch) -> None:
     kept, rounds = measure.within_shared_window(
         [runs("a", [1.0, 2.0, 3.0, 4.0], 0.3), runs("b", [4.0, 3.0, 2.0, 1.0], 0.3)], lambda x: x, 0.5)
     assert (kept, rounds, "".join(calls)) == ([2.0, 3.0], 3, "abbaab")
-    # a round that fills the window alone (a real model's runs) is the only one
-    kept, rounds = measure.within_shared_window([runs("a", [7.0], 0.6), runs("b", [3.0], 0.6)], lambda x: x, 0.5)
+    # a round that lasts 3 windows alone (a real model's runs) is the only one; one about a window long is not
+    kept, rounds = measure.within_shared_window([runs("a", [7.0], 2.0), runs("b", [3.0], 2.0)], lambda x: x, 0.5)
     assert (kept, rounds) == ([7.0, 3.0], 1)
+    kept, rounds = measure.within_shared_window([runs("a", [7.0, 1.0, 4.0], 0.5), runs("b", [3.0, 6.0, 2.0], 0.5)],
+                                                lambda x: x, 0.5)
+    assert (kept, rounds) == ([4.0, 3.0], 3)
     # an unmeasurable figure ends the window after its round: the other model keeps its median so far
     kept, rounds = measure.within_shared_window(
         [runs("a", [2.0, 3.0, 1.0], 0.01), runs("b", [5.0, None, 9.0], 0.01)], lambda x: x, 0.5)
