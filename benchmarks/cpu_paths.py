@@ -50,15 +50,17 @@ FORMATS = {
     "int4": ("int4", torch.bfloat16, True, False),
     "int8": ("int8", torch.bfloat16, True, True),
     "fp8": ("fp8", torch.bfloat16, True, True),
-    "nf4": ("nf4", torch.float32, False, False),  # bitsandbytes NF4 (blocks of 64), run in fp32 as the engine does
+    "nf4": ("nf4", torch.float32, False, False),  # bitsandbytes NF4, run in fp32 as the engine does
 }
+NF4_BLOCKSIZE = 64  # bitsandbytes' default, what `nf4-bnb` artifacts hold
 
 
 def build(fmt: str, name: str, shapes: dict, seed: int) -> dict | None:
     """The layers of `shapes` in `fmt` with kernel `name` forced (None where it cannot run them here)."""
     from optcli.engine.models.llama import Dense
+    from optcli.engine.quant.bnb_linear import BnbNf4Linear
     from optcli.engine.quant.layers import make_quant_linear
-    from optcli.engine.quant.weights import Fp8Weight, Int4Weight, Int8Weight
+    from optcli.engine.quant.weights import BnbNf4Weight, Fp8Weight, Int4Weight, Int8Weight
 
     wfmt, dtype, bf16_ok, act_quant = FORMATS[fmt]
     os.environ["OPTCLI_CPU_KERNEL"] = name
@@ -71,7 +73,7 @@ def build(fmt: str, name: str, shapes: dict, seed: int) -> dict | None:
                 layer = Dense(k, n).to(dtype)
                 layer.load(w.bfloat16())
             elif wfmt == "nf4":
-                layer = nf4_layer(w, dtype)
+                layer = BnbNf4Linear(BnbNf4Weight.rtn(w, NF4_BLOCKSIZE), dtype=dtype)
             else:
                 weight = (Int4Weight.rtn(w, 128) if wfmt == "int4" else Int8Weight.rtn(w, act_quant=True)
                           if wfmt == "int8" else Fp8Weight.rtn(w, act_quant=True))
@@ -82,18 +84,6 @@ def build(fmt: str, name: str, shapes: dict, seed: int) -> dict | None:
     finally:
         os.environ.pop("OPTCLI_CPU_KERNEL", None)
     return layers
-
-
-def nf4_layer(w: torch.Tensor, dtype: torch.dtype):
-    """`w` quantized by bitsandbytes to NF4 (blocks of 64, its default), as `nf4-bnb` artifacts hold it."""
-    from bitsandbytes.functional import quantize_4bit
-
-    from optcli.engine.quant.bnb_linear import BnbNf4Linear
-    from optcli.engine.quant.weights import BnbNf4Weight
-
-    n, k = w.shape
-    packed, state = quantize_4bit(w, blocksize=64, quant_type="nf4")
-    return BnbNf4Linear(BnbNf4Weight(packed, state.absmax.float(), state.code.float(), 64, "nf4", n, k), dtype=dtype)
 
 
 def weight_bytes(layers: dict) -> int:
@@ -152,7 +142,7 @@ def measure(fmt: str, rows: list[int], repeats: int, shapes: dict, seed: int, st
                         layer.paths[name](inputs[m][kind])
                 times[m][name].append((time.perf_counter() - start) / len(copies) * 1e3)
     n, k = next(iter(shapes.values()))
-    group = 64 if wfmt == "nf4" else 128  # bitsandbytes' blocks; W4A16's groups
+    group = NF4_BLOCKSIZE if wfmt == "nf4" else 128  # bitsandbytes' blocks; W4A16's groups
     rule = {m: cpu_choice.plan_for(LinearSpec(wfmt, n, k, dtype, bf16_ok, group, act_quant), caps).kernel(m).name
             for m in rows}
     return {"format": fmt, "times_ms": {m: {name: t for name, t in ts.items() if t} for m, ts in times.items()},

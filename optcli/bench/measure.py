@@ -119,9 +119,7 @@ def within_shared_window(runs: Sequence[Callable[[], T]], figure: Callable[[T], 
     return [_median_run(r, figure) if r else unmeasurable.get(i) for i, r in enumerate(results)], rounds
 
 
-def _median_run(results: list[T], figure: Callable[[T], float | None]) -> T | None:
-    if not results:
-        return None
+def _median_run(results: list[T], figure: Callable[[T], float | None]) -> T:
     return sorted(results, key=figure)[len(results) // 2]
 
 

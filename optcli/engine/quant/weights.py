@@ -153,6 +153,15 @@ class BnbNf4Weight:
         return QuantState(absmax=self.absmax, shape=torch.Size(self.shape), code=self.code,
                           blocksize=self.blocksize, quant_type=self.quant_type, dtype=dtype)
 
+    @classmethod
+    def rtn(cls, weight: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4") -> BnbNf4Weight:
+        """`weight` quantized by bitsandbytes itself (blocks of 64: its default, what `nf4-bnb` artifacts hold)."""
+        from bitsandbytes.functional import quantize_4bit
+
+        n, k = weight.shape
+        packed, state = quantize_4bit(weight, blocksize=blocksize, quant_type=quant_type)
+        return cls(packed, state.absmax.float(), state.code.float(), blocksize, quant_type, n, k)
+
     def dequantize(self) -> torch.Tensor:
         from bitsandbytes.functional import dequantize_4bit
 

@@ -453,17 +453,14 @@ def test_int8_paths_on_widths_torch_kernels_are_picky_about(monkeypatch, k) -> N
 def test_bnb_4bit_paths_match_bitsandbytes_dequantization(monkeypatch, quant_type) -> None:
     """Our float kernels on bitsandbytes' own 4-bit layout (GEMV for few rows, dequantize + a dense GEMM
     for many) against bitsandbytes' dequantized weight, in fp32."""
-    from bitsandbytes.functional import quantize_4bit
-
     from optcli.engine.quant.bnb_linear import BnbNf4Linear
     from optcli.engine.quant.weights import BnbNf4Weight
 
     n, k = 40, 192
-    packed, state = quantize_4bit(rand(n, k, seed=8), blocksize=64, quant_type=quant_type)
-    weight = BnbNf4Weight(packed, state.absmax.float(), state.code.float(), 64, quant_type, n, k)
+    weight = BnbNf4Weight.rtn(rand(n, k, seed=8), 64, quant_type)
     layer = BnbNf4Linear(weight)
     assert layer.mode == "cpu" and set(layer.paths) == {"nf4-avx2", "dequant", "bitsandbytes"}
-    assert torch.equal(cpu_lowbit.nf4_dequantize(packed, weight.absmax, weight.code, 64, n, k), weight.dequantize())
+    assert torch.equal(cpu_lowbit.nf4_dequantize(weight.packed, weight.absmax, weight.code, 64, n, k), weight.dequantize())
     for m in (1, 6):  # 6: a tile of 4 rows and two single rows
         x = rand(m, k, seed=m)
         for name in layer.paths:
