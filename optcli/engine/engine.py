@@ -22,7 +22,7 @@ from optcli.engine.kernels.cpu_threads import ThreadGovernor
 from optcli.engine.kv_cache import BlockManager
 from optcli.engine.loading.model import load_engine_model
 from optcli.engine.models import moe_summary
-from optcli.engine.models.layer_ops import FusedOps
+from optcli.engine.models.layer_ops import CpuOps, FusedOps
 from optcli.engine.outputs import RequestOutput, select_best
 from optcli.engine.quant.cpu_choice import kernel_table, mean_matmul_size, tuning_enabled
 from optcli.engine.quant.layers import quant_summary
@@ -67,6 +67,8 @@ class Engine:
         if self.backend == "triton":
             self.model.ops = FusedOps  # one kernel each for add+norm, RoPE, SiLU-mul
             self.model.rotary.build_table(self.max_model_len, self.model.dtype)
+        elif device == "cpu":
+            self.model.ops = CpuOps  # fp32 add+norm, RoPE, SiLU-mul: one C call each
         build_metadata = build_triton_metadata if self.backend == "triton" else build_gather_metadata
         budget_tokens = config.max_num_batched_tokens or max(2048, max_num_seqs)
         if not config.enable_chunked_prefill:  # every prompt the engine accepts fits one step whole

@@ -143,6 +143,10 @@ def _attend(q, k_cache, v_cache, group: AttentionGroup, window: int | None, bloc
         out = _decode_8bit(queries[:, :, 0], k_cache, v_cache, group, window, block_size, scale, scales, centre)
         if out is not None:
             return out
+    if scales is None and softcap is None and queries.shape[2] == 1 and k_cache.dtype == q.dtype:
+        out = _decode_in_place(queries[:, :, 0], k_cache, v_cache, group, window, block_size, scale)
+        if out is not None:
+            return out
     keys = _gather(k_cache, group.block_table, block_size, q.dtype, centre).view(batch, -1, kv_heads, dim)
     values = _gather(v_cache, group.block_table, block_size, q.dtype).view(batch, -1, kv_heads, dim)
     if scales is not None:  # K's scale folds into the queries (q.(k*s) = (q*s).k), V's into the output (kv_quant.py)
@@ -178,6 +182,19 @@ def _decode_8bit(queries, k_cache, v_cache, group: AttentionGroup, window: int |
     if out is None:
         return None
     return out.to(queries.dtype)[:, None] * head_scale(scales.v, heads).to(queries.dtype)[None, None]
+
+
+def _decode_in_place(queries, k_cache, v_cache, group: AttentionGroup, window: int | None, block_size: int,
+                     scale: float | None) -> torch.Tensor | None:
+    """One query a sequence over a bf16 or fp32 cache, read where it lies by the same kernel as an 8-bit cache's:
+    one call instead of two block gathers, a mask and SDPA (batch-1 decode on the 1B shape: 3.7 of a 40 ms step
+    went to attention; `benchmarks/cpu_step_ops.py` times both). Scores and sums in fp32; with a bf16 cache the
+    softmax weights are rounded to bf16 where SDPA's bf16 kernel rounds them. [B, 1, H, D] in q's dtype, or None
+    where the kernel does not apply."""
+    out = cpu_kv8.decode_attention(queries, k_cache, v_cache, group.block_table, block_size, group.query_pos[:, 0],
+                                   group.ctx_len, window, scale if scale is not None else queries.shape[-1] ** -0.5,
+                                   round_bf16=queries.dtype == torch.bfloat16)
+    return None if out is None else out.to(queries.dtype)[:, None]
 
 
 def _gather(cache: torch.Tensor, block_table: torch.Tensor, block_size: int, dtype: torch.dtype,

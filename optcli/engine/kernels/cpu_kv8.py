@@ -6,7 +6,7 @@ the library `cpu_lowbit` builds), each code for code what torch's ops give:
   0.4x a bf16 cache's.
 - `decode_attention`: decode attention (one query a sequence) read straight from the 8-bit blocks, in fp32, with
   no widened copy of the context (which `gather_widen` writes and SDPA reads back: four times the bytes the
-  8-bit cache saves).
+  8-bit cache saves). It reads a bf16 or fp32 cache too, in place of a block gather, a mask and torch's SDPA.
 - `store`: this step's K or V rows quantized into their slots (`kv_rounding.quantize`, then `index_copy_`) in
   one call instead of ~10 torch ops.
 
@@ -21,6 +21,7 @@ import torch
 from optcli.engine.kernels import cpu_lowbit
 
 KINDS = {torch.float8_e4m3fn: 1, torch.int8: 2}  # the C file's KV_FP8 / KV_INT8
+DENSE_KINDS = {torch.bfloat16: 3, torch.float32: 4}  # KV_BF16 / KV_F32: read by decode_attention only
 OUT_FP32 = {torch.bfloat16: 0, torch.float32: 1}
 
 
@@ -88,13 +89,15 @@ def decode_attention(queries: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                      block_size: int, query_pos: torch.Tensor, ctx_len: torch.Tensor, window: int | None, scale: float,
                      centre: tuple[torch.Tensor, torch.Tensor] | None = None,
                      round_bf16: bool = False) -> torch.Tensor | None:
-    """queries [B, H, D] (in code units: K's scale folded in), 8-bit caches [slots, KV, D], block_table [B, N],
+    """queries [B, H, D] (in code units: K's scale folded in), 8-bit, bf16 or fp32 caches [slots, KV, D] (a bf16 or
+    fp32 cache holds values: its code unit is 1), block_table [B, N],
     query_pos / ctx_len [B] -> [B, H, D] fp32 in V's code units: softmax(scale * q.k) over the keys at positions
     max(0, pos + 1 - window) .. min(pos, ctx_len - 1), times V. `centre` as gather_widen's (rows covering the
     keys' positions). `round_bf16`: the centred keys and the softmax weights rounded to bf16 where SDPA over a
     widened bf16 copy would round them (the sums stay fp32), so the result differs from the gather path's only by
     the order of its sums. None where the kernel does not apply (the caller then gathers and runs SDPA)."""
-    if (queries.device.type != "cpu" or k_cache.dtype not in KINDS or v_cache.dtype != k_cache.dtype
+    kind = KINDS.get(k_cache.dtype, DENSE_KINDS.get(k_cache.dtype))
+    if (queries.device.type != "cpu" or kind is None or v_cache.dtype != k_cache.dtype
             or cpu_lowbit.library() is None or not (k_cache.is_contiguous() and v_cache.is_contiguous())):
         return None
     batch, heads, dim = queries.shape
@@ -109,7 +112,7 @@ def decode_attention(queries: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     out = torch.empty(batch, heads, dim, dtype=torch.float32)
     status = cpu_lowbit.library().lowbit_kv_decode(
         q.data_ptr(), batch, heads, kv, dim, k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[0] // block_size,
-        block_size, KINDS[k_cache.dtype], table.data_ptr(), n_blocks, pos.data_ptr(), lens.data_ptr(), window or 0,
+        block_size, kind, table.data_ptr(), n_blocks, pos.data_ptr(), lens.data_ptr(), window or 0,
         scale, rows.data_ptr() if rows is not None else None, coef.data_ptr() if coef is not None else None,
         int(round_bf16), out.data_ptr())
     if status == -2:  # a shape the kernel does not take: checked before anything is read

@@ -26,6 +26,28 @@ static inline int64_t chunk_of(int64_t n, int64_t min) {
 
 #define INLINE static inline __attribute__((always_inline))
 
+/* e^x for x <= 0 (a softmax's scores after the max is taken off; SiLU's e^-|g|), 8 lanes: Cephes' expf (x = n ln2 + r, a degree-6
+ * polynomial in r, 2^n put into the exponent field), within 2 ulp of expf; below -87.3 it returns 0 (2^-126 and
+ * less, as a score 87 below the max is to a softmax). */
+INLINE __m256 exp_ps(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.3f);
+    const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(x, lo);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
 INLINE float hsum_ps(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_hadd_ps(s, s);
@@ -76,6 +98,7 @@ INLINE __m256 i8_load8(const int8_t *p) {
 }
 
 /* The 8-bit KV cache's code kinds (as cpu_lowbit_float.c's W_FP8 / W_INT8), shared by its store and gather
- * (cpu_lowbit_kv.c) and its decode attention (cpu_lowbit_kv_decode.c); and whether their AVX-512 forms run. */
-enum { KV_FP8 = 1, KV_INT8 = 2 };
+ * (cpu_lowbit_kv.c) and its decode attention (cpu_lowbit_kv_decode.c); and whether their AVX-512 forms run.
+ * KV_BF16 / KV_F32: a cache in the activations' own dtype, which only the decode attention reads. */
+enum { KV_FP8 = 1, KV_INT8 = 2, KV_BF16 = 3, KV_F32 = 4 };
 int lowbit_kv_use_wide(void);

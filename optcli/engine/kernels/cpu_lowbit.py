@@ -1,6 +1,7 @@
 """The AVX2 CPU kernels of `cpu_lowbit.c` and `cpu_lowbit_q8.c` (low-bit GEMMs), `cpu_lowbit_float.c` (bf16-weight
-GEMMs, FP8 activation rounding) and the 8-bit KV cache's store and read (`cpu_lowbit_kv.c` and
-`cpu_lowbit_kv_decode.c`, called by `cpu_kv8.py`), compiled once per machine and called through ctypes.
+GEMMs, FP8 activation rounding), the KV cache's store and read (`cpu_lowbit_kv.c` and `cpu_lowbit_kv_decode.c`,
+called by `cpu_kv8.py`) and the decoder layer's fp32 norm, RoPE and SiLU-mul (`cpu_lowbit_layer_ops.c`, called by
+`cpu_layer_ops.py`), compiled once per machine and called through ctypes.
 
 No maintained library gives an exact low-bit GEMM on an AVX2 CPU without VNNI, or an fp32 GEMM on
 bf16-held weights (see the C file's header), so these are ours: compiled with the system's C compiler (`$CC`, else `cc`) on first use
@@ -48,11 +49,14 @@ _VOID = [
     ("lowbit_i8w_gemm", [P, I64, I64, P, I64, ctypes.c_int, P]),
     ("lowbit_quant_rows_int8", [P, I64, I64, P, P]),
     ("lowbit_q8_linear", [P, I64, I64, P, P, I64, P]),
+    ("lowbit_rms_norm", [P, P, I64, I64, P, ctypes.c_float, P, P]),
+    ("lowbit_rope", [P, I64, I64, P, I64, I64, I64, I64, P, P]),
+    ("lowbit_silu_mul", [P, I64, I64, P]),
 ]
 LIBRARY = CLibrary(
     name="lowbit",
     sources=(SOURCE, *(SOURCE.with_name(name) for name in ("cpu_lowbit_q8.c", "cpu_lowbit_float.c", "cpu_lowbit_kv.c",
-                                                              "cpu_lowbit_kv_decode.c"))),
+                                                              "cpu_lowbit_kv_decode.c", "cpu_lowbit_layer_ops.c"))),
     header=SOURCE.with_suffix(".h"),
     flags=("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno"),
     functions={**{name: (args, None) for name, args in _VOID}, "lowbit_read_probe": ([P, I64], I64),

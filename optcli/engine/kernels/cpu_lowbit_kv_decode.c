@@ -1,33 +1,13 @@
-/* Decode attention over the 8-bit KV cache on CPU (engine/attention/cpu.py, called by cpu_kv8.decode_attention):
+/* Decode attention over the paged KV cache on CPU (engine/attention/cpu.py, called by cpu_kv8.decode_attention):
  * each (sequence, KV head) task reads its keys and values where they lie in the paged cache, with no widened copy
- * of the context, and computes its query heads' scores, softmax and weighted values in fp32. The cache's store and
+ * of the context, and computes its query heads' scores, softmax and weighted values in fp32. The cache holds 8-bit
+ * codes (KV_FP8, KV_INT8) or rows in the activations' dtype (KV_BF16, KV_F32: there the kernel replaces a block
+ * gather, a mask and torch's SDPA, ~200 us a layer at batch 1 on the 1B shape, for one call). The cache's store and
  * its gather for prefill chunks are in cpu_lowbit_kv.c; this file is built into the same library. */
 
 #include <math.h>
 
 #include "cpu_lowbit.h"
-
-/* e^x for x <= 0 (a softmax's scores after the max is taken off), 8 lanes: Cephes' expf (x = n ln2 + r, a degree-6
- * polynomial in r, 2^n put into the exponent field), within 2 ulp of expf; below -87.3 it returns 0 (2^-126 and
- * less, as a score 87 below the max is to a softmax). */
-INLINE __m256 exp_ps(__m256 x) {
-    const __m256 lo = _mm256_set1_ps(-87.3f);
-    const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-    x = _mm256_max_ps(x, lo);
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
-}
 
 /* Eight 8-lane sums at once: lane j of the result is the sum of v[j]'s lanes. */
 INLINE __m256 hsum8x8(const __m256 v[8]) {
@@ -46,13 +26,22 @@ INLINE __m256 round_bf16x8(__m256 v) { /* to the nearest bf16, ties to even, kep
 }
 
 /* One cached row of `dim` codes (a key or a value of one KV head) widened to fp32 in "read units": an int8 code as
- * itself, an E4M3 code as its value times 2^-8 (fp8_load8, cpu_lowbit.h). A centred key (cs non-NULL) gets
+ * itself, an E4M3 code as its value times 2^-8 (fp8_load8, cpu_lowbit.h), a bf16 or fp32 value as itself. A centred key (cs non-NULL) gets
  * a * cos_p + b * sin_p added (coefficients in read units) in fp32, then rounded to bf16 where `round`. E4M3's NaN
  * codes read as 480 * 2^-8: the store saturates, so the cache never holds them from finite keys. */
 INLINE void widen_row(const uint8_t *src, int kind, int64_t dim, float *dst, const float *cs, int64_t p,
                       const float *a, const float *b, int round) {
     for (int64_t d = 0; d < dim; d += 8) {
-        __m256 k = kind == KV_FP8 ? fp8_load8(src + d) : i8_load8((const int8_t *)src + d);
+        __m256 k;
+        if (kind == KV_FP8)
+            k = fp8_load8(src + d);
+        else if (kind == KV_INT8)
+            k = i8_load8((const int8_t *)src + d);
+        else if (kind == KV_BF16) /* exact: a 16-bit shift */
+            k = _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(src + 2 * d))), 16));
+        else
+            k = _mm256_loadu_ps((const float *)src + d);
         if (cs) {
             const float *cos = cs + p * 2 * dim, *sin = cos + dim;
             k = _mm256_fmadd_ps(_mm256_loadu_ps(b + d), _mm256_loadu_ps(sin + d), k);
@@ -179,7 +168,7 @@ static void decode_task8(const DecodeTask *t) {
         for (int64_t d = 0; d < dim; d++) t->out[g * dim + d] = acc_o[g * dim + d] * inv[g] * t->unit;
 }
 
-/* AVX-512 form (dim % 16 == 0): each key's row widened in registers (16 codes a vector), centred, and multiplied
+/* AVX-512 form (dim % 16 == 0, 8-bit codes): each key's row widened in registers (16 codes a vector), centred, and multiplied
  * into each head's accumulator; sixteen keys' accumulators are then summed across lanes together (sum16x16), so a
  * key costs about three lane-sum operations a head rather than a full reduction. Values: every head's output kept
  * in registers across the keys. Instantiated with constant G and dim for the common shapes (always_inline), so the
@@ -300,19 +289,21 @@ AVX512 static void decode_task16(const DecodeTask *t) {
 }
 #undef DECODE16_SHAPES
 
-/* Decode attention (one query a sequence) read straight from an 8-bit paged cache, with no widened copy of the
- * context: for sequence b and KV head h, its G = H / kv query heads' scores against keys lo..hi-1 (lo = qpos + 1 - window
+/* Decode attention (one query a sequence) read straight from a paged cache of 8-bit codes or of bf16 / fp32 values
+ * (`kind`), with no widened copy of the context: for sequence b and KV head h, its G = H / kv query heads' scores against keys lo..hi-1 (lo = qpos + 1 - window
  * where a sliding window applies, hi = min(qpos + 1, ctx_len)), softmax, and the values' weighted sum, all in fp32.
  * q [B, H, dim] fp32 is in code units (K's scale folded in by the caller); `scale` is the softmax scale; out
  * [B, H, dim] fp32 is in V's code units (the caller applies V's scale). table [B, N] block indices, a key at
  * position t in slot table[t / bs] * bs + t % bs of [slots, kv, dim] caches. cs / coef: a centred K, as in
  * lowbit_kv_gather. Returns -1, writing nothing, if a block index it would read is outside the cache; -2 if the
- * shape is not one it takes (dim % 8, dim <= 256, H % kv, G <= 16); -3 if memory for the scores ran out. */
+ * shape or kind is not one it takes (dim % 8, dim <= 256, H % kv, G <= 16); -3 if memory for the scores ran out. */
 int64_t lowbit_kv_decode(const float *q, int64_t B, int64_t H, int64_t kv, int64_t dim, const uint8_t *k_cache,
                          const uint8_t *v_cache, int64_t cache_blocks, int64_t bs, int kind, const int64_t *table,
                          int64_t N, const int64_t *qpos, const int64_t *ctx_len, int64_t window, float scale,
                          const float *cs, const float *coef, int round_bf16, float *out) {
-    if (dim % 8 || dim > DECODE_MAX_DIM || kv <= 0 || H % kv || H / kv > DECODE_MAX_GROUP) return -2;
+    if (dim % 8 || dim > DECODE_MAX_DIM || kv <= 0 || H % kv || H / kv > DECODE_MAX_GROUP || kind < KV_FP8 ||
+        kind > KV_F32)
+        return -2;
     for (int64_t b = 0; b < B; b++) {
         const int64_t hi = qpos[b] + 1 < ctx_len[b] ? qpos[b] + 1 : ctx_len[b];
         if (hi > N * bs) return -1;
@@ -320,7 +311,8 @@ int64_t lowbit_kv_decode(const float *q, int64_t B, int64_t H, int64_t kv, int64
             if (table[b * N + j] < 0 || table[b * N + j] >= cache_blocks) return -1;
     }
     const int64_t G = H / kv;
-    const int wide = dim % 16 == 0 && lowbit_kv_use_wide();
+    const int64_t width = kind == KV_F32 ? 4 : kind == KV_BF16 ? 2 : 1; /* bytes a value */
+    const int wide = dim % 16 == 0 && width == 1 && lowbit_kv_use_wide();
     const float unit = kind == KV_FP8 ? 256.f : 1.f; /* an E4M3 code reads as its value times 2^-8 */
     int64_t failed = 0;
 #pragma omp parallel for schedule(dynamic, 1) if (B * kv > 1)
@@ -347,8 +339,8 @@ int64_t lowbit_kv_decode(const float *q, int64_t B, int64_t H, int64_t kv, int64
         if (cs)
             for (int64_t d = 0; d < dim; d++)
                 ca[d] = coef[h * dim + d] / unit, cb[d] = coef[(kv + h) * dim + d] / unit;
-        const DecodeTask t = {.q = qs, .tab = table + b * N, .k = k_cache + h * dim, .v = v_cache + h * dim,
-                              .bs = bs, .row_stride = kv * dim, .lo = lo, .hi = hi, .G = G, .dim = dim,
+        const DecodeTask t = {.q = qs, .tab = table + b * N, .k = k_cache + h * dim * width,
+                              .v = v_cache + h * dim * width, .bs = bs, .row_stride = kv * dim * width, .lo = lo, .hi = hi, .G = G, .dim = dim,
                               .kind = kind, .cs = cs, .a = cs ? ca : NULL, .b = cs ? cb : NULL, .unit = unit,
                               .round_bf16 = round_bf16, .scale = scale, .sc = sc, .stride = stride, .out = o};
         if (wide)

@@ -1,5 +1,6 @@
-"""Decode attention read straight from an 8-bit paged cache (`cpu_kv8.decode_attention`, `lowbit_kv_decode` in
-cpu_lowbit_kv.c): the same softmax-weighted values as a float64 statement of it over the widened codes (centred K,
+"""Decode attention read straight from a paged cache of 8-bit codes or of bf16 / fp32 values (`cpu_kv8.decode_attention`,
+`lowbit_kv_decode` in cpu_lowbit_kv_decode.c): the same softmax-weighted values as a float64 statement of it over the
+widened codes (centred K,
 sliding windows, GQA groups, contexts that end mid-block and shorter than eight keys included), in both of its
 forms (AVX-512, sixteen keys at a time, where the CPU has it; AVX2, eight at a time), and the calls it must
 decline or refuse."""
@@ -55,13 +56,15 @@ def form(request):
 
 
 def codes(fmt, shape, gen):
+    if fmt in (torch.bfloat16, torch.float32):  # a cache in the activations' dtype holds values
+        return (torch.randn(shape, generator=gen) * 2).to(fmt)
     if fmt == torch.int8:
         return torch.randint(-127, 128, shape, generator=gen, dtype=torch.int8)
     return (torch.randn(shape, generator=gen) * 40).clamp(-448, 448).to(fmt)
 
 
 @needs_kernel
-@pytest.mark.parametrize("fmt", [torch.float8_e4m3fn, torch.int8])
+@pytest.mark.parametrize("fmt", [torch.float8_e4m3fn, torch.int8, torch.bfloat16, torch.float32])
 # G=4 x 64 and 8 x 64: the AVX-512 form's constant-shape bodies; 4 x 16 its generic one; 6 x 8 AVX2 only
 @pytest.mark.parametrize(("heads", "kv", "dim"), [(8, 2, 64), (16, 2, 64), (4, 4, 16), (6, 1, 8)])
 @pytest.mark.parametrize("centred", [False, True])
@@ -103,8 +106,8 @@ def test_declines_what_it_does_not_take_and_refuses_a_block_outside_the_cache() 
     k_cache = torch.zeros(16, 2, 8, dtype=torch.int8)
     table, lens = torch.tensor([[0, 1]]), torch.tensor([8])
     q = torch.zeros(1, 4, 8)
-    # a bf16 cache, a head dim not a multiple of 8, query heads not a multiple of the KV heads
-    assert cpu_kv8.decode_attention(q, k_cache.bfloat16(), k_cache.bfloat16(), table, 4, lens - 1, lens, None, 1.0) is None
+    # an fp16 cache, a head dim not a multiple of 8, query heads not a multiple of the KV heads
+    assert cpu_kv8.decode_attention(q, k_cache.half(), k_cache.half(), table, 4, lens - 1, lens, None, 1.0) is None
     assert cpu_kv8.decode_attention(torch.zeros(1, 4, 4), k_cache[..., :4].contiguous(), k_cache[..., :4].contiguous(),
                                     table, 4, lens - 1, lens, None, 1.0) is None
     assert cpu_kv8.decode_attention(torch.zeros(1, 3, 8), k_cache, k_cache, table, 4, lens - 1, lens, None, 1.0) is None
@@ -172,3 +175,40 @@ def test_the_attention_path_gives_what_its_gather_and_sdpa_give(monkeypatch, fmt
     assert fused.dtype == gathered.dtype == dtype and fused.shape == gathered.shape
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     assert torch.allclose(fused.float(), gathered.float(), rtol=tol, atol=tol * gathered.abs().max().item())
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("window", [None, 24])
+def test_a_cache_in_the_activations_dtype_decodes_in_place_as_its_gather_and_sdpa(monkeypatch, dtype, window) -> None:
+    """A bf16 or fp32 cache (no scales): the engine's CPU attention on decode steps of three sequences of different
+    lengths (GQA groups, blocks out of order) runs the kernel once for the step's group, and gives what the block
+    gather and SDPA give with the kernel declined: to fp32 rounding in fp32; in bf16, where both round the softmax
+    weights to bf16, to an ulp of the output."""
+    from optcli.engine.attention import cpu as attention
+    from optcli.engine.attention.layout import StepLayout
+
+    gen = torch.Generator().manual_seed(5)
+    kv, heads, dim, bs = 2, 8, 64, 16
+    cache = (torch.zeros(160, kv, dim, dtype=dtype), torch.zeros(160, kv, dim, dtype=dtype))
+    tables = [[3, 0, 7, 5, 9, 1, 2], [4, 8], [6]]
+    lens = [100, 20, 5]
+    slots = [[t[p // bs] * bs + p % bs for p in range(n)] for t, n in zip(tables, lens)]
+    for s, n, t in zip(slots, lens, tables):  # each sequence's context before this step
+        prefill = StepLayout(slots=s[:-1], rows=[range(n - 1)], query_pos=[list(range(n - 1))], ctx_lens=[n - 1],
+                             block_tables=[t], block_size=bs)
+        k, v, q = (torch.randn(n - 1, h, dim, generator=gen).to(dtype) for h in (kv, kv, heads))
+        attention.paged_attention(q, k, v, cache, attention.build_gather_metadata(prefill, "cpu"), window)
+    decode = StepLayout(slots=[s[-1] for s in slots], rows=[range(i, i + 1) for i in range(3)],
+                        query_pos=[[n - 1] for n in lens], ctx_lens=lens, block_tables=tables, block_size=bs)
+    meta = attention.build_gather_metadata(decode, "cpu")
+    k, v, q = (torch.randn(3, h, dim, generator=gen).to(dtype) for h in (kv, kv, heads))
+    kernel, ran = cpu_kv8.decode_attention, []
+    monkeypatch.setattr(attention.cpu_kv8, "decode_attention", lambda *a, **kw: ran.append(kernel(*a, **kw)) or ran[-1])
+    in_place = attention.paged_attention(q, k, v, cache, meta, window)
+    assert len(ran) == len(meta.groups) and all(r is not None for r in ran)
+    monkeypatch.setattr(attention.cpu_kv8, "decode_attention", lambda *a, **kw: None)
+    gathered = attention.paged_attention(q, k, v, cache, meta, window)
+    assert in_place.dtype == gathered.dtype == dtype and in_place.shape == gathered.shape
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    assert torch.allclose(in_place.float(), gathered.float(), rtol=tol, atol=tol * gathered.abs().max().item())
