@@ -193,8 +193,8 @@ def test_a_cache_in_the_activations_dtype_decodes_in_place_as_its_gather_and_sdp
     cache = (torch.zeros(160, kv, dim, dtype=dtype), torch.zeros(160, kv, dim, dtype=dtype))
     tables = [[3, 0, 7, 5, 9, 1, 2], [4, 8], [6]]
     lens = [100, 20, 5]
-    slots = [[t[p // bs] * bs + p % bs for p in range(n)] for t, n in zip(tables, lens)]
-    for s, n, t in zip(slots, lens, tables):  # each sequence's context before this step
+    slots = [[t[p // bs] * bs + p % bs for p in range(n)] for t, n in zip(tables, lens, strict=True)]
+    for s, n, t in zip(slots, lens, tables, strict=True):  # each sequence's context before this step
         prefill = StepLayout(slots=s[:-1], rows=[range(n - 1)], query_pos=[list(range(n - 1))], ctx_lens=[n - 1],
                              block_tables=[t], block_size=bs)
         k, v, q = (torch.randn(n - 1, h, dim, generator=gen).to(dtype) for h in (kv, kv, heads))

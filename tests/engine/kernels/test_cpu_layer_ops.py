@@ -84,7 +84,7 @@ def test_cpu_ops_fall_through_to_torchops_for_bf16_rows() -> None:
     gen = torch.Generator().manual_seed(0)
     x, residual, weight = (torch.randn(3, 64, generator=gen).bfloat16() for _ in range(3))
     weight = weight[0]
-    for got, want in zip(CpuOps.rms_norm(x, weight, 1e-6, residual), TorchOps.rms_norm(x, weight, 1e-6, residual)):
+    for got, want in zip(CpuOps.rms_norm(x, weight, 1e-6, residual), TorchOps.rms_norm(x, weight, 1e-6, residual), strict=True):
         assert torch.equal(got, want)
     gate_up = torch.randn(3, 32, generator=gen).bfloat16()
     assert torch.equal(CpuOps.act_mul(gate_up, "silu"), TorchOps.act_mul(gate_up, "silu"))
