@@ -30,6 +30,7 @@ DONE = {
     "contention": r"\| adaptive \| [\d.]+",
     "cpu_paths": r"every rule's pick|rules to revisit",
     "cpu_step_ops": r"argmax \[64, \d+\] +\d+",
+    "cpu_step_paths": r"\| bf16 \| [\d.]+ \| [\d.]+ \| [\d.]+x",
     "decode_ops": r"per-layer launches: [\d.]+x fewer fused",
     "endpoint_vs_guidellm": r"skipped: guidellm is not installed|target: TTFT and ITL p50",
     "engine_cpu": r"ours: batch efficiency [\d.]+",

@@ -64,11 +64,10 @@ class Engine:
         self.max_num_seqs = max_num_seqs
         self.block_size = block_size
         self.backend = _pick_backend(config.attention_backend, device)
+        # add+norm, RoPE, SiLU-mul as one kernel each (Triton's on the GPU backend) or one C call each (fp32 on CPU)
+        self.model.ops = FusedOps if self.backend == "triton" else CpuOps if device == "cpu" else self.model.ops
         if self.backend == "triton":
-            self.model.ops = FusedOps  # one kernel each for add+norm, RoPE, SiLU-mul
             self.model.rotary.build_table(self.max_model_len, self.model.dtype)
-        elif device == "cpu":
-            self.model.ops = CpuOps  # fp32 add+norm, RoPE, SiLU-mul: one C call each
         build_metadata = build_triton_metadata if self.backend == "triton" else build_gather_metadata
         budget_tokens = config.max_num_batched_tokens or max(2048, max_num_seqs)
         if not config.enable_chunked_prefill:  # every prompt the engine accepts fits one step whole

@@ -194,7 +194,9 @@ def _decode_in_place(queries, k_cache, v_cache, group: AttentionGroup, window: i
     out = cpu_kv8.decode_attention(queries, k_cache, v_cache, group.block_table, block_size, group.query_pos[:, 0],
                                    group.ctx_len, window, scale if scale is not None else queries.shape[-1] ** -0.5,
                                    round_bf16=queries.dtype == torch.bfloat16)
-    return None if out is None else out.to(queries.dtype)[:, None]
+    if out is None:
+        return None
+    return (out if queries.dtype == torch.float32 else out.to(queries.dtype))[:, None]
 
 
 def _gather(cache: torch.Tensor, block_table: torch.Tensor, block_size: int, dtype: torch.dtype,

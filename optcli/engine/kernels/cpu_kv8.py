@@ -85,6 +85,12 @@ def store(x: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, scale: torc
     return True
 
 
+def _int64(t: torch.Tensor) -> torch.Tensor:
+    """t as contiguous int64, converted only where it is not (at batch 1 even a no-op conversion costs a microsecond
+    a call, and there are three a layer)."""
+    return t if t.dtype == torch.int64 and t.is_contiguous() else t.to(torch.int64).contiguous()
+
+
 def decode_attention(queries: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                      block_size: int, query_pos: torch.Tensor, ctx_len: torch.Tensor, window: int | None, scale: float,
                      centre: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -106,9 +112,8 @@ def decode_attention(queries: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if not _centre_fits(centre, kv, dim, n_blocks * block_size):
         return None
     rows, coef = centre if centre is not None else (None, None)
-    q = queries.float().contiguous()
-    table = block_table.to(torch.int64).contiguous()
-    pos, lens = query_pos.to(torch.int64).contiguous(), ctx_len.to(torch.int64).contiguous()
+    q = queries if queries.dtype == torch.float32 and queries.is_contiguous() else queries.float().contiguous()
+    table, pos, lens = _int64(block_table), _int64(query_pos), _int64(ctx_len)
     out = torch.empty(batch, heads, dim, dtype=torch.float32)
     status = cpu_lowbit.library().lowbit_kv_decode(
         q.data_ptr(), batch, heads, kv, dim, k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[0] // block_size,

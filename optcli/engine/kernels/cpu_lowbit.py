@@ -135,7 +135,8 @@ def q4_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: 
     (`pack_q4` and `pack_columns` layouts); activations rounded to int8 per row and block."""
     m, k = x.shape
     n_padded = scales.shape[0] * 8
-    x = x.float().contiguous()
+    if x.dtype != torch.float32 or not x.is_contiguous():  # guarded: even a no-op conversion costs ~1 us a call
+        x = x.float().contiguous()
     out = torch.empty((m, n_padded), dtype=torch.float32)
     library().lowbit_q4_linear(_ptr(x), m, k, block, _ptr(packed), _ptr(scales), _ptr(zeros), n_padded, _ptr(out))
     return out if n == n_padded else out[:, :n]
@@ -181,7 +182,9 @@ def bf16_gemm(x: torch.Tensor, w: torch.Tensor, panels: bool = False) -> torch.T
     """fp32 [M, K] @ bf16 [N, K]^T -> fp32 [M, N]: the weight widened exactly, fp32 accumulation.
     `panels`: the SGEMM-style kernel (many rows) rather than the dot-product one (few rows)."""
     m, k = x.shape
-    x, w = x.float().contiguous(), w.contiguous()
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        x = x.float().contiguous()
+    w = w.contiguous()
     out = torch.empty((m, w.shape[0]), dtype=torch.float32)
     kernel = library().lowbit_bf16_gemm_panels if panels else library().lowbit_bf16_gemm
     kernel(_ptr(x), m, k, _ptr(w), w.shape[0], _ptr(out))

@@ -63,10 +63,10 @@ class Dense(CpuPaths, nn.Module):
         if self.plan is None:
             return F.linear(x, self.weight, self.bias) if self.packed is None else self._onednn(x)
         n, k = self.weight_shape
-        y = self.cpu_matmul(x.reshape(-1, k))
+        y = self.cpu_matmul(x if x.dim() == 2 else x.reshape(-1, k))  # the engine's flat batch: no reshapes
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(*x.shape[:-1], n)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
     def _plan(self, act_dtype: torch.dtype) -> None:
         """Decide this layer's CPU kernels (a CUDA layer has none: F.linear)."""
@@ -81,7 +81,8 @@ class Dense(CpuPaths, nn.Module):
 
     # the kernels (cpu_kernels.py names them); each takes and returns a 2-D batch, bias added by forward
     def _bf16_dot(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_lowbit.bf16_gemm(x, self.weight).to(x.dtype)
+        y = cpu_lowbit.bf16_gemm(x, self.weight)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def _bf16_dpbf16(self, x: torch.Tensor) -> torch.Tensor:
         return cpu_amx.vnni_bf16_gemm(x, self.weight).to(x.dtype)
