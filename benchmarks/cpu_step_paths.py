@@ -24,8 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_model import LLAMA_3_2_1B
-from quant_cpu_checkpoint import SMALL, build_source, default_workdir, log, make_artifact
+from quant_cpu_checkpoint import LLAMA_3_2_1B, SMALL, build_source, default_workdir, log, make_artifact
 
 from optcli.bench.stats import ratio_interval
 from optcli.engine.attention import cpu as attention
