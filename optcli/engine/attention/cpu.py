@@ -188,7 +188,7 @@ def _decode_in_place(queries, k_cache, v_cache, group: AttentionGroup, window: i
                      scale: float | None) -> torch.Tensor | None:
     """One query a sequence over a bf16 or fp32 cache, read where it lies by the same kernel as an 8-bit cache's:
     one call instead of two block gathers, a mask and SDPA (batch-1 decode on the 1B shape: 3.7 of a 40 ms step
-    went to attention; `benchmarks/cpu_step_ops.py` times both). Scores and sums in fp32; with a bf16 cache the
+    went to attention; `benchmarks/cpu_step_paths.py` times both). Scores and sums in fp32; with a bf16 cache the
     softmax weights are rounded to bf16 where SDPA's bf16 kernel rounds them. [B, 1, H, D] in q's dtype, or None
     where the kernel does not apply."""
     out = cpu_kv8.decode_attention(queries, k_cache, v_cache, group.block_table, block_size, group.query_pos[:, 0],

@@ -26,9 +26,9 @@ static inline int64_t chunk_of(int64_t n, int64_t min) {
 
 #define INLINE static inline __attribute__((always_inline))
 
-/* e^x for x <= 0 (a softmax's scores after the max is taken off; SiLU's e^-|g|), 8 lanes: Cephes' expf (x = n ln2 + r, a degree-6
- * polynomial in r, 2^n put into the exponent field), within 2 ulp of expf; below -87.3 it returns 0 (2^-126 and
- * less, as a score 87 below the max is to a softmax). */
+/* e^x for x <= 0 (a softmax's scores after the max is taken off; SiLU's e^-|g|), 8 lanes: Cephes' expf
+ * (x = n ln2 + r, a degree-6 polynomial in r, 2^n put into the exponent field), within 2 ulp of expf; below -87.3
+ * it returns 0 (2^-126 and less, as a score 87 below the max is to a softmax). */
 INLINE __m256 exp_ps(__m256 x) {
     const __m256 lo = _mm256_set1_ps(-87.3f);
     const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);

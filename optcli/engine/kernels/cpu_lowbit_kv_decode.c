@@ -26,9 +26,10 @@ INLINE __m256 round_bf16x8(__m256 v) { /* to the nearest bf16, ties to even, kep
 }
 
 /* One cached row of `dim` codes (a key or a value of one KV head) widened to fp32 in "read units": an int8 code as
- * itself, an E4M3 code as its value times 2^-8 (fp8_load8, cpu_lowbit.h), a bf16 or fp32 value as itself. A centred key (cs non-NULL) gets
- * a * cos_p + b * sin_p added (coefficients in read units) in fp32, then rounded to bf16 where `round`. E4M3's NaN
- * codes read as 480 * 2^-8: the store saturates, so the cache never holds them from finite keys. */
+ * itself, an E4M3 code as its value times 2^-8 (fp8_load8, cpu_lowbit.h), a bf16 or fp32 value as itself. A
+ * centred key (cs non-NULL) gets a * cos_p + b * sin_p added (coefficients in read units) in fp32, then rounded to
+ * bf16 where `round`. E4M3's NaN codes read as 480 * 2^-8: the store saturates, so the cache never holds them from
+ * finite keys. */
 INLINE void widen_row(const uint8_t *src, int kind, int64_t dim, float *dst, const float *cs, int64_t p,
                       const float *a, const float *b, int round) {
     for (int64_t d = 0; d < dim; d += 8) {
@@ -168,8 +169,8 @@ static void decode_task8(const DecodeTask *t) {
         for (int64_t d = 0; d < dim; d++) t->out[g * dim + d] = acc_o[g * dim + d] * inv[g] * t->unit;
 }
 
-/* AVX-512 form (dim % 16 == 0, 8-bit codes): each key's row widened in registers (16 codes a vector), centred, and multiplied
- * into each head's accumulator; sixteen keys' accumulators are then summed across lanes together (sum16x16), so a
+/* AVX-512 form (dim % 16 == 0, 8-bit codes): each key's row widened in registers (16 codes a vector), centred, and
+ * multiplied into each head's accumulator; sixteen keys' accumulators are then summed across lanes together (sum16x16), so a
  * key costs about three lane-sum operations a head rather than a full reduction. Values: every head's output kept
  * in registers across the keys. Instantiated with constant G and dim for the common shapes (always_inline), so the
  * compiler keeps q, the centre and the accumulators in registers. */
@@ -290,8 +291,9 @@ AVX512 static void decode_task16(const DecodeTask *t) {
 #undef DECODE16_SHAPES
 
 /* Decode attention (one query a sequence) read straight from a paged cache of 8-bit codes or of bf16 / fp32 values
- * (`kind`), with no widened copy of the context: for sequence b and KV head h, its G = H / kv query heads' scores against keys lo..hi-1 (lo = qpos + 1 - window
- * where a sliding window applies, hi = min(qpos + 1, ctx_len)), softmax, and the values' weighted sum, all in fp32.
+ * (`kind`), with no widened copy of the context: for sequence b and KV head h, its G = H / kv query heads' scores
+ * against keys lo..hi-1 (lo = qpos + 1 - window where a sliding window applies, hi = min(qpos + 1, ctx_len)),
+ * softmax, and the values' weighted sum, all in fp32.
  * q [B, H, dim] fp32 is in code units (K's scale folded in by the caller); `scale` is the softmax scale; out
  * [B, H, dim] fp32 is in V's code units (the caller applies V's scale). table [B, N] block indices, a key at
  * position t in slot table[t / bs] * bs + t % bs of [slots, kv, dim] caches. cs / coef: a centred K, as in
@@ -340,8 +342,8 @@ int64_t lowbit_kv_decode(const float *q, int64_t B, int64_t H, int64_t kv, int64
             for (int64_t d = 0; d < dim; d++)
                 ca[d] = coef[h * dim + d] / unit, cb[d] = coef[(kv + h) * dim + d] / unit;
         const DecodeTask t = {.q = qs, .tab = table + b * N, .k = k_cache + h * dim * width,
-                              .v = v_cache + h * dim * width, .bs = bs, .row_stride = kv * dim * width, .lo = lo, .hi = hi, .G = G, .dim = dim,
-                              .kind = kind, .cs = cs, .a = cs ? ca : NULL, .b = cs ? cb : NULL, .unit = unit,
+                              .v = v_cache + h * dim * width, .bs = bs, .row_stride = kv * dim * width, .lo = lo,
+                              .hi = hi, .G = G, .dim = dim, .kind = kind, .cs = cs, .a = cs ? ca : NULL, .b = cs ? cb : NULL, .unit = unit,
                               .round_bf16 = round_bf16, .scale = scale, .sc = sc, .stride = stride, .out = o};
         if (wide)
             decode_task16(&t);
