@@ -34,6 +34,10 @@ class AttentionGroup:
     # rows are 0..B*Q-1 in order with no padding (every decode step of same-length sequences): the
     # queries are a view of q and the output needs no scatter (4 fewer ops a layer at batch 1)
     dense: bool = False
+    first_pos: torch.Tensor = field(init=False)  # [B] query_pos[:, 0], taken once a step (decode reads it every layer)
+
+    def __post_init__(self) -> None:
+        self.first_pos = self.query_pos[:, 0].contiguous()
 
     def mask(self, window: int | None, block_size: int) -> torch.Tensor:
         """[B, 1, Q, N*block_size] boolean: causal, within the context, within the window."""
@@ -146,7 +150,7 @@ def _attend(q, k_cache, v_cache, group: AttentionGroup, window: int | None, bloc
     if scales is None and softcap is None and queries.shape[2] == 1 and k_cache.dtype == q.dtype:
         out = _decode_in_place(queries[:, :, 0], k_cache, v_cache, group, window, block_size, scale)
         if out is not None:
-            return out
+            return out[:, None]
     keys = _gather(k_cache, group.block_table, block_size, q.dtype, centre).view(batch, -1, kv_heads, dim)
     values = _gather(v_cache, group.block_table, block_size, q.dtype).view(batch, -1, kv_heads, dim)
     if scales is not None:  # K's scale folds into the queries (q.(k*s) = (q*s).k), V's into the output (kv_quant.py)
@@ -176,7 +180,7 @@ def _decode_8bit(queries, k_cache, v_cache, group: AttentionGroup, window: int |
     kernel does not apply."""
     heads, dim = queries.shape[1], queries.shape[2]
     q = queries * head_scale(scales.k, heads).to(queries.dtype)[None]  # K's scale folded in, rounded as the SDPA path
-    out = cpu_kv8.decode_attention(q, k_cache, v_cache, group.block_table, block_size, group.query_pos[:, 0],
+    out = cpu_kv8.decode_attention(q, k_cache, v_cache, group.block_table, block_size, group.first_pos,
                                    group.ctx_len, window, scale if scale is not None else dim ** -0.5, centre,
                                    round_bf16=queries.dtype == torch.bfloat16)
     if out is None:
@@ -189,14 +193,14 @@ def _decode_in_place(queries, k_cache, v_cache, group: AttentionGroup, window: i
     """One query a sequence over a bf16 or fp32 cache, read where it lies by the same kernel as an 8-bit cache's:
     one call instead of two block gathers, a mask and SDPA (batch-1 decode on the 1B shape: 3.7 of a 40 ms step
     went to attention; `benchmarks/cpu_step_paths.py` times both). Scores and sums in fp32; with a bf16 cache the
-    softmax weights are rounded to bf16 where SDPA's bf16 kernel rounds them. [B, 1, H, D] in q's dtype, or None
-    where the kernel does not apply."""
-    out = cpu_kv8.decode_attention(queries, k_cache, v_cache, group.block_table, block_size, group.query_pos[:, 0],
+    softmax weights are rounded to bf16 where SDPA's bf16 kernel rounds them. queries [B, H, D] -> [B, H, D] in
+    their dtype, or None where the kernel does not apply."""
+    out = cpu_kv8.decode_attention(queries, k_cache, v_cache, group.block_table, block_size, group.first_pos,
                                    group.ctx_len, window, scale if scale is not None else queries.shape[-1] ** -0.5,
                                    round_bf16=queries.dtype == torch.bfloat16)
     if out is None:
         return None
-    return (out if queries.dtype == torch.float32 else out.to(queries.dtype))[:, None]
+    return out if queries.dtype == torch.float32 else out.to(queries.dtype)
 
 
 def _gather(cache: torch.Tensor, block_table: torch.Tensor, block_size: int, dtype: torch.dtype,
@@ -247,11 +251,17 @@ def paged_attention(q, k, v, kv_cache, meta: AttentionMetadata, window: int | No
     if scales is not None:
         store_quantized(k, v, k_cache, v_cache, meta.slot_mapping, scales)
     else:
-        k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
-        v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+        k_cache.index_copy_(0, meta.slot_mapping, k if k.dtype == k_cache.dtype else k.to(k_cache.dtype))
+        v_cache.index_copy_(0, meta.slot_mapping, v if v.dtype == v_cache.dtype else v.to(v_cache.dtype))
     if len(meta.groups) == 1 and meta.groups[0].dense and meta.groups[0].rows.numel() == q.shape[0]:
-        return _attend(q, k_cache, v_cache, meta.groups[0], window, meta.block_size, scale, softcap,
-                       scales).reshape(q.shape)
+        group = meta.groups[0]
+        if scales is None and softcap is None and group.rows.shape[1] == 1 and k_cache.dtype == q.dtype:
+            # every row a decode of its own sequence, in order: q [B, H, D] is the queries and the output's shape, so
+            # none of _attend's regrouping (~30 us of Python a layer at batch 1, as long as the kernel)
+            out = _decode_in_place(q, k_cache, v_cache, group, window, meta.block_size, scale)
+            if out is not None:
+                return out
+        return _attend(q, k_cache, v_cache, group, window, meta.block_size, scale, softcap, scales).reshape(q.shape)
     out = torch.empty_like(q)
     for group in meta.groups:
         result = _attend(q, k_cache, v_cache, group, window, meta.block_size, scale, softcap, scales)
