@@ -39,6 +39,7 @@ from optcli.engine.kernels import cpu_caps  # noqa: E402
 from optcli.engine.quant import cpu_choice  # noqa: E402
 from optcli.engine.quant.cpu_choice import kernels_of  # noqa: E402
 from optcli.engine.quant.cpu_kernels import LinearSpec  # noqa: E402
+from optcli.engine.quant.weights import BnbNf4Weight  # noqa: E402
 
 SHAPES = {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (16384, 2048), "down": (2048, 8192)}
 HEAD = {"lm_head": (128256, 2048)}
@@ -52,7 +53,6 @@ FORMATS = {
     "fp8": ("fp8", torch.bfloat16, True, True),
     "nf4": ("nf4", torch.float32, False, False),  # bitsandbytes NF4, run in fp32 as the engine does
 }
-NF4_BLOCKSIZE = 64  # bitsandbytes' default, what `nf4-bnb` artifacts hold
 
 
 def build(fmt: str, name: str, shapes: dict, seed: int) -> dict | None:
@@ -60,7 +60,7 @@ def build(fmt: str, name: str, shapes: dict, seed: int) -> dict | None:
     from optcli.engine.models.llama import Dense
     from optcli.engine.quant.bnb_linear import BnbNf4Linear
     from optcli.engine.quant.layers import make_quant_linear
-    from optcli.engine.quant.weights import BnbNf4Weight, Fp8Weight, Int4Weight, Int8Weight
+    from optcli.engine.quant.weights import Fp8Weight, Int4Weight, Int8Weight
 
     wfmt, dtype, bf16_ok, act_quant = FORMATS[fmt]
     os.environ["OPTCLI_CPU_KERNEL"] = name
@@ -73,7 +73,7 @@ def build(fmt: str, name: str, shapes: dict, seed: int) -> dict | None:
                 layer = Dense(k, n).to(dtype)
                 layer.load(w.bfloat16())
             elif wfmt == "nf4":
-                layer = BnbNf4Linear(BnbNf4Weight.rtn(w, NF4_BLOCKSIZE), dtype=dtype)
+                layer = BnbNf4Linear(BnbNf4Weight.rtn(w), dtype=dtype)
             else:
                 weight = (Int4Weight.rtn(w, 128) if wfmt == "int4" else Int8Weight.rtn(w, act_quant=True)
                           if wfmt == "int8" else Fp8Weight.rtn(w, act_quant=True))
@@ -142,7 +142,7 @@ def measure(fmt: str, rows: list[int], repeats: int, shapes: dict, seed: int, st
                         layer.paths[name](inputs[m][kind])
                 times[m][name].append((time.perf_counter() - start) / len(copies) * 1e3)
     n, k = next(iter(shapes.values()))
-    group = NF4_BLOCKSIZE if wfmt == "nf4" else 128  # bitsandbytes' blocks; W4A16's groups
+    group = BnbNf4Weight.DEFAULT_BLOCKSIZE if wfmt == "nf4" else 128  # bitsandbytes' blocks; W4A16's groups
     rule = {m: cpu_choice.plan_for(LinearSpec(wfmt, n, k, dtype, bf16_ok, group, act_quant), caps).kernel(m).name
             for m in rows}
     return {"format": fmt, "times_ms": {m: {name: t for name, t in ts.items() if t} for m, ts in times.items()},

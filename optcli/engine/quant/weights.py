@@ -153,9 +153,11 @@ class BnbNf4Weight:
         return QuantState(absmax=self.absmax, shape=torch.Size(self.shape), code=self.code,
                           blocksize=self.blocksize, quant_type=self.quant_type, dtype=dtype)
 
+    DEFAULT_BLOCKSIZE = 64  # bitsandbytes' default, what `nf4-bnb` artifacts hold
+
     @classmethod
-    def rtn(cls, weight: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4") -> BnbNf4Weight:
-        """`weight` quantized by bitsandbytes itself (blocks of 64: its default, what `nf4-bnb` artifacts hold)."""
+    def rtn(cls, weight: torch.Tensor, blocksize: int = DEFAULT_BLOCKSIZE, quant_type: str = "nf4") -> BnbNf4Weight:
+        """`weight` quantized by bitsandbytes itself, in blocks of `blocksize` inputs."""
         from bitsandbytes.functional import quantize_4bit
 
         n, k = weight.shape
